@@ -1,0 +1,510 @@
+//! Sandbox lifecycle: create, inspect, list.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::process::valid_env_name;
+use crate::{FieldError, Validate, Violations};
+
+pub const DEFAULT_TEMPLATE: &str = "system/debian:bookworm";
+pub const DEFAULT_VCPU: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 1024;
+pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
+pub const MAX_TIMEOUT_SECS: u64 = 28_800;
+pub const MAX_MOUNTS: usize = 8;
+pub const MAX_ALLOW_DOMAINS: usize = 50;
+pub const MAX_ALLOW_CIDRS: usize = 10;
+pub const MAX_TRANSFORMS: usize = 20;
+pub const MAX_TEMPLATE_NAME: usize = 255;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxCreateRequest {
+    /// Template to create the sandbox from, e.g. `system/debian:bookworm`.
+    pub template_name: String,
+    /// Environment variables every process in the sandbox sees.
+    #[serde(default)]
+    pub env_vars: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub mounts: Option<Vec<MountRequest>>,
+    /// Virtual CPUs, 1..=8 (default 1).
+    #[serde(default)]
+    pub vcpu: Option<u32>,
+    /// Memory in MiB, even, 512..=8192 (default 1024).
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// Lifetime in seconds, 1..=28800 (default 300).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    /// Pause instead of deleting when the timeout expires.
+    #[serde(default)]
+    pub auto_pause: Option<bool>,
+    #[serde(default)]
+    pub network_policy: Option<NetworkPolicy>,
+}
+
+impl Validate for SandboxCreateRequest {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Violations::default();
+        let name = self.template_name.trim();
+        v.check(!name.is_empty(), "template_name", "must not be empty");
+        v.check(
+            self.template_name.len() <= MAX_TEMPLATE_NAME,
+            "template_name",
+            format!("must be at most {MAX_TEMPLATE_NAME} characters"),
+        );
+        if let Some(vcpu) = self.vcpu {
+            v.check((1..=8).contains(&vcpu), "vcpu", "must be between 1 and 8");
+        }
+        if let Some(mem) = self.memory {
+            v.check((512..=8192).contains(&mem), "memory", "must be between 512 and 8192 MiB");
+            v.check(mem % 2 == 0, "memory", "must be an even number");
+        }
+        if let Some(t) = self.timeout {
+            v.check(
+                (1..=MAX_TIMEOUT_SECS).contains(&t),
+                "timeout",
+                format!("must be between 1 and {MAX_TIMEOUT_SECS}"),
+            );
+        }
+        for (key, value) in self.env_vars.iter().flatten() {
+            v.check(valid_env_name(key), format!("env_vars.{key}"), "is not a valid variable name");
+            v.check(!value.contains('\0'), format!("env_vars.{key}"), "must not contain NUL bytes");
+        }
+        if let Some(mounts) = &self.mounts {
+            v.check(
+                mounts.len() <= MAX_MOUNTS,
+                "mounts",
+                format!("at most {MAX_MOUNTS} mounts are allowed"),
+            );
+            for (i, m) in mounts.iter().enumerate() {
+                m.check(&mut v, &format!("mounts[{i}]"));
+            }
+        }
+        if let Some(p) = &self.network_policy {
+            p.check(&mut v, "network_policy");
+        }
+        v.finish()
+    }
+}
+
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Starting,
+    Stopping,
+    Running,
+    Snapshotting,
+    Paused,
+    Unpausing,
+    Stopped,
+    Deleting,
+    Deleted,
+}
+
+impl SandboxState {
+    pub const ALL: [SandboxState; 9] = [
+        Self::Starting,
+        Self::Stopping,
+        Self::Running,
+        Self::Snapshotting,
+        Self::Paused,
+        Self::Unpausing,
+        Self::Stopped,
+        Self::Deleting,
+        Self::Deleted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Stopping => "stopping",
+            Self::Running => "running",
+            Self::Snapshotting => "snapshotting",
+            Self::Paused => "paused",
+            Self::Unpausing => "unpausing",
+            Self::Stopped => "stopped",
+            Self::Deleting => "deleting",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// States in which a sandbox holds a VM (or is getting one) and so counts against the
+    /// organization's sandbox limit. Paused and stopped sandboxes hold no VM and do not count.
+    pub fn counts_against_limit(self) -> bool {
+        matches!(
+            self,
+            Self::Starting | Self::Running | Self::Snapshotting | Self::Unpausing | Self::Stopping
+        )
+    }
+
+    /// States in which the sandbox is moving between two others; most requests get a 409.
+    pub fn is_transition(self) -> bool {
+        matches!(
+            self,
+            Self::Starting | Self::Stopping | Self::Snapshotting | Self::Unpausing | Self::Deleting
+        )
+    }
+}
+
+impl fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A sandbox as returned by create, get, pause, stop and start.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxResponse {
+    pub id: String,
+    pub template_id: String,
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+    pub vcpu: u32,
+    pub memory: u64,
+    pub disk: u64,
+    pub timeout: u64,
+    pub state: SandboxState,
+    pub auto_pause: bool,
+    #[serde(default)]
+    pub network_policy: Option<NetworkPolicy>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxListItem {
+    pub id: String,
+    pub template_id: String,
+    /// Runner handling the sandbox; empty when not assigned.
+    pub pod_id: String,
+    pub state: SandboxState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_change_time: Option<DateTime<Utc>>,
+    /// Unix time, in seconds, at which the sandbox times out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_at: Option<i64>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ListSandboxesResponse {
+    pub items: Vec<SandboxListItem>,
+    pub total_items: u64,
+}
+
+/// Query of `GET /v1/sandboxes`. Kept as strings so that bad values become field errors.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListSandboxesQuery {
+    /// Only sandboxes in this state.
+    pub state: Option<String>,
+    /// `created_at` (default) or `state`.
+    pub sort: Option<String>,
+    /// `asc` or `desc` (default).
+    #[serde(rename = "order-by")]
+    #[param(rename = "order-by")]
+    pub order_by: Option<String>,
+    /// 1-based page (default 1).
+    pub page: Option<String>,
+    /// Items per page, 1..=100 (default 20).
+    #[serde(rename = "page-size")]
+    #[param(rename = "page-size")]
+    pub page_size: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortKey {
+    CreatedAt,
+    State,
+}
+
+/// A validated `ListSandboxesQuery`.
+#[derive(Debug, Clone)]
+pub struct ListSandboxes {
+    pub state: Option<SandboxState>,
+    pub sort: SortKey,
+    pub descending: bool,
+    pub page: u64,
+    pub page_size: u64,
+}
+
+impl ListSandboxesQuery {
+    pub fn parse(&self) -> Result<ListSandboxes, Vec<FieldError>> {
+        let mut v = Violations::default();
+        let state = match self.state.as_deref() {
+            None | Some("") => None,
+            Some(s) => {
+                let st = SandboxState::parse(s);
+                v.check(st.is_some(), "state", format!("unknown state {s:?}"));
+                st
+            }
+        };
+        let sort = match self.sort.as_deref() {
+            None | Some("") | Some("created_at") => SortKey::CreatedAt,
+            Some("state") => SortKey::State,
+            Some(_) => {
+                v.push("sort", "must be one of created_at, state");
+                SortKey::CreatedAt
+            }
+        };
+        let descending = match self.order_by.as_deref() {
+            None | Some("") | Some("desc") => true,
+            Some("asc") => false,
+            Some(_) => {
+                v.push("order-by", "must be one of asc, desc");
+                true
+            }
+        };
+        let mut int = |field: &str, raw: &Option<String>, default: u64, max: u64| match raw
+            .as_deref()
+        {
+            None | Some("") => default,
+            Some(s) => match s.parse::<u64>() {
+                Ok(n) if (1..=max).contains(&n) => n,
+                _ => {
+                    v.push(field, format!("must be an integer between 1 and {max}"));
+                    default
+                }
+            },
+        };
+        let page = int("page", &self.page, 1, u32::MAX as u64);
+        let page_size = int("page-size", &self.page_size, 20, 100);
+        v.finish()?;
+        Ok(ListSandboxes { state, sort, descending, page, page_size })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxUserHomeDirResponse {
+    pub user_home_dir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SandboxWorkdirResponse {
+    pub workdir: String,
+}
+
+/// Egress policy of a sandbox; absent means `allow-all`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkPolicy {
+    pub mode: NetworkMode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_domains: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_cidrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transforms: Vec<TransformRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetworkMode {
+    AllowAll,
+    DenyAll,
+    Custom,
+}
+
+/// Per-domain request rewriting done on the host (credential brokering).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TransformRule {
+    pub domain: String,
+    /// Write-only: header values are never returned by the API.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inject_headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub strip_headers: Vec<String>,
+}
+
+impl NetworkPolicy {
+    fn check(&self, v: &mut Violations, field: &str) {
+        v.check(
+            self.allow_domains.len() <= MAX_ALLOW_DOMAINS,
+            format!("{field}.allow_domains"),
+            format!("at most {MAX_ALLOW_DOMAINS} domains are allowed"),
+        );
+        v.check(
+            self.allow_cidrs.len() <= MAX_ALLOW_CIDRS,
+            format!("{field}.allow_cidrs"),
+            format!("at most {MAX_ALLOW_CIDRS} CIDRs are allowed"),
+        );
+        v.check(
+            self.transforms.len() <= MAX_TRANSFORMS,
+            format!("{field}.transforms"),
+            format!("at most {MAX_TRANSFORMS} transforms are allowed"),
+        );
+        let lists_used = !self.allow_domains.is_empty()
+            || !self.allow_cidrs.is_empty()
+            || !self.transforms.is_empty();
+        v.check(
+            self.mode == NetworkMode::Custom || !lists_used,
+            format!("{field}.mode"),
+            "allow_domains, allow_cidrs and transforms need mode custom",
+        );
+        for (i, d) in self.allow_domains.iter().enumerate() {
+            v.check(valid_domain_pattern(d), format!("{field}.allow_domains[{i}]"), "is not a domain name or *.domain pattern");
+        }
+        for (i, c) in self.allow_cidrs.iter().enumerate() {
+            v.check(parse_ipv4_cidr(c).is_some(), format!("{field}.allow_cidrs[{i}]"), "is not an IPv4 CIDR such as 203.0.113.0/24");
+        }
+        for (i, t) in self.transforms.iter().enumerate() {
+            v.check(valid_domain_pattern(&t.domain), format!("{field}.transforms[{i}].domain"), "is not a domain name or *.domain pattern");
+            for name in t.inject_headers.keys().chain(t.strip_headers.iter()) {
+                v.check(valid_header_name(name), format!("{field}.transforms[{i}]"), format!("{name:?} is not a valid header name"));
+            }
+        }
+    }
+}
+
+/// `example.com` or `*.example.com`.
+pub fn valid_domain_pattern(d: &str) -> bool {
+    let name = d.strip_prefix("*.").unwrap_or(d);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Parses `a.b.c.d/n` (or a bare address, as /32).
+pub fn parse_ipv4_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, l.parse::<u8>().ok()?),
+        None => (s, 32),
+    };
+    (len <= 32).then_some(())?;
+    Some((addr.parse().ok()?, len))
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// An object-storage mount as requested.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MountRequest {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub bucket: String,
+    pub mount_path: String,
+    pub endpoint: String,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub read_only: Option<bool>,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+}
+
+impl MountRequest {
+    fn check(&self, v: &mut Violations, field: &str) {
+        v.check(self.kind == "object-storage", format!("{field}.type"), "must be object-storage");
+        v.check(!self.bucket.is_empty(), format!("{field}.bucket"), "must not be empty");
+        v.check(
+            self.mount_path.starts_with('/') && self.mount_path != "/",
+            format!("{field}.mount_path"),
+            "must be an absolute path other than /",
+        );
+        v.check(
+            self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://"),
+            format!("{field}.endpoint"),
+            "must be a URL with scheme and host",
+        );
+        if let Some(p) = self.prefix.as_deref().filter(|p| !p.is_empty()) {
+            v.check(
+                !p.starts_with('/') && p.ends_with('/') && !p.split('/').any(|s| s == ".."),
+                format!("{field}.prefix"),
+                "must be relative, end with / and not contain ..",
+            );
+        }
+    }
+}
+
+/// Non-secret mount metadata.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Mount {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub bucket: String,
+    pub mount_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: serde_json::Value) -> SandboxCreateRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn fields(r: Result<(), Vec<FieldError>>) -> Vec<String> {
+        r.err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn create_constraints_name_their_field() {
+        let ok = req(serde_json::json!({"template_name": "system/debian:bookworm"}));
+        assert!(ok.validate().is_ok());
+        let bad = req(serde_json::json!({
+            "template_name": "t", "vcpu": 9, "memory": 1023, "timeout": 0,
+            "network_policy": {"mode": "allow-all", "allow_cidrs": ["10.0.0.0/33"]}
+        }));
+        let f = fields(bad.validate());
+        for want in ["vcpu", "memory", "timeout", "network_policy.mode", "network_policy.allow_cidrs[0]"] {
+            assert!(f.iter().any(|x| x == want), "{want} missing from {f:?}");
+        }
+        let odd = req(serde_json::json!({"template_name": "t", "memory": 513}));
+        assert_eq!(fields(odd.validate()), vec!["memory"]);
+    }
+
+    #[test]
+    fn too_many_mounts_is_rejected() {
+        let m = serde_json::json!({"type":"object-storage","bucket":"b","mount_path":"/data","endpoint":"http://s3"});
+        let bad = req(serde_json::json!({"template_name": "t", "mounts": vec![m; 9]}));
+        assert_eq!(fields(bad.validate()), vec!["mounts"]);
+    }
+
+    #[test]
+    fn list_query_rejects_bad_values() {
+        let q = ListSandboxesQuery {
+            state: Some("bogus".into()),
+            page_size: Some("101".into()),
+            order_by: Some("up".into()),
+            ..Default::default()
+        };
+        let f: Vec<_> = q.parse().unwrap_err().into_iter().map(|e| e.field).collect();
+        assert_eq!(f, vec!["state", "order-by", "page-size"]);
+        let q = ListSandboxesQuery { page: Some("2".into()), ..Default::default() };
+        let p = q.parse().unwrap();
+        assert_eq!((p.page, p.page_size, p.descending), (2, 20, true));
+    }
+
+    #[test]
+    fn domain_patterns() {
+        assert!(valid_domain_pattern("api.openai.com"));
+        assert!(valid_domain_pattern("*.example.com"));
+        assert!(!valid_domain_pattern("*"));
+        assert!(!valid_domain_pattern("a..b"));
+        assert_eq!(parse_ipv4_cidr("1.2.3.0/24").map(|c| c.1), Some(24));
+    }
+}

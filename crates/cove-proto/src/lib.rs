@@ -1,0 +1,127 @@
+//! The host↔agent protocol.
+//!
+//! The runner and the guest agent talk over one virtio-serial port. A connection starts with a
+//! one-line handshake that carries the protocol version and a nonce, so that bytes left over
+//! from an earlier connection (for example one cut by a snapshot) are skipped; after it the
+//! byte stream carries HTTP/2, which multiplexes any number of concurrent requests and streams.
+//!
+//! ```text
+//! host  → guest   COVE-HELLO <version> <nonce>\n
+//! guest → host    COVE-READY <version> <nonce>\n
+//! ... HTTP/2 (host is the client) ...
+//! ```
+//!
+//! The HTTP/2 routes are the constants below. Request and response bodies are the public API's
+//! types from `cove-api` wherever one exists, so the control plane forwards what it validated.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of this protocol. Bump on any incompatible change; the agent refuses a host whose
+/// version it does not speak, and the host refuses an agent that answers another.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port (`virtserialport,name=`).
+pub const PORT_NAME: &str = "cove.agent";
+
+pub const HELLO: &str = "COVE-HELLO";
+pub const READY: &str = "COVE-READY";
+
+/// Longest handshake line either side accepts.
+pub const MAX_HANDSHAKE_LINE: usize = 128;
+
+pub fn hello_line(nonce: u64) -> String {
+    format!("{HELLO} {PROTOCOL_VERSION} {nonce:016x}\n")
+}
+
+pub fn ready_line(nonce: &str) -> String {
+    format!("{READY} {PROTOCOL_VERSION} {nonce}\n")
+}
+
+/// Parses `<MAGIC> <version> <nonce>`; returns (version, nonce).
+pub fn parse_handshake<'a>(line: &'a str, magic: &str) -> Option<(u32, &'a str)> {
+    let mut parts = line.trim_end().split(' ');
+    (parts.next()? == magic).then_some(())?;
+    let version = parts.next()?.parse().ok()?;
+    let nonce = parts.next()?;
+    parts.next().is_none().then_some((version, nonce))
+}
+
+pub mod routes {
+    pub const HEALTH: &str = "/v1/health";
+    pub const IDENTITY: &str = "/v1/identity";
+    pub const DETACH: &str = "/v1/detach";
+    pub const SYSTEM: &str = "/v1/system";
+    pub const EXEC: &str = "/v1/exec";
+    /// Followed by the public API's filesystem operation name, e.g. `/v1/fs/read-file`.
+    pub const FS_PREFIX: &str = "/v1/fs/";
+}
+
+/// Answer to `GET /v1/health`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentInfo {
+    pub protocol: u32,
+    pub agent_version: String,
+    /// Seconds since the guest booted (monotonic; keeps counting across restores).
+    pub uptime_secs: f64,
+}
+
+/// `POST /v1/identity`: sent after every boot and every restore, before the sandbox is handed
+/// out, so that clones of one snapshot differ.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Identity {
+    pub hostname: String,
+    /// Environment every later process gets (replaces the previous set).
+    pub env: BTreeMap<String, String>,
+    /// Wall-clock time on the host when the request was sent, in nanoseconds since the epoch.
+    pub unix_time_ns: u128,
+    /// Fresh randomness (hex) mixed into the guest's entropy pool.
+    pub entropy_hex: String,
+}
+
+/// `GET /v1/system`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SystemInfo {
+    pub user_home_dir: String,
+    pub workdir: String,
+}
+
+/// Error body of every non-2xx answer from the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentError {
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_roundtrip() {
+        let hello = hello_line(0xabc);
+        let (v, nonce) = parse_handshake(&hello, HELLO).unwrap();
+        assert_eq!(v, PROTOCOL_VERSION);
+        assert_eq!(nonce, "0000000000000abc");
+        let ready = ready_line(nonce);
+        assert_eq!(parse_handshake(&ready, READY), Some((PROTOCOL_VERSION, nonce)));
+        assert_eq!(parse_handshake("COVE-HELLO x y", HELLO), None);
+        assert_eq!(parse_handshake("junkCOVE-HELLO 1 a", HELLO), None);
+    }
+
+    /// The wire shape of the protocol's own types; a change here is a protocol change.
+    #[test]
+    fn schema_snapshot() {
+        let id = Identity { hostname: "h".into(), env: [("A".into(), "1".into())].into(), unix_time_ns: 5, entropy_hex: "00".into() };
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            r#"{"hostname":"h","env":{"A":"1"},"unix_time_ns":5,"entropy_hex":"00"}"#
+        );
+        let info = AgentInfo { protocol: 1, agent_version: "0.1.0".into(), uptime_secs: 1.5 };
+        assert_eq!(
+            serde_json::to_string(&info).unwrap(),
+            r#"{"protocol":1,"agent_version":"0.1.0","uptime_secs":1.5}"#
+        );
+        assert_eq!(PROTOCOL_VERSION, 1);
+    }
+}

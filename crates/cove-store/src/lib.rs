@@ -1,0 +1,511 @@
+//! Metadata store: organizations, API keys (hashed) and sandboxes.
+//!
+//! SQLite, embedded, is the default; every write that depends on a read (the sandbox limit)
+//! happens in one immediate transaction, so concurrent creates cannot overshoot it. Schema
+//! changes are numbered migrations applied at open.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use cove_api::sandbox::{ListSandboxes, NetworkPolicy, SandboxState, SortKey};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("organization has {count} active sandboxes, its limit is {limit}")]
+    LimitReached { count: u64, limit: u64 },
+    #[error("not found")]
+    NotFound,
+}
+
+/// Numbered schema migrations; a database records the highest one applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: organizations, keys, sandboxes.
+    "CREATE TABLE orgs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        sandbox_limit INTEGER,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        org_id TEXT NOT NULL REFERENCES orgs(id),
+        name TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        org_id TEXT NOT NULL REFERENCES orgs(id),
+        template TEXT NOT NULL,
+        vcpu INTEGER NOT NULL,
+        memory INTEGER NOT NULL,
+        disk INTEGER NOT NULL,
+        timeout INTEGER NOT NULL,
+        auto_pause INTEGER NOT NULL,
+        network_policy TEXT,
+        env TEXT NOT NULL,
+        state TEXT NOT NULL,
+        runner_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        launch_time TEXT,
+        state_changed_at TEXT NOT NULL,
+        timeout_at INTEGER
+    );
+    CREATE INDEX sandboxes_org ON sandboxes(org_id, state);",
+];
+
+#[derive(Debug, Clone)]
+pub struct Org {
+    pub id: String,
+    pub name: String,
+    pub sandbox_limit: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub org_id: String,
+    pub template: String,
+    pub vcpu: u32,
+    pub memory: u64,
+    pub disk: u64,
+    pub timeout: u64,
+    pub auto_pause: bool,
+    pub network_policy: Option<NetworkPolicy>,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub state: SandboxState,
+    pub runner_id: String,
+    pub created_at: DateTime<Utc>,
+    pub launch_time: Option<DateTime<Utc>>,
+    pub state_changed_at: DateTime<Utc>,
+    /// Unix seconds at which the sandbox expires.
+    pub timeout_at: Option<i64>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+/// SHA-256 of an API key, hex. Keys are 256-bit random values, so a fast hash is enough: there
+/// is nothing to brute-force.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A new random API key.
+pub fn generate_key() -> String {
+    format!("cove_{}", hex::encode(rand::random::<[u8; 32]>()))
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+fn parse_ts(s: &str) -> Result<DateTime<Utc>, rusqlite::Error> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+fn conversion(e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn open_in_memory() -> Result<Store, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Store, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ── organizations and keys ──
+
+    pub fn org_count(&self) -> Result<u64, StoreError> {
+        Ok(self.conn().query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    pub fn create_org(&self, name: &str, sandbox_limit: Option<u64>) -> Result<Org, StoreError> {
+        let org = Org { id: new_id("org"), name: name.to_string(), sandbox_limit };
+        self.conn().execute(
+            "INSERT INTO orgs (id, name, sandbox_limit, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![org.id, org.name, sandbox_limit.map(|l| l as i64), ts(&Utc::now())],
+        )?;
+        Ok(org)
+    }
+
+    pub fn org_by_name(&self, name: &str) -> Result<Option<Org>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT id, name, sandbox_limit FROM orgs WHERE name = ?1", [name], org_row)
+            .optional()?)
+    }
+
+    pub fn org(&self, id: &str) -> Result<Option<Org>, StoreError> {
+        Ok(self.conn().query_row("SELECT id, name, sandbox_limit FROM orgs WHERE id = ?1", [id], org_row).optional()?)
+    }
+
+    pub fn list_orgs(&self) -> Result<Vec<Org>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, name, sandbox_limit FROM orgs ORDER BY created_at")?;
+        let rows = stmt.query_map([], org_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn set_org_limit(&self, org_id: &str, limit: Option<u64>) -> Result<(), StoreError> {
+        let n = self.conn().execute("UPDATE orgs SET sandbox_limit = ?2 WHERE id = ?1", params![org_id, limit.map(|l| l as i64)])?;
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Stores the hash of `key` for `org_id`. The key itself is never stored.
+    pub fn add_key(&self, org_id: &str, name: &str, key: &str) -> Result<ApiKeyInfo, StoreError> {
+        let info = ApiKeyInfo {
+            id: new_id("key"),
+            org_id: org_id.to_string(),
+            name: name.to_string(),
+            prefix: key.chars().take(12).collect(),
+            created_at: Utc::now(),
+        };
+        self.conn().execute(
+            "INSERT INTO api_keys (id, org_id, name, key_hash, prefix, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![info.id, info.org_id, info.name, hash_key(key), info.prefix, ts(&info.created_at)],
+        )?;
+        Ok(info)
+    }
+
+    pub fn list_keys(&self, org_id: &str) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT id, org_id, name, prefix, created_at FROM api_keys WHERE org_id = ?1 ORDER BY created_at")?;
+        let rows = stmt
+            .query_map([org_id], |r| {
+                Ok(ApiKeyInfo {
+                    id: r.get(0)?,
+                    org_id: r.get(1)?,
+                    name: r.get(2)?,
+                    prefix: r.get(3)?,
+                    created_at: parse_ts(&r.get::<_, String>(4)?)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    pub fn delete_key(&self, org_id: &str, key_id: &str) -> Result<(), StoreError> {
+        let n = self.conn().execute("DELETE FROM api_keys WHERE id = ?1 AND org_id = ?2", [key_id, org_id])?;
+        if n == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// The organization an API key belongs to.
+    pub fn authenticate(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT org_id FROM api_keys WHERE key_hash = ?1", [hash_key(key)], |r| r.get(0))
+            .optional()?)
+    }
+
+    // ── sandboxes ──
+
+    /// Inserts a sandbox unless its organization already has `default_limit` (or its own
+    /// limit) sandboxes in states that count (see `SandboxState::counts_against_limit`).
+    pub fn insert_sandbox(&self, rec: &SandboxRecord, default_limit: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let limit: Option<i64> =
+            tx.query_row("SELECT sandbox_limit FROM orgs WHERE id = ?1", [&rec.org_id], |r| r.get(0)).optional()?.flatten();
+        let limit = limit.map_or(default_limit, |l| l.max(0) as u64);
+        let counting: Vec<&str> =
+            SandboxState::ALL.iter().filter(|s| s.counts_against_limit()).map(|s| s.as_str()).collect();
+        let placeholders = counting.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",");
+        let count: i64 = tx.query_row(
+            &format!("SELECT COUNT(*) FROM sandboxes WHERE org_id = ?1 AND state IN ({placeholders})"),
+            [&rec.org_id],
+            |r| r.get(0),
+        )?;
+        if count as u64 >= limit {
+            return Err(StoreError::LimitReached { count: count as u64, limit });
+        }
+        tx.execute(
+            "INSERT INTO sandboxes (id, org_id, template, vcpu, memory, disk, timeout, auto_pause, network_policy, env,
+                state, runner_id, created_at, launch_time, state_changed_at, timeout_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            params![
+                rec.id,
+                rec.org_id,
+                rec.template,
+                rec.vcpu,
+                rec.memory as i64,
+                rec.disk as i64,
+                rec.timeout as i64,
+                rec.auto_pause,
+                rec.network_policy.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default()),
+                serde_json::to_string(&rec.env).unwrap_or_default(),
+                rec.state.as_str(),
+                rec.runner_id,
+                ts(&rec.created_at),
+                rec.launch_time.as_ref().map(ts),
+                ts(&rec.state_changed_at),
+                rec.timeout_at,
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn sandbox(&self, org_id: &str, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1 AND org_id = ?2"), [id, org_id], sandbox_row)
+            .optional()?)
+    }
+
+    /// Moves a sandbox from one of `from` to `to`; returns the record as it was before, or
+    /// `None` if it was not in one of `from` (someone else moved it first).
+    pub fn transition(
+        &self,
+        id: &str,
+        from: &[SandboxState],
+        to: SandboxState,
+    ) -> Result<Option<SandboxRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let rec = tx
+            .query_row(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"), [id], sandbox_row)
+            .optional()?;
+        let Some(rec) = rec else { return Err(StoreError::NotFound) };
+        if !from.contains(&rec.state) {
+            return Ok(None);
+        }
+        let now = Utc::now();
+        if to == SandboxState::Running && rec.launch_time.is_none() {
+            tx.execute(
+                "UPDATE sandboxes SET state = ?2, state_changed_at = ?3, launch_time = ?3 WHERE id = ?1",
+                params![id, to.as_str(), ts(&now)],
+            )?;
+        } else {
+            tx.execute("UPDATE sandboxes SET state = ?2, state_changed_at = ?3 WHERE id = ?1", params![id, to.as_str(), ts(&now)])?;
+        }
+        tx.commit()?;
+        Ok(Some(rec))
+    }
+
+    pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Sandboxes of one organization, filtered, sorted and paged; and the total before paging.
+    pub fn list_sandboxes(&self, org_id: &str, q: &ListSandboxes) -> Result<(Vec<SandboxRecord>, u64), StoreError> {
+        let conn = self.conn();
+        let state = q.state.map(|s| s.as_str().to_string());
+        let filter = "org_id = ?1 AND (?2 IS NULL OR state = ?2)";
+        let total: i64 =
+            conn.query_row(&format!("SELECT COUNT(*) FROM sandboxes WHERE {filter}"), params![org_id, state], |r| r.get(0))?;
+        let dir = if q.descending { "DESC" } else { "ASC" };
+        let order = match q.sort {
+            SortKey::CreatedAt => format!("created_at {dir}, id {dir}"),
+            SortKey::State => format!("state {dir}, created_at {dir}"),
+        };
+        let offset = (q.page - 1).saturating_mul(q.page_size);
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {filter} ORDER BY {order} LIMIT ?3 OFFSET ?4"
+        ))?;
+        let rows = stmt
+            .query_map(params![org_id, state, q.page_size as i64, offset.min(i64::MAX as u64) as i64], sandbox_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((rows, total as u64))
+    }
+
+    /// Every sandbox placed on `runner_id`, in any state (for recovery after a restart).
+    pub fn sandboxes_on_runner(&self, runner_id: &str) -> Result<Vec<SandboxRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE runner_id = ?1"))?;
+        let rows = stmt.query_map([runner_id], sandbox_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Running sandboxes whose timeout has passed.
+    pub fn expired(&self, now_unix: i64) -> Result<Vec<SandboxRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE timeout_at IS NOT NULL AND timeout_at <= ?1 AND state = 'running'"
+        ))?;
+        let rows = stmt.query_map([now_unix], sandbox_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+const SANDBOX_COLUMNS: &str = "id, org_id, template, vcpu, memory, disk, timeout, auto_pause, network_policy, env, state, \
+     runner_id, created_at, launch_time, state_changed_at, timeout_at";
+
+fn org_row(r: &Row<'_>) -> rusqlite::Result<Org> {
+    Ok(Org { id: r.get(0)?, name: r.get(1)?, sandbox_limit: r.get::<_, Option<i64>>(2)?.map(|l| l.max(0) as u64) })
+}
+
+fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
+    let state: String = r.get(10)?;
+    let policy: Option<String> = r.get(8)?;
+    let env: String = r.get(9)?;
+    Ok(SandboxRecord {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        template: r.get(2)?,
+        vcpu: r.get(3)?,
+        memory: r.get::<_, i64>(4)? as u64,
+        disk: r.get::<_, i64>(5)? as u64,
+        timeout: r.get::<_, i64>(6)? as u64,
+        auto_pause: r.get(7)?,
+        network_policy: policy.map(|p| serde_json::from_str(&p)).transpose().map_err(conversion)?,
+        env: serde_json::from_str(&env).map_err(conversion)?,
+        state: SandboxState::parse(&state)
+            .ok_or_else(|| conversion(StoreError::Corrupt(format!("unknown state {state:?}"))))?,
+        runner_id: r.get(11)?,
+        created_at: parse_ts(&r.get::<_, String>(12)?)?,
+        launch_time: r.get::<_, Option<String>>(13)?.map(|s| parse_ts(&s)).transpose()?,
+        state_changed_at: parse_ts(&r.get::<_, String>(14)?)?,
+        timeout_at: r.get(15)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(org: &str, id: &str, state: SandboxState) -> SandboxRecord {
+        let now = Utc::now();
+        SandboxRecord {
+            id: id.into(),
+            org_id: org.into(),
+            template: "t".into(),
+            vcpu: 1,
+            memory: 1024,
+            disk: 2048,
+            timeout: 300,
+            auto_pause: false,
+            network_policy: None,
+            env: Default::default(),
+            state,
+            runner_id: "local".into(),
+            created_at: now,
+            launch_time: None,
+            state_changed_at: now,
+            timeout_at: Some(now.timestamp() + 300),
+        }
+    }
+
+    #[test]
+    fn keys_are_stored_hashed_and_authenticate() {
+        let s = Store::open_in_memory().unwrap();
+        let org = s.create_org("acme", None).unwrap();
+        let key = generate_key();
+        s.add_key(&org.id, "ci", &key).unwrap();
+        assert_eq!(s.authenticate(&key).unwrap(), Some(org.id.clone()));
+        assert_eq!(s.authenticate("cove_wrong").unwrap(), None);
+        let stored: String = s.conn().query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0)).unwrap();
+        assert_ne!(stored, key);
+        assert_eq!(stored, hash_key(&key));
+    }
+
+    #[test]
+    fn limit_counts_only_vm_holding_states() {
+        let s = Store::open_in_memory().unwrap();
+        let org = s.create_org("acme", None).unwrap();
+        s.insert_sandbox(&rec(&org.id, "a", SandboxState::Running), 2).unwrap();
+        s.insert_sandbox(&rec(&org.id, "b", SandboxState::Paused), 2).unwrap();
+        s.insert_sandbox(&rec(&org.id, "c", SandboxState::Starting), 2).unwrap();
+        let err = s.insert_sandbox(&rec(&org.id, "d", SandboxState::Starting), 2).unwrap_err();
+        assert!(matches!(err, StoreError::LimitReached { count: 2, limit: 2 }));
+        // A per-organization limit overrides the default.
+        s.set_org_limit(&org.id, Some(5)).unwrap();
+        s.insert_sandbox(&rec(&org.id, "d", SandboxState::Starting), 2).unwrap();
+    }
+
+    #[test]
+    fn transitions_are_compare_and_set() {
+        let s = Store::open_in_memory().unwrap();
+        let org = s.create_org("acme", None).unwrap();
+        s.insert_sandbox(&rec(&org.id, "a", SandboxState::Starting), 3).unwrap();
+        assert!(s.transition("a", &[SandboxState::Starting], SandboxState::Running).unwrap().is_some());
+        assert!(s.transition("a", &[SandboxState::Starting], SandboxState::Deleting).unwrap().is_none());
+        let r = s.sandbox(&org.id, "a").unwrap().unwrap();
+        assert_eq!(r.state, SandboxState::Running);
+        assert!(r.launch_time.is_some());
+        assert!(s.sandbox("other-org", "a").unwrap().is_none());
+    }
+
+    #[test]
+    fn list_filters_sorts_and_pages() {
+        let s = Store::open_in_memory().unwrap();
+        let org = s.create_org("acme", None).unwrap();
+        for i in 0..5 {
+            let mut r = rec(&org.id, &format!("s{i}"), if i % 2 == 0 { SandboxState::Running } else { SandboxState::Paused });
+            r.created_at += chrono::Duration::seconds(i);
+            s.insert_sandbox(&r, 100).unwrap();
+        }
+        let q = ListSandboxes { state: None, sort: SortKey::CreatedAt, descending: true, page: 1, page_size: 2 };
+        let (rows, total) = s.list_sandboxes(&org.id, &q).unwrap();
+        assert_eq!(total, 5);
+        assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["s4", "s3"]);
+        let q = ListSandboxes { state: Some(SandboxState::Paused), page: 1, page_size: 10, descending: false, ..q };
+        let (rows, total) = s.list_sandboxes(&org.id, &q).unwrap();
+        assert_eq!((total, rows.len()), (2, 2));
+        assert_eq!(rows[0].id, "s1");
+    }
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cove.db");
+        Store::open(&p).unwrap().create_org("a", None).unwrap();
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.org_count().unwrap(), 1);
+    }
+}
