@@ -60,7 +60,11 @@ impl Validate for SandboxCreateRequest {
             v.check((1..=8).contains(&vcpu), "vcpu", "must be between 1 and 8");
         }
         if let Some(mem) = self.memory {
-            v.check((512..=8192).contains(&mem), "memory", "must be between 512 and 8192 MiB");
+            v.check(
+                (512..=8192).contains(&mem),
+                "memory",
+                "must be between 512 and 8192 MiB",
+            );
             v.check(mem % 2 == 0, "memory", "must be an even number");
         }
         if let Some(t) = self.timeout {
@@ -71,8 +75,16 @@ impl Validate for SandboxCreateRequest {
             );
         }
         for (key, value) in self.env_vars.iter().flatten() {
-            v.check(valid_env_name(key), format!("env_vars.{key}"), "is not a valid variable name");
-            v.check(!value.contains('\0'), format!("env_vars.{key}"), "must not contain NUL bytes");
+            v.check(
+                valid_env_name(key),
+                format!("env_vars.{key}"),
+                "is not a valid variable name",
+            );
+            v.check(
+                !value.contains('\0'),
+                format!("env_vars.{key}"),
+                "must not contain NUL bytes",
+            );
         }
         if let Some(mounts) = &self.mounts {
             v.check(
@@ -265,22 +277,27 @@ impl ListSandboxesQuery {
                 true
             }
         };
-        let mut int = |field: &str, raw: &Option<String>, default: u64, max: u64| match raw
-            .as_deref()
-        {
-            None | Some("") => default,
-            Some(s) => match s.parse::<u64>() {
-                Ok(n) if (1..=max).contains(&n) => n,
-                _ => {
-                    v.push(field, format!("must be an integer between 1 and {max}"));
-                    default
-                }
-            },
-        };
+        let mut int =
+            |field: &str, raw: &Option<String>, default: u64, max: u64| match raw.as_deref() {
+                None | Some("") => default,
+                Some(s) => match s.parse::<u64>() {
+                    Ok(n) if (1..=max).contains(&n) => n,
+                    _ => {
+                        v.push(field, format!("must be an integer between 1 and {max}"));
+                        default
+                    }
+                },
+            };
         let page = int("page", &self.page, 1, u32::MAX as u64);
         let page_size = int("page-size", &self.page_size, 20, 100);
         v.finish()?;
-        Ok(ListSandboxes { state, sort, descending, page, page_size })
+        Ok(ListSandboxes {
+            state,
+            sort,
+            descending,
+            page,
+            page_size,
+        })
     }
 }
 
@@ -351,15 +368,31 @@ impl NetworkPolicy {
             "allow_domains, allow_cidrs and transforms need mode custom",
         );
         for (i, d) in self.allow_domains.iter().enumerate() {
-            v.check(valid_domain_pattern(d), format!("{field}.allow_domains[{i}]"), "is not a domain name or *.domain pattern");
+            v.check(
+                valid_domain_pattern(d),
+                format!("{field}.allow_domains[{i}]"),
+                "is not a domain name or *.domain pattern",
+            );
         }
         for (i, c) in self.allow_cidrs.iter().enumerate() {
-            v.check(parse_ipv4_cidr(c).is_some(), format!("{field}.allow_cidrs[{i}]"), "is not an IPv4 CIDR such as 203.0.113.0/24");
+            v.check(
+                parse_ipv4_cidr(c).is_some(),
+                format!("{field}.allow_cidrs[{i}]"),
+                "is not an IPv4 CIDR such as 203.0.113.0/24",
+            );
         }
         for (i, t) in self.transforms.iter().enumerate() {
-            v.check(valid_domain_pattern(&t.domain), format!("{field}.transforms[{i}].domain"), "is not a domain name or *.domain pattern");
+            v.check(
+                valid_domain_pattern(&t.domain),
+                format!("{field}.transforms[{i}].domain"),
+                "is not a domain name or *.domain pattern",
+            );
             for name in t.inject_headers.keys().chain(t.strip_headers.iter()) {
-                v.check(valid_header_name(name), format!("{field}.transforms[{i}]"), format!("{name:?} is not a valid header name"));
+                v.check(
+                    valid_header_name(name),
+                    format!("{field}.transforms[{i}]"),
+                    format!("{name:?} is not a valid header name"),
+                );
             }
         }
     }
@@ -390,7 +423,10 @@ pub fn parse_ipv4_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
 }
 
 fn valid_header_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// An object-storage mount as requested.
@@ -413,8 +449,16 @@ pub struct MountRequest {
 
 impl MountRequest {
     fn check(&self, v: &mut Violations, field: &str) {
-        v.check(self.kind == "object-storage", format!("{field}.type"), "must be object-storage");
-        v.check(!self.bucket.is_empty(), format!("{field}.bucket"), "must not be empty");
+        v.check(
+            self.kind == "object-storage",
+            format!("{field}.type"),
+            "must be object-storage",
+        );
+        v.check(
+            !self.bucket.is_empty(),
+            format!("{field}.bucket"),
+            "must not be empty",
+        );
         v.check(
             self.mount_path.starts_with('/') && self.mount_path != "/",
             format!("{field}.mount_path"),
@@ -458,7 +502,11 @@ mod tests {
     }
 
     fn fields(r: Result<(), Vec<FieldError>>) -> Vec<String> {
-        r.err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+        r.err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
     }
 
     #[test]
@@ -470,7 +518,13 @@ mod tests {
             "network_policy": {"mode": "allow-all", "allow_cidrs": ["10.0.0.0/33"]}
         }));
         let f = fields(bad.validate());
-        for want in ["vcpu", "memory", "timeout", "network_policy.mode", "network_policy.allow_cidrs[0]"] {
+        for want in [
+            "vcpu",
+            "memory",
+            "timeout",
+            "network_policy.mode",
+            "network_policy.allow_cidrs[0]",
+        ] {
             assert!(f.iter().any(|x| x == want), "{want} missing from {f:?}");
         }
         let odd = req(serde_json::json!({"template_name": "t", "memory": 513}));
@@ -492,9 +546,17 @@ mod tests {
             order_by: Some("up".into()),
             ..Default::default()
         };
-        let f: Vec<_> = q.parse().unwrap_err().into_iter().map(|e| e.field).collect();
+        let f: Vec<_> = q
+            .parse()
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
         assert_eq!(f, vec!["state", "order-by", "page-size"]);
-        let q = ListSandboxesQuery { page: Some("2".into()), ..Default::default() };
+        let q = ListSandboxesQuery {
+            page: Some("2".into()),
+            ..Default::default()
+        };
         let p = q.parse().unwrap();
         assert_eq!((p.page, p.page_size, p.descending), (2, 20, true));
     }

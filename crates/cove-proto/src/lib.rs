@@ -104,7 +104,10 @@ mod tests {
         assert_eq!(v, PROTOCOL_VERSION);
         assert_eq!(nonce, "0000000000000abc");
         let ready = ready_line(nonce);
-        assert_eq!(parse_handshake(&ready, READY), Some((PROTOCOL_VERSION, nonce)));
+        assert_eq!(
+            parse_handshake(&ready, READY),
+            Some((PROTOCOL_VERSION, nonce))
+        );
         assert_eq!(parse_handshake("COVE-HELLO x y", HELLO), None);
         assert_eq!(parse_handshake("junkCOVE-HELLO 1 a", HELLO), None);
     }
@@ -112,12 +115,21 @@ mod tests {
     /// The wire shape of the protocol's own types; a change here is a protocol change.
     #[test]
     fn schema_snapshot() {
-        let id = Identity { hostname: "h".into(), env: [("A".into(), "1".into())].into(), unix_time_ns: 5, entropy_hex: "00".into() };
+        let id = Identity {
+            hostname: "h".into(),
+            env: [("A".into(), "1".into())].into(),
+            unix_time_ns: 5,
+            entropy_hex: "00".into(),
+        };
         assert_eq!(
             serde_json::to_string(&id).unwrap(),
             r#"{"hostname":"h","env":{"A":"1"},"unix_time_ns":5,"entropy_hex":"00"}"#
         );
-        let info = AgentInfo { protocol: 1, agent_version: "0.1.0".into(), uptime_secs: 1.5 };
+        let info = AgentInfo {
+            protocol: 1,
+            agent_version: "0.1.0".into(),
+            uptime_secs: 1.5,
+        };
         assert_eq!(
             serde_json::to_string(&info).unwrap(),
             r#"{"protocol":1,"agent_version":"0.1.0","uptime_secs":1.5}"#

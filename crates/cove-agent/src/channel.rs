@@ -1,0 +1,215 @@
+//! The agent's end of the host channel: find the virtio-serial port, do the handshake, serve
+//! HTTP/2 on it until the host goes away, and start over (after a restore the host is a new
+//! process with a new connection).
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::server::State;
+use crate::sys;
+
+/// How often the agent looks again when the host side of the port is not connected.
+const IDLE_POLL: Duration = Duration::from_millis(2);
+
+/// The virtio-serial port as an async byte stream.
+pub struct Port {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Port {
+    fn open(path: &str) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let fd: OwnedFd = file.into();
+        sys::set_nonblocking(fd.as_fd())?;
+        Ok(Port {
+            fd: sys::async_fd(fd)?,
+        })
+    }
+}
+
+impl AsyncRead for Port {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| sys::read(fd.get_ref().as_fd(), unfilled)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Port {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            match guard.try_io(|fd| sys::write(fd.get_ref().as_fd(), data)) {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Finds the device node of the port named `cove.agent` (there is no udev to make the
+/// /dev/virtio-ports symlink).
+fn find_port() -> io::Result<String> {
+    for entry in std::fs::read_dir("/sys/class/virtio-ports")? {
+        let entry = entry?;
+        let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == cove_proto::PORT_NAME {
+            return Ok(format!("/dev/{}", entry.file_name().to_string_lossy()));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "virtio-serial port cove.agent not found",
+    ))
+}
+
+pub async fn serve_port(state: Arc<State>) -> io::Result<()> {
+    let path = loop {
+        match find_port() {
+            Ok(p) => break p,
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    };
+    loop {
+        let mut port = match Port::open(&path) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("cove-agent: opening {path}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match handshake(&mut port).await {
+            Ok(true) => serve_connection(port, state.clone()).await,
+            // Host not connected (reads give EOF): look again shortly.
+            Ok(false) => tokio::time::sleep(IDLE_POLL).await,
+            Err(e) => {
+                eprintln!("cove-agent: handshake: {e}");
+                tokio::time::sleep(IDLE_POLL).await;
+            }
+        }
+    }
+}
+
+pub async fn serve_unix(path: &str, state: Arc<State>) -> io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let state = state.clone();
+        tokio::spawn(async move {
+            if let Ok(true) = handshake(&mut stream).await {
+                serve_connection(stream, state).await;
+            }
+        });
+    }
+}
+
+/// Reads lines until a valid HELLO, answers READY. Returns Ok(false) on EOF.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> io::Result<bool> {
+    let mut line = Vec::with_capacity(cove_proto::MAX_HANDSHAKE_LINE);
+    loop {
+        let mut byte = [0u8; 1];
+        if stream.read(&mut byte).await? == 0 {
+            return Ok(false);
+        }
+        if byte[0] != b'\n' {
+            if line.len() < cove_proto::MAX_HANDSHAKE_LINE {
+                line.push(byte[0]);
+            }
+            continue;
+        }
+        let text = String::from_utf8_lossy(&line).into_owned();
+        line.clear();
+        // Stale bytes from an earlier connection may precede the greeting: skip to it.
+        let Some(start) = text.find(cove_proto::HELLO) else {
+            continue;
+        };
+        let Some((version, nonce)) = cove_proto::parse_handshake(&text[start..], cove_proto::HELLO)
+        else {
+            continue;
+        };
+        if version != cove_proto::PROTOCOL_VERSION {
+            let msg = format!("COVE-ERROR unsupported protocol {version}\n");
+            stream.write_all(msg.as_bytes()).await?;
+            continue;
+        }
+        stream
+            .write_all(cove_proto::ready_line(nonce).as_bytes())
+            .await?;
+        return Ok(true);
+    }
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    state: Arc<State>,
+) {
+    let (detach_tx, mut detach_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let service = {
+        let state = state.clone();
+        hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            let detach_tx = detach_tx.clone();
+            async move { Ok::<_, std::convert::Infallible>(state.handle(req, detach_tx).await) }
+        })
+    };
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20)
+        .max_concurrent_streams(1024);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                if !e.to_string().contains("connection closed") {
+                    eprintln!("cove-agent: connection ended: {e}");
+                }
+            }
+        }
+        _ = detach_rx.recv() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! One-shot commands: `/bin/sh -c` as the sandbox user, in a cgroup of its own so that a
+//! timeout kills the command and everything it started, daemons included.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cove_api::process::{ExecuteRequest, ExecuteResponse, TIMEOUT_EXIT_CODE};
+use tokio::io::AsyncReadExt;
+
+use crate::reaper::Reaper;
+use crate::sys;
+use crate::user::SandboxUser;
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Most output kept per stream; the rest is dropped and the response says so.
+const MAX_OUTPUT: usize = 16 << 20;
+/// How long output is still collected after the command exits, for background children that
+/// hold the pipes open.
+const DRAIN_GRACE: Duration = Duration::from_millis(50);
+const CGROUP_ROOT: &str = "/sys/fs/cgroup/cove-exec";
+
+static NEXT_EXEC: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("cwd {0}: not a directory")]
+    BadCwd(String),
+    #[error("starting the command: {0}")]
+    Spawn(io::Error),
+}
+
+pub async fn run(
+    reaper: &Reaper,
+    user: &SandboxUser,
+    sandbox_env: &BTreeMap<String, String>,
+    req: &ExecuteRequest,
+) -> Result<ExecuteResponse, ExecError> {
+    let cwd = match &req.cwd {
+        Some(c) => user.resolve(c),
+        None => user.home.clone(),
+    };
+    if !cwd.is_dir() {
+        return Err(ExecError::BadCwd(cwd.display().to_string()));
+    }
+    let cgroup = ExecCgroup::create();
+    let procs_fd = cgroup
+        .as_ref()
+        .and_then(|c| c.procs.as_ref().map(|f| f.as_raw_fd()));
+
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(&req.command)
+        .env_clear()
+        .envs(base_env(user))
+        .envs(sandbox_env)
+        .envs(req.envs.iter().flatten())
+        .current_dir(&cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (uid, gid) = (user.uid, user.gid);
+    // SAFETY: child_setup only makes async-signal-safe system calls.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid));
+    }
+    let (mut child, exited) = reaper.spawn(&mut cmd).map_err(ExecError::Spawn)?;
+    let pid = child.id() as i32;
+    let stdout = child.stdout.take().map(OwnedFd::from);
+    let stderr = child.stderr.take().map(OwnedFd::from);
+    let (out_buf, err_buf) = (Shared::default(), Shared::default());
+    let out_task = tokio::spawn(collect(stdout, out_buf.clone()));
+    let err_task = tokio::spawn(collect(stderr, err_buf.clone()));
+
+    let limit = Duration::from_secs(req.timeout_secs());
+    let (code, timed_out) = match tokio::time::timeout(limit, exited).await {
+        Ok(code) => (code.unwrap_or(-1), false),
+        Err(_) => {
+            match &cgroup {
+                Some(cg) => cg.kill(),
+                None => sys::kill_group(pid, libc::SIGKILL),
+            }
+            // The session leader is dead now; its group and cgroup go with it.
+            sys::kill_group(pid, libc::SIGKILL);
+            (TIMEOUT_EXIT_CODE, true)
+        }
+    };
+    let stdout = finish(out_task, out_buf).await;
+    let mut stderr = finish(err_task, err_buf).await;
+    if timed_out {
+        if !stderr.is_empty() && !stderr.ends_with('\n') {
+            stderr.push('\n');
+        }
+        stderr.push_str(&format!(
+            "cove: command timed out after {}s; it and all its child processes were killed\n",
+            req.timeout_secs()
+        ));
+    }
+    if let Some(cg) = cgroup {
+        cg.remove();
+    }
+    Ok(ExecuteResponse {
+        exit_code: code,
+        stdout,
+        stderr,
+    })
+}
+
+pub fn base_env(user: &SandboxUser) -> Vec<(String, String)> {
+    let home = user.home.display().to_string();
+    vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOME".into(), home),
+        ("USER".into(), user.name.clone()),
+        ("LOGNAME".into(), user.name.clone()),
+        ("SHELL".into(), "/bin/bash".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ]
+}
+
+/// Output of one stream, shared so that what was read is kept even if reading never ends.
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<Captured>>;
+
+async fn collect(fd: Option<OwnedFd>, into: Shared) {
+    let Some(fd) = fd else { return };
+    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let mut c = into.lock().unwrap_or_else(|p| p.into_inner());
+                let room = MAX_OUTPUT.saturating_sub(c.bytes.len());
+                c.bytes.extend_from_slice(&buf[..n.min(room)]);
+                c.truncated |= n > room;
+            }
+        }
+    }
+}
+
+/// Waits briefly for the stream's end; a background process may hold the pipe open forever, so
+/// after the grace period what was read so far is the output.
+async fn finish(task: tokio::task::JoinHandle<()>, captured: Shared) -> String {
+    let abort = task.abort_handle();
+    if tokio::time::timeout(DRAIN_GRACE, task).await.is_err() {
+        abort.abort();
+    }
+    let c = captured.lock().unwrap_or_else(|p| p.into_inner());
+    let mut s = String::from_utf8_lossy(&c.bytes).into_owned();
+    if c.truncated {
+        s.push_str(&format!(
+            "\n[cove: output truncated at {} MiB]\n",
+            MAX_OUTPUT >> 20
+        ));
+    }
+    s
+}
+
+/// A cgroup v2 directory holding one command and its descendants.
+struct ExecCgroup {
+    dir: String,
+    procs: Option<std::fs::File>,
+}
+
+impl ExecCgroup {
+    fn create() -> Option<Self> {
+        let n = NEXT_EXEC.fetch_add(1, Ordering::Relaxed);
+        let dir = format!("{CGROUP_ROOT}/exec-{n}");
+        std::fs::create_dir_all(&dir).ok()?;
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("{dir}/cgroup.procs"))
+            .ok();
+        Some(ExecCgroup { dir, procs })
+    }
+
+    fn kill(&self) {
+        let _ = std::fs::write(format!("{}/cgroup.kill", self.dir), "1");
+    }
+
+    /// Removes the cgroup once empty; one that still holds background processes stays.
+    fn remove(self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -1,0 +1,2276 @@
+//! The filesystem operations of the public API (`/v1/fs/<op>`), done inside the guest.
+//!
+//! The agent runs as root, so everything it newly creates on a caller's behalf (files,
+//! directories, copies) is handed to the sandbox user; existing files keep their owner. All
+//! disk work runs on blocking threads, and file contents are streamed in both directions so
+//! that large files never sit whole in the agent's memory.
+//!
+//! Statuses: a missing path is 404, an existing destination that may not be replaced is 409,
+//! anything wrong with the request (bad JSON, violated constraints, a directory where a file is
+//! needed, an edit whose text is not there) is 400, an over-large body is 413.
+
+use std::collections::hash_map::RandomState;
+use std::ffi::OsStr;
+use std::fs::{self as sfs, DirBuilder, File, Metadata, OpenOptions, Permissions};
+use std::hash::BuildHasher;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use cove_api::filesystem::{
+    parse_mode, CopyRequest, DeleteRequest, EditFileRequest, EditFileResponse, EditFilesRequest,
+    EditFilesResponse, EditResult, ExistsRequest, ExistsResponse, FileEdit, FileInfo, GlobRequest,
+    GlobResponse, GrepRequest, GrepResponse, LsRequest, LsResponse, MkdirRequest, MoveRequest,
+    ReadFileRequest, ReadFilesRequest, SearchMatch, SetPermissionsRequest, StatRequest, TreeEntry,
+    TreeEntryKind, TreeRequest, TreeResponse, WriteFileQuery, MAX_UPLOAD_BYTES,
+};
+use cove_api::{check_path, Validate, Violations};
+use futures::{Stream, StreamExt, TryStreamExt};
+use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use http_body_util::{BodyExt, BodyStream, LengthLimitError, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{header, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use tokio_util::io::ReaderStream;
+
+use crate::reply::{self, Body};
+use crate::user::{Names, SandboxUser};
+
+/// Largest JSON request body (edit requests carry text, so this is generous).
+const MAX_JSON_BODY: usize = 64 << 20;
+/// Read and write granularity of streamed file contents.
+const CHUNK: usize = 64 << 10;
+/// Most entries `ls`, `glob` and `tree` return.
+const MAX_ENTRIES: usize = 100_000;
+/// Deepest `tree`, whatever `max_depth` asks for.
+const MAX_TREE_DEPTH: u32 = 20;
+const MAX_GREP_MATCHES: usize = 10_000;
+/// Files larger than this are not searched by `grep`.
+const MAX_GREP_FILE: u64 = 10 << 20;
+/// A file with a NUL byte within this prefix is binary and not searched.
+const BINARY_PROBE: usize = 8 << 10;
+/// Longest `content` of a grep match; longer lines are cut (at a character boundary).
+const MAX_GREP_LINE: usize = 4096;
+/// Largest file `edit-file` and `edit-files` work on (they hold it in memory twice).
+const MAX_EDIT_FILE: u64 = 64 << 20;
+/// `head`/`tail` of a file whose size is unknown (procfs, devices) reads at most this much.
+const MAX_UNSIZED_READ: u64 = 64 << 20;
+const DEFAULT_DIR_MODE: u32 = 0o755;
+const DEFAULT_FILE_MODE: u32 = 0o644;
+const OCTET_STREAM: &str = "application/octet-stream";
+
+/// The filesystem half of the agent.
+#[derive(Debug, Clone)]
+pub struct Fs {
+    pub user: SandboxUser,
+    pub names: Names,
+}
+
+impl Fs {
+    /// Serves one operation. `op` is the operation name as in the public path: "ls", "stat",
+    /// "mkdir", "write-file", "write-files", "read-file", "read-files", "delete",
+    /// "set-permissions", "glob", "grep", "edit-file", "edit-files", "move", "copy", "exists",
+    /// "tree".
+    pub async fn handle(&self, op: &str, req: Request<Incoming>) -> Response<Body> {
+        let result = match op {
+            "write-file" => self.write_file(req).await,
+            "write-files" => self.write_files(req).await,
+            "read-file" => match parse(req).await {
+                Ok(r) => self.read_file(r).await,
+                Err(e) => Err(e),
+            },
+            "read-files" => match parse(req).await {
+                Ok(r) => self.read_files(r).await,
+                Err(e) => Err(e),
+            },
+            _ => self.json_op(op, req).await,
+        };
+        result.unwrap_or_else(Fail::into_response)
+    }
+
+    fn ctx(&self) -> Ctx {
+        Ctx {
+            user: self.user.clone(),
+            names: self.names.clone(),
+        }
+    }
+
+    /// The operations that take a JSON body and answer in one piece.
+    async fn json_op(&self, op: &str, req: Request<Incoming>) -> Res<Response<Body>> {
+        macro_rules! run {
+            ($req:ty, $method:ident) => {{
+                let r: $req = parse(req).await?;
+                let ctx = self.ctx();
+                blocking(move || ctx.$method(r)).await
+            }};
+        }
+        match op {
+            "ls" => run!(LsRequest, ls),
+            "stat" => run!(StatRequest, stat),
+            "exists" => run!(ExistsRequest, exists),
+            "mkdir" => run!(MkdirRequest, mkdir),
+            "delete" => run!(DeleteRequest, delete),
+            "set-permissions" => run!(SetPermissionsRequest, set_permissions),
+            "glob" => run!(GlobRequest, glob),
+            "grep" => run!(GrepRequest, grep),
+            "edit-file" => run!(EditFileRequest, edit_file),
+            "edit-files" => run!(EditFilesRequest, edit_files),
+            "move" => run!(MoveRequest, move_path),
+            "copy" => run!(CopyRequest, copy),
+            "tree" => run!(TreeRequest, tree),
+            _ => Err(Fail::Status(
+                StatusCode::NOT_FOUND,
+                format!("unknown filesystem operation {op:?}"),
+            )),
+        }
+    }
+
+    /// `write-file`: the body is the file's bytes, streamed to disk as it arrives.
+    async fn write_file(&self, req: Request<Incoming>) -> Res<Response<Body>> {
+        let q = parse_write_query(req.uri().query().unwrap_or(""))?;
+        check(&q)?;
+        let path = self.user.resolve(&q.path);
+        let mode = q.permissions.as_deref().and_then(parse_mode);
+        let ctx = self.ctx();
+        let p = path.clone();
+        let (file, created) = blocking(move || ctx.open_for_write(&p, mode)).await?;
+        let body = BodyStream::new(req.into_body())
+            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())));
+        pump(&path, file, created, body, |e: hyper::Error| {
+            Fail::bad(format!("reading request body: {e}"))
+        })
+        .await?;
+        Ok(reply::empty(StatusCode::NO_CONTENT))
+    }
+
+    /// `write-files`: multipart/form-data, each part named by its file's path.
+    async fn write_files(&self, req: Request<Incoming>) -> Res<Response<Body>> {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Fail::bad("write-files takes a multipart/form-data body"))?;
+        let boundary = multer::parse_boundary(content_type)
+            .map_err(|e| Fail::bad(format!("content-type: {e}")))?;
+        let body = BodyStream::new(req.into_body())
+            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())));
+        let limits = multer::SizeLimit::new().whole_stream(MAX_UPLOAD_BYTES as u64);
+        let mut multipart = multer::Multipart::with_constraints(
+            body,
+            boundary,
+            multer::Constraints::new().size_limit(limits),
+        );
+        let mut written = 0usize;
+        while let Some(field) = multipart.next_field().await.map_err(multipart_fail)? {
+            let name = field
+                .name()
+                .filter(|n| !n.is_empty())
+                .or_else(|| field.file_name())
+                .map(str::to_owned)
+                .ok_or_else(|| Fail::bad("every part needs a name: the path of its file"))?;
+            let mut v = Violations::default();
+            check_path(&mut v, &format!("parts[{written}].name"), &name);
+            v.finish()
+                .map_err(|errs| Fail::bad(violations_message(&errs)))?;
+            let path = self.user.resolve(&name);
+            let ctx = self.ctx();
+            let p = path.clone();
+            let (file, created) = blocking(move || ctx.open_for_write(&p, None)).await?;
+            pump(&path, file, created, field, multipart_fail).await?;
+            written += 1;
+        }
+        if written == 0 {
+            return Err(Fail::bad("the multipart body holds no files"));
+        }
+        Ok(reply::empty(StatusCode::NO_CONTENT))
+    }
+
+    /// `read-file`: the raw bytes, streamed.
+    async fn read_file(&self, r: ReadFileRequest) -> Res<Response<Body>> {
+        let path = self.user.resolve(&r.path);
+        let plan = blocking(move || plan_read(&path, &r)).await?;
+        let body = match plan {
+            ReadPlan::Stream { file, len } => {
+                let file = tokio::fs::File::from_std(file);
+                match len {
+                    Some(n) => reader_body(tokio::io::AsyncReadExt::take(file, n)),
+                    None => reader_body(file),
+                }
+            }
+            ReadPlan::Bytes(v) => reply::full(v),
+        };
+        Ok(reply::bytes(StatusCode::OK, OCTET_STREAM, body))
+    }
+
+    /// `read-files`: a multipart/form-data answer, one part per file, streamed.
+    async fn read_files(&self, r: ReadFilesRequest) -> Res<Response<Body>> {
+        let user = self.user.clone();
+        // Check every file first, so that a missing one is a clean 404 rather than a body
+        // cut short.
+        let files = blocking(move || {
+            r.paths
+                .into_iter()
+                .map(|name| {
+                    let path = user.resolve(&name);
+                    let meta = sfs::metadata(&path).at(&path)?;
+                    if meta.is_dir() {
+                        return Err(Fail::io(&path, is_a_directory()));
+                    }
+                    if !meta.is_file() {
+                        return Err(Fail::bad(format!("{}: not a regular file", path.display())));
+                    }
+                    Ok((name, path))
+                })
+                .collect::<Res<Vec<_>>>()
+        })
+        .await?;
+        let boundary = new_boundary();
+        let content_type = format!("multipart/form-data; boundary={boundary}");
+        let closing = Bytes::from(format!("--{boundary}--\r\n"));
+        let parts = futures::stream::iter(files).flat_map(move |(name, path)| {
+            let head = Bytes::from(part_header(&boundary, &name));
+            let contents = futures::stream::once(tokio::fs::File::open(path))
+                .map_ok(|f| ReaderStream::with_capacity(f, CHUNK))
+                .try_flatten();
+            futures::stream::once(futures::future::ready(Ok(head)))
+                .chain(contents)
+                .chain(futures::stream::once(futures::future::ready(Ok(
+                    Bytes::from_static(b"\r\n"),
+                ))))
+        });
+        let stream = parts.chain(futures::stream::once(futures::future::ready(Ok(closing))));
+        let body = BodyExt::boxed(StreamBody::new(stream.map_ok(Frame::data)));
+        Ok(reply::bytes(StatusCode::OK, &content_type, body))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and request plumbing
+
+/// Why an operation failed; becomes an `AgentError` answer.
+#[derive(Debug)]
+enum Fail {
+    /// An I/O error on a path; the status follows the error's kind (see `reply::io_error`).
+    Io(String, io::Error),
+    Status(StatusCode, String),
+}
+
+type Res<T> = Result<T, Fail>;
+
+impl Fail {
+    fn io(path: &Path, e: io::Error) -> Self {
+        Fail::Io(path.display().to_string(), e)
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Fail::Status(StatusCode::BAD_REQUEST, message.into())
+    }
+
+    fn conflict(path: &Path, what: &str) -> Self {
+        Fail::Status(StatusCode::CONFLICT, format!("{}: {what}", path.display()))
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Fail::Io(path, e) => format!("{path}: {e}"),
+            Fail::Status(_, m) => m.clone(),
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        match self {
+            Fail::Io(path, e) => reply::io_error(&path, &e),
+            Fail::Status(status, message) => reply::error(status, message),
+        }
+    }
+}
+
+/// Attaches the path an I/O error concerns.
+trait At<T> {
+    fn at(self, path: &Path) -> Res<T>;
+}
+
+impl<T> At<T> for io::Result<T> {
+    fn at(self, path: &Path) -> Res<T> {
+        self.map_err(|e| Fail::io(path, e))
+    }
+}
+
+fn is_a_directory() -> io::Error {
+    io::Error::new(io::ErrorKind::IsADirectory, "is a directory")
+}
+
+fn not_a_directory() -> io::Error {
+    io::Error::new(io::ErrorKind::NotADirectory, "not a directory")
+}
+
+fn violations_message(errors: &[cove_api::FieldError]) -> String {
+    let list: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.error))
+        .collect();
+    format!("invalid request: {}", list.join("; "))
+}
+
+fn check(v: &impl Validate) -> Res<()> {
+    v.validate()
+        .map_err(|errs| Fail::bad(violations_message(&errs)))
+}
+
+/// Reads, parses and validates a JSON request body.
+async fn parse<T: DeserializeOwned + Validate>(req: Request<Incoming>) -> Res<T> {
+    let body = Limited::new(req.into_body(), MAX_JSON_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                Fail::Status(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is larger than {MAX_JSON_BODY} bytes"),
+                )
+            } else {
+                Fail::bad(format!("reading request body: {e}"))
+            }
+        })?;
+    let value: T = serde_json::from_slice(&body.to_bytes())
+        .map_err(|e| Fail::bad(format!("invalid JSON body: {e}")))?;
+    check(&value)?;
+    Ok(value)
+}
+
+/// Runs disk work on a blocking thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Fail::Status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("filesystem task failed: {e}"),
+        )
+    })?
+}
+
+/// Parses `write-file`'s query string (`application/x-www-form-urlencoded`).
+fn parse_write_query(query: &str) -> Res<WriteFileQuery> {
+    let mut path = None;
+    let mut permissions = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else {
+            return Err(Fail::bad("query string is not valid UTF-8 once decoded"));
+        };
+        match k.as_str() {
+            "path" => path = Some(v),
+            "permissions" => permissions = Some(v).filter(|v| !v.is_empty()),
+            _ => {}
+        }
+    }
+    let path = path.ok_or_else(|| Fail::bad("invalid request: path: is required"))?;
+    Ok(WriteFileQuery { path, permissions })
+}
+
+/// Decodes `%XX` escapes and `+` (space). A `%` not followed by two hex digits stays as is.
+fn percent_decode(s: &str) -> Option<String> {
+    fn hex(c: Option<&u8>) -> Option<u8> {
+        c.and_then(|c| (*c as char).to_digit(16))
+            .and_then(|d| u8::try_from(d).ok())
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b'%' => match (hex(b.get(i + 1)), hex(b.get(i + 2))) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn multipart_fail(e: multer::Error) -> Fail {
+    match e {
+        multer::Error::StreamSizeExceeded { limit }
+        | multer::Error::FieldSizeExceeded { limit, .. } => Fail::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("upload is larger than {limit} bytes"),
+        ),
+        e => Fail::bad(format!("multipart body: {e}")),
+    }
+}
+
+/// Writes a stream of chunks into `file` on a blocking thread. On failure a file this request
+/// created is removed again rather than left half-written.
+async fn pump<S, E>(
+    path: &Path,
+    file: File,
+    created: bool,
+    stream: S,
+    on_error: impl Fn(E) -> Fail,
+) -> Res<()>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let mut file = file;
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write_all(&chunk)?;
+        }
+        file.flush()
+    });
+    let mut stream = std::pin::pin!(stream);
+    let mut total: u64 = 0;
+    let mut failure = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(on_error(e));
+                break;
+            }
+        };
+        total += chunk.len() as u64;
+        if total > MAX_UPLOAD_BYTES as u64 {
+            failure = Some(Fail::Status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("upload is larger than {MAX_UPLOAD_BYTES} bytes"),
+            ));
+            break;
+        }
+        if tx.send(chunk).await.is_err() {
+            break; // the writer stopped on an error, which it returns below
+        }
+    }
+    drop(tx);
+    let written = match writer.await {
+        Ok(r) => r.at(path),
+        Err(e) => Err(Fail::Status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}: writer failed: {e}", path.display()),
+        )),
+    };
+    let result = match failure {
+        Some(f) => Err(f),
+        None => written,
+    };
+    if result.is_err() && created {
+        let p = path.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || sfs::remove_file(p)).await;
+    }
+    result
+}
+
+fn reader_body<R: tokio::io::AsyncRead + Send + Sync + 'static>(reader: R) -> Body {
+    BodyExt::boxed(StreamBody::new(
+        ReaderStream::with_capacity(reader, CHUNK).map_ok(Frame::data),
+    ))
+}
+
+/// An unpredictable multipart boundary (std's hasher keys are random per process).
+fn new_boundary() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let a = RandomState::new().hash_one(nanos);
+    let b = RandomState::new().hash_one(std::process::id());
+    format!("cove-{a:016x}{b:016x}")
+}
+
+/// The head of one `read-files` part. Quotes and line breaks in names are percent-escaped,
+/// as browsers do in form-data.
+fn part_header(boundary: &str, name: &str) -> String {
+    let escape = |s: &str| {
+        s.replace('"', "%22")
+            .replace('\r', "%0D")
+            .replace('\n', "%0A")
+    };
+    let base = Path::new(name)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| name.to_string());
+    format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\n\
+         Content-Type: {OCTET_STREAM}\r\n\r\n",
+        escape(name),
+        escape(&base)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// read-file
+
+enum ReadPlan {
+    /// Stream `file` from its current position, up to `len` bytes.
+    Stream {
+        file: File,
+        len: Option<u64>,
+    },
+    Bytes(Vec<u8>),
+}
+
+fn plan_read(path: &Path, r: &ReadFileRequest) -> Res<ReadPlan> {
+    let mut file = File::open(path).at(path)?;
+    let meta = file.metadata().at(path)?;
+    if meta.is_dir() {
+        return Err(Fail::io(path, is_a_directory()));
+    }
+    if let Some(n) = r.head {
+        // A device without an end (/dev/zero) is only scanned so far.
+        let scan = if meta.is_file() {
+            u64::MAX
+        } else {
+            MAX_UNSIZED_READ
+        };
+        let end = head_end(&mut (&mut file).take(scan), n).at(path)?;
+        file.seek(SeekFrom::Start(0)).at(path)?;
+        return Ok(ReadPlan::Stream {
+            file,
+            len: Some(end),
+        });
+    }
+    if let Some(n) = r.tail {
+        if meta.is_file() && meta.len() > 0 {
+            let start = tail_start(&mut file, meta.len(), n).at(path)?;
+            file.seek(SeekFrom::Start(start)).at(path)?;
+            return Ok(ReadPlan::Stream {
+                file,
+                len: Some(meta.len() - start),
+            });
+        }
+        // No size to seek back from (procfs, devices): read it, bounded, and cut in memory.
+        let mut data = Vec::new();
+        (&mut file)
+            .take(MAX_UNSIZED_READ)
+            .read_to_end(&mut data)
+            .at(path)?;
+        let start = tail_start(&mut io::Cursor::new(&data), data.len() as u64, n).at(path)?;
+        data.drain(..usize::try_from(start).unwrap_or(data.len()));
+        return Ok(ReadPlan::Bytes(data));
+    }
+    if let Some(offset) = r.offset.filter(|o| *o > 0) {
+        file.seek(SeekFrom::Start(offset)).at(path)?;
+    }
+    Ok(ReadPlan::Stream { file, len: r.limit })
+}
+
+/// Length of the first `n` lines of `r` (each with its newline; the last may lack one).
+fn head_end(r: &mut impl Read, n: u64) -> io::Result<u64> {
+    if n == 0 {
+        return Ok(0);
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut seen = 0u64;
+    let mut pos = 0u64;
+    loop {
+        let got = match r.read(&mut buf) {
+            Ok(0) => return Ok(pos),
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        for (i, b) in buf.iter().take(got).enumerate() {
+            if *b == b'\n' {
+                seen += 1;
+                if seen == n {
+                    return Ok(pos + i as u64 + 1);
+                }
+            }
+        }
+        pos += got as u64;
+    }
+}
+
+/// Offset where the last `n` lines of a `len`-byte file begin. A final newline ends the last
+/// line; it does not start an empty one.
+fn tail_start<R: Read + Seek>(r: &mut R, len: u64, n: u64) -> io::Result<u64> {
+    if n == 0 {
+        return Ok(len);
+    }
+    let mut end = len;
+    if len > 0 {
+        let mut last = [0u8; 1];
+        r.seek(SeekFrom::Start(len - 1))?;
+        r.read_exact(&mut last)?;
+        if last[0] == b'\n' {
+            end -= 1;
+        }
+    }
+    let mut buf = vec![0u8; CHUNK];
+    let mut remaining = n;
+    let mut pos = end;
+    while pos > 0 {
+        let size = (CHUNK as u64).min(pos);
+        pos -= size;
+        let chunk = &mut buf[..size as usize];
+        r.seek(SeekFrom::Start(pos))?;
+        r.read_exact(chunk)?;
+        for (i, b) in chunk.iter().enumerate().rev() {
+            if *b == b'\n' {
+                remaining -= 1;
+                if remaining == 0 {
+                    return Ok(pos + i as u64 + 1);
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matching
+
+/// `exclude` globs: an entry is excluded when its name or its path relative to the walk's root
+/// matches one of them.
+struct Excludes(Option<GlobSet>);
+
+impl Excludes {
+    fn new(globs: &[String]) -> Res<Self> {
+        if globs.is_empty() {
+            return Ok(Excludes(None));
+        }
+        let mut b = GlobSetBuilder::new();
+        for g in globs {
+            let g = g.trim_end_matches('/');
+            let g = g.strip_prefix("./").unwrap_or(g);
+            b.add(Glob::new(g).map_err(|e| Fail::bad(format!("exclude: {e}")))?);
+        }
+        b.build()
+            .map(|s| Excludes(Some(s)))
+            .map_err(|e| Fail::bad(format!("exclude: {e}")))
+    }
+
+    fn matches(&self, rel: &Path, name: &OsStr) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.is_match(name) || s.is_match(rel))
+    }
+}
+
+/// A glob as `glob` and grep's `include` use it: without a `/` it matches entry names at any
+/// depth (like `find -name`); with one it matches the path relative to the search root, where
+/// `*` stays within a directory and `**` crosses them; an absolute one matches absolute paths.
+struct PathGlob {
+    matcher: GlobMatcher,
+    scope: GlobScope,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum GlobScope {
+    Name,
+    Relative,
+    Absolute,
+}
+
+impl PathGlob {
+    fn new(field: &str, pattern: &str) -> Res<Self> {
+        let pattern = pattern.strip_prefix("./").unwrap_or(pattern);
+        let scope = if pattern.starts_with('/') {
+            GlobScope::Absolute
+        } else if pattern.contains('/') {
+            GlobScope::Relative
+        } else {
+            GlobScope::Name
+        };
+        let glob = GlobBuilder::new(pattern)
+            .literal_separator(scope != GlobScope::Name)
+            .build()
+            .map_err(|e| Fail::bad(format!("{field}: {e}")))?;
+        Ok(PathGlob {
+            matcher: glob.compile_matcher(),
+            scope,
+        })
+    }
+
+    fn is_match(&self, abs: &Path, rel: &Path) -> bool {
+        match self.scope {
+            GlobScope::Name => abs.file_name().is_some_and(|n| self.matcher.is_match(n)),
+            GlobScope::Relative => self.matcher.is_match(rel),
+            GlobScope::Absolute => self.matcher.is_match(abs),
+        }
+    }
+}
+
+/// Walks `base` without following symlinks, sorted by name, pruning excluded entries.
+fn walk<'a>(
+    base: &'a Path,
+    max_depth: usize,
+    excludes: &'a Excludes,
+) -> impl Iterator<Item = walkdir::DirEntry> + 'a {
+    walkdir::WalkDir::new(base)
+        .follow_links(false)
+        .min_depth(1)
+        .max_depth(max_depth)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(move |e| {
+            let rel = e.path().strip_prefix(base).unwrap_or(e.path());
+            !excludes.matches(rel, e.file_name())
+        })
+        .filter_map(Result::ok)
+}
+
+fn lossy(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Edits
+
+/// Byte offsets of the non-overlapping occurrences of `needle` in `hay`.
+fn find_all(hay: &[u8], needle: &[u8]) -> Vec<usize> {
+    let mut found = Vec::new();
+    let Some((&first, _)) = needle.split_first() else {
+        return found;
+    };
+    let Some(last_start) = hay.len().checked_sub(needle.len()) else {
+        return found;
+    };
+    let mut i = 0;
+    while i <= last_start {
+        match hay[i..=last_start].iter().position(|b| *b == first) {
+            Some(p) => {
+                i += p;
+                if hay[i..].starts_with(needle) {
+                    found.push(i);
+                    i += needle.len();
+                } else {
+                    i += 1;
+                }
+            }
+            None => break,
+        }
+    }
+    found
+}
+
+/// Replaces every occurrence of `find`; returns the new text and how many there were.
+fn replace_all(hay: &[u8], find: &[u8], replace: &[u8]) -> (Vec<u8>, u64) {
+    let hits = find_all(hay, find);
+    if hits.is_empty() {
+        return (hay.to_vec(), 0);
+    }
+    let mut out = Vec::with_capacity(hay.len() + hits.len() * replace.len());
+    let mut last = 0;
+    for &at in &hits {
+        out.extend_from_slice(&hay[last..at]);
+        out.extend_from_slice(replace);
+        last = at + find.len();
+    }
+    out.extend_from_slice(&hay[last..]);
+    (out, hits.len() as u64)
+}
+
+/// Applies edits in order, each to the previous one's result. Fails, naming the edit, when a
+/// `find` text does not occur.
+fn apply_edits(content: &[u8], edits: &[FileEdit]) -> Result<(Vec<u8>, u64), String> {
+    let mut current = content.to_vec();
+    let mut total = 0;
+    for (i, e) in edits.iter().enumerate() {
+        let replace = e.replace.as_deref().unwrap_or("");
+        let (next, n) = replace_all(&current, e.find.as_bytes(), replace.as_bytes());
+        if n == 0 {
+            return Err(format!("edits[{i}].find: text not found: {:?}", e.find));
+        }
+        current = next;
+        total += n;
+    }
+    Ok((current, total))
+}
+
+fn unified_diff(name: &str, old: &[u8], new: &[u8]) -> String {
+    let old = String::from_utf8_lossy(old);
+    let new = String::from_utf8_lossy(new);
+    similar::TextDiff::from_lines(old.as_ref(), new.as_ref())
+        .unified_diff()
+        .header(name, name)
+        .to_string()
+}
+
+fn read_for_edit(path: &Path) -> Res<Vec<u8>> {
+    let mut file = File::open(path).at(path)?;
+    let meta = file.metadata().at(path)?;
+    if meta.is_dir() {
+        return Err(Fail::io(path, is_a_directory()));
+    }
+    if meta.len() > MAX_EDIT_FILE {
+        return Err(Fail::bad(format!(
+            "{}: too large to edit ({} bytes; the limit is {MAX_EDIT_FILE})",
+            path.display(),
+            meta.len()
+        )));
+    }
+    let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    (&mut file)
+        .take(MAX_EDIT_FILE + 1)
+        .read_to_end(&mut data)
+        .at(path)?;
+    if data.len() as u64 > MAX_EDIT_FILE {
+        return Err(Fail::bad(format!("{}: too large to edit", path.display())));
+    }
+    Ok(data)
+}
+
+/// Rewrites a file in place, which keeps its inode, mode and owner.
+fn write_in_place(path: &Path, data: &[u8]) -> Res<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .at(path)?;
+    file.write_all(data).at(path)?;
+    file.flush().at(path)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operations
+
+/// What an operation needs: who owns new files, and how to name owners.
+#[derive(Clone)]
+struct Ctx {
+    user: SandboxUser,
+    names: Names,
+}
+
+/// Who a copied entry should belong to.
+#[derive(Clone, Copy)]
+enum Owner {
+    /// The sandbox user (a copy is a new file).
+    User,
+    /// The source's owner (a move across filesystems).
+    Source,
+}
+
+impl Ctx {
+    fn resolve(&self, path: &str) -> PathBuf {
+        self.user.resolve(path)
+    }
+
+    /// Gives a newly created entry to `uid:gid`. Only root can give files away, and what root
+    /// creates belongs to uid 0; anything else means the agent is not root (as in tests), and
+    /// the entry already belongs to the agent's own user.
+    fn chown_new(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+        let m = sfs::symlink_metadata(path)?;
+        if m.uid() != 0 || (m.uid() == uid && m.gid() == gid) {
+            return Ok(());
+        }
+        std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+    }
+
+    fn give(&self, path: &Path) -> io::Result<()> {
+        Self::chown_new(path, self.user.uid, self.user.gid)
+    }
+
+    fn give_file(&self, file: &File) -> io::Result<()> {
+        let m = file.metadata()?;
+        if m.uid() != 0 || (m.uid() == self.user.uid && m.gid() == self.user.gid) {
+            return Ok(());
+        }
+        std::os::unix::fs::fchown(file, Some(self.user.uid), Some(self.user.gid))
+    }
+
+    fn file_info(&self, path: &Path, meta: &Metadata) -> FileInfo {
+        let is_symlink = meta.file_type().is_symlink();
+        FileInfo {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| lossy(path)),
+            path: lossy(path),
+            is_dir: meta.is_dir(),
+            size: meta.len(),
+            mode: format!("{:o}", meta.mode() & 0o777),
+            mtime: meta.mtime(),
+            owner: self.names.user(meta.uid()),
+            group: self.names.group(meta.gid()),
+            is_symlink,
+            link_target: if is_symlink {
+                sfs::read_link(path).ok().map(|t| lossy(&t))
+            } else {
+                None
+            },
+        }
+    }
+
+    /// `mkdir -p`: creates `dir` and its missing ancestors (ancestors 755, `dir` itself
+    /// `mode`), each given to the sandbox user.
+    fn create_dir_all_owned(&self, dir: &Path, mode: u32) -> io::Result<()> {
+        let mut missing = Vec::new();
+        let mut cur = dir;
+        loop {
+            match sfs::metadata(cur) {
+                Ok(m) if m.is_dir() => break,
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        if cur == dir {
+                            io::ErrorKind::AlreadyExists
+                        } else {
+                            io::ErrorKind::NotADirectory
+                        },
+                        format!("{} exists and is not a directory", cur.display()),
+                    ))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    missing.push(cur);
+                    match cur.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => cur = p,
+                        _ => break,
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for d in missing.into_iter().rev() {
+            let m = if d == dir { mode } else { DEFAULT_DIR_MODE };
+            match DirBuilder::new().mode(m).create(d) {
+                Ok(()) => {
+                    self.give(d)?;
+                    sfs::set_permissions(d, Permissions::from_mode(m))?;
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::AlreadyExists
+                        && sfs::metadata(d).is_ok_and(|m| m.is_dir()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `path` for writing, creating its parents; returns the file and whether it is new.
+    /// A new file gets `mode` (default 644) and the sandbox user; an existing one keeps its
+    /// owner, and its mode unless `mode` is given.
+    fn open_for_write(&self, path: &Path, mode: Option<u32>) -> Res<(File, bool)> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            self.create_dir_all_owned(parent, DEFAULT_DIR_MODE)
+                .at(parent)?;
+        }
+        let new_mode = mode.unwrap_or(DEFAULT_FILE_MODE);
+        let fresh = |file: File| -> Res<(File, bool)> {
+            self.give_file(&file).at(path)?;
+            file.set_permissions(Permissions::from_mode(new_mode))
+                .at(path)?;
+            Ok((file, true))
+        };
+        for _ in 0..2 {
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(new_mode)
+                .open(path)
+            {
+                Ok(file) => return fresh(file),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Fail::io(path, e)),
+            }
+            match OpenOptions::new().write(true).truncate(true).open(path) {
+                Ok(file) => {
+                    if let Some(m) = mode {
+                        file.set_permissions(Permissions::from_mode(m)).at(path)?;
+                    }
+                    return Ok((file, false));
+                }
+                // Deleted in between, or a dangling symlink: go round again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Fail::io(path, e)),
+            }
+        }
+        // A dangling symlink: write through it, as a shell redirection would.
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(new_mode)
+            .open(path)
+            .at(path)?;
+        fresh(file)
+    }
+
+    fn ls(&self, r: LsRequest) -> Res<Response<Body>> {
+        let base = self.resolve(&r.path);
+        let meta = sfs::metadata(&base).at(&base)?;
+        if !meta.is_dir() {
+            let meta = sfs::symlink_metadata(&base).at(&base)?;
+            return Ok(reply::json(
+                StatusCode::OK,
+                &LsResponse {
+                    items: vec![self.file_info(&base, &meta)],
+                },
+            ));
+        }
+        let excludes = Excludes::new(&r.exclude)?;
+        let depth = if r.recursive { usize::MAX } else { 1 };
+        let items: Vec<FileInfo> = walk(&base, depth, &excludes)
+            .filter_map(|e| e.metadata().ok().map(|m| self.file_info(e.path(), &m)))
+            .take(MAX_ENTRIES)
+            .collect();
+        Ok(reply::json(StatusCode::OK, &LsResponse { items }))
+    }
+
+    fn stat(&self, r: StatRequest) -> Res<Response<Body>> {
+        let path = self.resolve(&r.path);
+        let meta = sfs::symlink_metadata(&path).at(&path)?;
+        Ok(reply::json(StatusCode::OK, &self.file_info(&path, &meta)))
+    }
+
+    fn exists(&self, r: ExistsRequest) -> Res<Response<Body>> {
+        let path = self.resolve(&r.path);
+        let exists = match sfs::symlink_metadata(&path) {
+            Ok(_) => true,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                false
+            }
+            Err(e) => return Err(Fail::io(&path, e)),
+        };
+        Ok(reply::json(StatusCode::OK, &ExistsResponse { exists }))
+    }
+
+    fn mkdir(&self, r: MkdirRequest) -> Res<Response<Body>> {
+        let path = self.resolve(&r.path);
+        let mode = r
+            .permissions
+            .as_deref()
+            .and_then(parse_mode)
+            .unwrap_or(DEFAULT_DIR_MODE);
+        if r.recursive {
+            self.create_dir_all_owned(&path, mode).at(&path)?;
+        } else {
+            DirBuilder::new().mode(mode).create(&path).at(&path)?;
+            self.give(&path).at(&path)?;
+            sfs::set_permissions(&path, Permissions::from_mode(mode)).at(&path)?;
+        }
+        Ok(reply::empty(StatusCode::NO_CONTENT))
+    }
+
+    fn delete(&self, r: DeleteRequest) -> Res<Response<Body>> {
+        let path = self.resolve(&r.path);
+        let meta = sfs::symlink_metadata(&path).at(&path)?;
+        if meta.is_dir() {
+            if sfs::canonicalize(&path).is_ok_and(|c| c == Path::new("/")) {
+                return Err(Fail::bad("refusing to delete /"));
+            }
+            if r.recursive {
+                sfs::remove_dir_all(&path).at(&path)?;
+            } else {
+                match sfs::remove_dir(&path) {
+                    Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {
+                        return Err(Fail::bad(format!(
+                            "{}: directory is not empty (set recursive to delete it)",
+                            path.display()
+                        )))
+                    }
+                    r => r.at(&path)?,
+                }
+            }
+        } else {
+            sfs::remove_file(&path).at(&path)?;
+        }
+        Ok(reply::empty(StatusCode::NO_CONTENT))
+    }
+
+    fn set_permissions(&self, r: SetPermissionsRequest) -> Res<Response<Body>> {
+        let path = self.resolve(&r.path);
+        let uid = match &r.owner {
+            Some(o) => Some(
+                self.names
+                    .uid_of(o)
+                    .ok_or_else(|| Fail::bad(format!("owner: unknown user {o:?}")))?,
+            ),
+            None => None,
+        };
+        let gid = match &r.group {
+            Some(g) => Some(
+                self.names
+                    .gid_of(g)
+                    .ok_or_else(|| Fail::bad(format!("group: unknown group {g:?}")))?,
+            ),
+            None => None,
+        };
+        sfs::metadata(&path).at(&path)?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::chown(&path, uid, gid).at(&path)?;
+        }
+        // After chown, which may clear set-id bits.
+        if let Some(mode) = r.mode.as_deref().and_then(parse_mode) {
+            sfs::set_permissions(&path, Permissions::from_mode(mode)).at(&path)?;
+        }
+        Ok(reply::empty(StatusCode::NO_CONTENT))
+    }
+
+    fn glob(&self, r: GlobRequest) -> Res<Response<Body>> {
+        let base = self.resolve(&r.path);
+        let items = glob_paths(&base, r.pattern.as_deref(), &r.exclude)?;
+        Ok(reply::json(StatusCode::OK, &GlobResponse { items }))
+    }
+
+    fn grep(&self, r: GrepRequest) -> Res<Response<Body>> {
+        let base = self.resolve(&r.path);
+        let items = grep_paths(
+            &base,
+            r.pattern.as_deref().unwrap_or(""),
+            r.include.as_deref(),
+            &r.exclude,
+        )?;
+        Ok(reply::json(StatusCode::OK, &GrepResponse { items }))
+    }
+
+    fn edit_file(&self, r: EditFileRequest) -> Res<Response<Body>> {
+        let path = self.resolve(&r.path);
+        let old = read_for_edit(&path)?;
+        let (new, replacements) = apply_edits(&old, &r.edits)
+            .map_err(|m| Fail::bad(format!("{}: {m}", path.display())))?;
+        if new != old {
+            write_in_place(&path, &new)?;
+        }
+        let diff = unified_diff(&lossy(&path), &old, &new);
+        Ok(reply::json(
+            StatusCode::OK,
+            &EditFileResponse { diff, replacements },
+        ))
+    }
+
+    fn edit_files(&self, r: EditFilesRequest) -> Res<Response<Body>> {
+        let edit = [FileEdit {
+            find: r.find,
+            replace: r.replace,
+        }];
+        let items = r
+            .files
+            .into_iter()
+            .map(|file| {
+                let path = self.resolve(&file);
+                let outcome = read_for_edit(&path).and_then(|old| {
+                    let (new, _) = apply_edits(&old, &edit).map_err(|_| {
+                        Fail::bad(format!(
+                            "{}: text not found: {:?}",
+                            path.display(),
+                            edit[0].find
+                        ))
+                    })?;
+                    if new != old {
+                        write_in_place(&path, &new)?;
+                    }
+                    Ok(())
+                });
+                match outcome {
+                    Ok(()) => EditResult {
+                        file,
+                        success: true,
+                        error: None,
+                    },
+                    Err(e) => EditResult {
+                        file,
+                        success: false,
+                        error: Some(e.message()),
+                    },
+                }
+            })
+            .collect();
+        Ok(reply::json(StatusCode::OK, &EditFilesResponse { items }))
+    }
+
+    /// Checks that replacing `dst` by `src` is possible and safe, and clears `dst` if it must go
+    /// first. Returns false when there is nothing to do (`src` and `dst` are the same entry).
+    fn clear_destination(
+        &self,
+        src: &Path,
+        src_meta: &Metadata,
+        dst: &Path,
+        overwrite: bool,
+        follow_src: bool,
+    ) -> Res<bool> {
+        // A copy reads through a symlinked source; a move moves the link itself.
+        let src_canon = if follow_src {
+            sfs::canonicalize(src).at(src)?
+        } else {
+            canonical_destination(src)
+        };
+        let dst_canon = canonical_destination(dst);
+        if src_meta.is_dir() && dst_canon.starts_with(&src_canon) && dst_canon != src_canon {
+            return Err(Fail::bad(format!(
+                "cannot put {} inside itself ({})",
+                src.display(),
+                dst.display()
+            )));
+        }
+        let dst_meta = match sfs::symlink_metadata(dst) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(Fail::io(dst, e)),
+        };
+        if !overwrite {
+            return Err(Fail::conflict(
+                dst,
+                "destination exists (set overwrite to replace it)",
+            ));
+        }
+        let same_entry = dst_meta.dev() == src_meta.dev() && dst_meta.ino() == src_meta.ino();
+        // Copying onto a symlink that leads back to the source would truncate the source.
+        let same_target = follow_src && sfs::canonicalize(dst).is_ok_and(|d| d == src_canon);
+        if same_entry || same_target {
+            return Ok(false);
+        }
+        if dst_meta.is_dir() && src_canon.starts_with(&dst_canon) {
+            return Err(Fail::bad(format!(
+                "cannot replace {} by something inside it ({})",
+                dst.display(),
+                src.display()
+            )));
+        }
+        if dst_meta.is_dir() {
+            sfs::remove_dir_all(dst).at(dst)?;
+        } else if src_meta.is_dir() {
+            sfs::remove_file(dst).at(dst)?;
+        }
+        Ok(true)
+    }
+
+    fn move_path(&self, r: MoveRequest) -> Res<Response<Body>> {
+        let src = self.resolve(&r.src_path);
+        let dst = self.resolve(&r.dst_path);
+        let src_meta = sfs::symlink_metadata(&src).at(&src)?;
+        if !self.clear_destination(&src, &src_meta, &dst, r.overwrite, false)? {
+            return Ok(reply::empty(StatusCode::NO_CONTENT));
+        }
+        match sfs::rename(&src, &dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                self.copy_entry(&src, &dst, &src_meta, Owner::Source)
+                    .at(&dst)?;
+                if src_meta.is_dir() {
+                    sfs::remove_dir_all(&src).at(&src)?;
+                } else {
+                    sfs::remove_file(&src).at(&src)?;
+                }
+            }
+            Err(e) => return Err(Fail::io(&dst, e)),
+        }
+        Ok(reply::empty(StatusCode::NO_CONTENT))
+    }
+
+    fn copy(&self, r: CopyRequest) -> Res<Response<Body>> {
+        let src = self.resolve(&r.src_path);
+        let dst = self.resolve(&r.dst_path);
+        // The source itself is followed if it is a symlink (like cp); links inside a copied
+        // tree are copied as links.
+        let src_meta = sfs::metadata(&src).at(&src)?;
+        if src_meta.is_dir() && !r.recursive {
+            return Err(Fail::bad(format!(
+                "{} is a directory (set recursive to copy it)",
+                src.display()
+            )));
+        }
+        if !src_meta.is_dir() && !src_meta.is_file() {
+            return Err(Fail::bad(format!(
+                "{}: not a regular file or directory",
+                src.display()
+            )));
+        }
+        if !self.clear_destination(&src, &src_meta, &dst, r.overwrite, true)? {
+            return Err(Fail::bad(format!(
+                "{} and {} are the same file",
+                src.display(),
+                dst.display()
+            )));
+        }
+        self.copy_entry(&src, &dst, &src_meta, Owner::User)
+            .at(&dst)?;
+        Ok(reply::empty(StatusCode::NO_CONTENT))
+    }
+
+    /// Copies one entry (recursively for directories), keeping permission bits. Sockets,
+    /// FIFOs and devices are skipped.
+    fn copy_entry(&self, src: &Path, dst: &Path, meta: &Metadata, owner: Owner) -> io::Result<()> {
+        let (uid, gid) = match owner {
+            Owner::User => (self.user.uid, self.user.gid),
+            Owner::Source => (meta.uid(), meta.gid()),
+        };
+        let ft = meta.file_type();
+        let mode = Permissions::from_mode(meta.mode() & 0o7777);
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(sfs::read_link(src)?, dst)?;
+            Self::chown_new(dst, uid, gid)?;
+        } else if ft.is_dir() {
+            DirBuilder::new().mode(0o700).create(dst)?;
+            Self::chown_new(dst, uid, gid)?;
+            for entry in sfs::read_dir(src)? {
+                let entry = entry?;
+                let m = entry.metadata()?;
+                self.copy_entry(&entry.path(), &dst.join(entry.file_name()), &m, owner)?;
+            }
+            sfs::set_permissions(dst, mode)?;
+        } else if ft.is_file() {
+            let existed = sfs::symlink_metadata(dst).is_ok();
+            sfs::copy(src, dst)?;
+            if !existed {
+                Self::chown_new(dst, uid, gid)?;
+            }
+            sfs::set_permissions(dst, mode)?;
+        } else {
+            tracing::debug!(path = %src.display(), "copy: skipping special file");
+        }
+        Ok(())
+    }
+
+    fn tree(&self, r: TreeRequest) -> Res<Response<Body>> {
+        let base = self.resolve(&r.path);
+        let items = tree_entries(&base, r.max_depth, &r.exclude)?;
+        Ok(reply::json(StatusCode::OK, &TreeResponse { items }))
+    }
+}
+
+/// Where `dst` would be with symlinks in its parent resolved (it need not exist).
+fn canonical_destination(dst: &Path) -> PathBuf {
+    match (dst.parent(), dst.file_name()) {
+        (Some(parent), Some(name)) => sfs::canonicalize(if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        })
+        .map(|p| p.join(name))
+        .unwrap_or_else(|_| dst.to_path_buf()),
+        _ => sfs::canonicalize(dst).unwrap_or_else(|_| dst.to_path_buf()),
+    }
+}
+
+/// `glob`: absolute paths under `base` matching `pattern` (default `*`), sorted.
+fn glob_paths(base: &Path, pattern: Option<&str>, exclude: &[String]) -> Res<Vec<String>> {
+    let meta = sfs::metadata(base).at(base)?;
+    if !meta.is_dir() {
+        return Err(Fail::io(base, not_a_directory()));
+    }
+    let pattern = pattern.filter(|p| !p.is_empty()).unwrap_or("*");
+    let glob = PathGlob::new("pattern", pattern)?;
+    let excludes = Excludes::new(exclude)?;
+    let mut items: Vec<String> = walk(base, usize::MAX, &excludes)
+        .filter(|e| glob.is_match(e.path(), e.path().strip_prefix(base).unwrap_or(e.path())))
+        .take(MAX_ENTRIES)
+        .map(|e| lossy(e.path()))
+        .collect();
+    items.sort();
+    Ok(items)
+}
+
+/// `grep`: lines matching `pattern` (a regex, or the literal text if it is not a valid one) in
+/// the regular text files under `base` (or in `base` itself if it is a file).
+fn grep_paths(
+    base: &Path,
+    pattern: &str,
+    include: Option<&str>,
+    exclude: &[String],
+) -> Res<Vec<SearchMatch>> {
+    let meta = sfs::metadata(base).at(base)?;
+    let regex = regex::bytes::Regex::new(pattern)
+        .or_else(|_| regex::bytes::Regex::new(&regex::escape(pattern)))
+        .map_err(|e| Fail::bad(format!("pattern: {e}")))?;
+    let include = include
+        .filter(|i| !i.is_empty())
+        .map(|i| PathGlob::new("include", i))
+        .transpose()?;
+    let excludes = Excludes::new(exclude)?;
+    let mut items = Vec::new();
+    if !meta.is_dir() {
+        grep_file(&regex, base, &mut items);
+        return Ok(items);
+    }
+    for entry in walk(base, usize::MAX, &excludes) {
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(base).unwrap_or(entry.path());
+        if include
+            .as_ref()
+            .is_some_and(|g| !g.is_match(entry.path(), rel))
+        {
+            continue;
+        }
+        if grep_file(&regex, entry.path(), &mut items) {
+            break;
+        }
+    }
+    Ok(items)
+}
+
+/// Adds `path`'s matching lines to `out`; returns true once `out` is full. Binary, empty
+/// (which includes procfs files) and over-large files are skipped.
+fn grep_file(regex: &regex::bytes::Regex, path: &Path, out: &mut Vec<SearchMatch>) -> bool {
+    let Ok(mut file) = File::open(path) else {
+        return false;
+    };
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if !meta.is_file() || meta.len() == 0 || meta.len() > MAX_GREP_FILE {
+        return false;
+    }
+    let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    if (&mut file)
+        .take(MAX_GREP_FILE)
+        .read_to_end(&mut data)
+        .is_err()
+    {
+        return false;
+    }
+    if data[..data.len().min(BINARY_PROBE)].contains(&0) {
+        return false;
+    }
+    let text = data.strip_suffix(b"\n").unwrap_or(&data);
+    let name = lossy(path);
+    for (i, line) in text.split(|b| *b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if regex.is_match(line) {
+            out.push(SearchMatch {
+                path: name.clone(),
+                line: i as u64 + 1,
+                content: cut_line(line),
+            });
+            if out.len() >= MAX_GREP_MATCHES {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+fn cut_line(line: &[u8]) -> String {
+    let mut s = String::from_utf8_lossy(line).into_owned();
+    if s.len() > MAX_GREP_LINE {
+        let mut end = MAX_GREP_LINE;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// `tree`: the entries under `base`, `max_depth` levels deep (absent or 0: as deep as allowed).
+fn tree_entries(base: &Path, max_depth: Option<u32>, exclude: &[String]) -> Res<Vec<TreeEntry>> {
+    let meta = sfs::metadata(base).at(base)?;
+    if !meta.is_dir() {
+        return Err(Fail::io(base, not_a_directory()));
+    }
+    let depth = max_depth
+        .filter(|d| *d > 0)
+        .unwrap_or(MAX_TREE_DEPTH)
+        .min(MAX_TREE_DEPTH);
+    let excludes = Excludes::new(exclude)?;
+    let mut budget = MAX_ENTRIES;
+    build_tree(base, Path::new(""), depth, &excludes, &mut budget).at(base)
+}
+
+fn build_tree(
+    dir: &Path,
+    rel: &Path,
+    depth: u32,
+    excludes: &Excludes,
+    budget: &mut usize,
+) -> io::Result<Vec<TreeEntry>> {
+    let mut entries: Vec<sfs::DirEntry> = sfs::read_dir(dir)?.filter_map(Result::ok).collect();
+    entries.sort_by_key(|e| e.file_name());
+    let mut out = Vec::new();
+    for entry in entries {
+        if *budget == 0 {
+            break;
+        }
+        let name = entry.file_name();
+        let rel = rel.join(&name);
+        if excludes.matches(&rel, &name) {
+            continue;
+        }
+        *budget -= 1;
+        // DirEntry::file_type does not follow symlinks: a link is a file here.
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let children = (is_dir && depth > 1).then(|| {
+            build_tree(&entry.path(), &rel, depth - 1, excludes, budget).unwrap_or_default()
+        });
+        out.push(TreeEntry {
+            name: name.to_string_lossy().into_owned(),
+            kind: if is_dir {
+                TreeEntryKind::Directory
+            } else {
+                TreeEntryKind::File
+            },
+            children,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn test_ctx(home: &Path) -> Ctx {
+        let m = sfs::metadata(home).expect("home");
+        Ctx {
+            user: SandboxUser {
+                name: "tester".into(),
+                uid: m.uid(),
+                gid: m.gid(),
+                home: home.to_path_buf(),
+            },
+            names: Names::default(),
+        }
+    }
+
+    fn write(path: &Path, data: &str) {
+        if let Some(p) = path.parent() {
+            sfs::create_dir_all(p).expect("mkdir");
+        }
+        sfs::write(path, data).expect("write");
+    }
+
+    fn status(r: Res<Response<Body>>) -> StatusCode {
+        match r {
+            Ok(r) => r.status(),
+            Err(f) => f.into_response().status(),
+        }
+    }
+
+    #[test]
+    fn query_decoding() {
+        assert_eq!(
+            percent_decode("a%20b+c%2Bd%zz%").as_deref(),
+            Some("a b c+d%zz%")
+        );
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(percent_decode("%FF"), None);
+        let q = parse_write_query("path=%2Ftmp%2Fa%20b.txt&permissions=0755&x=1").expect("query");
+        assert_eq!(q.path, "/tmp/a b.txt");
+        assert_eq!(q.permissions.as_deref(), Some("0755"));
+        let q = parse_write_query("permissions=&path=rel/f").expect("query");
+        assert_eq!((q.path.as_str(), q.permissions), ("rel/f", None));
+        assert!(parse_write_query("permissions=644").is_err());
+    }
+
+    fn head(data: &[u8], n: u64) -> Vec<u8> {
+        let end = head_end(&mut Cursor::new(data), n).expect("head");
+        data[..end as usize].to_vec()
+    }
+
+    fn tail(data: &[u8], n: u64) -> Vec<u8> {
+        let start = tail_start(&mut Cursor::new(data), data.len() as u64, n).expect("tail");
+        data[start as usize..].to_vec()
+    }
+
+    #[test]
+    fn head_and_tail_lines() {
+        let d = b"a\nb\nc\n";
+        assert_eq!(head(d, 0), b"");
+        assert_eq!(head(d, 2), b"a\nb\n");
+        assert_eq!(head(d, 9), d);
+        assert_eq!(tail(d, 0), b"");
+        assert_eq!(tail(d, 1), b"c\n");
+        assert_eq!(tail(d, 2), b"b\nc\n");
+        assert_eq!(tail(d, 9), d);
+        assert_eq!(tail(b"a\nb\nc", 1), b"c");
+        assert_eq!(tail(b"a\n\n", 1), b"\n");
+        assert_eq!(tail(b"abc", 3), b"abc");
+        assert_eq!(tail(b"", 3), b"");
+        assert_eq!(head(b"abc", 1), b"abc");
+        // Lines that straddle read chunks.
+        let mut big = Vec::new();
+        for i in 0..50_000 {
+            big.extend_from_slice(format!("line {i}\n").as_bytes());
+        }
+        assert_eq!(tail(&big, 2), b"line 49998\nline 49999\n");
+        assert_eq!(head(&big, 2), b"line 0\nline 1\n");
+        let h = head(&big, 30_000);
+        assert!(h.ends_with(b"line 29999\n"));
+        let t = tail(&big, 30_000);
+        assert!(t.starts_with(b"line 20000\n"));
+    }
+
+    #[test]
+    fn edits_and_diff() {
+        assert_eq!(find_all(b"aaaa", b"aa"), vec![0, 2]);
+        assert_eq!(find_all(b"ab", b"abc"), Vec::<usize>::new());
+        let edits = vec![
+            FileEdit {
+                find: "foo".into(),
+                replace: Some("bar".into()),
+            },
+            FileEdit {
+                find: "bar baz".into(),
+                replace: None,
+            },
+        ];
+        let (out, n) = apply_edits(b"foo baz\nfoo\nx foo\n", &edits).expect("edits");
+        assert_eq!(out, b"\nbar\nx bar\n");
+        assert_eq!(n, 4);
+        let err = apply_edits(
+            b"abc",
+            &[FileEdit {
+                find: "zzz".into(),
+                replace: None,
+            }],
+        )
+        .unwrap_err();
+        assert!(err.contains("zzz"), "{err}");
+        let diff = unified_diff("/f.txt", b"one\ntwo\n", b"one\n2\n");
+        assert!(diff.starts_with("--- /f.txt\n+++ /f.txt\n"), "{diff}");
+        assert!(diff.contains("-two\n") && diff.contains("+2\n"), "{diff}");
+    }
+
+    #[test]
+    fn edit_file_writes_and_keeps_mode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = test_ctx(dir.path());
+        let f = dir.path().join("a.txt");
+        write(&f, "hello world\nhello\n");
+        sfs::set_permissions(&f, Permissions::from_mode(0o751)).expect("chmod");
+        let edit = |find: &str| EditFileRequest {
+            path: "a.txt".into(),
+            edits: vec![FileEdit {
+                find: find.into(),
+                replace: Some("bye".into()),
+            }],
+        };
+        assert_eq!(status(ctx.edit_file(edit("nope"))), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            sfs::read_to_string(&f).expect("read"),
+            "hello world\nhello\n"
+        );
+        assert_eq!(status(ctx.edit_file(edit("hello"))), StatusCode::OK);
+        assert_eq!(sfs::read_to_string(&f).expect("read"), "bye world\nbye\n");
+        assert_eq!(sfs::metadata(&f).expect("meta").mode() & 0o777, 0o751);
+        assert_eq!(
+            status(ctx.edit_file(EditFileRequest {
+                path: "missing".into(),
+                ..edit("x")
+            })),
+            StatusCode::NOT_FOUND
+        );
+
+        let r = EditFilesRequest {
+            files: vec!["a.txt".into(), "missing".into()],
+            find: "bye".into(),
+            replace: Some("ciao".into()),
+        };
+        assert_eq!(status(ctx.edit_files(r)), StatusCode::OK);
+        assert_eq!(sfs::read_to_string(&f).expect("read"), "ciao world\nciao\n");
+    }
+
+    #[test]
+    fn glob_matching() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = dir.path();
+        write(&b.join("a.rs"), "");
+        write(&b.join("src/b.rs"), "");
+        write(&b.join("src/deep/c.rs"), "");
+        write(&b.join("src/d.txt"), "");
+        write(&b.join("node_modules/x.rs"), "");
+        let rel = |items: Vec<String>| -> Vec<String> {
+            items
+                .iter()
+                .map(|p| {
+                    p.strip_prefix(&format!("{}/", b.display()))
+                        .unwrap_or(p)
+                        .to_string()
+                })
+                .collect()
+        };
+        let ex = vec!["node_modules".to_string()];
+        let g = |p: Option<&str>, ex: &[String]| rel(glob_paths(b, p, ex).expect("glob"));
+        assert_eq!(g(Some("*.rs"), &ex), ["a.rs", "src/b.rs", "src/deep/c.rs"]);
+        assert_eq!(g(Some("src/*.rs"), &ex), ["src/b.rs"]);
+        assert_eq!(
+            g(Some("**/*.rs"), &ex),
+            ["a.rs", "src/b.rs", "src/deep/c.rs"]
+        );
+        assert_eq!(
+            g(Some("src/**"), &ex),
+            ["src/b.rs", "src/d.txt", "src/deep", "src/deep/c.rs"]
+        );
+        assert_eq!(g(Some("*.rs"), &[]).len(), 4);
+        assert_eq!(g(None, &["src".into(), "node_modules".into()]), ["a.rs"]);
+        assert_eq!(
+            g(Some("src/deep/*.rs"), &["src/deep".into()]),
+            Vec::<String>::new()
+        );
+        let abs = format!("{}/src/*.txt", b.display());
+        assert_eq!(g(Some(&abs), &[]), ["src/d.txt"]);
+        assert!(
+            matches!(glob_paths(&b.join("nope"), None, &[]), Err(Fail::Io(_, e)) if e.kind() == io::ErrorKind::NotFound)
+        );
+    }
+
+    #[test]
+    fn grep_search() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = dir.path();
+        write(
+            &b.join("a.go"),
+            "package main\nfunc main() {\n\tfmt.Println(\"hi\")\n}\n",
+        );
+        write(&b.join("b.txt"), "func(x\r\nnothing\n");
+        write(&b.join("skip/c.go"), "func main\n");
+        sfs::write(b.join("bin.go"), b"func\0main\n").expect("write");
+        let hits = grep_paths(b, "^func \\w+", Some("*.go"), &["skip".into()]).expect("grep");
+        assert_eq!(hits.len(), 1);
+        assert_eq!(
+            (hits[0].line, hits[0].content.as_str()),
+            (2, "func main() {")
+        );
+        assert!(hits[0].path.ends_with("/a.go"));
+        // Not a valid regex: searched for literally.
+        let hits = grep_paths(b, "func(", None, &[]).expect("grep");
+        let found: Vec<(String, u64, String)> = hits
+            .iter()
+            .map(|h| {
+                (
+                    Path::new(&h.path)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    h.line,
+                    h.content.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(found, [("b.txt".to_string(), 1, "func(x".to_string())]);
+        let hits = grep_paths(&b.join("skip/c.go"), "main", None, &[]).expect("grep");
+        assert_eq!(hits.len(), 1);
+        assert_eq!(cut_line("é".repeat(3000).as_bytes()).len(), MAX_GREP_LINE);
+    }
+
+    #[test]
+    fn tree_building() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = dir.path();
+        write(&b.join("a/b/c/d.txt"), "");
+        write(&b.join("a/x.txt"), "");
+        write(&b.join(".git/config"), "");
+        std::os::unix::fs::symlink(b.join("a"), b.join("link")).expect("symlink");
+        let t = tree_entries(b, None, &[".git".into()]).expect("tree");
+        let names: Vec<&str> = t.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a", "link"]);
+        assert_eq!(t[1].kind, TreeEntryKind::File);
+        assert!(t[1].children.is_none());
+        let a = &t[0];
+        assert_eq!(a.kind, TreeEntryKind::Directory);
+        let kids = a.children.as_ref().expect("children");
+        assert_eq!(
+            kids.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["b", "x.txt"]
+        );
+        let json = serde_json::to_value(&t[0]).expect("json");
+        assert_eq!(
+            json["children"][0]["children"][0]["children"][0]["name"],
+            "d.txt"
+        );
+        assert_eq!(json["type"], "directory");
+
+        let t = tree_entries(b, Some(1), &[]).expect("tree");
+        assert_eq!(t.len(), 3);
+        assert!(t.iter().all(|e| e.children.is_none()));
+        let t = tree_entries(b, Some(2), &["a/b".into()]).expect("tree");
+        let a = t.iter().find(|e| e.name == "a").expect("a");
+        let kids = a.children.as_ref().expect("children");
+        assert_eq!(
+            kids.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["x.txt"]
+        );
+        assert!(tree_entries(&b.join("a/x.txt"), None, &[]).is_err());
+    }
+
+    #[test]
+    fn directory_operations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = test_ctx(dir.path());
+        let b = dir.path();
+        let mkdir = |path: &str, recursive: bool, permissions: Option<&str>| {
+            status(ctx.mkdir(MkdirRequest {
+                path: path.into(),
+                recursive,
+                permissions: permissions.map(Into::into),
+            }))
+        };
+        assert_eq!(mkdir("x/y", false, None), StatusCode::NOT_FOUND);
+        assert_eq!(mkdir("x/y", true, Some("700")), StatusCode::NO_CONTENT);
+        assert_eq!(
+            sfs::metadata(b.join("x/y")).expect("y").mode() & 0o777,
+            0o700
+        );
+        assert_eq!(sfs::metadata(b.join("x")).expect("x").mode() & 0o777, 0o755);
+        assert_eq!(mkdir("x/y", true, None), StatusCode::NO_CONTENT);
+        assert_eq!(mkdir("x/y", false, None), StatusCode::CONFLICT);
+        write(&b.join("x/f"), "data");
+        assert_eq!(mkdir("x/f", true, None), StatusCode::CONFLICT);
+        assert_eq!(mkdir("x/f/g", true, None), StatusCode::BAD_REQUEST);
+
+        let (file, created) = ctx
+            .open_for_write(&b.join("new/dir/file"), Some(0o600))
+            .expect("open");
+        drop(file);
+        assert!(created);
+        assert_eq!(
+            sfs::metadata(b.join("new/dir/file")).expect("f").mode() & 0o777,
+            0o600
+        );
+        let (_, created) = ctx
+            .open_for_write(&b.join("new/dir/file"), None)
+            .expect("open");
+        assert!(!created);
+        assert_eq!(
+            sfs::metadata(b.join("new/dir/file")).expect("f").mode() & 0o777,
+            0o600
+        );
+
+        let del = |path: &str, recursive: bool| {
+            status(ctx.delete(DeleteRequest {
+                path: path.into(),
+                recursive,
+            }))
+        };
+        assert_eq!(del("x", false), StatusCode::BAD_REQUEST);
+        assert_eq!(del("x/f", false), StatusCode::NO_CONTENT);
+        assert_eq!(del("x/f", false), StatusCode::NOT_FOUND);
+        assert_eq!(del("x", true), StatusCode::NO_CONTENT);
+        assert!(!b.join("x").exists());
+
+        let exists = |path: &str| {
+            let r = ctx
+                .exists(ExistsRequest { path: path.into() })
+                .expect("exists");
+            r.status()
+        };
+        assert_eq!(exists("new/dir/file/sub"), StatusCode::OK);
+    }
+
+    #[test]
+    fn copy_and_move() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = test_ctx(dir.path());
+        let b = dir.path();
+        write(&b.join("src/a.txt"), "A");
+        write(&b.join("src/sub/b.txt"), "B");
+        sfs::set_permissions(b.join("src/a.txt"), Permissions::from_mode(0o741)).expect("chmod");
+        std::os::unix::fs::symlink("a.txt", b.join("src/link")).expect("symlink");
+        let copy = |src: &str, dst: &str, recursive: bool, overwrite: bool| {
+            status(ctx.copy(CopyRequest {
+                src_path: src.into(),
+                dst_path: dst.into(),
+                recursive,
+                overwrite,
+            }))
+        };
+        assert_eq!(copy("src", "dst", false, false), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            copy("src", "src/inner", true, false),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(copy("nope", "dst", true, false), StatusCode::NOT_FOUND);
+        assert_eq!(copy("src", "dst", true, false), StatusCode::NO_CONTENT);
+        assert_eq!(
+            sfs::read_to_string(b.join("dst/sub/b.txt")).expect("b"),
+            "B"
+        );
+        assert_eq!(
+            sfs::metadata(b.join("dst/a.txt")).expect("a").mode() & 0o777,
+            0o741
+        );
+        assert_eq!(
+            sfs::read_link(b.join("dst/link")).expect("link"),
+            Path::new("a.txt")
+        );
+        assert_eq!(copy("src", "dst", true, false), StatusCode::CONFLICT);
+        write(&b.join("dst/extra"), "");
+        assert_eq!(copy("src", "dst", true, true), StatusCode::NO_CONTENT);
+        assert!(!b.join("dst/extra").exists());
+        assert_eq!(
+            copy("src/a.txt", "src/a.txt", false, true),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            copy("src/a.txt", "one.txt", false, false),
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(sfs::read_to_string(b.join("one.txt")).expect("one"), "A");
+
+        let mv = |src: &str, dst: &str, overwrite: bool| {
+            status(ctx.move_path(MoveRequest {
+                src_path: src.into(),
+                dst_path: dst.into(),
+                overwrite,
+            }))
+        };
+        assert_eq!(mv("one.txt", "src/a.txt", false), StatusCode::CONFLICT);
+        assert_eq!(mv("one.txt", "two.txt", false), StatusCode::NO_CONTENT);
+        assert!(!b.join("one.txt").exists());
+        assert_eq!(mv("dst", "src", true), StatusCode::NO_CONTENT);
+        assert!(!b.join("dst").exists() && b.join("src/sub/b.txt").exists());
+        assert_eq!(mv("src", "src/sub/x", true), StatusCode::BAD_REQUEST);
+        assert_eq!(mv("src/sub", "src", true), StatusCode::BAD_REQUEST);
+        assert!(b.join("src/sub/b.txt").exists());
+        assert_eq!(mv("src", "src", true), StatusCode::NO_CONTENT);
+        assert_eq!(mv("missing", "x", true), StatusCode::NOT_FOUND);
+        std::os::unix::fs::symlink("nowhere", b.join("dangling")).expect("symlink");
+        assert_eq!(mv("dangling", "moved-link", false), StatusCode::NO_CONTENT);
+        assert!(sfs::symlink_metadata(b.join("moved-link")).is_ok());
+        std::os::unix::fs::symlink("two.txt", b.join("to-two")).expect("symlink");
+        assert_eq!(
+            copy("two.txt", "to-two", false, true),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(sfs::read_to_string(b.join("two.txt")).expect("two"), "A");
+    }
+
+    #[test]
+    fn stat_and_ls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = test_ctx(dir.path());
+        let b = dir.path();
+        write(&b.join("d/f.txt"), "12345");
+        sfs::set_permissions(b.join("d/f.txt"), Permissions::from_mode(0o640)).expect("chmod");
+        std::os::unix::fs::symlink("d", b.join("l")).expect("symlink");
+        let info = ctx.file_info(
+            &b.join("d/f.txt"),
+            &sfs::symlink_metadata(b.join("d/f.txt")).expect("meta"),
+        );
+        assert_eq!(
+            (
+                info.name.as_str(),
+                info.size,
+                info.mode.as_str(),
+                info.is_dir
+            ),
+            ("f.txt", 5, "640", false)
+        );
+        let info = ctx.file_info(
+            &b.join("l"),
+            &sfs::symlink_metadata(b.join("l")).expect("meta"),
+        );
+        assert!(info.is_symlink && !info.is_dir);
+        assert_eq!(info.link_target.as_deref(), Some("d"));
+        assert_eq!(
+            status(ctx.stat(StatRequest {
+                path: "nope".into()
+            })),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(ctx.ls(LsRequest {
+                path: "nope".into(),
+                recursive: false,
+                exclude: vec![]
+            })),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(ctx.ls(LsRequest {
+                path: ".".into(),
+                recursive: true,
+                exclude: vec![]
+            })),
+            StatusCode::OK
+        );
+    }
+
+    /// New entries go to the sandbox user, existing ones keep their owner (needs root).
+    #[test]
+    fn new_entries_belong_to_the_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = dir.path();
+        if sfs::metadata(b).expect("meta").uid() != 0 {
+            return; // only root can give files away
+        }
+        let mut ctx = test_ctx(b);
+        ctx.user.uid = 4321;
+        ctx.user.gid = 4322;
+        let owner = |p: &str| {
+            let m = sfs::symlink_metadata(b.join(p)).expect("meta");
+            (m.uid(), m.gid())
+        };
+        write(&b.join("old.txt"), "x");
+        let (file, _) = ctx.open_for_write(&b.join("old.txt"), None).expect("open");
+        drop(file);
+        assert_eq!(owner("old.txt"), (0, 0));
+        let (file, _) = ctx
+            .open_for_write(&b.join("p/q/new.txt"), None)
+            .expect("open");
+        drop(file);
+        for p in ["p", "p/q", "p/q/new.txt"] {
+            assert_eq!(owner(p), (4321, 4322), "{p}");
+        }
+        assert_eq!(
+            status(ctx.mkdir(MkdirRequest {
+                path: "m/n".into(),
+                recursive: true,
+                permissions: None
+            })),
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(owner("m"), (4321, 4322));
+        assert_eq!(owner("m/n"), (4321, 4322));
+        std::os::unix::fs::symlink("old.txt", b.join("p/ln")).expect("symlink");
+        let copy = CopyRequest {
+            src_path: "p".into(),
+            dst_path: "c".into(),
+            recursive: true,
+            overwrite: false,
+        };
+        assert_eq!(status(ctx.copy(copy)), StatusCode::NO_CONTENT);
+        for p in ["c", "c/q", "c/q/new.txt", "c/ln"] {
+            assert_eq!(owner(p), (4321, 4322), "{p}");
+        }
+        let set = SetPermissionsRequest {
+            path: "old.txt".into(),
+            mode: None,
+            owner: Some("77".into()),
+            group: Some("78".into()),
+        };
+        assert_eq!(status(ctx.set_permissions(set)), StatusCode::NO_CONTENT);
+        assert_eq!(owner("old.txt"), (77, 78));
+    }
+
+    // ---- end to end, through hyper
+
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    use std::sync::Arc;
+
+    struct Client {
+        sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    }
+
+    impl Client {
+        async fn start(fs: Fs) -> Client {
+            let fs = Arc::new(fs);
+            let (a, b) = tokio::io::duplex(1 << 20);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let fs = fs.clone();
+                    async move {
+                        let op = req.uri().path().trim_start_matches("/v1/fs/").to_string();
+                        Ok::<_, std::convert::Infallible>(fs.handle(&op, req).await)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(b), svc)
+                    .await;
+            });
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(a))
+                .await
+                .expect("handshake");
+            tokio::spawn(conn);
+            Client { sender }
+        }
+
+        async fn send(
+            &mut self,
+            uri: &str,
+            content_type: &str,
+            body: impl Into<Bytes>,
+        ) -> (StatusCode, Option<String>, Bytes) {
+            let req = Request::post(uri)
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Full::new(body.into()))
+                .expect("request");
+            let resp = self.sender.send_request(req).await.expect("send");
+            let status = resp.status();
+            let ct = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, ct, body)
+        }
+
+        async fn json(&mut self, op: &str, value: serde_json::Value) -> (StatusCode, Bytes) {
+            let (s, _, b) = self
+                .send(
+                    &format!("/v1/fs/{op}"),
+                    "application/json",
+                    value.to_string(),
+                )
+                .await;
+            (s, b)
+        }
+    }
+
+    #[tokio::test]
+    async fn end_to_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ctx = test_ctx(dir.path());
+        let b = dir.path().to_path_buf();
+        let mut c = Client::start(Fs {
+            user: ctx.user,
+            names: ctx.names,
+        })
+        .await;
+
+        let data: Vec<u8> = (0..5 * 1024 * 1024u32)
+            .map(|i| (i % 251) as u8 * u8::from(i % 7 != 0))
+            .collect();
+        let (s, _, _) = c
+            .send(
+                "/v1/fs/write-file?path=bin%2Fdata.bin&permissions=0755",
+                OCTET_STREAM,
+                data.clone(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        assert_eq!(
+            sfs::metadata(b.join("bin/data.bin")).expect("meta").mode() & 0o777,
+            0o755
+        );
+        let (s, body) = c
+            .json("read-file", serde_json::json!({"path": "bin/data.bin"}))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(body == data, "round trip differs");
+        let (s, body) = c
+            .json(
+                "read-file",
+                serde_json::json!({"path": "bin/data.bin", "offset": 10, "limit": 5}),
+            )
+            .await;
+        assert_eq!((s, &body[..]), (StatusCode::OK, &data[10..15]));
+
+        write(&b.join("t.txt"), "1\n2\n3\n4\n");
+        let (_, body) = c
+            .json("read-file", serde_json::json!({"path": "t.txt", "tail": 2}))
+            .await;
+        assert_eq!(&body[..], b"3\n4\n");
+        let (_, body) = c
+            .json("read-file", serde_json::json!({"path": "t.txt", "head": 1}))
+            .await;
+        assert_eq!(&body[..], b"1\n");
+        let (s, _) = c
+            .json(
+                "read-file",
+                serde_json::json!({"path": "t.txt", "head": 1, "tail": 1}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let (s, _) = c
+            .json("read-file", serde_json::json!({"path": "absent"}))
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+
+        // read-files: parse the multipart answer back.
+        let (s, ct, body) = c
+            .send(
+                "/v1/fs/read-files",
+                "application/json",
+                serde_json::json!({"paths": ["t.txt", "bin/data.bin"]}).to_string(),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        let boundary = multer::parse_boundary(ct.expect("content-type")).expect("boundary");
+        let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(body) });
+        let mut mp = multer::Multipart::new(stream, boundary);
+        let mut parts = Vec::new();
+        while let Some(f) = mp.next_field().await.expect("field") {
+            let name = f.name().map(str::to_owned);
+            let file_name = f.file_name().map(str::to_owned);
+            parts.push((name, file_name, f.bytes().await.expect("bytes")));
+        }
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].0.as_deref(), Some("t.txt"));
+        assert_eq!(&parts[0].2[..], b"1\n2\n3\n4\n");
+        assert_eq!(
+            (parts[1].0.as_deref(), parts[1].1.as_deref()),
+            (Some("bin/data.bin"), Some("data.bin"))
+        );
+        assert!(parts[1].2 == data);
+        let (s, body) = c
+            .json(
+                "read-files",
+                serde_json::json!({"paths": ["t.txt", "gone.txt"]}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(String::from_utf8_lossy(&body).contains("gone.txt"));
+
+        // write-files
+        let mp_body = "--XyZ\r\nContent-Disposition: form-data; name=\"m/one.txt\"; filename=\"one.txt\"\r\n\r\nfirst\r\n\
+                       --XyZ\r\nContent-Disposition: form-data; name=\"/tmp-not-used\"\r\n\r\n\r\n--XyZ--\r\n"
+            .replace("/tmp-not-used", &b.join("m/two").display().to_string());
+        let (s, _, _) = c
+            .send(
+                "/v1/fs/write-files",
+                "multipart/form-data; boundary=XyZ",
+                mp_body,
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        assert_eq!(
+            sfs::read_to_string(b.join("m/one.txt")).expect("one"),
+            "first"
+        );
+        assert_eq!(sfs::read(b.join("m/two")).expect("two"), b"");
+        let (s, _, _) = c.send("/v1/fs/write-files", "text/plain", "x").await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+
+        // JSON ops
+        let (s, body) = c.json("edit-file", serde_json::json!({"path": "t.txt", "edits": [{"find": "2\n", "replace": "two\n"}]})).await;
+        assert_eq!(s, StatusCode::OK);
+        let r: EditFileResponse = serde_json::from_slice(&body).expect("edit response");
+        assert_eq!(r.replacements, 1);
+        assert!(r.diff.contains("+two"));
+        let (s, body) = c.json("exists", serde_json::json!({"path": "t.txt"})).await;
+        assert_eq!((s, &body[..]), (StatusCode::OK, &b"{\"exists\":true}"[..]));
+        let (s, body) = c.json("ls", serde_json::json!({"path": "m"})).await;
+        assert_eq!(s, StatusCode::OK);
+        let ls: LsResponse = serde_json::from_slice(&body).expect("ls");
+        assert_eq!(
+            ls.items.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+            ["one.txt", "two"]
+        );
+        assert_eq!(ls.items[0].mode, "644");
+        let (s, _) = c
+            .json(
+                "set-permissions",
+                serde_json::json!({"path": "t.txt", "mode": "600"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        assert_eq!(
+            sfs::metadata(b.join("t.txt")).expect("meta").mode() & 0o777,
+            0o600
+        );
+        let (s, _) = c
+            .json(
+                "set-permissions",
+                serde_json::json!({"path": "t.txt", "owner": "no-such-user"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let (s, body) = c.json("ls", serde_json::json!({"nope": 1})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(String::from_utf8_lossy(&body).contains("message"));
+        let (s, _) = c.json("ls", serde_json::json!({"path": ""})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        let (s, _) = c.json("frobnicate", serde_json::json!({"path": "x"})).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, body) = c
+            .json("tree", serde_json::json!({"path": ".", "max_depth": 1}))
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(String::from_utf8_lossy(&body).contains("\"type\":\"directory\""));
+    }
+}

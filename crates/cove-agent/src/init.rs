@@ -1,0 +1,148 @@
+//! PID 1 duties: from the initramfs into the root disk, then the mounts a Linux userland expects.
+
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::sys;
+
+/// Written by the image builder into the initramfs: one module file name per line, in load order.
+const MODULE_LIST: &str = "/modules/load-order";
+const ROOT_DEVICE: &str = "/dev/vda";
+const NEW_ROOT: &str = "/newroot";
+
+pub fn early_boot() -> io::Result<()> {
+    if Path::new(MODULE_LIST).exists() {
+        switch_to_root_disk()?;
+    }
+    mount_userland()?;
+    // Commands find their tools; the agent's own children inherit nothing else from the kernel.
+    std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
+    let _ = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
+    Ok(())
+}
+
+fn switch_to_root_disk() -> io::Result<()> {
+    let _ = std::fs::create_dir_all("/dev");
+    mount_fs("devtmpfs", "/dev", "devtmpfs", 0, None)?;
+    load_modules()?;
+    wait_for(ROOT_DEVICE, Duration::from_secs(10))?;
+    std::fs::create_dir_all(NEW_ROOT)?;
+    sys::mount(ROOT_DEVICE, NEW_ROOT, "ext4", libc::MS_NOATIME, None)
+        .map_err(|e| io::Error::new(e.kind(), format!("mounting {ROOT_DEVICE}: {e}")))?;
+    std::fs::create_dir_all(format!("{NEW_ROOT}/dev"))?;
+    sys::mount("/dev", &format!("{NEW_ROOT}/dev"), "", libc::MS_MOVE, None)?;
+    std::env::set_current_dir(NEW_ROOT)?;
+    sys::mount(".", "/", "", libc::MS_MOVE, None)?;
+    sys::chroot(".")?;
+    std::env::set_current_dir("/")?;
+    Ok(())
+}
+
+fn load_modules() -> io::Result<()> {
+    let list = std::fs::read_to_string(MODULE_LIST)?;
+    for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = format!("/modules/{name}");
+        let file = std::fs::File::open(&path)?;
+        use std::os::fd::AsFd;
+        sys::finit_module(file.as_fd())
+            .map_err(|e| io::Error::new(e.kind(), format!("loading {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+fn wait_for(path: &str, limit: Duration) -> io::Result<()> {
+    let start = Instant::now();
+    while !Path::new(path).exists() {
+        if start.elapsed() > limit {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{path} did not appear"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn mount_userland() -> io::Result<()> {
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, None)?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("gid=5,mode=620,ptmxmode=666"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=755"),
+    )?;
+    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None)?;
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+        ("/dev/ptmx", "pts/ptmx"),
+    ] {
+        if !Path::new(link).exists() {
+            let _ = std::os::unix::fs::symlink(target, link);
+        }
+    }
+    Ok(())
+}
+
+/// Mounts unless something is mounted there already (devtmpfs moved in from the initramfs).
+fn mount_fs(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    match sys::mount(src, target, fstype, flags, data) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+        Err(e) => Err(io::Error::new(e.kind(), format!("mounting {target}: {e}"))),
+    }
+}
+
+/// Applies a new identity after boot or restore: hostname, clock, entropy.
+pub fn apply_identity(id: &cove_proto::Identity) -> io::Result<()> {
+    if !id.hostname.is_empty() {
+        sys::sethostname(&id.hostname)?;
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            id.hostname
+        );
+        std::fs::write("/etc/hosts", hosts)?;
+        std::fs::write("/etc/hostname", format!("{}\n", id.hostname))?;
+    }
+    if id.unix_time_ns > 0 {
+        sys::set_realtime(id.unix_time_ns)?;
+    }
+    if !id.entropy_hex.is_empty() {
+        let bytes: Vec<u8> = (0..id.entropy_hex.len() / 2)
+            .filter_map(|i| u8::from_str_radix(id.entropy_hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        sys::add_entropy(&bytes)?;
+    }
+    Ok(())
+}

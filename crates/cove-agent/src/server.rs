@@ -1,0 +1,157 @@
+//! Routing of the agent's HTTP/2 requests.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use cove_api::Validate;
+use cove_proto::routes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::fs::Fs;
+use crate::reaper::Reaper;
+use crate::reply::{self, Body};
+use crate::user::{Names, SandboxUser};
+
+/// Largest JSON request body the agent reads.
+const MAX_JSON_BODY: usize = 16 << 20;
+
+pub struct State {
+    reaper: Arc<Reaper>,
+    user: SandboxUser,
+    fs: Fs,
+    /// The sandbox's environment, set by the host with each identity.
+    env: RwLock<BTreeMap<String, String>>,
+    is_init: bool,
+    started: Instant,
+}
+
+impl State {
+    pub fn new(reaper: Arc<Reaper>, is_init: bool) -> Self {
+        let user = SandboxUser::load();
+        let fs = Fs {
+            user: user.clone(),
+            names: Names::load(),
+        };
+        State {
+            reaper,
+            user,
+            fs,
+            env: RwLock::new(BTreeMap::new()),
+            is_init,
+            started: Instant::now(),
+        }
+    }
+
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        detach: tokio::sync::mpsc::Sender<()>,
+    ) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, routes::HEALTH) => reply::json(
+                StatusCode::OK,
+                &cove_proto::AgentInfo {
+                    protocol: cove_proto::PROTOCOL_VERSION,
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    uptime_secs: self.started.elapsed().as_secs_f64(),
+                },
+            ),
+            (Method::POST, routes::IDENTITY) => self.identity(req).await,
+            (Method::POST, routes::DETACH) => {
+                let _ = detach.try_send(());
+                reply::empty(StatusCode::NO_CONTENT)
+            }
+            (Method::GET, routes::SYSTEM) => reply::json(
+                StatusCode::OK,
+                &cove_proto::SystemInfo {
+                    user_home_dir: self.user.home.display().to_string(),
+                    workdir: self.user.home.display().to_string(),
+                },
+            ),
+            (Method::POST, routes::EXEC) => self.exec(req).await,
+            (Method::POST, p) if p.starts_with(routes::FS_PREFIX) => {
+                let op = p[routes::FS_PREFIX.len()..].to_string();
+                self.fs.handle(&op, req).await
+            }
+            _ => reply::error(StatusCode::NOT_FOUND, format!("no route {path}")),
+        }
+    }
+
+    async fn identity(&self, req: Request<Incoming>) -> Response<Body> {
+        let id: cove_proto::Identity = match read_json(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        if self.is_init {
+            if let Err(e) = crate::init::apply_identity(&id) {
+                return reply::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("applying identity: {e}"),
+                );
+            }
+        }
+        *self.env.write().unwrap_or_else(|p| p.into_inner()) = id.env;
+        reply::empty(StatusCode::NO_CONTENT)
+    }
+
+    async fn exec(&self, req: Request<Incoming>) -> Response<Body> {
+        let body: cove_api::process::ExecuteRequest = match read_json(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        if let Err(errors) = body.validate() {
+            return invalid(&errors);
+        }
+        let env = self.env.read().unwrap_or_else(|p| p.into_inner()).clone();
+        // When the agent is not PID 1 (tests), it runs commands as itself.
+        let user = if self.is_init {
+            self.user.clone()
+        } else {
+            SandboxUser {
+                uid: 0,
+                gid: 0,
+                ..self.user.clone()
+            }
+        };
+        match crate::exec::run(&self.reaper, &user, &env, &body).await {
+            Ok(r) => reply::json(StatusCode::OK, &r),
+            Err(e @ crate::exec::ExecError::BadCwd(_)) => {
+                reply::error(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            Err(e) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+pub fn invalid(errors: &[cove_api::FieldError]) -> Response<Body> {
+    let msg = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.error))
+        .collect::<Vec<_>>()
+        .join("; ");
+    reply::error(StatusCode::BAD_REQUEST, msg)
+}
+
+/// Reads a JSON body of bounded size.
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let bytes = read_body(req.into_body(), MAX_JSON_BODY).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| reply::error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Response<Body>> {
+    let limited = http_body_util::Limited::new(body, max);
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) => Err(reply::error(
+            StatusCode::BAD_REQUEST,
+            format!("reading body: {e}"),
+        )),
+    }
+}

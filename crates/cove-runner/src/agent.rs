@@ -1,0 +1,201 @@
+//! The host end of the agent channel: handshake on the VM's virtio-serial socket, then an HTTP/2
+//! client whose requests multiplex over that one byte stream.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Body of requests sent to the agent.
+pub type AgentBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent unreachable: {0}")]
+    Connect(String),
+    #[error("agent speaks protocol {0}, this runner speaks {1}")]
+    Version(u32, u32),
+    #[error("agent request failed: {0}")]
+    Request(String),
+    /// The agent answered with an error status.
+    #[error("{message}")]
+    Status { status: StatusCode, message: String },
+}
+
+/// A connected agent. Cheap to clone; all clones share the one connection.
+#[derive(Clone)]
+pub struct AgentClient {
+    sender: SendRequest<AgentBody>,
+}
+
+impl AgentClient {
+    /// Connects and handshakes, retrying until `wait` runs out (the guest may still be booting).
+    pub async fn connect(socket: &Path, wait: Duration) -> Result<AgentClient, AgentError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut last;
+        loop {
+            let attempt_left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(
+                attempt_left.min(Duration::from_secs(2)),
+                Self::try_connect(socket),
+            )
+            .await
+            {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e @ AgentError::Version(..))) => return Err(e),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "handshake timed out".into(),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AgentError::Connect(last));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn try_connect(socket: &Path) -> Result<AgentClient, AgentError> {
+        let mut stream = UnixStream::connect(socket)
+            .await
+            .map_err(|e| AgentError::Connect(e.to_string()))?;
+        let nonce: u64 = rand::random();
+        stream
+            .write_all(cove_proto::hello_line(nonce).as_bytes())
+            .await
+            .map_err(|e| AgentError::Connect(e.to_string()))?;
+        let want = format!("{nonce:016x}");
+        let mut line = Vec::new();
+        loop {
+            let mut b = [0u8; 1];
+            let n = stream
+                .read(&mut b)
+                .await
+                .map_err(|e| AgentError::Connect(e.to_string()))?;
+            if n == 0 {
+                return Err(AgentError::Connect("closed during handshake".into()));
+            }
+            if b[0] != b'\n' {
+                if line.len() < cove_proto::MAX_HANDSHAKE_LINE {
+                    line.push(b[0]);
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&line).into_owned();
+            line.clear();
+            if let Some(start) = text.find(cove_proto::READY) {
+                if let Some((version, nonce)) =
+                    cove_proto::parse_handshake(&text[start..], cove_proto::READY)
+                {
+                    if version != cove_proto::PROTOCOL_VERSION {
+                        return Err(AgentError::Version(version, cove_proto::PROTOCOL_VERSION));
+                    }
+                    if nonce == want {
+                        break;
+                    }
+                }
+            } else if let Some(rest) = text.strip_prefix("COVE-ERROR ") {
+                return Err(AgentError::Connect(rest.to_string()));
+            }
+        }
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(16 << 20)
+            .max_frame_size(1 << 20)
+            .keep_alive_interval(None);
+        let (sender, conn) = builder
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| AgentError::Connect(format!("HTTP/2 handshake: {e}")))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(AgentClient { sender })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// Sends a request as is; the response body streams.
+    pub async fn send(
+        &self,
+        req: Request<AgentBody>,
+    ) -> Result<Response<hyper::body::Incoming>, AgentError> {
+        let mut sender = self.sender.clone();
+        sender
+            .ready()
+            .await
+            .map_err(|e| AgentError::Request(e.to_string()))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| AgentError::Request(e.to_string()))
+    }
+
+    /// JSON in, JSON out; error statuses become `AgentError::Status`.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Resp, AgentError> {
+        let bytes = self.call_raw(method, path, body).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| AgentError::Request(format!("bad answer from agent: {e}")))
+    }
+
+    /// Like `call`, for answers without a body.
+    pub async fn call_raw<Req: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Req>,
+    ) -> Result<Bytes, AgentError> {
+        let payload = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| AgentError::Request(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://agent{path}"))
+            .header("content-type", "application/json")
+            .body(full(payload))
+            .map_err(|e| AgentError::Request(e.to_string()))?;
+        let resp = self.send(req).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| AgentError::Request(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(AgentError::Status {
+                status,
+                message: error_message(&bytes),
+            });
+        }
+        Ok(bytes)
+    }
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> AgentBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The `message` of an agent error body, or the body itself.
+pub fn error_message(bytes: &[u8]) -> String {
+    serde_json::from_slice::<cove_proto::AgentError>(bytes)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned())
+}

@@ -1,0 +1,70 @@
+//! The guest images `cove setup` leaves in the cache directory.
+
+use std::path::{Path, PathBuf};
+
+use crate::RunnerError;
+
+pub const SYSTEM_TEMPLATE: &str = "system/debian:bookworm";
+
+/// Kernel command line of every guest.
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 panic=-1 loglevel=4 rdinit=/init 8250.nr_uarts=1 i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable random.trust_cpu=on";
+
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+impl Images {
+    pub fn paths(cache_dir: &Path) -> Images {
+        Images {
+            kernel: cache_dir.join("kernel/vmlinuz"),
+            initrd: cache_dir.join("initramfs/initramfs.cpio"),
+            rootfs: cache_dir.join("rootfs/rootfs.qcow2"),
+        }
+    }
+
+    pub fn locate(cache_dir: &Path) -> Result<Images, RunnerError> {
+        let images = Images::paths(cache_dir);
+        for p in [&images.kernel, &images.initrd, &images.rootfs] {
+            if !p.exists() {
+                return Err(RunnerError::ImagesMissing(p.display().to_string()));
+            }
+        }
+        Ok(images)
+    }
+
+    /// A fingerprint of the inputs: template snapshots made from other inputs are stale.
+    pub fn fingerprint(&self) -> String {
+        [&self.kernel, &self.initrd, &self.rootfs]
+            .iter()
+            .map(|p| {
+                let m = std::fs::metadata(p).ok();
+                let mtime = m
+                    .as_ref()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                format!("{}:{}:{}", p.display(), m.map_or(0, |m| m.len()), mtime)
+            })
+            .collect::<Vec<_>>()
+            .join("|")
+    }
+
+    /// Virtual size of the root disk, read from its qcow2 header.
+    pub fn rootfs_size_mib(&self) -> u64 {
+        use std::io::Read;
+        let mut header = [0u8; 32];
+        let ok = std::fs::File::open(&self.rootfs)
+            .and_then(|mut f| f.read_exact(&mut header))
+            .is_ok();
+        if !ok || &header[..4] != b"QFI\xfb" {
+            return 0;
+        }
+        let mut size = [0u8; 8];
+        size.copy_from_slice(&header[24..32]);
+        u64::from_be_bytes(size) >> 20
+    }
+}

@@ -1,0 +1,233 @@
+//! Template snapshots: a template's guest booted once per VM shape (vCPUs × memory) and saved,
+//! so that creating a sandbox is a restore, not a boot.
+//!
+//! On disk, per shape: `disk.qcow2` (the template's frozen writable layer, read-only after the
+//! save), `overlay.qcow2` (an empty overlay over it, copied for each new sandbox), `state.bin`
+//! (device state) and `meta.json`; the RAM lives on tmpfs as `<shm>/tmpl-<key>.mem`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cove_vmm::{Boot, VmSpec, Vmm};
+use hyper::Method;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::AgentClient;
+use crate::images::{Images, KERNEL_CMDLINE, SYSTEM_TEMPLATE};
+use crate::{RunnerConfig, RunnerError, AGENT_WAIT_BOOT};
+
+/// A usable template snapshot.
+#[derive(Debug, Clone)]
+pub struct TemplateSnapshot {
+    pub key: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub dir: PathBuf,
+    pub memory_file: PathBuf,
+}
+
+impl TemplateSnapshot {
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state.bin")
+    }
+    pub fn overlay(&self) -> PathBuf {
+        self.dir.join("overlay.qcow2")
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Meta {
+    fingerprint: String,
+    vcpus: u32,
+    memory_mib: u64,
+}
+
+pub struct Templates {
+    cfg: RunnerConfig,
+    images: Images,
+    /// One lock per shape, so a shape is built once however many creates wait for it.
+    building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Templates {
+    pub fn new(cfg: &RunnerConfig, images: &Images) -> Self {
+        Templates {
+            cfg: cfg.clone(),
+            images: images.clone(),
+            building: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn snapshot(&self, template: &str, vcpus: u32, memory_mib: u64) -> TemplateSnapshot {
+        let slug: String = template
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let key = format!("{slug}-{vcpus}c-{memory_mib}m");
+        TemplateSnapshot {
+            dir: self.cfg.cache_dir.join("templates").join(&key),
+            memory_file: self.cfg.shm_dir.join(format!("tmpl-{key}.mem")),
+            key,
+            vcpus,
+            memory_mib,
+        }
+    }
+
+    fn is_ready(&self, s: &TemplateSnapshot) -> bool {
+        let want = Meta {
+            fingerprint: self.images.fingerprint(),
+            vcpus: s.vcpus,
+            memory_mib: s.memory_mib,
+        };
+        let meta: Option<Meta> = std::fs::read(s.dir.join("meta.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        meta.as_ref() == Some(&want)
+            && s.memory_file.exists()
+            && s.state_file().exists()
+            && s.overlay().exists()
+    }
+
+    /// Returns the snapshot of this shape, booting and saving it first if needed.
+    pub async fn get(
+        &self,
+        vmm: &dyn Vmm,
+        template: &str,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<TemplateSnapshot, RunnerError> {
+        if template != SYSTEM_TEMPLATE {
+            return Err(RunnerError::UnknownTemplate(template.to_string()));
+        }
+        let snap = self.snapshot(template, vcpus, memory_mib);
+        if self.is_ready(&snap) {
+            return Ok(snap);
+        }
+        let lock = {
+            let mut b = self.building.lock().unwrap_or_else(|p| p.into_inner());
+            b.entry(snap.key.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        // Other cove processes on this host share the cache: take the shape's file lock too.
+        let lock_path = self
+            .cfg
+            .cache_dir
+            .join("templates")
+            .join(format!("{}.lock", snap.key));
+        let lock_file = std::fs::File::create(&lock_path)
+            .map_err(|e| RunnerError::io("creating template lock", e))?;
+        let lock_file = tokio::task::spawn_blocking(move || lock_file.lock().map(|_| lock_file))
+            .await
+            .map_err(|e| RunnerError::io("locking template", std::io::Error::other(e)))?
+            .map_err(|e| RunnerError::io("locking template", e))?;
+        if self.is_ready(&snap) {
+            return Ok(snap);
+        }
+        tracing::info!(
+            template,
+            vcpus,
+            memory_mib,
+            "building template snapshot (cold boot)"
+        );
+        let started = std::time::Instant::now();
+        self.build(vmm, &snap).await?;
+        tracing::info!(
+            template,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "template snapshot ready"
+        );
+        drop(lock_file);
+        Ok(snap)
+    }
+
+    async fn build(&self, vmm: &dyn Vmm, snap: &TemplateSnapshot) -> Result<(), RunnerError> {
+        let io = |what: &str, e| RunnerError::io(format!("{what} for template {}", snap.key), e);
+        let _ = std::fs::remove_dir_all(&snap.dir);
+        let _ = std::fs::remove_file(&snap.memory_file);
+        std::fs::create_dir_all(&snap.dir).map_err(|e| io("creating dir", e))?;
+        let disk = snap.dir.join("disk.qcow2");
+        qemu_img_overlay(&self.images.rootfs, &disk).await?;
+        let spec = VmSpec {
+            name: format!("tmpl-{}", snap.key),
+            vcpus: snap.vcpus,
+            memory_mib: snap.memory_mib,
+            kernel: self.images.kernel.clone(),
+            initrd: self.images.initrd.clone(),
+            cmdline: KERNEL_CMDLINE.to_string(),
+            disk: disk.clone(),
+            memory_file: snap.memory_file.clone(),
+            run_dir: snap.dir.join("run"),
+            overhead_mib: self.cfg.overhead_mib,
+        };
+        let vm = vmm.start(&spec, &Boot::Fresh).await?;
+        let result = async {
+            let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
+            let _: cove_proto::AgentInfo = agent
+                .call::<(), _>(Method::GET, cove_proto::routes::HEALTH, None)
+                .await?;
+            // Page in the shell and the exec path once, so every clone starts warm.
+            let warm = cove_api::process::ExecuteRequest {
+                command: "true".into(),
+                cwd: None,
+                envs: None,
+                timeout: Some(30),
+            };
+            let _: cove_api::process::ExecuteResponse = agent
+                .call(Method::POST, cove_proto::routes::EXEC, Some(&warm))
+                .await?;
+            // The agent drops this connection and waits for the next greeting, which is where
+            // every clone wakes up.
+            agent
+                .call_raw::<()>(Method::POST, cove_proto::routes::DETACH, None)
+                .await?;
+            for _ in 0..200 {
+                if agent.is_closed() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            vmm.save(&vm, &snap.state_file()).await?;
+            Ok::<(), RunnerError>(())
+        }
+        .await;
+        vmm.destroy(&vm).await?;
+        result?;
+        let _ = std::fs::remove_dir_all(snap.dir.join("run"));
+        // The frozen layer is shared by every clone: nothing may write it again.
+        let mut perms = std::fs::metadata(&disk)
+            .map_err(|e| io("stat disk", e))?
+            .permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&disk, perms).map_err(|e| io("freezing disk", e))?;
+        qemu_img_overlay(&disk, &snap.overlay()).await?;
+        let meta = Meta {
+            fingerprint: self.images.fingerprint(),
+            vcpus: snap.vcpus,
+            memory_mib: snap.memory_mib,
+        };
+        let bytes =
+            serde_json::to_vec(&meta).map_err(|e| io("encoding meta", std::io::Error::other(e)))?;
+        std::fs::write(snap.dir.join("meta.json"), bytes).map_err(|e| io("writing meta", e))?;
+        Ok(())
+    }
+}
+
+/// Creates an empty qcow2 overlay over `backing`.
+pub async fn qemu_img_overlay(backing: &Path, path: &Path) -> Result<(), RunnerError> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| RunnerError::io("running qemu-img", e))?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(RunnerError::io(
+            "qemu-img create",
+            std::io::Error::other(msg),
+        ));
+    }
+    Ok(())
+}

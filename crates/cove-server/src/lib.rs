@@ -1,0 +1,156 @@
+//! Cove's control plane: the Leap0-compatible HTTP API over the metadata store and the runner.
+//!
+//! Handlers (`sandbox`, `process`, `filesystem`) only parse and validate; each calls one
+//! action of [`core::Core`]. Errors become HTTP answers in one place, [`error::ApiError`].
+
+pub mod core;
+pub mod error;
+pub mod extract;
+mod filesystem;
+mod keys;
+mod openapi;
+mod process;
+mod sandbox;
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use cove_api::ErrorResponse;
+
+pub use crate::core::{Core, CoreConfig};
+pub use openapi::openapi_json;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub core: Arc<Core>,
+}
+
+/// Routes that belong to later parts of the contract; they answer 501 until built.
+const NOT_YET: &[&str] = &[
+    "/v1/sandbox/{sandboxID}/pause",
+    "/v1/sandbox/{sandboxID}/resume",
+    "/v1/sandbox/{sandboxID}/stop",
+    "/v1/sandbox/{sandboxID}/start",
+    "/v1/sandbox/{sandboxID}/mounts",
+    "/v1/sandbox/{sandboxID}/mounts/{mountID}",
+    "/v1/sandbox/{sandboxID}/presigned-url",
+    "/v1/sandbox/{sandboxID}/presigned-url/{id}",
+    "/v1/sandbox/{sandboxID}/network-policy",
+    "/v1/sandbox/{sandboxID}/snapshot/create",
+    "/v1/snapshot/restore",
+    "/v1/snapshot/{snapshotID}",
+    "/v1/snapshots",
+    "/v1/template",
+    "/v1/template/{templateID}",
+    "/v1/templates",
+    "/v1/sandbox/{sandboxID}/git/{*op}",
+    "/v1/sandbox/{sandboxID}/pty",
+    "/v1/sandbox/{sandboxID}/pty/{*rest}",
+    "/v1/sandbox/{sandboxID}/lsp/{*op}",
+    "/v1/sandbox/{sandboxID}/ssh/{*rest}",
+];
+
+pub fn router(core: Arc<Core>) -> Router {
+    let fs = |op: &str| format!("/v1/sandbox/{{sandboxID}}/filesystem/{op}");
+    let mut r = Router::new()
+        .route("/v1/sandbox", post(sandbox::create))
+        .route("/v1/sandbox/", post(sandbox::create))
+        .route(
+            "/v1/sandbox/{sandboxID}",
+            get(sandbox::get).delete(sandbox::delete),
+        )
+        .route(
+            "/v1/sandbox/{sandboxID}/",
+            get(sandbox::get).delete(sandbox::delete),
+        )
+        .route("/v1/sandboxes", get(sandbox::list))
+        .route(
+            "/v1/sandbox/{sandboxID}/system/user-home-dir",
+            get(sandbox::user_home_dir),
+        )
+        .route(
+            "/v1/sandbox/{sandboxID}/system/workdir",
+            get(sandbox::workdir),
+        )
+        .route(
+            "/v1/sandbox/{sandboxID}/process/execute",
+            post(process::execute),
+        )
+        .route(&fs("ls"), post(filesystem::ls))
+        .route(&fs("stat"), post(filesystem::stat))
+        .route(&fs("mkdir"), post(filesystem::mkdir))
+        .route(&fs("write-file"), post(filesystem::write_file))
+        .route(&fs("write-files"), post(filesystem::write_files))
+        .route(&fs("read-file"), post(filesystem::read_file))
+        .route(&fs("read-files"), post(filesystem::read_files))
+        .route(&fs("delete"), post(filesystem::delete))
+        .route(&fs("set-permissions"), post(filesystem::set_permissions))
+        .route(&fs("glob"), post(filesystem::glob))
+        .route(&fs("grep"), post(filesystem::grep))
+        .route(&fs("edit-file"), post(filesystem::edit_file))
+        .route(&fs("edit-files"), post(filesystem::edit_files))
+        .route(&fs("move"), post(filesystem::move_path))
+        .route(&fs("copy"), post(filesystem::copy))
+        .route(&fs("exists"), post(filesystem::exists))
+        .route(&fs("tree"), post(filesystem::tree))
+        .route("/v1/keys", get(keys::list).post(keys::create))
+        .route("/v1/keys/{keyID}", axum::routing::delete(keys::delete))
+        .route(
+            "/openapi.json",
+            get(|| async { ([("content-type", "application/json")], openapi_json()) }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    for path in NOT_YET {
+        r = r.route(path, any(not_implemented));
+    }
+    r.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(AppState { core })
+}
+
+async fn not_implemented(_org: extract::OrgId, req: Request) -> impl IntoResponse {
+    let message = format!(
+        "{} {} is not implemented in this version of Cove",
+        req.method(),
+        req.uri().path()
+    );
+    (StatusCode::NOT_IMPLEMENTED, Json(ErrorResponse { message }))
+}
+
+async fn not_found(req: Request) -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ErrorResponse {
+            message: format!("no route for {} {}", req.method(), req.uri().path()),
+        }),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> impl IntoResponse {
+    let message = format!(
+        "method {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    );
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ErrorResponse { message }),
+    )
+}
+
+/// Runs background duties: sandbox timeouts.
+pub fn spawn_background(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => core.expire().await,
+            }
+        }
+    });
+}

@@ -1,0 +1,52 @@
+//! The OpenAPI document, generated from the handlers' annotations. `docs/openapi.json` is this
+//! output, committed; a test fails when they differ.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::{filesystem, keys, process, sandbox};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Cove API", description = "Self-hostable microVM sandboxes; wire-compatible with Leap0's public API."),
+    paths(
+        sandbox::create, sandbox::get, sandbox::delete, sandbox::list, sandbox::user_home_dir, sandbox::workdir,
+        process::execute,
+        filesystem::ls, filesystem::stat, filesystem::mkdir, filesystem::write_file, filesystem::write_files,
+        filesystem::read_file, filesystem::read_files, filesystem::delete, filesystem::set_permissions,
+        filesystem::glob, filesystem::grep, filesystem::edit_file, filesystem::edit_files,
+        filesystem::move_path, filesystem::copy, filesystem::exists, filesystem::tree,
+        keys::create, keys::list, keys::delete,
+    ),
+    modifiers(&BearerAuth),
+    security(("BearerAuth" = [])),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "BearerAuth",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("API key as a Bearer token in `authorization`, or in `leap0-authorization`."))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document as pretty JSON with a trailing newline.
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let mut s = doc
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}

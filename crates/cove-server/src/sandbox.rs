@@ -1,0 +1,140 @@
+//! Sandbox lifecycle endpoints.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use cove_api::sandbox::{
+    ListSandboxesQuery, ListSandboxesResponse, SandboxCreateRequest, SandboxListItem,
+    SandboxResponse, SandboxUserHomeDirResponse, SandboxWorkdirResponse,
+};
+use cove_api::{ErrorResponse, ValidationErrorResponse};
+use hyper::Method;
+
+use crate::core::response;
+use crate::error::ApiError;
+use crate::extract::{OrgId, ValidJson};
+use crate::AppState;
+
+#[utoipa::path(post, path = "/v1/sandbox", tag = "Sandbox", request_body = SandboxCreateRequest,
+    description = "Create a sandbox from a template. Returns once the VM runs.",
+    responses(
+        (status = 201, description = "Created and running", body = SandboxResponse),
+        (status = 400, description = "Invalid request", body = ValidationErrorResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 409, description = "Sandbox limit reached", body = ErrorResponse),
+        (status = 501, description = "A requested feature is not implemented yet", body = ErrorResponse),
+        (status = 503, description = "The VM could not be started", body = ErrorResponse)))]
+pub async fn create(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    ValidJson(req): ValidJson<SandboxCreateRequest>,
+) -> Result<(StatusCode, Json<SandboxResponse>), ApiError> {
+    let rec = s.core.create_sandbox(&org, req).await?;
+    Ok((StatusCode::CREATED, Json(response(&rec))))
+}
+
+#[utoipa::path(get, path = "/v1/sandbox/{sandboxID}", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "The sandbox", body = SandboxResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox in this organization", body = ErrorResponse)))]
+pub async fn get(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxResponse>, ApiError> {
+    Ok(Json(response(&s.core.get(&org, &id)?)))
+}
+
+#[utoipa::path(delete, path = "/v1/sandbox/{sandboxID}", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 204, description = "Deleted: VM, disk and memory are gone"),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox in this organization", body = ErrorResponse),
+        (status = 409, description = "The sandbox is in a transition", body = ErrorResponse)))]
+pub async fn delete(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    s.core.delete(&org, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "Sandbox", params(ListSandboxesQuery),
+    responses(
+        (status = 200, description = "A page of sandboxes", body = ListSandboxesResponse),
+        (status = 400, description = "Invalid query", body = ValidationErrorResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse)))]
+pub async fn list(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    query: Result<Query<ListSandboxesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ListSandboxesResponse>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::field("query", e.body_text()))?;
+    let q = query.parse().map_err(ApiError::Invalid)?;
+    let (rows, total) = s.core.list(&org, &q)?;
+    let items = rows
+        .iter()
+        .map(|r| SandboxListItem {
+            id: r.id.clone(),
+            template_id: r.template.clone(),
+            pod_id: r.runner_id.clone(),
+            state: r.state,
+            launch_time: r.launch_time,
+            state_change_time: Some(r.state_changed_at),
+            timeout_at: r.timeout_at,
+            created_at: r.created_at,
+        })
+        .collect();
+    Ok(Json(ListSandboxesResponse {
+        items,
+        total_items: total,
+    }))
+}
+
+async fn system_info(
+    s: &AppState,
+    org: &str,
+    id: &str,
+) -> Result<cove_proto::SystemInfo, ApiError> {
+    let agent = s.core.agent(org, id).await?;
+    Ok(agent
+        .call::<(), _>(Method::GET, cove_proto::routes::SYSTEM, None)
+        .await
+        .map_err(cove_runner::RunnerError::from)?)
+}
+
+#[utoipa::path(get, path = "/v1/sandbox/{sandboxID}/system/user-home-dir", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Home directory of the sandbox user", body = SandboxUserHomeDirResponse),
+        (status = 404, description = "No such sandbox", body = ErrorResponse)))]
+pub async fn user_home_dir(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxUserHomeDirResponse>, ApiError> {
+    let info = system_info(&s, &org, &id).await?;
+    Ok(Json(SandboxUserHomeDirResponse {
+        user_home_dir: info.user_home_dir,
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/sandbox/{sandboxID}/system/workdir", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    responses(
+        (status = 200, description = "Working directory commands start in", body = SandboxWorkdirResponse),
+        (status = 404, description = "No such sandbox", body = ErrorResponse)))]
+pub async fn workdir(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxWorkdirResponse>, ApiError> {
+    let info = system_info(&s, &org, &id).await?;
+    Ok(Json(SandboxWorkdirResponse {
+        workdir: info.workdir,
+    }))
+}

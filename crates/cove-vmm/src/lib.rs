@@ -1,0 +1,130 @@
+//! VM backends. One trait, [`Vmm`], with QEMU as the implementation; a VM is a process that
+//! outlives the runner that started it, found again by its run directory.
+
+pub mod cgroup;
+pub mod qemu;
+mod qmp;
+#[allow(unsafe_code)]
+mod sys;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+pub use cgroup::Cgroup;
+pub use qemu::QemuVmm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("starting QEMU: {0}")]
+    Spawn(String),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+}
+
+impl VmmError {
+    pub fn io(what: impl Into<String>, e: std::io::Error) -> Self {
+        VmmError::Io(what.into(), e)
+    }
+}
+
+/// How guest instructions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when the CPU shows hardware virtualisation (vmx/svm), TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// Resolves `Auto` by looking at the host CPU. Nested PVM hosts expose /dev/kvm without
+    /// vmx/svm; unmodified guests crawl there, so they get TCG.
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto => {
+                let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+                let hw = cpuinfo
+                    .lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+                if hw && Path::new("/dev/kvm").exists() {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }
+            other => other,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Accel> {
+        match s {
+            "auto" => Some(Accel::Auto),
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+}
+
+/// Everything needed to run one VM. The same spec must be used to save and restore a state.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Unique name (the sandbox id); also names the cgroup.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// Writable qcow2 disk.
+    pub disk: PathBuf,
+    /// Guest RAM file (on tmpfs), shared with QEMU so that saving skips it.
+    pub memory_file: PathBuf,
+    /// Sockets, logs and the pid file live here.
+    pub run_dir: PathBuf,
+    /// Extra host memory allowed beyond guest RAM for QEMU itself.
+    pub overhead_mib: u64,
+}
+
+impl VmSpec {
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+}
+
+/// How a VM begins.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// Cold boot of kernel and initrd.
+    Fresh,
+    /// Resume a state saved by [`Vmm::save`]; `memory_file` already holds that state's RAM.
+    Restore { state_file: PathBuf },
+}
+
+/// A running (or stopped) VM process.
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    pub pid: u32,
+    pub run_dir: PathBuf,
+    pub name: String,
+}
+
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    /// Starts a VM; returns once its vCPUs run.
+    async fn start(&self, spec: &VmSpec, boot: &Boot) -> Result<VmHandle, VmmError>;
+    /// Stops the vCPUs and writes the device state (not RAM) to `state_file`. The VM stays
+    /// stopped; the caller destroys it or resumes it.
+    async fn save(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;
+    /// Resumes vCPUs stopped by `save`.
+    async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError>;
+    /// Ends the VM process and waits until it is gone.
+    async fn destroy(&self, vm: &VmHandle) -> Result<(), VmmError>;
+    /// Finds a VM started earlier (by this or a previous runner process) from its run dir.
+    fn find(&self, name: &str, run_dir: &Path) -> Option<VmHandle>;
+}

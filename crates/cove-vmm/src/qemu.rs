@@ -1,0 +1,319 @@
+//! QEMU as the VM backend, driven over QMP.
+//!
+//! Guest RAM is a `memory-backend-file` with `share=on` on tmpfs; saving a VM with the
+//! `x-ignore-shared` migration capability writes only device state (about a megabyte), since
+//! the RAM already sits in that file. Restoring starts QEMU with `-incoming defer` on a copy
+//! of the file. Device state travels over a Unix socket that the runner serves, which keeps
+//! QEMU's `-sandbox` able to deny spawning processes.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::qmp::Qmp;
+use crate::{sys, Accel, Boot, Cgroup, VmHandle, VmSpec, Vmm, VmmError};
+
+const QMP_WAIT: Duration = Duration::from_secs(10);
+const MIGRATION_WAIT: Duration = Duration::from_secs(300);
+
+pub struct QemuVmm {
+    pub binary: PathBuf,
+    pub accel: Accel,
+}
+
+impl QemuVmm {
+    pub fn new(accel: Accel) -> Self {
+        QemuVmm {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: accel.resolve(),
+        }
+    }
+
+    fn args(&self, spec: &VmSpec, boot: &Boot) -> Vec<String> {
+        let run = |f: &str| spec.run_dir.join(f).display().to_string();
+        let accel = match self.accel {
+            Accel::Kvm => "kvm",
+            _ => "tcg,thread=multi,tb-size=256",
+        };
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("cove-{},process=cove-{}", spec.name, spec.name),
+            "-machine".into(),
+            "q35,memory-backend=mem,vmport=off,smbus=off,sata=off,usb=off".into(),
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            if self.accel == Accel::Kvm {
+                "host".into()
+            } else {
+                "max".into()
+            },
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", spec.memory_mib),
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+                spec.memory_mib,
+                spec.memory_file.display()
+            ),
+            "-kernel".into(),
+            spec.kernel.display().to_string(),
+            "-initrd".into(),
+            spec.initrd.display().to_string(),
+            "-append".into(),
+            spec.cmdline.clone(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-serial".into(),
+            format!("file:{}", run("console.log")),
+            "-drive".into(),
+            format!(
+                "file={},if=none,id=root,format=qcow2,cache=writeback,discard=unmap",
+                spec.disk.display()
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=root,id=rootdisk".into(),
+            "-device".into(),
+            "virtio-serial-pci,id=vser".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                run("agent.sock")
+            ),
+            "-device".into(),
+            format!(
+                "virtserialport,bus=vser.0,chardev=agent,name={}",
+                cove_proto_port()
+            ),
+            "-device".into(),
+            "virtio-rng-pci".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", run("qmp.sock")),
+            "-sandbox".into(),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+            "-pidfile".into(),
+            run("qemu.pid"),
+        ];
+        if let Boot::Restore { .. } = boot {
+            a.push("-incoming".into());
+            a.push("defer".into());
+        }
+        a
+    }
+
+    async fn qmp(&self, vm: &VmHandle) -> Result<Qmp, VmmError> {
+        Qmp::connect(&vm.run_dir.join("qmp.sock"), QMP_WAIT).await
+    }
+}
+
+/// The virtio-serial port name the agent looks for.
+fn cove_proto_port() -> &'static str {
+    "cove.agent"
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    async fn start(&self, spec: &VmSpec, boot: &Boot) -> Result<VmHandle, VmmError> {
+        std::fs::create_dir_all(&spec.run_dir).map_err(|e| VmmError::io("creating run dir", e))?;
+        for f in ["qmp.sock", "agent.sock", "qemu.pid", "incoming.sock"] {
+            let _ = std::fs::remove_file(spec.run_dir.join(f));
+        }
+        let limit = (spec.memory_mib + spec.overhead_mib) << 20;
+        let cgroup = Cgroup::create(&format!("sbx-{}", spec.name), limit)
+            .map_err(|e| VmmError::io("creating cgroup", e))?;
+        let procs: Vec<std::fs::File> = cgroup
+            .procs_files()
+            .iter()
+            .map(|p| std::fs::OpenOptions::new().write(true).open(p))
+            .collect::<Result<_, _>>()
+            .map_err(|e| VmmError::io("opening cgroup.procs", e))?;
+        let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+
+        let log = std::fs::File::create(spec.run_dir.join("qemu.log"))
+            .map_err(|e| VmmError::io("creating qemu.log", e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| VmmError::io("creating qemu.log", e))?;
+        let mut cmd = std::process::Command::new(&self.binary);
+        cmd.args(self.args(spec, boot))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // QEMU runs in its own session (a runner restart or a signal to the runner's group
+        // does not touch it) and in the VM's cgroup from its first instruction. It cannot
+        // daemonize itself: `-sandbox spawn=deny` forbids the fork.
+        // SAFETY: the closure only calls setsid(2) and write(2), both async-signal-safe.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || sys::detach_into_cgroups(&fds));
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
+        drop(procs);
+        let pid = child.id();
+        // Reap QEMU when it exits, so it never lingers as a zombie of the runner.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let vm = VmHandle {
+            pid,
+            run_dir: spec.run_dir.clone(),
+            name: spec.name.clone(),
+        };
+        if let Err(e) = Qmp::connect(&spec.run_dir.join("qmp.sock"), QMP_WAIT).await {
+            let log = std::fs::read_to_string(spec.run_dir.join("qemu.log")).unwrap_or_default();
+            let _ = self.destroy(&vm).await;
+            let _ = cgroup.remove();
+            return Err(VmmError::Spawn(format!("{e}; QEMU said: {}", log.trim())));
+        }
+
+        if let Boot::Restore { state_file } = boot {
+            if let Err(e) = self.incoming(&vm, state_file).await {
+                let _ = self.destroy(&vm).await;
+                return Err(e);
+            }
+        }
+        Ok(vm)
+    }
+
+    async fn save(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
+        let mut qmp = self.qmp(vm).await?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+        )
+        .await?;
+        qmp.execute("stop", json!({})).await?;
+        let sock = vm.run_dir.join("outgoing.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener =
+            UnixListener::bind(&sock).map_err(|e| VmmError::io("binding migration socket", e))?;
+        let tmp = state_file.with_extension("partial");
+        let sink = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await?;
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            tokio::io::copy(&mut stream, &mut file).await?;
+            file.sync_all().await?;
+            Ok::<PathBuf, std::io::Error>(tmp)
+        });
+        qmp.execute(
+            "migrate",
+            json!({"uri": format!("unix:{}", sock.display())}),
+        )
+        .await?;
+        qmp.wait_migration(MIGRATION_WAIT).await?;
+        let tmp = sink
+            .await
+            .map_err(|e| VmmError::Qmp(format!("state writer: {e}")))?
+            .map_err(|e| VmmError::io("writing device state", e))?;
+        let _ = std::fs::remove_file(&sock);
+        std::fs::rename(&tmp, state_file).map_err(|e| VmmError::io("renaming device state", e))?;
+        Ok(())
+    }
+
+    async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        self.qmp(vm).await?.execute("cont", json!({})).await?;
+        Ok(())
+    }
+
+    async fn destroy(&self, vm: &VmHandle) -> Result<(), VmmError> {
+        if let Ok(Ok(mut qmp)) =
+            tokio::time::timeout(Duration::from_millis(500), self.qmp(vm)).await
+        {
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), qmp.execute("quit", json!({})))
+                    .await;
+        }
+        for i in 0..500 {
+            if !alive(vm.pid, &vm.name) {
+                break;
+            }
+            if i == 50 {
+                let _ = sys::kill(vm.pid, libc::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if alive(vm.pid, &vm.name) {
+            return Err(VmmError::Spawn(format!("QEMU pid {} did not exit", vm.pid)));
+        }
+        let _ = Cgroup::locate(&format!("sbx-{}", vm.name)).remove();
+        Ok(())
+    }
+
+    fn find(&self, name: &str, run_dir: &Path) -> Option<VmHandle> {
+        let pid: u32 = std::fs::read_to_string(run_dir.join("qemu.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        alive(pid, name).then(|| VmHandle {
+            pid,
+            run_dir: run_dir.to_path_buf(),
+            name: name.to_string(),
+        })
+    }
+}
+
+impl QemuVmm {
+    /// Feeds a saved device state to a QEMU started with `-incoming defer`, then runs it.
+    async fn incoming(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
+        let mut qmp = self.qmp(vm).await?;
+        qmp.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+        )
+        .await?;
+        let sock = vm.run_dir.join("incoming.sock");
+        qmp.execute(
+            "migrate-incoming",
+            json!({"uri": format!("unix:{}", sock.display())}),
+        )
+        .await?;
+        let state = tokio::fs::read(state_file)
+            .await
+            .map_err(|e| VmmError::io("reading device state", e))?;
+        let mut stream = UnixStream::connect(&sock)
+            .await
+            .map_err(|e| VmmError::io("connecting to incoming socket", e))?;
+        stream
+            .write_all(&state)
+            .await
+            .map_err(|e| VmmError::io("sending device state", e))?;
+        stream
+            .shutdown()
+            .await
+            .map_err(|e| VmmError::io("sending device state", e))?;
+        qmp.wait_migration(MIGRATION_WAIT).await?;
+        qmp.execute("cont", json!({})).await?;
+        Ok(())
+    }
+}
+
+/// Whether `pid` is alive and is the QEMU of VM `name` (not a recycled pid).
+fn alive(pid: u32, name: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => {
+            let want = format!("cove-{name},");
+            let text = String::from_utf8_lossy(&cmdline);
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+            text.contains(&want) && !zombie
+        }
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,297 @@
+//! Client subcommands: the API over HTTP, as any other client would use it.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Base URL of the Cove API.
+    #[arg(
+        long,
+        env = "COVE_API_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    url: String,
+    /// API key (or the file `<data-dir>/bootstrap-api-key` written by the server).
+    #[arg(long, env = "COVE_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCmd {
+    /// Create a sandbox and print it.
+    Create {
+        #[arg(long, default_value = cove_api::sandbox::DEFAULT_TEMPLATE)]
+        template: String,
+        #[arg(long)]
+        vcpu: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Lifetime in seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "env", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List sandboxes.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show one sandbox.
+    Get {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a shell command in a sandbox; exits with its exit code.
+    Exec {
+        id: String,
+        /// The command, run with /bin/sh -c.
+        #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
+        command: Vec<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete sandboxes.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Create a key for your organization; it is shown once.
+    Create {
+        #[arg(long, default_value = "cli")]
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List your organization's keys (never the keys themselves).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke a key by id.
+    Rm {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    key: String,
+}
+
+impl Api {
+    fn new(conn: &Conn) -> Result<Api> {
+        let key = match &conn.api_key {
+            Some(k) => k.clone(),
+            None => std::fs::read_to_string("/var/lib/cove/bootstrap-api-key")
+                .map(|k| k.trim().to_string())
+                .context("no API key: pass --api-key or set COVE_API_KEY")?,
+        };
+        Ok(Api {
+            http: reqwest::Client::new(),
+            url: conn.url.trim_end_matches('/').to_string(),
+            key,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Option<Value>> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("connecting to {}", self.url))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            let v: Value = serde_json::from_str(&text).unwrap_or(json!({ "message": text }));
+            let mut msg = v["message"]
+                .as_str()
+                .unwrap_or("request failed")
+                .to_string();
+            if let Some(errors) = v["errors"].as_array() {
+                for e in errors {
+                    msg.push_str(&format!(
+                        "\n  {}: {}",
+                        e["field"].as_str().unwrap_or("?"),
+                        e["error"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+            bail!("{status}: {msg}");
+        }
+        Ok(if text.is_empty() {
+            None
+        } else {
+            Some(serde_json::from_str(&text)?)
+        })
+    }
+}
+
+fn print(v: &Option<Value>) {
+    if let Some(v) = v {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    }
+}
+
+fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
+    use reqwest::Method;
+    block_on(async move {
+        match cmd {
+            SandboxCmd::Create {
+                template,
+                vcpu,
+                memory,
+                timeout,
+                env,
+                conn,
+            } => {
+                let env: BTreeMap<String, String> = env.into_iter().collect();
+                let body = json!({ "template_name": template, "vcpu": vcpu, "memory": memory, "timeout": timeout, "env_vars": env });
+                let body = strip_nulls(body);
+                print(
+                    &Api::new(&conn)?
+                        .call(Method::POST, "/v1/sandbox", Some(body))
+                        .await?,
+                );
+            }
+            SandboxCmd::List { state, conn } => {
+                let q = state.map(|s| format!("?state={s}")).unwrap_or_default();
+                let v = Api::new(&conn)?
+                    .call(Method::GET, &format!("/v1/sandboxes{q}"), None)
+                    .await?;
+                let items = v
+                    .as_ref()
+                    .and_then(|v| v["items"].as_array().cloned())
+                    .unwrap_or_default();
+                println!("{:<28} {:<10} {:<24} CREATED", "ID", "STATE", "TEMPLATE");
+                for i in items {
+                    println!(
+                        "{:<28} {:<10} {:<24} {}",
+                        i["id"].as_str().unwrap_or(""),
+                        i["state"].as_str().unwrap_or(""),
+                        i["template_id"].as_str().unwrap_or(""),
+                        i["created_at"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            SandboxCmd::Get { id, conn } => print(
+                &Api::new(&conn)?
+                    .call(Method::GET, &format!("/v1/sandbox/{id}"), None)
+                    .await?,
+            ),
+            SandboxCmd::Exec {
+                id,
+                command,
+                cwd,
+                timeout,
+                conn,
+            } => {
+                let body = strip_nulls(
+                    json!({ "command": command.join(" "), "cwd": cwd, "timeout": timeout }),
+                );
+                let v = Api::new(&conn)?
+                    .call(
+                        Method::POST,
+                        &format!("/v1/sandbox/{id}/process/execute"),
+                        Some(body),
+                    )
+                    .await?
+                    .unwrap_or_default();
+                print!("{}", v["stdout"].as_str().unwrap_or(""));
+                eprint!("{}", v["stderr"].as_str().unwrap_or(""));
+                let code = v["exit_code"].as_i64().unwrap_or(1);
+                if code != 0 {
+                    std::process::exit(code.clamp(1, 255) as i32);
+                }
+            }
+            SandboxCmd::Rm { ids, conn } => {
+                let api = Api::new(&conn)?;
+                for id in ids {
+                    api.call(Method::DELETE, &format!("/v1/sandbox/{id}"), None)
+                        .await?;
+                    println!("deleted {id}");
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn keys(cmd: KeysCmd) -> Result<()> {
+    use reqwest::Method;
+    block_on(async move {
+        match cmd {
+            KeysCmd::Create { name, conn } => print(
+                &Api::new(&conn)?
+                    .call(Method::POST, "/v1/keys", Some(json!({ "name": name })))
+                    .await?,
+            ),
+            KeysCmd::List { conn } => {
+                print(&Api::new(&conn)?.call(Method::GET, "/v1/keys", None).await?)
+            }
+            KeysCmd::Rm { id, conn } => {
+                Api::new(&conn)?
+                    .call(Method::DELETE, &format!("/v1/keys/{id}"), None)
+                    .await?;
+                println!("revoked {id}");
+            }
+        }
+        Ok(())
+    })
+}
+
+fn strip_nulls(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().filter(|(_, v)| !v.is_null()).collect()),
+        other => other,
+    }
+}

@@ -1,0 +1,68 @@
+//! `cove`: the server, host setup, and a client for the API.
+
+mod client;
+mod cpio;
+mod serve;
+mod setup;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cove",
+    version,
+    about = "Self-hostable microVM sandboxes with a Leap0-compatible API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Prepare this host: packages, guest kernel, system template, agent initramfs.
+    Setup {
+        #[arg(long, env = "COVE_CACHE_DIR", default_value = "/var/cache/cove")]
+        cache_dir: PathBuf,
+        /// Static cove-agent binary (default: found beside this binary).
+        #[arg(long, env = "COVE_AGENT_BIN")]
+        agent: Option<PathBuf>,
+    },
+    /// Run control plane and runner in one process.
+    Server(serve::ServerArgs),
+    /// Manage sandboxes through the API.
+    #[command(subcommand)]
+    Sandbox(client::SandboxCmd),
+    /// Manage the API keys of your organization through the API.
+    #[command(subcommand)]
+    Keys(client::KeysCmd),
+    /// Print the OpenAPI document of the API.
+    Openapi,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COVE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup { cache_dir, agent } => setup::run(&cache_dir, agent),
+        Cmd::Server(args) => serve::run(args),
+        Cmd::Sandbox(cmd) => client::sandbox(cmd),
+        Cmd::Keys(cmd) => client::keys(cmd),
+        Cmd::Openapi => {
+            print!("{}", cove_server::openapi_json());
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

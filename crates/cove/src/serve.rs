@@ -1,0 +1,153 @@
+//! `cove server`: the whole system in one process on embedded defaults.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use cove_runner::{Runner, RunnerConfig};
+use cove_server::{Core, CoreConfig};
+use cove_store::Store;
+use cove_vmm::{Accel, QemuVmm};
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    #[arg(long, env = "COVE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Metadata database, sandbox disks, bootstrap key.
+    #[arg(long, env = "COVE_DATA_DIR", default_value = "/var/lib/cove")]
+    data_dir: PathBuf,
+    /// What `cove setup` built (kernel, rootfs, initramfs) and template snapshots.
+    #[arg(long, env = "COVE_CACHE_DIR", default_value = "/var/cache/cove")]
+    cache_dir: PathBuf,
+    /// auto | kvm | tcg
+    #[arg(long, env = "COVE_ACCEL", default_value = "auto", value_parser = parse_accel)]
+    accel: Accel,
+    /// Sandboxes an organization may run at once (starting, running, unpausing, snapshotting or
+    /// stopping ones count; paused and stopped ones do not).
+    #[arg(long, env = "COVE_SANDBOX_LIMIT", default_value_t = 3)]
+    sandbox_limit: u64,
+    /// Skip booting the default template shape at start-up (it is then booted by the first
+    /// create that needs it).
+    #[arg(long, env = "COVE_NO_PREPARE")]
+    no_prepare: bool,
+}
+
+fn parse_accel(s: &str) -> Result<Accel, String> {
+    Accel::parse(s).ok_or_else(|| format!("{s:?} is not one of auto, kvm, tcg"))
+}
+
+pub fn run(args: ServerArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: ServerArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let store = Arc::new(
+        Store::open(&args.data_dir.join("cove.db")).context("opening the metadata store")?,
+    );
+    bootstrap(&store, &args.data_dir)?;
+
+    let mut rcfg = RunnerConfig::new(args.cache_dir.clone(), args.data_dir.clone());
+    rcfg.accel = args.accel;
+    let vmm = Arc::new(QemuVmm::new(args.accel));
+    tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
+    let runner = Arc::new(Runner::new(rcfg, vmm).context("starting the runner")?);
+    let core = Arc::new(Core {
+        store,
+        runner: runner.clone(),
+        cfg: CoreConfig {
+            default_sandbox_limit: args.sandbox_limit,
+            runner_id: "local".into(),
+        },
+    });
+    core.recover()
+        .await
+        .map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
+
+    if !args.no_prepare {
+        let runner = runner.clone();
+        tokio::spawn(async move {
+            let t = cove_api::sandbox::DEFAULT_TEMPLATE;
+            if let Err(e) = runner
+                .prepare_template(
+                    t,
+                    cove_api::sandbox::DEFAULT_VCPU,
+                    cove_api::sandbox::DEFAULT_MEMORY_MIB,
+                )
+                .await
+            {
+                tracing::error!(error = %cove_server::error::error_chain(&e), "preparing the default template");
+            }
+        });
+    }
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    cove_server::spawn_background(core.clone(), shutdown.clone());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("cove listening on http://{addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let app = cove_server::router(core);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down; sandbox VMs keep running and are adopted at next start");
+            shutdown.cancel();
+        })
+        .await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// On an empty store: creates the `default` organization with `COVE_BOOTSTRAP_API_KEY`, or a
+/// generated key that is printed once and written (0600) to `<data>/bootstrap-api-key`.
+fn bootstrap(store: &Store, data_dir: &std::path::Path) -> Result<()> {
+    if store.org_count()? > 0 {
+        return Ok(());
+    }
+    let org = store.create_org("default", None)?;
+    let (key, generated) = match std::env::var("COVE_BOOTSTRAP_API_KEY") {
+        Ok(k) if !k.trim().is_empty() => (k.trim().to_string(), false),
+        _ => (cove_store::generate_key(), true),
+    };
+    store.add_key(&org.id, "bootstrap", &key)?;
+    if generated {
+        let path = data_dir.join("bootstrap-api-key");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        use std::io::Write;
+        writeln!(f, "{key}")?;
+        println!("created organization 'default' with API key:\n\n    {key}\n\n(also saved to {}; it is not shown again)", path.display());
+    } else {
+        println!("created organization 'default' with the key from COVE_BOOTSTRAP_API_KEY");
+    }
+    Ok(())
+}

@@ -1,0 +1,90 @@
+#!/bin/bash
+# rootfs.sh CACHE_DIR
+# Build the Debian 12 (bookworm) guest root filesystem with mmdebstrap and produce
+#   CACHE_DIR/rootfs/rootfs.ext4   (ext4, used size + 1 GiB free, made with mke2fs -d: no loop mount)
+#   CACHE_DIR/rootfs/rootfs.qcow2  (qcow2 base image converted from rootfs.ext4)
+# Idempotent: skipped when the outputs exist for the same recipe (hash of this script + sources).
+# Env: COVE_ROOTFS_EXTRA="pkg1,pkg2"  extra packages; COVE_ROOTFS_FREE_MIB (default 1024).
+set -euo pipefail
+
+CACHE_DIR=${1:?usage: rootfs.sh CACHE_DIR}
+OUT="$CACHE_DIR/rootfs"
+SUITE=bookworm
+PACKAGES="bash,coreutils,ca-certificates,curl,git,python3,procps,iproute2,sudo,netbase,less,iputils-ping"
+[ -n "${COVE_ROOTFS_EXTRA:-}" ] && PACKAGES="$PACKAGES,$COVE_ROOTFS_EXTRA"
+FREE_MIB=${COVE_ROOTFS_FREE_MIB:-1024}
+
+step() { echo "[rootfs.sh] $(date +%T) $*" >&2; }
+
+for t in mmdebstrap mke2fs qemu-img; do
+    command -v "$t" >/dev/null || { step "missing $t (apt-get install mmdebstrap e2fsprogs qemu-utils)"; exit 1; }
+done
+
+# Reuse the host's apt sources (only the Debian registry is reachable): every enabled
+# .list/.sources file that names the suite. mmdebstrap pastes files given as MIRROR verbatim.
+MIRRORS=()
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    grep -Eq "^[^#]*\b$SUITE\b" "$f" || continue
+    grep -Eq '^[^#]*(deb |URIs:)' "$f" || continue
+    MIRRORS+=("$f")
+done
+[ ${#MIRRORS[@]} -gt 0 ] || { step "no host apt source for $SUITE found"; exit 1; }
+# Reuse the host's apt options that matter for reaching the mirror (proxy, snapshot validity).
+APTOPTS=()
+for f in /etc/apt/apt.conf /etc/apt/apt.conf.d/*; do
+    [ -f "$f" ] && grep -Eqi 'Proxy|Check-Valid-Until|Check-Date' "$f" && APTOPTS+=(--aptopt="$f")
+done
+
+RECIPE=$( { cat "$0"; echo "$PACKAGES $FREE_MIB"; cat "${MIRRORS[@]}"; } | sha256sum | cut -c1-16)
+if [ -f "$OUT/.done" ] && [ "$(cat "$OUT/.done")" = "$RECIPE" ] && [ -f "$OUT/rootfs.qcow2" ]; then
+    step "already built ($OUT, recipe $RECIPE), nothing to do"
+    exit 0
+fi
+
+mkdir -p "$CACHE_DIR"
+WORK=$(mktemp -d "$CACHE_DIR/.rootfs-build.XXXXXX")
+chmod 755 "$WORK"   # apt's _apt user must reach the chroot's lists/partial
+trap 'rm -rf "$WORK"' EXIT
+ROOT="$WORK/root"
+mkdir "$ROOT"
+
+step "1/4 mmdebstrap $SUITE (sources: ${MIRRORS[*]}) packages: $PACKAGES"
+mmdebstrap --mode=root --variant=minbase --include="$PACKAGES" \
+    "${APTOPTS[@]}" \
+    --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/info/*' \
+    --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+    --customize-hook='chroot "$1" useradd --create-home --uid 1000 --user-group --shell /bin/bash user' \
+    --customize-hook='echo "user ALL=(ALL) NOPASSWD:ALL" > "$1/etc/sudoers.d/user" && chmod 0440 "$1/etc/sudoers.d/user"' \
+    --customize-hook='echo cove > "$1/etc/hostname"' \
+    --customize-hook='printf "127.0.0.1\tlocalhost\n127.0.1.1\tcove\n::1\tlocalhost ip6-localhost ip6-loopback\n" > "$1/etc/hosts"' \
+    --customize-hook='rm -f "$1/etc/resolv.conf"; : > "$1/etc/resolv.conf"' \
+    --customize-hook='echo "/dev/vda / ext4 rw,relatime 0 1" > "$1/etc/fstab"' \
+    --customize-hook='rm -rf "$1"/var/cache/apt/*.bin "$1"/var/lib/apt/lists/* "$1"/var/cache/debconf/*-old "$1"/var/log/*.log "$1"/var/log/apt/*' \
+    "$SUITE" "$ROOT" "${MIRRORS[@]}" 2>&1 | sed 's/^/    /' >&2
+
+step "2/4 sanity checks"
+chroot "$ROOT" id user >&2
+chroot "$ROOT" visudo -c >/dev/null
+for b in bash python3 git curl ip ps sudo; do chroot "$ROOT" sh -c "command -v $b" >/dev/null || { step "missing $b"; exit 1; }; done
+[ -z "$(ls -A "$ROOT/var/cache/apt/archives" 2>/dev/null | grep -v '^partial$\|^lock$' || true)" ] || { step "apt cache not empty"; exit 1; }
+
+USED_KIB=$(du -sk --apparent-size "$ROOT" | cut -f1)
+INODES=$(find "$ROOT" -xdev | wc -l)
+SIZE_MIB=$(( (USED_KIB * 11 / 10) / 1024 + FREE_MIB ))
+step "3/4 mke2fs -d: content ${USED_KIB} KiB, $INODES files -> ${SIZE_MIB} MiB ext4"
+mke2fs -q -t ext4 -L cove-root -d "$ROOT" -E root_owner=0:0 -F "$WORK/rootfs.ext4" "${SIZE_MIB}M" >&2
+e2fsck -fn "$WORK/rootfs.ext4" >/dev/null 2>&1 || { step "e2fsck reports errors"; e2fsck -fn "$WORK/rootfs.ext4" >&2; exit 1; }
+
+step "4/4 qemu-img convert -> qcow2"
+qemu-img convert -f raw -O qcow2 "$WORK/rootfs.ext4" "$WORK/rootfs.qcow2"
+
+rm -rf "$OUT.new"; mkdir -p "$OUT.new"
+mv "$WORK/rootfs.ext4" "$WORK/rootfs.qcow2" "$OUT.new/"
+echo "$RECIPE" > "$OUT.new/.done"
+rm -rf "$OUT"; mv "$OUT.new" "$OUT"
+step "done: $(ls -lh "$OUT" | tail -n +2 | awk '{print $5, $9}' | tr '\n' ' ')"
