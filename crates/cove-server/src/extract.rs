@@ -77,7 +77,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
         // serde names a missing field in its message: report it as that field.
         let field = if let Some(rest) = message.strip_prefix("missing field `") {
             rest.split('`').next().unwrap_or("body").to_string()
-        } else if path == "." || path.is_empty() {
+        } else if path == "." || path == "?" || path.is_empty() || inner.is_syntax() || inner.is_eof() {
             "body".to_string()
         } else {
             path

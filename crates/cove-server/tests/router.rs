@@ -1,0 +1,141 @@
+//! Router tests: the HTTP layer called in-process, without a socket and without VMs. Every
+//! request here is answered before a VM would be needed (auth, validation, lookups).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use cove_runner::{Runner, RunnerConfig};
+use cove_server::{router, Core, CoreConfig};
+use cove_store::Store;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct App {
+    router: axum::Router,
+    key: String,
+    _dir: tempfile::TempDir,
+}
+
+fn app() -> App {
+    let dir = tempfile::tempdir().unwrap();
+    // Placeholder guest images: these tests never start a VM.
+    let cache = dir.path().join("cache");
+    for f in ["kernel/vmlinuz", "initramfs/initramfs.cpio", "rootfs/rootfs.qcow2"] {
+        let p = cache.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"").unwrap();
+    }
+    let mut cfg = RunnerConfig::new(cache, dir.path().join("data"));
+    cfg.shm_dir = dir.path().join("shm");
+    let runner = Runner::new(cfg, Arc::new(cove_vmm::QemuVmm::new(cove_vmm::Accel::Tcg))).unwrap();
+    let store = Store::open_in_memory().unwrap();
+    let org = store.create_org("test", None).unwrap();
+    let key = cove_store::generate_key();
+    store.add_key(&org.id, "test", &key).unwrap();
+    let core = Core {
+        store: Arc::new(store),
+        runner: Arc::new(runner),
+        cfg: CoreConfig { default_sandbox_limit: 3, runner_id: "local".into() },
+    };
+    App { router: router(Arc::new(core)), key, _dir: dir }
+}
+
+async fn call(app: &App, method: &str, path: &str, auth: Option<(&str, String)>, body: &str) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some((h, v)) = auth {
+        req = req.header(h, v);
+    }
+    let resp = app.router.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, v)
+}
+
+fn bearer(app: &App) -> Option<(&'static str, String)> {
+    Some(("authorization", format!("Bearer {}", app.key)))
+}
+
+#[tokio::test]
+async fn auth_headers() {
+    let app = app();
+    let (s, v) = call(&app, "GET", "/v1/sandboxes", None, "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(v["message"].is_string());
+    let (s, _) = call(&app, "GET", "/v1/sandboxes", Some(("authorization", "Bearer nope".into())), "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    for auth in [
+        ("authorization", format!("Bearer {}", app.key)),
+        ("authorization", app.key.clone()),
+        ("leap0-authorization", format!("Bearer {}", app.key)),
+        ("leap0-authorization", app.key.clone()),
+    ] {
+        let (s, v) = call(&app, "GET", "/v1/sandboxes", Some(auth), "").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["total_items"], 0);
+    }
+}
+
+#[tokio::test]
+async fn create_validation_names_fields() {
+    let app = app();
+    let cases: &[(Value, &str)] = &[
+        (json!({}), "template_name"),
+        (json!({"template_name": "system/debian:bookworm", "vcpu": 9}), "vcpu"),
+        (json!({"template_name": "system/debian:bookworm", "vcpu": "two"}), "vcpu"),
+        (json!({"template_name": "system/debian:bookworm", "memory": 511}), "memory"),
+        (json!({"template_name": "system/debian:bookworm", "memory": 1025}), "memory"),
+        (json!({"template_name": "system/debian:bookworm", "timeout": 28801}), "timeout"),
+        (json!({"template_name": "nope/unknown:1"}), "template_name"),
+        (json!({"template_name": "system/debian:bookworm", "network_policy": {"mode": "sometimes"}}), "network_policy.mode"),
+    ];
+    for (body, field) in cases {
+        let (s, v) = call(&app, "POST", "/v1/sandbox", bearer(&app), &body.to_string()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        let fields: Vec<&str> = v["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+        assert!(fields.contains(field), "{body}: expected {field} in {fields:?}");
+    }
+    let (s, v) = call(&app, "POST", "/v1/sandbox/", bearer(&app), "{not json").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["errors"][0]["field"], "body");
+}
+
+#[tokio::test]
+async fn unknown_things_are_404_and_later_features_501() {
+    let app = app();
+    for path in ["/v1/sandbox/sbx-nope", "/v1/sandbox/sbx-nope/"] {
+        let (s, v) = call(&app, "GET", path, bearer(&app), "").await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
+        assert!(v["message"].as_str().unwrap().contains("sbx-nope"));
+    }
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-nope/process/execute", bearer(&app), r#"{"command":"true"}"#).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-nope/process/execute", bearer(&app), r#"{"command":""}"#).await;
+    assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("command")));
+    let (s, _) = call(&app, "GET", "/v2/whatever", bearer(&app), "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/pause", bearer(&app), "").await;
+    assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
+    assert!(v["message"].as_str().unwrap().contains("not implemented"));
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/pause", None, "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = call(&app, "GET", "/v1/sandboxes?page-size=101", bearer(&app), "").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+/// The committed OpenAPI document is the one the code generates.
+#[test]
+fn openapi_document_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+    let generated = cove_server::openapi_json();
+    if std::env::var_os("COVE_UPDATE_OPENAPI").is_some() {
+        std::fs::write(path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "docs/openapi.json is out of date: run `COVE_UPDATE_OPENAPI=1 cargo test -p cove-server --test router openapi`"
+    );
+}
