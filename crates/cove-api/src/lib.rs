@@ -23,10 +23,7 @@ pub struct Violations(Vec<FieldError>);
 
 impl Violations {
     pub fn push(&mut self, field: impl Into<String>, error: impl Into<String>) {
-        self.0.push(FieldError {
-            field: field.into(),
-            error: error.into(),
-        });
+        self.0.push(FieldError { field: field.into(), error: error.into() });
     }
 
     pub fn check(&mut self, ok: bool, field: impl Into<String>, error: impl Into<String>) {

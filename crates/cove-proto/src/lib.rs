@@ -104,10 +104,7 @@ mod tests {
         assert_eq!(v, PROTOCOL_VERSION);
         assert_eq!(nonce, "0000000000000abc");
         let ready = ready_line(nonce);
-        assert_eq!(
-            parse_handshake(&ready, READY),
-            Some((PROTOCOL_VERSION, nonce))
-        );
+        assert_eq!(parse_handshake(&ready, READY), Some((PROTOCOL_VERSION, nonce)));
         assert_eq!(parse_handshake("COVE-HELLO x y", HELLO), None);
         assert_eq!(parse_handshake("junkCOVE-HELLO 1 a", HELLO), None);
     }
@@ -125,11 +122,7 @@ mod tests {
             serde_json::to_string(&id).unwrap(),
             r#"{"hostname":"h","env":{"A":"1"},"unix_time_ns":5,"entropy_hex":"00"}"#
         );
-        let info = AgentInfo {
-            protocol: 1,
-            agent_version: "0.1.0".into(),
-            uptime_secs: 1.5,
-        };
+        let info = AgentInfo { protocol: 1, agent_version: "0.1.0".into(), uptime_secs: 1.5 };
         assert_eq!(
             serde_json::to_string(&info).unwrap(),
             r#"{"protocol":1,"agent_version":"0.1.0","uptime_secs":1.5}"#

@@ -43,11 +43,8 @@ impl AgentClient {
         let mut last;
         loop {
             let attempt_left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(
-                attempt_left.min(Duration::from_secs(2)),
-                Self::try_connect(socket),
-            )
-            .await
+            match tokio::time::timeout(attempt_left.min(Duration::from_secs(2)), Self::try_connect(socket))
+                .await
             {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e @ AgentError::Version(..))) => return Err(e),
@@ -62,9 +59,7 @@ impl AgentClient {
     }
 
     async fn try_connect(socket: &Path) -> Result<AgentClient, AgentError> {
-        let mut stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| AgentError::Connect(e.to_string()))?;
+        let mut stream = UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
         let nonce: u64 = rand::random();
         stream
             .write_all(cove_proto::hello_line(nonce).as_bytes())
@@ -74,10 +69,7 @@ impl AgentClient {
         let mut line = Vec::new();
         loop {
             let mut b = [0u8; 1];
-            let n = stream
-                .read(&mut b)
-                .await
-                .map_err(|e| AgentError::Connect(e.to_string()))?;
+            let n = stream.read(&mut b).await.map_err(|e| AgentError::Connect(e.to_string()))?;
             if n == 0 {
                 return Err(AgentError::Connect("closed during handshake".into()));
             }
@@ -90,8 +82,7 @@ impl AgentClient {
             let text = String::from_utf8_lossy(&line).into_owned();
             line.clear();
             if let Some(start) = text.find(cove_proto::READY) {
-                if let Some((version, nonce)) =
-                    cove_proto::parse_handshake(&text[start..], cove_proto::READY)
+                if let Some((version, nonce)) = cove_proto::parse_handshake(&text[start..], cove_proto::READY)
                 {
                     if version != cove_proto::PROTOCOL_VERSION {
                         return Err(AgentError::Version(version, cove_proto::PROTOCOL_VERSION));
@@ -125,19 +116,10 @@ impl AgentClient {
     }
 
     /// Sends a request as is; the response body streams.
-    pub async fn send(
-        &self,
-        req: Request<AgentBody>,
-    ) -> Result<Response<hyper::body::Incoming>, AgentError> {
+    pub async fn send(&self, req: Request<AgentBody>) -> Result<Response<hyper::body::Incoming>, AgentError> {
         let mut sender = self.sender.clone();
-        sender
-            .ready()
-            .await
-            .map_err(|e| AgentError::Request(e.to_string()))?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| AgentError::Request(e.to_string()))
+        sender.ready().await.map_err(|e| AgentError::Request(e.to_string()))?;
+        sender.send_request(req).await.map_err(|e| AgentError::Request(e.to_string()))
     }
 
     /// JSON in, JSON out; error statuses become `AgentError::Status`.
@@ -148,8 +130,7 @@ impl AgentClient {
         body: Option<&Req>,
     ) -> Result<Resp, AgentError> {
         let bytes = self.call_raw(method, path, body).await?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| AgentError::Request(format!("bad answer from agent: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Request(format!("bad answer from agent: {e}")))
     }
 
     /// Like `call`, for answers without a body.
@@ -171,26 +152,17 @@ impl AgentClient {
             .map_err(|e| AgentError::Request(e.to_string()))?;
         let resp = self.send(req).await?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| AgentError::Request(e.to_string()))?
-            .to_bytes();
+        let bytes =
+            resp.into_body().collect().await.map_err(|e| AgentError::Request(e.to_string()))?.to_bytes();
         if !status.is_success() {
-            return Err(AgentError::Status {
-                status,
-                message: error_message(&bytes),
-            });
+            return Err(AgentError::Status { status, message: error_message(&bytes) });
         }
         Ok(bytes)
     }
 }
 
 pub fn full(bytes: impl Into<Bytes>) -> AgentBody {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 /// The `message` of an agent error body, or the body itself.

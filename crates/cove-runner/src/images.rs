@@ -57,9 +57,7 @@ impl Images {
     pub fn rootfs_size_mib(&self) -> u64 {
         use std::io::Read;
         let mut header = [0u8; 32];
-        let ok = std::fs::File::open(&self.rootfs)
-            .and_then(|mut f| f.read_exact(&mut header))
-            .is_ok();
+        let ok = std::fs::File::open(&self.rootfs).and_then(|mut f| f.read_exact(&mut header)).is_ok();
         if !ok || &header[..4] != b"QFI\xfb" {
             return 0;
         }

@@ -5,7 +5,10 @@
 
 pub mod agent;
 pub mod images;
+mod memfile;
 mod sandbox;
+#[allow(unsafe_code)]
+mod sys;
 mod template;
 
 use std::collections::{BTreeMap, HashMap};
@@ -91,22 +94,12 @@ pub struct Runner {
 impl Runner {
     pub fn new(cfg: RunnerConfig, vmm: Arc<dyn Vmm>) -> Result<Runner, RunnerError> {
         let images = Images::locate(&cfg.cache_dir)?;
-        for dir in [
-            cfg.data_dir.join("sandboxes"),
-            cfg.cache_dir.join("templates"),
-            cfg.shm_dir.clone(),
-        ] {
+        for dir in [cfg.data_dir.join("sandboxes"), cfg.cache_dir.join("templates"), cfg.shm_dir.clone()] {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| RunnerError::io(format!("creating {}", dir.display()), e))?;
         }
         let templates = template::Templates::new(&cfg, &images);
-        Ok(Runner {
-            cfg,
-            vmm,
-            images,
-            templates,
-            vms: Mutex::new(HashMap::new()),
-        })
+        Ok(Runner { cfg, vmm, images, templates, vms: Mutex::new(HashMap::new()) })
     }
 
     /// Names of the templates this runner can start.
@@ -126,32 +119,35 @@ impl Runner {
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<(), RunnerError> {
-        self.templates
-            .get(self.vmm.as_ref(), template, vcpus, memory_mib)
-            .await
-            .map(|_| ())
+        self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await.map(|_| ())
     }
 
     /// Creates the sandbox's VM from the template snapshot and gives the guest its identity.
     pub async fn create(&self, req: &VmRequest) -> Result<(), RunnerError> {
-        let snapshot = self
-            .templates
-            .get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib)
-            .await?;
+        let snapshot =
+            self.templates.get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib).await?;
         let vm =
-            sandbox::SandboxVm::restore(&self.cfg, &self.images, self.vmm.as_ref(), &snapshot, req)
-                .await?;
+            sandbox::SandboxVm::restore(&self.cfg, &self.images, self.vmm.as_ref(), &snapshot, req).await?;
         self.lock().insert(req.id.clone(), Arc::new(vm));
         Ok(())
     }
 
+    /// Benchmark baseline: restores the template snapshot the way `create` does (copy of its RAM
+    /// file and disk overlay, QEMU `-incoming`, `cont`) but with no control plane, no agent
+    /// handshake and no identity; returns the time until the vCPUs run. The VM is destroyed.
+    pub async fn raw_restore(
+        &self,
+        template: &str,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<Duration, RunnerError> {
+        let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
+        sandbox::raw_restore(&self.cfg, &self.images, self.vmm.as_ref(), &snapshot).await
+    }
+
     /// The agent of a sandbox's VM, reconnecting if the channel dropped.
     pub async fn agent(&self, id: &str) -> Result<AgentClient, RunnerError> {
-        let vm = self
-            .lock()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| RunnerError::NoVm(id.to_string()))?;
+        let vm = self.lock().get(id).cloned().ok_or_else(|| RunnerError::NoVm(id.to_string()))?;
         vm.agent().await
     }
 
@@ -183,9 +179,7 @@ impl Runner {
     pub fn sandbox_dirs(&self) -> Vec<String> {
         std::fs::read_dir(self.cfg.data_dir.join("sandboxes"))
             .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
+                rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
             })
             .unwrap_or_default()
     }

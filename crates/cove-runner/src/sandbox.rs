@@ -4,7 +4,7 @@
 //! `<data>/sandboxes/<id>/run/` (QMP and agent sockets, console log, pid file), and the guest
 //! RAM at `<shm>/<id>.mem`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cove_vmm::{Boot, VmHandle, VmSpec, Vmm};
@@ -26,10 +26,7 @@ pub struct SandboxVm {
 }
 
 fn paths(cfg: &RunnerConfig, id: &str) -> (PathBuf, PathBuf) {
-    (
-        cfg.data_dir.join("sandboxes").join(id),
-        cfg.shm_dir.join(format!("{id}.mem")),
-    )
+    (cfg.data_dir.join("sandboxes").join(id), cfg.shm_dir.join(format!("{id}.mem")))
 }
 
 impl SandboxVm {
@@ -48,58 +45,87 @@ impl SandboxVm {
         result
     }
 
+    /// Copies the template's disk overlay and RAM into the sandbox's files and starts QEMU on
+    /// them with the template's device state.
+    async fn start_vm(
+        cfg: &RunnerConfig,
+        images: &Images,
+        vmm: &dyn Vmm,
+        tmpl: &TemplateSnapshot,
+        id: &str,
+        dir: &Path,
+        memory_file: &Path,
+    ) -> Result<(VmSpec, VmHandle), RunnerError> {
+        std::fs::create_dir_all(dir).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
+        let disk = dir.join("disk.qcow2");
+        std::fs::copy(tmpl.overlay(), &disk).map_err(|e| RunnerError::io("creating disk overlay", e))?;
+        // QEMU takes tens of milliseconds to start: copy the template's RAM meanwhile, into a
+        // file already at its full size, and hand QEMU the state only once both are done.
+        crate::memfile::create_sized(&tmpl.memory_file, memory_file)
+            .map_err(|e| RunnerError::io("creating memory file", e))?;
+        let (from, to) = (tmpl.memory_file.clone(), memory_file.to_path_buf());
+        let copy = tokio::task::spawn_blocking(move || crate::memfile::copy_data(&from, &to));
+        let spec = VmSpec {
+            name: id.to_string(),
+            vcpus: tmpl.vcpus,
+            memory_mib: tmpl.memory_mib,
+            kernel: images.kernel.clone(),
+            initrd: images.initrd.clone(),
+            cmdline: KERNEL_CMDLINE.to_string(),
+            disk,
+            memory_file: memory_file.to_path_buf(),
+            run_dir: dir.join("run"),
+            overhead_mib: cfg.overhead_mib,
+        };
+        let spawned = vmm.spawn(&spec, &Boot::Restore { state_file: tmpl.state_file() }).await;
+        let copied =
+            copy.await.map_err(|e| RunnerError::io("copying template memory", std::io::Error::other(e)));
+        let handle = spawned?;
+        let restored = match copied {
+            Ok(Ok(_)) => vmm.restore(&handle, &tmpl.state_file()).await.map_err(RunnerError::from),
+            Ok(Err(e)) => Err(RunnerError::io("copying template memory", e)),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = restored {
+            let _ = vmm.destroy(&handle).await;
+            return Err(e);
+        }
+        Ok((spec, handle))
+    }
+
     async fn restore_inner(
         cfg: &RunnerConfig,
         images: &Images,
         vmm: &dyn Vmm,
         tmpl: &TemplateSnapshot,
         req: &VmRequest,
-        dir: &PathBuf,
-        memory_file: &PathBuf,
+        dir: &Path,
+        memory_file: &Path,
     ) -> Result<SandboxVm, RunnerError> {
-        std::fs::create_dir_all(dir).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
-        let disk = dir.join("disk.qcow2");
-        std::fs::copy(tmpl.overlay(), &disk)
-            .map_err(|e| RunnerError::io("creating disk overlay", e))?;
-        copy_sparse(&tmpl.memory_file, memory_file).await?;
-        let spec = VmSpec {
-            name: req.id.clone(),
-            vcpus: req.vcpus,
-            memory_mib: req.memory_mib,
-            kernel: images.kernel.clone(),
-            initrd: images.initrd.clone(),
-            cmdline: KERNEL_CMDLINE.to_string(),
-            disk,
-            memory_file: memory_file.clone(),
-            run_dir: dir.join("run"),
-            overhead_mib: cfg.overhead_mib,
-        };
-        let handle = vmm
-            .start(
-                &spec,
-                &Boot::Restore {
-                    state_file: tmpl.state_file(),
-                },
-            )
-            .await?;
+        let t0 = std::time::Instant::now();
+        let (spec, handle) = Self::start_vm(cfg, images, vmm, tmpl, &req.id, dir, memory_file).await?;
+        let t_vm = t0.elapsed();
         let vm = SandboxVm {
             handle,
-            dir: dir.clone(),
-            memory_file: memory_file.clone(),
+            dir: dir.to_path_buf(),
+            memory_file: memory_file.to_path_buf(),
             agent: tokio::sync::Mutex::new(None),
         };
         let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?;
+        let t_agent = t0.elapsed();
         let identity = cove_proto::Identity {
             hostname: req.id.clone(),
             env: req.env.clone(),
-            unix_time_ns: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
+            unix_time_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
             entropy_hex: hex::encode(rand::random::<[u8; 32]>()),
         };
-        agent
-            .call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity))
-            .await?;
+        agent.call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity)).await?;
+        tracing::debug!(
+            vm_ms = t_vm.as_millis() as u64,
+            agent_ms = t_agent.as_millis() as u64,
+            identity_ms = t0.elapsed().as_millis() as u64,
+            "sandbox VM restored"
+        );
         *vm.agent.lock().await = Some(agent);
         Ok(vm)
     }
@@ -108,12 +134,7 @@ impl SandboxVm {
     pub fn adopt(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str) -> Option<SandboxVm> {
         let (dir, memory_file) = paths(cfg, id);
         let handle = vmm.find(id, &dir.join("run"))?;
-        Some(SandboxVm {
-            handle,
-            dir,
-            memory_file,
-            agent: tokio::sync::Mutex::new(None),
-        })
+        Some(SandboxVm { handle, dir, memory_file, agent: tokio::sync::Mutex::new(None) })
     }
 
     pub async fn agent(&self) -> Result<AgentClient, RunnerError> {
@@ -121,11 +142,7 @@ impl SandboxVm {
         if let Some(a) = slot.as_ref().filter(|a| !a.is_closed()) {
             return Ok(a.clone());
         }
-        let a = AgentClient::connect(
-            &self.handle.run_dir.join("agent.sock"),
-            AGENT_WAIT_RECONNECT,
-        )
-        .await?;
+        let a = AgentClient::connect(&self.handle.run_dir.join("agent.sock"), AGENT_WAIT_RECONNECT).await?;
         *slot = Some(a.clone());
         Ok(a)
     }
@@ -136,11 +153,7 @@ impl SandboxVm {
     }
 
     /// Cleans up after a sandbox whose VM this runner does not hold (e.g. after a crash).
-    pub async fn remove_leftovers(
-        cfg: &RunnerConfig,
-        vmm: &dyn Vmm,
-        id: &str,
-    ) -> Result<(), RunnerError> {
+    pub async fn remove_leftovers(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str) -> Result<(), RunnerError> {
         let (dir, memory_file) = paths(cfg, id);
         if let Some(handle) = vmm.find(id, &dir.join("run")) {
             vmm.destroy(&handle).await?;
@@ -150,35 +163,29 @@ impl SandboxVm {
     }
 }
 
-fn remove_files(dir: &PathBuf, memory_file: &PathBuf) -> Result<(), RunnerError> {
-    for r in [
-        std::fs::remove_dir_all(dir),
-        std::fs::remove_file(memory_file),
-    ] {
+/// See `Runner::raw_restore`.
+pub async fn raw_restore(
+    cfg: &RunnerConfig,
+    images: &Images,
+    vmm: &dyn Vmm,
+    tmpl: &TemplateSnapshot,
+) -> Result<Duration, RunnerError> {
+    let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let (dir, memory_file) = paths(cfg, &id);
+    let started = std::time::Instant::now();
+    let result = SandboxVm::start_vm(cfg, images, vmm, tmpl, &id, &dir, &memory_file).await;
+    let elapsed = started.elapsed();
+    let _ = SandboxVm::remove_leftovers(cfg, vmm, &id).await;
+    result.map(|_| elapsed)
+}
+
+fn remove_files(dir: &Path, memory_file: &Path) -> Result<(), RunnerError> {
+    for r in [std::fs::remove_dir_all(dir), std::fs::remove_file(memory_file)] {
         match r {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(RunnerError::io("removing sandbox files", e)),
         }
-    }
-    Ok(())
-}
-
-/// Copies a guest memory file, skipping holes (most of a fresh guest's RAM was never touched).
-async fn copy_sparse(from: &PathBuf, to: &PathBuf) -> Result<(), RunnerError> {
-    let out = tokio::process::Command::new("cp")
-        .arg("--sparse=always")
-        .arg(from)
-        .arg(to)
-        .output()
-        .await
-        .map_err(|e| RunnerError::io("running cp", e))?;
-    if !out.status.success() {
-        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(RunnerError::io(
-            "copying template memory",
-            std::io::Error::other(msg),
-        ));
     }
     Ok(())
 }

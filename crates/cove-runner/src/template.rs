@@ -52,18 +52,12 @@ pub struct Templates {
 
 impl Templates {
     pub fn new(cfg: &RunnerConfig, images: &Images) -> Self {
-        Templates {
-            cfg: cfg.clone(),
-            images: images.clone(),
-            building: Mutex::new(HashMap::new()),
-        }
+        Templates { cfg: cfg.clone(), images: images.clone(), building: Mutex::new(HashMap::new()) }
     }
 
     fn snapshot(&self, template: &str, vcpus: u32, memory_mib: u64) -> TemplateSnapshot {
-        let slug: String = template
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .collect();
+        let slug: String =
+            template.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
         let key = format!("{slug}-{vcpus}c-{memory_mib}m");
         TemplateSnapshot {
             dir: self.cfg.cache_dir.join("templates").join(&key),
@@ -75,14 +69,9 @@ impl Templates {
     }
 
     fn is_ready(&self, s: &TemplateSnapshot) -> bool {
-        let want = Meta {
-            fingerprint: self.images.fingerprint(),
-            vcpus: s.vcpus,
-            memory_mib: s.memory_mib,
-        };
-        let meta: Option<Meta> = std::fs::read(s.dir.join("meta.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let want = Meta { fingerprint: self.images.fingerprint(), vcpus: s.vcpus, memory_mib: s.memory_mib };
+        let meta: Option<Meta> =
+            std::fs::read(s.dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         meta.as_ref() == Some(&want)
             && s.memory_file.exists()
             && s.state_file().exists()
@@ -110,13 +99,9 @@ impl Templates {
         };
         let _guard = lock.lock().await;
         // Other cove processes on this host share the cache: take the shape's file lock too.
-        let lock_path = self
-            .cfg
-            .cache_dir
-            .join("templates")
-            .join(format!("{}.lock", snap.key));
-        let lock_file = std::fs::File::create(&lock_path)
-            .map_err(|e| RunnerError::io("creating template lock", e))?;
+        let lock_path = self.cfg.cache_dir.join("templates").join(format!("{}.lock", snap.key));
+        let lock_file =
+            std::fs::File::create(&lock_path).map_err(|e| RunnerError::io("creating template lock", e))?;
         let lock_file = tokio::task::spawn_blocking(move || lock_file.lock().map(|_| lock_file))
             .await
             .map_err(|e| RunnerError::io("locking template", std::io::Error::other(e)))?
@@ -124,12 +109,7 @@ impl Templates {
         if self.is_ready(&snap) {
             return Ok(snap);
         }
-        tracing::info!(
-            template,
-            vcpus,
-            memory_mib,
-            "building template snapshot (cold boot)"
-        );
+        tracing::info!(template, vcpus, memory_mib, "building template snapshot (cold boot)");
         let started = std::time::Instant::now();
         self.build(vmm, &snap).await?;
         tracing::info!(
@@ -163,9 +143,8 @@ impl Templates {
         let vm = vmm.start(&spec, &Boot::Fresh).await?;
         let result = async {
             let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
-            let _: cove_proto::AgentInfo = agent
-                .call::<(), _>(Method::GET, cove_proto::routes::HEALTH, None)
-                .await?;
+            let _: cove_proto::AgentInfo =
+                agent.call::<(), _>(Method::GET, cove_proto::routes::HEALTH, None).await?;
             // Page in the shell and the exec path once, so every clone starts warm.
             let warm = cove_api::process::ExecuteRequest {
                 command: "true".into(),
@@ -173,14 +152,11 @@ impl Templates {
                 envs: None,
                 timeout: Some(30),
             };
-            let _: cove_api::process::ExecuteResponse = agent
-                .call(Method::POST, cove_proto::routes::EXEC, Some(&warm))
-                .await?;
+            let _: cove_api::process::ExecuteResponse =
+                agent.call(Method::POST, cove_proto::routes::EXEC, Some(&warm)).await?;
             // The agent drops this connection and waits for the next greeting, which is where
             // every clone wakes up.
-            agent
-                .call_raw::<()>(Method::POST, cove_proto::routes::DETACH, None)
-                .await?;
+            agent.call_raw::<()>(Method::POST, cove_proto::routes::DETACH, None).await?;
             for _ in 0..200 {
                 if agent.is_closed() {
                     break;
@@ -195,19 +171,13 @@ impl Templates {
         result?;
         let _ = std::fs::remove_dir_all(snap.dir.join("run"));
         // The frozen layer is shared by every clone: nothing may write it again.
-        let mut perms = std::fs::metadata(&disk)
-            .map_err(|e| io("stat disk", e))?
-            .permissions();
+        let mut perms = std::fs::metadata(&disk).map_err(|e| io("stat disk", e))?.permissions();
         perms.set_readonly(true);
         std::fs::set_permissions(&disk, perms).map_err(|e| io("freezing disk", e))?;
         qemu_img_overlay(&disk, &snap.overlay()).await?;
-        let meta = Meta {
-            fingerprint: self.images.fingerprint(),
-            vcpus: snap.vcpus,
-            memory_mib: snap.memory_mib,
-        };
-        let bytes =
-            serde_json::to_vec(&meta).map_err(|e| io("encoding meta", std::io::Error::other(e)))?;
+        let meta =
+            Meta { fingerprint: self.images.fingerprint(), vcpus: snap.vcpus, memory_mib: snap.memory_mib };
+        let bytes = serde_json::to_vec(&meta).map_err(|e| io("encoding meta", std::io::Error::other(e)))?;
         std::fs::write(snap.dir.join("meta.json"), bytes).map_err(|e| io("writing meta", e))?;
         Ok(())
     }
@@ -224,10 +194,7 @@ pub async fn qemu_img_overlay(backing: &Path, path: &Path) -> Result<(), RunnerE
         .map_err(|e| RunnerError::io("running qemu-img", e))?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(RunnerError::io(
-            "qemu-img create",
-            std::io::Error::other(msg),
-        ));
+        return Err(RunnerError::io("qemu-img create", std::io::Error::other(msg)));
     }
     Ok(())
 }

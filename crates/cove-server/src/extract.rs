@@ -16,26 +16,17 @@ pub struct OrgId(pub String);
 
 /// The key from `authorization` or `leap0-authorization`, with an optional `Bearer ` prefix.
 pub fn api_key(parts: &Parts) -> Option<String> {
-    ["authorization", "leap0-authorization"]
-        .iter()
-        .find_map(|h| {
-            let v = parts.headers.get(*h)?.to_str().ok()?.trim();
-            let key = v
-                .strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-                .unwrap_or(v)
-                .trim();
-            (!key.is_empty()).then(|| key.to_string())
-        })
+    ["authorization", "leap0-authorization"].iter().find_map(|h| {
+        let v = parts.headers.get(*h)?.to_str().ok()?.trim();
+        let key = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim();
+        (!key.is_empty()).then(|| key.to_string())
+    })
 }
 
 impl FromRequestParts<AppState> for OrgId {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let key = api_key(parts).ok_or(ApiError::Unauthorized)?;
         match state.core.store.authenticate(&key)? {
             Some(org) => Ok(OrgId(org)),
@@ -56,9 +47,7 @@ impl<T: DeserializeOwned + Validate> FromRequest<AppState> for ValidJson<T> {
     async fn from_request(req: Request, _state: &AppState) -> Result<Self, Self::Rejection> {
         let bytes = axum::body::to_bytes(req.into_body(), MAX_JSON)
             .await
-            .map_err(|_| {
-                ApiError::field("body", format!("must be at most {} MiB", MAX_JSON >> 20))
-            })?;
+            .map_err(|_| ApiError::field("body", format!("must be at most {} MiB", MAX_JSON >> 20)))?;
         let value = parse_json::<T>(&bytes)?;
         value.validate().map_err(ApiError::Invalid)?;
         Ok(ValidJson(value))
@@ -82,11 +71,33 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
         } else {
             path
         };
-        let error = if inner.is_syntax() || inner.is_eof() {
-            format!("invalid JSON: {message}")
-        } else {
-            message
-        };
+        let error =
+            if inner.is_syntax() || inner.is_eof() { format!("invalid JSON: {message}") } else { message };
         ApiError::Invalid(vec![FieldError { field, error }])
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cove_api::sandbox::SandboxCreateRequest;
+
+    fn field_of(body: &str) -> String {
+        match parse_json::<SandboxCreateRequest>(&Bytes::from(body.to_string())) {
+            Err(ApiError::Invalid(errors)) => errors[0].field.clone(),
+            Err(other) => panic!("{body}: unexpected error {other}"),
+            Ok(_) => panic!("{body}: parsed"),
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_the_field_or_the_body() {
+        for bad_json in ["{bad", "{not json", r#"{"template_name": "x", "vcpu": }"#, "[1", "{"] {
+            assert_eq!(field_of(bad_json), "body", "{bad_json}");
+        }
+        assert_eq!(field_of("  "), "body");
+        assert_eq!(field_of("{}"), "template_name");
+        assert_eq!(field_of(r#"{"template_name": "t", "env_vars": {"A": 1}}"#), "env_vars.A");
+        assert_eq!(field_of(r#"{"template_name": "t", "vcpu": "two"}"#), "vcpu");
+    }
 }

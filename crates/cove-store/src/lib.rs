@@ -125,9 +125,7 @@ fn ts(t: &DateTime<Utc>) -> String {
 fn parse_ts(s: &str) -> Result<DateTime<Utc>, rusqlite::Error> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-        })
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn conversion(e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
@@ -156,9 +154,7 @@ impl Store {
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
             tx.commit()?;
         }
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Ok(Store { conn: Mutex::new(conn) })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -168,25 +164,14 @@ impl Store {
     // ── organizations and keys ──
 
     pub fn org_count(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self.conn().query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn create_org(&self, name: &str, sandbox_limit: Option<u64>) -> Result<Org, StoreError> {
-        let org = Org {
-            id: new_id("org"),
-            name: name.to_string(),
-            sandbox_limit,
-        };
+        let org = Org { id: new_id("org"), name: name.to_string(), sandbox_limit };
         self.conn().execute(
             "INSERT INTO orgs (id, name, sandbox_limit, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![
-                org.id,
-                org.name,
-                sandbox_limit.map(|l| l as i64),
-                ts(&Utc::now())
-            ],
+            params![org.id, org.name, sandbox_limit.map(|l| l as i64), ts(&Utc::now())],
         )?;
         Ok(org)
     }
@@ -194,32 +179,21 @@ impl Store {
     pub fn org_by_name(&self, name: &str) -> Result<Option<Org>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT id, name, sandbox_limit FROM orgs WHERE name = ?1",
-                [name],
-                org_row,
-            )
+            .query_row("SELECT id, name, sandbox_limit FROM orgs WHERE name = ?1", [name], org_row)
             .optional()?)
     }
 
     pub fn org(&self, id: &str) -> Result<Option<Org>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT id, name, sandbox_limit FROM orgs WHERE id = ?1",
-                [id],
-                org_row,
-            )
+            .query_row("SELECT id, name, sandbox_limit FROM orgs WHERE id = ?1", [id], org_row)
             .optional()?)
     }
 
     pub fn list_orgs(&self) -> Result<Vec<Org>, StoreError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, name, sandbox_limit FROM orgs ORDER BY created_at")?;
-        let rows = stmt
-            .query_map([], org_row)?
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = conn.prepare("SELECT id, name, sandbox_limit FROM orgs ORDER BY created_at")?;
+        let rows = stmt.query_map([], org_row)?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
@@ -252,8 +226,9 @@ impl Store {
 
     pub fn list_keys(&self, org_id: &str) -> Result<Vec<ApiKeyInfo>, StoreError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT id, org_id, name, prefix, created_at FROM api_keys WHERE org_id = ?1 ORDER BY created_at")?;
+        let mut stmt = conn.prepare(
+            "SELECT id, org_id, name, prefix, created_at FROM api_keys WHERE org_id = ?1 ORDER BY created_at",
+        )?;
         let rows = stmt
             .query_map([org_id], |r| {
                 Ok(ApiKeyInfo {
@@ -269,10 +244,8 @@ impl Store {
     }
 
     pub fn delete_key(&self, org_id: &str, key_id: &str) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "DELETE FROM api_keys WHERE id = ?1 AND org_id = ?2",
-            [key_id, org_id],
-        )?;
+        let n =
+            self.conn().execute("DELETE FROM api_keys WHERE id = ?1 AND org_id = ?2", [key_id, org_id])?;
         if n == 0 {
             return Err(StoreError::NotFound);
         }
@@ -283,11 +256,7 @@ impl Store {
     pub fn authenticate(&self, key: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT org_id FROM api_keys WHERE key_hash = ?1",
-                [hash_key(key)],
-                |r| r.get(0),
-            )
+            .query_row("SELECT org_id FROM api_keys WHERE key_hash = ?1", [hash_key(key)], |r| r.get(0))
             .optional()?)
     }
 
@@ -295,44 +264,24 @@ impl Store {
 
     /// Inserts a sandbox unless its organization already has `default_limit` (or its own
     /// limit) sandboxes in states that count (see `SandboxState::counts_against_limit`).
-    pub fn insert_sandbox(
-        &self,
-        rec: &SandboxRecord,
-        default_limit: u64,
-    ) -> Result<(), StoreError> {
+    pub fn insert_sandbox(&self, rec: &SandboxRecord, default_limit: u64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let limit: Option<i64> = tx
-            .query_row(
-                "SELECT sandbox_limit FROM orgs WHERE id = ?1",
-                [&rec.org_id],
-                |r| r.get(0),
-            )
+            .query_row("SELECT sandbox_limit FROM orgs WHERE id = ?1", [&rec.org_id], |r| r.get(0))
             .optional()?
             .flatten();
         let limit = limit.map_or(default_limit, |l| l.max(0) as u64);
-        let counting: Vec<&str> = SandboxState::ALL
-            .iter()
-            .filter(|s| s.counts_against_limit())
-            .map(|s| s.as_str())
-            .collect();
-        let placeholders = counting
-            .iter()
-            .map(|s| format!("'{s}'"))
-            .collect::<Vec<_>>()
-            .join(",");
+        let counting: Vec<&str> =
+            SandboxState::ALL.iter().filter(|s| s.counts_against_limit()).map(|s| s.as_str()).collect();
+        let placeholders = counting.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",");
         let count: i64 = tx.query_row(
-            &format!(
-                "SELECT COUNT(*) FROM sandboxes WHERE org_id = ?1 AND state IN ({placeholders})"
-            ),
+            &format!("SELECT COUNT(*) FROM sandboxes WHERE org_id = ?1 AND state IN ({placeholders})"),
             [&rec.org_id],
             |r| r.get(0),
         )?;
         if count as u64 >= limit {
-            return Err(StoreError::LimitReached {
-                count: count as u64,
-                limit,
-            });
+            return Err(StoreError::LimitReached { count: count as u64, limit });
         }
         tx.execute(
             "INSERT INTO sandboxes (id, org_id, template, vcpu, memory, disk, timeout, auto_pause, network_policy, env,
@@ -383,11 +332,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let rec = tx
-            .query_row(
-                &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"),
-                [id],
-                sandbox_row,
-            )
+            .query_row(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"), [id], sandbox_row)
             .optional()?;
         let Some(rec) = rec else {
             return Err(StoreError::NotFound);
@@ -412,8 +357,7 @@ impl Store {
     }
 
     pub fn delete_sandbox(&self, id: &str) -> Result<(), StoreError> {
-        self.conn()
-            .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
         Ok(())
     }
 
@@ -442,12 +386,7 @@ impl Store {
         ))?;
         let rows = stmt
             .query_map(
-                params![
-                    org_id,
-                    state,
-                    q.page_size as i64,
-                    offset.min(i64::MAX as u64) as i64
-                ],
+                params![org_id, state, q.page_size as i64, offset.min(i64::MAX as u64) as i64],
                 sandbox_row,
             )?
             .collect::<Result<Vec<_>, _>>()?;
@@ -457,12 +396,9 @@ impl Store {
     /// Every sandbox placed on `runner_id`, in any state (for recovery after a restart).
     pub fn sandboxes_on_runner(&self, runner_id: &str) -> Result<Vec<SandboxRecord>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE runner_id = ?1"
-        ))?;
-        let rows = stmt
-            .query_map([runner_id], sandbox_row)?
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut stmt =
+            conn.prepare(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE runner_id = ?1"))?;
+        let rows = stmt.query_map([runner_id], sandbox_row)?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
@@ -472,9 +408,7 @@ impl Store {
         let mut stmt = conn.prepare(&format!(
             "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE timeout_at IS NOT NULL AND timeout_at <= ?1 AND state = 'running'"
         ))?;
-        let rows = stmt
-            .query_map([now_unix], sandbox_row)?
-            .collect::<Result<Vec<_>, _>>()?;
+        let rows = stmt.query_map([now_unix], sandbox_row)?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 }
@@ -504,19 +438,13 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
         disk: r.get::<_, i64>(5)? as u64,
         timeout: r.get::<_, i64>(6)? as u64,
         auto_pause: r.get(7)?,
-        network_policy: policy
-            .map(|p| serde_json::from_str(&p))
-            .transpose()
-            .map_err(conversion)?,
+        network_policy: policy.map(|p| serde_json::from_str(&p)).transpose().map_err(conversion)?,
         env: serde_json::from_str(&env).map_err(conversion)?,
         state: SandboxState::parse(&state)
             .ok_or_else(|| conversion(StoreError::Corrupt(format!("unknown state {state:?}"))))?,
         runner_id: r.get(11)?,
         created_at: parse_ts(&r.get::<_, String>(12)?)?,
-        launch_time: r
-            .get::<_, Option<String>>(13)?
-            .map(|s| parse_ts(&s))
-            .transpose()?,
+        launch_time: r.get::<_, Option<String>>(13)?.map(|s| parse_ts(&s)).transpose()?,
         state_changed_at: parse_ts(&r.get::<_, String>(14)?)?,
         timeout_at: r.get(15)?,
     })
@@ -556,10 +484,7 @@ mod tests {
         s.add_key(&org.id, "ci", &key).unwrap();
         assert_eq!(s.authenticate(&key).unwrap(), Some(org.id.clone()));
         assert_eq!(s.authenticate("cove_wrong").unwrap(), None);
-        let stored: String = s
-            .conn()
-            .query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0))
-            .unwrap();
+        let stored: String = s.conn().query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0)).unwrap();
         assert_ne!(stored, key);
         assert_eq!(stored, hash_key(&key));
     }
@@ -568,39 +493,23 @@ mod tests {
     fn limit_counts_only_vm_holding_states() {
         let s = Store::open_in_memory().unwrap();
         let org = s.create_org("acme", None).unwrap();
-        s.insert_sandbox(&rec(&org.id, "a", SandboxState::Running), 2)
-            .unwrap();
-        s.insert_sandbox(&rec(&org.id, "b", SandboxState::Paused), 2)
-            .unwrap();
-        s.insert_sandbox(&rec(&org.id, "c", SandboxState::Starting), 2)
-            .unwrap();
-        let err = s
-            .insert_sandbox(&rec(&org.id, "d", SandboxState::Starting), 2)
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            StoreError::LimitReached { count: 2, limit: 2 }
-        ));
+        s.insert_sandbox(&rec(&org.id, "a", SandboxState::Running), 2).unwrap();
+        s.insert_sandbox(&rec(&org.id, "b", SandboxState::Paused), 2).unwrap();
+        s.insert_sandbox(&rec(&org.id, "c", SandboxState::Starting), 2).unwrap();
+        let err = s.insert_sandbox(&rec(&org.id, "d", SandboxState::Starting), 2).unwrap_err();
+        assert!(matches!(err, StoreError::LimitReached { count: 2, limit: 2 }));
         // A per-organization limit overrides the default.
         s.set_org_limit(&org.id, Some(5)).unwrap();
-        s.insert_sandbox(&rec(&org.id, "d", SandboxState::Starting), 2)
-            .unwrap();
+        s.insert_sandbox(&rec(&org.id, "d", SandboxState::Starting), 2).unwrap();
     }
 
     #[test]
     fn transitions_are_compare_and_set() {
         let s = Store::open_in_memory().unwrap();
         let org = s.create_org("acme", None).unwrap();
-        s.insert_sandbox(&rec(&org.id, "a", SandboxState::Starting), 3)
-            .unwrap();
-        assert!(s
-            .transition("a", &[SandboxState::Starting], SandboxState::Running)
-            .unwrap()
-            .is_some());
-        assert!(s
-            .transition("a", &[SandboxState::Starting], SandboxState::Deleting)
-            .unwrap()
-            .is_none());
+        s.insert_sandbox(&rec(&org.id, "a", SandboxState::Starting), 3).unwrap();
+        assert!(s.transition("a", &[SandboxState::Starting], SandboxState::Running).unwrap().is_some());
+        assert!(s.transition("a", &[SandboxState::Starting], SandboxState::Deleting).unwrap().is_none());
         let r = s.sandbox(&org.id, "a").unwrap().unwrap();
         assert_eq!(r.state, SandboxState::Running);
         assert!(r.launch_time.is_some());
@@ -615,28 +524,16 @@ mod tests {
             let mut r = rec(
                 &org.id,
                 &format!("s{i}"),
-                if i % 2 == 0 {
-                    SandboxState::Running
-                } else {
-                    SandboxState::Paused
-                },
+                if i % 2 == 0 { SandboxState::Running } else { SandboxState::Paused },
             );
             r.created_at += chrono::Duration::seconds(i);
             s.insert_sandbox(&r, 100).unwrap();
         }
-        let q = ListSandboxes {
-            state: None,
-            sort: SortKey::CreatedAt,
-            descending: true,
-            page: 1,
-            page_size: 2,
-        };
+        let q =
+            ListSandboxes { state: None, sort: SortKey::CreatedAt, descending: true, page: 1, page_size: 2 };
         let (rows, total) = s.list_sandboxes(&org.id, &q).unwrap();
         assert_eq!(total, 5);
-        assert_eq!(
-            rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            vec!["s4", "s3"]
-        );
+        assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["s4", "s3"]);
         let q = ListSandboxes {
             state: Some(SandboxState::Paused),
             page: 1,

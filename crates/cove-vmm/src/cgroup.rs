@@ -19,10 +19,7 @@ impl Cgroup {
             let parent = Path::new(V2_ROOT).join("cove");
             std::fs::create_dir_all(&parent)?;
             // Delegate the controllers we set limits with to our subtree.
-            let _ = std::fs::write(
-                Path::new(V2_ROOT).join("cgroup.subtree_control"),
-                "+memory +pids",
-            );
+            let _ = std::fs::write(Path::new(V2_ROOT).join("cgroup.subtree_control"), "+memory +pids");
             let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+memory +pids");
             let dir = &cg.dirs[0];
             std::fs::create_dir_all(dir)?;
@@ -32,10 +29,7 @@ impl Cgroup {
             for dir in &cg.dirs {
                 std::fs::create_dir_all(dir)?;
             }
-            std::fs::write(
-                cg.dirs[0].join("memory.limit_in_bytes"),
-                memory_limit_bytes.to_string(),
-            )?;
+            std::fs::write(cg.dirs[0].join("memory.limit_in_bytes"), memory_limit_bytes.to_string())?;
         }
         Ok(cg)
     }
@@ -43,9 +37,7 @@ impl Cgroup {
     /// The directories `create` makes for `name`, without touching anything.
     pub fn locate(name: &str) -> Cgroup {
         if Path::new(V2_ROOT).join("cgroup.controllers").exists() {
-            Cgroup {
-                dirs: vec![Path::new(V2_ROOT).join("cove").join(name)],
-            }
+            Cgroup { dirs: vec![Path::new(V2_ROOT).join("cove").join(name)] }
         } else {
             let dirs = ["memory", "pids"]
                 .iter()

@@ -116,8 +116,22 @@ pub struct VmHandle {
 
 #[async_trait]
 pub trait Vmm: Send + Sync {
-    /// Starts a VM; returns once its vCPUs run.
-    async fn start(&self, spec: &VmSpec, boot: &Boot) -> Result<VmHandle, VmmError>;
+    /// Starts the VM process. With `Boot::Fresh` the guest runs at once; with `Boot::Restore`
+    /// the process waits, with its RAM file mapped, until [`Vmm::restore`] feeds it the state.
+    async fn spawn(&self, spec: &VmSpec, boot: &Boot) -> Result<VmHandle, VmmError>;
+    /// Loads a saved device state into a VM spawned for restore, and runs it.
+    async fn restore(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;
+    /// `spawn`, then `restore` when restoring; returns once the vCPUs run.
+    async fn start(&self, spec: &VmSpec, boot: &Boot) -> Result<VmHandle, VmmError> {
+        let vm = self.spawn(spec, boot).await?;
+        if let Boot::Restore { state_file } = boot {
+            if let Err(e) = self.restore(&vm, state_file).await {
+                let _ = self.destroy(&vm).await;
+                return Err(e);
+            }
+        }
+        Ok(vm)
+    }
     /// Stops the vCPUs and writes the device state (not RAM) to `state_file`. The VM stays
     /// stopped; the caller destroys it or resumes it.
     async fn save(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;

@@ -30,10 +30,7 @@ pub struct QemuVmm {
 
 impl QemuVmm {
     pub fn new(accel: Accel) -> Self {
-        QemuVmm {
-            binary: PathBuf::from("qemu-system-x86_64"),
-            accel: accel.resolve(),
-        }
+        QemuVmm { binary: PathBuf::from("qemu-system-x86_64"), accel: accel.resolve() }
     }
 
     fn args(&self, spec: &VmSpec, boot: &Boot) -> Vec<String> {
@@ -50,11 +47,7 @@ impl QemuVmm {
             "-accel".into(),
             accel.into(),
             "-cpu".into(),
-            if self.accel == Accel::Kvm {
-                "host".into()
-            } else {
-                "max".into()
-            },
+            if self.accel == Accel::Kvm { "host".into() } else { "max".into() },
             "-smp".into(),
             spec.vcpus.to_string(),
             "-m".into(),
@@ -87,15 +80,9 @@ impl QemuVmm {
             "-device".into(),
             "virtio-serial-pci,id=vser".into(),
             "-chardev".into(),
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                run("agent.sock")
-            ),
+            format!("socket,id=agent,path={},server=on,wait=off", run("agent.sock")),
             "-device".into(),
-            format!(
-                "virtserialport,bus=vser.0,chardev=agent,name={}",
-                cove_proto_port()
-            ),
+            format!("virtserialport,bus=vser.0,chardev=agent,name={}", cove_proto_port()),
             "-device".into(),
             "virtio-rng-pci".into(),
             "-qmp".into(),
@@ -124,7 +111,7 @@ fn cove_proto_port() -> &'static str {
 
 #[async_trait]
 impl Vmm for QemuVmm {
-    async fn start(&self, spec: &VmSpec, boot: &Boot) -> Result<VmHandle, VmmError> {
+    async fn spawn(&self, spec: &VmSpec, boot: &Boot) -> Result<VmHandle, VmmError> {
         std::fs::create_dir_all(&spec.run_dir).map_err(|e| VmmError::io("creating run dir", e))?;
         for f in ["qmp.sock", "agent.sock", "qemu.pid", "incoming.sock"] {
             let _ = std::fs::remove_file(spec.run_dir.join(f));
@@ -142,14 +129,9 @@ impl Vmm for QemuVmm {
 
         let log = std::fs::File::create(spec.run_dir.join("qemu.log"))
             .map_err(|e| VmmError::io("creating qemu.log", e))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| VmmError::io("creating qemu.log", e))?;
+        let log_err = log.try_clone().map_err(|e| VmmError::io("creating qemu.log", e))?;
         let mut cmd = std::process::Command::new(&self.binary);
-        cmd.args(self.args(spec, boot))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
+        cmd.args(self.args(spec, boot)).stdin(Stdio::null()).stdout(log).stderr(log_err);
         // QEMU runs in its own session (a runner restart or a signal to the runner's group
         // does not touch it) and in the VM's cgroup from its first instruction. It cannot
         // daemonize itself: `-sandbox spawn=deny` forbids the fork.
@@ -158,20 +140,15 @@ impl Vmm for QemuVmm {
         unsafe {
             cmd.pre_exec(move || sys::detach_into_cgroups(&fds));
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
+        let mut child =
+            cmd.spawn().map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
         drop(procs);
         let pid = child.id();
         // Reap QEMU when it exits, so it never lingers as a zombie of the runner.
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        let vm = VmHandle {
-            pid,
-            run_dir: spec.run_dir.clone(),
-            name: spec.name.clone(),
-        };
+        let vm = VmHandle { pid, run_dir: spec.run_dir.clone(), name: spec.name.clone() };
         if let Err(e) = Qmp::connect(&spec.run_dir.join("qmp.sock"), QMP_WAIT).await {
             let log = std::fs::read_to_string(spec.run_dir.join("qemu.log")).unwrap_or_default();
             let _ = self.destroy(&vm).await;
@@ -179,12 +156,6 @@ impl Vmm for QemuVmm {
             return Err(VmmError::Spawn(format!("{e}; QEMU said: {}", log.trim())));
         }
 
-        if let Boot::Restore { state_file } = boot {
-            if let Err(e) = self.incoming(&vm, state_file).await {
-                let _ = self.destroy(&vm).await;
-                return Err(e);
-            }
-        }
         Ok(vm)
     }
 
@@ -198,8 +169,7 @@ impl Vmm for QemuVmm {
         qmp.execute("stop", json!({})).await?;
         let sock = vm.run_dir.join("outgoing.sock");
         let _ = std::fs::remove_file(&sock);
-        let listener =
-            UnixListener::bind(&sock).map_err(|e| VmmError::io("binding migration socket", e))?;
+        let listener = UnixListener::bind(&sock).map_err(|e| VmmError::io("binding migration socket", e))?;
         let tmp = state_file.with_extension("partial");
         let sink = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await?;
@@ -208,11 +178,7 @@ impl Vmm for QemuVmm {
             file.sync_all().await?;
             Ok::<PathBuf, std::io::Error>(tmp)
         });
-        qmp.execute(
-            "migrate",
-            json!({"uri": format!("unix:{}", sock.display())}),
-        )
-        .await?;
+        qmp.execute("migrate", json!({"uri": format!("unix:{}", sock.display())})).await?;
         qmp.wait_migration(MIGRATION_WAIT).await?;
         let tmp = sink
             .await
@@ -223,18 +189,18 @@ impl Vmm for QemuVmm {
         Ok(())
     }
 
+    async fn restore(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
+        self.restore_state(vm, state_file).await
+    }
+
     async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
         self.qmp(vm).await?.execute("cont", json!({})).await?;
         Ok(())
     }
 
     async fn destroy(&self, vm: &VmHandle) -> Result<(), VmmError> {
-        if let Ok(Ok(mut qmp)) =
-            tokio::time::timeout(Duration::from_millis(500), self.qmp(vm)).await
-        {
-            let _ =
-                tokio::time::timeout(Duration::from_millis(500), qmp.execute("quit", json!({})))
-                    .await;
+        if let Ok(Ok(mut qmp)) = tokio::time::timeout(Duration::from_millis(500), self.qmp(vm)).await {
+            let _ = tokio::time::timeout(Duration::from_millis(500), qmp.execute("quit", json!({}))).await;
         }
         for i in 0..500 {
             if !alive(vm.pid, &vm.name) {
@@ -253,22 +219,14 @@ impl Vmm for QemuVmm {
     }
 
     fn find(&self, name: &str, run_dir: &Path) -> Option<VmHandle> {
-        let pid: u32 = std::fs::read_to_string(run_dir.join("qemu.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        alive(pid, name).then(|| VmHandle {
-            pid,
-            run_dir: run_dir.to_path_buf(),
-            name: name.to_string(),
-        })
+        let pid: u32 = std::fs::read_to_string(run_dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
+        alive(pid, name).then(|| VmHandle { pid, run_dir: run_dir.to_path_buf(), name: name.to_string() })
     }
 }
 
 impl QemuVmm {
     /// Feeds a saved device state to a QEMU started with `-incoming defer`, then runs it.
-    async fn incoming(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
+    async fn restore_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
         let mut qmp = self.qmp(vm).await?;
         qmp.execute(
             "migrate-set-capabilities",
@@ -276,25 +234,12 @@ impl QemuVmm {
         )
         .await?;
         let sock = vm.run_dir.join("incoming.sock");
-        qmp.execute(
-            "migrate-incoming",
-            json!({"uri": format!("unix:{}", sock.display())}),
-        )
-        .await?;
-        let state = tokio::fs::read(state_file)
-            .await
-            .map_err(|e| VmmError::io("reading device state", e))?;
-        let mut stream = UnixStream::connect(&sock)
-            .await
-            .map_err(|e| VmmError::io("connecting to incoming socket", e))?;
-        stream
-            .write_all(&state)
-            .await
-            .map_err(|e| VmmError::io("sending device state", e))?;
-        stream
-            .shutdown()
-            .await
-            .map_err(|e| VmmError::io("sending device state", e))?;
+        qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", sock.display())})).await?;
+        let state = tokio::fs::read(state_file).await.map_err(|e| VmmError::io("reading device state", e))?;
+        let mut stream =
+            UnixStream::connect(&sock).await.map_err(|e| VmmError::io("connecting to incoming socket", e))?;
+        stream.write_all(&state).await.map_err(|e| VmmError::io("sending device state", e))?;
+        stream.shutdown().await.map_err(|e| VmmError::io("sending device state", e))?;
         qmp.wait_migration(MIGRATION_WAIT).await?;
         qmp.execute("cont", json!({})).await?;
         Ok(())
@@ -308,10 +253,7 @@ fn alive(pid: u32, name: &str) -> bool {
             let want = format!("cove-{name},");
             let text = String::from_utf8_lossy(&cmdline);
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'));
+            let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
             text.contains(&want) && !zombie
         }
         Err(_) => false,

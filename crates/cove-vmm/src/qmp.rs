@@ -23,19 +23,13 @@ impl Qmp {
             match UnixStream::connect(path).await {
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(VmmError::Qmp(format!(
-                        "connecting to {}: {e}",
-                        path.display()
-                    )))
+                    return Err(VmmError::Qmp(format!("connecting to {}: {e}", path.display())))
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         };
         let (r, w) = stream.into_split();
-        let mut qmp = Qmp {
-            reader: BufReader::new(r),
-            writer: w,
-        };
+        let mut qmp = Qmp { reader: BufReader::new(r), writer: w };
         let greeting = qmp.read_message().await?;
         if greeting.get("QMP").is_none() {
             return Err(VmmError::Qmp(format!("unexpected greeting {greeting}")));
@@ -46,13 +40,7 @@ impl Qmp {
 
     async fn read_message(&mut self) -> Result<Value, VmmError> {
         let mut line = String::new();
-        if self
-            .reader
-            .read_line(&mut line)
-            .await
-            .map_err(|e| VmmError::Qmp(format!("reading: {e}")))?
-            == 0
-        {
+        if self.reader.read_line(&mut line).await.map_err(|e| VmmError::Qmp(format!("reading: {e}")))? == 0 {
             return Err(VmmError::Qmp("QEMU closed the monitor".into()));
         }
         serde_json::from_str(&line).map_err(|e| VmmError::Qmp(format!("bad message {line:?}: {e}")))
@@ -67,10 +55,7 @@ impl Qmp {
         };
         let mut text = msg.to_string();
         text.push('\n');
-        self.writer
-            .write_all(text.as_bytes())
-            .await
-            .map_err(|e| VmmError::Qmp(format!("writing: {e}")))?;
+        self.writer.write_all(text.as_bytes()).await.map_err(|e| VmmError::Qmp(format!("writing: {e}")))?;
         loop {
             let reply = self.read_message().await?;
             if reply.get("event").is_some() {
@@ -80,10 +65,7 @@ impl Qmp {
                 return Ok(ret.clone());
             }
             if let Some(err) = reply.get("error") {
-                let desc = err
-                    .get("desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error");
+                let desc = err.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
                 return Err(VmmError::Qmp(format!("{command}: {desc}")));
             }
         }
@@ -97,10 +79,7 @@ impl Qmp {
             match info.get("status").and_then(Value::as_str) {
                 Some("completed") => return Ok(()),
                 Some("failed") | Some("cancelled") => {
-                    let why = info
-                        .get("error-desc")
-                        .and_then(Value::as_str)
-                        .unwrap_or("no reason given");
+                    let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
                     return Err(VmmError::Qmp(format!("migration failed: {why}")));
                 }
                 _ if tokio::time::Instant::now() >= deadline => {

@@ -9,12 +9,7 @@ use serde_json::{json, Value};
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// Base URL of the Cove API.
-    #[arg(
-        long,
-        env = "COVE_API_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
+    #[arg(long, env = "COVE_API_URL", default_value = "http://127.0.0.1:8080", global = true)]
     url: String,
     /// API key (or the file `<data-dir>/bootstrap-api-key` written by the server).
     #[arg(long, env = "COVE_API_KEY", global = true, hide_env_values = true)]
@@ -118,38 +113,20 @@ impl Api {
                 .map(|k| k.trim().to_string())
                 .context("no API key: pass --api-key or set COVE_API_KEY")?,
         };
-        Ok(Api {
-            http: reqwest::Client::new(),
-            url: conn.url.trim_end_matches('/').to_string(),
-            key,
-        })
+        Ok(Api { http: reqwest::Client::new(), url: conn.url.trim_end_matches('/').to_string(), key })
     }
 
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Option<Value>> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(&self.key);
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Option<Value>> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.key);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("connecting to {}", self.url))?;
+        let resp = req.send().await.with_context(|| format!("connecting to {}", self.url))?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
             let v: Value = serde_json::from_str(&text).unwrap_or(json!({ "message": text }));
-            let mut msg = v["message"]
-                .as_str()
-                .unwrap_or("request failed")
-                .to_string();
+            let mut msg = v["message"].as_str().unwrap_or("request failed").to_string();
             if let Some(errors) = v["errors"].as_array() {
                 for e in errors {
                     msg.push_str(&format!(
@@ -161,11 +138,7 @@ impl Api {
             }
             bail!("{status}: {msg}");
         }
-        Ok(if text.is_empty() {
-            None
-        } else {
-            Some(serde_json::from_str(&text)?)
-        })
+        Ok(if text.is_empty() { None } else { Some(serde_json::from_str(&text)?) })
     }
 }
 
@@ -176,42 +149,23 @@ fn print(v: &Option<Value>) {
 }
 
 fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
 
 pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
     use reqwest::Method;
     block_on(async move {
         match cmd {
-            SandboxCmd::Create {
-                template,
-                vcpu,
-                memory,
-                timeout,
-                env,
-                conn,
-            } => {
+            SandboxCmd::Create { template, vcpu, memory, timeout, env, conn } => {
                 let env: BTreeMap<String, String> = env.into_iter().collect();
                 let body = json!({ "template_name": template, "vcpu": vcpu, "memory": memory, "timeout": timeout, "env_vars": env });
                 let body = strip_nulls(body);
-                print(
-                    &Api::new(&conn)?
-                        .call(Method::POST, "/v1/sandbox", Some(body))
-                        .await?,
-                );
+                print(&Api::new(&conn)?.call(Method::POST, "/v1/sandbox", Some(body)).await?);
             }
             SandboxCmd::List { state, conn } => {
                 let q = state.map(|s| format!("?state={s}")).unwrap_or_default();
-                let v = Api::new(&conn)?
-                    .call(Method::GET, &format!("/v1/sandboxes{q}"), None)
-                    .await?;
-                let items = v
-                    .as_ref()
-                    .and_then(|v| v["items"].as_array().cloned())
-                    .unwrap_or_default();
+                let v = Api::new(&conn)?.call(Method::GET, &format!("/v1/sandboxes{q}"), None).await?;
+                let items = v.as_ref().and_then(|v| v["items"].as_array().cloned()).unwrap_or_default();
                 println!("{:<28} {:<10} {:<24} CREATED", "ID", "STATE", "TEMPLATE");
                 for i in items {
                     println!(
@@ -223,27 +177,14 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
                     );
                 }
             }
-            SandboxCmd::Get { id, conn } => print(
-                &Api::new(&conn)?
-                    .call(Method::GET, &format!("/v1/sandbox/{id}"), None)
-                    .await?,
-            ),
-            SandboxCmd::Exec {
-                id,
-                command,
-                cwd,
-                timeout,
-                conn,
-            } => {
-                let body = strip_nulls(
-                    json!({ "command": command.join(" "), "cwd": cwd, "timeout": timeout }),
-                );
+            SandboxCmd::Get { id, conn } => {
+                print(&Api::new(&conn)?.call(Method::GET, &format!("/v1/sandbox/{id}"), None).await?)
+            }
+            SandboxCmd::Exec { id, command, cwd, timeout, conn } => {
+                let body =
+                    strip_nulls(json!({ "command": command.join(" "), "cwd": cwd, "timeout": timeout }));
                 let v = Api::new(&conn)?
-                    .call(
-                        Method::POST,
-                        &format!("/v1/sandbox/{id}/process/execute"),
-                        Some(body),
-                    )
+                    .call(Method::POST, &format!("/v1/sandbox/{id}/process/execute"), Some(body))
                     .await?
                     .unwrap_or_default();
                 print!("{}", v["stdout"].as_str().unwrap_or(""));
@@ -256,8 +197,7 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
             SandboxCmd::Rm { ids, conn } => {
                 let api = Api::new(&conn)?;
                 for id in ids {
-                    api.call(Method::DELETE, &format!("/v1/sandbox/{id}"), None)
-                        .await?;
+                    api.call(Method::DELETE, &format!("/v1/sandbox/{id}"), None).await?;
                     println!("deleted {id}");
                 }
             }
@@ -270,18 +210,12 @@ pub fn keys(cmd: KeysCmd) -> Result<()> {
     use reqwest::Method;
     block_on(async move {
         match cmd {
-            KeysCmd::Create { name, conn } => print(
-                &Api::new(&conn)?
-                    .call(Method::POST, "/v1/keys", Some(json!({ "name": name })))
-                    .await?,
-            ),
-            KeysCmd::List { conn } => {
-                print(&Api::new(&conn)?.call(Method::GET, "/v1/keys", None).await?)
+            KeysCmd::Create { name, conn } => {
+                print(&Api::new(&conn)?.call(Method::POST, "/v1/keys", Some(json!({ "name": name }))).await?)
             }
+            KeysCmd::List { conn } => print(&Api::new(&conn)?.call(Method::GET, "/v1/keys", None).await?),
             KeysCmd::Rm { id, conn } => {
-                Api::new(&conn)?
-                    .call(Method::DELETE, &format!("/v1/keys/{id}"), None)
-                    .await?;
+                Api::new(&conn)?.call(Method::DELETE, &format!("/v1/keys/{id}"), None).await?;
                 println!("revoked {id}");
             }
         }

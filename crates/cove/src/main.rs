@@ -1,5 +1,6 @@
 //! `cove`: the server, host setup, and a client for the API.
 
+mod bench;
 mod client;
 mod cpio;
 mod serve;
@@ -10,11 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cove",
-    version,
-    about = "Self-hostable microVM sandboxes with a Leap0-compatible API"
-)]
+#[command(name = "cove", version, about = "Self-hostable microVM sandboxes with a Leap0-compatible API")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -40,13 +37,14 @@ enum Cmd {
     Keys(client::KeysCmd),
     /// Print the OpenAPI document of the API.
     Openapi,
+    /// Measure create and exec latency beside raw QEMU restores, in-process; writes JSON.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COVE_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("COVE_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -56,6 +54,7 @@ fn main() {
         Cmd::Server(args) => serve::run(args),
         Cmd::Sandbox(cmd) => client::sandbox(cmd),
         Cmd::Keys(cmd) => client::keys(cmd),
+        Cmd::Bench(args) => bench::run(args),
         Cmd::Openapi => {
             print!("{}", cove_server::openapi_json());
             Ok(())

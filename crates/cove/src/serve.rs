@@ -40,18 +40,14 @@ fn parse_accel(s: &str) -> Result<Accel, String> {
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(serve(args))
 }
 
 async fn serve(args: ServerArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let store = Arc::new(
-        Store::open(&args.data_dir.join("cove.db")).context("opening the metadata store")?,
-    );
+    let store = Arc::new(Store::open(&args.data_dir.join("cove.db")).context("opening the metadata store")?);
     bootstrap(&store, &args.data_dir)?;
 
     let mut rcfg = RunnerConfig::new(args.cache_dir.clone(), args.data_dir.clone());
@@ -62,25 +58,16 @@ async fn serve(args: ServerArgs) -> Result<()> {
     let core = Arc::new(Core {
         store,
         runner: runner.clone(),
-        cfg: CoreConfig {
-            default_sandbox_limit: args.sandbox_limit,
-            runner_id: "local".into(),
-        },
+        cfg: CoreConfig { default_sandbox_limit: args.sandbox_limit, runner_id: "local".into() },
     });
-    core.recover()
-        .await
-        .map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
+    core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
     if !args.no_prepare {
         let runner = runner.clone();
         tokio::spawn(async move {
             let t = cove_api::sandbox::DEFAULT_TEMPLATE;
             if let Err(e) = runner
-                .prepare_template(
-                    t,
-                    cove_api::sandbox::DEFAULT_VCPU,
-                    cove_api::sandbox::DEFAULT_MEMORY_MIB,
-                )
+                .prepare_template(t, cove_api::sandbox::DEFAULT_VCPU, cove_api::sandbox::DEFAULT_MEMORY_MIB)
                 .await
             {
                 tracing::error!(error = %cove_server::error::error_chain(&e), "preparing the default template");
@@ -110,10 +97,8 @@ async fn serve(args: ServerArgs) -> Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         std::future::pending::<()>().await;
         return;
     };
@@ -137,12 +122,8 @@ fn bootstrap(store: &Store, data_dir: &std::path::Path) -> Result<()> {
     store.add_key(&org.id, "bootstrap", &key)?;
     if generated {
         let path = data_dir.join("bootstrap-api-key");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?;
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
         use std::io::Write;
         writeln!(f, "{key}")?;
         println!("created organization 'default' with API key:\n\n    {key}\n\n(also saved to {}; it is not shown again)", path.display());

@@ -9,15 +9,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-const PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "qemu-utils",
-    "mmdebstrap",
-    "e2fsprogs",
-    "xz-utils",
-    "zstd",
-    "ca-certificates",
-];
+const PACKAGES: &[&str] =
+    &["qemu-system-x86", "qemu-utils", "mmdebstrap", "e2fsprogs", "xz-utils", "zstd", "ca-certificates"];
 const KERNEL_SH: &str = include_str!("../../../images/kernel.sh");
 const ROOTFS_SH: &str = include_str!("../../../images/rootfs.sh");
 
@@ -39,8 +32,7 @@ impl Steps {
 }
 
 pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
-    std::fs::create_dir_all(cache_dir)
-        .with_context(|| format!("creating {}", cache_dir.display()))?;
+    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
     let mut steps = Steps { n: 0, total: 4 };
 
     let t = steps.start("host packages");
@@ -51,9 +43,8 @@ pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
     run_script("kernel.sh", KERNEL_SH, cache_dir)?;
     steps.done(t);
 
-    let t = steps.start(
-        "system template root filesystem (debian:bookworm, mmdebstrap; minutes on first run)",
-    );
+    let t =
+        steps.start("system template root filesystem (debian:bookworm, mmdebstrap; minutes on first run)");
     run_script("rootfs.sh", ROOTFS_SH, cache_dir)?;
     steps.done(t);
 
@@ -73,9 +64,7 @@ fn install_packages() -> Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let out = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output();
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
@@ -84,10 +73,8 @@ fn install_packages() -> Result<()> {
         return Ok(());
     }
     println!("      installing {}", missing.join(" "));
-    let status = Command::new("apt-get")
-        .args(["update", "-qq"])
-        .status()
-        .context("running apt-get update")?;
+    let status =
+        Command::new("apt-get").args(["update", "-qq"]).status().context("running apt-get update")?;
     if !status.success() {
         bail!("apt-get update failed");
     }
@@ -107,11 +94,8 @@ fn run_script(name: &str, body: &str, cache_dir: &Path) -> Result<()> {
     let dir = tempfile_dir()?;
     let path = dir.join(name);
     std::fs::write(&path, body)?;
-    let status = Command::new("bash")
-        .arg(&path)
-        .arg(cache_dir)
-        .status()
-        .with_context(|| format!("running {name}"))?;
+    let status =
+        Command::new("bash").arg(&path).arg(cache_dir).status().with_context(|| format!("running {name}"))?;
     let _ = std::fs::remove_dir_all(&dir);
     if !status.success() {
         bail!("{name} failed ({status})");
@@ -153,10 +137,7 @@ fn is_static(path: &Path) -> bool {
     let Ok(bytes) = std::fs::read(path) else {
         return false;
     };
-    bytes.starts_with(b"\x7fELF")
-        && !bytes
-            .windows(b"/lib64/ld-linux".len())
-            .any(|w| w == b"/lib64/ld-linux")
+    bytes.starts_with(b"\x7fELF") && !bytes.windows(b"/lib64/ld-linux".len()).any(|w| w == b"/lib64/ld-linux")
 }
 
 /// Writes `<cache>/initramfs/initramfs.cpio`: /init (the agent), /dev/console, /modules/*.
@@ -172,11 +153,7 @@ pub fn build_initramfs(cache_dir: &Path, agent: &Path) -> Result<()> {
     cpio.char_device("dev/console", 0o600, 5, 1);
     cpio.dir("modules", 0o755);
     cpio.dir("newroot", 0o755);
-    cpio.file(
-        "init",
-        0o755,
-        &std::fs::read(agent).with_context(|| format!("reading {}", agent.display()))?,
-    );
+    cpio.file("init", 0o755, &std::fs::read(agent).with_context(|| format!("reading {}", agent.display()))?);
     cpio.file("modules/load-order", 0o644, order.as_bytes());
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
         cpio.file(
