@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 
 pub struct TestServer {
     pub url: String,
+    /// Pid of the `cove server` process.
+    pub pid: u32,
     pub data_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub admin_key: String,
@@ -37,13 +39,18 @@ impl TestServer {
     /// Starts a server from the `cove` binary. It is spawned from a thread that lives as long
     /// as the test process, with PDEATHSIG, so the server ends with the tests.
     pub fn start(extra_args: &[&str]) -> TestServer {
+        let data_dir = std::env::temp_dir().join(format!("cove-test-{}-{}", std::process::id(), rand_hex()));
+        Self::start_in(data_dir, extra_args)
+    }
+
+    /// Starts a server on `data_dir` (a new one, or one an earlier server used).
+    pub fn start_in(data_dir: PathBuf, extra_args: &[&str]) -> TestServer {
         let cache = cache_dir();
         assert!(
             cache.join("initramfs/initramfs.cpio").exists(),
             "{} has no guest images: run `cove setup` (scripts/test does) before the VM tests",
             cache.display()
         );
-        let data_dir = std::env::temp_dir().join(format!("cove-test-{}-{}", std::process::id(), rand_hex()));
         std::fs::create_dir_all(&data_dir).unwrap();
         let admin_key = format!("cove_test_{}", rand_hex());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cove"));
@@ -56,7 +63,13 @@ impl TestServer {
             .env("COVE_BOOTSTRAP_API_KEY", &admin_key)
             .env("COVE_LOG", "info,cove_runner=debug")
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(data_dir.join("server.log")).unwrap()));
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data_dir.join("server.log"))
+                    .unwrap(),
+            ));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::os::unix::process::CommandExt;
@@ -69,23 +82,42 @@ impl TestServer {
                 });
             }
             let mut child = cmd.spawn().expect("spawning cove server");
+            let pid = child.id();
             let stdout = child.stdout.take().unwrap();
             let mut lines = BufReader::new(stdout).lines();
             for line in lines.by_ref() {
                 let line = line.unwrap_or_default();
                 if let Some(addr) = line.strip_prefix("cove listening on ") {
-                    tx.send(addr.trim().to_string()).unwrap();
+                    tx.send((addr.trim().to_string(), pid)).unwrap();
                     break;
                 }
             }
             // Keep draining stdout, and keep this thread (the server's parent) alive.
             for _ in lines {}
+            let _ = child.wait();
             loop {
                 std::thread::park();
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).expect("cove server did not start");
-        TestServer { url, data_dir, cache_dir: cache, admin_key }
+        let (url, pid) = rx.recv_timeout(Duration::from_secs(60)).expect("cove server did not start");
+        TestServer { url, pid, data_dir, cache_dir: cache, admin_key }
+    }
+
+    /// Sends `signal` to the server and waits until it has exited.
+    pub fn kill(&self, signal: i32) {
+        // SAFETY: kill(2) with plain integers.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.pid as i32, signal);
+        }
+        for _ in 0..500 {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+            if stat.is_empty() || stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("cove server {} did not exit", self.pid);
     }
 
     /// A new organization with its own key (straight into the store, as an operator would).
@@ -186,7 +218,11 @@ impl Api {
         let r = self.post(&format!("/v1/sandbox/{id}/process/execute"), json!({ "command": command })).await;
         assert_eq!(r.status, 200, "exec failed: {}", r.text());
         let v = r.json();
-        (v["exit_code"].as_i64().unwrap(), v["stdout"].as_str().unwrap().into(), v["stderr"].as_str().unwrap().into())
+        (
+            v["exit_code"].as_i64().unwrap(),
+            v["stdout"].as_str().unwrap().into(),
+            v["stderr"].as_str().unwrap().into(),
+        )
     }
 
     pub async fn fs(&self, id: &str, op: &str, body: Value) -> Resp {
