@@ -10,11 +10,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cove_vmm::{Boot, VmHandle, VmSpec, Vmm};
 use hyper::Method;
 
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, AgentError};
 use crate::images::{Images, KERNEL_CMDLINE};
 use crate::template::TemplateSnapshot;
 use crate::{RunnerConfig, RunnerError, VmRequest, AGENT_WAIT_RESTORE};
 
+/// How long the guest may take to apply its identity after a restore.
+const IDENTITY_WAIT: Duration = Duration::from_secs(10);
 /// How long a reconnect to a running guest may take.
 const AGENT_WAIT_RECONNECT: Duration = Duration::from_secs(10);
 
@@ -119,7 +121,12 @@ impl SandboxVm {
             unix_time_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
             entropy_hex: hex::encode(rand::random::<[u8; 32]>()),
         };
-        agent.call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity)).await?;
+        tokio::time::timeout(
+            IDENTITY_WAIT,
+            agent.call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity)),
+        )
+        .await
+        .map_err(|_| AgentError::Request("the guest did not accept its identity in time".into()))??;
         tracing::debug!(
             vm_ms = t_vm.as_millis() as u64,
             agent_ms = t_agent.as_millis() as u64,
@@ -158,7 +165,7 @@ impl SandboxVm {
         if let Some(handle) = vmm.find(id, &dir.join("run")) {
             vmm.destroy(&handle).await?;
         }
-        let _ = cove_vmm::Cgroup::locate(&format!("sbx-{id}")).remove();
+        let _ = cove_vmm::Cgroup::locate(id).remove();
         remove_files(&dir, &memory_file)
     }
 }

@@ -4,6 +4,10 @@
 //! On disk, per shape: `disk.qcow2` (the template's frozen writable layer, read-only after the
 //! save), `overlay.qcow2` (an empty overlay over it, copied for each new sandbox), `state.bin`
 //! (device state) and `meta.json`; the RAM lives on tmpfs as `<shm>/tmpl-<key>.mem`.
+//!
+//! The key names the inputs (kernel, initramfs, rootfs) by a hash, so new images make a new
+//! snapshot beside the old one and never touch files that running sandboxes use as their
+//! disk's backing layer. Old versions are left in place (see docs/operations.md).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,7 +62,13 @@ impl Templates {
     fn snapshot(&self, template: &str, vcpus: u32, memory_mib: u64) -> TemplateSnapshot {
         let slug: String =
             template.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-        let key = format!("{slug}-{vcpus}c-{memory_mib}m");
+        let inputs = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.images.fingerprint().hash(&mut h);
+            h.finish()
+        };
+        let key = format!("{slug}-{vcpus}c-{memory_mib}m-{:012x}", inputs >> 16);
         TemplateSnapshot {
             dir: self.cfg.cache_dir.join("templates").join(&key),
             memory_file: self.cfg.shm_dir.join(format!("tmpl-{key}.mem")),
@@ -123,6 +133,10 @@ impl Templates {
 
     async fn build(&self, vmm: &dyn Vmm, snap: &TemplateSnapshot) -> Result<(), RunnerError> {
         let io = |what: &str, e| RunnerError::io(format!("{what} for template {}", snap.key), e);
+        // Leftovers of a build cut short (e.g. the server was killed): its VM, then its files.
+        if let Some(stale) = vmm.find(&format!("tmpl-{}", snap.key), &snap.dir.join("run")) {
+            vmm.destroy(&stale).await?;
+        }
         let _ = std::fs::remove_dir_all(&snap.dir);
         let _ = std::fs::remove_file(&snap.memory_file);
         std::fs::create_dir_all(&snap.dir).map_err(|e| io("creating dir", e))?;

@@ -23,14 +23,25 @@ use crate::{sys, Accel, Boot, Cgroup, VmHandle, VmSpec, Vmm, VmmError};
 const QMP_WAIT: Duration = Duration::from_secs(10);
 const MIGRATION_WAIT: Duration = Duration::from_secs(300);
 
+/// Unprivileged account QEMU drops to once it has opened its files (`cove setup` creates it).
+pub const VM_USER: &str = "cove-vm";
+
 pub struct QemuVmm {
     pub binary: PathBuf,
     pub accel: Accel,
+    /// (uid, gid) of `VM_USER`; when absent QEMU keeps running as root.
+    pub user: Option<(u32, u32)>,
 }
 
 impl QemuVmm {
     pub fn new(accel: Accel) -> Self {
-        QemuVmm { binary: PathBuf::from("qemu-system-x86_64"), accel: accel.resolve() }
+        let user = lookup_user(VM_USER);
+        if user.is_none() {
+            tracing::warn!(
+                "user {VM_USER} does not exist (run `cove setup`): QEMU will keep running as root"
+            );
+        }
+        QemuVmm { binary: PathBuf::from("qemu-system-x86_64"), accel: accel.resolve(), user }
     }
 
     fn args(&self, spec: &VmSpec, boot: &Boot) -> Vec<String> {
@@ -87,11 +98,25 @@ impl QemuVmm {
             "virtio-rng-pci".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", run("qmp.sock")),
-            "-sandbox".into(),
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
             "-pidfile".into(),
             run("qemu.pid"),
         ];
+        if self.user.is_some() {
+            // Once initialised (devices, RAM and sockets open) QEMU becomes an unprivileged
+            // user. It needs set*id calls for that one step, so seccomp allows them; without
+            // capabilities they cannot raise anything afterwards. (No -chroot: QEMU reopens
+            // the disk by path when an incoming migration completes.)
+            a.extend(["-runas".into(), VM_USER.into()]);
+            a.extend([
+                "-sandbox".into(),
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny".into(),
+            ]);
+        } else {
+            a.extend([
+                "-sandbox".into(),
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+            ]);
+        }
         if let Boot::Restore { .. } = boot {
             a.push("-incoming".into());
             a.push("defer".into());
@@ -113,12 +138,19 @@ fn cove_proto_port() -> &'static str {
 impl Vmm for QemuVmm {
     async fn spawn(&self, spec: &VmSpec, boot: &Boot) -> Result<VmHandle, VmmError> {
         std::fs::create_dir_all(&spec.run_dir).map_err(|e| VmmError::io("creating run dir", e))?;
+        if let Some((uid, gid)) = self.user {
+            // The unprivileged QEMU creates its incoming-migration socket in the run dir and
+            // reopens the writable disk after a migration.
+            for p in [&spec.run_dir, &spec.disk] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid))
+                    .map_err(|e| VmmError::io(format!("handing {} to the VM user", p.display()), e))?;
+            }
+        }
         for f in ["qmp.sock", "agent.sock", "qemu.pid", "incoming.sock"] {
             let _ = std::fs::remove_file(spec.run_dir.join(f));
         }
         let limit = (spec.memory_mib + spec.overhead_mib) << 20;
-        let cgroup = Cgroup::create(&format!("sbx-{}", spec.name), limit)
-            .map_err(|e| VmmError::io("creating cgroup", e))?;
+        let cgroup = Cgroup::create(&spec.name, limit).map_err(|e| VmmError::io("creating cgroup", e))?;
         let procs: Vec<std::fs::File> = cgroup
             .procs_files()
             .iter()
@@ -170,6 +202,10 @@ impl Vmm for QemuVmm {
         let sock = vm.run_dir.join("outgoing.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(|e| VmmError::io("binding migration socket", e))?;
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(&sock, Some(uid), Some(gid))
+                .map_err(|e| VmmError::io("handing the migration socket to the VM user", e))?;
+        }
         let tmp = state_file.with_extension("partial");
         let sink = tokio::spawn(async move {
             let (mut stream, _) = listener.accept().await?;
@@ -178,7 +214,8 @@ impl Vmm for QemuVmm {
             file.sync_all().await?;
             Ok::<PathBuf, std::io::Error>(tmp)
         });
-        qmp.execute("migrate", json!({"uri": format!("unix:{}", sock.display())})).await?;
+        let uri = format!("unix:{}", sock.display());
+        qmp.execute("migrate", json!({ "uri": uri })).await?;
         qmp.wait_migration(MIGRATION_WAIT).await?;
         let tmp = sink
             .await
@@ -214,7 +251,17 @@ impl Vmm for QemuVmm {
         if alive(vm.pid, &vm.name) {
             return Err(VmmError::Spawn(format!("QEMU pid {} did not exit", vm.pid)));
         }
-        let _ = Cgroup::locate(&format!("sbx-{}", vm.name)).remove();
+        // An exited QEMU keeps its cgroup busy until it has been reaped: retry briefly.
+        let cgroup = Cgroup::locate(&vm.name);
+        for _ in 0..200 {
+            if cgroup.remove().is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Err(e) = cgroup.remove() {
+            return Err(VmmError::io("removing the VM's cgroup", e));
+        }
         Ok(())
     }
 
@@ -234,7 +281,8 @@ impl QemuVmm {
         )
         .await?;
         let sock = vm.run_dir.join("incoming.sock");
-        qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", sock.display())})).await?;
+        let uri = format!("unix:{}", sock.display());
+        qmp.execute("migrate-incoming", json!({ "uri": uri })).await?;
         let state = tokio::fs::read(state_file).await.map_err(|e| VmmError::io("reading device state", e))?;
         let mut stream =
             UnixStream::connect(&sock).await.map_err(|e| VmmError::io("connecting to incoming socket", e))?;
@@ -258,4 +306,16 @@ fn alive(pid: u32, name: &str) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// (uid, gid) of a user from /etc/passwd.
+fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 4 || f[0] != name {
+            return None;
+        }
+        Some((f[2].parse().ok()?, f[3].parse().ok()?))
+    })
 }

@@ -35,8 +35,9 @@ pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
     std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
     let mut steps = Steps { n: 0, total: 4 };
 
-    let t = steps.start("host packages");
+    let t = steps.start("host packages and the unprivileged VM user");
     install_packages()?;
+    create_vm_user()?;
     steps.done(t);
 
     let t = steps.start("guest kernel (Debian linux-image-cloud-amd64)");
@@ -86,6 +87,36 @@ fn install_packages() -> Result<()> {
         .context("running apt-get install")?;
     if !status.success() {
         bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+/// QEMU drops to this user after opening its files (see cove-vmm). It may use /dev/kvm.
+fn create_vm_user() -> Result<()> {
+    let user = cove_vmm::qemu::VM_USER;
+    let exists = Command::new("id").arg("-u").arg(user).output().is_ok_and(|o| o.status.success());
+    if !exists {
+        let status = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(user)
+            .status()
+            .context("running useradd")?;
+        if !status.success() {
+            bail!("useradd {user} failed");
+        }
+        println!("      created user {user}");
+    }
+    let has_kvm_group =
+        std::fs::read_to_string("/etc/group").is_ok_and(|g| g.lines().any(|l| l.starts_with("kvm:")));
+    if has_kvm_group {
+        let _ = Command::new("usermod").args(["-a", "-G", "kvm", user]).status();
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ async fn create_exec_delete_leaves_nothing_behind() {
     assert!(!std::path::Path::new(&format!("/dev/shm/cove/{id}.mem")).exists(), "memory file left behind");
     let cgroups = ["/sys/fs/cgroup/cove", "/sys/fs/cgroup/memory/cove", "/sys/fs/cgroup/pids/cove"];
     for cg in cgroups {
-        assert!(!std::path::Path::new(cg).join(format!("sbx-{id}")).exists(), "cgroup left in {cg}");
+        assert!(!std::path::Path::new(cg).join(&id).exists(), "cgroup left in {cg}");
     }
     assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.status, 404);
 }
