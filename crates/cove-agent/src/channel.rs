@@ -27,24 +27,15 @@ pub struct Port {
 
 impl Port {
     fn open(path: &str) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
         let fd: OwnedFd = file.into();
         sys::set_nonblocking(fd.as_fd())?;
-        Ok(Port {
-            fd: sys::async_fd(fd)?,
-        })
+        Ok(Port { fd: sys::async_fd(fd)? })
     }
 }
 
 impl AsyncRead for Port {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -61,11 +52,7 @@ impl AsyncRead for Port {
 }
 
 impl AsyncWrite for Port {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             match guard.try_io(|fd| sys::write(fd.get_ref().as_fd(), data)) {
@@ -94,10 +81,7 @@ fn find_port() -> io::Result<String> {
             return Ok(format!("/dev/{}", entry.file_name().to_string_lossy()));
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        "virtio-serial port cove.agent not found",
-    ))
+    Err(io::Error::new(io::ErrorKind::NotFound, "virtio-serial port cove.agent not found"))
 }
 
 pub async fn serve_port(state: Arc<State>) -> io::Result<()> {
@@ -162,8 +146,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> io::Res
         let Some(start) = text.find(cove_proto::HELLO) else {
             continue;
         };
-        let Some((version, nonce)) = cove_proto::parse_handshake(&text[start..], cove_proto::HELLO)
-        else {
+        let Some((version, nonce)) = cove_proto::parse_handshake(&text[start..], cove_proto::HELLO) else {
             continue;
         };
         if version != cove_proto::PROTOCOL_VERSION {
@@ -171,17 +154,12 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> io::Res
             stream.write_all(msg.as_bytes()).await?;
             continue;
         }
-        stream
-            .write_all(cove_proto::ready_line(nonce).as_bytes())
-            .await?;
+        stream.write_all(cove_proto::ready_line(nonce).as_bytes()).await?;
         return Ok(true);
     }
 }
 
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    stream: S,
-    state: Arc<State>,
-) {
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, state: Arc<State>) {
     let (detach_tx, mut detach_rx) = tokio::sync::mpsc::channel::<()>(1);
     let service = {
         let state = state.clone();

@@ -48,9 +48,7 @@ pub async fn run(
         return Err(ExecError::BadCwd(cwd.display().to_string()));
     }
     let cgroup = ExecCgroup::create();
-    let procs_fd = cgroup
-        .as_ref()
-        .and_then(|c| c.procs.as_ref().map(|f| f.as_raw_fd()));
+    let procs_fd = cgroup.as_ref().and_then(|c| c.procs.as_ref().map(|f| f.as_raw_fd()));
 
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
@@ -104,11 +102,7 @@ pub async fn run(
     if let Some(cg) = cgroup {
         cg.remove();
     }
-    Ok(ExecuteResponse {
-        exit_code: code,
-        stdout,
-        stderr,
-    })
+    Ok(ExecuteResponse { exit_code: code, stdout, stderr })
 }
 
 pub fn base_env(user: &SandboxUser) -> Vec<(String, String)> {
@@ -161,10 +155,7 @@ async fn finish(task: tokio::task::JoinHandle<()>, captured: Shared) -> String {
     let c = captured.lock().unwrap_or_else(|p| p.into_inner());
     let mut s = String::from_utf8_lossy(&c.bytes).into_owned();
     if c.truncated {
-        s.push_str(&format!(
-            "\n[cove: output truncated at {} MiB]\n",
-            MAX_OUTPUT >> 20
-        ));
+        s.push_str(&format!("\n[cove: output truncated at {} MiB]\n", MAX_OUTPUT >> 20));
     }
     s
 }
@@ -180,10 +171,7 @@ impl ExecCgroup {
         let n = NEXT_EXEC.fetch_add(1, Ordering::Relaxed);
         let dir = format!("{CGROUP_ROOT}/exec-{n}");
         std::fs::create_dir_all(&dir).ok()?;
-        let procs = std::fs::OpenOptions::new()
-            .write(true)
-            .open(format!("{dir}/cgroup.procs"))
-            .ok();
+        let procs = std::fs::OpenOptions::new().write(true).open(format!("{dir}/cgroup.procs")).ok();
         Some(ExecCgroup { dir, procs })
     }
 

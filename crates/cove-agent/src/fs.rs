@@ -90,10 +90,7 @@ impl Fs {
     }
 
     fn ctx(&self) -> Ctx {
-        Ctx {
-            user: self.user.clone(),
-            names: self.names.clone(),
-        }
+        Ctx { user: self.user.clone(), names: self.names.clone() }
     }
 
     /// The operations that take a JSON body and answer in one piece.
@@ -119,10 +116,7 @@ impl Fs {
             "move" => run!(MoveRequest, move_path),
             "copy" => run!(CopyRequest, copy),
             "tree" => run!(TreeRequest, tree),
-            _ => Err(Fail::Status(
-                StatusCode::NOT_FOUND,
-                format!("unknown filesystem operation {op:?}"),
-            )),
+            _ => Err(Fail::Status(StatusCode::NOT_FOUND, format!("unknown filesystem operation {op:?}"))),
         }
     }
 
@@ -130,17 +124,15 @@ impl Fs {
     async fn write_file(&self, req: Request<Incoming>) -> Res<Response<Body>> {
         let q = parse_write_query(req.uri().query().unwrap_or(""))?;
         check(&q)?;
-        let path = self.user.resolve(&q.path);
+        let path = resolve(&self.user, &q.path);
         let mode = q.permissions.as_deref().and_then(parse_mode);
         let ctx = self.ctx();
         let p = path.clone();
         let (file, created) = blocking(move || ctx.open_for_write(&p, mode)).await?;
         let body = BodyStream::new(req.into_body())
             .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())));
-        pump(&path, file, created, body, |e: hyper::Error| {
-            Fail::bad(format!("reading request body: {e}"))
-        })
-        .await?;
+        pump(&path, file, created, body, |e: hyper::Error| Fail::bad(format!("reading request body: {e}")))
+            .await?;
         Ok(reply::empty(StatusCode::NO_CONTENT))
     }
 
@@ -151,8 +143,8 @@ impl Fs {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Fail::bad("write-files takes a multipart/form-data body"))?;
-        let boundary = multer::parse_boundary(content_type)
-            .map_err(|e| Fail::bad(format!("content-type: {e}")))?;
+        let boundary =
+            multer::parse_boundary(content_type).map_err(|e| Fail::bad(format!("content-type: {e}")))?;
         let body = BodyStream::new(req.into_body())
             .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())));
         let limits = multer::SizeLimit::new().whole_stream(MAX_UPLOAD_BYTES as u64);
@@ -163,17 +155,12 @@ impl Fs {
         );
         let mut written = 0usize;
         while let Some(field) = multipart.next_field().await.map_err(multipart_fail)? {
-            let name = field
-                .name()
-                .filter(|n| !n.is_empty())
-                .or_else(|| field.file_name())
-                .map(str::to_owned)
+            let name = part_name(&field)
                 .ok_or_else(|| Fail::bad("every part needs a name: the path of its file"))?;
             let mut v = Violations::default();
             check_path(&mut v, &format!("parts[{written}].name"), &name);
-            v.finish()
-                .map_err(|errs| Fail::bad(violations_message(&errs)))?;
-            let path = self.user.resolve(&name);
+            v.finish().map_err(|errs| Fail::bad(violations_message(&errs)))?;
+            let path = resolve(&self.user, &name);
             let ctx = self.ctx();
             let p = path.clone();
             let (file, created) = blocking(move || ctx.open_for_write(&p, None)).await?;
@@ -188,7 +175,7 @@ impl Fs {
 
     /// `read-file`: the raw bytes, streamed.
     async fn read_file(&self, r: ReadFileRequest) -> Res<Response<Body>> {
-        let path = self.user.resolve(&r.path);
+        let path = resolve(&self.user, &r.path);
         let plan = blocking(move || plan_read(&path, &r)).await?;
         let body = match plan {
             ReadPlan::Stream { file, len } => {
@@ -212,7 +199,7 @@ impl Fs {
             r.paths
                 .into_iter()
                 .map(|name| {
-                    let path = user.resolve(&name);
+                    let path = resolve(&user, &name);
                     let meta = sfs::metadata(&path).at(&path)?;
                     if meta.is_dir() {
                         return Err(Fail::io(&path, is_a_directory()));
@@ -235,9 +222,7 @@ impl Fs {
                 .try_flatten();
             futures::stream::once(futures::future::ready(Ok(head)))
                 .chain(contents)
-                .chain(futures::stream::once(futures::future::ready(Ok(
-                    Bytes::from_static(b"\r\n"),
-                ))))
+                .chain(futures::stream::once(futures::future::ready(Ok(Bytes::from_static(b"\r\n")))))
         });
         let stream = parts.chain(futures::stream::once(futures::future::ready(Ok(closing))));
         let body = BodyExt::boxed(StreamBody::new(stream.map_ok(Frame::data)));
@@ -306,35 +291,28 @@ fn not_a_directory() -> io::Error {
 }
 
 fn violations_message(errors: &[cove_api::FieldError]) -> String {
-    let list: Vec<String> = errors
-        .iter()
-        .map(|e| format!("{}: {}", e.field, e.error))
-        .collect();
+    let list: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.field, e.error)).collect();
     format!("invalid request: {}", list.join("; "))
 }
 
 fn check(v: &impl Validate) -> Res<()> {
-    v.validate()
-        .map_err(|errs| Fail::bad(violations_message(&errs)))
+    v.validate().map_err(|errs| Fail::bad(violations_message(&errs)))
 }
 
 /// Reads, parses and validates a JSON request body.
 async fn parse<T: DeserializeOwned + Validate>(req: Request<Incoming>) -> Res<T> {
-    let body = Limited::new(req.into_body(), MAX_JSON_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<LengthLimitError>().is_some() {
-                Fail::Status(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body is larger than {MAX_JSON_BODY} bytes"),
-                )
-            } else {
-                Fail::bad(format!("reading request body: {e}"))
-            }
-        })?;
-    let value: T = serde_json::from_slice(&body.to_bytes())
-        .map_err(|e| Fail::bad(format!("invalid JSON body: {e}")))?;
+    let body = Limited::new(req.into_body(), MAX_JSON_BODY).collect().await.map_err(|e| {
+        if e.downcast_ref::<LengthLimitError>().is_some() {
+            Fail::Status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than {MAX_JSON_BODY} bytes"),
+            )
+        } else {
+            Fail::bad(format!("reading request body: {e}"))
+        }
+    })?;
+    let value: T =
+        serde_json::from_slice(&body.to_bytes()).map_err(|e| Fail::bad(format!("invalid JSON body: {e}")))?;
     check(&value)?;
     Ok(value)
 }
@@ -342,10 +320,7 @@ async fn parse<T: DeserializeOwned + Validate>(req: Request<Incoming>) -> Res<T>
 /// Runs disk work on a blocking thread.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
-        Fail::Status(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("filesystem task failed: {e}"),
-        )
+        Fail::Status(StatusCode::INTERNAL_SERVER_ERROR, format!("filesystem task failed: {e}"))
     })?
 }
 
@@ -371,8 +346,7 @@ fn parse_write_query(query: &str) -> Res<WriteFileQuery> {
 /// Decodes `%XX` escapes and `+` (space). A `%` not followed by two hex digits stays as is.
 fn percent_decode(s: &str) -> Option<String> {
     fn hex(c: Option<&u8>) -> Option<u8> {
-        c.and_then(|c| (*c as char).to_digit(16))
-            .and_then(|d| u8::try_from(d).ok())
+        c.and_then(|c| (*c as char).to_digit(16)).and_then(|d| u8::try_from(d).ok())
     }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -402,13 +376,43 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The path a `write-files` part is for: its `name`, or its RFC 5987 `name*` (which clients
+/// such as reqwest send for names with `/` or non-ASCII characters), or failing both its file
+/// name.
+fn part_name(field: &multer::Field<'_>) -> Option<String> {
+    if let Some(n) = field.name().filter(|n| !n.is_empty()) {
+        return Some(n.to_owned());
+    }
+    let disposition = field.headers().get(header::CONTENT_DISPOSITION).and_then(|v| v.to_str().ok());
+    disposition
+        .and_then(|d| extended_param(d, "name"))
+        .or_else(|| field.file_name().filter(|n| !n.is_empty()).map(str::to_owned))
+        .or_else(|| disposition.and_then(|d| extended_param(d, "filename")))
+}
+
+/// The value of an RFC 5987 extended parameter (`name*=utf-8''%2Fpath`) of a header.
+fn extended_param(header: &str, param: &str) -> Option<String> {
+    header.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case(&format!("{param}*")) {
+            return None;
+        }
+        let v = v.trim().trim_matches('"');
+        let (charset, rest) = v.split_once('\'')?;
+        let (_lang, encoded) = rest.split_once('\'')?;
+        if !charset.eq_ignore_ascii_case("utf-8") {
+            return None;
+        }
+        // Unlike a query string, `+` is itself here.
+        percent_decode(&encoded.replace('+', "%2B")).filter(|s| !s.is_empty())
+    })
+}
+
 fn multipart_fail(e: multer::Error) -> Fail {
     match e {
-        multer::Error::StreamSizeExceeded { limit }
-        | multer::Error::FieldSizeExceeded { limit, .. } => Fail::Status(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("upload is larger than {limit} bytes"),
-        ),
+        multer::Error::StreamSizeExceeded { limit } | multer::Error::FieldSizeExceeded { limit, .. } => {
+            Fail::Status(StatusCode::PAYLOAD_TOO_LARGE, format!("upload is larger than {limit} bytes"))
+        }
         e => Fail::bad(format!("multipart body: {e}")),
     }
 }
@@ -476,9 +480,7 @@ where
 }
 
 fn reader_body<R: tokio::io::AsyncRead + Send + Sync + 'static>(reader: R) -> Body {
-    BodyExt::boxed(StreamBody::new(
-        ReaderStream::with_capacity(reader, CHUNK).map_ok(Frame::data),
-    ))
+    BodyExt::boxed(StreamBody::new(ReaderStream::with_capacity(reader, CHUNK).map_ok(Frame::data)))
 }
 
 /// An unpredictable multipart boundary (std's hasher keys are random per process).
@@ -495,11 +497,7 @@ fn new_boundary() -> String {
 /// The head of one `read-files` part. Quotes and line breaks in names are percent-escaped,
 /// as browsers do in form-data.
 fn part_header(boundary: &str, name: &str) -> String {
-    let escape = |s: &str| {
-        s.replace('"', "%22")
-            .replace('\r', "%0D")
-            .replace('\n', "%0A")
-    };
+    let escape = |s: &str| s.replace('"', "%22").replace('\r', "%0D").replace('\n', "%0A");
     let base = Path::new(name)
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
@@ -532,33 +530,20 @@ fn plan_read(path: &Path, r: &ReadFileRequest) -> Res<ReadPlan> {
     }
     if let Some(n) = r.head {
         // A device without an end (/dev/zero) is only scanned so far.
-        let scan = if meta.is_file() {
-            u64::MAX
-        } else {
-            MAX_UNSIZED_READ
-        };
+        let scan = if meta.is_file() { u64::MAX } else { MAX_UNSIZED_READ };
         let end = head_end(&mut (&mut file).take(scan), n).at(path)?;
         file.seek(SeekFrom::Start(0)).at(path)?;
-        return Ok(ReadPlan::Stream {
-            file,
-            len: Some(end),
-        });
+        return Ok(ReadPlan::Stream { file, len: Some(end) });
     }
     if let Some(n) = r.tail {
         if meta.is_file() && meta.len() > 0 {
             let start = tail_start(&mut file, meta.len(), n).at(path)?;
             file.seek(SeekFrom::Start(start)).at(path)?;
-            return Ok(ReadPlan::Stream {
-                file,
-                len: Some(meta.len() - start),
-            });
+            return Ok(ReadPlan::Stream { file, len: Some(meta.len() - start) });
         }
         // No size to seek back from (procfs, devices): read it, bounded, and cut in memory.
         let mut data = Vec::new();
-        (&mut file)
-            .take(MAX_UNSIZED_READ)
-            .read_to_end(&mut data)
-            .at(path)?;
+        (&mut file).take(MAX_UNSIZED_READ).read_to_end(&mut data).at(path)?;
         let start = tail_start(&mut io::Cursor::new(&data), data.len() as u64, n).at(path)?;
         data.drain(..usize::try_from(start).unwrap_or(data.len()));
         return Ok(ReadPlan::Bytes(data));
@@ -650,15 +635,11 @@ impl Excludes {
             let g = g.strip_prefix("./").unwrap_or(g);
             b.add(Glob::new(g).map_err(|e| Fail::bad(format!("exclude: {e}")))?);
         }
-        b.build()
-            .map(|s| Excludes(Some(s)))
-            .map_err(|e| Fail::bad(format!("exclude: {e}")))
+        b.build().map(|s| Excludes(Some(s))).map_err(|e| Fail::bad(format!("exclude: {e}")))
     }
 
     fn matches(&self, rel: &Path, name: &OsStr) -> bool {
-        self.0
-            .as_ref()
-            .is_some_and(|s| s.is_match(name) || s.is_match(rel))
+        self.0.as_ref().is_some_and(|s| s.is_match(name) || s.is_match(rel))
     }
 }
 
@@ -691,10 +672,7 @@ impl PathGlob {
             .literal_separator(scope != GlobScope::Name)
             .build()
             .map_err(|e| Fail::bad(format!("{field}: {e}")))?;
-        Ok(PathGlob {
-            matcher: glob.compile_matcher(),
-            scope,
-        })
+        Ok(PathGlob { matcher: glob.compile_matcher(), scope })
     }
 
     fn is_match(&self, abs: &Path, rel: &Path) -> bool {
@@ -723,6 +701,17 @@ fn walk<'a>(
             !excludes.matches(rel, e.file_name())
         })
         .filter_map(Result::ok)
+}
+
+/// A request path as a guest path: relative ones are taken from the home directory, and `.`
+/// components are dropped so that answers name paths cleanly (`/home/user/x`, not
+/// `/home/user/./x`). A trailing `/` is kept: it still means "a directory".
+fn resolve(user: &SandboxUser, path: &str) -> PathBuf {
+    let mut out: PathBuf = user.resolve(path).components().collect();
+    if path.ends_with('/') && out != Path::new("/") {
+        out.as_mut_os_string().push("/");
+    }
+    out
 }
 
 fn lossy(p: &Path) -> String {
@@ -796,10 +785,7 @@ fn apply_edits(content: &[u8], edits: &[FileEdit]) -> Result<(Vec<u8>, u64), Str
 fn unified_diff(name: &str, old: &[u8], new: &[u8]) -> String {
     let old = String::from_utf8_lossy(old);
     let new = String::from_utf8_lossy(new);
-    similar::TextDiff::from_lines(old.as_ref(), new.as_ref())
-        .unified_diff()
-        .header(name, name)
-        .to_string()
+    similar::TextDiff::from_lines(old.as_ref(), new.as_ref()).unified_diff().header(name, name).to_string()
 }
 
 fn read_for_edit(path: &Path) -> Res<Vec<u8>> {
@@ -816,10 +802,7 @@ fn read_for_edit(path: &Path) -> Res<Vec<u8>> {
         )));
     }
     let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    (&mut file)
-        .take(MAX_EDIT_FILE + 1)
-        .read_to_end(&mut data)
-        .at(path)?;
+    (&mut file).take(MAX_EDIT_FILE + 1).read_to_end(&mut data).at(path)?;
     if data.len() as u64 > MAX_EDIT_FILE {
         return Err(Fail::bad(format!("{}: too large to edit", path.display())));
     }
@@ -828,11 +811,7 @@ fn read_for_edit(path: &Path) -> Res<Vec<u8>> {
 
 /// Rewrites a file in place, which keeps its inode, mode and owner.
 fn write_in_place(path: &Path, data: &[u8]) -> Res<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .at(path)?;
+    let mut file = OpenOptions::new().write(true).truncate(true).open(path).at(path)?;
     file.write_all(data).at(path)?;
     file.flush().at(path)
 }
@@ -858,7 +837,7 @@ enum Owner {
 
 impl Ctx {
     fn resolve(&self, path: &str) -> PathBuf {
-        self.user.resolve(path)
+        resolve(&self.user, path)
     }
 
     /// Gives a newly created entry to `uid:gid`. Only root can give files away, and what root
@@ -887,10 +866,7 @@ impl Ctx {
     fn file_info(&self, path: &Path, meta: &Metadata) -> FileInfo {
         let is_symlink = meta.file_type().is_symlink();
         FileInfo {
-            name: path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| lossy(path)),
+            name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| lossy(path)),
             path: lossy(path),
             is_dir: meta.is_dir(),
             size: meta.len(),
@@ -899,11 +875,7 @@ impl Ctx {
             owner: self.names.user(meta.uid()),
             group: self.names.group(meta.gid()),
             is_symlink,
-            link_target: if is_symlink {
-                sfs::read_link(path).ok().map(|t| lossy(&t))
-            } else {
-                None
-            },
+            link_target: if is_symlink { sfs::read_link(path).ok().map(|t| lossy(&t)) } else { None },
         }
     }
 
@@ -917,11 +889,7 @@ impl Ctx {
                 Ok(m) if m.is_dir() => break,
                 Ok(_) => {
                     return Err(io::Error::new(
-                        if cur == dir {
-                            io::ErrorKind::AlreadyExists
-                        } else {
-                            io::ErrorKind::NotADirectory
-                        },
+                        if cur == dir { io::ErrorKind::AlreadyExists } else { io::ErrorKind::NotADirectory },
                         format!("{} exists and is not a directory", cur.display()),
                     ))
                 }
@@ -956,23 +924,24 @@ impl Ctx {
     /// owner, and its mode unless `mode` is given.
     fn open_for_write(&self, path: &Path, mode: Option<u32>) -> Res<(File, bool)> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // A file where a parent directory should be is a bad path, not a conflict.
             self.create_dir_all_owned(parent, DEFAULT_DIR_MODE)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => {
+                        io::Error::new(io::ErrorKind::NotADirectory, e.to_string())
+                    }
+                    _ => e,
+                })
                 .at(parent)?;
         }
         let new_mode = mode.unwrap_or(DEFAULT_FILE_MODE);
         let fresh = |file: File| -> Res<(File, bool)> {
             self.give_file(&file).at(path)?;
-            file.set_permissions(Permissions::from_mode(new_mode))
-                .at(path)?;
+            file.set_permissions(Permissions::from_mode(new_mode)).at(path)?;
             Ok((file, true))
         };
         for _ in 0..2 {
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(new_mode)
-                .open(path)
-            {
+            match OpenOptions::new().write(true).create_new(true).mode(new_mode).open(path) {
                 Ok(file) => return fresh(file),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(Fail::io(path, e)),
@@ -990,13 +959,8 @@ impl Ctx {
             }
         }
         // A dangling symlink: write through it, as a shell redirection would.
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(new_mode)
-            .open(path)
-            .at(path)?;
+        let file =
+            OpenOptions::new().write(true).create(true).truncate(true).mode(new_mode).open(path).at(path)?;
         fresh(file)
     }
 
@@ -1007,9 +971,7 @@ impl Ctx {
             let meta = sfs::symlink_metadata(&base).at(&base)?;
             return Ok(reply::json(
                 StatusCode::OK,
-                &LsResponse {
-                    items: vec![self.file_info(&base, &meta)],
-                },
+                &LsResponse { items: vec![self.file_info(&base, &meta)] },
             ));
         }
         let excludes = Excludes::new(&r.exclude)?;
@@ -1031,14 +993,7 @@ impl Ctx {
         let path = self.resolve(&r.path);
         let exists = match sfs::symlink_metadata(&path) {
             Ok(_) => true,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                ) =>
-            {
-                false
-            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => false,
             Err(e) => return Err(Fail::io(&path, e)),
         };
         Ok(reply::json(StatusCode::OK, &ExistsResponse { exists }))
@@ -1046,11 +1001,7 @@ impl Ctx {
 
     fn mkdir(&self, r: MkdirRequest) -> Res<Response<Body>> {
         let path = self.resolve(&r.path);
-        let mode = r
-            .permissions
-            .as_deref()
-            .and_then(parse_mode)
-            .unwrap_or(DEFAULT_DIR_MODE);
+        let mode = r.permissions.as_deref().and_then(parse_mode).unwrap_or(DEFAULT_DIR_MODE);
         if r.recursive {
             self.create_dir_all_owned(&path, mode).at(&path)?;
         } else {
@@ -1090,19 +1041,15 @@ impl Ctx {
     fn set_permissions(&self, r: SetPermissionsRequest) -> Res<Response<Body>> {
         let path = self.resolve(&r.path);
         let uid = match &r.owner {
-            Some(o) => Some(
-                self.names
-                    .uid_of(o)
-                    .ok_or_else(|| Fail::bad(format!("owner: unknown user {o:?}")))?,
-            ),
+            Some(o) => {
+                Some(self.names.uid_of(o).ok_or_else(|| Fail::bad(format!("owner: unknown user {o:?}")))?)
+            }
             None => None,
         };
         let gid = match &r.group {
-            Some(g) => Some(
-                self.names
-                    .gid_of(g)
-                    .ok_or_else(|| Fail::bad(format!("group: unknown group {g:?}")))?,
-            ),
+            Some(g) => {
+                Some(self.names.gid_of(g).ok_or_else(|| Fail::bad(format!("group: unknown group {g:?}")))?)
+            }
             None => None,
         };
         sfs::metadata(&path).at(&path)?;
@@ -1124,35 +1071,24 @@ impl Ctx {
 
     fn grep(&self, r: GrepRequest) -> Res<Response<Body>> {
         let base = self.resolve(&r.path);
-        let items = grep_paths(
-            &base,
-            r.pattern.as_deref().unwrap_or(""),
-            r.include.as_deref(),
-            &r.exclude,
-        )?;
+        let items = grep_paths(&base, r.pattern.as_deref().unwrap_or(""), r.include.as_deref(), &r.exclude)?;
         Ok(reply::json(StatusCode::OK, &GrepResponse { items }))
     }
 
     fn edit_file(&self, r: EditFileRequest) -> Res<Response<Body>> {
         let path = self.resolve(&r.path);
         let old = read_for_edit(&path)?;
-        let (new, replacements) = apply_edits(&old, &r.edits)
-            .map_err(|m| Fail::bad(format!("{}: {m}", path.display())))?;
+        let (new, replacements) =
+            apply_edits(&old, &r.edits).map_err(|m| Fail::bad(format!("{}: {m}", path.display())))?;
         if new != old {
             write_in_place(&path, &new)?;
         }
         let diff = unified_diff(&lossy(&path), &old, &new);
-        Ok(reply::json(
-            StatusCode::OK,
-            &EditFileResponse { diff, replacements },
-        ))
+        Ok(reply::json(StatusCode::OK, &EditFileResponse { diff, replacements }))
     }
 
     fn edit_files(&self, r: EditFilesRequest) -> Res<Response<Body>> {
-        let edit = [FileEdit {
-            find: r.find,
-            replace: r.replace,
-        }];
+        let edit = [FileEdit { find: r.find, replace: r.replace }];
         let items = r
             .files
             .into_iter()
@@ -1160,11 +1096,7 @@ impl Ctx {
                 let path = self.resolve(&file);
                 let outcome = read_for_edit(&path).and_then(|old| {
                     let (new, _) = apply_edits(&old, &edit).map_err(|_| {
-                        Fail::bad(format!(
-                            "{}: text not found: {:?}",
-                            path.display(),
-                            edit[0].find
-                        ))
+                        Fail::bad(format!("{}: text not found: {:?}", path.display(), edit[0].find))
                     })?;
                     if new != old {
                         write_in_place(&path, &new)?;
@@ -1172,16 +1104,8 @@ impl Ctx {
                     Ok(())
                 });
                 match outcome {
-                    Ok(()) => EditResult {
-                        file,
-                        success: true,
-                        error: None,
-                    },
-                    Err(e) => EditResult {
-                        file,
-                        success: false,
-                        error: Some(e.message()),
-                    },
+                    Ok(()) => EditResult { file, success: true, error: None },
+                    Err(e) => EditResult { file, success: false, error: Some(e.message()) },
                 }
             })
             .collect();
@@ -1199,18 +1123,10 @@ impl Ctx {
         follow_src: bool,
     ) -> Res<bool> {
         // A copy reads through a symlinked source; a move moves the link itself.
-        let src_canon = if follow_src {
-            sfs::canonicalize(src).at(src)?
-        } else {
-            canonical_destination(src)
-        };
+        let src_canon = if follow_src { sfs::canonicalize(src).at(src)? } else { canonical_destination(src) };
         let dst_canon = canonical_destination(dst);
         if src_meta.is_dir() && dst_canon.starts_with(&src_canon) && dst_canon != src_canon {
-            return Err(Fail::bad(format!(
-                "cannot put {} inside itself ({})",
-                src.display(),
-                dst.display()
-            )));
+            return Err(Fail::bad(format!("cannot put {} inside itself ({})", src.display(), dst.display())));
         }
         let dst_meta = match sfs::symlink_metadata(dst) {
             Ok(m) => m,
@@ -1218,10 +1134,7 @@ impl Ctx {
             Err(e) => return Err(Fail::io(dst, e)),
         };
         if !overwrite {
-            return Err(Fail::conflict(
-                dst,
-                "destination exists (set overwrite to replace it)",
-            ));
+            return Err(Fail::conflict(dst, "destination exists (set overwrite to replace it)"));
         }
         let same_entry = dst_meta.dev() == src_meta.dev() && dst_meta.ino() == src_meta.ino();
         // Copying onto a symlink that leads back to the source would truncate the source.
@@ -1254,8 +1167,7 @@ impl Ctx {
         match sfs::rename(&src, &dst) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-                self.copy_entry(&src, &dst, &src_meta, Owner::Source)
-                    .at(&dst)?;
+                self.copy_entry(&src, &dst, &src_meta, Owner::Source).at(&dst)?;
                 if src_meta.is_dir() {
                     sfs::remove_dir_all(&src).at(&src)?;
                 } else {
@@ -1274,26 +1186,15 @@ impl Ctx {
         // tree are copied as links.
         let src_meta = sfs::metadata(&src).at(&src)?;
         if src_meta.is_dir() && !r.recursive {
-            return Err(Fail::bad(format!(
-                "{} is a directory (set recursive to copy it)",
-                src.display()
-            )));
+            return Err(Fail::bad(format!("{} is a directory (set recursive to copy it)", src.display())));
         }
         if !src_meta.is_dir() && !src_meta.is_file() {
-            return Err(Fail::bad(format!(
-                "{}: not a regular file or directory",
-                src.display()
-            )));
+            return Err(Fail::bad(format!("{}: not a regular file or directory", src.display())));
         }
         if !self.clear_destination(&src, &src_meta, &dst, r.overwrite, true)? {
-            return Err(Fail::bad(format!(
-                "{} and {} are the same file",
-                src.display(),
-                dst.display()
-            )));
+            return Err(Fail::bad(format!("{} and {} are the same file", src.display(), dst.display())));
         }
-        self.copy_entry(&src, &dst, &src_meta, Owner::User)
-            .at(&dst)?;
+        self.copy_entry(&src, &dst, &src_meta, Owner::User).at(&dst)?;
         Ok(reply::empty(StatusCode::NO_CONTENT))
     }
 
@@ -1341,13 +1242,11 @@ impl Ctx {
 /// Where `dst` would be with symlinks in its parent resolved (it need not exist).
 fn canonical_destination(dst: &Path) -> PathBuf {
     match (dst.parent(), dst.file_name()) {
-        (Some(parent), Some(name)) => sfs::canonicalize(if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        })
-        .map(|p| p.join(name))
-        .unwrap_or_else(|_| dst.to_path_buf()),
+        (Some(parent), Some(name)) => {
+            sfs::canonicalize(if parent.as_os_str().is_empty() { Path::new(".") } else { parent })
+                .map(|p| p.join(name))
+                .unwrap_or_else(|_| dst.to_path_buf())
+        }
         _ => sfs::canonicalize(dst).unwrap_or_else(|_| dst.to_path_buf()),
     }
 }
@@ -1382,10 +1281,7 @@ fn grep_paths(
     let regex = regex::bytes::Regex::new(pattern)
         .or_else(|_| regex::bytes::Regex::new(&regex::escape(pattern)))
         .map_err(|e| Fail::bad(format!("pattern: {e}")))?;
-    let include = include
-        .filter(|i| !i.is_empty())
-        .map(|i| PathGlob::new("include", i))
-        .transpose()?;
+    let include = include.filter(|i| !i.is_empty()).map(|i| PathGlob::new("include", i)).transpose()?;
     let excludes = Excludes::new(exclude)?;
     let mut items = Vec::new();
     if !meta.is_dir() {
@@ -1397,10 +1293,7 @@ fn grep_paths(
             continue;
         }
         let rel = entry.path().strip_prefix(base).unwrap_or(entry.path());
-        if include
-            .as_ref()
-            .is_some_and(|g| !g.is_match(entry.path(), rel))
-        {
+        if include.as_ref().is_some_and(|g| !g.is_match(entry.path(), rel)) {
             continue;
         }
         if grep_file(&regex, entry.path(), &mut items) {
@@ -1423,11 +1316,7 @@ fn grep_file(regex: &regex::bytes::Regex, path: &Path, out: &mut Vec<SearchMatch
         return false;
     }
     let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    if (&mut file)
-        .take(MAX_GREP_FILE)
-        .read_to_end(&mut data)
-        .is_err()
-    {
+    if (&mut file).take(MAX_GREP_FILE).read_to_end(&mut data).is_err() {
         return false;
     }
     if data[..data.len().min(BINARY_PROBE)].contains(&0) {
@@ -1438,11 +1327,7 @@ fn grep_file(regex: &regex::bytes::Regex, path: &Path, out: &mut Vec<SearchMatch
     for (i, line) in text.split(|b| *b == b'\n').enumerate() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if regex.is_match(line) {
-            out.push(SearchMatch {
-                path: name.clone(),
-                line: i as u64 + 1,
-                content: cut_line(line),
-            });
+            out.push(SearchMatch { path: name.clone(), line: i as u64 + 1, content: cut_line(line) });
             if out.len() >= MAX_GREP_MATCHES {
                 return true;
             }
@@ -1469,10 +1354,7 @@ fn tree_entries(base: &Path, max_depth: Option<u32>, exclude: &[String]) -> Res<
     if !meta.is_dir() {
         return Err(Fail::io(base, not_a_directory()));
     }
-    let depth = max_depth
-        .filter(|d| *d > 0)
-        .unwrap_or(MAX_TREE_DEPTH)
-        .min(MAX_TREE_DEPTH);
+    let depth = max_depth.filter(|d| *d > 0).unwrap_or(MAX_TREE_DEPTH).min(MAX_TREE_DEPTH);
     let excludes = Excludes::new(exclude)?;
     let mut budget = MAX_ENTRIES;
     build_tree(base, Path::new(""), depth, &excludes, &mut budget).at(base)
@@ -1500,16 +1382,11 @@ fn build_tree(
         *budget -= 1;
         // DirEntry::file_type does not follow symlinks: a link is a file here.
         let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        let children = (is_dir && depth > 1).then(|| {
-            build_tree(&entry.path(), &rel, depth - 1, excludes, budget).unwrap_or_default()
-        });
+        let children = (is_dir && depth > 1)
+            .then(|| build_tree(&entry.path(), &rel, depth - 1, excludes, budget).unwrap_or_default());
         out.push(TreeEntry {
             name: name.to_string_lossy().into_owned(),
-            kind: if is_dir {
-                TreeEntryKind::Directory
-            } else {
-                TreeEntryKind::File
-            },
+            kind: if is_dir { TreeEntryKind::Directory } else { TreeEntryKind::File },
             children,
         });
     }
@@ -1524,12 +1401,7 @@ mod tests {
     fn test_ctx(home: &Path) -> Ctx {
         let m = sfs::metadata(home).expect("home");
         Ctx {
-            user: SandboxUser {
-                name: "tester".into(),
-                uid: m.uid(),
-                gid: m.gid(),
-                home: home.to_path_buf(),
-            },
+            user: SandboxUser { name: "tester".into(), uid: m.uid(), gid: m.gid(), home: home.to_path_buf() },
             names: Names::default(),
         }
     }
@@ -1550,10 +1422,7 @@ mod tests {
 
     #[test]
     fn query_decoding() {
-        assert_eq!(
-            percent_decode("a%20b+c%2Bd%zz%").as_deref(),
-            Some("a b c+d%zz%")
-        );
+        assert_eq!(percent_decode("a%20b+c%2Bd%zz%").as_deref(), Some("a b c+d%zz%"));
         assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
         assert_eq!(percent_decode("%FF"), None);
         let q = parse_write_query("path=%2Ftmp%2Fa%20b.txt&permissions=0755&x=1").expect("query");
@@ -1562,6 +1431,27 @@ mod tests {
         let q = parse_write_query("permissions=&path=rel/f").expect("query");
         assert_eq!((q.path.as_str(), q.permissions), ("rel/f", None));
         assert!(parse_write_query("permissions=644").is_err());
+    }
+
+    #[test]
+    fn paths_resolve_cleanly() {
+        let user = SandboxUser { name: "u".into(), uid: 1, gid: 1, home: PathBuf::from("/home/u") };
+        assert_eq!(resolve(&user, "."), Path::new("/home/u"));
+        assert_eq!(resolve(&user, "./a/./b"), Path::new("/home/u/a/b"));
+        assert_eq!(resolve(&user, "/etc//x/."), Path::new("/etc/x"));
+        assert_eq!(resolve(&user, "/etc/").as_os_str(), "/etc/");
+        assert_eq!(resolve(&user, "/").as_os_str(), "/");
+        assert_eq!(resolve(&user, "../x"), Path::new("/home/u/../x"));
+    }
+
+    #[test]
+    fn extended_parameters() {
+        let h = "form-data; name*=utf-8''%2Fhome%2Fuser%2Fa%20b+c.txt; filename=\"x\"";
+        assert_eq!(extended_param(h, "name").as_deref(), Some("/home/user/a b+c.txt"));
+        assert_eq!(extended_param(h, "filename"), None);
+        assert_eq!(extended_param("form-data; NAME*=UTF-8'en'%C3%A9", "name").as_deref(), Some("é"));
+        assert_eq!(extended_param("form-data; name*=iso-8859-1''%E9", "name"), None);
+        assert_eq!(extended_param("form-data; name=\"plain\"", "name"), None);
     }
 
     fn head(data: &[u8], n: u64) -> Vec<u8> {
@@ -1607,26 +1497,13 @@ mod tests {
         assert_eq!(find_all(b"aaaa", b"aa"), vec![0, 2]);
         assert_eq!(find_all(b"ab", b"abc"), Vec::<usize>::new());
         let edits = vec![
-            FileEdit {
-                find: "foo".into(),
-                replace: Some("bar".into()),
-            },
-            FileEdit {
-                find: "bar baz".into(),
-                replace: None,
-            },
+            FileEdit { find: "foo".into(), replace: Some("bar".into()) },
+            FileEdit { find: "bar baz".into(), replace: None },
         ];
         let (out, n) = apply_edits(b"foo baz\nfoo\nx foo\n", &edits).expect("edits");
         assert_eq!(out, b"\nbar\nx bar\n");
         assert_eq!(n, 4);
-        let err = apply_edits(
-            b"abc",
-            &[FileEdit {
-                find: "zzz".into(),
-                replace: None,
-            }],
-        )
-        .unwrap_err();
+        let err = apply_edits(b"abc", &[FileEdit { find: "zzz".into(), replace: None }]).unwrap_err();
         assert!(err.contains("zzz"), "{err}");
         let diff = unified_diff("/f.txt", b"one\ntwo\n", b"one\n2\n");
         assert!(diff.starts_with("--- /f.txt\n+++ /f.txt\n"), "{diff}");
@@ -1642,24 +1519,15 @@ mod tests {
         sfs::set_permissions(&f, Permissions::from_mode(0o751)).expect("chmod");
         let edit = |find: &str| EditFileRequest {
             path: "a.txt".into(),
-            edits: vec![FileEdit {
-                find: find.into(),
-                replace: Some("bye".into()),
-            }],
+            edits: vec![FileEdit { find: find.into(), replace: Some("bye".into()) }],
         };
         assert_eq!(status(ctx.edit_file(edit("nope"))), StatusCode::BAD_REQUEST);
-        assert_eq!(
-            sfs::read_to_string(&f).expect("read"),
-            "hello world\nhello\n"
-        );
+        assert_eq!(sfs::read_to_string(&f).expect("read"), "hello world\nhello\n");
         assert_eq!(status(ctx.edit_file(edit("hello"))), StatusCode::OK);
         assert_eq!(sfs::read_to_string(&f).expect("read"), "bye world\nbye\n");
         assert_eq!(sfs::metadata(&f).expect("meta").mode() & 0o777, 0o751);
         assert_eq!(
-            status(ctx.edit_file(EditFileRequest {
-                path: "missing".into(),
-                ..edit("x")
-            })),
+            status(ctx.edit_file(EditFileRequest { path: "missing".into(), ..edit("x") })),
             StatusCode::NOT_FOUND
         );
 
@@ -1684,31 +1552,18 @@ mod tests {
         let rel = |items: Vec<String>| -> Vec<String> {
             items
                 .iter()
-                .map(|p| {
-                    p.strip_prefix(&format!("{}/", b.display()))
-                        .unwrap_or(p)
-                        .to_string()
-                })
+                .map(|p| p.strip_prefix(&format!("{}/", b.display())).unwrap_or(p).to_string())
                 .collect()
         };
         let ex = vec!["node_modules".to_string()];
         let g = |p: Option<&str>, ex: &[String]| rel(glob_paths(b, p, ex).expect("glob"));
         assert_eq!(g(Some("*.rs"), &ex), ["a.rs", "src/b.rs", "src/deep/c.rs"]);
         assert_eq!(g(Some("src/*.rs"), &ex), ["src/b.rs"]);
-        assert_eq!(
-            g(Some("**/*.rs"), &ex),
-            ["a.rs", "src/b.rs", "src/deep/c.rs"]
-        );
-        assert_eq!(
-            g(Some("src/**"), &ex),
-            ["src/b.rs", "src/d.txt", "src/deep", "src/deep/c.rs"]
-        );
+        assert_eq!(g(Some("**/*.rs"), &ex), ["a.rs", "src/b.rs", "src/deep/c.rs"]);
+        assert_eq!(g(Some("src/**"), &ex), ["src/b.rs", "src/d.txt", "src/deep", "src/deep/c.rs"]);
         assert_eq!(g(Some("*.rs"), &[]).len(), 4);
         assert_eq!(g(None, &["src".into(), "node_modules".into()]), ["a.rs"]);
-        assert_eq!(
-            g(Some("src/deep/*.rs"), &["src/deep".into()]),
-            Vec::<String>::new()
-        );
+        assert_eq!(g(Some("src/deep/*.rs"), &["src/deep".into()]), Vec::<String>::new());
         let abs = format!("{}/src/*.txt", b.display());
         assert_eq!(g(Some(&abs), &[]), ["src/d.txt"]);
         assert!(
@@ -1720,19 +1575,13 @@ mod tests {
     fn grep_search() {
         let dir = tempfile::tempdir().expect("tempdir");
         let b = dir.path();
-        write(
-            &b.join("a.go"),
-            "package main\nfunc main() {\n\tfmt.Println(\"hi\")\n}\n",
-        );
+        write(&b.join("a.go"), "package main\nfunc main() {\n\tfmt.Println(\"hi\")\n}\n");
         write(&b.join("b.txt"), "func(x\r\nnothing\n");
         write(&b.join("skip/c.go"), "func main\n");
         sfs::write(b.join("bin.go"), b"func\0main\n").expect("write");
         let hits = grep_paths(b, "^func \\w+", Some("*.go"), &["skip".into()]).expect("grep");
         assert_eq!(hits.len(), 1);
-        assert_eq!(
-            (hits[0].line, hits[0].content.as_str()),
-            (2, "func main() {")
-        );
+        assert_eq!((hits[0].line, hits[0].content.as_str()), (2, "func main() {"));
         assert!(hits[0].path.ends_with("/a.go"));
         // Not a valid regex: searched for literally.
         let hits = grep_paths(b, "func(", None, &[]).expect("grep");
@@ -1771,15 +1620,9 @@ mod tests {
         let a = &t[0];
         assert_eq!(a.kind, TreeEntryKind::Directory);
         let kids = a.children.as_ref().expect("children");
-        assert_eq!(
-            kids.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
-            ["b", "x.txt"]
-        );
+        assert_eq!(kids.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["b", "x.txt"]);
         let json = serde_json::to_value(&t[0]).expect("json");
-        assert_eq!(
-            json["children"][0]["children"][0]["children"][0]["name"],
-            "d.txt"
-        );
+        assert_eq!(json["children"][0]["children"][0]["children"][0]["name"], "d.txt");
         assert_eq!(json["type"], "directory");
 
         let t = tree_entries(b, Some(1), &[]).expect("tree");
@@ -1788,10 +1631,7 @@ mod tests {
         let t = tree_entries(b, Some(2), &["a/b".into()]).expect("tree");
         let a = t.iter().find(|e| e.name == "a").expect("a");
         let kids = a.children.as_ref().expect("children");
-        assert_eq!(
-            kids.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
-            ["x.txt"]
-        );
+        assert_eq!(kids.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["x.txt"]);
         assert!(tree_entries(&b.join("a/x.txt"), None, &[]).is_err());
     }
 
@@ -1809,10 +1649,7 @@ mod tests {
         };
         assert_eq!(mkdir("x/y", false, None), StatusCode::NOT_FOUND);
         assert_eq!(mkdir("x/y", true, Some("700")), StatusCode::NO_CONTENT);
-        assert_eq!(
-            sfs::metadata(b.join("x/y")).expect("y").mode() & 0o777,
-            0o700
-        );
+        assert_eq!(sfs::metadata(b.join("x/y")).expect("y").mode() & 0o777, 0o700);
         assert_eq!(sfs::metadata(b.join("x")).expect("x").mode() & 0o777, 0o755);
         assert_eq!(mkdir("x/y", true, None), StatusCode::NO_CONTENT);
         assert_eq!(mkdir("x/y", false, None), StatusCode::CONFLICT);
@@ -1820,30 +1657,16 @@ mod tests {
         assert_eq!(mkdir("x/f", true, None), StatusCode::CONFLICT);
         assert_eq!(mkdir("x/f/g", true, None), StatusCode::BAD_REQUEST);
 
-        let (file, created) = ctx
-            .open_for_write(&b.join("new/dir/file"), Some(0o600))
-            .expect("open");
+        let (file, created) = ctx.open_for_write(&b.join("new/dir/file"), Some(0o600)).expect("open");
         drop(file);
         assert!(created);
-        assert_eq!(
-            sfs::metadata(b.join("new/dir/file")).expect("f").mode() & 0o777,
-            0o600
-        );
-        let (_, created) = ctx
-            .open_for_write(&b.join("new/dir/file"), None)
-            .expect("open");
+        assert_eq!(sfs::metadata(b.join("new/dir/file")).expect("f").mode() & 0o777, 0o600);
+        let (_, created) = ctx.open_for_write(&b.join("new/dir/file"), None).expect("open");
         assert!(!created);
-        assert_eq!(
-            sfs::metadata(b.join("new/dir/file")).expect("f").mode() & 0o777,
-            0o600
-        );
+        assert_eq!(sfs::metadata(b.join("new/dir/file")).expect("f").mode() & 0o777, 0o600);
 
-        let del = |path: &str, recursive: bool| {
-            status(ctx.delete(DeleteRequest {
-                path: path.into(),
-                recursive,
-            }))
-        };
+        let del =
+            |path: &str, recursive: bool| status(ctx.delete(DeleteRequest { path: path.into(), recursive }));
         assert_eq!(del("x", false), StatusCode::BAD_REQUEST);
         assert_eq!(del("x/f", false), StatusCode::NO_CONTENT);
         assert_eq!(del("x/f", false), StatusCode::NOT_FOUND);
@@ -1851,9 +1674,7 @@ mod tests {
         assert!(!b.join("x").exists());
 
         let exists = |path: &str| {
-            let r = ctx
-                .exists(ExistsRequest { path: path.into() })
-                .expect("exists");
+            let r = ctx.exists(ExistsRequest { path: path.into() }).expect("exists");
             r.status()
         };
         assert_eq!(exists("new/dir/file/sub"), StatusCode::OK);
@@ -1869,52 +1690,25 @@ mod tests {
         sfs::set_permissions(b.join("src/a.txt"), Permissions::from_mode(0o741)).expect("chmod");
         std::os::unix::fs::symlink("a.txt", b.join("src/link")).expect("symlink");
         let copy = |src: &str, dst: &str, recursive: bool, overwrite: bool| {
-            status(ctx.copy(CopyRequest {
-                src_path: src.into(),
-                dst_path: dst.into(),
-                recursive,
-                overwrite,
-            }))
+            status(ctx.copy(CopyRequest { src_path: src.into(), dst_path: dst.into(), recursive, overwrite }))
         };
         assert_eq!(copy("src", "dst", false, false), StatusCode::BAD_REQUEST);
-        assert_eq!(
-            copy("src", "src/inner", true, false),
-            StatusCode::BAD_REQUEST
-        );
+        assert_eq!(copy("src", "src/inner", true, false), StatusCode::BAD_REQUEST);
         assert_eq!(copy("nope", "dst", true, false), StatusCode::NOT_FOUND);
         assert_eq!(copy("src", "dst", true, false), StatusCode::NO_CONTENT);
-        assert_eq!(
-            sfs::read_to_string(b.join("dst/sub/b.txt")).expect("b"),
-            "B"
-        );
-        assert_eq!(
-            sfs::metadata(b.join("dst/a.txt")).expect("a").mode() & 0o777,
-            0o741
-        );
-        assert_eq!(
-            sfs::read_link(b.join("dst/link")).expect("link"),
-            Path::new("a.txt")
-        );
+        assert_eq!(sfs::read_to_string(b.join("dst/sub/b.txt")).expect("b"), "B");
+        assert_eq!(sfs::metadata(b.join("dst/a.txt")).expect("a").mode() & 0o777, 0o741);
+        assert_eq!(sfs::read_link(b.join("dst/link")).expect("link"), Path::new("a.txt"));
         assert_eq!(copy("src", "dst", true, false), StatusCode::CONFLICT);
         write(&b.join("dst/extra"), "");
         assert_eq!(copy("src", "dst", true, true), StatusCode::NO_CONTENT);
         assert!(!b.join("dst/extra").exists());
-        assert_eq!(
-            copy("src/a.txt", "src/a.txt", false, true),
-            StatusCode::BAD_REQUEST
-        );
-        assert_eq!(
-            copy("src/a.txt", "one.txt", false, false),
-            StatusCode::NO_CONTENT
-        );
+        assert_eq!(copy("src/a.txt", "src/a.txt", false, true), StatusCode::BAD_REQUEST);
+        assert_eq!(copy("src/a.txt", "one.txt", false, false), StatusCode::NO_CONTENT);
         assert_eq!(sfs::read_to_string(b.join("one.txt")).expect("one"), "A");
 
         let mv = |src: &str, dst: &str, overwrite: bool| {
-            status(ctx.move_path(MoveRequest {
-                src_path: src.into(),
-                dst_path: dst.into(),
-                overwrite,
-            }))
+            status(ctx.move_path(MoveRequest { src_path: src.into(), dst_path: dst.into(), overwrite }))
         };
         assert_eq!(mv("one.txt", "src/a.txt", false), StatusCode::CONFLICT);
         assert_eq!(mv("one.txt", "two.txt", false), StatusCode::NO_CONTENT);
@@ -1930,10 +1724,7 @@ mod tests {
         assert_eq!(mv("dangling", "moved-link", false), StatusCode::NO_CONTENT);
         assert!(sfs::symlink_metadata(b.join("moved-link")).is_ok());
         std::os::unix::fs::symlink("two.txt", b.join("to-two")).expect("symlink");
-        assert_eq!(
-            copy("two.txt", "to-two", false, true),
-            StatusCode::BAD_REQUEST
-        );
+        assert_eq!(copy("two.txt", "to-two", false, true), StatusCode::BAD_REQUEST);
         assert_eq!(sfs::read_to_string(b.join("two.txt")).expect("two"), "A");
     }
 
@@ -1945,45 +1736,22 @@ mod tests {
         write(&b.join("d/f.txt"), "12345");
         sfs::set_permissions(b.join("d/f.txt"), Permissions::from_mode(0o640)).expect("chmod");
         std::os::unix::fs::symlink("d", b.join("l")).expect("symlink");
-        let info = ctx.file_info(
-            &b.join("d/f.txt"),
-            &sfs::symlink_metadata(b.join("d/f.txt")).expect("meta"),
-        );
+        let info =
+            ctx.file_info(&b.join("d/f.txt"), &sfs::symlink_metadata(b.join("d/f.txt")).expect("meta"));
         assert_eq!(
-            (
-                info.name.as_str(),
-                info.size,
-                info.mode.as_str(),
-                info.is_dir
-            ),
+            (info.name.as_str(), info.size, info.mode.as_str(), info.is_dir),
             ("f.txt", 5, "640", false)
         );
-        let info = ctx.file_info(
-            &b.join("l"),
-            &sfs::symlink_metadata(b.join("l")).expect("meta"),
-        );
+        let info = ctx.file_info(&b.join("l"), &sfs::symlink_metadata(b.join("l")).expect("meta"));
         assert!(info.is_symlink && !info.is_dir);
         assert_eq!(info.link_target.as_deref(), Some("d"));
+        assert_eq!(status(ctx.stat(StatRequest { path: "nope".into() })), StatusCode::NOT_FOUND);
         assert_eq!(
-            status(ctx.stat(StatRequest {
-                path: "nope".into()
-            })),
+            status(ctx.ls(LsRequest { path: "nope".into(), recursive: false, exclude: vec![] })),
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            status(ctx.ls(LsRequest {
-                path: "nope".into(),
-                recursive: false,
-                exclude: vec![]
-            })),
-            StatusCode::NOT_FOUND
-        );
-        assert_eq!(
-            status(ctx.ls(LsRequest {
-                path: ".".into(),
-                recursive: true,
-                exclude: vec![]
-            })),
+            status(ctx.ls(LsRequest { path: ".".into(), recursive: true, exclude: vec![] })),
             StatusCode::OK
         );
     }
@@ -2007,30 +1775,20 @@ mod tests {
         let (file, _) = ctx.open_for_write(&b.join("old.txt"), None).expect("open");
         drop(file);
         assert_eq!(owner("old.txt"), (0, 0));
-        let (file, _) = ctx
-            .open_for_write(&b.join("p/q/new.txt"), None)
-            .expect("open");
+        let (file, _) = ctx.open_for_write(&b.join("p/q/new.txt"), None).expect("open");
         drop(file);
         for p in ["p", "p/q", "p/q/new.txt"] {
             assert_eq!(owner(p), (4321, 4322), "{p}");
         }
         assert_eq!(
-            status(ctx.mkdir(MkdirRequest {
-                path: "m/n".into(),
-                recursive: true,
-                permissions: None
-            })),
+            status(ctx.mkdir(MkdirRequest { path: "m/n".into(), recursive: true, permissions: None })),
             StatusCode::NO_CONTENT
         );
         assert_eq!(owner("m"), (4321, 4322));
         assert_eq!(owner("m/n"), (4321, 4322));
         std::os::unix::fs::symlink("old.txt", b.join("p/ln")).expect("symlink");
-        let copy = CopyRequest {
-            src_path: "p".into(),
-            dst_path: "c".into(),
-            recursive: true,
-            overwrite: false,
-        };
+        let copy =
+            CopyRequest { src_path: "p".into(), dst_path: "c".into(), recursive: true, overwrite: false };
         assert_eq!(status(ctx.copy(copy)), StatusCode::NO_CONTENT);
         for p in ["c", "c/q", "c/q/new.txt", "c/ln"] {
             assert_eq!(owner(p), (4321, 4322), "{p}");
@@ -2067,13 +1825,11 @@ mod tests {
                         Ok::<_, std::convert::Infallible>(fs.handle(&op, req).await)
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(b), svc)
-                    .await;
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(b), svc).await;
             });
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(a))
-                .await
-                .expect("handshake");
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(a)).await.expect("handshake");
             tokio::spawn(conn);
             Client { sender }
         }
@@ -2090,23 +1846,14 @@ mod tests {
                 .expect("request");
             let resp = self.sender.send_request(req).await.expect("send");
             let status = resp.status();
-            let ct = resp
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let ct =
+                resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let body = resp.into_body().collect().await.expect("body").to_bytes();
             (status, ct, body)
         }
 
         async fn json(&mut self, op: &str, value: serde_json::Value) -> (StatusCode, Bytes) {
-            let (s, _, b) = self
-                .send(
-                    &format!("/v1/fs/{op}"),
-                    "application/json",
-                    value.to_string(),
-                )
-                .await;
+            let (s, _, b) = self.send(&format!("/v1/fs/{op}"), "application/json", value.to_string()).await;
             (s, b)
         }
     }
@@ -2116,59 +1863,29 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let ctx = test_ctx(dir.path());
         let b = dir.path().to_path_buf();
-        let mut c = Client::start(Fs {
-            user: ctx.user,
-            names: ctx.names,
-        })
-        .await;
+        let mut c = Client::start(Fs { user: ctx.user, names: ctx.names }).await;
 
-        let data: Vec<u8> = (0..5 * 1024 * 1024u32)
-            .map(|i| (i % 251) as u8 * u8::from(i % 7 != 0))
-            .collect();
+        let data: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 251) as u8 * u8::from(i % 7 != 0)).collect();
         let (s, _, _) = c
-            .send(
-                "/v1/fs/write-file?path=bin%2Fdata.bin&permissions=0755",
-                OCTET_STREAM,
-                data.clone(),
-            )
+            .send("/v1/fs/write-file?path=bin%2Fdata.bin&permissions=0755", OCTET_STREAM, data.clone())
             .await;
         assert_eq!(s, StatusCode::NO_CONTENT);
-        assert_eq!(
-            sfs::metadata(b.join("bin/data.bin")).expect("meta").mode() & 0o777,
-            0o755
-        );
-        let (s, body) = c
-            .json("read-file", serde_json::json!({"path": "bin/data.bin"}))
-            .await;
+        assert_eq!(sfs::metadata(b.join("bin/data.bin")).expect("meta").mode() & 0o777, 0o755);
+        let (s, body) = c.json("read-file", serde_json::json!({"path": "bin/data.bin"})).await;
         assert_eq!(s, StatusCode::OK);
         assert!(body == data, "round trip differs");
-        let (s, body) = c
-            .json(
-                "read-file",
-                serde_json::json!({"path": "bin/data.bin", "offset": 10, "limit": 5}),
-            )
-            .await;
+        let (s, body) =
+            c.json("read-file", serde_json::json!({"path": "bin/data.bin", "offset": 10, "limit": 5})).await;
         assert_eq!((s, &body[..]), (StatusCode::OK, &data[10..15]));
 
         write(&b.join("t.txt"), "1\n2\n3\n4\n");
-        let (_, body) = c
-            .json("read-file", serde_json::json!({"path": "t.txt", "tail": 2}))
-            .await;
+        let (_, body) = c.json("read-file", serde_json::json!({"path": "t.txt", "tail": 2})).await;
         assert_eq!(&body[..], b"3\n4\n");
-        let (_, body) = c
-            .json("read-file", serde_json::json!({"path": "t.txt", "head": 1}))
-            .await;
+        let (_, body) = c.json("read-file", serde_json::json!({"path": "t.txt", "head": 1})).await;
         assert_eq!(&body[..], b"1\n");
-        let (s, _) = c
-            .json(
-                "read-file",
-                serde_json::json!({"path": "t.txt", "head": 1, "tail": 1}),
-            )
-            .await;
+        let (s, _) = c.json("read-file", serde_json::json!({"path": "t.txt", "head": 1, "tail": 1})).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
-        let (s, _) = c
-            .json("read-file", serde_json::json!({"path": "absent"}))
-            .await;
+        let (s, _) = c.json("read-file", serde_json::json!({"path": "absent"})).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
 
         // read-files: parse the multipart answer back.
@@ -2192,17 +1909,9 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert_eq!(parts[0].0.as_deref(), Some("t.txt"));
         assert_eq!(&parts[0].2[..], b"1\n2\n3\n4\n");
-        assert_eq!(
-            (parts[1].0.as_deref(), parts[1].1.as_deref()),
-            (Some("bin/data.bin"), Some("data.bin"))
-        );
+        assert_eq!((parts[1].0.as_deref(), parts[1].1.as_deref()), (Some("bin/data.bin"), Some("data.bin")));
         assert!(parts[1].2 == data);
-        let (s, body) = c
-            .json(
-                "read-files",
-                serde_json::json!({"paths": ["t.txt", "gone.txt"]}),
-            )
-            .await;
+        let (s, body) = c.json("read-files", serde_json::json!({"paths": ["t.txt", "gone.txt"]})).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         assert!(String::from_utf8_lossy(&body).contains("gone.txt"));
 
@@ -2210,24 +1919,20 @@ mod tests {
         let mp_body = "--XyZ\r\nContent-Disposition: form-data; name=\"m/one.txt\"; filename=\"one.txt\"\r\n\r\nfirst\r\n\
                        --XyZ\r\nContent-Disposition: form-data; name=\"/tmp-not-used\"\r\n\r\n\r\n--XyZ--\r\n"
             .replace("/tmp-not-used", &b.join("m/two").display().to_string());
-        let (s, _, _) = c
-            .send(
-                "/v1/fs/write-files",
-                "multipart/form-data; boundary=XyZ",
-                mp_body,
-            )
-            .await;
+        let (s, _, _) = c.send("/v1/fs/write-files", "multipart/form-data; boundary=XyZ", mp_body).await;
         assert_eq!(s, StatusCode::NO_CONTENT);
-        assert_eq!(
-            sfs::read_to_string(b.join("m/one.txt")).expect("one"),
-            "first"
-        );
+        assert_eq!(sfs::read_to_string(b.join("m/one.txt")).expect("one"), "first");
         assert_eq!(sfs::read(b.join("m/two")).expect("two"), b"");
         let (s, _, _) = c.send("/v1/fs/write-files", "text/plain", "x").await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
 
         // JSON ops
-        let (s, body) = c.json("edit-file", serde_json::json!({"path": "t.txt", "edits": [{"find": "2\n", "replace": "two\n"}]})).await;
+        let (s, body) = c
+            .json(
+                "edit-file",
+                serde_json::json!({"path": "t.txt", "edits": [{"find": "2\n", "replace": "two\n"}]}),
+            )
+            .await;
         assert_eq!(s, StatusCode::OK);
         let r: EditFileResponse = serde_json::from_slice(&body).expect("edit response");
         assert_eq!(r.replacements, 1);
@@ -2237,28 +1942,13 @@ mod tests {
         let (s, body) = c.json("ls", serde_json::json!({"path": "m"})).await;
         assert_eq!(s, StatusCode::OK);
         let ls: LsResponse = serde_json::from_slice(&body).expect("ls");
-        assert_eq!(
-            ls.items.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
-            ["one.txt", "two"]
-        );
+        assert_eq!(ls.items.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["one.txt", "two"]);
         assert_eq!(ls.items[0].mode, "644");
-        let (s, _) = c
-            .json(
-                "set-permissions",
-                serde_json::json!({"path": "t.txt", "mode": "600"}),
-            )
-            .await;
+        let (s, _) = c.json("set-permissions", serde_json::json!({"path": "t.txt", "mode": "600"})).await;
         assert_eq!(s, StatusCode::NO_CONTENT);
-        assert_eq!(
-            sfs::metadata(b.join("t.txt")).expect("meta").mode() & 0o777,
-            0o600
-        );
-        let (s, _) = c
-            .json(
-                "set-permissions",
-                serde_json::json!({"path": "t.txt", "owner": "no-such-user"}),
-            )
-            .await;
+        assert_eq!(sfs::metadata(b.join("t.txt")).expect("meta").mode() & 0o777, 0o600);
+        let (s, _) =
+            c.json("set-permissions", serde_json::json!({"path": "t.txt", "owner": "no-such-user"})).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
         let (s, body) = c.json("ls", serde_json::json!({"nope": 1})).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
@@ -2267,9 +1957,7 @@ mod tests {
         assert_eq!(s, StatusCode::BAD_REQUEST);
         let (s, _) = c.json("frobnicate", serde_json::json!({"path": "x"})).await;
         assert_eq!(s, StatusCode::NOT_FOUND);
-        let (s, body) = c
-            .json("tree", serde_json::json!({"path": ".", "max_depth": 1}))
-            .await;
+        let (s, body) = c.json("tree", serde_json::json!({"path": ".", "max_depth": 1})).await;
         assert_eq!(s, StatusCode::OK);
         assert!(String::from_utf8_lossy(&body).contains("\"type\":\"directory\""));
     }

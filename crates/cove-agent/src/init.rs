@@ -18,9 +18,7 @@ pub fn early_boot() -> io::Result<()> {
     mount_userland()?;
     // Commands find their tools; the agent's own children inherit nothing else from the kernel.
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
-    let _ = std::process::Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status();
+    let _ = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
     Ok(())
 }
 
@@ -57,10 +55,7 @@ fn wait_for(path: &str, limit: Duration) -> io::Result<()> {
     let start = Instant::now();
     while !Path::new(path).exists() {
         if start.elapsed() > limit {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{path} did not appear"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{path} did not appear")));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -79,20 +74,8 @@ fn mount_userland() -> io::Result<()> {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("gid=5,mode=620,ptmxmode=666"),
     )?;
-    mount_fs(
-        "tmpfs",
-        "/dev/shm",
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=1777"),
-    )?;
-    mount_fs(
-        "tmpfs",
-        "/run",
-        "tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("mode=755"),
-    )?;
+    mount_fs("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777"))?;
+    mount_fs("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=755"))?;
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None)?;
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),

@@ -21,17 +21,9 @@ use std::sync::Arc;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let listen_unix = args
-        .iter()
-        .position(|a| a == "--listen-unix")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let listen_unix = args.iter().position(|a| a == "--listen-unix").and_then(|i| args.get(i + 1)).cloned();
     if args.iter().any(|a| a == "--version") {
-        println!(
-            "cove-agent {} protocol {}",
-            env!("CARGO_PKG_VERSION"),
-            cove_proto::PROTOCOL_VERSION
-        );
+        println!("cove-agent {} protocol {}", env!("CARGO_PKG_VERSION"), cove_proto::PROTOCOL_VERSION);
         return;
     }
     let is_init = std::process::id() == 1;

@@ -19,9 +19,7 @@ pub struct Reaper {
 
 impl Reaper {
     pub fn start() -> Arc<Reaper> {
-        let reaper = Arc::new(Reaper {
-            waiting: Mutex::new(HashMap::new()),
-        });
+        let reaper = Arc::new(Reaper { waiting: Mutex::new(HashMap::new()) });
         let r = reaper.clone();
         tokio::spawn(async move {
             let mut sigchld = match signal(SignalKind::child()) {
@@ -34,8 +32,7 @@ impl Reaper {
             loop {
                 r.reap();
                 // A missed signal must not strand a child: look again at least every second.
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), sigchld.recv()).await;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sigchld.recv()).await;
             }
         });
         reaper

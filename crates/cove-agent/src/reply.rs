@@ -9,9 +9,7 @@ use serde::Serialize;
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
 }
 
 pub fn empty(status: StatusCode) -> Response<Body> {
@@ -23,10 +21,7 @@ pub fn empty(status: StatusCode) -> Response<Body> {
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(v) => with_type(status, "application/json", full(v)),
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding response: {e}"),
-        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding response: {e}")),
     }
 }
 
@@ -35,9 +30,7 @@ pub fn bytes(status: StatusCode, content_type: &str, body: Body) -> Response<Bod
 }
 
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    let body = cove_proto::AgentError {
-        message: message.into(),
-    };
+    let body = cove_proto::AgentError { message: message.into() };
     let v = serde_json::to_vec(&body).unwrap_or_default();
     with_type(status, "application/json", full(v))
 }

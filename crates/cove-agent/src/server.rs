@@ -33,18 +33,8 @@ pub struct State {
 impl State {
     pub fn new(reaper: Arc<Reaper>, is_init: bool) -> Self {
         let user = SandboxUser::load();
-        let fs = Fs {
-            user: user.clone(),
-            names: Names::load(),
-        };
-        State {
-            reaper,
-            user,
-            fs,
-            env: RwLock::new(BTreeMap::new()),
-            is_init,
-            started: Instant::now(),
-        }
+        let fs = Fs { user: user.clone(), names: Names::load() };
+        State { reaper, user, fs, env: RwLock::new(BTreeMap::new()), is_init, started: Instant::now() }
     }
 
     pub async fn handle(
@@ -90,10 +80,7 @@ impl State {
         };
         if self.is_init {
             if let Err(e) = crate::init::apply_identity(&id) {
-                return reply::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("applying identity: {e}"),
-                );
+                return reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("applying identity: {e}"));
             }
         }
         *self.env.write().unwrap_or_else(|p| p.into_inner()) = id.env;
@@ -113,11 +100,7 @@ impl State {
         let user = if self.is_init {
             self.user.clone()
         } else {
-            SandboxUser {
-                uid: 0,
-                gid: 0,
-                ..self.user.clone()
-            }
+            SandboxUser { uid: 0, gid: 0, ..self.user.clone() }
         };
         match crate::exec::run(&self.reaper, &user, &env, &body).await {
             Ok(r) => reply::json(StatusCode::OK, &r),
@@ -130,11 +113,7 @@ impl State {
 }
 
 pub fn invalid(errors: &[cove_api::FieldError]) -> Response<Body> {
-    let msg = errors
-        .iter()
-        .map(|e| format!("{}: {}", e.field, e.error))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let msg = errors.iter().map(|e| format!("{}: {}", e.field, e.error)).collect::<Vec<_>>().join("; ");
     reply::error(StatusCode::BAD_REQUEST, msg)
 }
 
@@ -149,9 +128,6 @@ pub async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Response<Bod
     let limited = http_body_util::Limited::new(body, max);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) => Err(reply::error(
-            StatusCode::BAD_REQUEST,
-            format!("reading body: {e}"),
-        )),
+        Err(e) => Err(reply::error(StatusCode::BAD_REQUEST, format!("reading body: {e}"))),
     }
 }

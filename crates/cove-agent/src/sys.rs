@@ -25,20 +25,10 @@ pub fn mount(
 ) -> io::Result<()> {
     let (src, target, fstype) = (cstr(src)?, cstr(target)?, cstr(fstype)?);
     let data = data.map(cstr).transpose()?;
-    let data_ptr = data
-        .as_ref()
-        .map_or(std::ptr::null(), |d| d.as_ptr().cast());
+    let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
     // SAFETY: every pointer is a valid NUL-terminated string (or null for data) that outlives
     // the call; mount(2) does not keep them.
-    check(unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data_ptr,
-        )
-    })
+    check(unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data_ptr) })
 }
 
 pub fn chroot(path: &str) -> io::Result<()> {
@@ -170,9 +160,7 @@ pub fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// Registers an owned descriptor with tokio's reactor.
-pub fn async_fd(
-    fd: std::os::fd::OwnedFd,
-) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+pub fn async_fd(fd: std::os::fd::OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
     // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open (and is
     // not reused) for as long as it is registered, and nothing else holds it.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)

@@ -70,10 +70,7 @@ impl Names {
                 })
                 .collect()
         };
-        Names {
-            users: parse("/etc/passwd"),
-            groups: parse("/etc/group"),
-        }
+        Names { users: parse("/etc/passwd"), groups: parse("/etc/group") }
     }
 
     pub fn user(&self, uid: u32) -> String {
@@ -85,28 +82,16 @@ impl Names {
     }
 
     pub fn uid_of(&self, name: &str) -> Option<u32> {
-        self.users
-            .iter()
-            .find(|(_, n)| n == name)
-            .map(|(id, _)| *id)
-            .or_else(|| name.parse().ok())
+        self.users.iter().find(|(_, n)| n == name).map(|(id, _)| *id).or_else(|| name.parse().ok())
     }
 
     pub fn gid_of(&self, name: &str) -> Option<u32> {
-        self.groups
-            .iter()
-            .find(|(_, n)| n == name)
-            .map(|(id, _)| *id)
-            .or_else(|| name.parse().ok())
+        self.groups.iter().find(|(_, n)| n == name).map(|(id, _)| *id).or_else(|| name.parse().ok())
     }
 }
 
 fn find(table: &[(u32, String)], id: u32) -> String {
-    table
-        .iter()
-        .find(|(i, _)| *i == id)
-        .map(|(_, n)| n.clone())
-        .unwrap_or_else(|| id.to_string())
+    table.iter().find(|(i, _)| *i == id).map(|(_, n)| n.clone()).unwrap_or_else(|| id.to_string())
 }
 
 #[cfg(test)]

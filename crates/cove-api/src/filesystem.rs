@@ -202,21 +202,13 @@ pub fn parse_mode(s: &str) -> Option<u32> {
 
 fn check_mode(v: &mut Violations, field: &str, mode: &Option<String>) {
     if let Some(m) = mode {
-        v.check(
-            parse_mode(m).is_some(),
-            field,
-            "must be an octal mode such as 755",
-        );
+        v.check(parse_mode(m).is_some(), field, "must be an octal mode such as 755");
     }
 }
 
 fn check_globs(v: &mut Violations, field: &str, globs: &[String]) {
     for (i, g) in globs.iter().enumerate() {
-        v.check(
-            globset::Glob::new(g).is_ok(),
-            format!("{field}[{i}]"),
-            "is not a valid glob",
-        );
+        v.check(globset::Glob::new(g).is_ok(), format!("{field}[{i}]"), "is not a valid glob");
     }
 }
 
@@ -279,11 +271,7 @@ impl Validate for GlobRequest {
         let mut v = Violations::default();
         check_path(&mut v, "path", &self.path);
         if let Some(p) = &self.pattern {
-            v.check(
-                globset::Glob::new(p).is_ok(),
-                "pattern",
-                "is not a valid glob",
-            );
+            v.check(globset::Glob::new(p).is_ok(), "pattern", "is not a valid glob");
         }
         check_globs(&mut v, "exclude", &self.exclude);
         v.finish()
@@ -294,17 +282,9 @@ impl Validate for GrepRequest {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
         check_path(&mut v, "path", &self.path);
-        v.check(
-            self.pattern.as_deref().is_some_and(|p| !p.is_empty()),
-            "pattern",
-            "must not be empty",
-        );
+        v.check(self.pattern.as_deref().is_some_and(|p| !p.is_empty()), "pattern", "must not be empty");
         if let Some(p) = &self.include {
-            v.check(
-                globset::Glob::new(p).is_ok(),
-                "include",
-                "is not a valid glob",
-            );
+            v.check(globset::Glob::new(p).is_ok(), "include", "is not a valid glob");
         }
         check_globs(&mut v, "exclude", &self.exclude);
         v.finish()
@@ -315,11 +295,7 @@ impl Validate for ReadFileRequest {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
         check_path(&mut v, "path", &self.path);
-        v.check(
-            self.head.is_none() || self.tail.is_none(),
-            "tail",
-            "head and tail are mutually exclusive",
-        );
+        v.check(self.head.is_none() || self.tail.is_none(), "tail", "head and tail are mutually exclusive");
         let lines = self.head.is_some() || self.tail.is_some();
         v.check(
             !lines || (self.offset.is_none() && self.limit.is_none()),
@@ -333,11 +309,7 @@ impl Validate for ReadFileRequest {
 impl Validate for ReadFilesRequest {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
-        v.check(
-            !self.paths.is_empty(),
-            "paths",
-            "must list at least one path",
-        );
+        v.check(!self.paths.is_empty(), "paths", "must list at least one path");
         for (i, p) in self.paths.iter().enumerate() {
             check_path(&mut v, &format!("paths[{i}]"), p);
         }
@@ -349,17 +321,9 @@ impl Validate for EditFileRequest {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
         check_path(&mut v, "path", &self.path);
-        v.check(
-            !self.edits.is_empty(),
-            "edits",
-            "must list at least one edit",
-        );
+        v.check(!self.edits.is_empty(), "edits", "must list at least one edit");
         for (i, e) in self.edits.iter().enumerate() {
-            v.check(
-                !e.find.is_empty(),
-                format!("edits[{i}].find"),
-                "must not be empty",
-            );
+            v.check(!e.find.is_empty(), format!("edits[{i}].find"), "must not be empty");
         }
         v.finish()
     }
@@ -368,11 +332,7 @@ impl Validate for EditFileRequest {
 impl Validate for EditFilesRequest {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
-        v.check(
-            !self.files.is_empty(),
-            "files",
-            "must list at least one file",
-        );
+        v.check(!self.files.is_empty(), "files", "must list at least one file");
         for (i, p) in self.files.iter().enumerate() {
             check_path(&mut v, &format!("files[{i}]"), p);
         }
@@ -423,13 +383,8 @@ mod tests {
 
     #[test]
     fn head_and_tail_conflict() {
-        let r = ReadFileRequest {
-            path: "/a".into(),
-            offset: None,
-            limit: None,
-            head: Some(1),
-            tail: Some(1),
-        };
+        let r =
+            ReadFileRequest { path: "/a".into(), offset: None, limit: None, head: Some(1), tail: Some(1) };
         assert_eq!(r.validate().unwrap_err()[0].field, "tail");
     }
 }
