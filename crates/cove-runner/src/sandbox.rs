@@ -15,8 +15,9 @@ use crate::images::{Images, KERNEL_CMDLINE};
 use crate::template::TemplateSnapshot;
 use crate::{RunnerConfig, RunnerError, VmRequest, AGENT_WAIT_RESTORE};
 
-/// How long the guest may take to apply its identity after a restore.
-const IDENTITY_WAIT: Duration = Duration::from_secs(10);
+/// How long the guest may take to apply its identity after a restore (generous: a loaded
+/// 2-core host running TCG guests can stall a guest for seconds).
+const IDENTITY_WAIT: Duration = Duration::from_secs(30);
 /// How long a reconnect to a running guest may take.
 const AGENT_WAIT_RECONNECT: Duration = Duration::from_secs(10);
 

@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use cove_api::sandbox::{
-    ListSandboxes, NetworkMode, SandboxCreateRequest, SandboxResponse, SandboxState,
-    DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT_SECS, DEFAULT_VCPU,
+    ListSandboxes, NetworkMode, SandboxCreateRequest, SandboxResponse, SandboxState, DEFAULT_MEMORY_MIB,
+    DEFAULT_TIMEOUT_SECS, DEFAULT_VCPU,
 };
 use cove_runner::{AgentClient, Runner, VmRequest};
 use cove_store::{SandboxRecord, Store};
+use tracing::Instrument;
 
 use crate::error::{error_chain, ApiError};
 
@@ -68,22 +69,15 @@ impl Core {
         req: SandboxCreateRequest,
     ) -> Result<SandboxRecord, ApiError> {
         let template = req.template_name.trim().to_string();
-        let disk = self.runner.template_disk_mib(&template).ok_or_else(|| {
-            ApiError::field("template_name", format!("unknown template {template:?}"))
-        })?;
+        let disk = self
+            .runner
+            .template_disk_mib(&template)
+            .ok_or_else(|| ApiError::field("template_name", format!("unknown template {template:?}")))?;
         if req.mounts.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(ApiError::NotImplemented(
-                "object storage mounts are not implemented yet".into(),
-            ));
+            return Err(ApiError::NotImplemented("object storage mounts are not implemented yet".into()));
         }
-        if req
-            .network_policy
-            .as_ref()
-            .is_some_and(|p| p.mode == NetworkMode::Custom)
-        {
-            return Err(ApiError::NotImplemented(
-                "custom network policies are not implemented yet".into(),
-            ));
+        if req.network_policy.as_ref().is_some_and(|p| p.mode == NetworkMode::Custom) {
+            return Err(ApiError::NotImplemented("custom network policies are not implemented yet".into()));
         }
         let now = Utc::now();
         let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
@@ -105,8 +99,7 @@ impl Core {
             state_changed_at: now,
             timeout_at: Some(now.timestamp() + timeout as i64),
         };
-        self.store
-            .insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
+        self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
         let vm = VmRequest {
             id: rec.id.clone(),
             template,
@@ -115,9 +108,8 @@ impl Core {
             env: rec.env.clone(),
         };
         let span = tracing::info_span!("create", sandbox_id = %rec.id);
-        let _enter = span.enter();
-        if let Err(e) = self.runner.create(&vm).await {
-            tracing::warn!(error = %error_chain(&e), "sandbox VM failed to start");
+        if let Err(e) = self.runner.create(&vm).instrument(span).await {
+            tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "sandbox VM failed to start");
             let _ = self.runner.destroy(&rec.id).await;
             self.store.delete_sandbox(&rec.id)?;
             return Err(match ApiError::from(e) {
@@ -127,31 +119,19 @@ impl Core {
                 other => other,
             });
         }
-        if self
-            .store
-            .transition(&rec.id, &[SandboxState::Starting], SandboxState::Running)?
-            .is_none()
-        {
+        if self.store.transition(&rec.id, &[SandboxState::Starting], SandboxState::Running)?.is_none() {
             // Deleted while starting (e.g. by a concurrent delete): do not leave a VM behind.
             let _ = self.runner.destroy(&rec.id).await;
-            return Err(ApiError::Conflict(
-                "sandbox was deleted while it started".into(),
-            ));
+            return Err(ApiError::Conflict("sandbox was deleted while it started".into()));
         }
         self.get(org, &rec.id)
     }
 
     pub fn get(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
-        self.store
-            .sandbox(org, id)?
-            .ok_or_else(|| ApiError::NotFound(format!("sandbox {id} not found")))
+        self.store.sandbox(org, id)?.ok_or_else(|| ApiError::NotFound(format!("sandbox {id} not found")))
     }
 
-    pub fn list(
-        &self,
-        org: &str,
-        q: &ListSandboxes,
-    ) -> Result<(Vec<SandboxRecord>, u64), ApiError> {
+    pub fn list(&self, org: &str, q: &ListSandboxes) -> Result<(Vec<SandboxRecord>, u64), ApiError> {
         Ok(self.store.list_sandboxes(org, q)?)
     }
 
@@ -159,17 +139,9 @@ impl Core {
     /// interrupted by a crash) may be deleted again.
     pub async fn delete(&self, org: &str, id: &str) -> Result<(), ApiError> {
         let rec = self.get(org, id)?;
-        let from = [
-            SandboxState::Running,
-            SandboxState::Paused,
-            SandboxState::Stopped,
-            SandboxState::Deleting,
-        ];
-        if self
-            .store
-            .transition(id, &from, SandboxState::Deleting)?
-            .is_none()
-        {
+        let from =
+            [SandboxState::Running, SandboxState::Paused, SandboxState::Stopped, SandboxState::Deleting];
+        if self.store.transition(id, &from, SandboxState::Deleting)?.is_none() {
             return Err(ApiError::Conflict(format!(
                 "sandbox {id} is {}; try again when it settles",
                 rec.state
@@ -179,10 +151,7 @@ impl Core {
     }
 
     async fn finish_delete(&self, id: &str) -> Result<(), ApiError> {
-        self.runner
-            .destroy(id)
-            .await
-            .map_err(|e| ApiError::internal(error_chain(&e)))?;
+        self.runner.destroy(id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
         self.store.delete_sandbox(id)?;
         Ok(())
     }
@@ -191,10 +160,7 @@ impl Core {
     pub async fn agent(&self, org: &str, id: &str) -> Result<AgentClient, ApiError> {
         let rec = self.get(org, id)?;
         if rec.state != SandboxState::Running {
-            return Err(ApiError::Conflict(format!(
-                "sandbox {id} is {}, not running",
-                rec.state
-            )));
+            return Err(ApiError::Conflict(format!("sandbox {id} is {}, not running", rec.state)));
         }
         Ok(self.runner.agent(id).await?)
     }
@@ -221,17 +187,13 @@ impl Core {
     /// finishes interrupted deletes, drops half-made creates, removes files nobody owns.
     pub async fn recover(&self) -> Result<(), ApiError> {
         let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
-        let running: Vec<String> = records
-            .iter()
-            .filter(|r| r.state == SandboxState::Running)
-            .map(|r| r.id.clone())
-            .collect();
+        let running: Vec<String> =
+            records.iter().filter(|r| r.state == SandboxState::Running).map(|r| r.id.clone()).collect();
         for lost in self.runner.recover(&running) {
             // The VM is gone (host reboot, QEMU killed); its disk is still there, so it is
             // stopped in the contract's sense.
             tracing::warn!(sandbox_id = %lost, "VM of a running sandbox is gone; marking it stopped");
-            self.store
-                .transition(&lost, &[SandboxState::Running], SandboxState::Stopped)?;
+            self.store.transition(&lost, &[SandboxState::Running], SandboxState::Stopped)?;
         }
         for rec in &records {
             match rec.state {
@@ -247,8 +209,7 @@ impl Core {
                 _ => {}
             }
         }
-        let known: std::collections::HashSet<&str> =
-            records.iter().map(|r| r.id.as_str()).collect();
+        let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         for dir in self.runner.sandbox_dirs() {
             if !known.contains(dir.as_str()) {
                 tracing::info!(sandbox_id = %dir, "removing files of an unknown sandbox");

@@ -58,6 +58,10 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::field("body", "a JSON body is required"));
     }
+    // serde would also build a struct from a JSON array; the contract's bodies are objects.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::field("body", "must be a JSON object"));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -92,7 +96,7 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_field_or_the_body() {
-        for bad_json in ["{bad", "{not json", r#"{"template_name": "x", "vcpu": }"#, "[1", "{"] {
+        for bad_json in ["{bad", "{not json", r#"{"template_name": "x", "vcpu": }"#, "[", "{"] {
             assert_eq!(field_of(bad_json), "body", "{bad_json}");
         }
         assert_eq!(field_of("  "), "body");
