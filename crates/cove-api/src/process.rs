@@ -39,16 +39,8 @@ impl ExecuteRequest {
 impl Validate for ExecuteRequest {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
-        v.check(
-            !self.command.trim().is_empty(),
-            "command",
-            "must not be empty",
-        );
-        v.check(
-            !self.command.contains('\0'),
-            "command",
-            "must not contain NUL bytes",
-        );
+        v.check(!self.command.trim().is_empty(), "command", "must not be empty");
+        v.check(!self.command.contains('\0'), "command", "must not contain NUL bytes");
         if let Some(cwd) = &self.cwd {
             crate::check_path(&mut v, "cwd", cwd);
         }
@@ -60,11 +52,7 @@ impl Validate for ExecuteRequest {
             );
         }
         for key in self.envs.iter().flat_map(|e| e.keys()) {
-            v.check(
-                valid_env_name(key),
-                format!("envs.{key}"),
-                "is not a valid variable name",
-            );
+            v.check(valid_env_name(key), format!("envs.{key}"), "is not a valid variable name");
         }
         v.finish()
     }

@@ -60,11 +60,7 @@ impl Validate for SandboxCreateRequest {
             v.check((1..=8).contains(&vcpu), "vcpu", "must be between 1 and 8");
         }
         if let Some(mem) = self.memory {
-            v.check(
-                (512..=8192).contains(&mem),
-                "memory",
-                "must be between 512 and 8192 MiB",
-            );
+            v.check((512..=8192).contains(&mem), "memory", "must be between 512 and 8192 MiB");
             v.check(mem % 2 == 0, "memory", "must be an even number");
         }
         if let Some(t) = self.timeout {
@@ -75,23 +71,11 @@ impl Validate for SandboxCreateRequest {
             );
         }
         for (key, value) in self.env_vars.iter().flatten() {
-            v.check(
-                valid_env_name(key),
-                format!("env_vars.{key}"),
-                "is not a valid variable name",
-            );
-            v.check(
-                !value.contains('\0'),
-                format!("env_vars.{key}"),
-                "must not contain NUL bytes",
-            );
+            v.check(valid_env_name(key), format!("env_vars.{key}"), "is not a valid variable name");
+            v.check(!value.contains('\0'), format!("env_vars.{key}"), "must not contain NUL bytes");
         }
         if let Some(mounts) = &self.mounts {
-            v.check(
-                mounts.len() <= MAX_MOUNTS,
-                "mounts",
-                format!("at most {MAX_MOUNTS} mounts are allowed"),
-            );
+            v.check(mounts.len() <= MAX_MOUNTS, "mounts", format!("at most {MAX_MOUNTS} mounts are allowed"));
             for (i, m) in mounts.iter().enumerate() {
                 m.check(&mut v, &format!("mounts[{i}]"));
             }
@@ -152,10 +136,7 @@ impl SandboxState {
     /// States in which a sandbox holds a VM (or is getting one) and so counts against the
     /// organization's sandbox limit. Paused and stopped sandboxes hold no VM and do not count.
     pub fn counts_against_limit(self) -> bool {
-        matches!(
-            self,
-            Self::Starting | Self::Running | Self::Snapshotting | Self::Unpausing | Self::Stopping
-        )
+        matches!(self, Self::Starting | Self::Running | Self::Snapshotting | Self::Unpausing | Self::Stopping)
     }
 
     /// States in which the sandbox is moving between two others; most requests get a 409.
@@ -277,27 +258,20 @@ impl ListSandboxesQuery {
                 true
             }
         };
-        let mut int =
-            |field: &str, raw: &Option<String>, default: u64, max: u64| match raw.as_deref() {
-                None | Some("") => default,
-                Some(s) => match s.parse::<u64>() {
-                    Ok(n) if (1..=max).contains(&n) => n,
-                    _ => {
-                        v.push(field, format!("must be an integer between 1 and {max}"));
-                        default
-                    }
-                },
-            };
+        let mut int = |field: &str, raw: &Option<String>, default: u64, max: u64| match raw.as_deref() {
+            None | Some("") => default,
+            Some(s) => match s.parse::<u64>() {
+                Ok(n) if (1..=max).contains(&n) => n,
+                _ => {
+                    v.push(field, format!("must be an integer between 1 and {max}"));
+                    default
+                }
+            },
+        };
         let page = int("page", &self.page, 1, u32::MAX as u64);
         let page_size = int("page-size", &self.page_size, 20, 100);
         v.finish()?;
-        Ok(ListSandboxes {
-            state,
-            sort,
-            descending,
-            page,
-            page_size,
-        })
+        Ok(ListSandboxes { state, sort, descending, page, page_size })
     }
 }
 
@@ -359,9 +333,8 @@ impl NetworkPolicy {
             format!("{field}.transforms"),
             format!("at most {MAX_TRANSFORMS} transforms are allowed"),
         );
-        let lists_used = !self.allow_domains.is_empty()
-            || !self.allow_cidrs.is_empty()
-            || !self.transforms.is_empty();
+        let lists_used =
+            !self.allow_domains.is_empty() || !self.allow_cidrs.is_empty() || !self.transforms.is_empty();
         v.check(
             self.mode == NetworkMode::Custom || !lists_used,
             format!("{field}.mode"),
@@ -423,10 +396,7 @@ pub fn parse_ipv4_cidr(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
 }
 
 fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// An object-storage mount as requested.
@@ -449,16 +419,8 @@ pub struct MountRequest {
 
 impl MountRequest {
     fn check(&self, v: &mut Violations, field: &str) {
-        v.check(
-            self.kind == "object-storage",
-            format!("{field}.type"),
-            "must be object-storage",
-        );
-        v.check(
-            !self.bucket.is_empty(),
-            format!("{field}.bucket"),
-            "must not be empty",
-        );
+        v.check(self.kind == "object-storage", format!("{field}.type"), "must be object-storage");
+        v.check(!self.bucket.is_empty(), format!("{field}.bucket"), "must not be empty");
         v.check(
             self.mount_path.starts_with('/') && self.mount_path != "/",
             format!("{field}.mount_path"),
@@ -502,11 +464,7 @@ mod tests {
     }
 
     fn fields(r: Result<(), Vec<FieldError>>) -> Vec<String> {
-        r.err()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|e| e.field)
-            .collect()
+        r.err().unwrap_or_default().into_iter().map(|e| e.field).collect()
     }
 
     #[test]
@@ -518,13 +476,7 @@ mod tests {
             "network_policy": {"mode": "allow-all", "allow_cidrs": ["10.0.0.0/33"]}
         }));
         let f = fields(bad.validate());
-        for want in [
-            "vcpu",
-            "memory",
-            "timeout",
-            "network_policy.mode",
-            "network_policy.allow_cidrs[0]",
-        ] {
+        for want in ["vcpu", "memory", "timeout", "network_policy.mode", "network_policy.allow_cidrs[0]"] {
             assert!(f.iter().any(|x| x == want), "{want} missing from {f:?}");
         }
         let odd = req(serde_json::json!({"template_name": "t", "memory": 513}));
@@ -546,17 +498,9 @@ mod tests {
             order_by: Some("up".into()),
             ..Default::default()
         };
-        let f: Vec<_> = q
-            .parse()
-            .unwrap_err()
-            .into_iter()
-            .map(|e| e.field)
-            .collect();
+        let f: Vec<_> = q.parse().unwrap_err().into_iter().map(|e| e.field).collect();
         assert_eq!(f, vec!["state", "order-by", "page-size"]);
-        let q = ListSandboxesQuery {
-            page: Some("2".into()),
-            ..Default::default()
-        };
+        let q = ListSandboxesQuery { page: Some("2".into()), ..Default::default() };
         let p = q.parse().unwrap();
         assert_eq!((p.page, p.page_size, p.descending), (2, 20, true));
     }

@@ -94,9 +94,16 @@ pub struct Runner {
 impl Runner {
     pub fn new(cfg: RunnerConfig, vmm: Arc<dyn Vmm>) -> Result<Runner, RunnerError> {
         let images = Images::locate(&cfg.cache_dir)?;
-        for dir in [cfg.data_dir.join("sandboxes"), cfg.cache_dir.join("templates"), cfg.shm_dir.clone()] {
+        let dirs = [
+            (cfg.data_dir.join("sandboxes"), &cfg.data_dir),
+            (cfg.cache_dir.join("templates"), &cfg.cache_dir),
+            (cfg.shm_dir.clone(), &cfg.shm_dir),
+        ];
+        for (dir, root) in dirs {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| RunnerError::io(format!("creating {}", dir.display()), e))?;
+            // QEMU runs as an unprivileged user and must reach its disk and sockets in here.
+            ensure_traversable(&dir, root)?;
         }
         let templates = template::Templates::new(&cfg, &images);
         Ok(Runner { cfg, vmm, images, templates, vms: Mutex::new(HashMap::new()) })
@@ -191,4 +198,29 @@ impl Runner {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<sandbox::SandboxVm>>> {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Makes `dir` and its ancestors up to `root` (Cove's own directories) searchable by other
+/// users, adding only the x bit, so the unprivileged QEMU can open files below them by path.
+/// Ancestors above `root` are not Cove's to change: one that others cannot search is an error.
+fn ensure_traversable(dir: &std::path::Path, root: &std::path::Path) -> Result<(), RunnerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut ours = true;
+    for d in dir.ancestors() {
+        let meta = std::fs::metadata(d).map_err(|e| RunnerError::io(format!("stat {}", d.display()), e))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o001 == 0 {
+            if !ours {
+                let msg =
+                    format!("{} is not searchable by other users (chmod o+x), which QEMU needs", d.display());
+                return Err(RunnerError::io("checking directory permissions", std::io::Error::other(msg)));
+            }
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o011))
+                .map_err(|e| RunnerError::io(format!("making {} searchable", d.display()), e))?;
+        }
+        if d == root {
+            ours = false;
+        }
+    }
+    Ok(())
 }

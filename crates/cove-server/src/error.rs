@@ -33,10 +33,7 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn field(field: &str, error: impl Into<String>) -> Self {
-        ApiError::Invalid(vec![FieldError {
-            field: field.into(),
-            error: error.into(),
-        }])
+        ApiError::Invalid(vec![FieldError { field: field.into(), error: error.into() }])
     }
 
     pub fn internal(e: impl std::fmt::Display) -> Self {
@@ -60,16 +57,13 @@ impl From<cove_runner::RunnerError> for ApiError {
     fn from(e: cove_runner::RunnerError) -> Self {
         use cove_runner::{AgentError, RunnerError};
         match e {
-            RunnerError::Agent(AgentError::Status { status, message }) => {
-                ApiError::Guest { status, message }
-            }
+            RunnerError::Agent(AgentError::Status { status, message }) => ApiError::Guest { status, message },
             RunnerError::UnknownTemplate(t) => {
                 ApiError::field("template_name", format!("unknown template {t:?}"))
             }
-            RunnerError::Agent(e) => ApiError::Guest {
-                status: StatusCode::BAD_GATEWAY,
-                message: e.to_string(),
-            },
+            RunnerError::Agent(e) => {
+                ApiError::Guest { status: StatusCode::BAD_GATEWAY, message: e.to_string() }
+            }
             RunnerError::ImagesMissing(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(error_chain(&other)),
         }
@@ -94,17 +88,12 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::Invalid(errors) => (
                 StatusCode::BAD_REQUEST,
-                Json(ValidationErrorResponse {
-                    message: "Invalid request".into(),
-                    errors,
-                }),
+                Json(ValidationErrorResponse { message: "Invalid request".into(), errors }),
             )
                 .into_response(),
-            ApiError::Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                msg("missing or invalid API key".into()),
-            )
-                .into_response(),
+            ApiError::Unauthorized => {
+                (StatusCode::UNAUTHORIZED, msg("missing or invalid API key".into())).into_response()
+            }
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, msg(m)).into_response(),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, msg(m)).into_response(),
             ApiError::NotImplemented(m) => (StatusCode::NOT_IMPLEMENTED, msg(m)).into_response(),
@@ -112,29 +101,18 @@ impl IntoResponse for ApiError {
                 status,
                 Json(ValidationErrorResponse {
                     message: message.clone(),
-                    errors: vec![FieldError {
-                        field: "path".into(),
-                        error: message,
-                    }],
+                    errors: vec![FieldError { field: "path".into(), error: message }],
                 }),
             )
                 .into_response(),
             ApiError::Guest { status, message } => {
-                let status = if status.is_server_error() {
-                    StatusCode::BAD_GATEWAY
-                } else {
-                    status
-                };
+                let status = if status.is_server_error() { StatusCode::BAD_GATEWAY } else { status };
                 (status, msg(message)).into_response()
             }
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, msg(m)).into_response(),
             ApiError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    msg("internal error".into()),
-                )
-                    .into_response()
+                (StatusCode::INTERNAL_SERVER_ERROR, msg("internal error".into())).into_response()
             }
         }
     }

@@ -21,29 +21,16 @@ async fn forward(
     content_type: Option<header::HeaderValue>,
     body: AgentBody,
 ) -> Result<Response, ApiError> {
-    let mut req = hyper::Request::builder()
-        .method(hyper::Method::POST)
-        .uri(format!("http://agent{uri}"));
+    let mut req = hyper::Request::builder().method(hyper::Method::POST).uri(format!("http://agent{uri}"));
     if let Some(ct) = content_type {
         req = req.header(header::CONTENT_TYPE, ct);
     }
     let req = req.body(body).map_err(ApiError::internal)?;
-    let resp = agent
-        .send(req)
-        .await
-        .map_err(cove_runner::RunnerError::from)?;
+    let resp = agent.send(req).await.map_err(cove_runner::RunnerError::from)?;
     let status = resp.status();
     if !status.is_success() {
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        return Err(ApiError::Guest {
-            status,
-            message: cove_runner::agent::error_message(&bytes),
-        });
+        let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        return Err(ApiError::Guest { status, message: cove_runner::agent::error_message(&bytes) });
     }
     let mut out = Response::builder().status(status);
     for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
@@ -51,8 +38,7 @@ async fn forward(
             out = out.header(name, v.clone());
         }
     }
-    out.body(Body::new(resp.into_body()))
-        .map_err(ApiError::internal)
+    out.body(Body::new(resp.into_body())).map_err(ApiError::internal)
 }
 
 async fn forward_json<T: serde::Serialize>(
@@ -75,8 +61,7 @@ async fn forward_json<T: serde::Serialize>(
 }
 
 fn stream(body: Body) -> AgentBody {
-    body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        .boxed_unsync()
+    body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync()
 }
 
 macro_rules! json_op {
@@ -101,13 +86,7 @@ macro_rules! json_op {
     };
 }
 
-json_op!(
-    ls,
-    "ls",
-    LsRequest,
-    "List a directory.",
-    ok = (200, "Entries", LsResponse)
-);
+json_op!(ls, "ls", LsRequest, "List a directory.", ok = (200, "Entries", LsResponse));
 json_op!(
     stat,
     "stat",
@@ -115,14 +94,14 @@ json_op!(
     "Metadata of a path (not following a final symlink).",
     ok = (200, "File info", FileInfo)
 );
+json_op!(mkdir, "mkdir", MkdirRequest, "Create a directory.", ok = (204, "Created"));
 json_op!(
-    mkdir,
-    "mkdir",
-    MkdirRequest,
-    "Create a directory.",
-    ok = (204, "Created")
+    read_file,
+    "read-file",
+    ReadFileRequest,
+    "Read a file's raw bytes: whole, a byte range (offset, limit) or the first/last lines (head, tail).",
+    ok = (200, "File bytes (application/octet-stream)")
 );
-json_op!(read_file, "read-file", ReadFileRequest, "Read a file's raw bytes: whole, a byte range (offset, limit) or the first/last lines (head, tail).", ok = (200, "File bytes (application/octet-stream)"));
 json_op!(
     read_files,
     "read-files",
@@ -130,13 +109,7 @@ json_op!(
     "Read several files as multipart/form-data, one part per path.",
     ok = (200, "Multipart body")
 );
-json_op!(
-    delete,
-    "delete",
-    DeleteRequest,
-    "Delete a file or directory.",
-    ok = (204, "Deleted")
-);
+json_op!(delete, "delete", DeleteRequest, "Delete a file or directory.", ok = (204, "Deleted"));
 json_op!(
     set_permissions,
     "set-permissions",
@@ -172,34 +145,10 @@ json_op!(
     "One find-and-replace across several files.",
     ok = (200, "Per-file results", EditFilesResponse)
 );
-json_op!(
-    move_path,
-    "move",
-    MoveRequest,
-    "Move or rename.",
-    ok = (204, "Moved")
-);
-json_op!(
-    copy,
-    "copy",
-    CopyRequest,
-    "Copy a file or directory.",
-    ok = (204, "Copied")
-);
-json_op!(
-    exists,
-    "exists",
-    ExistsRequest,
-    "Whether a path exists.",
-    ok = (200, "Answer", ExistsResponse)
-);
-json_op!(
-    tree,
-    "tree",
-    TreeRequest,
-    "A directory tree.",
-    ok = (200, "Tree", TreeResponse)
-);
+json_op!(move_path, "move", MoveRequest, "Move or rename.", ok = (204, "Moved"));
+json_op!(copy, "copy", CopyRequest, "Copy a file or directory.", ok = (204, "Copied"));
+json_op!(exists, "exists", ExistsRequest, "Whether a path exists.", ok = (200, "Answer", ExistsResponse));
+json_op!(tree, "tree", TreeRequest, "A directory tree.", ok = (200, "Tree", TreeResponse));
 
 #[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/filesystem/write-file", tag = "Filesystem",
     description = "Write one file; the body is its raw bytes. Parent directories are created.",
@@ -216,15 +165,10 @@ pub async fn write_file(
     query: Result<Query<WriteFileQuery>, axum::extract::rejection::QueryRejection>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let Query(q) =
-        query.map_err(|_| ApiError::field("path", "query parameter path is required"))?;
+    let Query(q) = query.map_err(|_| ApiError::field("path", "query parameter path is required"))?;
     q.validate().map_err(ApiError::Invalid)?;
     let agent = s.core.agent(&org, &id).await?;
-    let uri = format!(
-        "{}write-file?{}",
-        cove_proto::routes::FS_PREFIX,
-        req.uri().query().unwrap_or("")
-    );
+    let uri = format!("{}write-file?{}", cove_proto::routes::FS_PREFIX, req.uri().query().unwrap_or(""));
     forward(&agent, uri, None, stream(req.into_body())).await
 }
 
@@ -243,10 +187,8 @@ pub async fn write_files(
     req: Request,
 ) -> Result<Response, ApiError> {
     let ct = req.headers().get(header::CONTENT_TYPE).cloned();
-    let is_multipart = ct
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let is_multipart =
+        ct.as_ref().and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
     if !is_multipart {
         return Err(ApiError::field("body", "must be multipart/form-data"));
     }

@@ -21,11 +21,7 @@ pub struct KeyCreateRequest {
 impl Validate for KeyCreateRequest {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
-        v.check(
-            (1..=64).contains(&self.name.chars().count()),
-            "name",
-            "must be 1 to 64 characters",
-        );
+        v.check((1..=64).contains(&self.name.chars().count()), "name", "must be 1 to 64 characters");
         v.finish()
     }
 }
@@ -48,13 +44,7 @@ pub struct ApiKeyList {
 }
 
 fn to_api(k: cove_store::ApiKeyInfo, key: Option<String>) -> ApiKey {
-    ApiKey {
-        id: k.id,
-        name: k.name,
-        prefix: k.prefix,
-        created_at: k.created_at,
-        key,
-    }
+    ApiKey { id: k.id, name: k.name, prefix: k.prefix, created_at: k.created_at, key }
 }
 
 #[utoipa::path(post, path = "/v1/keys", tag = "Keys", request_body = KeyCreateRequest,
@@ -74,17 +64,8 @@ pub async fn create(
 #[utoipa::path(get, path = "/v1/keys", tag = "Keys",
     responses((status = 200, description = "Keys of the organization", body = ApiKeyList),
         (status = 401, description = "Missing or invalid API key", body = ErrorResponse)))]
-pub async fn list(
-    State(s): State<AppState>,
-    OrgId(org): OrgId,
-) -> Result<Json<ApiKeyList>, ApiError> {
-    let items = s
-        .core
-        .store
-        .list_keys(&org)?
-        .into_iter()
-        .map(|k| to_api(k, None))
-        .collect();
+pub async fn list(State(s): State<AppState>, OrgId(org): OrgId) -> Result<Json<ApiKeyList>, ApiError> {
+    let items = s.core.store.list_keys(&org)?.into_iter().map(|k| to_api(k, None)).collect();
     Ok(Json(ApiKeyList { items }))
 }
 

@@ -59,27 +59,12 @@ pub fn router(core: Arc<Core>) -> Router {
     let mut r = Router::new()
         .route("/v1/sandbox", post(sandbox::create))
         .route("/v1/sandbox/", post(sandbox::create))
-        .route(
-            "/v1/sandbox/{sandboxID}",
-            get(sandbox::get).delete(sandbox::delete),
-        )
-        .route(
-            "/v1/sandbox/{sandboxID}/",
-            get(sandbox::get).delete(sandbox::delete),
-        )
+        .route("/v1/sandbox/{sandboxID}", get(sandbox::get).delete(sandbox::delete))
+        .route("/v1/sandbox/{sandboxID}/", get(sandbox::get).delete(sandbox::delete))
         .route("/v1/sandboxes", get(sandbox::list))
-        .route(
-            "/v1/sandbox/{sandboxID}/system/user-home-dir",
-            get(sandbox::user_home_dir),
-        )
-        .route(
-            "/v1/sandbox/{sandboxID}/system/workdir",
-            get(sandbox::workdir),
-        )
-        .route(
-            "/v1/sandbox/{sandboxID}/process/execute",
-            post(process::execute),
-        )
+        .route("/v1/sandbox/{sandboxID}/system/user-home-dir", get(sandbox::user_home_dir))
+        .route("/v1/sandbox/{sandboxID}/system/workdir", get(sandbox::workdir))
+        .route("/v1/sandbox/{sandboxID}/process/execute", post(process::execute))
         .route(&fs("ls"), post(filesystem::ls))
         .route(&fs("stat"), post(filesystem::stat))
         .route(&fs("mkdir"), post(filesystem::mkdir))
@@ -99,47 +84,29 @@ pub fn router(core: Arc<Core>) -> Router {
         .route(&fs("tree"), post(filesystem::tree))
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{keyID}", axum::routing::delete(keys::delete))
-        .route(
-            "/openapi.json",
-            get(|| async { ([("content-type", "application/json")], openapi_json()) }),
-        )
+        .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))
         .route("/healthz", get(|| async { "ok" }));
     for path in NOT_YET {
         r = r.route(path, any(not_implemented));
     }
-    r.fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .with_state(AppState { core })
+    r.fallback(not_found).method_not_allowed_fallback(method_not_allowed).with_state(AppState { core })
 }
 
 async fn not_implemented(_org: extract::OrgId, req: Request) -> impl IntoResponse {
-    let message = format!(
-        "{} {} is not implemented in this version of Cove",
-        req.method(),
-        req.uri().path()
-    );
+    let message = format!("{} {} is not implemented in this version of Cove", req.method(), req.uri().path());
     (StatusCode::NOT_IMPLEMENTED, Json(ErrorResponse { message }))
 }
 
 async fn not_found(req: Request) -> impl IntoResponse {
     (
         StatusCode::NOT_FOUND,
-        Json(ErrorResponse {
-            message: format!("no route for {} {}", req.method(), req.uri().path()),
-        }),
+        Json(ErrorResponse { message: format!("no route for {} {}", req.method(), req.uri().path()) }),
     )
 }
 
 async fn method_not_allowed(req: Request) -> impl IntoResponse {
-    let message = format!(
-        "method {} is not allowed on {}",
-        req.method(),
-        req.uri().path()
-    );
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        Json(ErrorResponse { message }),
-    )
+    let message = format!("method {} is not allowed on {}", req.method(), req.uri().path());
+    (StatusCode::METHOD_NOT_ALLOWED, Json(ErrorResponse { message }))
 }
 
 /// Runs background duties: sandbox timeouts.

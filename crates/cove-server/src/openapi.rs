@@ -33,7 +33,9 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("API key as a Bearer token in `authorization`, or in `leap0-authorization`."))
+                    .description(Some(
+                        "API key as a Bearer token in `authorization`, or in `leap0-authorization`.",
+                    ))
                     .build(),
             ),
         );
@@ -44,9 +46,7 @@ impl Modify for BearerAuth {
 pub fn openapi_json() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    let mut s = doc
-        .to_pretty_json()
-        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut s = doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     s.push('\n');
     s
 }

@@ -26,14 +26,10 @@ pub async fn execute(
     ValidJson(req): ValidJson<ExecuteRequest>,
 ) -> Result<Json<ExecuteResponse>, ApiError> {
     let agent = s.core.agent(&org, &id).await?;
-    let resp = agent
-        .call(Method::POST, cove_proto::routes::EXEC, Some(&req))
-        .await
-        .map_err(
+    let resp =
+        agent.call(Method::POST, cove_proto::routes::EXEC, Some(&req)).await.map_err(
             |e| match ApiError::from(cove_runner::RunnerError::from(e)) {
-                ApiError::Guest { status, message }
-                    if status == axum::http::StatusCode::BAD_REQUEST =>
-                {
+                ApiError::Guest { status, message } if status == axum::http::StatusCode::BAD_REQUEST => {
                     ApiError::field("cwd", message)
                 }
                 other => other,

@@ -4,8 +4,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use cove_api::sandbox::{
-    ListSandboxesQuery, ListSandboxesResponse, SandboxCreateRequest, SandboxListItem,
-    SandboxResponse, SandboxUserHomeDirResponse, SandboxWorkdirResponse,
+    ListSandboxesQuery, ListSandboxesResponse, SandboxCreateRequest, SandboxListItem, SandboxResponse,
+    SandboxUserHomeDirResponse, SandboxWorkdirResponse,
 };
 use cove_api::{ErrorResponse, ValidationErrorResponse};
 use hyper::Method;
@@ -89,17 +89,10 @@ pub async fn list(
             created_at: r.created_at,
         })
         .collect();
-    Ok(Json(ListSandboxesResponse {
-        items,
-        total_items: total,
-    }))
+    Ok(Json(ListSandboxesResponse { items, total_items: total }))
 }
 
-async fn system_info(
-    s: &AppState,
-    org: &str,
-    id: &str,
-) -> Result<cove_proto::SystemInfo, ApiError> {
+async fn system_info(s: &AppState, org: &str, id: &str) -> Result<cove_proto::SystemInfo, ApiError> {
     let agent = s.core.agent(org, id).await?;
     Ok(agent
         .call::<(), _>(Method::GET, cove_proto::routes::SYSTEM, None)
@@ -118,9 +111,7 @@ pub async fn user_home_dir(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxUserHomeDirResponse>, ApiError> {
     let info = system_info(&s, &org, &id).await?;
-    Ok(Json(SandboxUserHomeDirResponse {
-        user_home_dir: info.user_home_dir,
-    }))
+    Ok(Json(SandboxUserHomeDirResponse { user_home_dir: info.user_home_dir }))
 }
 
 #[utoipa::path(get, path = "/v1/sandbox/{sandboxID}/system/workdir", tag = "Sandbox",
@@ -134,7 +125,5 @@ pub async fn workdir(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxWorkdirResponse>, ApiError> {
     let info = system_info(&s, &org, &id).await?;
-    Ok(Json(SandboxWorkdirResponse {
-        workdir: info.workdir,
-    }))
+    Ok(Json(SandboxWorkdirResponse { workdir: info.workdir }))
 }
