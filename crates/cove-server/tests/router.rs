@@ -42,7 +42,13 @@ fn app() -> App {
     App { router: router(Arc::new(core)), key, _dir: dir }
 }
 
-async fn call(app: &App, method: &str, path: &str, auth: Option<(&str, String)>, body: &str) -> (StatusCode, Value) {
+async fn call(
+    app: &App,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, String)>,
+    body: &str,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
     if let Some((h, v)) = auth {
         req = req.header(h, v);
@@ -89,12 +95,16 @@ async fn create_validation_names_fields() {
         (json!({"template_name": "system/debian:bookworm", "memory": 1025}), "memory"),
         (json!({"template_name": "system/debian:bookworm", "timeout": 28801}), "timeout"),
         (json!({"template_name": "nope/unknown:1"}), "template_name"),
-        (json!({"template_name": "system/debian:bookworm", "network_policy": {"mode": "sometimes"}}), "network_policy.mode"),
+        (
+            json!({"template_name": "system/debian:bookworm", "network_policy": {"mode": "sometimes"}}),
+            "network_policy.mode",
+        ),
     ];
     for (body, field) in cases {
         let (s, v) = call(&app, "POST", "/v1/sandbox", bearer(&app), &body.to_string()).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
-        let fields: Vec<&str> = v["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+        let fields: Vec<&str> =
+            v["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
         assert!(fields.contains(field), "{body}: expected {field} in {fields:?}");
     }
     let (s, v) = call(&app, "POST", "/v1/sandbox/", bearer(&app), "{not json").await;
@@ -110,9 +120,12 @@ async fn unknown_things_are_404_and_later_features_501() {
         assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
         assert!(v["message"].as_str().unwrap().contains("sbx-nope"));
     }
-    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-nope/process/execute", bearer(&app), r#"{"command":"true"}"#).await;
+    let (s, _) =
+        call(&app, "POST", "/v1/sandbox/sbx-nope/process/execute", bearer(&app), r#"{"command":"true"}"#)
+            .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-nope/process/execute", bearer(&app), r#"{"command":""}"#).await;
+    let (s, v) =
+        call(&app, "POST", "/v1/sandbox/sbx-nope/process/execute", bearer(&app), r#"{"command":""}"#).await;
     assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("command")));
     let (s, _) = call(&app, "GET", "/v2/whatever", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
