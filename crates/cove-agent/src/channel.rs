@@ -143,6 +143,15 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> io::Res
         let text = String::from_utf8_lossy(&line).into_owned();
         line.clear();
         // Stale bytes from an earlier connection may precede the greeting: skip to it.
+        if let Some(start) = text.find(cove_proto::PARK) {
+            if let Some((cove_proto::PROTOCOL_VERSION, nonce)) =
+                cove_proto::parse_handshake(&text[start..], cove_proto::PARK)
+            {
+                // A snapshot is about to be taken: acknowledge and keep reading greetings.
+                stream.write_all(cove_proto::parked_line(nonce).as_bytes()).await?;
+            }
+            continue;
+        }
         let Some(start) = text.find(cove_proto::HELLO) else {
             continue;
         };

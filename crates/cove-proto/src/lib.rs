@@ -11,6 +11,9 @@
 //! ... HTTP/2 (host is the client) ...
 //! ```
 //!
+//! Before a template snapshot the host sends `COVE-PARK <version> <nonce>` instead; the agent
+//! answers `COVE-PARKED <version> <nonce>` and keeps waiting for a greeting.
+//!
 //! The HTTP/2 routes are the constants below. Request and response bodies are the public API's
 //! types from `cove-api` wherever one exists, so the control plane forwards what it validated.
 
@@ -27,6 +30,10 @@ pub const PORT_NAME: &str = "cove.agent";
 
 pub const HELLO: &str = "COVE-HELLO";
 pub const READY: &str = "COVE-READY";
+/// Asks the agent to stay in the handshake loop, reading the port, and say so: the state a
+/// template snapshot must capture, so that every clone's first bytes reach a fresh handshake.
+pub const PARK: &str = "COVE-PARK";
+pub const PARKED: &str = "COVE-PARKED";
 
 /// Longest handshake line either side accepts.
 pub const MAX_HANDSHAKE_LINE: usize = 128;
@@ -37,6 +44,14 @@ pub fn hello_line(nonce: u64) -> String {
 
 pub fn ready_line(nonce: &str) -> String {
     format!("{READY} {PROTOCOL_VERSION} {nonce}\n")
+}
+
+pub fn park_line(nonce: u64) -> String {
+    format!("{PARK} {PROTOCOL_VERSION} {nonce:016x}\n")
+}
+
+pub fn parked_line(nonce: &str) -> String {
+    format!("{PARKED} {PROTOCOL_VERSION} {nonce}\n")
 }
 
 /// Parses `<MAGIC> <version> <nonce>`; returns (version, nonce).

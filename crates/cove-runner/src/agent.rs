@@ -111,6 +111,43 @@ impl AgentClient {
         Ok(AgentClient { sender })
     }
 
+    /// Leaves the agent waiting for a greeting, reading its port, and returns the open socket:
+    /// the host must keep it open until the VM is saved. Retries, because an HTTP/2 connection
+    /// that is still closing in the guest may swallow the first request.
+    pub async fn park(socket: &Path, wait: Duration) -> Result<UnixStream, AgentError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut stream = UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
+        loop {
+            let nonce: u64 = rand::random();
+            stream
+                .write_all(cove_proto::park_line(nonce).as_bytes())
+                .await
+                .map_err(|e| AgentError::Connect(e.to_string()))?;
+            let want = format!("{nonce:016x}");
+            let answer = tokio::time::timeout(Duration::from_millis(300), async {
+                loop {
+                    let line = read_line(&mut stream).await?;
+                    if let Some(start) = line.find(cove_proto::PARKED) {
+                        if cove_proto::parse_handshake(&line[start..], cove_proto::PARKED)
+                            .is_some_and(|(_, n)| n == want)
+                        {
+                            return Ok::<(), AgentError>(());
+                        }
+                    }
+                }
+            })
+            .await;
+            match answer {
+                Ok(Ok(())) => return Ok(stream),
+                Ok(Err(e)) => return Err(e),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(AgentError::Connect("the agent did not park".into()))
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.sender.is_closed()
     }
@@ -170,4 +207,21 @@ pub fn error_message(bytes: &[u8]) -> String {
     serde_json::from_slice::<cove_proto::AgentError>(bytes)
         .map(|e| e.message)
         .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// One handshake line (without the newline), bounded in length.
+async fn read_line(stream: &mut UnixStream) -> Result<String, AgentError> {
+    let mut line = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        if stream.read(&mut b).await.map_err(|e| AgentError::Connect(e.to_string()))? == 0 {
+            return Err(AgentError::Connect("closed during handshake".into()));
+        }
+        if b[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        if line.len() < cove_proto::MAX_HANDSHAKE_LINE {
+            line.push(b[0]);
+        }
+    }
 }

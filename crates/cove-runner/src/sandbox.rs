@@ -42,7 +42,11 @@ impl SandboxVm {
     ) -> Result<SandboxVm, RunnerError> {
         let (dir, memory_file) = paths(cfg, &req.id);
         let result = Self::restore_inner(cfg, images, vmm, tmpl, req, &dir, &memory_file).await;
-        if result.is_err() {
+        if let Err(e) = &result {
+            // The guest's console is the best clue to why; it goes with the files below.
+            let console = std::fs::read(dir.join("run/console.log")).unwrap_or_default();
+            let tail = String::from_utf8_lossy(&console[console.len().saturating_sub(4096)..]).into_owned();
+            tracing::warn!(sandbox_id = %req.id, error = %e, console = %tail, "restore failed");
             let _ = Self::remove_leftovers(cfg, vmm, &req.id).await;
         }
         result

@@ -168,16 +168,15 @@ impl Templates {
             };
             let _: cove_api::process::ExecuteResponse =
                 agent.call(Method::POST, cove_proto::routes::EXEC, Some(&warm)).await?;
-            // The agent drops this connection and waits for the next greeting, which is where
-            // every clone wakes up.
+            // The agent drops this connection and goes back to waiting for a greeting. Parking
+            // it proves it got there, and keeping the parked socket open during the save means
+            // the guest sees no disconnect: every clone wakes up reading its port, so the first
+            // bytes of its new host reach a fresh handshake.
             agent.call_raw::<()>(Method::POST, cove_proto::routes::DETACH, None).await?;
-            for _ in 0..200 {
-                if agent.is_closed() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
+            drop(agent);
+            let parked = AgentClient::park(&spec.agent_socket(), std::time::Duration::from_secs(10)).await?;
             vmm.save(&vm, &snap.state_file()).await?;
+            drop(parked);
             Ok::<(), RunnerError>(())
         }
         .await;
