@@ -14,7 +14,13 @@ WANTED=(virtio_pci virtio_mmio virtio_blk virtio_net virtio_console virtio_rng f
 log() { echo "[kernel.sh] $*" >&2; }
 
 # Resolve the concrete package behind the metapackage.
-PKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+resolve() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+PKG=$(resolve)
+if [ -z "$PKG" ]; then
+    log "package lists do not know linux-image-cloud-amd64 yet: apt-get update"
+    apt-get update -qq >&2 || true
+    PKG=$(resolve)
+fi
 if [ -z "$PKG" ]; then
     log "cannot resolve linux-image-cloud-amd64 (run apt-get update?)"; exit 1
 fi
