@@ -42,6 +42,12 @@ enum Cmd {
 }
 
 fn main() {
+    // Like any Unix tool, end quietly when the reader of our output goes away (`cove ... | head`).
+    // SAFETY: setting a signal's disposition to the default has no memory effects.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COVE_LOG").unwrap_or_else(|_| "info".into()),
