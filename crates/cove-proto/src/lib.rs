@@ -121,6 +121,11 @@ mod tests {
         let ready = ready_line(nonce);
         assert_eq!(parse_handshake(&ready, READY), Some((PROTOCOL_VERSION, nonce)));
         assert_eq!(parse_handshake("COVE-HELLO x y", HELLO), None);
+        let park = park_line(7);
+        let (_, nonce) = parse_handshake(&park, PARK).unwrap();
+        assert_eq!(parse_handshake(&parked_line(nonce), PARKED), Some((PROTOCOL_VERSION, nonce)));
+        // A PARKED answer is not a PARK request.
+        assert_eq!(parse_handshake(&parked_line(nonce), PARK), None);
         assert_eq!(parse_handshake("junkCOVE-HELLO 1 a", HELLO), None);
     }
 
