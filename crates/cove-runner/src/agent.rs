@@ -66,21 +66,8 @@ impl AgentClient {
             .await
             .map_err(|e| AgentError::Connect(e.to_string()))?;
         let want = format!("{nonce:016x}");
-        let mut line = Vec::new();
         loop {
-            let mut b = [0u8; 1];
-            let n = stream.read(&mut b).await.map_err(|e| AgentError::Connect(e.to_string()))?;
-            if n == 0 {
-                return Err(AgentError::Connect("closed during handshake".into()));
-            }
-            if b[0] != b'\n' {
-                if line.len() < cove_proto::MAX_HANDSHAKE_LINE {
-                    line.push(b[0]);
-                }
-                continue;
-            }
-            let text = String::from_utf8_lossy(&line).into_owned();
-            line.clear();
+            let text = read_line(&mut stream).await?;
             if let Some(start) = text.find(cove_proto::READY) {
                 if let Some((version, nonce)) = cove_proto::parse_handshake(&text[start..], cove_proto::READY)
                 {

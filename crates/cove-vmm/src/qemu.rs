@@ -193,11 +193,7 @@ impl Vmm for QemuVmm {
 
     async fn save(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
         let mut qmp = self.qmp(vm).await?;
-        qmp.execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-        )
-        .await?;
+        ignore_shared_ram(&mut qmp).await?;
         qmp.execute("stop", json!({})).await?;
         let sock = vm.run_dir.join("outgoing.sock");
         let _ = std::fs::remove_file(&sock);
@@ -275,11 +271,7 @@ impl QemuVmm {
     /// Feeds a saved device state to a QEMU started with `-incoming defer`, then runs it.
     async fn restore_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
         let mut qmp = self.qmp(vm).await?;
-        qmp.execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-        )
-        .await?;
+        ignore_shared_ram(&mut qmp).await?;
         let sock = vm.run_dir.join("incoming.sock");
         let uri = format!("unix:{}", sock.display());
         qmp.execute("migrate-incoming", json!({ "uri": uri })).await?;
@@ -318,4 +310,11 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
         }
         Some((f[2].parse().ok()?, f[3].parse().ok()?))
     })
+}
+
+/// Guest RAM lives in a shared file that both sides of a save or restore map: the migration
+/// stream carries only device state.
+async fn ignore_shared_ram(qmp: &mut Qmp) -> Result<(), VmmError> {
+    let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
+    qmp.execute("migrate-set-capabilities", caps).await.map(|_| ())
 }
