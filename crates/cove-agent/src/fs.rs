@@ -239,6 +239,8 @@ enum Fail {
     /// An I/O error on a path; the status follows the error's kind (see `reply::io_error`).
     Io(String, io::Error),
     Status(StatusCode, String),
+    /// A 400 caused by one field of the request.
+    Field(&'static str, String),
 }
 
 type Res<T> = Result<T, Fail>;
@@ -252,6 +254,10 @@ impl Fail {
         Fail::Status(StatusCode::BAD_REQUEST, message.into())
     }
 
+    fn field(field: &'static str, message: impl Into<String>) -> Self {
+        Fail::Field(field, message.into())
+    }
+
     fn conflict(path: &Path, what: &str) -> Self {
         Fail::Status(StatusCode::CONFLICT, format!("{}: {what}", path.display()))
     }
@@ -259,7 +265,7 @@ impl Fail {
     fn message(&self) -> String {
         match self {
             Fail::Io(path, e) => format!("{path}: {e}"),
-            Fail::Status(_, m) => m.clone(),
+            Fail::Status(_, m) | Fail::Field(_, m) => m.clone(),
         }
     }
 
@@ -267,6 +273,7 @@ impl Fail {
         match self {
             Fail::Io(path, e) => reply::io_error(&path, &e),
             Fail::Status(status, message) => reply::error(status, message),
+            Fail::Field(field, message) => reply::field_error(StatusCode::BAD_REQUEST, Some(field), message),
         }
     }
 }
@@ -296,7 +303,34 @@ fn violations_message(errors: &[cove_api::FieldError]) -> String {
 }
 
 fn check(v: &impl Validate) -> Res<()> {
-    v.validate().map_err(|errs| Fail::bad(violations_message(&errs)))
+    v.validate().map_err(|errs| match errs.first().map(|e| e.field.as_str()) {
+        Some(f) => Fail::Field(known_field(f), violations_message(&errs)),
+        None => Fail::bad(violations_message(&errs)),
+    })
+}
+
+/// The static name of a request field (violations carry owned strings).
+fn known_field(f: &str) -> &'static str {
+    const FIELDS: &[&str] = &[
+        "path",
+        "src_path",
+        "dst_path",
+        "paths",
+        "files",
+        "edits",
+        "find",
+        "pattern",
+        "include",
+        "exclude",
+        "permissions",
+        "mode",
+        "owner",
+        "group",
+        "tail",
+        "offset",
+        "recursive",
+    ];
+    FIELDS.iter().find(|k| f == **k || f.starts_with(&format!("{k}["))).copied().unwrap_or("body")
 }
 
 /// Reads, parses and validates a JSON request body.
@@ -633,9 +667,9 @@ impl Excludes {
         for g in globs {
             let g = g.trim_end_matches('/');
             let g = g.strip_prefix("./").unwrap_or(g);
-            b.add(Glob::new(g).map_err(|e| Fail::bad(format!("exclude: {e}")))?);
+            b.add(Glob::new(g).map_err(|e| Fail::field("exclude", format!("exclude: {e}")))?);
         }
-        b.build().map(|s| Excludes(Some(s))).map_err(|e| Fail::bad(format!("exclude: {e}")))
+        b.build().map(|s| Excludes(Some(s))).map_err(|e| Fail::field("exclude", format!("exclude: {e}")))
     }
 
     fn matches(&self, rel: &Path, name: &OsStr) -> bool {
@@ -1041,15 +1075,19 @@ impl Ctx {
     fn set_permissions(&self, r: SetPermissionsRequest) -> Res<Response<Body>> {
         let path = self.resolve(&r.path);
         let uid = match &r.owner {
-            Some(o) => {
-                Some(self.names.uid_of(o).ok_or_else(|| Fail::bad(format!("owner: unknown user {o:?}")))?)
-            }
+            Some(o) => Some(
+                self.names
+                    .uid_of(o)
+                    .ok_or_else(|| Fail::field("owner", format!("owner: unknown user {o:?}")))?,
+            ),
             None => None,
         };
         let gid = match &r.group {
-            Some(g) => {
-                Some(self.names.gid_of(g).ok_or_else(|| Fail::bad(format!("group: unknown group {g:?}")))?)
-            }
+            Some(g) => Some(
+                self.names
+                    .gid_of(g)
+                    .ok_or_else(|| Fail::field("group", format!("group: unknown group {g:?}")))?,
+            ),
             None => None,
         };
         sfs::metadata(&path).at(&path)?;
@@ -1078,8 +1116,8 @@ impl Ctx {
     fn edit_file(&self, r: EditFileRequest) -> Res<Response<Body>> {
         let path = self.resolve(&r.path);
         let old = read_for_edit(&path)?;
-        let (new, replacements) =
-            apply_edits(&old, &r.edits).map_err(|m| Fail::bad(format!("{}: {m}", path.display())))?;
+        let (new, replacements) = apply_edits(&old, &r.edits)
+            .map_err(|m| Fail::field("edits", format!("{}: {m}", path.display())))?;
         if new != old {
             write_in_place(&path, &new)?;
         }
@@ -1126,7 +1164,10 @@ impl Ctx {
         let src_canon = if follow_src { sfs::canonicalize(src).at(src)? } else { canonical_destination(src) };
         let dst_canon = canonical_destination(dst);
         if src_meta.is_dir() && dst_canon.starts_with(&src_canon) && dst_canon != src_canon {
-            return Err(Fail::bad(format!("cannot put {} inside itself ({})", src.display(), dst.display())));
+            return Err(Fail::field(
+                "dst_path",
+                format!("cannot put {} inside itself ({})", src.display(), dst.display()),
+            ));
         }
         let dst_meta = match sfs::symlink_metadata(dst) {
             Ok(m) => m,
@@ -1186,13 +1227,22 @@ impl Ctx {
         // tree are copied as links.
         let src_meta = sfs::metadata(&src).at(&src)?;
         if src_meta.is_dir() && !r.recursive {
-            return Err(Fail::bad(format!("{} is a directory (set recursive to copy it)", src.display())));
+            return Err(Fail::field(
+                "recursive",
+                format!("{} is a directory (set recursive to copy it)", src.display()),
+            ));
         }
         if !src_meta.is_dir() && !src_meta.is_file() {
-            return Err(Fail::bad(format!("{}: not a regular file or directory", src.display())));
+            return Err(Fail::field(
+                "src_path",
+                format!("{}: not a regular file or directory", src.display()),
+            ));
         }
         if !self.clear_destination(&src, &src_meta, &dst, r.overwrite, true)? {
-            return Err(Fail::bad(format!("{} and {} are the same file", src.display(), dst.display())));
+            return Err(Fail::field(
+                "dst_path",
+                format!("{} and {} are the same file", src.display(), dst.display()),
+            ));
         }
         self.copy_entry(&src, &dst, &src_meta, Owner::User).at(&dst)?;
         Ok(reply::empty(StatusCode::NO_CONTENT))
@@ -1280,7 +1330,7 @@ fn grep_paths(
     let meta = sfs::metadata(base).at(base)?;
     let regex = regex::bytes::Regex::new(pattern)
         .or_else(|_| regex::bytes::Regex::new(&regex::escape(pattern)))
-        .map_err(|e| Fail::bad(format!("pattern: {e}")))?;
+        .map_err(|e| Fail::field("pattern", format!("pattern: {e}")))?;
     let include = include.filter(|i| !i.is_empty()).map(|i| PathGlob::new("include", i)).transpose()?;
     let excludes = Excludes::new(exclude)?;
     let mut items = Vec::new();

@@ -30,7 +30,12 @@ pub fn bytes(status: StatusCode, content_type: &str, body: Body) -> Response<Bod
 }
 
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response<Body> {
-    let body = cove_proto::AgentError { message: message.into() };
+    field_error(status, None, message)
+}
+
+/// An error that names the request field at fault.
+pub fn field_error(status: StatusCode, field: Option<&str>, message: impl Into<String>) -> Response<Body> {
+    let body = cove_proto::AgentError { message: message.into(), field: field.map(str::to_string) };
     let v = serde_json::to_vec(&body).unwrap_or_default();
     with_type(status, "application/json", full(v))
 }

@@ -106,6 +106,9 @@ pub struct SystemInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentError {
     pub message: String,
+    /// For a 400: the request field at fault, when the agent knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 #[cfg(test)]

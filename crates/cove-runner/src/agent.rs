@@ -27,7 +27,7 @@ pub enum AgentError {
     Request(String),
     /// The agent answered with an error status.
     #[error("{message}")]
-    Status { status: StatusCode, message: String },
+    Status { status: StatusCode, message: String, field: Option<String> },
 }
 
 /// A connected agent. Cheap to clone; all clones share the one connection.
@@ -179,7 +179,7 @@ impl AgentClient {
         let bytes =
             resp.into_body().collect().await.map_err(|e| AgentError::Request(e.to_string()))?.to_bytes();
         if !status.is_success() {
-            return Err(AgentError::Status { status, message: error_message(&bytes) });
+            return Err(AgentError::from_answer(status, &bytes));
         }
         Ok(bytes)
     }
@@ -189,11 +189,18 @@ pub fn full(bytes: impl Into<Bytes>) -> AgentBody {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
-/// The `message` of an agent error body, or the body itself.
-pub fn error_message(bytes: &[u8]) -> String {
-    serde_json::from_slice::<cove_proto::AgentError>(bytes)
-        .map(|e| e.message)
-        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned())
+impl AgentError {
+    /// An error answer of the agent: its message and field, or the body as the message.
+    pub fn from_answer(status: StatusCode, bytes: &[u8]) -> AgentError {
+        match serde_json::from_slice::<cove_proto::AgentError>(bytes) {
+            Ok(e) => AgentError::Status { status, message: e.message, field: e.field },
+            Err(_) => AgentError::Status {
+                status,
+                message: String::from_utf8_lossy(bytes).into_owned(),
+                field: None,
+            },
+        }
+    }
 }
 
 /// One handshake line (without the newline), bounded in length.

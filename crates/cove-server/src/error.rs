@@ -24,7 +24,7 @@ pub enum ApiError {
     NotImplemented(String),
     /// An error answered by the guest agent, passed on with its status.
     #[error("{message}")]
-    Guest { status: StatusCode, message: String },
+    Guest { status: StatusCode, message: String, field: Option<String> },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -57,12 +57,14 @@ impl From<cove_runner::RunnerError> for ApiError {
     fn from(e: cove_runner::RunnerError) -> Self {
         use cove_runner::{AgentError, RunnerError};
         match e {
-            RunnerError::Agent(AgentError::Status { status, message }) => ApiError::Guest { status, message },
+            RunnerError::Agent(AgentError::Status { status, message, field }) => {
+                ApiError::Guest { status, message, field }
+            }
             RunnerError::UnknownTemplate(t) => {
                 ApiError::field("template_name", format!("unknown template {t:?}"))
             }
             RunnerError::Agent(e) => {
-                ApiError::Guest { status: StatusCode::BAD_GATEWAY, message: e.to_string() }
+                ApiError::Guest { status: StatusCode::BAD_GATEWAY, message: e.to_string(), field: None }
             }
             RunnerError::ImagesMissing(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(error_chain(&other)),
@@ -97,15 +99,19 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, msg(m)).into_response(),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, msg(m)).into_response(),
             ApiError::NotImplemented(m) => (StatusCode::NOT_IMPLEMENTED, msg(m)).into_response(),
-            ApiError::Guest { status, message } if status == StatusCode::BAD_REQUEST => (
+            ApiError::Guest { status, message, field } if status == StatusCode::BAD_REQUEST => (
                 status,
                 Json(ValidationErrorResponse {
                     message: message.clone(),
-                    errors: vec![FieldError { field: "path".into(), error: message }],
+                    // The agent names the field when it knows it; otherwise it is the path.
+                    errors: vec![FieldError {
+                        field: field.unwrap_or_else(|| "path".into()),
+                        error: message,
+                    }],
                 }),
             )
                 .into_response(),
-            ApiError::Guest { status, message } => {
+            ApiError::Guest { status, message, .. } => {
                 let status = if status.is_server_error() { StatusCode::BAD_GATEWAY } else { status };
                 (status, msg(message)).into_response()
             }

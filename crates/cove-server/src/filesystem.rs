@@ -30,7 +30,9 @@ async fn forward(
     let status = resp.status();
     if !status.is_success() {
         let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        return Err(ApiError::Guest { status, message: cove_runner::agent::error_message(&bytes) });
+        return Err(
+            cove_runner::RunnerError::from(cove_runner::AgentError::from_answer(status, &bytes)).into()
+        );
     }
     let mut out = Response::builder().status(status);
     for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {

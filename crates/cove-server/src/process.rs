@@ -29,7 +29,7 @@ pub async fn execute(
     let resp =
         agent.call(Method::POST, cove_proto::routes::EXEC, Some(&req)).await.map_err(
             |e| match ApiError::from(cove_runner::RunnerError::from(e)) {
-                ApiError::Guest { status, message } if status == axum::http::StatusCode::BAD_REQUEST => {
+                ApiError::Guest { status, message, .. } if status == axum::http::StatusCode::BAD_REQUEST => {
                     ApiError::field("cwd", message)
                 }
                 other => other,

@@ -533,6 +533,8 @@ async fn directories_and_paths_in(api: Api, id: String) {
     assert_eq!(mode_owner(&api, &id, &format!("{w}/os-release")).await, "644 user user");
     let r = ok("copy", json!({ "src_path": format!("{w}/src"), "dst_path": format!("{w}/src2") }), 400).await;
     assert!(r.json()["message"].as_str().unwrap().contains("recursive"), "{}", r.text());
+    // The guest agent names the field at fault, not just the path.
+    assert_field(&r, "recursive");
     ok(
         "copy",
         json!({ "src_path": format!("{w}/src"), "dst_path": format!("{w}/src2"), "recursive": true }),
