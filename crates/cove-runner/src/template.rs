@@ -25,6 +25,8 @@ use crate::{RunnerConfig, RunnerError, AGENT_WAIT_BOOT};
 #[derive(Debug, Clone)]
 pub struct TemplateSnapshot {
     pub key: String,
+    /// The inputs this snapshot is made from, read once (see `Images::fingerprint`).
+    pub fingerprint: String,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub dir: PathBuf,
@@ -62,10 +64,11 @@ impl Templates {
     fn snapshot(&self, template: &str, vcpus: u32, memory_mib: u64) -> TemplateSnapshot {
         let slug: String =
             template.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let fingerprint = self.images.fingerprint();
         let inputs = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
-            self.images.fingerprint().hash(&mut h);
+            fingerprint.hash(&mut h);
             h.finish()
         };
         let key = format!("{slug}-{vcpus}c-{memory_mib}m-{:012x}", inputs >> 16);
@@ -73,13 +76,14 @@ impl Templates {
             dir: self.cfg.cache_dir.join("templates").join(&key),
             memory_file: self.cfg.shm_dir.join(format!("tmpl-{key}.mem")),
             key,
+            fingerprint,
             vcpus,
             memory_mib,
         }
     }
 
     fn is_ready(&self, s: &TemplateSnapshot) -> bool {
-        let want = Meta { fingerprint: self.images.fingerprint(), vcpus: s.vcpus, memory_mib: s.memory_mib };
+        let want = Meta { fingerprint: s.fingerprint.clone(), vcpus: s.vcpus, memory_mib: s.memory_mib };
         let meta: Option<Meta> =
             std::fs::read(s.dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
         meta.as_ref() == Some(&want)
@@ -189,7 +193,7 @@ impl Templates {
         std::fs::set_permissions(&disk, perms).map_err(|e| io("freezing disk", e))?;
         qemu_img_overlay(&disk, &snap.overlay()).await?;
         let meta =
-            Meta { fingerprint: self.images.fingerprint(), vcpus: snap.vcpus, memory_mib: snap.memory_mib };
+            Meta { fingerprint: snap.fingerprint.clone(), vcpus: snap.vcpus, memory_mib: snap.memory_mib };
         let bytes = serde_json::to_vec(&meta).map_err(|e| io("encoding meta", std::io::Error::other(e)))?;
         std::fs::write(snap.dir.join("meta.json"), bytes).map_err(|e| io("writing meta", e))?;
         Ok(())
