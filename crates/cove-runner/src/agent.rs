@@ -41,15 +41,21 @@ impl AgentClient {
     pub async fn connect(socket: &Path, wait: Duration) -> Result<AgentClient, AgentError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut last;
+        let mut patience = Duration::from_secs(1);
         loop {
             let attempt_left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(attempt_left.min(Duration::from_secs(2)), Self::try_connect(socket))
-                .await
-            {
+            // A greeting can be lost to a guest-side connection that is still closing (after a
+            // runner restart), so a silent attempt is retried; but each retry waits twice as
+            // long, because abandoning a slow attempt (loaded host, cold guest) only makes the
+            // guest answer a host that has gone.
+            match tokio::time::timeout(attempt_left.min(patience), Self::try_connect(socket)).await {
                 Ok(Ok(c)) => return Ok(c),
                 Ok(Err(e @ AgentError::Version(..))) => return Err(e),
                 Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = "handshake timed out".into(),
+                Err(_) => {
+                    last = "handshake timed out".into();
+                    patience *= 2;
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(AgentError::Connect(last));
