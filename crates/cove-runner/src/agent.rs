@@ -65,12 +65,31 @@ impl AgentClient {
     }
 
     async fn try_connect(socket: &Path) -> Result<AgentClient, AgentError> {
+        Self::greet(socket).await?.finish().await
+    }
+
+    /// Connects and sends the greeting, without waiting for the answer. Done before a restored
+    /// VM runs, the guest resumes with its host already connected and the greeting waiting.
+    pub async fn greet(socket: &Path) -> Result<Greeting, AgentError> {
         let mut stream = UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
         let nonce: u64 = rand::random();
         stream
             .write_all(cove_proto::hello_line(nonce).as_bytes())
             .await
             .map_err(|e| AgentError::Connect(e.to_string()))?;
+        Ok(Greeting { stream, nonce })
+    }
+}
+
+/// A connection whose greeting has been sent; `finish` waits for the answer.
+pub struct Greeting {
+    stream: UnixStream,
+    nonce: u64,
+}
+
+impl Greeting {
+    pub async fn finish(self) -> Result<AgentClient, AgentError> {
+        let Greeting { mut stream, nonce } = self;
         let want = format!("{nonce:016x}");
         loop {
             let text = read_line(&mut stream).await?;
@@ -103,7 +122,9 @@ impl AgentClient {
         });
         Ok(AgentClient { sender })
     }
+}
 
+impl AgentClient {
     /// Leaves the agent waiting for a greeting, reading its port, and returns the open socket:
     /// the host must keep it open until the VM is saved. Retries, because an HTTP/2 connection
     /// that is still closing in the guest may swallow the first request.

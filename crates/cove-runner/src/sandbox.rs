@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cove_vmm::{Boot, VmHandle, VmSpec, Vmm};
 use hyper::Method;
 
-use crate::agent::{AgentClient, AgentError};
+use crate::agent::{AgentClient, AgentError, Greeting};
 use crate::images::{Images, KERNEL_CMDLINE};
 use crate::template::TemplateSnapshot;
 use crate::{RunnerConfig, RunnerError, VmRequest, AGENT_WAIT_RESTORE};
@@ -62,7 +62,7 @@ impl SandboxVm {
         id: &str,
         dir: &Path,
         memory_file: &Path,
-    ) -> Result<(VmSpec, VmHandle), RunnerError> {
+    ) -> Result<(VmSpec, VmHandle, Option<Greeting>), RunnerError> {
         std::fs::create_dir_all(dir).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
         let disk = dir.join("disk.qcow2");
         std::fs::copy(tmpl.overlay(), &disk).map_err(|e| RunnerError::io("creating disk overlay", e))?;
@@ -88,6 +88,10 @@ impl SandboxVm {
         let copied =
             copy.await.map_err(|e| RunnerError::io("copying template memory", std::io::Error::other(e)));
         let handle = spawned?;
+        // Greet the agent while the VM still waits for its state: the guest then resumes with
+        // its host connected and the greeting queued, instead of first seeing the saved
+        // connection vanish (which could cut the new one short).
+        let greeting = AgentClient::greet(&spec.agent_socket()).await.ok();
         let restored = match copied {
             Ok(Ok(_)) => vmm.restore(&handle, &tmpl.state_file()).await.map_err(RunnerError::from),
             Ok(Err(e)) => Err(RunnerError::io("copying template memory", e)),
@@ -97,7 +101,7 @@ impl SandboxVm {
             let _ = vmm.destroy(&handle).await;
             return Err(e);
         }
-        Ok((spec, handle))
+        Ok((spec, handle, greeting))
     }
 
     async fn restore_inner(
@@ -110,7 +114,8 @@ impl SandboxVm {
         memory_file: &Path,
     ) -> Result<SandboxVm, RunnerError> {
         let t0 = std::time::Instant::now();
-        let (spec, handle) = Self::start_vm(cfg, images, vmm, tmpl, &req.id, dir, memory_file).await?;
+        let (spec, handle, greeting) =
+            Self::start_vm(cfg, images, vmm, tmpl, &req.id, dir, memory_file).await?;
         let t_vm = t0.elapsed();
         let vm = SandboxVm {
             handle,
@@ -118,7 +123,14 @@ impl SandboxVm {
             memory_file: memory_file.to_path_buf(),
             agent: tokio::sync::Mutex::new(None),
         };
-        let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?;
+        let greeted = match greeting {
+            Some(g) => tokio::time::timeout(AGENT_WAIT_RESTORE, g.finish()).await.ok().and_then(Result::ok),
+            None => None,
+        };
+        let agent = match greeted {
+            Some(a) => a,
+            None => AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?,
+        };
         let t_agent = t0.elapsed();
         let identity = cove_proto::Identity {
             hostname: req.id.clone(),

@@ -42,12 +42,6 @@ enum Cmd {
 }
 
 fn main() {
-    // Like any Unix tool, end quietly when the reader of our output goes away (`cove ... | head`).
-    // SAFETY: setting a signal's disposition to the default has no memory effects.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COVE_LOG").unwrap_or_else(|_| "info".into()),
@@ -55,6 +49,16 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if matches!(cli.command, Cmd::Sandbox(_) | Cmd::Keys(_) | Cmd::Openapi) {
+        // Client commands end quietly when the reader of their output goes away (`| head`),
+        // like any Unix tool. Never for the server: a guest or client closing a socket must
+        // not kill it.
+        // SAFETY: setting a signal's disposition to the default has no memory effects.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Cmd::Setup { cache_dir, agent } => setup::run(&cache_dir, agent),
         Cmd::Server(args) => serve::run(args),
