@@ -112,7 +112,12 @@ impl Greeting {
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(16 << 20)
             .max_frame_size(1 << 20)
-            .keep_alive_interval(None);
+            // A connection the guest stopped answering (see `reconnect`) fails its requests
+            // within seconds instead of hanging them; the next request reconnects.
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(5)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         let (sender, conn) = builder
             .handshake(TokioIo::new(stream))
             .await
@@ -129,39 +134,97 @@ impl AgentClient {
     /// the host must keep it open until the VM is saved. Retries, because an HTTP/2 connection
     /// that is still closing in the guest may swallow the first request.
     pub async fn park(socket: &Path, wait: Duration) -> Result<UnixStream, AgentError> {
-        let deadline = tokio::time::Instant::now() + wait;
         let mut stream = UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
-        loop {
-            let nonce: u64 = rand::random();
-            stream
-                .write_all(cove_proto::park_line(nonce).as_bytes())
-                .await
-                .map_err(|e| AgentError::Connect(e.to_string()))?;
-            let want = format!("{nonce:016x}");
-            let answer = tokio::time::timeout(Duration::from_millis(300), async {
-                loop {
-                    let line = read_line(&mut stream).await?;
-                    if let Some(start) = line.find(cove_proto::PARKED) {
-                        if cove_proto::parse_handshake(&line[start..], cove_proto::PARKED)
-                            .is_some_and(|(_, n)| n == want)
-                        {
-                            return Ok::<(), AgentError>(());
-                        }
-                    }
-                }
-            })
-            .await;
-            match answer {
-                Ok(Ok(())) => return Ok(stream),
-                Ok(Err(e)) => return Err(e),
-                Err(_) if tokio::time::Instant::now() >= deadline => {
-                    return Err(AgentError::Connect("the agent did not park".into()))
-                }
-                Err(_) => {}
-            }
-        }
+        park_on(&mut stream, wait).await?;
+        Ok(stream)
     }
 
+    /// Connects to the agent of a VM that has been running, e.g. after a runner restart.
+    ///
+    /// The guest learns about a host disconnect and a new connection through a control queue
+    /// that is not ordered with the data queue, so a greeting sent right away can land before
+    /// the guest has seen the old connection go, and the late news then cuts the new one. The
+    /// agent is parked first, twice with a pause between, so that stale news has arrived before
+    /// the greeting is sent.
+    pub async fn reconnect(socket: &Path, wait: Duration) -> Result<AgentClient, AgentError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut last = String::from("no attempt");
+        while tokio::time::Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = async {
+                let mut stream =
+                    UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
+                park_on(&mut stream, left).await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                park_on(&mut stream, left).await?;
+                let nonce: u64 = rand::random();
+                stream
+                    .write_all(cove_proto::hello_line(nonce).as_bytes())
+                    .await
+                    .map_err(|e| AgentError::Connect(e.to_string()))?;
+                let client = Greeting { stream, nonce }.finish().await?;
+                // Prove the session works end to end, twice, before handing it out: if late
+                // news of the old connection cuts it, that happens now, not to a caller's exec.
+                for pause in [0, 50] {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    let health = client.call::<(), cove_proto::AgentInfo>(
+                        Method::GET,
+                        cove_proto::routes::HEALTH,
+                        None,
+                    );
+                    tokio::time::timeout(Duration::from_secs(2), health)
+                        .await
+                        .map_err(|_| AgentError::Connect("health check timed out".into()))??;
+                }
+                Ok(client)
+            };
+            match tokio::time::timeout(left, attempt).await {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e @ AgentError::Version(..))) => return Err(e),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "handshake timed out".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(AgentError::Connect(last))
+    }
+}
+
+/// Sends PARK until the agent answers PARKED (see `AgentClient::park`).
+async fn park_on(stream: &mut UnixStream, wait: Duration) -> Result<(), AgentError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let nonce: u64 = rand::random();
+        stream
+            .write_all(cove_proto::park_line(nonce).as_bytes())
+            .await
+            .map_err(|e| AgentError::Connect(e.to_string()))?;
+        let want = format!("{nonce:016x}");
+        let answer = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                let line = read_line(stream).await?;
+                if let Some(start) = line.find(cove_proto::PARKED) {
+                    if cove_proto::parse_handshake(&line[start..], cove_proto::PARKED)
+                        .is_some_and(|(_, n)| n == want)
+                    {
+                        return Ok::<(), AgentError>(());
+                    }
+                }
+            }
+        })
+        .await;
+        match answer {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(AgentError::Connect("the agent did not park".into()))
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+impl AgentClient {
     pub fn is_closed(&self) -> bool {
         self.sender.is_closed()
     }

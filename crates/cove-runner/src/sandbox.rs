@@ -166,7 +166,7 @@ impl SandboxVm {
         if let Some(a) = slot.as_ref().filter(|a| !a.is_closed()) {
             return Ok(a.clone());
         }
-        let a = AgentClient::connect(&self.handle.run_dir.join("agent.sock"), AGENT_WAIT_RECONNECT).await?;
+        let a = AgentClient::reconnect(&self.handle.run_dir.join("agent.sock"), AGENT_WAIT_RECONNECT).await?;
         *slot = Some(a.clone());
         Ok(a)
     }
