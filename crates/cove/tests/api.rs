@@ -6,7 +6,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{Api, Resp, TestServer};
+use common::{assert_field, fields, Api, Resp, TestServer};
 use serde_json::{json, Value};
 
 /// Tests that run VMs take turns (the host has few cores and QEMU runs under TCG); the others
@@ -103,24 +103,6 @@ fn assert_message(r: &Resp, status: u16) -> String {
     let m = v["message"].as_str().unwrap_or_else(|| panic!("no message: {v}")).to_string();
     assert!(!m.is_empty());
     m
-}
-
-/// Field names of a 400 answer.
-fn fields(r: &Resp) -> Vec<String> {
-    assert_eq!(r.status, 400, "expected 400, got {}: {}", r.status, r.text());
-    let v = r.json();
-    assert!(v["message"].is_string(), "no message: {v}");
-    v["errors"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no errors list: {v}"))
-        .iter()
-        .map(|e| e["field"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
-fn assert_field(r: &Resp, field: &str) {
-    let f = fields(r);
-    assert!(f.iter().any(|x| x == field), "expected field {field:?} in {f:?}: {}", r.text());
 }
 
 fn ids(list: &Value) -> Vec<String> {

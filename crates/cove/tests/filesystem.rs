@@ -6,7 +6,7 @@ mod common;
 use std::future::Future;
 
 use bytes::Bytes;
-use common::{Api, Resp, TestServer};
+use common::{assert_field, fields, Api, Resp, TestServer};
 use futures::FutureExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -57,24 +57,6 @@ async fn write_file(api: &Api, id: &str, path: &str, permissions: Option<&str>, 
 async fn put(api: &Api, id: &str, path: &str, data: &str) {
     let r = write_file(api, id, path, None, data.as_bytes().to_vec()).await;
     assert_eq!(r.status, 204, "write-file {path}: {}", r.text());
-}
-
-/// Field names of a 400 answer.
-fn fields(r: &Resp) -> Vec<String> {
-    assert_eq!(r.status, 400, "expected 400, got {}: {}", r.status, r.text());
-    let v = r.json();
-    assert!(v["message"].is_string(), "no message: {v}");
-    v["errors"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no errors list: {v}"))
-        .iter()
-        .map(|e| e["field"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
-fn assert_field(r: &Resp, field: &str) {
-    let f = fields(r);
-    assert!(f.iter().any(|x| x == field), "expected field {field:?} in {f:?}: {}", r.text());
 }
 
 fn sha256_hex(data: &[u8]) -> String {

@@ -229,3 +229,21 @@ impl Api {
         self.post(&format!("/v1/sandbox/{id}/filesystem/{op}"), body).await
     }
 }
+
+/// Field names of a 400 answer.
+pub fn fields(r: &Resp) -> Vec<String> {
+    assert_eq!(r.status, 400, "expected 400, got {}: {}", r.status, r.text());
+    let v = r.json();
+    assert!(v["message"].is_string(), "no message: {v}");
+    v["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no errors list: {v}"))
+        .iter()
+        .map(|e| e["field"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+pub fn assert_field(r: &Resp, field: &str) {
+    let f = fields(r);
+    assert!(f.iter().any(|x| x == field), "expected field {field:?} in {f:?}: {}", r.text());
+}
