@@ -32,7 +32,8 @@ pub struct RunnerConfig {
     /// Sandbox disks and runtime files. (Template snapshots are derived, so they live in the
     /// cache dir, shared by every cove process on the host.)
     pub data_dir: PathBuf,
-    /// Guest memory files (must be on tmpfs for speed).
+    /// Guest memory files (must be on tmpfs for speed): `templates/` is shared by every cove
+    /// process on the host; each data dir has its own subdirectory for its sandboxes.
     pub shm_dir: PathBuf,
     pub accel: Accel,
     /// Host memory allowed to each QEMU beyond guest RAM.
@@ -40,6 +41,19 @@ pub struct RunnerConfig {
 }
 
 impl RunnerConfig {
+    /// Where this data dir's sandboxes keep their RAM: a subdirectory named by a hash of the data
+    /// dir, so that a server can tell its own leftovers from another server's sandboxes.
+    pub fn sandbox_shm_dir(&self) -> PathBuf {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::fs::canonicalize(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone()).hash(&mut h);
+        self.shm_dir.join(format!("{:016x}", h.finish()))
+    }
+
+    pub fn template_shm_dir(&self) -> PathBuf {
+        self.shm_dir.join("templates")
+    }
+
     pub fn new(cache_dir: PathBuf, data_dir: PathBuf) -> Self {
         RunnerConfig {
             cache_dir,
@@ -97,7 +111,8 @@ impl Runner {
         let dirs = [
             (cfg.data_dir.join("sandboxes"), &cfg.data_dir),
             (cfg.cache_dir.join("templates"), &cfg.cache_dir),
-            (cfg.shm_dir.clone(), &cfg.shm_dir),
+            (cfg.sandbox_shm_dir(), &cfg.shm_dir),
+            (cfg.template_shm_dir(), &cfg.shm_dir),
         ];
         for (dir, root) in dirs {
             std::fs::create_dir_all(&dir)
@@ -182,13 +197,25 @@ impl Runner {
         lost
     }
 
-    /// Ids of the sandbox directories on disk (used to find orphans after a crash).
-    pub fn sandbox_dirs(&self) -> Vec<String> {
-        std::fs::read_dir(self.cfg.data_dir.join("sandboxes"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
-            })
-            .unwrap_or_default()
+    /// Ids of the sandboxes with files on this host: directories and RAM files (used to find
+    /// orphans after a crash).
+    pub fn sandbox_ids_on_host(&self) -> Vec<String> {
+        let names = |dir: PathBuf| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut ids = names(self.cfg.data_dir.join("sandboxes"));
+        for f in names(self.cfg.sandbox_shm_dir()) {
+            if let Some(id) = f.strip_suffix(".mem") {
+                if !ids.iter().any(|i| i == id) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        ids
     }
 
     pub fn has_vm(&self, id: &str) -> bool {

@@ -29,7 +29,7 @@ pub struct SandboxVm {
 }
 
 fn paths(cfg: &RunnerConfig, id: &str) -> (PathBuf, PathBuf) {
-    (cfg.data_dir.join("sandboxes").join(id), cfg.shm_dir.join(format!("{id}.mem")))
+    (cfg.data_dir.join("sandboxes").join(id), cfg.sandbox_shm_dir().join(format!("{id}.mem")))
 }
 
 impl SandboxVm {

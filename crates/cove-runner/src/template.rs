@@ -74,7 +74,7 @@ impl Templates {
         let key = format!("{slug}-{vcpus}c-{memory_mib}m-{:012x}", inputs >> 16);
         TemplateSnapshot {
             dir: self.cfg.cache_dir.join("templates").join(&key),
-            memory_file: self.cfg.shm_dir.join(format!("tmpl-{key}.mem")),
+            memory_file: self.cfg.template_shm_dir().join(format!("tmpl-{key}.mem")),
             key,
             fingerprint,
             vcpus,

@@ -210,7 +210,7 @@ impl Core {
             }
         }
         let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        for dir in self.runner.sandbox_dirs() {
+        for dir in self.runner.sandbox_ids_on_host() {
             if !known.contains(dir.as_str()) {
                 tracing::info!(sandbox_id = %dir, "removing files of an unknown sandbox");
                 let _ = self.runner.destroy(&dir).await;
