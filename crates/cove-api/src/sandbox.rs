@@ -138,14 +138,6 @@ impl SandboxState {
     pub fn counts_against_limit(self) -> bool {
         matches!(self, Self::Starting | Self::Running | Self::Snapshotting | Self::Unpausing | Self::Stopping)
     }
-
-    /// States in which the sandbox is moving between two others; most requests get a 409.
-    pub fn is_transition(self) -> bool {
-        matches!(
-            self,
-            Self::Starting | Self::Stopping | Self::Snapshotting | Self::Unpausing | Self::Deleting
-        )
-    }
 }
 
 impl fmt::Display for SandboxState {

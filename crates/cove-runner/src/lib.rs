@@ -124,11 +124,6 @@ impl Runner {
         Ok(Runner { cfg, vmm, images, templates, vms: Mutex::new(HashMap::new()) })
     }
 
-    /// Names of the templates this runner can start.
-    pub fn templates(&self) -> Vec<String> {
-        vec![images::SYSTEM_TEMPLATE.to_string()]
-    }
-
     /// Writable disk size of a template's sandboxes, in MiB.
     pub fn template_disk_mib(&self, template: &str) -> Option<u64> {
         (template == images::SYSTEM_TEMPLATE).then(|| self.images.rootfs_size_mib())
@@ -216,10 +211,6 @@ impl Runner {
             }
         }
         ids
-    }
-
-    pub fn has_vm(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<sandbox::SandboxVm>>> {

@@ -176,27 +176,6 @@ impl Store {
         Ok(org)
     }
 
-    pub fn org_by_name(&self, name: &str) -> Result<Option<Org>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT id, name, sandbox_limit FROM orgs WHERE name = ?1", [name], org_row)
-            .optional()?)
-    }
-
-    pub fn org(&self, id: &str) -> Result<Option<Org>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT id, name, sandbox_limit FROM orgs WHERE id = ?1", [id], org_row)
-            .optional()?)
-    }
-
-    pub fn list_orgs(&self) -> Result<Vec<Org>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, name, sandbox_limit FROM orgs ORDER BY created_at")?;
-        let rows = stmt.query_map([], org_row)?.collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-
     pub fn set_org_limit(&self, org_id: &str, limit: Option<u64>) -> Result<(), StoreError> {
         let n = self.conn().execute(
             "UPDATE orgs SET sandbox_limit = ?2 WHERE id = ?1",
@@ -416,14 +395,6 @@ impl Store {
 const SANDBOX_COLUMNS: &str =
     "id, org_id, template, vcpu, memory, disk, timeout, auto_pause, network_policy, env, state, \
      runner_id, created_at, launch_time, state_changed_at, timeout_at";
-
-fn org_row(r: &Row<'_>) -> rusqlite::Result<Org> {
-    Ok(Org {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        sandbox_limit: r.get::<_, Option<i64>>(2)?.map(|l| l.max(0) as u64),
-    })
-}
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let state: String = r.get(10)?;

@@ -64,8 +64,4 @@ impl Cgroup {
         }
         Ok(())
     }
-
-    pub fn exists(&self) -> bool {
-        self.dirs.iter().any(|d| d.exists())
-    }
 }

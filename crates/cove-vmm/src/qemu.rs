@@ -93,7 +93,7 @@ impl QemuVmm {
             "-chardev".into(),
             format!("socket,id=agent,path={},server=on,wait=off", run("agent.sock")),
             "-device".into(),
-            format!("virtserialport,bus=vser.0,chardev=agent,name={}", cove_proto_port()),
+            format!("virtserialport,bus=vser.0,chardev=agent,name={}", cove_proto::PORT_NAME),
             "-device".into(),
             "virtio-rng-pci".into(),
             "-qmp".into(),
@@ -127,11 +127,6 @@ impl QemuVmm {
     async fn qmp(&self, vm: &VmHandle) -> Result<Qmp, VmmError> {
         Qmp::connect(&vm.run_dir.join("qmp.sock"), QMP_WAIT).await
     }
-}
-
-/// The virtio-serial port name the agent looks for.
-fn cove_proto_port() -> &'static str {
-    "cove.agent"
 }
 
 #[async_trait]
@@ -222,8 +217,21 @@ impl Vmm for QemuVmm {
         Ok(())
     }
 
+    /// Feeds a saved device state to a QEMU started with `-incoming defer`, then runs it.
     async fn restore(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
-        self.restore_state(vm, state_file).await
+        let mut qmp = self.qmp(vm).await?;
+        ignore_shared_ram(&mut qmp).await?;
+        let sock = vm.run_dir.join("incoming.sock");
+        let uri = format!("unix:{}", sock.display());
+        qmp.execute("migrate-incoming", json!({ "uri": uri })).await?;
+        let state = tokio::fs::read(state_file).await.map_err(|e| VmmError::io("reading device state", e))?;
+        let mut stream =
+            UnixStream::connect(&sock).await.map_err(|e| VmmError::io("connecting to incoming socket", e))?;
+        stream.write_all(&state).await.map_err(|e| VmmError::io("sending device state", e))?;
+        stream.shutdown().await.map_err(|e| VmmError::io("sending device state", e))?;
+        qmp.wait_migration(MIGRATION_WAIT).await?;
+        qmp.execute("cont", json!({})).await?;
+        Ok(())
     }
 
     async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError> {
@@ -264,25 +272,6 @@ impl Vmm for QemuVmm {
     fn find(&self, name: &str, run_dir: &Path) -> Option<VmHandle> {
         let pid: u32 = std::fs::read_to_string(run_dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
         alive(pid, name).then(|| VmHandle { pid, run_dir: run_dir.to_path_buf(), name: name.to_string() })
-    }
-}
-
-impl QemuVmm {
-    /// Feeds a saved device state to a QEMU started with `-incoming defer`, then runs it.
-    async fn restore_state(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
-        let mut qmp = self.qmp(vm).await?;
-        ignore_shared_ram(&mut qmp).await?;
-        let sock = vm.run_dir.join("incoming.sock");
-        let uri = format!("unix:{}", sock.display());
-        qmp.execute("migrate-incoming", json!({ "uri": uri })).await?;
-        let state = tokio::fs::read(state_file).await.map_err(|e| VmmError::io("reading device state", e))?;
-        let mut stream =
-            UnixStream::connect(&sock).await.map_err(|e| VmmError::io("connecting to incoming socket", e))?;
-        stream.write_all(&state).await.map_err(|e| VmmError::io("sending device state", e))?;
-        stream.shutdown().await.map_err(|e| VmmError::io("sending device state", e))?;
-        qmp.wait_migration(MIGRATION_WAIT).await?;
-        qmp.execute("cont", json!({})).await?;
-        Ok(())
     }
 }
 

@@ -128,10 +128,6 @@ impl TestServer {
         store.add_key(&org.id, "test", &key).unwrap();
         Api { url: self.url.clone(), key, http: client() }
     }
-
-    pub fn server_log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default()
-    }
 }
 
 fn client() -> reqwest::Client {
