@@ -8,6 +8,7 @@ pub mod error;
 pub mod filesystem;
 pub mod process;
 pub mod sandbox;
+pub mod snapshot;
 
 pub use error::{ErrorResponse, FieldError, ValidationErrorResponse};
 
@@ -50,4 +51,35 @@ pub fn check_path(v: &mut Violations, field: &str, path: &str) {
     } else if path.len() > 4096 {
         v.push(field, "must be at most 4096 bytes");
     }
+}
+
+/// The paging parameters list endpoints share: `order-by` (`asc`/`desc`, default `desc`),
+/// `page` (from 1) and `page-size` (1..=100, default 20). Returns (descending, page, page size).
+pub fn parse_paging(
+    v: &mut Violations,
+    order_by: &Option<String>,
+    page: &Option<String>,
+    page_size: &Option<String>,
+) -> (bool, u64, u64) {
+    let descending = match order_by.as_deref() {
+        None | Some("") | Some("desc") => true,
+        Some("asc") => false,
+        Some(_) => {
+            v.push("order-by", "must be one of asc, desc");
+            true
+        }
+    };
+    let mut int = |field: &str, raw: &Option<String>, default: u64, max: u64| match raw.as_deref() {
+        None | Some("") => default,
+        Some(s) => match s.parse::<u64>() {
+            Ok(n) if (1..=max).contains(&n) => n,
+            _ => {
+                v.push(field, format!("must be an integer between 1 and {max}"));
+                default
+            }
+        },
+    };
+    let page = int("page", page, 1, u32::MAX as u64);
+    let page_size = int("page-size", page_size, 20, 100);
+    (descending, page, page_size)
 }

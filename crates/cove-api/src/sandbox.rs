@@ -242,26 +242,8 @@ impl ListSandboxesQuery {
                 SortKey::CreatedAt
             }
         };
-        let descending = match self.order_by.as_deref() {
-            None | Some("") | Some("desc") => true,
-            Some("asc") => false,
-            Some(_) => {
-                v.push("order-by", "must be one of asc, desc");
-                true
-            }
-        };
-        let mut int = |field: &str, raw: &Option<String>, default: u64, max: u64| match raw.as_deref() {
-            None | Some("") => default,
-            Some(s) => match s.parse::<u64>() {
-                Ok(n) if (1..=max).contains(&n) => n,
-                _ => {
-                    v.push(field, format!("must be an integer between 1 and {max}"));
-                    default
-                }
-            },
-        };
-        let page = int("page", &self.page, 1, u32::MAX as u64);
-        let page_size = int("page-size", &self.page_size, 20, 100);
+        let (descending, page, page_size) =
+            crate::parse_paging(&mut v, &self.order_by, &self.page, &self.page_size);
         v.finish()?;
         Ok(ListSandboxes { state, sort, descending, page, page_size })
     }
@@ -309,7 +291,7 @@ pub struct TransformRule {
 }
 
 impl NetworkPolicy {
-    fn check(&self, v: &mut Violations, field: &str) {
+    pub fn check(&self, v: &mut Violations, field: &str) {
         v.check(
             self.allow_domains.len() <= MAX_ALLOW_DOMAINS,
             format!("{field}.allow_domains"),

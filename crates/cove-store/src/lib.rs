@@ -22,6 +22,10 @@ pub enum StoreError {
     LimitReached { count: u64, limit: u64 },
     #[error("not found")]
     NotFound,
+    #[error("a snapshot named {0:?} already exists")]
+    DuplicateName(String),
+    #[error("{0}")]
+    InUse(String),
 }
 
 /// Numbered schema migrations; a database records the highest one applied.
@@ -60,6 +64,27 @@ const MIGRATIONS: &[&str] = &[
         timeout_at INTEGER
     );
     CREATE INDEX sandboxes_org ON sandboxes(org_id, state);",
+    // 2: lifecycle operations in flight, pause images, snapshots.
+    "ALTER TABLE sandboxes ADD COLUMN op TEXT;
+    ALTER TABLE sandboxes ADD COLUMN image TEXT;
+    ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        org_id TEXT NOT NULL REFERENCES orgs(id),
+        name TEXT NOT NULL,
+        template TEXT NOT NULL,
+        vcpu INTEGER NOT NULL,
+        memory INTEGER NOT NULL,
+        disk INTEGER NOT NULL,
+        network_policy TEXT,
+        env TEXT NOT NULL,
+        source_sandbox TEXT NOT NULL,
+        image TEXT NOT NULL,
+        state TEXT NOT NULL,
+        stored_bytes INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        UNIQUE (org_id, name)
+    );",
 ];
 
 #[derive(Debug, Clone)]
@@ -97,6 +122,125 @@ pub struct SandboxRecord {
     pub state_changed_at: DateTime<Utc>,
     /// Unix seconds at which the sandbox expires.
     pub timeout_at: Option<i64>,
+    /// The lifecycle operation in flight, written before its first side effect, so that a
+    /// restarted server knows what to finish or undo.
+    pub op: Option<Op>,
+    /// Blob prefix of the image a paused sandbox resumes from.
+    pub image: Option<String>,
+    /// The snapshot this sandbox was restored from.
+    pub snapshot_id: Option<String>,
+}
+
+/// An operation in flight on a sandbox (see `SandboxRecord::op`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Op {
+    /// A new sandbox from a template.
+    Create,
+    /// A new sandbox from a snapshot.
+    Restore { snapshot_id: String },
+    /// Fresh boot of a stopped sandbox on its kept disk.
+    Start,
+    /// Capture into `image`, then release the VM.
+    Pause { image: String },
+    /// Bring a paused sandbox back from `image`.
+    Resume { image: String },
+    /// Capture into the snapshot's image; the VM runs on unless `kill_after`.
+    Snapshot { snapshot_id: String, image: String, kill_after: bool },
+    /// Guest sync, then the VM is ended; the disk is kept.
+    Stop,
+}
+
+/// A state change of a sandbox, applied only from the states given to `Store::update`.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub to: SandboxState,
+    /// The operation now in flight; `None` when `to` is a settled state.
+    pub op: Option<Op>,
+    /// `Some(x)` sets the image column to `x`; `None` leaves it.
+    pub image: Option<Option<String>>,
+    /// `Some(t)` sets the expiry.
+    pub timeout_at: Option<i64>,
+    /// When set, the change is refused with `LimitReached` if the organization already has this
+    /// many sandboxes (or its own limit) in states that count.
+    pub limit: Option<u64>,
+}
+
+impl Change {
+    pub fn to(to: SandboxState) -> Change {
+        Change { to, op: None, image: None, timeout_at: None, limit: None }
+    }
+    pub fn op(mut self, op: Op) -> Change {
+        self.op = Some(op);
+        self
+    }
+    pub fn image(mut self, image: Option<String>) -> Change {
+        self.image = Some(image);
+        self
+    }
+    pub fn timeout_at(mut self, t: i64) -> Change {
+        self.timeout_at = Some(t);
+        self
+    }
+    pub fn limit(mut self, limit: u64) -> Change {
+        self.limit = Some(limit);
+        self
+    }
+}
+
+/// A named snapshot: an image plus the compute settings it was taken with.
+#[derive(Debug, Clone)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    pub template: String,
+    pub vcpu: u32,
+    pub memory: u64,
+    pub disk: u64,
+    pub network_policy: Option<NetworkPolicy>,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub source_sandbox: String,
+    /// Blob prefix of the image.
+    pub image: String,
+    pub state: SnapshotState,
+    pub stored_bytes: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotState {
+    /// Being captured: not restorable yet.
+    Creating,
+    Ready,
+    /// Being deleted: not restorable any more.
+    Deleting,
+}
+
+impl SnapshotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Creating => "creating",
+            SnapshotState::Ready => "ready",
+            SnapshotState::Deleting => "deleting",
+        }
+    }
+    fn parse(s: &str) -> Option<SnapshotState> {
+        [SnapshotState::Creating, SnapshotState::Ready, SnapshotState::Deleting]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+}
+
+/// `GET /v1/snapshots` parameters, already validated.
+#[derive(Debug, Clone)]
+pub struct SnapshotQuery {
+    /// Case-insensitive substring of the name.
+    pub name: Option<String>,
+    pub sort_by_template: bool,
+    pub descending: bool,
+    pub page: u64,
+    pub page_size: u64,
 }
 
 pub struct Store {
@@ -246,26 +390,19 @@ impl Store {
     pub fn insert_sandbox(&self, rec: &SandboxRecord, default_limit: u64) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let limit: Option<i64> = tx
-            .query_row("SELECT sandbox_limit FROM orgs WHERE id = ?1", [&rec.org_id], |r| r.get(0))
-            .optional()?
-            .flatten();
-        let limit = limit.map_or(default_limit, |l| l.max(0) as u64);
-        let counting: Vec<&str> =
-            SandboxState::ALL.iter().filter(|s| s.counts_against_limit()).map(|s| s.as_str()).collect();
-        let placeholders = counting.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",");
-        let count: i64 = tx.query_row(
-            &format!("SELECT COUNT(*) FROM sandboxes WHERE org_id = ?1 AND state IN ({placeholders})"),
-            [&rec.org_id],
-            |r| r.get(0),
-        )?;
-        if count as u64 >= limit {
-            return Err(StoreError::LimitReached { count: count as u64, limit });
+        check_limit(&tx, &rec.org_id, default_limit)?;
+        if let Some(snap) = &rec.snapshot_id {
+            // Restoring holds the snapshot: it must be ready now, and a delete checks for this row.
+            let state: Option<String> =
+                tx.query_row("SELECT state FROM snapshots WHERE id = ?1", [snap], |r| r.get(0)).optional()?;
+            if state.as_deref() != Some(SnapshotState::Ready.as_str()) {
+                return Err(StoreError::NotFound);
+            }
         }
         tx.execute(
             "INSERT INTO sandboxes (id, org_id, template, vcpu, memory, disk, timeout, auto_pause, network_policy, env,
-                state, runner_id, created_at, launch_time, state_changed_at, timeout_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                state, runner_id, created_at, launch_time, state_changed_at, timeout_at, op, image, snapshot_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             params![
                 rec.id,
                 rec.org_id,
@@ -283,6 +420,9 @@ impl Store {
                 rec.launch_time.as_ref().map(ts),
                 ts(&rec.state_changed_at),
                 rec.timeout_at,
+                rec.op.as_ref().map(op_json),
+                rec.image,
+                rec.snapshot_id,
             ],
         )?;
         tx.commit()?;
@@ -300,13 +440,25 @@ impl Store {
             .optional()?)
     }
 
-    /// Moves a sandbox from one of `from` to `to`; returns the record as it was before, or
-    /// `None` if it was not in one of `from` (someone else moved it first).
+    /// Moves a sandbox from one of `from` to `to`, ending any operation in flight; returns the
+    /// record as it was before, or `None` if it was not in one of `from` (someone else moved it
+    /// first).
     pub fn transition(
         &self,
         id: &str,
         from: &[SandboxState],
         to: SandboxState,
+    ) -> Result<Option<SandboxRecord>, StoreError> {
+        self.update(id, from, Change::to(to))
+    }
+
+    /// Applies `change` if the sandbox is in one of `from` (compare-and-set, in one immediate
+    /// transaction); returns the record as it was before, `None` if it was in another state.
+    pub fn update(
+        &self,
+        id: &str,
+        from: &[SandboxState],
+        change: Change,
     ) -> Result<Option<SandboxRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -319,18 +471,34 @@ impl Store {
         if !from.contains(&rec.state) {
             return Ok(None);
         }
-        let now = Utc::now();
-        if to == SandboxState::Running && rec.launch_time.is_none() {
-            tx.execute(
-                "UPDATE sandboxes SET state = ?2, state_changed_at = ?3, launch_time = ?3 WHERE id = ?1",
-                params![id, to.as_str(), ts(&now)],
-            )?;
-        } else {
-            tx.execute(
-                "UPDATE sandboxes SET state = ?2, state_changed_at = ?3 WHERE id = ?1",
-                params![id, to.as_str(), ts(&now)],
-            )?;
+        if let Some(limit) = change.limit {
+            if !rec.state.counts_against_limit() && change.to.counts_against_limit() {
+                check_limit(&tx, &rec.org_id, limit)?;
+            }
         }
+        let now = ts(&Utc::now());
+        let launch = if change.to == SandboxState::Running && rec.launch_time.is_none() {
+            Some(now.clone())
+        } else {
+            rec.launch_time.as_ref().map(ts)
+        };
+        let image = match change.image {
+            Some(i) => i,
+            None => rec.image.clone(),
+        };
+        tx.execute(
+            "UPDATE sandboxes SET state = ?2, state_changed_at = ?3, launch_time = ?4, op = ?5, image = ?6,
+                timeout_at = ?7 WHERE id = ?1",
+            params![
+                id,
+                change.to.as_str(),
+                now,
+                launch,
+                change.op.as_ref().map(op_json),
+                image,
+                change.timeout_at.or(rec.timeout_at),
+            ],
+        )?;
         tx.commit()?;
         Ok(Some(rec))
     }
@@ -381,6 +549,170 @@ impl Store {
         Ok(rows)
     }
 
+    /// Every image prefix a sandbox or snapshot refers to (anything else under the image prefix
+    /// is garbage).
+    pub fn referenced_images(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let conn = self.conn();
+        let mut out = std::collections::HashSet::new();
+        let mut stmt = conn.prepare(
+            "SELECT image FROM sandboxes WHERE image IS NOT NULL UNION SELECT image FROM snapshots",
+        )?;
+        for img in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            out.insert(img?);
+        }
+        let mut stmt = conn.prepare("SELECT op FROM sandboxes WHERE op IS NOT NULL")?;
+        for op in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            match serde_json::from_str::<Op>(&op?).map_err(conversion)? {
+                Op::Pause { image } | Op::Resume { image } | Op::Snapshot { image, .. } => {
+                    out.insert(image);
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    // ── snapshots ──
+
+    /// Inserts a snapshot in state `creating`; `DuplicateName` if the organization has one of
+    /// that name already.
+    pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        let r = self.conn().execute(
+            "INSERT INTO snapshots (id, org_id, name, template, vcpu, memory, disk, network_policy, env,
+                source_sandbox, image, state, stored_bytes, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                s.id,
+                s.org_id,
+                s.name,
+                s.template,
+                s.vcpu,
+                s.memory as i64,
+                s.disk as i64,
+                s.network_policy.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default()),
+                serde_json::to_string(&s.env).unwrap_or_default(),
+                s.source_sandbox,
+                s.image,
+                s.state.as_str(),
+                s.stored_bytes as i64,
+                ts(&s.created_at),
+            ],
+        );
+        match r {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::DuplicateName(s.name.clone()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A snapshot of `org_id` by id, or by name when no id matches.
+    pub fn snapshot(&self, org_id: &str, id_or_name: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE org_id = ?1 AND (id = ?2 OR name = ?2)
+                     ORDER BY id = ?2 DESC LIMIT 1"
+                ),
+                [org_id, id_or_name],
+                snapshot_row,
+            )
+            .optional()?)
+    }
+
+    /// Marks a snapshot ready with its stored size.
+    pub fn snapshot_ready(&self, id: &str, stored_bytes: u64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE snapshots SET state = 'ready', stored_bytes = ?2 WHERE id = ?1",
+            params![id, stored_bytes as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Starts deleting a snapshot: refused with `InUse` while a restore from it is in flight.
+    pub fn begin_snapshot_delete(&self, org_id: &str, id: &str) -> Result<SnapshotRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let snap = tx
+            .query_row(
+                &format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE org_id = ?1 AND id = ?2"),
+                [org_id, id],
+                snapshot_row,
+            )
+            .optional()?
+            .ok_or(StoreError::NotFound)?;
+        if snap.state == SnapshotState::Creating {
+            return Err(StoreError::InUse(format!("snapshot {} is still being created", snap.id)));
+        }
+        let restoring: Option<String> = tx
+            .query_row(
+                "SELECT id FROM sandboxes WHERE snapshot_id = ?1 AND state = 'starting' LIMIT 1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(sbx) = restoring {
+            return Err(StoreError::InUse(format!("sandbox {sbx} is being restored from snapshot {id}")));
+        }
+        tx.execute("UPDATE snapshots SET state = 'deleting' WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(snap)
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Snapshots not `ready` (for recovery after a restart).
+    pub fn unsettled_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare(&format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE state != 'ready'"))?;
+        let rows = stmt.query_map([], snapshot_row)?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Ready snapshots of one organization, filtered, sorted and paged; and the total.
+    pub fn list_snapshots(
+        &self,
+        org_id: &str,
+        q: &SnapshotQuery,
+    ) -> Result<(Vec<SnapshotRecord>, u64), StoreError> {
+        let conn = self.conn();
+        let pattern = q.name.as_ref().map(|n| {
+            let escaped = n.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+            format!("%{escaped}%")
+        });
+        let filter = "org_id = ?1 AND state = 'ready' AND (?2 IS NULL OR name LIKE ?2 ESCAPE '\\')";
+        let total: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM snapshots WHERE {filter}"),
+            params![org_id, pattern],
+            |r| r.get(0),
+        )?;
+        let dir = if q.descending { "DESC" } else { "ASC" };
+        let order = if q.sort_by_template {
+            format!("template {dir}, created_at {dir}, id {dir}")
+        } else {
+            format!("created_at {dir}, id {dir}")
+        };
+        let offset = (q.page.max(1) - 1).saturating_mul(q.page_size);
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE {filter} ORDER BY {order} LIMIT ?3 OFFSET ?4"
+        ))?;
+        let rows = stmt
+            .query_map(
+                params![org_id, pattern, q.page_size as i64, offset.min(i64::MAX as u64) as i64],
+                snapshot_row,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((rows, total as u64))
+    }
+
     /// Running sandboxes whose timeout has passed.
     pub fn expired(&self, now_unix: i64) -> Result<Vec<SandboxRecord>, StoreError> {
         let conn = self.conn();
@@ -394,7 +726,59 @@ impl Store {
 
 const SANDBOX_COLUMNS: &str =
     "id, org_id, template, vcpu, memory, disk, timeout, auto_pause, network_policy, env, state, \
-     runner_id, created_at, launch_time, state_changed_at, timeout_at";
+     runner_id, created_at, launch_time, state_changed_at, timeout_at, op, image, snapshot_id";
+
+const SNAPSHOT_COLUMNS: &str = "id, org_id, name, template, vcpu, memory, disk, network_policy, env, \
+     source_sandbox, image, state, stored_bytes, created_at";
+
+fn op_json(op: &Op) -> String {
+    serde_json::to_string(op).unwrap_or_default()
+}
+
+/// Fails with `LimitReached` if the organization has `default_limit` (or its own limit)
+/// sandboxes in states that count against it.
+fn check_limit(tx: &rusqlite::Transaction<'_>, org_id: &str, default_limit: u64) -> Result<(), StoreError> {
+    let limit: Option<i64> = tx
+        .query_row("SELECT sandbox_limit FROM orgs WHERE id = ?1", [org_id], |r| r.get(0))
+        .optional()?
+        .flatten();
+    let limit = limit.map_or(default_limit, |l| l.max(0) as u64);
+    let counting: Vec<&str> =
+        SandboxState::ALL.iter().filter(|s| s.counts_against_limit()).map(|s| s.as_str()).collect();
+    let placeholders = counting.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",");
+    let count: i64 = tx.query_row(
+        &format!("SELECT COUNT(*) FROM sandboxes WHERE org_id = ?1 AND state IN ({placeholders})"),
+        [org_id],
+        |r| r.get(0),
+    )?;
+    if count as u64 >= limit {
+        return Err(StoreError::LimitReached { count: count as u64, limit });
+    }
+    Ok(())
+}
+
+fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
+    let policy: Option<String> = r.get(7)?;
+    let env: String = r.get(8)?;
+    let state: String = r.get(11)?;
+    Ok(SnapshotRecord {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        name: r.get(2)?,
+        template: r.get(3)?,
+        vcpu: r.get(4)?,
+        memory: r.get::<_, i64>(5)? as u64,
+        disk: r.get::<_, i64>(6)? as u64,
+        network_policy: policy.map(|p| serde_json::from_str(&p)).transpose().map_err(conversion)?,
+        env: serde_json::from_str(&env).map_err(conversion)?,
+        source_sandbox: r.get(9)?,
+        image: r.get(10)?,
+        state: SnapshotState::parse(&state)
+            .ok_or_else(|| conversion(StoreError::Corrupt(format!("unknown snapshot state {state:?}"))))?,
+        stored_bytes: r.get::<_, i64>(12)? as u64,
+        created_at: parse_ts(&r.get::<_, String>(13)?)?,
+    })
+}
 
 fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
     let state: String = r.get(10)?;
@@ -418,6 +802,13 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
         launch_time: r.get::<_, Option<String>>(13)?.map(|s| parse_ts(&s)).transpose()?,
         state_changed_at: parse_ts(&r.get::<_, String>(14)?)?,
         timeout_at: r.get(15)?,
+        op: r
+            .get::<_, Option<String>>(16)?
+            .map(|o| serde_json::from_str(&o))
+            .transpose()
+            .map_err(conversion)?,
+        image: r.get(17)?,
+        snapshot_id: r.get(18)?,
     })
 }
 
@@ -444,6 +835,9 @@ mod tests {
             launch_time: None,
             state_changed_at: now,
             timeout_at: Some(now.timestamp() + 300),
+            op: None,
+            image: None,
+            snapshot_id: None,
         }
     }
 
@@ -515,6 +909,88 @@ mod tests {
         let (rows, total) = s.list_sandboxes(&org.id, &q).unwrap();
         assert_eq!((total, rows.len()), (2, 2));
         assert_eq!(rows[0].id, "s1");
+    }
+
+    fn snap(org: &str, id: &str, name: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.into(),
+            org_id: org.into(),
+            name: name.into(),
+            template: "t".into(),
+            vcpu: 1,
+            memory: 1024,
+            disk: 2048,
+            network_policy: None,
+            env: Default::default(),
+            source_sandbox: "a".into(),
+            image: format!("images/{id}"),
+            state: SnapshotState::Creating,
+            stored_bytes: 0,
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn operations_are_recorded_and_limits_apply_to_resumes() {
+        let s = Store::open_in_memory().unwrap();
+        let org = s.create_org("acme", None).unwrap();
+        s.insert_sandbox(&rec(&org.id, "a", SandboxState::Running), 1).unwrap();
+        let op = Op::Pause { image: "images/x".into() };
+        s.update("a", &[SandboxState::Running], Change::to(SandboxState::Snapshotting).op(op.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.sandbox(&org.id, "a").unwrap().unwrap().op, Some(op));
+        assert!(s.referenced_images().unwrap().contains("images/x"));
+        s.update(
+            "a",
+            &[SandboxState::Snapshotting],
+            Change::to(SandboxState::Paused).image(Some("images/x".into())),
+        )
+        .unwrap()
+        .unwrap();
+        let r = s.sandbox(&org.id, "a").unwrap().unwrap();
+        assert_eq!((r.state, r.op, r.image.as_deref()), (SandboxState::Paused, None, Some("images/x")));
+        // Paused does not count: another sandbox fits, and then resuming the first is over the limit.
+        s.insert_sandbox(&rec(&org.id, "b", SandboxState::Running), 1).unwrap();
+        let resume = Change::to(SandboxState::Unpausing).limit(1);
+        assert!(matches!(
+            s.update("a", &[SandboxState::Paused], resume),
+            Err(StoreError::LimitReached { .. })
+        ));
+    }
+
+    #[test]
+    fn snapshots_have_unique_names_and_cannot_be_deleted_while_restoring() {
+        let s = Store::open_in_memory().unwrap();
+        let org = s.create_org("acme", None).unwrap();
+        s.insert_snapshot(&snap(&org.id, "snap-1", "warm")).unwrap();
+        assert!(matches!(
+            s.insert_snapshot(&snap(&org.id, "snap-2", "warm")),
+            Err(StoreError::DuplicateName(_))
+        ));
+        // Not restorable (nor listed) until ready.
+        let mut r = rec(&org.id, "b", SandboxState::Starting);
+        r.snapshot_id = Some("snap-1".into());
+        assert!(matches!(s.insert_sandbox(&r, 5), Err(StoreError::NotFound)));
+        let q =
+            SnapshotQuery { name: None, sort_by_template: false, descending: true, page: 1, page_size: 10 };
+        assert_eq!(s.list_snapshots(&org.id, &q).unwrap().1, 0);
+        s.snapshot_ready("snap-1", 42).unwrap();
+        assert_eq!(s.list_snapshots(&org.id, &q).unwrap().1, 1);
+        let q2 = SnapshotQuery { name: Some("AR".into()), ..q.clone() };
+        assert_eq!(s.list_snapshots(&org.id, &q2).unwrap().1, 1);
+        let q3 = SnapshotQuery { name: Some("%".into()), ..q };
+        assert_eq!(s.list_snapshots(&org.id, &q3).unwrap().1, 0);
+        s.insert_sandbox(&r, 5).unwrap();
+        assert!(matches!(s.begin_snapshot_delete(&org.id, "snap-1"), Err(StoreError::InUse(_))));
+        s.transition("b", &[SandboxState::Starting], SandboxState::Running).unwrap().unwrap();
+        assert_eq!(s.snapshot(&org.id, "warm").unwrap().unwrap().id, "snap-1");
+        s.begin_snapshot_delete(&org.id, "snap-1").unwrap();
+        // A snapshot being deleted is not restorable.
+        let mut r2 = rec(&org.id, "c", SandboxState::Starting);
+        r2.snapshot_id = Some("snap-1".into());
+        assert!(matches!(s.insert_sandbox(&r2, 5), Err(StoreError::NotFound)));
+        assert!(s.snapshot("other", "snap-1").unwrap().is_none());
     }
 
     #[test]
