@@ -71,7 +71,13 @@ impl AgentClient {
     /// Connects and sends the greeting, without waiting for the answer. Done before a restored
     /// VM runs, the guest resumes with its host already connected and the greeting waiting.
     pub async fn greet(socket: &Path) -> Result<Greeting, AgentError> {
-        let mut stream = UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
+        let stream = UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
+        Self::greet_on(stream).await
+    }
+
+    /// Sends the greeting on a socket already open, e.g. the one a VM was parked on while it
+    /// was saved: the guest never saw a disconnect, so no stale news can cut the new session.
+    pub async fn greet_on(mut stream: UnixStream) -> Result<Greeting, AgentError> {
         let nonce: u64 = rand::random();
         stream
             .write_all(cove_proto::hello_line(nonce).as_bytes())

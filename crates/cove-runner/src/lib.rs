@@ -4,6 +4,7 @@
 //! clients, organizations or API keys.
 
 pub mod agent;
+pub mod image;
 pub mod images;
 mod memfile;
 mod sandbox;
@@ -17,8 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use agent::{AgentBody, AgentClient, AgentError};
+pub use cove_blob::BlobStore;
 use cove_vmm::{Accel, Vmm, VmmError};
+pub use image::{CaptureStats, ImageManifest};
 pub use images::Images;
+pub use sandbox::fault_point;
 
 /// How long a restored guest has to answer the handshake.
 const AGENT_WAIT_RESTORE: Duration = Duration::from_secs(20);
@@ -38,6 +42,9 @@ pub struct RunnerConfig {
     pub accel: Accel,
     /// Host memory allowed to each QEMU beyond guest RAM.
     pub overhead_mib: u64,
+    /// Where pause images and snapshots go: `file:///dir` or `s3://bucket/prefix`
+    /// (see `cove_blob::BlobStore::open`). Default: `<data>/blobs`.
+    pub blob_url: Option<String>,
 }
 
 impl RunnerConfig {
@@ -61,6 +68,7 @@ impl RunnerConfig {
             data_dir,
             accel: Accel::Auto,
             overhead_mib: 384,
+            blob_url: None,
         }
     }
 }
@@ -79,6 +87,10 @@ pub enum RunnerError {
     Agent(#[from] AgentError),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+    #[error("blob store: {0}")]
+    Blob(#[from] cove_blob::BlobError),
+    #[error("{0}")]
+    Image(String),
 }
 
 impl RunnerError {
@@ -102,7 +114,18 @@ pub struct Runner {
     vmm: Arc<dyn Vmm>,
     images: Images,
     templates: template::Templates,
+    blobs: BlobStore,
     vms: Mutex<HashMap<String, Arc<sandbox::SandboxVm>>>,
+}
+
+/// What happens to a VM once `Runner::capture` has stored it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterCapture {
+    /// It runs on (a snapshot).
+    Continue,
+    /// It ends and its RAM, disk and run files are removed (a pause; a snapshot with
+    /// `kill_sandbox_after`).
+    Release,
 }
 
 impl Runner {
@@ -121,7 +144,16 @@ impl Runner {
             ensure_traversable(&dir, root)?;
         }
         let templates = template::Templates::new(&cfg, &images);
-        Ok(Runner { cfg, vmm, images, templates, vms: Mutex::new(HashMap::new()) })
+        let url = match &cfg.blob_url {
+            Some(u) => u.clone(),
+            None => format!("file://{}", cfg.data_dir.join("blobs").display()),
+        };
+        let blobs = BlobStore::open(&url)?;
+        Ok(Runner { cfg, vmm, images, templates, blobs, vms: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
     }
 
     /// Writable disk size of a template's sandboxes, in MiB.
@@ -143,10 +175,140 @@ impl Runner {
     pub async fn create(&self, req: &VmRequest) -> Result<(), RunnerError> {
         let snapshot =
             self.templates.get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib).await?;
-        let vm =
-            sandbox::SandboxVm::restore(&self.cfg, &self.images, self.vmm.as_ref(), &snapshot, req).await?;
+        let origin = sandbox::Origin::Template(&snapshot);
+        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req).await?;
         self.lock().insert(req.id.clone(), Arc::new(vm));
         Ok(())
+    }
+
+    /// Reads the manifest of the image at `prefix`; an error if it is incomplete or absent.
+    pub async fn image(&self, prefix: &str) -> Result<ImageManifest, RunnerError> {
+        image::manifest(&self.blobs, prefix)
+            .await?
+            .ok_or_else(|| RunnerError::Image(format!("image {prefix} is incomplete or missing")))
+    }
+
+    /// Whether the image at `prefix` is complete (its manifest was written).
+    pub async fn image_complete(&self, prefix: &str) -> Result<bool, RunnerError> {
+        Ok(image::manifest(&self.blobs, prefix).await?.is_some())
+    }
+
+    /// Creates sandbox `req.id`'s VM from an image: the resume of a paused sandbox, or a new
+    /// sandbox restored from a snapshot (vCPUs and memory come from the image).
+    pub async fn create_from_image(&self, req: &VmRequest, prefix: &str) -> Result<(), RunnerError> {
+        let manifest = self.image(prefix).await?;
+        if !manifest.template_key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(RunnerError::Image(format!("image {prefix} names a malformed template key")));
+        }
+        let origin = sandbox::Origin::Image {
+            store: &self.blobs,
+            prefix,
+            manifest: &manifest,
+            template_disk: self.templates.frozen_disk(&manifest.template_key),
+        };
+        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req).await?;
+        self.lock().insert(req.id.clone(), Arc::new(vm));
+        Ok(())
+    }
+
+    /// Stores a running VM as an image under `prefix`, then runs it on or releases it. If
+    /// storing fails the VM keeps running and the error is returned.
+    pub async fn capture(
+        &self,
+        req: &VmRequest,
+        prefix: &str,
+        after: AfterCapture,
+    ) -> Result<(ImageManifest, CaptureStats), RunnerError> {
+        let vm = self.vm(&req.id)?;
+        let captured = vm.capture(self.vmm.as_ref(), &self.blobs, prefix, req).await?;
+        let (manifest, stats) = (captured.manifest.clone(), captured.stats);
+        match after {
+            AfterCapture::Continue => vm.carry_on(self.vmm.as_ref(), captured, req).await?,
+            AfterCapture::Release => {
+                drop(captured);
+                self.lock().remove(&req.id);
+                vm.destroy(self.vmm.as_ref()).await?;
+            }
+        }
+        Ok((manifest, stats))
+    }
+
+    /// Deletes an image (complete or not).
+    pub async fn delete_image(&self, prefix: &str) -> Result<(), RunnerError> {
+        self.blobs.delete_prefix(prefix).await?;
+        Ok(())
+    }
+
+    /// Image prefixes present in the blob store (for garbage collection after a crash).
+    pub async fn stored_images(&self) -> Result<Vec<String>, RunnerError> {
+        let dirs = self.blobs.list_dirs(image::IMAGES_PREFIX).await?;
+        Ok(dirs.into_iter().map(|d| format!("{}/{d}", image::IMAGES_PREFIX)).collect())
+    }
+
+    /// Benchmark baseline for pause and resume: a VM cloned from the template is saved the way
+    /// QEMU does it at best (`stop` + device state with `x-ignore-shared`, RAM left in its tmpfs
+    /// file) and a new QEMU is restored from that file and state, nothing copied or stored.
+    /// Returns (save, restore) durations; the VM is destroyed.
+    pub async fn raw_save_restore(
+        &self,
+        template: &str,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<(Duration, Duration), RunnerError> {
+        let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
+        let origin = sandbox::Origin::Template(&snapshot);
+        sandbox::raw_save_restore(&self.cfg, &self.images, self.vmm.as_ref(), origin).await
+    }
+
+    /// Ends a running VM for good, keeping only its disk (the guest syncs first).
+    pub async fn stop(&self, id: &str) -> Result<(), RunnerError> {
+        let vm = self.lock().remove(id);
+        match vm {
+            Some(vm) => vm.stop(self.vmm.as_ref()).await,
+            None => {
+                sandbox::end_vm_of(&self.cfg, self.vmm.as_ref(), id).await?;
+                sandbox::remove_runtime(&self.cfg, id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Boots a stopped sandbox afresh on its kept disk.
+    pub async fn boot(&self, req: &VmRequest) -> Result<(), RunnerError> {
+        // Its template snapshot need not exist any more; its frozen disk layer must.
+        let vm = sandbox::SandboxVm::boot(&self.cfg, &self.images, self.vmm.as_ref(), req).await?;
+        self.lock().insert(req.id.clone(), Arc::new(vm));
+        Ok(())
+    }
+
+    /// Whether sandbox `id` has its disk on this host (a stopped sandbox keeps it).
+    pub fn has_disk(&self, id: &str) -> bool {
+        sandbox::has_disk(&self.cfg, id)
+    }
+
+    /// Ends the VM of `id` if one runs (adopted or not) and removes its run files and RAM,
+    /// keeping its disk.
+    pub async fn end_vm(&self, id: &str) -> Result<(), RunnerError> {
+        self.lock().remove(id);
+        sandbox::end_vm_of(&self.cfg, self.vmm.as_ref(), id).await?;
+        sandbox::remove_runtime(&self.cfg, id);
+        Ok(())
+    }
+
+    /// Gives a running guest its identity again (clock, entropy; hostname and environment
+    /// unchanged), e.g. for a VM whose resume a crash interrupted.
+    pub async fn reidentify(&self, req: &VmRequest) -> Result<(), RunnerError> {
+        let agent = self.vm(&req.id)?.agent().await?;
+        sandbox::apply_identity(&agent, req).await
+    }
+
+    /// Runs again an adopted VM that a crash left stopped in the middle of a capture.
+    pub async fn run_again(&self, id: &str) -> Result<(), RunnerError> {
+        self.vm(id)?.run_again(self.vmm.as_ref()).await
+    }
+
+    fn vm(&self, id: &str) -> Result<Arc<sandbox::SandboxVm>, RunnerError> {
+        self.lock().get(id).cloned().ok_or_else(|| RunnerError::NoVm(id.to_string()))
     }
 
     /// Benchmark baseline: restores the template snapshot the way `create` does (copy of its RAM
@@ -159,13 +321,13 @@ impl Runner {
         memory_mib: u64,
     ) -> Result<Duration, RunnerError> {
         let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
-        sandbox::raw_restore(&self.cfg, &self.images, self.vmm.as_ref(), &snapshot).await
+        sandbox::raw_restore(&self.cfg, &self.images, self.vmm.as_ref(), sandbox::Origin::Template(&snapshot))
+            .await
     }
 
     /// The agent of a sandbox's VM, reconnecting if the channel dropped.
     pub async fn agent(&self, id: &str) -> Result<AgentClient, RunnerError> {
-        let vm = self.lock().get(id).cloned().ok_or_else(|| RunnerError::NoVm(id.to_string()))?;
-        vm.agent().await
+        self.vm(id)?.agent().await
     }
 
     /// Ends the VM and removes every file, socket and cgroup of the sandbox.

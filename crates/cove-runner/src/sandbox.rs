@@ -1,25 +1,49 @@
 //! One sandbox's VM on this host: its files, its QEMU process and its agent connection.
 //!
 //! Files: `<data>/sandboxes/<id>/disk.qcow2` (writable layer over the template's frozen one),
-//! `<data>/sandboxes/<id>/run/` (QMP and agent sockets, console log, pid file), and the guest
-//! RAM at `<shm>/<id>.mem`.
+//! `<data>/sandboxes/<id>/vm.json` (which template snapshot it runs on),
+//! `<data>/sandboxes/<id>/run/` (QMP and agent sockets, console log, pid file, saved state),
+//! and the guest RAM at `<shm>/<id>.mem`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cove_blob::BlobStore;
 use cove_vmm::{Boot, VmHandle, VmSpec, Vmm};
 use hyper::Method;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
 
 use crate::agent::{AgentClient, AgentError, Greeting};
+use crate::image::{CaptureStats, ImageManifest, IMAGE_FORMAT};
 use crate::images::{Images, KERNEL_CMDLINE};
 use crate::template::TemplateSnapshot;
-use crate::{RunnerConfig, RunnerError, VmRequest, AGENT_WAIT_RESTORE};
+use crate::{RunnerConfig, RunnerError, VmRequest, AGENT_WAIT_BOOT, AGENT_WAIT_RESTORE};
 
 /// How long the guest may take to apply its identity after a restore (generous: a loaded
 /// 2-core host running TCG guests can stall a guest for seconds).
 const IDENTITY_WAIT: Duration = Duration::from_secs(30);
 /// How long a reconnect to a running guest may take.
 const AGENT_WAIT_RECONNECT: Duration = Duration::from_secs(10);
+/// How long the agent may take to park before a capture (it first finishes requests in flight).
+const PARK_WAIT: Duration = Duration::from_secs(10);
+
+/// `vm.json`: what a sandbox's VM was made from, needed to describe an image of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmMeta {
+    template: String,
+    template_key: String,
+    vcpus: u32,
+    memory_mib: u64,
+}
+
+/// Where a new VM's disk, RAM and device state come from.
+pub enum Origin<'a> {
+    /// A clone of a template snapshot (create).
+    Template(&'a TemplateSnapshot),
+    /// An image in the blob store (resume of a paused sandbox, restore of a snapshot).
+    Image { store: &'a BlobStore, prefix: &'a str, manifest: &'a ImageManifest, template_disk: PathBuf },
+}
 
 pub struct SandboxVm {
     handle: VmHandle,
@@ -28,74 +52,192 @@ pub struct SandboxVm {
     agent: tokio::sync::Mutex<Option<AgentClient>>,
 }
 
+/// A VM stopped by a capture: its state is stored, its agent parked on `socket`.
+pub struct Captured {
+    pub manifest: ImageManifest,
+    pub stats: CaptureStats,
+    socket: UnixStream,
+}
+
 fn paths(cfg: &RunnerConfig, id: &str) -> (PathBuf, PathBuf) {
     (cfg.data_dir.join("sandboxes").join(id), cfg.sandbox_shm_dir().join(format!("{id}.mem")))
 }
 
+fn spec(cfg: &RunnerConfig, images: &Images, id: &str, vcpus: u32, memory_mib: u64) -> VmSpec {
+    let (dir, memory_file) = paths(cfg, id);
+    VmSpec {
+        name: id.to_string(),
+        vcpus,
+        memory_mib,
+        kernel: images.kernel.clone(),
+        initrd: images.initrd.clone(),
+        cmdline: KERNEL_CMDLINE.to_string(),
+        disk: dir.join("disk.qcow2"),
+        memory_file,
+        run_dir: dir.join("run"),
+        overhead_mib: cfg.overhead_mib,
+    }
+}
+
+fn identity(req: &VmRequest) -> cove_proto::Identity {
+    cove_proto::Identity {
+        hostname: req.id.clone(),
+        env: req.env.clone(),
+        unix_time_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+        entropy_hex: hex::encode(rand::random::<[u8; 32]>()),
+    }
+}
+
+/// Gives the guest its identity: hostname, environment, the host's clock, fresh entropy.
+/// Sent after every restore and resume, so that the clock is right and clones differ.
+pub async fn apply_identity(agent: &AgentClient, req: &VmRequest) -> Result<(), RunnerError> {
+    tokio::time::timeout(
+        IDENTITY_WAIT,
+        agent.call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity(req))),
+    )
+    .await
+    .map_err(|_| AgentError::Request("the guest did not accept its identity in time".into()))??;
+    Ok(())
+}
+
+fn write_meta(dir: &Path, meta: &VmMeta) -> Result<(), RunnerError> {
+    let bytes = serde_json::to_vec(meta)
+        .map_err(|e| RunnerError::io("encoding vm.json", std::io::Error::other(e)))?;
+    std::fs::write(dir.join("vm.json"), bytes).map_err(|e| RunnerError::io("writing vm.json", e))
+}
+
+fn io_join<T>(r: Result<std::io::Result<T>, tokio::task::JoinError>, what: &str) -> Result<T, RunnerError> {
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(RunnerError::io(what, e)),
+        Err(e) => Err(RunnerError::io(what, std::io::Error::other(e))),
+    }
+}
+
 impl SandboxVm {
-    pub async fn restore(
+    /// Makes the sandbox's VM from `origin` and gives the guest its identity. On failure every
+    /// file and process of the attempt is gone.
+    pub async fn create(
         cfg: &RunnerConfig,
         images: &Images,
         vmm: &dyn Vmm,
-        tmpl: &TemplateSnapshot,
+        origin: Origin<'_>,
         req: &VmRequest,
     ) -> Result<SandboxVm, RunnerError> {
-        let (dir, memory_file) = paths(cfg, &req.id);
-        let result = Self::restore_inner(cfg, images, vmm, tmpl, req, &dir, &memory_file).await;
+        let result = Self::create_inner(cfg, images, vmm, origin, req).await;
         if let Err(e) = &result {
-            // The guest's console is the best clue to why; it goes with the files below.
-            let console = std::fs::read(dir.join("run/console.log")).unwrap_or_default();
-            let tail = String::from_utf8_lossy(&console[console.len().saturating_sub(4096)..]).into_owned();
-            tracing::warn!(sandbox_id = %req.id, error = %e, console = %tail, "restore failed");
+            Self::log_failure(cfg, &req.id, e, "restore failed");
             let _ = Self::remove_leftovers(cfg, vmm, &req.id).await;
         }
         result
     }
 
-    /// Copies the template's disk overlay and RAM into the sandbox's files and starts QEMU on
-    /// them with the template's device state.
+    fn log_failure(cfg: &RunnerConfig, id: &str, e: &RunnerError, what: &str) {
+        // The guest's console is the best clue to why; it goes with the files.
+        let (dir, _) = paths(cfg, id);
+        let console = std::fs::read(dir.join("run/console.log")).unwrap_or_default();
+        let tail = String::from_utf8_lossy(&console[console.len().saturating_sub(4096)..]).into_owned();
+        tracing::warn!(sandbox_id = %id, error = %e, console = %tail, "{what}");
+    }
+
+    /// Lays out the sandbox's disk and RAM from `origin` and starts QEMU on them with the
+    /// origin's device state. QEMU takes tens of milliseconds to start, so the RAM is filled
+    /// meanwhile, into a file already at its full size, and QEMU gets the state only once both
+    /// are done. The guest is greeted before it runs.
     async fn start_vm(
         cfg: &RunnerConfig,
         images: &Images,
         vmm: &dyn Vmm,
-        tmpl: &TemplateSnapshot,
+        origin: &Origin<'_>,
         id: &str,
-        dir: &Path,
-        memory_file: &Path,
     ) -> Result<(VmSpec, VmHandle, Option<Greeting>), RunnerError> {
-        std::fs::create_dir_all(dir).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
-        let disk = dir.join("disk.qcow2");
-        std::fs::copy(tmpl.overlay(), &disk).map_err(|e| RunnerError::io("creating disk overlay", e))?;
-        // QEMU takes tens of milliseconds to start: copy the template's RAM meanwhile, into a
-        // file already at its full size, and hand QEMU the state only once both are done.
-        crate::memfile::create_sized(&tmpl.memory_file, memory_file)
-            .map_err(|e| RunnerError::io("creating memory file", e))?;
-        let (from, to) = (tmpl.memory_file.clone(), memory_file.to_path_buf());
-        let copy = tokio::task::spawn_blocking(move || crate::memfile::copy_data(&from, &to));
-        let spec = VmSpec {
-            name: id.to_string(),
-            vcpus: tmpl.vcpus,
-            memory_mib: tmpl.memory_mib,
-            kernel: images.kernel.clone(),
-            initrd: images.initrd.clone(),
-            cmdline: KERNEL_CMDLINE.to_string(),
-            disk,
-            memory_file: memory_file.to_path_buf(),
-            run_dir: dir.join("run"),
-            overhead_mib: cfg.overhead_mib,
+        let (vcpus, memory_mib) = match origin {
+            Origin::Template(t) => (t.vcpus, t.memory_mib),
+            Origin::Image { manifest, .. } => (manifest.vcpus, manifest.memory_mib),
         };
-        let spawned = vmm.spawn(&spec, &Boot::Restore { state_file: tmpl.state_file() }).await;
-        let copied =
-            copy.await.map_err(|e| RunnerError::io("copying template memory", std::io::Error::other(e)));
-        let handle = spawned?;
+        let spec = spec(cfg, images, id, vcpus, memory_mib);
+        let dir = spec.disk.parent().unwrap_or(Path::new("/")).to_path_buf();
+        std::fs::create_dir_all(&spec.run_dir).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
+        let (state_file, fill) = match origin {
+            Origin::Template(t) => {
+                std::fs::copy(t.overlay(), &spec.disk)
+                    .map_err(|e| RunnerError::io("creating disk overlay", e))?;
+                write_meta(
+                    &dir,
+                    &VmMeta { template: t.template.clone(), template_key: t.key.clone(), vcpus, memory_mib },
+                )?;
+                crate::memfile::create_sized(&t.memory_file, &spec.memory_file)
+                    .map_err(|e| RunnerError::io("creating memory file", e))?;
+                let (from, to) = (t.memory_file.clone(), spec.memory_file.clone());
+                let copy = tokio::spawn(async move {
+                    io_join(
+                        tokio::task::spawn_blocking(move || crate::memfile::copy_data(&from, &to)).await,
+                        "copying template memory",
+                    )
+                    .map(|_| ())
+                });
+                (t.state_file(), copy)
+            }
+            Origin::Image { store, prefix, manifest, template_disk } => {
+                if manifest.format != IMAGE_FORMAT {
+                    return Err(RunnerError::Image(format!(
+                        "image format {} is not supported (this Cove reads format {IMAGE_FORMAT})",
+                        manifest.format
+                    )));
+                }
+                if !template_disk.exists() {
+                    return Err(RunnerError::Image(format!(
+                        "the template version {} this image was made from is not on this host",
+                        manifest.template_key
+                    )));
+                }
+                let state_file = spec.run_dir.join("state.bin");
+                let (disk, state) = tokio::join!(
+                    cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk),
+                    cove_blob::unpack_file(store, prefix, &manifest.state, &state_file),
+                );
+                disk?;
+                state?;
+                write_meta(
+                    &dir,
+                    &VmMeta {
+                        template: manifest.template.clone(),
+                        template_key: manifest.template_key.clone(),
+                        vcpus,
+                        memory_mib,
+                    },
+                )?;
+                let f = std::fs::File::create(&spec.memory_file)
+                    .map_err(|e| RunnerError::io("creating memory file", e))?;
+                f.set_len(manifest.memory.size).map_err(|e| RunnerError::io("sizing memory file", e))?;
+                let (store, prefix, file, dest) =
+                    ((*store).clone(), prefix.to_string(), manifest.memory.clone(), spec.memory_file.clone());
+                let fill = tokio::spawn(async move {
+                    cove_blob::unpack_file(&store, &prefix, &file, &dest)
+                        .await
+                        .map(|_| ())
+                        .map_err(RunnerError::from)
+                });
+                (state_file, fill)
+            }
+        };
+        let spawned = vmm.spawn(&spec, &Boot::Restore { state_file: state_file.clone() }).await;
+        let filled =
+            fill.await.map_err(|e| RunnerError::io("filling guest memory", std::io::Error::other(e)));
+        let handle = match spawned {
+            Ok(h) => h,
+            Err(e) => return Err(e.into()),
+        };
         // Greet the agent while the VM still waits for its state: the guest then resumes with
         // its host connected and the greeting queued, instead of first seeing the saved
         // connection vanish (which could cut the new one short).
         let greeting = AgentClient::greet(&spec.agent_socket()).await.ok();
-        let restored = match copied {
-            Ok(Ok(_)) => vmm.restore(&handle, &tmpl.state_file()).await.map_err(RunnerError::from),
-            Ok(Err(e)) => Err(RunnerError::io("copying template memory", e)),
-            Err(e) => Err(e),
+        if matches!(origin, Origin::Image { .. }) {
+            fault_point("restore.unpacked");
+        }
+        let restored = match filled {
+            Ok(Ok(())) => vmm.restore(&handle, &state_file).await.map_err(RunnerError::from),
+            Ok(Err(e)) | Err(e) => Err(e),
         };
         if let Err(e) = restored {
             let _ = vmm.destroy(&handle).await;
@@ -104,23 +246,20 @@ impl SandboxVm {
         Ok((spec, handle, greeting))
     }
 
-    async fn restore_inner(
+    async fn create_inner(
         cfg: &RunnerConfig,
         images: &Images,
         vmm: &dyn Vmm,
-        tmpl: &TemplateSnapshot,
+        origin: Origin<'_>,
         req: &VmRequest,
-        dir: &Path,
-        memory_file: &Path,
     ) -> Result<SandboxVm, RunnerError> {
-        let t0 = std::time::Instant::now();
-        let (spec, handle, greeting) =
-            Self::start_vm(cfg, images, vmm, tmpl, &req.id, dir, memory_file).await?;
+        let t0 = Instant::now();
+        let (spec, handle, greeting) = Self::start_vm(cfg, images, vmm, &origin, &req.id).await?;
         let t_vm = t0.elapsed();
         let vm = SandboxVm {
             handle,
-            dir: dir.to_path_buf(),
-            memory_file: memory_file.to_path_buf(),
+            dir: spec.disk.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            memory_file: spec.memory_file.clone(),
             agent: tokio::sync::Mutex::new(None),
         };
         let greeted = match greeting {
@@ -132,18 +271,7 @@ impl SandboxVm {
             None => AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?,
         };
         let t_agent = t0.elapsed();
-        let identity = cove_proto::Identity {
-            hostname: req.id.clone(),
-            env: req.env.clone(),
-            unix_time_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
-            entropy_hex: hex::encode(rand::random::<[u8; 32]>()),
-        };
-        tokio::time::timeout(
-            IDENTITY_WAIT,
-            agent.call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity)),
-        )
-        .await
-        .map_err(|_| AgentError::Request("the guest did not accept its identity in time".into()))??;
+        apply_identity(&agent, req).await?;
         tracing::debug!(
             vm_ms = t_vm.as_millis() as u64,
             agent_ms = t_agent.as_millis() as u64,
@@ -152,6 +280,55 @@ impl SandboxVm {
         );
         *vm.agent.lock().await = Some(agent);
         Ok(vm)
+    }
+
+    /// Boots a fresh VM on the disk a stopped sandbox kept (no memory state: processes are
+    /// gone, files stay).
+    pub async fn boot(
+        cfg: &RunnerConfig,
+        images: &Images,
+        vmm: &dyn Vmm,
+        req: &VmRequest,
+    ) -> Result<SandboxVm, RunnerError> {
+        let spec = spec(cfg, images, &req.id, req.vcpus, req.memory_mib);
+        if !spec.disk.exists() {
+            return Err(RunnerError::Image(format!("sandbox {} has no disk on this host", req.id)));
+        }
+        let result = async {
+            let _ = std::fs::remove_dir_all(&spec.run_dir);
+            std::fs::create_dir_all(&spec.run_dir).map_err(|e| RunnerError::io("creating run dir", e))?;
+            let f = std::fs::File::create(&spec.memory_file)
+                .map_err(|e| RunnerError::io("creating memory file", e))?;
+            f.set_len(req.memory_mib << 20).map_err(|e| RunnerError::io("sizing memory file", e))?;
+            let handle = vmm.start(&spec, &Boot::Fresh).await?;
+            let vm = SandboxVm {
+                handle,
+                dir: spec.disk.parent().unwrap_or(Path::new("/")).to_path_buf(),
+                memory_file: spec.memory_file.clone(),
+                agent: tokio::sync::Mutex::new(None),
+            };
+            let agent = match AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = vmm.destroy(&vm.handle).await;
+                    return Err(e.into());
+                }
+            };
+            if let Err(e) = apply_identity(&agent, req).await {
+                let _ = vmm.destroy(&vm.handle).await;
+                return Err(e);
+            }
+            *vm.agent.lock().await = Some(agent);
+            Ok(vm)
+        }
+        .await;
+        if let Err(e) = &result {
+            Self::log_failure(cfg, &req.id, e, "boot failed");
+            // The disk is the sandbox's data: keep it, drop the rest.
+            let _ = std::fs::remove_dir_all(&spec.run_dir);
+            let _ = std::fs::remove_file(&spec.memory_file);
+        }
+        result
     }
 
     /// Takes over a VM left running by an earlier runner process.
@@ -171,6 +348,148 @@ impl SandboxVm {
         Ok(a)
     }
 
+    /// Stops the VM and stores its device state, RAM and disk as an image under `prefix`. The
+    /// VM stays stopped with its agent parked: the caller either `release`s it (pause) or
+    /// `carry_on`s (snapshot). If storing fails, the VM runs again before the error returns.
+    pub async fn capture(
+        &self,
+        vmm: &dyn Vmm,
+        store: &BlobStore,
+        prefix: &str,
+        req: &VmRequest,
+    ) -> Result<Captured, RunnerError> {
+        let meta: VmMeta = std::fs::read(self.dir.join("vm.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| RunnerError::Image(format!("sandbox {} has no readable vm.json", req.id)))?;
+        let t0 = Instant::now();
+        // Hold the agent slot for the whole capture: nobody opens a session meanwhile.
+        let mut slot = self.agent.lock().await;
+        if let Some(a) = slot.take() {
+            // The agent finishes requests in flight, then waits for a new host. Parking it
+            // proves it got there; the parked socket stays open through the save, so the
+            // saved guest has not seen a disconnect and its next host is a fresh handshake.
+            let _ = a.call_raw::<()>(Method::POST, cove_proto::routes::DETACH, None).await;
+        }
+        let socket = AgentClient::park(&self.handle.run_dir.join("agent.sock"), PARK_WAIT).await?;
+        let state_file = self.handle.run_dir.join("state.bin");
+        if let Err(e) = vmm.save(&self.handle, &state_file).await {
+            // `save` may have stopped the vCPUs before it failed.
+            let _ = vmm.resume(&self.handle).await;
+            if let Ok(a) = Self::greet_parked(socket).await {
+                *slot = Some(a);
+            }
+            return Err(e.into());
+        }
+        let save_ms = t0.elapsed().as_millis() as u64;
+        fault_point("capture.saved");
+        let stored = async {
+            let disk = self.dir.join("disk.qcow2");
+            let (state, memory, disk) = tokio::join!(
+                cove_blob::pack_file(store, prefix, "state", &state_file),
+                cove_blob::pack_file(store, prefix, "memory", &self.memory_file),
+                cove_blob::pack_file(store, prefix, "disk", &disk),
+            );
+            let manifest = ImageManifest {
+                format: IMAGE_FORMAT,
+                template: meta.template.clone(),
+                template_key: meta.template_key.clone(),
+                vcpus: meta.vcpus,
+                memory_mib: meta.memory_mib,
+                created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+                state: state?,
+                memory: memory?,
+                disk: disk?,
+            };
+            fault_point("capture.packed");
+            cove_blob::write_manifest(store, prefix, &manifest).await?;
+            Ok::<_, RunnerError>(manifest)
+        }
+        .await;
+        let manifest = match stored {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = store.delete_prefix(prefix).await;
+                let resumed = vmm.resume(&self.handle).await;
+                match Self::greet_parked(socket).await {
+                    Ok(a) => {
+                        let _ = apply_identity(&a, req).await;
+                        *slot = Some(a);
+                    }
+                    Err(ge) => {
+                        tracing::warn!(sandbox_id = %req.id, error = %ge, "reconnecting after a failed capture")
+                    }
+                }
+                if let Err(re) = resumed {
+                    tracing::error!(sandbox_id = %req.id, error = %re, "VM did not run again after a failed capture");
+                }
+                return Err(e);
+            }
+        };
+        fault_point("capture.stored");
+        let stats = CaptureStats {
+            save_ms,
+            store_ms: t0.elapsed().as_millis() as u64 - save_ms,
+            stored_bytes: manifest.stored_bytes(),
+            memory_data_bytes: manifest.memory.data_bytes,
+        };
+        Ok(Captured { manifest, stats, socket })
+    }
+
+    async fn greet_parked(socket: UnixStream) -> Result<AgentClient, RunnerError> {
+        let greeting = AgentClient::greet_on(socket).await?;
+        Ok(tokio::time::timeout(AGENT_WAIT_RECONNECT, greeting.finish())
+            .await
+            .map_err(|_| AgentError::Connect("no answer to the greeting after a capture".into()))??)
+    }
+
+    /// Runs a captured VM again (after a snapshot): vCPUs, a new agent session on the parked
+    /// socket, and the clock set again (it stood still while the VM was stopped).
+    pub async fn carry_on(
+        &self,
+        vmm: &dyn Vmm,
+        captured: Captured,
+        req: &VmRequest,
+    ) -> Result<(), RunnerError> {
+        vmm.resume(&self.handle).await?;
+        let agent = Self::greet_parked(captured.socket).await?;
+        apply_identity(&agent, req).await?;
+        *self.agent.lock().await = Some(agent);
+        Ok(())
+    }
+
+    /// Runs again a VM that an earlier runner process left stopped in a capture (recovery).
+    pub async fn run_again(&self, vmm: &dyn Vmm) -> Result<(), RunnerError> {
+        vmm.resume(&self.handle).await?;
+        Ok(())
+    }
+
+    /// Stops a running VM for good, keeping only its disk: the guest flushes its filesystems
+    /// first, so nothing written before the stop is lost.
+    pub async fn stop(&self, vmm: &dyn Vmm) -> Result<(), RunnerError> {
+        if let Ok(agent) = self.agent().await {
+            let sync = cove_api::process::ExecuteRequest {
+                command: "sync".into(),
+                cwd: None,
+                envs: None,
+                timeout: Some(60),
+            };
+            let r: Result<cove_api::process::ExecuteResponse, _> =
+                agent.call(Method::POST, cove_proto::routes::EXEC, Some(&sync)).await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "guest sync before stop failed; QEMU still flushes its own caches");
+            }
+        }
+        vmm.destroy(&self.handle).await?;
+        let _ = std::fs::remove_dir_all(self.dir.join("run"));
+        match std::fs::remove_file(&self.memory_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(RunnerError::io("removing guest memory", e))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub async fn destroy(&self, vmm: &dyn Vmm) -> Result<(), RunnerError> {
         vmm.destroy(&self.handle).await?;
         remove_files(&self.dir, &self.memory_file)
@@ -179,12 +498,31 @@ impl SandboxVm {
     /// Cleans up after a sandbox whose VM this runner does not hold (e.g. after a crash).
     pub async fn remove_leftovers(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str) -> Result<(), RunnerError> {
         let (dir, memory_file) = paths(cfg, id);
-        if let Some(handle) = vmm.find(id, &dir.join("run")) {
-            vmm.destroy(&handle).await?;
-        }
-        let _ = cove_vmm::Cgroup::locate(id).remove();
+        end_vm_of(cfg, vmm, id).await?;
         remove_files(&dir, &memory_file)
     }
+}
+
+/// Ends the VM of sandbox `id` if one runs, and removes its cgroup.
+pub async fn end_vm_of(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str) -> Result<(), RunnerError> {
+    let (dir, _) = paths(cfg, id);
+    if let Some(handle) = vmm.find(id, &dir.join("run")) {
+        vmm.destroy(&handle).await?;
+    }
+    let _ = cove_vmm::Cgroup::locate(id).remove();
+    Ok(())
+}
+
+/// Whether sandbox `id` has a disk on this host.
+pub fn has_disk(cfg: &RunnerConfig, id: &str) -> bool {
+    paths(cfg, id).0.join("disk.qcow2").exists()
+}
+
+/// Removes what a stopped sandbox does not keep: run dir and RAM.
+pub fn remove_runtime(cfg: &RunnerConfig, id: &str) {
+    let (dir, memory_file) = paths(cfg, id);
+    let _ = std::fs::remove_dir_all(dir.join("run"));
+    let _ = std::fs::remove_file(memory_file);
 }
 
 /// See `Runner::raw_restore`.
@@ -192,15 +530,42 @@ pub async fn raw_restore(
     cfg: &RunnerConfig,
     images: &Images,
     vmm: &dyn Vmm,
-    tmpl: &TemplateSnapshot,
+    origin: Origin<'_>,
 ) -> Result<Duration, RunnerError> {
     let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
-    let (dir, memory_file) = paths(cfg, &id);
-    let started = std::time::Instant::now();
-    let result = SandboxVm::start_vm(cfg, images, vmm, tmpl, &id, &dir, &memory_file).await;
+    let started = Instant::now();
+    let result = SandboxVm::start_vm(cfg, images, vmm, &origin, &id).await;
     let elapsed = started.elapsed();
     let _ = SandboxVm::remove_leftovers(cfg, vmm, &id).await;
     result.map(|_| elapsed)
+}
+
+/// See `Runner::raw_save_restore`.
+pub async fn raw_save_restore(
+    cfg: &RunnerConfig,
+    images: &Images,
+    vmm: &dyn Vmm,
+    origin: Origin<'_>,
+) -> Result<(Duration, Duration), RunnerError> {
+    let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let result = async {
+        let (spec, handle, _) = SandboxVm::start_vm(cfg, images, vmm, &origin, &id).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let state_file = spec.run_dir.join("raw-state.bin");
+        let t = Instant::now();
+        vmm.save(&handle, &state_file).await?;
+        let save = t.elapsed();
+        vmm.destroy(&handle).await?;
+        // The RAM file stays where it was: the new QEMU maps it as it is.
+        let t = Instant::now();
+        let handle = vmm.start(&spec, &Boot::Restore { state_file }).await?;
+        let restore = t.elapsed();
+        vmm.destroy(&handle).await?;
+        Ok((save, restore))
+    }
+    .await;
+    let _ = SandboxVm::remove_leftovers(cfg, vmm, &id).await;
+    result
 }
 
 fn remove_files(dir: &Path, memory_file: &Path) -> Result<(), RunnerError> {
@@ -212,4 +577,13 @@ fn remove_files(dir: &Path, memory_file: &Path) -> Result<(), RunnerError> {
         }
     }
     Ok(())
+}
+
+/// Crash-test hook: when `COVE_FAULT` names this point, the process kills itself with SIGKILL
+/// right here, exactly like `kill -9` from outside. Unset in production.
+pub fn fault_point(name: &str) {
+    if std::env::var("COVE_FAULT").is_ok_and(|v| v.split(',').any(|p| p == name)) {
+        tracing::error!(point = name, "COVE_FAULT: killing this process");
+        crate::sys::kill_self();
+    }
 }

@@ -1,4 +1,5 @@
-//! lseek(2) with SEEK_DATA / SEEK_HOLE, which std does not expose.
+//! lseek(2) with SEEK_DATA / SEEK_HOLE, which std does not expose; and SIGKILL to self for
+//! crash tests.
 
 use std::fs::File;
 use std::io;
@@ -23,4 +24,12 @@ pub fn seek_data(f: &File, offset: u64) -> io::Result<Option<u64>> {
 /// Start of the next hole at or after `offset` (the end of the file counts as one).
 pub fn seek_hole(f: &File, offset: u64) -> io::Result<u64> {
     Ok(lseek(f, offset, libc::SEEK_HOLE)?.unwrap_or(offset))
+}
+
+/// Sends SIGKILL to this process: it dies on the spot, as under `kill -9`.
+pub fn kill_self() {
+    // SAFETY: getpid and kill take and return integers only.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
 }

@@ -24,6 +24,8 @@ use crate::{RunnerConfig, RunnerError, AGENT_WAIT_BOOT};
 /// A usable template snapshot.
 #[derive(Debug, Clone)]
 pub struct TemplateSnapshot {
+    /// Template name, e.g. `system/debian:bookworm`.
+    pub template: String,
     pub key: String,
     /// The inputs this snapshot is made from, read once (see `Images::fingerprint`).
     pub fingerprint: String,
@@ -73,6 +75,7 @@ impl Templates {
         };
         let key = format!("{slug}-{vcpus}c-{memory_mib}m-{:012x}", inputs >> 16);
         TemplateSnapshot {
+            template: template.to_string(),
             dir: self.cfg.cache_dir.join("templates").join(&key),
             memory_file: self.cfg.template_shm_dir().join(format!("tmpl-{key}.mem")),
             key,
@@ -90,6 +93,12 @@ impl Templates {
             && s.memory_file.exists()
             && s.state_file().exists()
             && s.overlay().exists()
+    }
+
+    /// The frozen disk layer of template snapshot `key` (whatever its version), which images
+    /// made from it need.
+    pub fn frozen_disk(&self, key: &str) -> PathBuf {
+        self.cfg.cache_dir.join("templates").join(key).join("disk.qcow2")
     }
 
     /// Returns the snapshot of this shape, booting and saving it first if needed.

@@ -5,16 +5,23 @@
 //! compare-and-set transition, so concurrent requests cannot both act and a restarted server
 //! knows what was in flight (see `recover`).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use cove_api::sandbox::{
     ListSandboxes, NetworkMode, SandboxCreateRequest, SandboxResponse, SandboxState, DEFAULT_MEMORY_MIB,
     DEFAULT_TIMEOUT_SECS, DEFAULT_VCPU,
 };
-use cove_runner::{AgentClient, Runner, VmRequest};
-use cove_store::{SandboxRecord, Store};
+use cove_api::snapshot::{ListSnapshots, SnapshotResponse, SnapshotRestoreRequest};
+use cove_runner::image::new_image_prefix;
+use cove_runner::{AfterCapture, AgentClient, Runner, VmRequest};
+use cove_store::{
+    Change, Op, SandboxRecord, SnapshotQuery, SnapshotRecord, SnapshotState, Store, StoreError,
+};
 use tracing::Instrument;
+
+use SandboxState as S;
 
 use crate::error::{error_chain, ApiError};
 
@@ -30,6 +37,10 @@ pub struct Core {
     pub store: Arc<Store>,
     pub runner: Arc<Runner>,
     pub cfg: CoreConfig,
+    /// One lock per sandbox, held by every operation that changes its VM (pause, resume,
+    /// snapshot, stop, start): concurrent requests queue behind it, so a burst of requests to a
+    /// paused sandbox causes one resume, which the others wait for.
+    ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn new_sandbox_id() -> String {
@@ -62,7 +73,59 @@ fn redact_policy(mut p: cove_api::sandbox::NetworkPolicy) -> cove_api::sandbox::
     p
 }
 
+pub fn snapshot_response(s: &SnapshotRecord) -> SnapshotResponse {
+    SnapshotResponse {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        template_id: s.template.clone(),
+        vcpu: s.vcpu,
+        memory: s.memory,
+        disk: s.disk,
+        network_policy: s.network_policy.clone().map(redact_policy),
+        created_at: s.created_at,
+    }
+}
+
+fn vm_request(rec: &SandboxRecord) -> VmRequest {
+    VmRequest {
+        id: rec.id.clone(),
+        template: rec.template.clone(),
+        vcpus: rec.vcpu,
+        memory_mib: rec.memory,
+        env: rec.env.clone(),
+    }
+}
+
+fn limit_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::LimitReached { count, limit } => ApiError::TooMany(format!(
+            "sandbox limit reached: the organization has {count} active sandboxes (limit {limit})"
+        )),
+        other => other.into(),
+    }
+}
+
+fn not_in(id: &str, state: SandboxState, wanted: &str) -> ApiError {
+    ApiError::Conflict(format!("sandbox {id} is {state}, not {wanted}"))
+}
+
 impl Core {
+    pub fn new(store: Arc<Store>, runner: Arc<Runner>, cfg: CoreConfig) -> Core {
+        Core { store, runner, cfg, ops: Mutex::new(HashMap::new()) }
+    }
+
+    async fn lock_sandbox(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+            ops.entry(id.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    fn expires_at(rec: &SandboxRecord) -> i64 {
+        Utc::now().timestamp() + rec.timeout as i64
+    }
+
     pub async fn create_sandbox(
         &self,
         org: &str,
@@ -98,15 +161,12 @@ impl Core {
             launch_time: None,
             state_changed_at: now,
             timeout_at: Some(now.timestamp() + timeout as i64),
+            op: Some(Op::Create),
+            image: None,
+            snapshot_id: None,
         };
         self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
-        let vm = VmRequest {
-            id: rec.id.clone(),
-            template,
-            vcpus: rec.vcpu,
-            memory_mib: rec.memory,
-            env: rec.env.clone(),
-        };
+        let vm = vm_request(&rec);
         let span = tracing::info_span!("create", sandbox_id = %rec.id);
         if let Err(e) = self.runner.create(&vm).instrument(span).await {
             tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "sandbox VM failed to start");
@@ -135,38 +195,312 @@ impl Core {
         Ok(self.store.list_sandboxes(org, q)?)
     }
 
-    /// Deletes a sandbox: its VM and every file of it. A sandbox already `deleting` (a delete
-    /// interrupted by a crash) may be deleted again.
+    /// Deletes a sandbox: its VM, every file of it and its pause image. A sandbox already
+    /// `deleting` (a delete interrupted by a crash) may be deleted again; one in a transition
+    /// may not.
     pub async fn delete(&self, org: &str, id: &str) -> Result<(), ApiError> {
         let rec = self.get(org, id)?;
-        let from =
-            [SandboxState::Running, SandboxState::Paused, SandboxState::Stopped, SandboxState::Deleting];
-        if self.store.transition(id, &from, SandboxState::Deleting)?.is_none() {
+        let from = [S::Running, S::Paused, S::Stopped, S::Deleting];
+        if self.store.transition(id, &from, S::Deleting)?.is_none() {
             return Err(ApiError::Conflict(format!(
                 "sandbox {id} is {}; try again when it settles",
                 rec.state
             )));
         }
-        self.finish_delete(id).await
+        self.finish_delete(&rec).await
     }
 
-    async fn finish_delete(&self, id: &str) -> Result<(), ApiError> {
-        self.runner.destroy(id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
-        self.store.delete_sandbox(id)?;
+    async fn finish_delete(&self, rec: &SandboxRecord) -> Result<(), ApiError> {
+        self.runner.destroy(&rec.id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        if let Some(image) = &rec.image {
+            self.runner.delete_image(image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        }
+        self.store.delete_sandbox(&rec.id)?;
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
         Ok(())
     }
 
-    /// The agent of a running sandbox; 409 naming the state otherwise.
+    /// The agent of a sandbox, resuming it first if it is paused (or waiting for the resume or
+    /// snapshot in progress); 409 naming the state when it has no VM to offer.
     pub async fn agent(&self, org: &str, id: &str) -> Result<AgentClient, ApiError> {
         let rec = self.get(org, id)?;
-        if rec.state != SandboxState::Running {
-            return Err(ApiError::Conflict(format!("sandbox {id} is {}, not running", rec.state)));
+        match rec.state {
+            S::Running => {}
+            S::Paused | S::Unpausing | S::Snapshotting => {
+                self.resume(org, id).await?;
+            }
+            other => return Err(not_in(id, other, "running")),
         }
         Ok(self.runner.agent(id).await?)
     }
 
-    /// Deletes running sandboxes whose timeout passed. (`auto_pause` sandboxes are deleted too
-    /// until pause exists.)
+    /// Pauses a running sandbox: its device state, RAM and disk go to the blob store, then the
+    /// VM and its host memory are released. If storing fails the sandbox keeps running.
+    pub async fn pause(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let _op = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        if rec.state != S::Running {
+            return Err(not_in(id, rec.state, "running"));
+        }
+        let image = new_image_prefix("pause");
+        let change = Change::to(S::Snapshotting).op(Op::Pause { image: image.clone() });
+        if self.store.update(id, &[S::Running], change)?.is_none() {
+            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
+        }
+        let span = tracing::info_span!("pause", sandbox_id = %id);
+        match self.runner.capture(&vm_request(&rec), &image, AfterCapture::Release).instrument(span).await {
+            Ok((_, stats)) => {
+                cove_runner::fault_point("pause.released");
+                tracing::info!(sandbox_id = %id, save_ms = stats.save_ms, store_ms = stats.store_ms,
+                    stored_bytes = stats.stored_bytes, "paused");
+                self.store.update(id, &[S::Snapshotting], Change::to(S::Paused).image(Some(image)))?;
+                self.get(org, id)
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "pause failed; the sandbox keeps running");
+                self.store.transition(id, &[S::Snapshotting], S::Running)?;
+                Err(ApiError::Unavailable(format!(
+                    "pausing failed, the sandbox keeps running: {}",
+                    error_chain(&e)
+                )))
+            }
+        }
+    }
+
+    /// Resumes a paused sandbox from its image (no-op when it already runs). Callers that
+    /// arrive during a resume wait for it and share its outcome.
+    pub async fn resume(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let _op = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        match rec.state {
+            S::Running => return Ok(rec),
+            S::Paused => {}
+            other => return Err(not_in(id, other, "paused")),
+        }
+        let image = rec
+            .image
+            .clone()
+            .ok_or_else(|| ApiError::internal(format!("paused sandbox {id} has no image")))?;
+        let change = Change::to(S::Unpausing)
+            .op(Op::Resume { image: image.clone() })
+            .limit(self.cfg.default_sandbox_limit);
+        if self.store.update(id, &[S::Paused], change).map_err(limit_error)?.is_none() {
+            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
+        }
+        let span = tracing::info_span!("resume", sandbox_id = %id);
+        let started = std::time::Instant::now();
+        if let Err(e) = self.runner.create_from_image(&vm_request(&rec), &image).instrument(span).await {
+            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "resume failed; the sandbox stays paused");
+            self.store.transition(id, &[S::Unpausing], S::Paused)?;
+            return Err(ApiError::Unavailable(format!(
+                "resuming failed, the sandbox stays paused: {}",
+                error_chain(&e)
+            )));
+        }
+        cove_runner::fault_point("resume.running");
+        let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(&rec));
+        self.store.update(id, &[S::Unpausing], change)?;
+        tracing::info!(sandbox_id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "resumed");
+        // The image is spent: the guest has moved on from it.
+        if let Err(e) = self.runner.delete_image(&image).await {
+            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "deleting a spent pause image (recovery retries)");
+        }
+        self.get(org, id)
+    }
+
+    /// Stops a running sandbox: the guest syncs, the VM ends, only the writable disk is kept.
+    pub async fn stop(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let _op = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        if rec.state != S::Running {
+            return Err(not_in(id, rec.state, "running"));
+        }
+        if self.store.update(id, &[S::Running], Change::to(S::Stopping).op(Op::Stop))?.is_none() {
+            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
+        }
+        if let Err(e) = self.runner.stop(id).await {
+            // Whatever went wrong, the VM must not outlive a stopped sandbox.
+            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "stop did not go cleanly; ending the VM");
+            self.runner.end_vm(id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        }
+        self.store.transition(id, &[S::Stopping], S::Stopped)?;
+        self.get(org, id)
+    }
+
+    /// Boots a stopped sandbox afresh from its template with the disk it kept.
+    pub async fn start(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let _op = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        if rec.state != S::Stopped {
+            return Err(not_in(id, rec.state, "stopped"));
+        }
+        let change = Change::to(S::Starting).op(Op::Start).limit(self.cfg.default_sandbox_limit);
+        if self.store.update(id, &[S::Stopped], change).map_err(limit_error)?.is_none() {
+            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
+        }
+        let span = tracing::info_span!("start", sandbox_id = %id);
+        if let Err(e) = self.runner.boot(&vm_request(&rec)).instrument(span).await {
+            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "start failed; the sandbox stays stopped");
+            self.store.transition(id, &[S::Starting], S::Stopped)?;
+            return Err(ApiError::Unavailable(format!("starting failed: {}", error_chain(&e))));
+        }
+        self.store.update(id, &[S::Starting], Change::to(S::Running).timeout_at(Self::expires_at(&rec)))?;
+        self.get(org, id)
+    }
+
+    /// Stores a named snapshot of a running sandbox, which then runs on (or is deleted, with
+    /// `kill_after`).
+    pub async fn create_snapshot(
+        &self,
+        org: &str,
+        id: &str,
+        name: Option<String>,
+        kill_after: bool,
+    ) -> Result<SnapshotRecord, ApiError> {
+        let _op = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        if rec.state != S::Running {
+            return Err(not_in(id, rec.state, "running"));
+        }
+        let snap_id = format!("snap-{}", hex::encode(rand::random::<[u8; 10]>()));
+        let name = match name.map(|n| n.trim().to_string()) {
+            Some(n) => n,
+            None => format!("{id}-{}", Utc::now().format("%Y%m%d-%H%M%S-%3f")),
+        };
+        let snap = SnapshotRecord {
+            id: snap_id.clone(),
+            org_id: org.to_string(),
+            name,
+            template: rec.template.clone(),
+            vcpu: rec.vcpu,
+            memory: rec.memory,
+            disk: rec.disk,
+            network_policy: rec.network_policy.clone(),
+            env: rec.env.clone(),
+            source_sandbox: id.to_string(),
+            image: new_image_prefix("snap"),
+            state: SnapshotState::Creating,
+            stored_bytes: 0,
+            created_at: Utc::now(),
+        };
+        self.store.insert_snapshot(&snap)?;
+        let op = Op::Snapshot { snapshot_id: snap_id.clone(), image: snap.image.clone(), kill_after };
+        if self.store.update(id, &[S::Running], Change::to(S::Snapshotting).op(op))?.is_none() {
+            self.store.delete_snapshot(&snap_id)?;
+            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
+        }
+        let after = if kill_after { AfterCapture::Release } else { AfterCapture::Continue };
+        let span = tracing::info_span!("snapshot", sandbox_id = %id, snapshot_id = %snap_id);
+        match self.runner.capture(&vm_request(&rec), &snap.image, after).instrument(span).await {
+            Ok((manifest, stats)) => {
+                tracing::info!(sandbox_id = %id, snapshot_id = %snap_id, save_ms = stats.save_ms,
+                    store_ms = stats.store_ms, stored_bytes = stats.stored_bytes, "snapshot stored");
+                self.store.snapshot_ready(&snap_id, manifest.stored_bytes())?;
+                if kill_after {
+                    self.store.transition(id, &[S::Snapshotting], S::Deleting)?;
+                    self.finish_delete(&rec).await?;
+                } else {
+                    self.store.transition(id, &[S::Snapshotting], S::Running)?;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "snapshot failed");
+                let _ = self.runner.delete_image(&snap.image).await;
+                self.store.delete_snapshot(&snap_id)?;
+                self.store.transition(id, &[S::Snapshotting], S::Running)?;
+                return Err(ApiError::Unavailable(format!("snapshot failed: {}", error_chain(&e))));
+            }
+        }
+        self.store.snapshot(org, &snap_id)?.ok_or_else(|| ApiError::internal("snapshot vanished"))
+    }
+
+    /// A new sandbox from a snapshot, with the snapshot's template, vCPUs, memory, disk and
+    /// environment.
+    pub async fn restore_snapshot(
+        &self,
+        org: &str,
+        req: SnapshotRestoreRequest,
+    ) -> Result<SandboxRecord, ApiError> {
+        let name = req.snapshot_name.trim();
+        let snap = self
+            .store
+            .snapshot(org, name)?
+            .filter(|s| s.state == SnapshotState::Ready)
+            .ok_or_else(|| ApiError::NotFound(format!("snapshot {name:?} not found")))?;
+        if req.network_policy.as_ref().is_some_and(|p| p.mode == NetworkMode::Custom) {
+            return Err(ApiError::NotImplemented("custom network policies are not implemented yet".into()));
+        }
+        let now = Utc::now();
+        let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let rec = SandboxRecord {
+            id: new_sandbox_id(),
+            org_id: org.to_string(),
+            template: snap.template.clone(),
+            vcpu: snap.vcpu,
+            memory: snap.memory,
+            disk: snap.disk,
+            timeout,
+            auto_pause: req.auto_pause.unwrap_or(false),
+            network_policy: req.network_policy.or_else(|| snap.network_policy.clone()),
+            env: snap.env.clone(),
+            state: S::Starting,
+            runner_id: self.cfg.runner_id.clone(),
+            created_at: now,
+            launch_time: None,
+            state_changed_at: now,
+            timeout_at: Some(now.timestamp() + timeout as i64),
+            op: Some(Op::Restore { snapshot_id: snap.id.clone() }),
+            image: None,
+            snapshot_id: Some(snap.id.clone()),
+        };
+        self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit).map_err(|e| match e {
+            StoreError::NotFound => ApiError::NotFound(format!("snapshot {name:?} is being deleted")),
+            other => limit_error(other),
+        })?;
+        let span = tracing::info_span!("restore", sandbox_id = %rec.id, snapshot_id = %snap.id);
+        if let Err(e) = self.runner.create_from_image(&vm_request(&rec), &snap.image).instrument(span).await {
+            tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "restore failed");
+            let _ = self.runner.destroy(&rec.id).await;
+            self.store.delete_sandbox(&rec.id)?;
+            return Err(ApiError::Unavailable(format!("restoring the snapshot failed: {}", error_chain(&e))));
+        }
+        if self.store.transition(&rec.id, &[S::Starting], S::Running)?.is_none() {
+            let _ = self.runner.destroy(&rec.id).await;
+            return Err(ApiError::Conflict("sandbox was deleted while it started".into()));
+        }
+        self.get(org, &rec.id)
+    }
+
+    pub fn list_snapshots(
+        &self,
+        org: &str,
+        q: &ListSnapshots,
+    ) -> Result<(Vec<SnapshotRecord>, u64), ApiError> {
+        let q = SnapshotQuery {
+            name: q.name.clone(),
+            sort_by_template: q.sort_by_template,
+            descending: q.descending,
+            page: q.page,
+            page_size: q.page_size,
+        };
+        Ok(self.store.list_snapshots(org, &q)?)
+    }
+
+    /// Deletes a snapshot and its image; 409 while a sandbox is being restored from it.
+    /// (Restored sandboxes own a full copy of what they need, so none depends on it later.)
+    pub async fn delete_snapshot(&self, org: &str, id: &str) -> Result<(), ApiError> {
+        let snap = match self.store.snapshot(org, id)? {
+            Some(s) => s,
+            None => return Err(ApiError::NotFound(format!("snapshot {id} not found"))),
+        };
+        let snap = self.store.begin_snapshot_delete(org, &snap.id)?;
+        self.runner.delete_image(&snap.image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        self.store.delete_snapshot(&snap.id)?;
+        Ok(())
+    }
+
+    /// Sandboxes whose timeout passed: paused when they asked for `auto_pause`, deleted
+    /// otherwise.
     pub async fn expire(&self) {
         let expired = match self.store.expired(Utc::now().timestamp()) {
             Ok(e) => e,
@@ -176,45 +510,177 @@ impl Core {
             }
         };
         for rec in expired {
-            tracing::info!(sandbox_id = %rec.id, "timeout reached, deleting");
-            if let Err(e) = self.delete(&rec.org_id, &rec.id).await {
-                tracing::warn!(sandbox_id = %rec.id, error = %e, "deleting expired sandbox");
+            let result = if rec.auto_pause {
+                tracing::info!(sandbox_id = %rec.id, "timeout reached, pausing");
+                self.pause(&rec.org_id, &rec.id).await.map(|_| ())
+            } else {
+                tracing::info!(sandbox_id = %rec.id, "timeout reached, deleting");
+                self.delete(&rec.org_id, &rec.id).await
+            };
+            if let Err(e) = result {
+                tracing::warn!(sandbox_id = %rec.id, error = %e, "handling an expired sandbox");
             }
         }
     }
 
     /// Brings the store and the host back in line after a restart: adopts VMs still running,
-    /// finishes interrupted deletes, drops half-made creates, removes files nobody owns.
+    /// finishes or undoes every operation a crash interrupted (see docs/architecture.md,
+    /// "Crash recovery"), and removes files and images nobody owns.
     pub async fn recover(&self) -> Result<(), ApiError> {
         let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
-        let running: Vec<String> =
-            records.iter().filter(|r| r.state == SandboxState::Running).map(|r| r.id.clone()).collect();
-        for lost in self.runner.recover(&running) {
-            // The VM is gone (host reboot, QEMU killed); its disk is still there, so it is
-            // stopped in the contract's sense.
-            tracing::warn!(sandbox_id = %lost, "VM of a running sandbox is gone; marking it stopped");
-            self.store.transition(&lost, &[SandboxState::Running], SandboxState::Stopped)?;
-        }
+        let with_vm: Vec<String> = records
+            .iter()
+            .filter(|r| {
+                matches!(r.state, S::Running | S::Snapshotting | S::Stopping | S::Unpausing | S::Starting)
+            })
+            .map(|r| r.id.clone())
+            .collect();
+        let lost: std::collections::HashSet<String> = self.runner.recover(&with_vm).into_iter().collect();
         for rec in &records {
-            match rec.state {
-                SandboxState::Starting => {
-                    tracing::info!(sandbox_id = %rec.id, "dropping a create interrupted by a restart");
-                    let _ = self.runner.destroy(&rec.id).await;
-                    self.store.delete_sandbox(&rec.id)?;
-                }
-                SandboxState::Deleting => {
-                    tracing::info!(sandbox_id = %rec.id, "finishing an interrupted delete");
-                    self.finish_delete(&rec.id).await?;
-                }
-                _ => {}
+            if let Err(e) = self.recover_one(rec, !lost.contains(&rec.id)).await {
+                tracing::error!(sandbox_id = %rec.id, error = %e, "recovering sandbox");
             }
         }
+        for snap in self.store.unsettled_snapshots()? {
+            let in_flight = records
+                .iter()
+                .any(|r| matches!(&r.op, Some(Op::Snapshot { snapshot_id, .. }) if *snapshot_id == snap.id));
+            if in_flight {
+                continue;
+            }
+            if snap.state == SnapshotState::Creating && self.complete(&snap.image).await {
+                let stored = self.runner.image(&snap.image).await.map(|m| m.stored_bytes()).unwrap_or(0);
+                self.store.snapshot_ready(&snap.id, stored)?;
+            } else {
+                tracing::info!(snapshot_id = %snap.id, "removing an unfinished snapshot");
+                self.runner
+                    .delete_image(&snap.image)
+                    .await
+                    .map_err(|e| ApiError::internal(error_chain(&e)))?;
+                self.store.delete_snapshot(&snap.id)?;
+            }
+        }
+        let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
         let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
         for dir in self.runner.sandbox_ids_on_host() {
             if !known.contains(dir.as_str()) {
                 tracing::info!(sandbox_id = %dir, "removing files of an unknown sandbox");
                 let _ = self.runner.destroy(&dir).await;
             }
+        }
+        let referenced = self.store.referenced_images()?;
+        match self.runner.stored_images().await {
+            Ok(images) => {
+                for image in images.into_iter().filter(|i| !referenced.contains(i)) {
+                    tracing::info!(image = %image, "removing an image nobody refers to");
+                    let _ = self.runner.delete_image(&image).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), "listing stored images"),
+        }
+        Ok(())
+    }
+
+    async fn complete(&self, image: &str) -> bool {
+        self.runner.image_complete(image).await.unwrap_or(false)
+    }
+
+    /// Settles one sandbox after a restart; `vm_alive` says whether its QEMU was adopted.
+    async fn recover_one(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
+        let id = rec.id.as_str();
+        let runner_err = |e: cove_runner::RunnerError| ApiError::internal(error_chain(&e));
+        match (rec.state, rec.op.clone()) {
+            (S::Running, _) if !vm_alive => {
+                // The VM is gone (host reboot, QEMU killed); its disk is still there, so it is
+                // stopped in the contract's sense.
+                tracing::warn!(sandbox_id = %id, "VM of a running sandbox is gone; marking it stopped");
+                self.runner.end_vm(id).await.map_err(runner_err)?;
+                self.store.transition(id, &[S::Running], S::Stopped)?;
+            }
+            (S::Starting, Some(Op::Start)) => {
+                tracing::info!(sandbox_id = %id, "undoing a start interrupted by a restart");
+                self.runner.end_vm(id).await.map_err(runner_err)?;
+                self.store.transition(id, &[S::Starting], S::Stopped)?;
+            }
+            (S::Starting, _) => {
+                tracing::info!(sandbox_id = %id, "dropping a create interrupted by a restart");
+                self.runner.destroy(id).await.map_err(runner_err)?;
+                self.store.delete_sandbox(id)?;
+            }
+            (S::Snapshotting, Some(Op::Pause { image })) => {
+                if self.complete(&image).await {
+                    tracing::info!(sandbox_id = %id, "finishing a pause interrupted by a restart");
+                    self.runner.destroy(id).await.map_err(runner_err)?;
+                    self.store.update(id, &[S::Snapshotting], Change::to(S::Paused).image(Some(image)))?;
+                } else {
+                    tracing::info!(sandbox_id = %id, "undoing a pause interrupted by a restart");
+                    self.runner.delete_image(&image).await.map_err(runner_err)?;
+                    self.run_on_or_stop(rec, vm_alive).await?;
+                }
+            }
+            (S::Snapshotting, Some(Op::Snapshot { snapshot_id, image, kill_after })) => {
+                let complete = self.complete(&image).await;
+                if complete {
+                    let stored = self.runner.image(&image).await.map(|m| m.stored_bytes()).unwrap_or(0);
+                    self.store.snapshot_ready(&snapshot_id, stored)?;
+                } else {
+                    self.runner.delete_image(&image).await.map_err(runner_err)?;
+                    self.store.delete_snapshot(&snapshot_id)?;
+                }
+                if complete && kill_after {
+                    self.store.transition(id, &[S::Snapshotting], S::Deleting)?;
+                    self.finish_delete(rec).await?;
+                } else {
+                    self.run_on_or_stop(rec, vm_alive).await?;
+                }
+            }
+            (S::Unpausing, op) => {
+                let image = match op {
+                    Some(Op::Resume { image }) => Some(image),
+                    _ => rec.image.clone(),
+                };
+                if vm_alive && self.runner.reidentify(&vm_request(rec)).await.is_ok() {
+                    // The VM got as far as running and answering: keep what it did since.
+                    tracing::info!(sandbox_id = %id, "finishing a resume interrupted by a restart");
+                    let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(rec));
+                    self.store.update(id, &[S::Unpausing], change)?;
+                    if let Some(image) = image {
+                        self.runner.delete_image(&image).await.map_err(runner_err)?;
+                    }
+                } else {
+                    // The image is intact until the resume has committed: start over from it.
+                    tracing::info!(sandbox_id = %id, "undoing a resume interrupted by a restart");
+                    self.runner.destroy(id).await.map_err(runner_err)?;
+                    self.store.transition(id, &[S::Unpausing], S::Paused)?;
+                }
+            }
+            (S::Stopping, _) => {
+                tracing::info!(sandbox_id = %id, "finishing a stop interrupted by a restart");
+                if self.runner.stop(id).await.is_err() {
+                    self.runner.end_vm(id).await.map_err(runner_err)?;
+                }
+                self.store.transition(id, &[S::Stopping], S::Stopped)?;
+            }
+            (S::Deleting, _) => {
+                tracing::info!(sandbox_id = %id, "finishing an interrupted delete");
+                self.finish_delete(rec).await?;
+            }
+            (S::Running, _) | (S::Paused, _) | (S::Stopped, _) | (S::Deleted, _) => {}
+            (S::Snapshotting, _) => {
+                self.run_on_or_stop(rec, vm_alive).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After an undone capture: the VM runs again if it survived, else the sandbox is stopped.
+    async fn run_on_or_stop(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
+        if vm_alive && self.runner.run_again(&rec.id).await.is_ok() {
+            self.store.transition(&rec.id, &[S::Snapshotting], S::Running)?;
+        } else {
+            tracing::warn!(sandbox_id = %rec.id, "VM gone during an interrupted capture; marking it stopped");
+            self.runner.end_vm(&rec.id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.store.transition(&rec.id, &[S::Snapshotting], S::Stopped)?;
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! The one place where errors become HTTP answers.
 //!
 //! Status policy: 400 invalid input (with the fields), 401 no or unknown key, 404 unknown
-//! resource or another organization's, 409 a state conflict or the sandbox limit, 501 a part of
+//! resource or another organization's, 409 a state conflict or the sandbox limit on create (429 on start, restore and resume, as
+//! the contract has it), 501 a part of
 //! the contract Cove does not implement yet, 502 the guest agent failed, 503 the runner cannot
 //! take the request. Internal details (paths, database errors) are logged, never sent.
 
@@ -20,6 +21,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// The organization's sandbox limit, where the contract answers 429 (start, restore, resume).
+    #[error("{0}")]
+    TooMany(String),
     #[error("{0}")]
     NotImplemented(String),
     /// An error answered by the guest agent, passed on with its status.
@@ -48,6 +52,10 @@ impl From<cove_store::StoreError> for ApiError {
                 "sandbox limit reached: the organization has {count} active sandboxes (limit {limit})"
             )),
             cove_store::StoreError::NotFound => ApiError::NotFound("not found".into()),
+            cove_store::StoreError::DuplicateName(n) => {
+                ApiError::Conflict(format!("a snapshot named {n:?} already exists"))
+            }
+            cove_store::StoreError::InUse(m) => ApiError::Conflict(m),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -66,7 +74,9 @@ impl From<cove_runner::RunnerError> for ApiError {
             RunnerError::Agent(e) => {
                 ApiError::Guest { status: StatusCode::BAD_GATEWAY, message: e.to_string(), field: None }
             }
-            RunnerError::ImagesMissing(_) => ApiError::Unavailable(e.to_string()),
+            RunnerError::ImagesMissing(_) | RunnerError::Image(_) | RunnerError::Blob(_) => {
+                ApiError::Unavailable(error_chain(&e))
+            }
             other => ApiError::Internal(error_chain(&other)),
         }
     }
@@ -98,6 +108,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, msg(m)).into_response(),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, msg(m)).into_response(),
+            ApiError::TooMany(m) => (StatusCode::TOO_MANY_REQUESTS, msg(m)).into_response(),
             ApiError::NotImplemented(m) => (StatusCode::NOT_IMPLEMENTED, msg(m)).into_response(),
             ApiError::Guest { status, message, field } if status == StatusCode::BAD_REQUEST => (
                 status,

@@ -54,6 +54,25 @@ impl<T: DeserializeOwned + Validate> FromRequest<AppState> for ValidJson<T> {
     }
 }
 
+/// Like `ValidJson`, for endpoints whose every field is optional: an empty body is `{}`.
+pub struct OptionalJson<T>(pub T);
+
+impl<T: DeserializeOwned + Validate + Default> FromRequest<AppState> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &AppState) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_JSON)
+            .await
+            .map_err(|_| ApiError::field("body", format!("must be at most {} MiB", MAX_JSON >> 20)))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        let value = parse_json::<T>(&bytes)?;
+        value.validate().map_err(ApiError::Invalid)?;
+        Ok(OptionalJson(value))
+    }
+}
+
 pub fn parse_json<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::field("body", "a JSON body is required"));

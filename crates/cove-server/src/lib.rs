@@ -11,6 +11,7 @@ mod keys;
 mod openapi;
 mod process;
 mod sandbox;
+mod snapshot;
 
 use std::sync::Arc;
 
@@ -31,19 +32,11 @@ pub struct AppState {
 
 /// Routes that belong to later parts of the contract; they answer 501 until built.
 const NOT_YET: &[&str] = &[
-    "/v1/sandbox/{sandboxID}/pause",
-    "/v1/sandbox/{sandboxID}/resume",
-    "/v1/sandbox/{sandboxID}/stop",
-    "/v1/sandbox/{sandboxID}/start",
     "/v1/sandbox/{sandboxID}/mounts",
     "/v1/sandbox/{sandboxID}/mounts/{mountID}",
     "/v1/sandbox/{sandboxID}/presigned-url",
     "/v1/sandbox/{sandboxID}/presigned-url/{id}",
     "/v1/sandbox/{sandboxID}/network-policy",
-    "/v1/sandbox/{sandboxID}/snapshot/create",
-    "/v1/snapshot/restore",
-    "/v1/snapshot/{snapshotID}",
-    "/v1/snapshots",
     "/v1/template",
     "/v1/template/{templateID}",
     "/v1/templates",
@@ -62,6 +55,14 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/sandbox/{sandboxID}", get(sandbox::get).delete(sandbox::delete))
         .route("/v1/sandbox/{sandboxID}/", get(sandbox::get).delete(sandbox::delete))
         .route("/v1/sandboxes", get(sandbox::list))
+        .route("/v1/sandbox/{sandboxID}/pause", post(sandbox::pause))
+        .route("/v1/sandbox/{sandboxID}/resume", post(sandbox::resume))
+        .route("/v1/sandbox/{sandboxID}/stop", post(sandbox::stop))
+        .route("/v1/sandbox/{sandboxID}/start", post(sandbox::start))
+        .route("/v1/sandbox/{sandboxID}/snapshot/create", post(snapshot::create))
+        .route("/v1/snapshot/restore", post(snapshot::restore))
+        .route("/v1/snapshot/{snapshotID}", axum::routing::delete(snapshot::delete))
+        .route("/v1/snapshots", get(snapshot::list))
         .route("/v1/sandbox/{sandboxID}/system/user-home-dir", get(sandbox::user_home_dir))
         .route("/v1/sandbox/{sandboxID}/system/workdir", get(sandbox::workdir))
         .route("/v1/sandbox/{sandboxID}/process/execute", post(process::execute))
@@ -109,7 +110,7 @@ async fn method_not_allowed(req: Request) -> impl IntoResponse {
     (StatusCode::METHOD_NOT_ALLOWED, Json(ErrorResponse { message }))
 }
 
-/// Runs background duties: sandbox timeouts.
+/// Runs background duties: sandbox timeouts (delete, or pause with `auto_pause`).
 pub fn spawn_background(core: Arc<Core>, shutdown: tokio_util::sync::CancellationToken) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));

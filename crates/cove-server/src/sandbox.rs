@@ -63,6 +63,78 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/pause", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    description = "Pause a running sandbox: its VM state, memory and disk are stored, the VM ends and its \
+        host memory is released. Any later request that needs the guest resumes it.",
+    responses(
+        (status = 201, description = "Paused", body = SandboxResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox in this organization", body = ErrorResponse),
+        (status = 409, description = "The sandbox is not running", body = ErrorResponse),
+        (status = 503, description = "Storing the state failed; the sandbox keeps running", body = ErrorResponse)))]
+pub async fn pause(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<SandboxResponse>), ApiError> {
+    let rec = s.core.pause(&org, &id).await?;
+    Ok((StatusCode::CREATED, Json(response(&rec))))
+}
+
+#[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/resume", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    description = "Resume a paused sandbox (requests that need the guest do this by themselves). A running \
+        sandbox is returned as is.",
+    responses(
+        (status = 200, description = "Running", body = SandboxResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox in this organization", body = ErrorResponse),
+        (status = 409, description = "The sandbox is neither paused nor running", body = ErrorResponse),
+        (status = 429, description = "Sandbox limit reached", body = ErrorResponse),
+        (status = 503, description = "Restoring failed; the sandbox stays paused", body = ErrorResponse)))]
+pub async fn resume(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxResponse>, ApiError> {
+    Ok(Json(response(&s.core.resume(&org, &id).await?)))
+}
+
+#[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/stop", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    description = "Stop a running sandbox, keeping only its writable disk: processes and memory are gone.",
+    responses(
+        (status = 200, description = "Stopped", body = SandboxResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox in this organization", body = ErrorResponse),
+        (status = 409, description = "The sandbox is not running", body = ErrorResponse)))]
+pub async fn stop(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxResponse>, ApiError> {
+    Ok(Json(response(&s.core.stop(&org, &id).await?)))
+}
+
+#[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/start", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    description = "Boot a stopped sandbox afresh from its template, with the disk it kept.",
+    responses(
+        (status = 200, description = "Running", body = SandboxResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox in this organization", body = ErrorResponse),
+        (status = 409, description = "The sandbox is not stopped", body = ErrorResponse),
+        (status = 429, description = "Sandbox limit reached", body = ErrorResponse),
+        (status = 503, description = "The VM could not be booted", body = ErrorResponse)))]
+pub async fn start(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxResponse>, ApiError> {
+    Ok(Json(response(&s.core.start(&org, &id).await?)))
+}
+
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "Sandbox", params(ListSandboxesQuery),
     responses(
         (status = 200, description = "A page of sandboxes", body = ListSandboxesResponse),

@@ -33,6 +33,11 @@ pub struct ServerArgs {
     /// create that needs it).
     #[arg(long, env = "COVE_NO_PREPARE")]
     no_prepare: bool,
+    /// Where pause images and snapshots are stored: `file:///dir` or `s3://bucket[/prefix]`
+    /// (S3 credentials and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    /// AWS_ENDPOINT_URL). Default: `<data dir>/blobs`.
+    #[arg(long, env = "COVE_BLOB_URL")]
+    blob_url: Option<String>,
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -52,14 +57,15 @@ async fn serve(args: ServerArgs) -> Result<()> {
 
     let mut rcfg = RunnerConfig::new(args.cache_dir.clone(), args.data_dir.clone());
     rcfg.accel = args.accel;
+    rcfg.blob_url = args.blob_url.clone();
     let vmm = Arc::new(QemuVmm::new(args.accel));
     tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
     let runner = Arc::new(Runner::new(rcfg, vmm).context("starting the runner")?);
-    let core = Arc::new(Core {
+    let core = Arc::new(Core::new(
         store,
-        runner: runner.clone(),
-        cfg: CoreConfig { default_sandbox_limit: args.sandbox_limit, runner_id: "local".into() },
-    });
+        runner.clone(),
+        CoreConfig { default_sandbox_limit: args.sandbox_limit, runner_id: "local".into() },
+    ));
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
     if !args.no_prepare {

@@ -45,6 +45,11 @@ impl TestServer {
 
     /// Starts a server on `data_dir` (a new one, or one an earlier server used).
     pub fn start_in(data_dir: PathBuf, extra_args: &[&str]) -> TestServer {
+        Self::start_with(data_dir, extra_args, &[])
+    }
+
+    /// Like `start_in`, with extra environment variables for the server.
+    pub fn start_with(data_dir: PathBuf, extra_args: &[&str], envs: &[(&str, &str)]) -> TestServer {
         let cache = cache_dir();
         assert!(
             cache.join("initramfs/initramfs.cpio").exists(),
@@ -62,6 +67,7 @@ impl TestServer {
             .args(extra_args)
             .env("COVE_BOOTSTRAP_API_KEY", &admin_key)
             .env("COVE_LOG", "info,cove_runner=debug")
+            .envs(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
                 std::fs::OpenOptions::new()
@@ -110,6 +116,11 @@ impl TestServer {
         unsafe {
             libc::kill(self.pid as i32, signal);
         }
+        self.wait_exit();
+    }
+
+    /// Waits until the server process has exited (e.g. killed itself at a fault point).
+    pub fn wait_exit(&self) {
         for _ in 0..500 {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
             if stat.is_empty() || stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) {
@@ -242,4 +253,241 @@ pub fn fields(r: &Resp) -> Vec<String> {
 pub fn assert_field(r: &Resp, field: &str) {
     let f = fields(r);
     assert!(f.iter().any(|x| x == field), "expected field {field:?} in {f:?}: {}", r.text());
+}
+
+/// Pids of the QEMU processes of sandbox `id` (their command line names the VM `cove-<id>,`).
+pub fn qemu_pids(id: &str) -> Vec<u32> {
+    let want = format!("cove-{id},");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+            String::from_utf8_lossy(&cmdline).contains(&want) && !zombie
+        })
+        .collect()
+}
+
+/// Names of the image directories in a server's local blob store.
+pub fn stored_images(data_dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("blobs/images"))
+        .map(|rd| rd.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect())
+        .unwrap_or_default()
+}
+
+// ---- Helpers of the pause, stop/start and snapshot tests ----
+
+/// Sandboxes and snapshots a test made and has not deleted itself: deleted when this is dropped,
+/// also when an assertion failed, from a thread of its own (a panicking async test cannot await).
+pub struct Leftovers {
+    api: Api,
+    paths: std::sync::Mutex<Vec<String>>,
+}
+
+impl Leftovers {
+    pub fn new(api: &Api) -> Leftovers {
+        Leftovers { api: api.clone(), paths: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    pub fn sandbox(&self, id: &str) {
+        self.paths.lock().unwrap().push(format!("/v1/sandbox/{id}"));
+    }
+
+    pub fn snapshot(&self, id: &str) {
+        self.paths.lock().unwrap().push(format!("/v1/snapshot/{id}"));
+    }
+
+    /// Forgets a path that is gone by other means (e.g. `kill_sandbox_after`).
+    pub fn forget(&self, path: &str) {
+        self.paths.lock().unwrap().retain(|p| p != path);
+    }
+
+    /// Deletes a sandbox now; panics unless 204.
+    pub async fn delete_sandbox(&self, id: &str) {
+        let path = format!("/v1/sandbox/{id}");
+        let r = self.api.delete(&path).await;
+        assert_eq!(r.status, 204, "deleting sandbox {id}: {}", r.text());
+        self.forget(&path);
+    }
+
+    /// Deletes a snapshot (id or name) now; panics unless 204.
+    pub async fn delete_snapshot(&self, id: &str) {
+        let path = format!("/v1/snapshot/{id}");
+        let r = self.api.delete(&path).await;
+        assert_eq!(r.status, 204, "deleting snapshot {id}: {}", r.text());
+        self.forget(&path);
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let paths = std::mem::take(&mut *self.paths.lock().unwrap_or_else(|e| e.into_inner()));
+        if paths.is_empty() {
+            return;
+        }
+        let (url, key) = (self.api.url.clone(), self.api.key.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let http = client();
+                for path in paths {
+                    let _ = http.delete(format!("{url}{path}")).bearer_auth(&key).send().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+impl Api {
+    /// Runs a shell command in the guest; panics unless it exits 0. Returns its stdout.
+    pub async fn sh_ok(&self, id: &str, command: &str) -> String {
+        let (code, out, err) = self.exec(id, command).await;
+        assert_eq!(code, 0, "`{command}` in {id} exited {code}: {out}{err}");
+        out
+    }
+
+    /// `POST /v1/sandbox/{id}/{action}` without a body (pause, resume, stop, start).
+    pub async fn action(&self, id: &str, action: &str) -> Resp {
+        self.req(reqwest::Method::POST, &format!("/v1/sandbox/{id}/{action}"), None).await
+    }
+
+    /// The sandbox's state as GET reports it; panics unless 200.
+    pub async fn state_of(&self, id: &str) -> String {
+        let r = self.get(&format!("/v1/sandbox/{id}")).await;
+        assert_eq!(r.status, 200, "GET {id}: {}", r.text());
+        r.json()["state"].as_str().unwrap().to_string()
+    }
+
+    /// `filesystem/write-file` with a raw body; panics unless 204.
+    pub async fn put_file(&self, id: &str, path: &str, data: &[u8]) {
+        let r = self
+            .http
+            .post(format!("{}/v1/sandbox/{id}/filesystem/write-file", self.url))
+            .query(&[("path", path)])
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec());
+        let r = self.raw(r).await;
+        assert_eq!(r.status, 204, "write-file {path}: {}", r.text());
+    }
+}
+
+/// The sandbox's guest RAM files under /dev/shm/cove (one level of subdirectories).
+pub fn guest_ram_files(id: &str) -> Vec<PathBuf> {
+    let name = format!("{id}.mem");
+    std::fs::read_dir("/dev/shm/cove")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|d| std::fs::read_dir(d.path()).ok())
+        .flatten()
+        .flatten()
+        .map(|f| f.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == name))
+        .collect()
+}
+
+/// The server's log (`<data dir>/server.log`), lines without ANSI colour codes.
+pub fn server_log_lines(data_dir: &std::path::Path) -> Vec<String> {
+    let raw = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+    raw.lines()
+        .map(|line| {
+            let mut out = String::with_capacity(line.len());
+            let mut chars = line.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    // CSI: ESC [ parameters final-byte
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// The file the guest counter (see `start_counter`) appends to.
+pub const COUNTER_FILE: &str = "/home/user/counter.log";
+
+/// Starts, in the guest, a process that keeps a counter in its memory only, increments it every
+/// 100 ms and appends "<pid> <counter>" to `COUNTER_FILE`; detached (own session), so it outlives
+/// the exec. Returns its pid once it has written its first line.
+pub async fn start_counter(api: &Api, id: &str) -> u32 {
+    let script = format!(
+        "import os, time\nn = 0\nf = open('{COUNTER_FILE}', 'a', buffering=1)\nwhile True:\n    \
+         n += 1\n    f.write('%d %d\\n' % (os.getpid(), n))\n    time.sleep(0.1)\n"
+    );
+    let out = api
+        .sh_ok(id, &format!("setsid nohup python3 -c \"{script}\" >/dev/null 2>&1 </dev/null & echo $!"))
+        .await;
+    let pid: u32 = out.trim().parse().unwrap_or_else(|_| panic!("no pid: {out:?}"));
+    for _ in 0..100 {
+        if !counter_lines(api, id).await.is_empty() {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the guest counter {pid} wrote nothing");
+}
+
+/// The complete lines of `COUNTER_FILE` as (pid, counter).
+pub async fn counter_lines(api: &Api, id: &str) -> Vec<(u32, u64)> {
+    let out = api.sh_ok(id, &format!("cat {COUNTER_FILE} 2>/dev/null || true")).await;
+    let complete = match out.rfind('\n') {
+        Some(i) => &out[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .map(|l| {
+            let (p, n) = l.split_once(' ').unwrap_or_else(|| panic!("bad counter line {l:?}"));
+            (
+                p.parse().unwrap_or_else(|_| panic!("bad line {l:?}")),
+                n.parse().unwrap_or_else(|_| panic!("bad line {l:?}")),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that every counter line comes from `pid` and counts 1, 2, 3... with no gap and no
+/// repeat (a restarted process or a lost memory state would start over). Returns the last count.
+pub fn assert_counts_on(lines: &[(u32, u64)], pid: u32) -> u64 {
+    assert!(!lines.is_empty(), "no counter lines");
+    for (i, (p, n)) in lines.iter().enumerate() {
+        assert_eq!(*p, pid, "line {} comes from pid {p}, not {pid}", i + 1);
+        assert_eq!(*n, i as u64 + 1, "line {} counts {n}: lines {:?}", i + 1, &lines[i.saturating_sub(3)..]);
+    }
+    lines.len() as u64
+}
+
+/// Waits (up to ~30 s) until the guest counter has counted beyond `past`; returns its lines.
+pub async fn counter_beyond(api: &Api, id: &str, past: u64) -> Vec<(u32, u64)> {
+    for _ in 0..150 {
+        let lines = counter_lines(api, id).await;
+        if lines.last().is_some_and(|(_, n)| *n > past) {
+            return lines;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the guest counter of {id} did not go beyond {past}");
+}
+
+/// Asserts that the guest's clock is within 3 s of the host's.
+pub async fn assert_guest_clock(api: &Api, id: &str) {
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let before = now();
+    let out = api.sh_ok(id, "date +%s").await;
+    let after = now();
+    let guest: i64 = out.trim().parse().unwrap_or_else(|_| panic!("date said {out:?}"));
+    assert!(
+        before - 3 <= guest && guest <= after + 3,
+        "guest clock of {id} is {guest}, host was {before}..{after}"
+    );
 }

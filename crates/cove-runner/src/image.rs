@@ -1,0 +1,62 @@
+//! VM images: a stopped VM's device state, guest RAM and writable disk, packed into the blob
+//! store under one prefix (see `cove_blob::image` for the compact, checksummed file format).
+//!
+//! A pause and a named snapshot both write one. `manifest.json` is written last: an image
+//! without it is incomplete and is never restored, only deleted. An image depends on nothing
+//! but its template's frozen disk layer, which is versioned and never deleted while Cove runs
+//! (see docs/operations.md), so deleting one image can never break another or a sandbox.
+
+use cove_blob::{BlobStore, PackedFile};
+use serde::{Deserialize, Serialize};
+
+/// Bumped when the layout changes; older images are refused with a clear error.
+pub const IMAGE_FORMAT: u32 = 1;
+
+/// Blob prefix under which images live: `images/<image id>/`.
+pub const IMAGES_PREFIX: &str = "images";
+
+/// A new, unique image prefix.
+pub fn new_image_prefix(kind: &str) -> String {
+    format!("{IMAGES_PREFIX}/{kind}-{}", hex::encode(rand::random::<[u8; 10]>()))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageManifest {
+    pub format: u32,
+    pub template: String,
+    /// The template snapshot (version and shape) whose frozen disk layer backs `disk`.
+    pub template_key: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub created_unix: i64,
+    /// QEMU device state (migration stream without RAM).
+    pub state: PackedFile,
+    pub memory: PackedFile,
+    pub disk: PackedFile,
+}
+
+impl ImageManifest {
+    /// Bytes the image occupies in the blob store.
+    pub fn stored_bytes(&self) -> u64 {
+        self.state.stored_bytes + self.memory.stored_bytes + self.disk.stored_bytes
+    }
+}
+
+/// What a finished capture measured, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CaptureStats {
+    /// vCPUs stopped and device state saved.
+    pub save_ms: u64,
+    /// RAM, disk and state packed and stored, manifest written.
+    pub store_ms: u64,
+    pub stored_bytes: u64,
+    pub memory_data_bytes: u64,
+}
+
+/// Reads an image's manifest; `None` when the image is incomplete or absent.
+pub async fn manifest(
+    store: &BlobStore,
+    prefix: &str,
+) -> Result<Option<ImageManifest>, cove_blob::BlobError> {
+    cove_blob::read_manifest(store, prefix).await
+}

@@ -1,0 +1,170 @@
+//! Crash and failure tests for pause and resume: the server is killed with SIGKILL at each step
+//! of a pause and of a resume (`COVE_FAULT` makes it kill itself at exactly that point, as
+//! `kill -9` would), restarted, and every sandbox must then be consistent: running with its
+//! VM, or paused with a complete image and no VM, with the guest's processes and files intact.
+//! And a blob store that fails during a pause leaves the sandbox running.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{qemu_pids, rand_hex, stored_images, Api, TestServer};
+use serde_json::json;
+
+/// A sandbox with a background process that appends a counter to a file.
+async fn busy_sandbox(api: &Api) -> (String, String) {
+    let id = api.create(json!({})).await;
+    let script = "i=0; while true; do i=$((i+1)); echo $i >> /home/user/counter; sleep 0.1; done";
+    let (code, _, err) = api
+        .exec(&id, &format!("nohup setsid sh -c '{script}' >/dev/null 2>&1 & echo ok > /home/user/kept"))
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let (_, pid, _) = api.exec(&id, "sleep 0.5; pgrep -f 'while true' | head -1").await;
+    assert!(!pid.trim().is_empty(), "background process did not start");
+    (id, pid)
+}
+
+/// The invariants after a restart: running with one VM, or paused with one complete image and
+/// no VM; then an exec works and finds the same process and files.
+async fn assert_consistent(server: &TestServer, api: &Api, id: &str, pid: &str, point: &str) {
+    let r = api.get(&format!("/v1/sandbox/{id}")).await;
+    assert_eq!(r.status, 200, "{point}: {}", r.text());
+    let state = r.json()["state"].as_str().unwrap().to_string();
+    eprintln!("{point}: recovered as {state}");
+    let images = stored_images(&server.data_dir);
+    let ram = std::fs::read_dir("/dev/shm/cove")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|d| d.path().join(format!("{id}.mem")).exists());
+    match state.as_str() {
+        "running" => {
+            assert_eq!(qemu_pids(id).len(), 1, "{point}: running sandbox needs exactly one VM");
+            assert!(images.is_empty(), "{point}: running sandbox left images behind: {images:?}");
+        }
+        "paused" => {
+            assert!(qemu_pids(id).is_empty(), "{point}: paused sandbox still has a VM");
+            assert!(!ram, "{point}: paused sandbox still holds its RAM file");
+            assert_eq!(images.len(), 1, "{point}: paused sandbox needs exactly one image: {images:?}");
+            let manifest = server.data_dir.join("blobs/images").join(&images[0]).join("manifest.json");
+            assert!(manifest.exists(), "{point}: the image of a paused sandbox is incomplete");
+        }
+        other => panic!("{point}: sandbox left in state {other}"),
+    }
+    let (code, out, err) = api.exec(id, "pgrep -f 'while true' | head -1; cat /home/user/kept").await;
+    assert_eq!(code, 0, "{point}: {err}");
+    assert_eq!(out, format!("{pid}ok\n"), "{point}: the guest's process or files changed");
+    // The counter's lines run on without a gap or a repeat: no lost or replayed disk writes.
+    let (_, counter, _) = api.exec(id, "cat /home/user/counter").await;
+    let n: Vec<u64> = counter.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(n.windows(2).all(|w| w[1] == w[0] + 1), "{point}: counter file has gaps or repeats");
+    assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.json()["state"], "running", "{point}");
+    assert_eq!(api.delete(&format!("/v1/sandbox/{id}")).await.status, 204, "{point}");
+    assert!(stored_images(&server.data_dir).is_empty(), "{point}: delete left images behind");
+}
+
+fn fresh_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("cove-test-faults-{}", rand_hex()))
+}
+
+/// Sends a request that makes the server kill itself; returns once it is gone.
+async fn request_into_crash(server: &TestServer, api: &Api, path: &str, body: serde_json::Value) {
+    let r = api.http.post(format!("{}{path}", api.url)).bearer_auth(&api.key).json(&body).send().await;
+    if let Ok(resp) = r {
+        panic!("the server answered {} instead of crashing at its fault point", resp.status());
+    }
+    server.wait_exit();
+}
+
+#[tokio::test]
+async fn crash_at_any_step_of_a_pause_leaves_a_consistent_sandbox() {
+    for point in ["capture.saved", "capture.packed", "capture.stored", "pause.released"] {
+        let dir = fresh_dir();
+        let first = TestServer::start_with(dir.clone(), &[], &[("COVE_FAULT", point)]);
+        let api = first.new_org(None);
+        let (id, pid) = busy_sandbox(&api).await;
+        request_into_crash(&first, &api, &format!("/v1/sandbox/{id}/pause"), json!({})).await;
+
+        let second = TestServer::start_in(dir.clone(), &[]);
+        let api = Api { url: second.url.clone(), ..api };
+        assert_consistent(&second, &api, &id, &pid, point).await;
+        second.kill(libc::SIGTERM);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[tokio::test]
+async fn crash_at_any_step_of_a_resume_leaves_a_consistent_sandbox() {
+    for point in ["restore.unpacked", "resume.running"] {
+        let dir = fresh_dir();
+        let first = TestServer::start_with(dir.clone(), &[], &[("COVE_FAULT", point)]);
+        let api = first.new_org(None);
+        let (id, pid) = busy_sandbox(&api).await;
+        let r = api.post(&format!("/v1/sandbox/{id}/pause"), json!({})).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        // The exec resumes the sandbox, and the server dies on the way.
+        request_into_crash(
+            &first,
+            &api,
+            &format!("/v1/sandbox/{id}/process/execute"),
+            json!({"command": "true"}),
+        )
+        .await;
+
+        let second = TestServer::start_in(dir.clone(), &[]);
+        let api = Api { url: second.url.clone(), ..api };
+        assert_consistent(&second, &api, &id, &pid, point).await;
+        second.kill(libc::SIGTERM);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A blob store that runs out of space in the middle of a pause: the pause fails with a clear
+/// error, the sandbox runs on with its processes, and no partial image is left.
+#[tokio::test]
+async fn a_failing_blob_store_leaves_the_sandbox_running() {
+    let dir = fresh_dir();
+    let blobs = dir.join("tiny-blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    // An idle guest's image takes tens of MiB: 16 MiB cannot hold it.
+    mount(&["-t", "tmpfs", "-o", "size=16m", "tmpfs"], &blobs);
+    let url = format!("file://{}", blobs.display());
+    let server = TestServer::start_in(dir.clone(), &["--blob-url", &url]);
+    let api = server.new_org(None);
+    let (id, pid) = busy_sandbox(&api).await;
+
+    let r = api.post(&format!("/v1/sandbox/{id}/pause"), json!({})).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("keeps running"), "{message}");
+    assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.json()["state"], "running");
+    assert_eq!(qemu_pids(&id).len(), 1);
+    let (code, out, _) = api.exec(&id, "pgrep -f 'while true' | head -1; cat /home/user/kept").await;
+    assert_eq!((code, out), (0, format!("{pid}ok\n")));
+    let leftovers = walk(&blobs);
+    assert!(leftovers.is_empty(), "a failed pause left blobs behind: {leftovers:?}");
+
+    // Once there is room, the same sandbox pauses and comes back with the same process.
+    mount(&["-o", "remount,size=1g"], &blobs);
+    let r = api.post(&format!("/v1/sandbox/{id}/pause"), json!({})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (code, out, _) = api.exec(&id, "pgrep -f 'while true' | head -1").await;
+    assert_eq!((code, out), (0, pid.clone()));
+    assert_eq!(api.delete(&format!("/v1/sandbox/{id}")).await.status, 204);
+    server.kill(libc::SIGTERM);
+    let _ = std::process::Command::new("umount").arg(&blobs).status();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn mount(args: &[&str], target: &std::path::Path) {
+    let ok = std::process::Command::new("mount").args(args).arg(target).status().unwrap().success();
+    assert!(ok, "mount {args:?} {} (the tests run as root)", target.display());
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().to_path_buf())
+        .collect()
+}
