@@ -1,0 +1,290 @@
+//! Real-VM tests of pause/resume and stop/start: a paused sandbox has no QEMU and no RAM on the
+//! host, yet resumes (transparently, on its next guest request) with its processes, their
+//! memory and its files exactly as they were; a stopped one keeps only its disk.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{
+    assert_counts_on, assert_guest_clock, counter_beyond, counter_lines, guest_ram_files, qemu_pids,
+    server_log_lines, start_counter, stored_images, Api, Leftovers, TestServer,
+};
+use serde_json::{json, Value};
+
+/// The VM tests of this file take turns: the host has few cores and QEMU runs under TCG, and
+/// some checks compare the image directories before and after an action.
+static VM_TURN: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// A hash of every file under the home directory but the growing counter file.
+const HOME_HASH: &str =
+    "cd /home/user && find . -type f ! -name counter.log -print0 | sort -z | xargs -0 sha256sum | sha256sum";
+
+fn images(server: &TestServer) -> BTreeSet<String> {
+    stored_images(&server.data_dir).into_iter().collect()
+}
+
+/// Pauses `id` and checks that its VM is gone from the host; returns the pause image's name.
+async fn pause(server: &TestServer, api: &Api, id: &str) -> String {
+    let before = images(server);
+    let r = api.action(id, "pause").await;
+    assert_eq!(r.status, 201, "pause {id}: {}", r.text());
+    assert_eq!(r.json()["id"], id);
+    assert_eq!(r.json()["state"], "paused");
+    assert_eq!(api.state_of(id).await, "paused");
+    assert_eq!(qemu_pids(id), Vec::<u32>::new(), "QEMU of paused {id} still runs");
+    assert_eq!(guest_ram_files(id), Vec::<std::path::PathBuf>::new(), "RAM file of paused {id} left");
+    let new: Vec<String> = images(server).difference(&before).cloned().collect();
+    assert_eq!(new.len(), 1, "one new image expected: {new:?}");
+    assert!(new[0].starts_with("pause-"), "{new:?}");
+    new[0].clone()
+}
+
+/// The `message` of an error answer with status `status`.
+fn message(r: &common::Resp, status: u16) -> String {
+    assert_eq!(r.status, status, "{}", r.text());
+    r.json()["message"].as_str().unwrap_or_else(|| panic!("no message: {}", r.text())).to_string()
+}
+
+/// "resumed" lines the server logged for `id`.
+fn resumes_logged(server: &TestServer, id: &str) -> usize {
+    let needle = format!("sandbox_id={id}");
+    server_log_lines(&server.data_dir)
+        .iter()
+        .filter(|l| l.contains(" resumed ") && l.contains(&needle))
+        .count()
+}
+
+#[tokio::test]
+async fn memory_and_files_survive_five_pause_resume_cycles() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let left = Leftovers::new(&api);
+    let id = api.create(json!({ "timeout": 1800 })).await;
+    left.sandbox(&id);
+
+    let pid = start_counter(&api, &id).await;
+    for cycle in 1..=5 {
+        // New files, through the filesystem API and from a command, random content included.
+        let dir = format!("/home/user/cycle-{cycle}");
+        api.put_file(
+            &id,
+            &format!("{dir}/api.txt"),
+            format!("written by the API in cycle {cycle}\n").as_bytes(),
+        )
+        .await;
+        api.sh_ok(
+            &id,
+            &format!("echo cycle {cycle} > {dir}/exec.txt && head -c 65536 /dev/urandom > {dir}/random.bin"),
+        )
+        .await;
+        let hash = api.sh_ok(&id, HOME_HASH).await;
+        let before = counter_lines(&api, &id).await;
+        let last_before = assert_counts_on(&before, pid);
+
+        let image = pause(server, &api, &id).await;
+
+        // Resumed by the next guest request, not by the resume endpoint.
+        let (code, out, err) = api.exec(&id, &format!("kill -0 {pid} && echo alive")).await;
+        assert_eq!((code, out.as_str()), (0, "alive\n"), "cycle {cycle}: counter process gone: {err}");
+        assert_eq!(api.state_of(&id).await, "running");
+        assert_eq!(qemu_pids(&id).len(), 1, "one QEMU for the resumed {id}");
+        assert!(!images(server).contains(&image), "cycle {cycle}: spent pause image {image} kept");
+        assert_guest_clock(&api, &id).await;
+        assert_eq!(api.sh_ok(&id, HOME_HASH).await, hash, "cycle {cycle}: home directory changed");
+        let after = counter_beyond(&api, &id, last_before).await;
+        assert_eq!(&after[..before.len()], &before[..], "cycle {cycle}: counter lines rewritten");
+        assert_counts_on(&after, pid);
+    }
+    assert_eq!(resumes_logged(server, &id), 5);
+    assert_eq!(api.sh_ok(&id, "hostname").await, format!("{id}\n"));
+    left.delete_sandbox(&id).await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_one_resume() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let left = Leftovers::new(&api);
+    let id = api.create(json!({})).await;
+    left.sandbox(&id);
+    api.sh_ok(&id, "echo kept > /home/user/kept.txt").await;
+
+    // Resume of a running sandbox returns it as it is.
+    let r = api.action(&id, "resume").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!((r.json()["id"].clone(), r.json()["state"].clone()), (json!(id), json!("running")));
+
+    pause(server, &api, &id).await;
+    let m = message(&api.action(&id, "pause").await, 409);
+    assert!(m.contains("paused"), "{m}");
+
+    assert_eq!(resumes_logged(server, &id), 0);
+    let execs = (0..4).map(|i| {
+        let api = api.clone();
+        let id = id.clone();
+        tokio::spawn(async move { api.exec(&id, &format!("echo {i} $(cat /home/user/kept.txt)")).await })
+    });
+    for (i, outcome) in futures::future::join_all(execs).await.into_iter().enumerate() {
+        let (code, out, err) = outcome.expect("exec task");
+        assert_eq!((code, out), (0, format!("{i} kept\n")), "{err}");
+    }
+    assert_eq!(resumes_logged(server, &id), 1, "one resume for four concurrent requests");
+    assert_eq!(api.state_of(&id).await, "running");
+
+    // The explicit endpoint resumes a paused sandbox too.
+    pause(server, &api, &id).await;
+    let r = api.action(&id, "resume").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "running");
+    assert_eq!(qemu_pids(&id).len(), 1);
+    assert_eq!(resumes_logged(server, &id), 2);
+    assert_eq!(api.sh_ok(&id, "cat /home/user/kept.txt").await, "kept\n");
+    left.delete_sandbox(&id).await;
+}
+
+#[tokio::test]
+async fn invalid_transitions_are_conflicts() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let left = Leftovers::new(&api);
+    let id = api.create(json!({})).await;
+    left.sandbox(&id);
+
+    let m = message(&api.action(&id, "start").await, 409);
+    assert!(m.contains("running"), "{m}");
+
+    let image = pause(server, &api, &id).await;
+    let m = message(&api.action(&id, "stop").await, 409);
+    assert!(m.contains("paused"), "{m}");
+    let m = message(&api.action(&id, "start").await, 409);
+    assert!(m.contains("paused"), "{m}");
+    assert_eq!(api.state_of(&id).await, "paused", "a refused action changed nothing");
+
+    left.delete_sandbox(&id).await;
+    assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.status, 404);
+    assert!(!images(server).contains(&image), "image {image} of the deleted paused sandbox left");
+    assert!(!server.data_dir.join("sandboxes").join(&id).exists(), "sandbox dir left behind");
+    for action in ["pause", "resume", "stop", "start"] {
+        assert_eq!(api.action(&id, action).await.status, 404, "{action} of a deleted sandbox");
+    }
+}
+
+#[tokio::test]
+async fn timeout_pauses_with_auto_pause_and_deletes_without() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let left = Leftovers::new(&api);
+    let pausing = api.create(json!({ "timeout": 3, "auto_pause": true })).await;
+    left.sandbox(&pausing);
+    let deleted = api.create(json!({ "timeout": 2 })).await;
+    left.sandbox(&deleted);
+    api.sh_ok(&pausing, "echo before the timeout > /home/user/note.txt").await;
+
+    let (mut paused, mut gone) = (false, false);
+    for _ in 0..150 {
+        if !paused {
+            paused = api.state_of(&pausing).await == "paused";
+        }
+        if !gone {
+            gone = api.get(&format!("/v1/sandbox/{deleted}")).await.status == 404;
+        }
+        if paused && gone {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(paused, "the auto_pause sandbox was not paused at its timeout: {}", api.state_of(&pausing).await);
+    assert!(gone, "the sandbox without auto_pause was not deleted at its timeout");
+    left.forget(&format!("/v1/sandbox/{deleted}"));
+    assert_eq!(qemu_pids(&pausing), Vec::<u32>::new());
+    assert_eq!(qemu_pids(&deleted), Vec::<u32>::new());
+
+    assert_eq!(api.sh_ok(&pausing, "cat /home/user/note.txt").await, "before the timeout\n");
+    let state = api.state_of(&pausing).await;
+    // A resume gives the sandbox its timeout (3 s) afresh, so it may be paused again already.
+    let repaused = server_log_lines(&server.data_dir)
+        .iter()
+        .filter(|l| l.contains("timeout reached, pausing") && l.contains(&pausing))
+        .count();
+    assert!(state == "running" || (state == "paused" && repaused >= 2), "state {state} after the resume");
+    assert_eq!(resumes_logged(server, &pausing), 1);
+    left.delete_sandbox(&pausing).await;
+}
+
+#[tokio::test]
+async fn stop_keeps_files_and_start_boots_afresh() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let left = Leftovers::new(&api);
+    let id = api.create(json!({ "env_vars": { "KEPT_ENV": "yes" } })).await;
+    left.sandbox(&id);
+    let pid = start_counter(&api, &id).await;
+    api.put_file(&id, "/home/user/data/kept.txt", b"kept across a stop\n").await;
+    api.sh_ok(&id, "echo from a command > /home/user/data/exec.txt").await;
+
+    let r = api.action(&id, "stop").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!((r.json()["id"].clone(), r.json()["state"].clone()), (json!(id), json!("stopped")));
+    assert_eq!(api.state_of(&id).await, "stopped");
+    assert_eq!(qemu_pids(&id), Vec::<u32>::new(), "QEMU of stopped {id} still runs");
+    assert_eq!(guest_ram_files(&id), Vec::<std::path::PathBuf>::new(), "RAM file of stopped {id} left");
+    assert!(server.data_dir.join("sandboxes").join(&id).join("disk.qcow2").exists(), "disk not kept");
+
+    let r = api.post(&format!("/v1/sandbox/{id}/process/execute"), json!({ "command": "true" })).await;
+    assert!(message(&r, 409).contains("stopped"), "{}", r.text());
+    let r = api.fs(&id, "read-file", json!({ "path": "/home/user/data/kept.txt" })).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    for action in ["stop", "pause", "resume"] {
+        let m = message(&api.action(&id, action).await, 409);
+        assert!(m.contains("stopped"), "{action}: {m}");
+    }
+
+    let r = api.action(&id, "start").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "running");
+    assert_eq!(qemu_pids(&id).len(), 1);
+    let out = api
+        .sh_ok(&id, "cat /home/user/data/kept.txt /home/user/data/exec.txt; hostname; echo $KEPT_ENV")
+        .await;
+    assert_eq!(out, format!("kept across a stop\nfrom a command\n{id}\nyes\n"));
+    // (The pattern does not match this command's own shell.)
+    let (code, out, _) = api.exec(&id, "pgrep -af 'counter[.]log'").await;
+    assert_eq!((code, out.as_str()), (1, ""), "the counter process ({pid} before the stop) outlived it");
+    assert_guest_clock(&api, &id).await;
+    left.delete_sandbox(&id).await;
+}
+
+/// Start over the org limit: a stopped sandbox does not hold a place, a started one does.
+#[tokio::test]
+async fn start_respects_the_sandbox_limit() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(Some(1));
+    let left = Leftovers::new(&api);
+    let first = api.create(json!({})).await;
+    left.sandbox(&first);
+    let r = api.action(&first, "stop").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let second = api.create(json!({})).await;
+    left.sandbox(&second);
+    let r = api.action(&first, "start").await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(api.state_of(&first).await, "stopped");
+    // Likewise, resuming a paused sandbox needs a place.
+    pause(server, &api, &second).await;
+    let r = api.action(&first, "start").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r: Value = api.action(&second, "resume").await.json();
+    assert!(r["message"].as_str().is_some_and(|m| m.contains("limit")), "{r}");
+    let r = api.post(&format!("/v1/sandbox/{second}/process/execute"), json!({ "command": "true" })).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(api.state_of(&second).await, "paused");
+    left.delete_sandbox(&first).await;
+    left.delete_sandbox(&second).await;
+}
