@@ -58,8 +58,10 @@ struct PauseArgs {
     /// Pause/resume cycles per size.
     #[arg(long, default_value_t = 5)]
     cycles: usize,
-    /// Guest memory dirtied before the first pause, MiB: half random bytes, half text.
-    #[arg(long, default_value_t = 256)]
+    /// Guest memory dirtied before the first pause, MiB: half random bytes, half text, in the
+    /// guest's /dev/shm (which holds at most half of its memory). The same for every size, so
+    /// that the sizes differ only in memory the guest has but does not use.
+    #[arg(long, default_value_t = 192)]
     dirty_mib: u64,
     #[arg(long, default_value = "bench-results/pause-resume.json")]
     out: PathBuf,
