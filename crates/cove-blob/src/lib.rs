@@ -18,6 +18,7 @@ pub mod image;
 pub mod store;
 #[allow(unsafe_code)]
 mod sys;
+pub mod testing;
 
 use std::path::PathBuf;
 

@@ -8,119 +8,14 @@
 //! reason to skip them.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use cove_blob::{pack_file, read_manifest, unpack_file, write_manifest, BlobError, BlobStore, S3Options};
+use cove_blob::{pack_file, read_manifest, unpack_file, write_manifest, BlobError, BlobStore};
 use rand::{RngCore, SeedableRng};
 
-const ACCESS_KEY: &str = "cove-test-access";
-const SECRET_KEY: &str = "cove-test-secret-0123456789";
-const BUCKET: &str = "cove-test";
+use cove_blob::testing::{S3Server, BUCKET};
 const MIB: u64 = 1 << 20;
-
-fn s3s_fs_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("COVE_S3S_FS") {
-        return PathBuf::from(path);
-    }
-    let cache = std::env::var_os("COVE_CACHE_DIR").unwrap_or_else(|| "/var/cache/cove".into());
-    let path = Path::new(&cache).join("tools/bin/s3s-fs");
-    assert!(
-        path.is_file(),
-        "the S3 test server {} is missing: run `scripts/s3-server install` (or set COVE_S3S_FS)",
-        path.display()
-    );
-    path
-}
-
-/// A running s3s-fs, killed when dropped.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-    root: tempfile::TempDir,
-}
-
-impl S3Server {
-    fn start() -> S3Server {
-        let root = tempfile::tempdir().unwrap();
-        // s3s-fs keeps each bucket as a directory under its root.
-        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
-        let binary = s3s_fs_binary();
-        // Port 0: the kernel picks a free port, and the server logs the address it bound.
-        let mut child = Command::new(&binary)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--access-key",
-                ACCESS_KEY,
-                "--secret-key",
-                SECRET_KEY,
-            ])
-            .arg(root.path())
-            .env("RUST_LOG", "s3s_fs=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-
-        // Read its log on a thread (which keeps draining it afterwards, so the server never
-        // blocks on a full pipe) until it says where it listens.
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(at) = line.find("server is running at http://") {
-                    let url = line[at + "server is running at ".len()..].trim().to_string();
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(url);
-                    }
-                }
-            }
-        });
-        let endpoint = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(url) => url,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("{} did not report its address within 20 s", binary.display());
-            }
-        };
-        S3Server { child, endpoint, root: root }
-    }
-
-    fn options(&self, secret: &str) -> S3Options {
-        S3Options {
-            access_key_id: Some(ACCESS_KEY.into()),
-            secret_access_key: Some(secret.into()),
-            endpoint_url: Some(self.endpoint.clone()),
-            ..S3Options::default()
-        }
-    }
-
-    fn store(&self, prefix: &str) -> BlobStore {
-        BlobStore::open_with(&format!("s3://{BUCKET}/{prefix}"), &self.options(SECRET_KEY)).unwrap()
-    }
-
-    fn object_file(&self, key: &str) -> PathBuf {
-        self.root.path().join(BUCKET).join(key)
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn put_get_list_delete() {

@@ -199,6 +199,10 @@ impl AgentClient {
 /// Sends PARK until the agent answers PARKED (see `AgentClient::park`).
 async fn park_on(stream: &mut UnixStream, wait: Duration) -> Result<(), AgentError> {
     let deadline = tokio::time::Instant::now() + wait;
+    // A PARK that reaches the guest while its agent is still leaving its last session is lost,
+    // so it is sent again; soon at first (that is the common case right after a detach), then
+    // less often. Extra answers carry other nonces and are skipped.
+    let mut patience = Duration::from_millis(10);
     loop {
         let nonce: u64 = rand::random();
         stream
@@ -206,7 +210,7 @@ async fn park_on(stream: &mut UnixStream, wait: Duration) -> Result<(), AgentErr
             .await
             .map_err(|e| AgentError::Connect(e.to_string()))?;
         let want = format!("{nonce:016x}");
-        let answer = tokio::time::timeout(Duration::from_millis(300), async {
+        let answer = tokio::time::timeout(patience, async {
             loop {
                 let line = read_line(stream).await?;
                 if let Some(start) = line.find(cove_proto::PARKED) {
@@ -225,7 +229,7 @@ async fn park_on(stream: &mut UnixStream, wait: Duration) -> Result<(), AgentErr
             Err(_) if tokio::time::Instant::now() >= deadline => {
                 return Err(AgentError::Connect("the agent did not park".into()))
             }
-            Err(_) => {}
+            Err(_) => patience = (patience * 2).min(Duration::from_millis(300)),
         }
     }
 }

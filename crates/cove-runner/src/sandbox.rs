@@ -191,13 +191,10 @@ impl SandboxVm {
                         manifest.template_key
                     )));
                 }
+                // QEMU opens the disk when it starts: that one comes first. Device state and RAM
+                // are needed only at the restore, so they are filled while QEMU starts.
                 let state_file = spec.run_dir.join("state.bin");
-                let (disk, state) = tokio::join!(
-                    cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk),
-                    cove_blob::unpack_file(store, prefix, &manifest.state, &state_file),
-                );
-                disk?;
-                state?;
+                cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;
                 write_meta(
                     &dir,
                     &VmMeta {
@@ -210,18 +207,24 @@ impl SandboxVm {
                 let f = std::fs::File::create(&spec.memory_file)
                     .map_err(|e| RunnerError::io("creating memory file", e))?;
                 f.set_len(manifest.memory.size).map_err(|e| RunnerError::io("sizing memory file", e))?;
-                let (store, prefix, file, dest) =
+                let (store, prefix, memory, dest) =
                     ((*store).clone(), prefix.to_string(), manifest.memory.clone(), spec.memory_file.clone());
+                let (state, state_dest) = (manifest.state.clone(), state_file.clone());
                 let fill = tokio::spawn(async move {
-                    cove_blob::unpack_file(&store, &prefix, &file, &dest)
-                        .await
-                        .map(|_| ())
-                        .map_err(RunnerError::from)
+                    let (m, s) = tokio::join!(
+                        cove_blob::unpack_file(&store, &prefix, &memory, &dest),
+                        cove_blob::unpack_file(&store, &prefix, &state, &state_dest),
+                    );
+                    m?;
+                    s?;
+                    Ok::<(), RunnerError>(())
                 });
                 (state_file, fill)
             }
         };
+        let t0 = Instant::now();
         let spawned = vmm.spawn(&spec, &Boot::Restore { state_file: state_file.clone() }).await;
+        let spawn_ms = t0.elapsed().as_millis() as u64;
         let filled =
             fill.await.map_err(|e| RunnerError::io("filling guest memory", std::io::Error::other(e)));
         let handle = match spawned {
@@ -232,6 +235,11 @@ impl SandboxVm {
         // its host connected and the greeting queued, instead of first seeing the saved
         // connection vanish (which could cut the new one short).
         let greeting = AgentClient::greet(&spec.agent_socket()).await.ok();
+        tracing::debug!(
+            spawn_ms,
+            filled_ms = t0.elapsed().as_millis() as u64,
+            "QEMU started and memory filled"
+        );
         if matches!(origin, Origin::Image { .. }) {
             fault_point("restore.unpacked");
         }

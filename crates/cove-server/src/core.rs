@@ -301,10 +301,14 @@ impl Core {
         let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(&rec));
         self.store.update(id, &[S::Unpausing], change)?;
         tracing::info!(sandbox_id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "resumed");
-        // The image is spent: the guest has moved on from it.
-        if let Err(e) = self.runner.delete_image(&image).await {
-            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "deleting a spent pause image (recovery retries)");
-        }
+        // The image is spent: the guest has moved on from it. Deleting it need not hold up the
+        // answer; if it fails (or the server stops first), recovery deletes unreferenced images.
+        let (runner, sandbox_id) = (self.runner.clone(), id.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = runner.delete_image(&image).await {
+                tracing::warn!(sandbox_id = %sandbox_id, error = %error_chain(&e), "deleting a spent pause image");
+            }
+        });
         self.get(org, id)
     }
 

@@ -129,11 +129,35 @@ async fn unknown_things_are_404_and_later_features_501() {
     assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("command")));
     let (s, _) = call(&app, "GET", "/v2/whatever", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/pause", bearer(&app), "").await;
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/mounts", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
     assert!(v["message"].as_str().unwrap().contains("not implemented"));
-    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/pause", None, "").await;
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/mounts", None, "").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Lifecycle actions on an unknown sandbox or snapshot: 404 naming it.
+    for path in [
+        "/v1/sandbox/sbx-x/pause",
+        "/v1/sandbox/sbx-x/resume",
+        "/v1/sandbox/sbx-x/stop",
+        "/v1/sandbox/sbx-x/start",
+        "/v1/sandbox/sbx-x/snapshot/create",
+    ] {
+        let (s, v) = call(&app, "POST", path, bearer(&app), "").await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
+        assert!(v["message"].as_str().unwrap().contains("sbx-x"), "{path}");
+    }
+    let (s, _) = call(&app, "DELETE", "/v1/snapshot/snap-x", bearer(&app), "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) =
+        call(&app, "POST", "/v1/snapshot/restore", bearer(&app), r#"{"snapshot_name":"nope"}"#).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(v["message"].as_str().unwrap().contains("nope"));
+    let (s, v) = call(&app, "POST", "/v1/snapshot/restore", bearer(&app), r#"{"timeout":5}"#).await;
+    assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("snapshot_name")));
+    let (s, v) = call(&app, "GET", "/v1/snapshots?sort=name", bearer(&app), "").await;
+    assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("sort")));
+    let (s, v) = call(&app, "GET", "/v1/snapshots", bearer(&app), "").await;
+    assert_eq!((s, v["total_items"].as_u64()), (StatusCode::OK, Some(0)));
     let (s, _) = call(&app, "GET", "/v1/sandboxes?page-size=101", bearer(&app), "").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }

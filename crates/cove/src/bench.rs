@@ -230,8 +230,8 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
             resume.push(t.elapsed());
             b.exec(&id, "true").await?;
             first_exec.push(t.elapsed());
-            // Touch some memory between cycles, as a working guest would.
-            b.exec(&id, &format!("head -c 16M /dev/urandom > /dev/shm/cycle{cycle}")).await?;
+            // Rewrite some memory between cycles, as a working guest would.
+            b.exec(&id, &format!("head -c 16M /dev/urandom > /dev/shm/cycle # {cycle}")).await?;
         }
         b.call(reqwest::Method::DELETE, &format!("/v1/sandbox/{id}"), None).await.ok();
         let (raw_save, raw_restore, pause, resume, first_exec) = (

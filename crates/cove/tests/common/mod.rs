@@ -491,3 +491,15 @@ pub async fn assert_guest_clock(api: &Api, id: &str) {
         "guest clock of {id} is {guest}, host was {before}..{after}"
     );
 }
+
+/// Waits (up to 10 s) until `cond` holds, for effects the server completes after answering
+/// (such as deleting a spent pause image); panics with `what` otherwise.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("still not true after 10 s: {what}");
+}

@@ -1,0 +1,114 @@
+//! A real S3 server for tests: s3s-fs (crates.io), installed by `scripts/s3-server install`,
+//! started on a free port with its own root directory and credentials. Used by this crate's
+//! S3 tests and by the VM tests that run Cove on an S3 blob store.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::{BlobStore, S3Options};
+
+pub const ACCESS_KEY: &str = "cove-test-access";
+pub const SECRET_KEY: &str = "cove-test-secret-0123456789";
+pub const BUCKET: &str = "cove-test";
+
+pub fn s3s_fs_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("COVE_S3S_FS") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("COVE_CACHE_DIR").unwrap_or_else(|| "/var/cache/cove".into());
+    let path = Path::new(&cache).join("tools/bin/s3s-fs");
+    assert!(
+        path.is_file(),
+        "the S3 test server {} is missing: run `scripts/s3-server install` (or set COVE_S3S_FS)",
+        path.display()
+    );
+    path
+}
+
+/// A running s3s-fs, killed when dropped.
+pub struct S3Server {
+    child: Child,
+    pub endpoint: String,
+    pub root: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        // s3s-fs keeps each bucket as a directory under its root.
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let binary = s3s_fs_binary();
+        // Port 0: the kernel picks a free port, and the server logs the address it bound.
+        let mut child = Command::new(&binary)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--access-key",
+                ACCESS_KEY,
+                "--secret-key",
+                SECRET_KEY,
+            ])
+            .arg(root.path())
+            .env("RUST_LOG", "s3s_fs=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+
+        // Read its log on a thread (which keeps draining it afterwards, so the server never
+        // blocks on a full pipe) until it says where it listens.
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(at) = line.find("server is running at http://") {
+                    let url = line[at + "server is running at ".len()..].trim().to_string();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(url);
+                    }
+                }
+            }
+        });
+        let endpoint = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("{} did not report its address within 20 s", binary.display());
+            }
+        };
+        S3Server { child, endpoint, root }
+    }
+
+    pub fn options(&self, secret: &str) -> S3Options {
+        S3Options {
+            access_key_id: Some(ACCESS_KEY.into()),
+            secret_access_key: Some(secret.into()),
+            endpoint_url: Some(self.endpoint.clone()),
+            ..S3Options::default()
+        }
+    }
+
+    pub fn store(&self, prefix: &str) -> BlobStore {
+        BlobStore::open_with(&format!("s3://{BUCKET}/{prefix}"), &self.options(SECRET_KEY)).unwrap()
+    }
+
+    /// Where the server keeps the object `key` of the test bucket.
+    pub fn object_file(&self, key: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(key)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
