@@ -26,6 +26,8 @@ pub use image::{
     pack_file, read_manifest, unpack_file, write_manifest, Chunk, PackedFile, CHUNK_SIZE, MANIFEST,
 };
 pub use store::{BlobStore, S3Options};
+/// Walking a sparse file's data extents (lseek SEEK_DATA / SEEK_HOLE), also used by the runner.
+pub use sys::{seek_data, seek_hole};
 
 /// What went wrong, with enough context (store, key, file, chunk) to act on it.
 #[derive(Debug, thiserror::Error)]

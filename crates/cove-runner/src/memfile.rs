@@ -25,8 +25,8 @@ pub fn copy_data(from: &Path, to: &Path) -> io::Result<u64> {
     let mut copied = 0;
     let mut pos = 0u64;
     while pos < len {
-        let Some(start) = crate::sys::seek_data(&src, pos)? else { break };
-        let end = crate::sys::seek_hole(&src, start)?.min(len);
+        let Some(start) = cove_blob::seek_data(&src, pos)? else { break };
+        let end = cove_blob::seek_hole(&src, start)?.min(len);
         let mut off = start;
         while off < end {
             let n = ((end - off) as usize).min(buf.len());

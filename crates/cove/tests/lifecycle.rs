@@ -28,31 +28,20 @@ async fn create_exec_delete_leaves_nothing_behind() {
     let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
 
-    assert_eq!(ram_files(&id).len(), 1, "the sandbox's RAM file is on /dev/shm/cove");
+    assert_eq!(common::guest_ram_files(&id).len(), 1, "the sandbox's RAM file is on /dev/shm/cove");
 
     let r = api.delete(&format!("/v1/sandbox/{id}")).await;
     assert_eq!(r.status, 204, "{}", r.text());
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "QEMU {pid} still running");
     assert!(!server.data_dir.join("sandboxes").join(&id).exists(), "sandbox dir left behind");
-    assert!(ram_files(&id).is_empty(), "memory file left behind: {:?}", ram_files(&id));
+    assert!(
+        common::guest_ram_files(&id).is_empty(),
+        "memory file left behind: {:?}",
+        common::guest_ram_files(&id)
+    );
     let cgroups = ["/sys/fs/cgroup/cove", "/sys/fs/cgroup/memory/cove", "/sys/fs/cgroup/pids/cove"];
     for cg in cgroups {
         assert!(!std::path::Path::new(cg).join(&id).exists(), "cgroup left in {cg}");
     }
     assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.status, 404);
-}
-
-/// The sandbox's guest RAM files under /dev/shm/cove (one level of subdirectories).
-fn ram_files(id: &str) -> Vec<std::path::PathBuf> {
-    let name = format!("{id}.mem");
-    std::fs::read_dir("/dev/shm/cove")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|d| std::fs::read_dir(d.path()).ok())
-        .flatten()
-        .flatten()
-        .map(|f| f.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == name))
-        .collect()
 }
