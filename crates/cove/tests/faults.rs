@@ -155,6 +155,39 @@ async fn a_failing_blob_store_leaves_the_sandbox_running() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A pause image damaged in the store is refused on resume (every chunk is checksummed): the
+/// request fails with a clear error, the sandbox stays paused with no VM, and once the image is
+/// intact again the same sandbox comes back.
+#[tokio::test]
+async fn a_corrupt_image_is_refused_and_the_sandbox_stays_paused() {
+    let server = TestServer::start(&[]);
+    let api = server.new_org(None);
+    let (id, pid) = busy_sandbox(&api).await;
+    let r = api.post(&format!("/v1/sandbox/{id}/pause"), json!({})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let images = stored_images(&server.data_dir);
+    assert_eq!(images.len(), 1, "{images:?}");
+    let blob = server.data_dir.join("blobs/images").join(&images[0]).join("memory");
+    let original = std::fs::read(&blob).unwrap();
+    let mut damaged = original.clone();
+    let at = damaged.len() / 2;
+    damaged[at] ^= 0x5a;
+    std::fs::write(&blob, &damaged).unwrap();
+
+    let r = api.post(&format!("/v1/sandbox/{id}/process/execute"), json!({"command": "true"})).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("stays paused") && message.contains("chunk"), "{message}");
+    assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.json()["state"], "paused");
+    assert!(qemu_pids(&id).is_empty(), "a refused resume left a VM");
+
+    std::fs::write(&blob, &original).unwrap();
+    let (code, out, _) = api.exec(&id, "pgrep -f 'while true' | head -1").await;
+    assert_eq!((code, out), (0, pid));
+    assert_eq!(api.delete(&format!("/v1/sandbox/{id}")).await.status, 204);
+    server.kill(libc::SIGTERM);
+}
+
 fn mount(args: &[&str], target: &std::path::Path) {
     let ok = std::process::Command::new("mount").args(args).arg(target).status().unwrap().success();
     assert!(ok, "mount {args:?} {} (the tests run as root)", target.display());
