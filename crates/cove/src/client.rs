@@ -69,6 +69,67 @@ pub enum SandboxCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Pause a sandbox (memory, processes and disk stored; the VM ends).
+    Pause {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Resume a paused sandbox (any exec or file call also does).
+    Resume {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop a sandbox, keeping only its disk.
+    Stop {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Boot a stopped sandbox again on its disk.
+    Start {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Snapshot a running sandbox and print the snapshot.
+    Create {
+        sandbox: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Delete the sandbox once the snapshot is stored.
+        #[arg(long)]
+        kill: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List snapshots (optionally those whose name contains QUERY).
+    List {
+        query: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Create a sandbox from a snapshot and print it.
+    Restore {
+        name: String,
+        /// Lifetime in seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete snapshots (by id or name).
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -198,6 +259,56 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
                 let api = Api::new(&conn)?;
                 for id in ids {
                     api.call(Method::DELETE, &format!("/v1/sandbox/{id}"), None).await?;
+                    println!("deleted {id}");
+                }
+            }
+            SandboxCmd::Pause { id, conn } => action(&conn, &id, "pause").await?,
+            SandboxCmd::Resume { id, conn } => action(&conn, &id, "resume").await?,
+            SandboxCmd::Stop { id, conn } => action(&conn, &id, "stop").await?,
+            SandboxCmd::Start { id, conn } => action(&conn, &id, "start").await?,
+        }
+        Ok(())
+    })
+}
+
+/// `POST /v1/sandbox/{id}/{what}`, printing the sandbox it answers with.
+async fn action(conn: &Conn, id: &str, what: &str) -> Result<()> {
+    print(&Api::new(conn)?.call(reqwest::Method::POST, &format!("/v1/sandbox/{id}/{what}"), None).await?);
+    Ok(())
+}
+
+pub fn snapshot(cmd: SnapshotCmd) -> Result<()> {
+    use reqwest::Method;
+    block_on(async move {
+        match cmd {
+            SnapshotCmd::Create { sandbox, name, kill, conn } => {
+                let body = strip_nulls(json!({ "name": name, "kill_sandbox_after": kill }));
+                let path = format!("/v1/sandbox/{sandbox}/snapshot/create");
+                print(&Api::new(&conn)?.call(Method::POST, &path, Some(body)).await?);
+            }
+            SnapshotCmd::List { query, conn } => {
+                let q = query.map(|q| format!("?query={}", q.replace('&', "%26"))).unwrap_or_default();
+                let v = Api::new(&conn)?.call(Method::GET, &format!("/v1/snapshots{q}"), None).await?;
+                let items = v.as_ref().and_then(|v| v["items"].as_array().cloned()).unwrap_or_default();
+                println!("{:<26} {:<32} {:<24} CREATED", "ID", "NAME", "TEMPLATE");
+                for i in items {
+                    println!(
+                        "{:<26} {:<32} {:<24} {}",
+                        i["id"].as_str().unwrap_or(""),
+                        i["name"].as_str().unwrap_or(""),
+                        i["template_id"].as_str().unwrap_or(""),
+                        i["created_at"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            SnapshotCmd::Restore { name, timeout, conn } => {
+                let body = strip_nulls(json!({ "snapshot_name": name, "timeout": timeout }));
+                print(&Api::new(&conn)?.call(Method::POST, "/v1/snapshot/restore", Some(body)).await?);
+            }
+            SnapshotCmd::Rm { ids, conn } => {
+                let api = Api::new(&conn)?;
+                for id in ids {
+                    api.call(Method::DELETE, &format!("/v1/snapshot/{id}"), None).await?;
                     println!("deleted {id}");
                 }
             }

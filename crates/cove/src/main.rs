@@ -32,12 +32,15 @@ enum Cmd {
     /// Manage sandboxes through the API.
     #[command(subcommand)]
     Sandbox(client::SandboxCmd),
+    /// Manage snapshots through the API.
+    #[command(subcommand)]
+    Snapshot(client::SnapshotCmd),
     /// Manage the API keys of your organization through the API.
     #[command(subcommand)]
     Keys(client::KeysCmd),
     /// Print the OpenAPI document of the API.
     Openapi,
-    /// Measure create and exec latency beside raw QEMU restores, in-process; writes JSON.
+    /// Measure create/exec and pause/resume latency beside raw QEMU baselines; writes JSON.
     Bench(bench::BenchArgs),
 }
 
@@ -49,7 +52,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if matches!(cli.command, Cmd::Sandbox(_) | Cmd::Keys(_) | Cmd::Openapi) {
+    if matches!(cli.command, Cmd::Sandbox(_) | Cmd::Snapshot(_) | Cmd::Keys(_) | Cmd::Openapi) {
         // Client commands end quietly when the reader of their output goes away (`| head`),
         // like any Unix tool. Never for the server: a guest or client closing a socket must
         // not kill it.
@@ -63,6 +66,7 @@ fn main() {
         Cmd::Setup { cache_dir, agent } => setup::run(&cache_dir, agent),
         Cmd::Server(args) => serve::run(args),
         Cmd::Sandbox(cmd) => client::sandbox(cmd),
+        Cmd::Snapshot(cmd) => client::snapshot(cmd),
         Cmd::Keys(cmd) => client::keys(cmd),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Openapi => {
