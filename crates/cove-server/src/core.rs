@@ -680,6 +680,10 @@ impl Core {
     /// After an undone capture: the VM runs again if it survived, else the sandbox is stopped.
     async fn run_on_or_stop(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
         if vm_alive && self.runner.run_again(&rec.id).await.is_ok() {
+            // Its clock stood still while it was stopped: set it again.
+            if let Err(e) = self.runner.reidentify(&vm_request(rec)).await {
+                tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "re-sending the identity after recovery");
+            }
             self.store.transition(&rec.id, &[S::Snapshotting], S::Running)?;
         } else {
             tracing::warn!(sandbox_id = %rec.id, "VM gone during an interrupted capture; marking it stopped");

@@ -53,6 +53,8 @@ async fn assert_consistent(server: &TestServer, api: &Api, id: &str, pid: &str, 
     let (code, out, err) = api.exec(id, "pgrep -f 'while true' | head -1; cat /home/user/kept").await;
     assert_eq!(code, 0, "{point}: {err}");
     assert_eq!(out, format!("{pid}ok\n"), "{point}: the guest's process or files changed");
+    // Whatever the recovery did, the guest's clock is the host's again.
+    common::assert_guest_clock(api, id).await;
     // The counter's lines run on without a gap or a repeat: no lost or replayed disk writes.
     let (_, counter, _) = api.exec(id, "cat /home/user/counter").await;
     let n: Vec<u64> = counter.lines().map(|l| l.parse().unwrap()).collect();
