@@ -145,9 +145,22 @@ impl Fs {
             .ok_or_else(|| Fail::bad("write-files takes a multipart/form-data body"))?;
         let boundary =
             multer::parse_boundary(content_type).map_err(|e| Fail::bad(format!("content-type: {e}")))?;
+        // Bytes received, so that a body cut short says how far it got.
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = received.clone();
         let body = BodyStream::new(req.into_body())
-            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())));
+            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())))
+            .inspect_ok(move |b: &Bytes| {
+                counter.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            });
         let limits = multer::SizeLimit::new().whole_stream(MAX_UPLOAD_BYTES as u64);
+        let multipart_fail = |e: multer::Error| match multipart_fail(e) {
+            Fail::Status(status, m) => {
+                let n = received.load(std::sync::atomic::Ordering::Relaxed);
+                Fail::Status(status, format!("{m} (after {n} bytes of the body)"))
+            }
+            other => other,
+        };
         let mut multipart = multer::Multipart::with_constraints(
             body,
             boundary,

@@ -202,5 +202,10 @@ pub async fn write_files(
     let body = axum::body::to_bytes(req.into_body(), MAX_UPLOAD_BYTES)
         .await
         .map_err(|_| ApiError::field("body", format!("must be at most {} MiB", MAX_UPLOAD_BYTES >> 20)))?;
-    forward(&agent, uri, ct, cove_runner::agent::full(body)).await
+    let sent = body.len();
+    let result = forward(&agent, uri, ct, cove_runner::agent::full(body)).await;
+    if let Err(e) = &result {
+        tracing::warn!(sandbox_id = %id, sent_bytes = sent, error = %e, "write-files failed in the guest");
+    }
+    result
 }
