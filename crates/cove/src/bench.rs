@@ -136,6 +136,20 @@ impl Bench {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// Deletes every sandbox the bench still has.
+    async fn delete_all(&self) {
+        let Ok(list) = self.call(reqwest::Method::GET, "/v1/sandboxes?page-size=100", None).await else {
+            return;
+        };
+        for item in list["items"].as_array().into_iter().flatten() {
+            if let Some(id) = item["id"].as_str() {
+                if let Err(e) = self.call(reqwest::Method::DELETE, &format!("/v1/sandbox/{id}"), None).await {
+                    eprintln!("bench: deleting {id}: {e}");
+                }
+            }
+        }
+    }
+
     async fn exec(&self, id: &str, command: &str) -> Result<Value> {
         let out = self
             .call(
@@ -176,10 +190,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let bench = Bench::start(&args.cache_dir, args.blob_url.clone()).await?;
-        match &args.which {
+        let result = match &args.which {
             Which::Create(a) => create_exec(&bench, a).await,
             Which::Pause(a) => pause_resume(&bench, a).await,
-        }
+        };
+        // VMs outlive the process that started them: a run cut short by an error must not
+        // leave its sandboxes running.
+        bench.delete_all().await;
+        result
     })
 }
 

@@ -58,6 +58,7 @@ async fn serve(args: ServerArgs) -> Result<()> {
     let mut rcfg = RunnerConfig::new(args.cache_dir.clone(), args.data_dir.clone());
     rcfg.accel = args.accel;
     rcfg.blob_url = args.blob_url.clone();
+    let shm_dir = rcfg.sandbox_shm_dir();
     let vmm = Arc::new(QemuVmm::new(args.accel));
     tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
     let runner = Arc::new(Runner::new(rcfg, vmm).context("starting the runner")?);
@@ -98,6 +99,8 @@ async fn serve(args: ServerArgs) -> Result<()> {
             shutdown.cancel();
         })
         .await?;
+    // This data dir's RAM directory goes when no sandbox RAM is left in it (fails otherwise).
+    let _ = std::fs::remove_dir(&shm_dir);
     Ok(())
 }
 
