@@ -188,11 +188,6 @@ impl Runner {
             .ok_or_else(|| RunnerError::Image(format!("image {prefix} is incomplete or missing")))
     }
 
-    /// Whether the image at `prefix` is complete (its manifest was written).
-    pub async fn image_complete(&self, prefix: &str) -> Result<bool, RunnerError> {
-        Ok(image::manifest(&self.blobs, prefix).await?.is_some())
-    }
-
     /// Creates sandbox `req.id`'s VM from an image: the resume of a paused sandbox, or a new
     /// sandbox restored from a snapshot (vCPUs and memory come from the image).
     pub async fn create_from_image(&self, req: &VmRequest, prefix: &str) -> Result<(), RunnerError> {
@@ -265,11 +260,7 @@ impl Runner {
         let vm = self.lock().remove(id);
         match vm {
             Some(vm) => vm.stop(self.vmm.as_ref()).await,
-            None => {
-                sandbox::end_vm_of(&self.cfg, self.vmm.as_ref(), id).await?;
-                sandbox::remove_runtime(&self.cfg, id);
-                Ok(())
-            }
+            None => self.end_vm(id).await,
         }
     }
 

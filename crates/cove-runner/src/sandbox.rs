@@ -151,21 +151,27 @@ impl SandboxVm {
         origin: &Origin<'_>,
         id: &str,
     ) -> Result<(VmSpec, VmHandle, Option<Greeting>), RunnerError> {
-        let (vcpus, memory_mib) = match origin {
-            Origin::Template(t) => (t.vcpus, t.memory_mib),
-            Origin::Image { manifest, .. } => (manifest.vcpus, manifest.memory_mib),
+        let meta = match origin {
+            Origin::Template(t) => VmMeta {
+                template: t.template.clone(),
+                template_key: t.key.clone(),
+                vcpus: t.vcpus,
+                memory_mib: t.memory_mib,
+            },
+            Origin::Image { manifest, .. } => VmMeta {
+                template: manifest.template.clone(),
+                template_key: manifest.template_key.clone(),
+                vcpus: manifest.vcpus,
+                memory_mib: manifest.memory_mib,
+            },
         };
-        let spec = spec(cfg, images, id, vcpus, memory_mib);
-        let dir = spec.disk.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let spec = spec(cfg, images, id, meta.vcpus, meta.memory_mib);
         std::fs::create_dir_all(&spec.run_dir).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
+        write_meta(&paths(cfg, id).0, &meta)?;
         let (state_file, fill) = match origin {
             Origin::Template(t) => {
                 std::fs::copy(t.overlay(), &spec.disk)
                     .map_err(|e| RunnerError::io("creating disk overlay", e))?;
-                write_meta(
-                    &dir,
-                    &VmMeta { template: t.template.clone(), template_key: t.key.clone(), vcpus, memory_mib },
-                )?;
                 crate::memfile::create_sized(&t.memory_file, &spec.memory_file)
                     .map_err(|e| RunnerError::io("creating memory file", e))?;
                 let (from, to) = (t.memory_file.clone(), spec.memory_file.clone());
@@ -195,15 +201,6 @@ impl SandboxVm {
                 // are needed only at the restore, so they are filled while QEMU starts.
                 let state_file = spec.run_dir.join("state.bin");
                 cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;
-                write_meta(
-                    &dir,
-                    &VmMeta {
-                        template: manifest.template.clone(),
-                        template_key: manifest.template_key.clone(),
-                        vcpus,
-                        memory_mib,
-                    },
-                )?;
                 let f = std::fs::File::create(&spec.memory_file)
                     .map_err(|e| RunnerError::io("creating memory file", e))?;
                 f.set_len(manifest.memory.size).map_err(|e| RunnerError::io("sizing memory file", e))?;
@@ -266,7 +263,7 @@ impl SandboxVm {
         let t_vm = t0.elapsed();
         let vm = SandboxVm {
             handle,
-            dir: spec.disk.parent().unwrap_or(Path::new("/")).to_path_buf(),
+            dir: paths(cfg, &req.id).0,
             memory_file: spec.memory_file.clone(),
             agent: tokio::sync::Mutex::new(None),
         };
@@ -311,7 +308,7 @@ impl SandboxVm {
             let handle = vmm.start(&spec, &Boot::Fresh).await?;
             let vm = SandboxVm {
                 handle,
-                dir: spec.disk.parent().unwrap_or(Path::new("/")).to_path_buf(),
+                dir: paths(cfg, &req.id).0,
                 memory_file: spec.memory_file.clone(),
                 agent: tokio::sync::Mutex::new(None),
             };

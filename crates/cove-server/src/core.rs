@@ -122,6 +122,31 @@ impl Core {
         lock.lock_owned().await
     }
 
+    /// Takes the sandbox's operation lock and reads it; 409 naming its state unless it is in
+    /// `want`.
+    async fn lock_in(
+        &self,
+        org: &str,
+        id: &str,
+        want: SandboxState,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, SandboxRecord), ApiError> {
+        let guard = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        if rec.state != want {
+            return Err(not_in(id, rec.state, want.as_str()));
+        }
+        Ok((guard, rec))
+    }
+
+    /// Applies `change` to a sandbox just read in state `from`: 409 if it moved meanwhile, 429
+    /// if the change is over the organization's limit.
+    fn begin(&self, id: &str, from: SandboxState, change: Change) -> Result<(), ApiError> {
+        match self.store.update(id, &[from], change).map_err(limit_error)? {
+            Some(_) => Ok(()),
+            None => Err(ApiError::Conflict(format!("sandbox {id} changed state; try again"))),
+        }
+    }
+
     fn expires_at(rec: &SandboxRecord) -> i64 {
         Utc::now().timestamp() + rec.timeout as i64
     }
@@ -237,16 +262,9 @@ impl Core {
     /// Pauses a running sandbox: its device state, RAM and disk go to the blob store, then the
     /// VM and its host memory are released. If storing fails the sandbox keeps running.
     pub async fn pause(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
-        let _op = self.lock_sandbox(id).await;
-        let rec = self.get(org, id)?;
-        if rec.state != S::Running {
-            return Err(not_in(id, rec.state, "running"));
-        }
+        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
         let image = new_image_prefix("pause");
-        let change = Change::to(S::Snapshotting).op(Op::Pause { image: image.clone() });
-        if self.store.update(id, &[S::Running], change)?.is_none() {
-            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
-        }
+        self.begin(id, S::Running, Change::to(S::Snapshotting).op(Op::Pause { image: image.clone() }))?;
         let span = tracing::info_span!("pause", sandbox_id = %id);
         match self.runner.capture(&vm_request(&rec), &image, AfterCapture::Release).instrument(span).await {
             Ok((_, stats)) => {
@@ -284,9 +302,7 @@ impl Core {
         let change = Change::to(S::Unpausing)
             .op(Op::Resume { image: image.clone() })
             .limit(self.cfg.default_sandbox_limit);
-        if self.store.update(id, &[S::Paused], change).map_err(limit_error)?.is_none() {
-            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
-        }
+        self.begin(id, S::Paused, change)?;
         let span = tracing::info_span!("resume", sandbox_id = %id);
         let started = std::time::Instant::now();
         if let Err(e) = self.runner.create_from_image(&vm_request(&rec), &image).instrument(span).await {
@@ -314,14 +330,8 @@ impl Core {
 
     /// Stops a running sandbox: the guest syncs, the VM ends, only the writable disk is kept.
     pub async fn stop(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
-        let _op = self.lock_sandbox(id).await;
-        let rec = self.get(org, id)?;
-        if rec.state != S::Running {
-            return Err(not_in(id, rec.state, "running"));
-        }
-        if self.store.update(id, &[S::Running], Change::to(S::Stopping).op(Op::Stop))?.is_none() {
-            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
-        }
+        let (_op, _) = self.lock_in(org, id, S::Running).await?;
+        self.begin(id, S::Running, Change::to(S::Stopping).op(Op::Stop))?;
         if let Err(e) = self.runner.stop(id).await {
             // Whatever went wrong, the VM must not outlive a stopped sandbox.
             tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "stop did not go cleanly; ending the VM");
@@ -333,15 +343,9 @@ impl Core {
 
     /// Boots a stopped sandbox afresh from its template with the disk it kept.
     pub async fn start(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
-        let _op = self.lock_sandbox(id).await;
-        let rec = self.get(org, id)?;
-        if rec.state != S::Stopped {
-            return Err(not_in(id, rec.state, "stopped"));
-        }
+        let (_op, rec) = self.lock_in(org, id, S::Stopped).await?;
         let change = Change::to(S::Starting).op(Op::Start).limit(self.cfg.default_sandbox_limit);
-        if self.store.update(id, &[S::Stopped], change).map_err(limit_error)?.is_none() {
-            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
-        }
+        self.begin(id, S::Stopped, change)?;
         let span = tracing::info_span!("start", sandbox_id = %id);
         if let Err(e) = self.runner.boot(&vm_request(&rec)).instrument(span).await {
             tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "start failed; the sandbox stays stopped");
@@ -361,11 +365,7 @@ impl Core {
         name: Option<String>,
         kill_after: bool,
     ) -> Result<SnapshotRecord, ApiError> {
-        let _op = self.lock_sandbox(id).await;
-        let rec = self.get(org, id)?;
-        if rec.state != S::Running {
-            return Err(not_in(id, rec.state, "running"));
-        }
+        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
         let snap_id = format!("snap-{}", hex::encode(rand::random::<[u8; 10]>()));
         let name = match name.map(|n| n.trim().to_string()) {
             Some(n) => n,
@@ -389,9 +389,9 @@ impl Core {
         };
         self.store.insert_snapshot(&snap)?;
         let op = Op::Snapshot { snapshot_id: snap_id.clone(), image: snap.image.clone(), kill_after };
-        if self.store.update(id, &[S::Running], Change::to(S::Snapshotting).op(op))?.is_none() {
+        if let Err(e) = self.begin(id, S::Running, Change::to(S::Snapshotting).op(op)) {
             self.store.delete_snapshot(&snap_id)?;
-            return Err(ApiError::Conflict(format!("sandbox {id} changed state; try again")));
+            return Err(e);
         }
         let after = if kill_after { AfterCapture::Release } else { AfterCapture::Continue };
         let span = tracing::info_span!("snapshot", sandbox_id = %id, snapshot_id = %snap_id);
@@ -552,8 +552,11 @@ impl Core {
             if in_flight {
                 continue;
             }
-            if snap.state == SnapshotState::Creating && self.complete(&snap.image).await {
-                let stored = self.runner.image(&snap.image).await.map(|m| m.stored_bytes()).unwrap_or(0);
+            let stored = match snap.state {
+                SnapshotState::Creating => self.stored_bytes(&snap.image).await,
+                _ => None,
+            };
+            if let Some(stored) = stored {
                 self.store.snapshot_ready(&snap.id, stored)?;
             } else {
                 tracing::info!(snapshot_id = %snap.id, "removing an unfinished snapshot");
@@ -585,8 +588,9 @@ impl Core {
         Ok(())
     }
 
-    async fn complete(&self, image: &str) -> bool {
-        self.runner.image_complete(image).await.unwrap_or(false)
+    /// The stored size of a complete image; `None` when it is incomplete or unreadable.
+    async fn stored_bytes(&self, image: &str) -> Option<u64> {
+        self.runner.image(image).await.ok().map(|m| m.stored_bytes())
     }
 
     /// Settles one sandbox after a restart; `vm_alive` says whether its QEMU was adopted.
@@ -612,7 +616,7 @@ impl Core {
                 self.store.delete_sandbox(id)?;
             }
             (S::Snapshotting, Some(Op::Pause { image })) => {
-                if self.complete(&image).await {
+                if self.stored_bytes(&image).await.is_some() {
                     tracing::info!(sandbox_id = %id, "finishing a pause interrupted by a restart");
                     self.runner.destroy(id).await.map_err(runner_err)?;
                     self.store.update(id, &[S::Snapshotting], Change::to(S::Paused).image(Some(image)))?;
@@ -623,9 +627,9 @@ impl Core {
                 }
             }
             (S::Snapshotting, Some(Op::Snapshot { snapshot_id, image, kill_after })) => {
-                let complete = self.complete(&image).await;
-                if complete {
-                    let stored = self.runner.image(&image).await.map(|m| m.stored_bytes()).unwrap_or(0);
+                let stored = self.stored_bytes(&image).await;
+                let complete = stored.is_some();
+                if let Some(stored) = stored {
                     self.store.snapshot_ready(&snapshot_id, stored)?;
                 } else {
                     self.runner.delete_image(&image).await.map_err(runner_err)?;

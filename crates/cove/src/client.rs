@@ -255,13 +255,7 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
                     std::process::exit(code.clamp(1, 255) as i32);
                 }
             }
-            SandboxCmd::Rm { ids, conn } => {
-                let api = Api::new(&conn)?;
-                for id in ids {
-                    api.call(Method::DELETE, &format!("/v1/sandbox/{id}"), None).await?;
-                    println!("deleted {id}");
-                }
-            }
+            SandboxCmd::Rm { ids, conn } => delete_each(&conn, "/v1/sandbox", ids).await?,
             SandboxCmd::Pause { id, conn } => action(&conn, &id, "pause").await?,
             SandboxCmd::Resume { id, conn } => action(&conn, &id, "resume").await?,
             SandboxCmd::Stop { id, conn } => action(&conn, &id, "stop").await?,
@@ -269,6 +263,16 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// `DELETE <collection>/{id}` for each id, saying so for each.
+async fn delete_each(conn: &Conn, collection: &str, ids: Vec<String>) -> Result<()> {
+    let api = Api::new(conn)?;
+    for id in ids {
+        api.call(reqwest::Method::DELETE, &format!("{collection}/{id}"), None).await?;
+        println!("deleted {id}");
+    }
+    Ok(())
 }
 
 /// `POST /v1/sandbox/{id}/{what}`, printing the sandbox it answers with.
@@ -305,13 +309,7 @@ pub fn snapshot(cmd: SnapshotCmd) -> Result<()> {
                 let body = strip_nulls(json!({ "snapshot_name": name, "timeout": timeout }));
                 print(&Api::new(&conn)?.call(Method::POST, "/v1/snapshot/restore", Some(body)).await?);
             }
-            SnapshotCmd::Rm { ids, conn } => {
-                let api = Api::new(&conn)?;
-                for id in ids {
-                    api.call(Method::DELETE, &format!("/v1/snapshot/{id}"), None).await?;
-                    println!("deleted {id}");
-                }
-            }
+            SnapshotCmd::Rm { ids, conn } => delete_each(&conn, "/v1/snapshot", ids).await?,
         }
         Ok(())
     })
