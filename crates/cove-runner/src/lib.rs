@@ -183,9 +183,15 @@ impl Runner {
 
     /// Reads the manifest of the image at `prefix`; an error if it is incomplete or absent.
     pub async fn image(&self, prefix: &str) -> Result<ImageManifest, RunnerError> {
-        image::manifest(&self.blobs, prefix)
+        self.find_image(prefix)
             .await?
             .ok_or_else(|| RunnerError::Image(format!("image {prefix} is incomplete or missing")))
+    }
+
+    /// The manifest of the image at `prefix`, `None` when the image is incomplete or absent; an
+    /// error only when the store could not answer.
+    pub async fn find_image(&self, prefix: &str) -> Result<Option<ImageManifest>, RunnerError> {
+        Ok(image::manifest(&self.blobs, prefix).await?)
     }
 
     /// Creates sandbox `req.id`'s VM from an image: the resume of a paused sandbox, or a new

@@ -552,19 +552,8 @@ impl Core {
             if in_flight {
                 continue;
             }
-            let stored = match snap.state {
-                SnapshotState::Creating => self.stored_bytes(&snap.image).await,
-                _ => None,
-            };
-            if let Some(stored) = stored {
-                self.store.snapshot_ready(&snap.id, stored)?;
-            } else {
-                tracing::info!(snapshot_id = %snap.id, "removing an unfinished snapshot");
-                self.runner
-                    .delete_image(&snap.image)
-                    .await
-                    .map_err(|e| ApiError::internal(error_chain(&e)))?;
-                self.store.delete_snapshot(&snap.id)?;
+            if let Err(e) = self.settle_snapshot(&snap).await {
+                tracing::error!(snapshot_id = %snap.id, error = %e, "recovering snapshot");
             }
         }
         let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
@@ -588,9 +577,30 @@ impl Core {
         Ok(())
     }
 
-    /// The stored size of a complete image; `None` when it is incomplete or unreadable.
-    async fn stored_bytes(&self, image: &str) -> Option<u64> {
-        self.runner.image(image).await.ok().map(|m| m.stored_bytes())
+    /// A snapshot left `creating` with a complete image becomes ready; any other unsettled one
+    /// (incomplete, or `deleting`) is removed with its image.
+    async fn settle_snapshot(&self, snap: &SnapshotRecord) -> Result<(), ApiError> {
+        let stored = match snap.state {
+            SnapshotState::Creating => self.stored_bytes(&snap.image).await?,
+            _ => None,
+        };
+        if let Some(stored) = stored {
+            self.store.snapshot_ready(&snap.id, stored)?;
+        } else {
+            tracing::info!(snapshot_id = %snap.id, "removing an unfinished snapshot");
+            self.runner.delete_image(&snap.image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.store.delete_snapshot(&snap.id)?;
+        }
+        Ok(())
+    }
+
+    /// The stored size of a complete image; `None` when it is incomplete. A store that cannot
+    /// answer is an error, so that recovery never takes a complete image for a partial one and
+    /// deletes it.
+    async fn stored_bytes(&self, image: &str) -> Result<Option<u64>, ApiError> {
+        let manifest =
+            self.runner.find_image(image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        Ok(manifest.map(|m| m.stored_bytes()))
     }
 
     /// Settles one sandbox after a restart; `vm_alive` says whether its QEMU was adopted.
@@ -616,7 +626,7 @@ impl Core {
                 self.store.delete_sandbox(id)?;
             }
             (S::Snapshotting, Some(Op::Pause { image })) => {
-                if self.stored_bytes(&image).await.is_some() {
+                if self.stored_bytes(&image).await?.is_some() {
                     tracing::info!(sandbox_id = %id, "finishing a pause interrupted by a restart");
                     self.runner.destroy(id).await.map_err(runner_err)?;
                     self.store.update(id, &[S::Snapshotting], Change::to(S::Paused).image(Some(image)))?;
@@ -627,7 +637,7 @@ impl Core {
                 }
             }
             (S::Snapshotting, Some(Op::Snapshot { snapshot_id, image, kill_after })) => {
-                let stored = self.stored_bytes(&image).await;
+                let stored = self.stored_bytes(&image).await?;
                 let complete = stored.is_some();
                 if let Some(stored) = stored {
                     self.store.snapshot_ready(&snapshot_id, stored)?;
