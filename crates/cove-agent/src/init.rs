@@ -19,7 +19,52 @@ pub fn early_boot() -> io::Result<()> {
     // Commands find their tools; the agent's own children inherit nothing else from the kernel.
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
     let _ = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
+    if let Err(e) = configure_network() {
+        eprintln!("cove-agent: network: {e}");
+    }
     Ok(())
+}
+
+/// The guest's one NIC, with the address, route and resolver every sandbox has (the host
+/// decides what they reach). No IPv6.
+fn configure_network() -> io::Result<()> {
+    use cove_proto::net::{GATEWAY, GUEST_CIDR};
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+    wait_for("/sys/class/net/eth0", Duration::from_secs(5))?;
+    for args in [
+        &["link", "set", "eth0", "up"][..],
+        &["addr", "replace", GUEST_CIDR, "dev", "eth0"],
+        &["route", "replace", "default", "via", GATEWAY],
+    ] {
+        let status = std::process::Command::new("ip").args(args).status()?;
+        if !status.success() {
+            return Err(io::Error::other(format!("ip {} failed", args.join(" "))));
+        }
+    }
+    std::fs::write("/etc/resolv.conf", format!("nameserver {GATEWAY}\noptions timeout:2 attempts:2\n"))
+}
+
+/// Puts the sandbox's egress CA into the system trust store: its own file, and the bundle
+/// rebuilt from the one the image shipped plus this CA (a CA sent earlier is dropped).
+pub fn install_trust(pem: &str) -> io::Result<()> {
+    use cove_proto::net::{CA_BUNDLE, CA_FILE};
+    let original = format!("{CA_BUNDLE}.cove-orig");
+    if !Path::new(&original).exists() {
+        std::fs::copy(CA_BUNDLE, &original)?;
+    }
+    if let Some(dir) = Path::new(CA_FILE).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(CA_FILE, pem)?;
+    let mut bundle = std::fs::read(&original)?;
+    if !bundle.ends_with(b"\n") {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(pem.as_bytes());
+    let tmp = format!("{CA_BUNDLE}.cove-tmp");
+    std::fs::write(&tmp, bundle)?;
+    std::fs::rename(tmp, CA_BUNDLE)
 }
 
 fn switch_to_root_disk() -> io::Result<()> {
@@ -107,7 +152,7 @@ fn mount_fs(
     }
 }
 
-/// Applies a new identity after boot or restore: hostname, clock, entropy.
+/// Applies a new identity after boot or restore: hostname, clock, trusted CA, entropy.
 pub fn apply_identity(id: &cove_proto::Identity) -> io::Result<()> {
     if !id.hostname.is_empty() {
         sys::sethostname(&id.hostname)?;
@@ -120,6 +165,9 @@ pub fn apply_identity(id: &cove_proto::Identity) -> io::Result<()> {
     }
     if id.unix_time_ns > 0 {
         sys::set_realtime(id.unix_time_ns)?;
+    }
+    if let Some(pem) = &id.trust_pem {
+        install_trust(pem)?;
     }
     if !id.entropy_hex.is_empty() {
         let bytes: Vec<u8> = (0..id.entropy_hex.len() / 2)

@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod filesystem;
+pub mod presigned;
 pub mod process;
 pub mod sandbox;
 pub mod snapshot;

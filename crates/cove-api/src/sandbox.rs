@@ -290,6 +290,20 @@ pub struct TransformRule {
     pub strip_headers: Vec<String>,
 }
 
+/// The body of `PATCH /v1/sandbox/{id}/network-policy` is a policy by itself.
+impl Validate for NetworkPolicy {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Violations::default();
+        self.check(&mut v, "");
+        v.finish().map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| FieldError { field: e.field.trim_start_matches('.').to_string(), error: e.error })
+                .collect()
+        })
+    }
+}
+
 impl NetworkPolicy {
     pub fn check(&self, v: &mut Violations, field: &str) {
         v.check(

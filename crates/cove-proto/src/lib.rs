@@ -93,6 +93,22 @@ pub struct Identity {
     pub unix_time_ns: u128,
     /// Fresh randomness (hex) mixed into the guest's entropy pool.
     pub entropy_hex: String,
+    /// A CA certificate (PEM) the guest's system trust store must hold: the sandbox's egress CA,
+    /// whose key stays on the host. Replaces the one sent before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_pem: Option<String>,
+}
+
+/// The guest's network, the same in every sandbox (the host tells sandboxes apart by
+/// namespace, not address), so that any saved state restores anywhere.
+pub mod net {
+    /// The guest's address and prefix on `eth0`.
+    pub const GUEST_CIDR: &str = "10.250.0.2/30";
+    /// Default gateway and DNS resolver (on the host side of the TAP).
+    pub const GATEWAY: &str = "10.250.0.1";
+    /// Where the egress CA goes in the guest, and the system bundle that gets it appended.
+    pub const CA_FILE: &str = "/usr/local/share/ca-certificates/cove-egress.crt";
+    pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 }
 
 /// `GET /v1/system`.

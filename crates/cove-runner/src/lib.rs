@@ -7,6 +7,7 @@ pub mod agent;
 pub mod image;
 pub mod images;
 mod memfile;
+pub mod net;
 mod sandbox;
 #[allow(unsafe_code)]
 mod sys;
@@ -45,6 +46,11 @@ pub struct RunnerConfig {
     /// Where pause images and snapshots go: `file:///dir` or `s3://bucket/prefix`
     /// (see `cove_blob::BlobStore::open`). Default: `<data>/blobs`.
     pub blob_url: Option<String>,
+    /// Resolver the egress proxy uses for allowed names; default: the host's first nameserver.
+    pub egress_dns: Option<std::net::SocketAddr>,
+    /// Extra CA certificates (PEM file) trusted for upstream TLS by the egress proxy, beside the
+    /// host's roots (tests use a private root).
+    pub egress_extra_ca: Option<PathBuf>,
 }
 
 impl RunnerConfig {
@@ -69,6 +75,8 @@ impl RunnerConfig {
             accel: Accel::Auto,
             overhead_mib: 384,
             blob_url: None,
+            egress_dns: None,
+            egress_extra_ca: None,
         }
     }
 }
@@ -91,6 +99,8 @@ pub enum RunnerError {
     Blob(#[from] cove_blob::BlobError),
     #[error("{0}")]
     Image(String),
+    #[error("{0}")]
+    Network(String),
 }
 
 impl RunnerError {
@@ -107,6 +117,8 @@ pub struct VmRequest {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub env: BTreeMap<String, String>,
+    /// Egress policy; `None` is allow-all.
+    pub network_policy: Option<cove_api::sandbox::NetworkPolicy>,
 }
 
 pub struct Runner {
@@ -115,6 +127,7 @@ pub struct Runner {
     images: Images,
     templates: template::Templates,
     blobs: BlobStore,
+    net: net::Network,
     vms: Mutex<HashMap<String, Arc<sandbox::SandboxVm>>>,
 }
 
@@ -129,7 +142,7 @@ pub enum AfterCapture {
 }
 
 impl Runner {
-    pub fn new(cfg: RunnerConfig, vmm: Arc<dyn Vmm>) -> Result<Runner, RunnerError> {
+    pub async fn new(cfg: RunnerConfig, vmm: Arc<dyn Vmm>) -> Result<Runner, RunnerError> {
         let images = Images::locate(&cfg.cache_dir)?;
         let dirs = [
             (cfg.data_dir.join("sandboxes"), &cfg.data_dir),
@@ -149,7 +162,13 @@ impl Runner {
             None => format!("file://{}", cfg.data_dir.join("blobs").display()),
         };
         let blobs = BlobStore::open(&url)?;
-        Ok(Runner { cfg, vmm, images, templates, blobs, vms: Mutex::new(HashMap::new()) })
+        let mut egress = cove_net::egress::EgressConfig::from_host(cfg.egress_extra_ca.as_deref())
+            .map_err(|e| RunnerError::Network(format!("egress configuration: {e:#}")))?;
+        if let Some(dns) = cfg.egress_dns {
+            egress.upstream_dns = dns;
+        }
+        let net = net::Network::new(&cfg.data_dir, egress).await?;
+        Ok(Runner { cfg, vmm, images, templates, blobs, net, vms: Mutex::new(HashMap::new()) })
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -176,9 +195,50 @@ impl Runner {
         let snapshot =
             self.templates.get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib).await?;
         let origin = sandbox::Origin::Template(&snapshot);
-        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req).await?;
-        self.lock().insert(req.id.clone(), Arc::new(vm));
-        Ok(())
+        self.net.up(&req.id, req.network_policy.as_ref()).await?;
+        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req).await;
+        self.started(req, vm).await
+    }
+
+    /// Registers a VM that started, or takes its network down again if it did not.
+    async fn started(
+        &self,
+        req: &VmRequest,
+        vm: Result<sandbox::SandboxVm, RunnerError>,
+    ) -> Result<(), RunnerError> {
+        match vm {
+            Ok(vm) => {
+                self.lock().insert(req.id.clone(), Arc::new(vm));
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(ne) = self.net.down(&req.id).await {
+                    tracing::warn!(sandbox_id = %req.id, error = %ne, "removing the network of a failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces the egress policy of a running sandbox; flows the new policy forbids are cut.
+    pub async fn set_network_policy(
+        &self,
+        id: &str,
+        policy: Option<&cove_api::sandbox::NetworkPolicy>,
+    ) -> Result<(), RunnerError> {
+        self.vm(id)?;
+        self.net.set_policy(id, policy).await
+    }
+
+    /// A TCP connection to `port` of the sandbox's guest, made inside its network namespace
+    /// (the invoke route and presigned URLs).
+    pub async fn connect_guest(&self, id: &str, port: u16) -> Result<tokio::net::TcpStream, RunnerError> {
+        self.vm(id)?;
+        let ns = cove_net::netns::path(&cove_net::topology::ns_name(id));
+        let addr = std::net::SocketAddr::from((cove_net::addr::GUEST_IP, port));
+        cove_net::netns::tcp_connect(&ns, addr)
+            .await
+            .map_err(|e| RunnerError::io(format!("connecting to port {port} of the sandbox"), e))
     }
 
     /// Reads the manifest of the image at `prefix`; an error if it is incomplete or absent.
@@ -207,9 +267,9 @@ impl Runner {
             manifest: &manifest,
             template_disk: self.templates.frozen_disk(&manifest.template_key),
         };
-        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req).await?;
-        self.lock().insert(req.id.clone(), Arc::new(vm));
-        Ok(())
+        self.net.up(&req.id, req.network_policy.as_ref()).await?;
+        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req).await;
+        self.started(req, vm).await
     }
 
     /// Stores a running VM as an image under `prefix`, then runs it on or releases it. If
@@ -229,6 +289,7 @@ impl Runner {
                 drop(captured);
                 self.lock().remove(&req.id);
                 vm.destroy(self.vmm.as_ref()).await?;
+                self.net.down(&req.id).await?;
             }
         }
         Ok((manifest, stats))
@@ -265,17 +326,18 @@ impl Runner {
     pub async fn stop(&self, id: &str) -> Result<(), RunnerError> {
         let vm = self.lock().remove(id);
         match vm {
-            Some(vm) => vm.stop(self.vmm.as_ref()).await,
-            None => self.end_vm(id).await,
+            Some(vm) => vm.stop(self.vmm.as_ref()).await?,
+            None => self.end_vm(id).await?,
         }
+        self.net.down(id).await
     }
 
     /// Boots a stopped sandbox afresh on its kept disk.
     pub async fn boot(&self, req: &VmRequest) -> Result<(), RunnerError> {
         // Its template snapshot need not exist any more; its frozen disk layer must.
-        let vm = sandbox::SandboxVm::boot(&self.cfg, &self.images, self.vmm.as_ref(), req).await?;
-        self.lock().insert(req.id.clone(), Arc::new(vm));
-        Ok(())
+        self.net.up(&req.id, req.network_policy.as_ref()).await?;
+        let vm = sandbox::SandboxVm::boot(&self.cfg, &self.images, self.vmm.as_ref(), req).await;
+        self.started(req, vm).await
     }
 
     /// Whether sandbox `id` has its disk on this host (a stopped sandbox keeps it).
@@ -289,14 +351,14 @@ impl Runner {
         self.lock().remove(id);
         sandbox::end_vm_of(&self.cfg, self.vmm.as_ref(), id).await?;
         sandbox::remove_runtime(&self.cfg, id);
-        Ok(())
+        self.net.down(id).await
     }
 
     /// Gives a running guest its identity again (clock, entropy; hostname and environment
     /// unchanged), e.g. for a VM whose resume a crash interrupted.
     pub async fn reidentify(&self, req: &VmRequest) -> Result<(), RunnerError> {
         let agent = self.vm(&req.id)?.agent().await?;
-        sandbox::apply_identity(&agent, req).await
+        sandbox::apply_identity(&agent, req, &self.cfg.data_dir).await
     }
 
     /// Runs again an adopted VM that a crash left stopped in the middle of a capture.
@@ -331,24 +393,34 @@ impl Runner {
     pub async fn destroy(&self, id: &str) -> Result<(), RunnerError> {
         let vm = self.lock().remove(id);
         match vm {
-            Some(vm) => vm.destroy(self.vmm.as_ref()).await,
-            None => sandbox::SandboxVm::remove_leftovers(&self.cfg, self.vmm.as_ref(), id).await,
+            Some(vm) => vm.destroy(self.vmm.as_ref()).await?,
+            None => sandbox::SandboxVm::remove_leftovers(&self.cfg, self.vmm.as_ref(), id).await?,
         }
+        self.net.remove(id).await
     }
 
-    /// After a restart: adopts the VMs of `ids` that are still running. Returns the ids whose
-    /// VM is gone.
-    pub fn recover(&self, ids: &[String]) -> Vec<String> {
+    /// After a restart: adopts the VMs of `sandboxes` that are still running and binds their
+    /// egress listeners again. Returns the ids whose VM is gone.
+    pub async fn recover(&self, sandboxes: &[VmRequest]) -> Vec<String> {
         let mut lost = Vec::new();
-        for id in ids {
-            match sandbox::SandboxVm::adopt(&self.cfg, self.vmm.as_ref(), id) {
+        for req in sandboxes {
+            match sandbox::SandboxVm::adopt(&self.cfg, self.vmm.as_ref(), &req.id) {
                 Some(vm) => {
-                    self.lock().insert(id.clone(), Arc::new(vm));
+                    if let Err(e) = self.net.reattach(&req.id, req.network_policy.as_ref()).await {
+                        tracing::warn!(sandbox_id = %req.id, error = %e, "sandbox network not restored");
+                    }
+                    self.lock().insert(req.id.clone(), Arc::new(vm));
                 }
-                None => lost.push(id.clone()),
+                None => lost.push(req.id.clone()),
             }
         }
         lost
+    }
+
+    /// Ids of the sandboxes whose network namespace exists on this host (to find leftovers
+    /// after a crash).
+    pub fn sandbox_networks(&self) -> Vec<String> {
+        self.net.namespaces()
     }
 
     /// Ids of the sandboxes with files on this host: directories and RAM files (used to find

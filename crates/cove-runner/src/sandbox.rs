@@ -48,6 +48,7 @@ pub enum Origin<'a> {
 pub struct SandboxVm {
     handle: VmHandle,
     dir: PathBuf,
+    data_dir: PathBuf,
     memory_file: PathBuf,
     agent: tokio::sync::Mutex<Option<AgentClient>>,
 }
@@ -76,24 +77,33 @@ fn spec(cfg: &RunnerConfig, images: &Images, id: &str, vcpus: u32, memory_mib: u
         memory_file,
         run_dir: dir.join("run"),
         overhead_mib: cfg.overhead_mib,
+        netns: cove_net::netns::path(&cove_net::topology::ns_name(id)),
     }
 }
 
-fn identity(req: &VmRequest) -> cove_proto::Identity {
+fn identity(req: &VmRequest, data_dir: &Path) -> cove_proto::Identity {
+    let mut env = req.env.clone();
+    crate::net::Network::guest_env(&mut env);
     cove_proto::Identity {
         hostname: req.id.clone(),
-        env: req.env.clone(),
+        env,
+        trust_pem: crate::net::trust_pem(data_dir, &req.id),
         unix_time_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
         entropy_hex: hex::encode(rand::random::<[u8; 32]>()),
     }
 }
 
-/// Gives the guest its identity: hostname, environment, the host's clock, fresh entropy.
-/// Sent after every restore and resume, so that the clock is right and clones differ.
-pub async fn apply_identity(agent: &AgentClient, req: &VmRequest) -> Result<(), RunnerError> {
+/// Gives the guest its identity: hostname, environment, the host's clock, fresh entropy, the
+/// egress CA to trust. Sent after every restore and resume, so that the clock is right and
+/// clones differ.
+pub async fn apply_identity(
+    agent: &AgentClient,
+    req: &VmRequest,
+    data_dir: &Path,
+) -> Result<(), RunnerError> {
     tokio::time::timeout(
         IDENTITY_WAIT,
-        agent.call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity(req))),
+        agent.call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity(req, data_dir))),
     )
     .await
     .map_err(|_| AgentError::Request("the guest did not accept its identity in time".into()))??;
@@ -264,6 +274,7 @@ impl SandboxVm {
         let vm = SandboxVm {
             handle,
             dir: paths(cfg, &req.id).0,
+            data_dir: cfg.data_dir.clone(),
             memory_file: spec.memory_file.clone(),
             agent: tokio::sync::Mutex::new(None),
         };
@@ -276,7 +287,7 @@ impl SandboxVm {
             None => AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?,
         };
         let t_agent = t0.elapsed();
-        apply_identity(&agent, req).await?;
+        apply_identity(&agent, req, &cfg.data_dir).await?;
         tracing::debug!(
             vm_ms = t_vm.as_millis() as u64,
             agent_ms = t_agent.as_millis() as u64,
@@ -309,6 +320,7 @@ impl SandboxVm {
             let vm = SandboxVm {
                 handle,
                 dir: paths(cfg, &req.id).0,
+                data_dir: cfg.data_dir.clone(),
                 memory_file: spec.memory_file.clone(),
                 agent: tokio::sync::Mutex::new(None),
             };
@@ -319,7 +331,7 @@ impl SandboxVm {
                     return Err(e.into());
                 }
             };
-            if let Err(e) = apply_identity(&agent, req).await {
+            if let Err(e) = apply_identity(&agent, req, &cfg.data_dir).await {
                 let _ = vmm.destroy(&vm.handle).await;
                 return Err(e);
             }
@@ -340,7 +352,13 @@ impl SandboxVm {
     pub fn adopt(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str) -> Option<SandboxVm> {
         let (dir, memory_file) = paths(cfg, id);
         let handle = vmm.find(id, &dir.join("run"))?;
-        Some(SandboxVm { handle, dir, memory_file, agent: tokio::sync::Mutex::new(None) })
+        Some(SandboxVm {
+            handle,
+            dir,
+            data_dir: cfg.data_dir.clone(),
+            memory_file,
+            agent: tokio::sync::Mutex::new(None),
+        })
     }
 
     pub async fn agent(&self) -> Result<AgentClient, RunnerError> {
@@ -418,7 +436,7 @@ impl SandboxVm {
                 let resumed = vmm.resume(&self.handle).await;
                 match Self::greet_parked(socket).await {
                     Ok(a) => {
-                        let _ = apply_identity(&a, req).await;
+                        let _ = apply_identity(&a, req, &self.data_dir).await;
                         *slot = Some(a);
                     }
                     Err(ge) => {
@@ -458,7 +476,7 @@ impl SandboxVm {
     ) -> Result<(), RunnerError> {
         vmm.resume(&self.handle).await?;
         let agent = Self::greet_parked(captured.socket).await?;
-        apply_identity(&agent, req).await?;
+        apply_identity(&agent, req, &self.data_dir).await?;
         *self.agent.lock().await = Some(agent);
         Ok(())
     }
@@ -538,10 +556,12 @@ pub async fn raw_restore(
     origin: Origin<'_>,
 ) -> Result<Duration, RunnerError> {
     let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
+    crate::net::scratch(&id).await?;
     let started = Instant::now();
     let result = SandboxVm::start_vm(cfg, images, vmm, &origin, &id).await;
     let elapsed = started.elapsed();
     let _ = SandboxVm::remove_leftovers(cfg, vmm, &id).await;
+    crate::net::remove_scratch(&id).await;
     result.map(|_| elapsed)
 }
 
@@ -553,6 +573,7 @@ pub async fn raw_save_restore(
     origin: Origin<'_>,
 ) -> Result<(Duration, Duration), RunnerError> {
     let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
+    crate::net::scratch(&id).await?;
     let result = async {
         let (spec, handle, _) = SandboxVm::start_vm(cfg, images, vmm, &origin, &id).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -570,6 +591,7 @@ pub async fn raw_save_restore(
     }
     .await;
     let _ = SandboxVm::remove_leftovers(cfg, vmm, &id).await;
+    crate::net::remove_scratch(&id).await;
     result
 }
 

@@ -155,6 +155,24 @@ impl Templates {
         std::fs::create_dir_all(&snap.dir).map_err(|e| io("creating dir", e))?;
         let disk = snap.dir.join("disk.qcow2");
         qemu_img_overlay(&self.images.rootfs, &disk).await?;
+        // The template VM has the NIC every sandbox has, on a network of its own that reaches
+        // nothing.
+        let name = format!("tmpl-{}", snap.key);
+        let netns = crate::net::scratch(&name).await?;
+        let result = self.build_in(vmm, snap, &disk, netns).await;
+        crate::net::remove_scratch(&name).await;
+        result
+    }
+
+    async fn build_in(
+        &self,
+        vmm: &dyn Vmm,
+        snap: &TemplateSnapshot,
+        disk: &Path,
+        netns: PathBuf,
+    ) -> Result<(), RunnerError> {
+        let io = |what: &str, e| RunnerError::io(format!("{what} for template {}", snap.key), e);
+        let disk = disk.to_path_buf();
         let spec = VmSpec {
             name: format!("tmpl-{}", snap.key),
             vcpus: snap.vcpus,
@@ -166,6 +184,7 @@ impl Templates {
             memory_file: snap.memory_file.clone(),
             run_dir: snap.dir.join("run"),
             overhead_mib: self.cfg.overhead_mib,
+            netns,
         };
         let vm = vmm.start(&spec, &Boot::Fresh).await?;
         let result = async {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use cove_api::sandbox::{
-    ListSandboxes, NetworkMode, SandboxCreateRequest, SandboxResponse, SandboxState, DEFAULT_MEMORY_MIB,
+    ListSandboxes, NetworkPolicy, SandboxCreateRequest, SandboxResponse, SandboxState, DEFAULT_MEMORY_MIB,
     DEFAULT_TIMEOUT_SECS, DEFAULT_VCPU,
 };
 use cove_api::snapshot::{ListSnapshots, SnapshotResponse, SnapshotRestoreRequest};
@@ -31,6 +31,24 @@ pub struct CoreConfig {
     pub default_sandbox_limit: u64,
     /// Name of the (single, in-process) runner.
     pub runner_id: String,
+    /// Where sandboxes' own services are reached: `<id>.<domain>` (the sandbox's `PORT`),
+    /// `<id>-<port>.<domain>`, and presigned URLs `<token>.<domain>`. May carry a `:port`.
+    pub sandbox_domain: String,
+    /// Scheme of the URLs handed out (`https` behind TLS, `http` for local use).
+    pub public_scheme: String,
+}
+
+impl CoreConfig {
+    /// One host, services of sandboxes under `localhost` (curl and browsers resolve
+    /// `*.localhost` to the loopback address by themselves), plain HTTP.
+    pub fn local(default_sandbox_limit: u64) -> CoreConfig {
+        CoreConfig {
+            default_sandbox_limit,
+            runner_id: "local".into(),
+            sandbox_domain: "localhost".into(),
+            public_scheme: "http".into(),
+        }
+    }
 }
 
 pub struct Core {
@@ -86,6 +104,17 @@ pub fn snapshot_response(s: &SnapshotRecord) -> SnapshotResponse {
     }
 }
 
+/// What the API's validation cannot see: CIDRs over ranges no sandbox may reach, wildcards
+/// over a whole top-level domain, headers that cannot be set. `field` prefixes the error's
+/// field.
+fn check_policy(policy: Option<&NetworkPolicy>, field: &str) -> Result<(), ApiError> {
+    cove_net::policy::Policy::compile(policy).map(|_| ()).map_err(|e| {
+        let rest = e.field.strip_prefix("network_policy").unwrap_or(&e.field);
+        let name = format!("{field}{rest}");
+        ApiError::field(name.trim_start_matches('.'), e.message)
+    })
+}
+
 fn vm_request(rec: &SandboxRecord) -> VmRequest {
     VmRequest {
         id: rec.id.clone(),
@@ -93,6 +122,7 @@ fn vm_request(rec: &SandboxRecord) -> VmRequest {
         vcpus: rec.vcpu,
         memory_mib: rec.memory,
         env: rec.env.clone(),
+        network_policy: rec.network_policy.clone(),
     }
 }
 
@@ -164,9 +194,7 @@ impl Core {
         if req.mounts.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(ApiError::NotImplemented("object storage mounts are not implemented yet".into()));
         }
-        if req.network_policy.as_ref().is_some_and(|p| p.mode == NetworkMode::Custom) {
-            return Err(ApiError::NotImplemented("custom network policies are not implemented yet".into()));
-        }
+        check_policy(req.network_policy.as_ref(), "network_policy")?;
         let now = Utc::now();
         let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
         let rec = SandboxRecord {
@@ -248,15 +276,103 @@ impl Core {
     /// The agent of a sandbox, resuming it first if it is paused (or waiting for the resume or
     /// snapshot in progress); 409 naming the state when it has no VM to offer.
     pub async fn agent(&self, org: &str, id: &str) -> Result<AgentClient, ApiError> {
+        self.running(org, id).await?;
+        Ok(self.runner.agent(id).await?)
+    }
+
+    /// The sandbox, running: a paused one is resumed first (requests that arrive during a
+    /// pause, resume or snapshot wait for it).
+    pub async fn running(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
         let rec = self.get(org, id)?;
         match rec.state {
-            S::Running => {}
-            S::Paused | S::Unpausing | S::Snapshotting => {
-                self.resume(org, id).await?;
-            }
-            other => return Err(not_in(id, other, "running")),
+            S::Running => Ok(rec),
+            S::Paused | S::Unpausing | S::Snapshotting => self.resume(org, id).await,
+            other => Err(not_in(id, other, "running")),
         }
-        Ok(self.runner.agent(id).await?)
+    }
+
+    /// A TCP connection to `port` of the sandbox's guest (resumed if paused).
+    pub async fn connect_guest(
+        &self,
+        org: &str,
+        id: &str,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, ApiError> {
+        self.running(org, id).await?;
+        self.runner.connect_guest(id, port).await.map_err(|e| match e {
+            cove_runner::RunnerError::Io(_, io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                ApiError::BadGateway(format!("nothing listens on port {port} in sandbox {id}"))
+            }
+            e => ApiError::BadGateway(format!("reaching port {port} of sandbox {id}: {}", error_chain(&e))),
+        })
+    }
+
+    /// Issues a presigned URL for one port of a sandbox; the token is returned this once.
+    pub fn create_presigned(
+        &self,
+        org: &str,
+        id: &str,
+        req: &cove_api::presigned::PresignedUrlCreateRequest,
+    ) -> Result<cove_api::presigned::PresignedUrlResponse, ApiError> {
+        let rec = self.get(org, id)?;
+        let token = hex::encode(rand::random::<[u8; 16]>());
+        let now = Utc::now();
+        let expires_in = req.expires_in.unwrap_or(cove_api::presigned::DEFAULT_EXPIRES_IN_SECS);
+        let p = cove_store::PresignedRecord {
+            id: format!("psu-{}", hex::encode(rand::random::<[u8; 8]>())),
+            org_id: org.to_string(),
+            sandbox_id: rec.id.clone(),
+            port: u16::try_from(req.port)
+                .map_err(|_| ApiError::field("port", "must be between 1 and 65535"))?,
+            expires_at: now.timestamp() + expires_in,
+            created_at: now,
+        };
+        self.store.insert_presigned(&p, &token)?;
+        tracing::info!(sandbox_id = %id, presigned_id = %p.id, port = p.port, expires_in, "presigned URL issued");
+        Ok(cove_api::presigned::PresignedUrlResponse {
+            url: format!("{}://{token}.{}", self.cfg.public_scheme, self.cfg.sandbox_domain),
+            token,
+            id: p.id,
+            sandbox_id: p.sandbox_id,
+            port: p.port,
+            expires_at: chrono::DateTime::from_timestamp(p.expires_at, 0).unwrap_or(now),
+            created_at: p.created_at,
+        })
+    }
+
+    pub fn delete_presigned(&self, org: &str, id: &str, presigned_id: &str) -> Result<(), ApiError> {
+        self.get(org, id)?;
+        self.store.delete_presigned(org, id, presigned_id).map_err(|e| match e {
+            StoreError::NotFound => {
+                ApiError::NotFound(format!("presigned URL {presigned_id} of sandbox {id} not found"))
+            }
+            e => e.into(),
+        })
+    }
+
+    /// Replaces a sandbox's egress policy. A running sandbox gets it at once (flows it forbids
+    /// are cut); a paused or stopped one when it next runs.
+    pub async fn set_network_policy(
+        &self,
+        org: &str,
+        id: &str,
+        policy: NetworkPolicy,
+    ) -> Result<SandboxRecord, ApiError> {
+        check_policy(Some(&policy), "")?;
+        let _op = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        match rec.state {
+            S::Running => {
+                self.runner.set_network_policy(id, Some(&policy)).await.map_err(|e| {
+                    ApiError::Unavailable(format!("applying the network policy: {}", error_chain(&e)))
+                })?;
+            }
+            S::Paused | S::Stopped => {}
+            other => return Err(not_in(id, other, "running, paused or stopped")),
+        }
+        self.store.set_network_policy(id, Some(&policy))?;
+        tracing::info!(sandbox_id = %id, mode = ?policy.mode, "network policy replaced");
+        self.get(org, id)
     }
 
     /// Pauses a running sandbox: its device state, RAM and disk go to the blob store, then the
@@ -431,9 +547,7 @@ impl Core {
             .snapshot(org, name)?
             .filter(|s| s.state == SnapshotState::Ready)
             .ok_or_else(|| ApiError::NotFound(format!("snapshot {name:?} not found")))?;
-        if req.network_policy.as_ref().is_some_and(|p| p.mode == NetworkMode::Custom) {
-            return Err(ApiError::NotImplemented("custom network policies are not implemented yet".into()));
-        }
+        check_policy(req.network_policy.as_ref(), "network_policy")?;
         let now = Utc::now();
         let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
         let rec = SandboxRecord {
@@ -532,14 +646,15 @@ impl Core {
     /// "Crash recovery"), and removes files and images nobody owns.
     pub async fn recover(&self) -> Result<(), ApiError> {
         let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
-        let with_vm: Vec<String> = records
+        let with_vm: Vec<VmRequest> = records
             .iter()
             .filter(|r| {
                 matches!(r.state, S::Running | S::Snapshotting | S::Stopping | S::Unpausing | S::Starting)
             })
-            .map(|r| r.id.clone())
+            .map(vm_request)
             .collect();
-        let lost: std::collections::HashSet<String> = self.runner.recover(&with_vm).into_iter().collect();
+        let lost: std::collections::HashSet<String> =
+            self.runner.recover(&with_vm).await.into_iter().collect();
         for rec in &records {
             if let Err(e) = self.recover_one(rec, !lost.contains(&rec.id)).await {
                 tracing::error!(sandbox_id = %rec.id, error = %e, "recovering sandbox");

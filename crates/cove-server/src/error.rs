@@ -31,6 +31,9 @@ pub enum ApiError {
     Guest { status: StatusCode, message: String, field: Option<String> },
     #[error("{0}")]
     Unavailable(String),
+    /// A sandbox's own service could not be reached (invoke route, presigned URLs).
+    #[error("{0}")]
+    BadGateway(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -74,9 +77,10 @@ impl From<cove_runner::RunnerError> for ApiError {
             RunnerError::Agent(e) => {
                 ApiError::Guest { status: StatusCode::BAD_GATEWAY, message: e.to_string(), field: None }
             }
-            RunnerError::ImagesMissing(_) | RunnerError::Image(_) | RunnerError::Blob(_) => {
-                ApiError::Unavailable(error_chain(&e))
-            }
+            RunnerError::ImagesMissing(_)
+            | RunnerError::Image(_)
+            | RunnerError::Blob(_)
+            | RunnerError::Network(_) => ApiError::Unavailable(error_chain(&e)),
             other => ApiError::Internal(error_chain(&other)),
         }
     }
@@ -127,6 +131,7 @@ impl IntoResponse for ApiError {
                 (status, msg(message)).into_response()
             }
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, msg(m)).into_response(),
+            ApiError::BadGateway(m) => (StatusCode::BAD_GATEWAY, msg(m)).into_response(),
             ApiError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, msg("internal error".into())).into_response()

@@ -15,9 +15,9 @@ use crate::AppState;
 pub struct OrgId(pub String);
 
 /// The key from `authorization` or `leap0-authorization`, with an optional `Bearer ` prefix.
-pub fn api_key(parts: &Parts) -> Option<String> {
+pub fn api_key(headers: &axum::http::HeaderMap) -> Option<String> {
     ["authorization", "leap0-authorization"].iter().find_map(|h| {
-        let v = parts.headers.get(*h)?.to_str().ok()?.trim();
+        let v = headers.get(*h)?.to_str().ok()?.trim();
         let key = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim();
         (!key.is_empty()).then(|| key.to_string())
     })
@@ -27,7 +27,7 @@ impl FromRequestParts<AppState> for OrgId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let key = api_key(parts).ok_or(ApiError::Unauthorized)?;
+        let key = api_key(&parts.headers).ok_or(ApiError::Unauthorized)?;
         match state.core.store.authenticate(&key)? {
             Some(org) => Ok(OrgId(org)),
             None => Err(ApiError::Unauthorized),

@@ -7,6 +7,7 @@ pub mod core;
 pub mod error;
 pub mod extract;
 mod filesystem;
+mod invoke;
 mod keys;
 mod openapi;
 mod process;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, patch, post};
 use axum::{Json, Router};
 use cove_api::ErrorResponse;
 
@@ -34,9 +35,6 @@ pub struct AppState {
 const NOT_YET: &[&str] = &[
     "/v1/sandbox/{sandboxID}/mounts",
     "/v1/sandbox/{sandboxID}/mounts/{mountID}",
-    "/v1/sandbox/{sandboxID}/presigned-url",
-    "/v1/sandbox/{sandboxID}/presigned-url/{id}",
-    "/v1/sandbox/{sandboxID}/network-policy",
     "/v1/template",
     "/v1/template/{templateID}",
     "/v1/templates",
@@ -56,6 +54,9 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/sandbox/{sandboxID}/", get(sandbox::get).delete(sandbox::delete))
         .route("/v1/sandboxes", get(sandbox::list))
         .route("/v1/sandbox/{sandboxID}/pause", post(sandbox::pause))
+        .route("/v1/sandbox/{sandboxID}/network-policy", patch(sandbox::set_network_policy))
+        .route("/v1/sandbox/{sandboxID}/presigned-url", post(invoke::create_presigned))
+        .route("/v1/sandbox/{sandboxID}/presigned-url/{id}", axum::routing::delete(invoke::delete_presigned))
         .route("/v1/sandbox/{sandboxID}/resume", post(sandbox::resume))
         .route("/v1/sandbox/{sandboxID}/stop", post(sandbox::stop))
         .route("/v1/sandbox/{sandboxID}/start", post(sandbox::start))
@@ -90,7 +91,11 @@ pub fn router(core: Arc<Core>) -> Router {
     for path in NOT_YET {
         r = r.route(path, any(not_implemented));
     }
-    r.fallback(not_found).method_not_allowed_fallback(method_not_allowed).with_state(AppState { core })
+    let state = AppState { core };
+    r.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), invoke::route))
+        .with_state(state)
 }
 
 async fn not_implemented(_org: extract::OrgId, req: Request) -> impl IntoResponse {

@@ -4,20 +4,21 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{filesystem, keys, process, sandbox, snapshot};
+use crate::{filesystem, invoke, keys, process, sandbox, snapshot};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Cove API", description = "Self-hostable microVM sandboxes; wire-compatible with Leap0's public API."),
     paths(
         sandbox::create, sandbox::get, sandbox::delete, sandbox::list, sandbox::user_home_dir, sandbox::workdir,
-        sandbox::pause, sandbox::resume, sandbox::stop, sandbox::start,
+        sandbox::pause, sandbox::resume, sandbox::stop, sandbox::start, sandbox::set_network_policy,
         snapshot::create, snapshot::restore, snapshot::list, snapshot::delete,
         process::execute,
         filesystem::ls, filesystem::stat, filesystem::mkdir, filesystem::write_file, filesystem::write_files,
         filesystem::read_file, filesystem::read_files, filesystem::delete, filesystem::set_permissions,
         filesystem::glob, filesystem::grep, filesystem::edit_file, filesystem::edit_files,
         filesystem::move_path, filesystem::copy, filesystem::exists, filesystem::tree,
+        invoke::create_presigned, invoke::delete_presigned,
         keys::create, keys::list, keys::delete,
     ),
     modifiers(&BearerAuth),

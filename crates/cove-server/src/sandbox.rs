@@ -4,8 +4,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use cove_api::sandbox::{
-    ListSandboxesQuery, ListSandboxesResponse, SandboxCreateRequest, SandboxListItem, SandboxResponse,
-    SandboxUserHomeDirResponse, SandboxWorkdirResponse,
+    ListSandboxesQuery, ListSandboxesResponse, NetworkPolicy, SandboxCreateRequest, SandboxListItem,
+    SandboxResponse, SandboxUserHomeDirResponse, SandboxWorkdirResponse,
 };
 use cove_api::{ErrorResponse, ValidationErrorResponse};
 use hyper::Method;
@@ -61,6 +61,29 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     s.core.delete(&org, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(patch, path = "/v1/sandbox/{sandboxID}/network-policy", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    request_body = NetworkPolicy,
+    description = "Replace the egress policy of a sandbox (a Cove addition). A running sandbox gets it at once: \
+        connections the new policy forbids are cut before this returns. A paused or stopped sandbox gets it \
+        when it next runs. Header values of transforms are write-only.",
+    responses(
+        (status = 200, description = "Policy replaced", body = SandboxResponse),
+        (status = 400, description = "Invalid policy", body = ValidationErrorResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox in this organization", body = ErrorResponse),
+        (status = 409, description = "The sandbox is changing state", body = ErrorResponse),
+        (status = 503, description = "The policy could not be applied", body = ErrorResponse)))]
+pub async fn set_network_policy(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+    ValidJson(policy): ValidJson<NetworkPolicy>,
+) -> Result<Json<SandboxResponse>, ApiError> {
+    let rec = s.core.set_network_policy(&org, &id, policy).await?;
+    Ok(Json(response(&rec)))
 }
 
 #[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/pause", tag = "Sandbox",

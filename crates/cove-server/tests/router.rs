@@ -34,11 +34,7 @@ fn app() -> App {
     let org = store.create_org("test", None).unwrap();
     let key = cove_store::generate_key();
     store.add_key(&org.id, "test", &key).unwrap();
-    let core = Core::new(
-        Arc::new(store),
-        Arc::new(runner),
-        CoreConfig { default_sandbox_limit: 3, runner_id: "local".into() },
-    );
+    let core = Core::new(Arc::new(store), Arc::new(runner), CoreConfig::local(3));
     App { router: router(Arc::new(core)), key, _dir: dir }
 }
 

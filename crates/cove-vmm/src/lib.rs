@@ -89,6 +89,9 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// Extra host memory allowed beyond guest RAM for QEMU itself.
     pub overhead_mib: u64,
+    /// The network namespace QEMU runs in (a path such as `/run/netns/NAME`); its `tap0`
+    /// backs the guest's only NIC. Every VM has the NIC, so device states stay compatible.
+    pub netns: PathBuf,
 }
 
 impl VmSpec {

@@ -25,6 +25,10 @@ const MIGRATION_WAIT: Duration = Duration::from_secs(300);
 
 /// Unprivileged account QEMU drops to once it has opened its files (`cove setup` creates it).
 pub const VM_USER: &str = "cove-vm";
+/// The TAP (in the VM's network namespace) and MAC of the guest's NIC: the same for every VM,
+/// so that any saved state restores into any namespace.
+const TAP: &str = "tap0";
+const MAC: &str = "52:54:00:c0:0e:02";
 
 pub struct QemuVmm {
     pub binary: PathBuf,
@@ -96,6 +100,10 @@ impl QemuVmm {
             format!("virtserialport,bus=vser.0,chardev=agent,name={}", cove_proto::PORT_NAME),
             "-device".into(),
             "virtio-rng-pci".into(),
+            "-netdev".into(),
+            format!("tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=off"),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={MAC},id=nic0"),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", run("qmp.sock")),
             "-pidfile".into(),
@@ -153,6 +161,9 @@ impl Vmm for QemuVmm {
             .collect::<Result<_, _>>()
             .map_err(|e| VmmError::io("opening cgroup.procs", e))?;
         let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        let netns = std::fs::File::open(&spec.netns)
+            .map_err(|e| VmmError::io(format!("opening network namespace {}", spec.netns.display()), e))?;
+        let netns_fd = netns.as_raw_fd();
 
         let log = std::fs::File::create(spec.run_dir.join("qemu.log"))
             .map_err(|e| VmmError::io("creating qemu.log", e))?;
@@ -162,14 +173,16 @@ impl Vmm for QemuVmm {
         // QEMU runs in its own session (a runner restart or a signal to the runner's group
         // does not touch it) and in the VM's cgroup from its first instruction. It cannot
         // daemonize itself: `-sandbox spawn=deny` forbids the fork.
-        // SAFETY: the closure only calls setsid(2) and write(2), both async-signal-safe.
+        // SAFETY: the closure only calls setsid(2), write(2) and setns(2), all
+        // async-signal-safe.
         #[allow(unsafe_code)]
         unsafe {
-            cmd.pre_exec(move || sys::detach_into_cgroups(&fds));
+            cmd.pre_exec(move || sys::detach_into_cgroups(&fds, Some(netns_fd)));
         }
         let mut child =
             cmd.spawn().map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
         drop(procs);
+        drop(netns);
         let pid = child.id();
         // Reap QEMU when it exits, so it never lingers as a zombie of the runner.
         std::thread::spawn(move || {

@@ -1,4 +1,5 @@
-//! Process signalling; every unsafe block says why it is sound.
+//! Process signalling and the child's set-up before exec; every unsafe block says why it is
+//! sound.
 
 use std::io;
 
@@ -12,10 +13,18 @@ pub fn kill(pid: u32, sig: libc::c_int) -> io::Result<()> {
 
 /// Run in the forked child before exec: starts a new session and writes "0" into each open
 /// cgroup.procs fd, moving the child into the VM's cgroup. Both calls are async-signal-safe.
-pub fn detach_into_cgroups(fds: &[i32]) -> io::Result<()> {
+/// With `netns`, the child then enters that network namespace (setns(2), also
+/// async-signal-safe), so QEMU opens the sandbox's TAP and has no other network.
+pub fn detach_into_cgroups(fds: &[i32], netns: Option<i32>) -> io::Result<()> {
     // SAFETY: setsid takes no arguments.
     if unsafe { libc::setsid() } < 0 {
         return Err(io::Error::last_os_error());
+    }
+    if let Some(ns) = netns {
+        // SAFETY: setns takes an fd the parent opened on a namespace file and a flag.
+        if unsafe { libc::setns(ns, libc::CLONE_NEWNET) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     for &fd in fds {
         // SAFETY: writes one byte from a static buffer to an fd opened by the parent.

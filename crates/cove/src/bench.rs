@@ -110,12 +110,8 @@ impl Bench {
         let accel = format!("{:?}", vmm.accel).to_lowercase();
         let mut cfg = RunnerConfig::new(cache_dir.to_path_buf(), data.path().to_path_buf());
         cfg.blob_url = blob_url;
-        let runner = Arc::new(Runner::new(cfg, vmm)?);
-        let core = Arc::new(Core::new(
-            store,
-            runner.clone(),
-            CoreConfig { default_sandbox_limit: 1000, runner_id: "local".into() },
-        ));
+        let runner = Arc::new(Runner::new(cfg, vmm).await?);
+        let core = Arc::new(Core::new(store, runner.clone(), CoreConfig::local(1000)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         tokio::spawn(axum::serve(listener, cove_server::router(core)).into_future());

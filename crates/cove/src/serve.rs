@@ -38,6 +38,24 @@ pub struct ServerArgs {
     /// AWS_ENDPOINT_URL). Default: `<data dir>/blobs`.
     #[arg(long, env = "COVE_BLOB_URL")]
     blob_url: Option<String>,
+    /// DNS resolver (ip:port) the egress proxy asks for names a sandbox may reach. Default: the
+    /// host's first nameserver in /etc/resolv.conf.
+    #[arg(long, env = "COVE_EGRESS_DNS")]
+    egress_dns: Option<std::net::SocketAddr>,
+    /// Domain under which sandboxes' own services are reached (`<id>.<domain>`,
+    /// `<id>-<port>.<domain>`, presigned `<token>.<domain>`); it may carry a `:port`. Point a
+    /// wildcard DNS record at this server. Default: `localhost:<listen port>`, which curl and
+    /// browsers resolve to this host by themselves.
+    #[arg(long, env = "COVE_SANDBOX_DOMAIN")]
+    sandbox_domain: Option<String>,
+    /// Scheme of the URLs handed out for the sandbox domain: `https` when a TLS proxy fronts
+    /// this server, `http` for local use.
+    #[arg(long, env = "COVE_PUBLIC_SCHEME", default_value = "http")]
+    public_scheme: String,
+    /// PEM file of extra CA certificates the egress proxy trusts for upstream TLS (beside the
+    /// host's roots), e.g. a company's internal root.
+    #[arg(long, env = "COVE_EGRESS_CA")]
+    egress_ca: Option<PathBuf>,
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -58,15 +76,20 @@ async fn serve(args: ServerArgs) -> Result<()> {
     let mut rcfg = RunnerConfig::new(args.cache_dir.clone(), args.data_dir.clone());
     rcfg.accel = args.accel;
     rcfg.blob_url = args.blob_url.clone();
+    rcfg.egress_dns = args.egress_dns;
+    rcfg.egress_extra_ca = args.egress_ca.clone();
     let shm_dir = rcfg.sandbox_shm_dir();
     let vmm = Arc::new(QemuVmm::new(args.accel));
     tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
-    let runner = Arc::new(Runner::new(rcfg, vmm).context("starting the runner")?);
-    let core = Arc::new(Core::new(
-        store,
-        runner.clone(),
-        CoreConfig { default_sandbox_limit: args.sandbox_limit, runner_id: "local".into() },
-    ));
+    let runner = Arc::new(Runner::new(rcfg, vmm).await.context("starting the runner")?);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let mut ccfg = CoreConfig::local(args.sandbox_limit);
+    ccfg.sandbox_domain = args.sandbox_domain.clone().unwrap_or_else(|| format!("localhost:{}", addr.port()));
+    ccfg.public_scheme = args.public_scheme.clone();
+    let core = Arc::new(Core::new(store, runner.clone(), ccfg));
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
     if !args.no_prepare {
@@ -84,10 +107,6 @@ async fn serve(args: ServerArgs) -> Result<()> {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     cove_server::spawn_background(core.clone(), shutdown.clone());
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
     println!("cove listening on http://{addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -9,8 +9,17 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-const PACKAGES: &[&str] =
-    &["qemu-system-x86", "qemu-utils", "mmdebstrap", "e2fsprogs", "xz-utils", "zstd", "ca-certificates"];
+const PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-utils",
+    "mmdebstrap",
+    "e2fsprogs",
+    "xz-utils",
+    "zstd",
+    "ca-certificates",
+    "iproute2",
+    "nftables",
+];
 const KERNEL_SH: &str = include_str!("../../../images/kernel.sh");
 const ROOTFS_SH: &str = include_str!("../../../images/rootfs.sh");
 

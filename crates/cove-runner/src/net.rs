@@ -1,0 +1,178 @@
+//! Each sandbox's network on this host: its namespace and rules ([`cove_net::topology`]), the
+//! egress listeners that judge names ([`cove_net::egress`]), and its CA, whose key stays in
+//! `<data>/net/<id>.pem` (0600) and whose certificate the guest trusts.
+//!
+//! The network lives exactly as long as the sandbox's VM: up before QEMU starts, down when
+//! the VM ends (pause, stop, delete), up again on resume. A runner restart loses the
+//! listeners but not the namespace: [`Network::reattach`] binds them again, and until then
+//! the redirected connections are refused (fail closed).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cove_api::sandbox::NetworkPolicy;
+use cove_net::ca::SandboxCa;
+use cove_net::egress::{Egress, EgressConfig};
+use cove_net::policy::{Policy, DENIED_V4};
+use cove_net::topology::{self, Rules};
+
+use crate::RunnerError;
+
+/// Environment every guest process gets so that common clients use the system bundle (which
+/// holds the egress CA) rather than a bundle of their own.
+const CA_ENV: &[(&str, &str)] = &[
+    ("SSL_CERT_FILE", cove_proto::net::CA_BUNDLE),
+    ("REQUESTS_CA_BUNDLE", cove_proto::net::CA_BUNDLE),
+    ("CURL_CA_BUNDLE", cove_proto::net::CA_BUNDLE),
+    ("GIT_SSL_CAINFO", cove_proto::net::CA_BUNDLE),
+    ("NODE_EXTRA_CA_CERTS", cove_proto::net::CA_FILE),
+];
+
+pub struct Network {
+    egress: Arc<Egress>,
+    dir: PathBuf,
+}
+
+fn net_err(what: &str, e: impl std::fmt::Display) -> RunnerError {
+    RunnerError::Network(format!("{what}: {e}"))
+}
+
+fn compile(policy: Option<&NetworkPolicy>) -> Result<Policy, RunnerError> {
+    Policy::compile(policy).map_err(|e| RunnerError::Network(format!("network_policy: {e}")))
+}
+
+fn rules(policy: &Policy) -> Rules {
+    Rules { mode: policy.mode(), allow_cidrs: policy.allow_cidrs().to_vec() }
+}
+
+impl Network {
+    /// Installs the host-wide rules (forwarding, masquerade, what sandboxes may never reach).
+    pub async fn new(data_dir: &std::path::Path, cfg: EgressConfig) -> Result<Network, RunnerError> {
+        topology::ensure_host(DENIED_V4).await.map_err(|e| net_err("host network rules", e))?;
+        let dir = data_dir.join("net");
+        std::fs::create_dir_all(&dir).map_err(|e| RunnerError::io("creating net dir", e))?;
+        let egress = Egress::new(cfg).map_err(|e| net_err("egress proxy", e))?;
+        Ok(Network { egress, dir })
+    }
+
+    fn ca_path(&self, id: &str) -> PathBuf {
+        ca_path(&self.dir, id)
+    }
+
+    /// The sandbox's CA, made on first use and kept until the sandbox is deleted (a paused
+    /// guest still trusts it when it resumes).
+    fn ca(&self, id: &str) -> Result<SandboxCa, RunnerError> {
+        let path = self.ca_path(id);
+        if let Ok(pem) = std::fs::read_to_string(&path) {
+            if let Ok(ca) = SandboxCa::from_pem(&pem) {
+                return Ok(ca);
+            }
+            tracing::warn!(sandbox_id = %id, "unreadable egress CA replaced");
+        }
+        let ca = SandboxCa::generate(id);
+        write_private(&path, ca.to_pem().as_bytes()).map_err(|e| RunnerError::io("writing egress CA", e))?;
+        Ok(ca)
+    }
+
+    /// Adds the CA variables to a guest environment (the user's own values win).
+    pub fn guest_env(env: &mut std::collections::BTreeMap<String, String>) {
+        for (k, v) in CA_ENV {
+            env.entry(k.to_string()).or_insert_with(|| v.to_string());
+        }
+    }
+
+    /// Builds the sandbox's namespace under `policy` and starts its listeners.
+    pub async fn up(&self, id: &str, policy: Option<&NetworkPolicy>) -> Result<(), RunnerError> {
+        let policy = compile(policy)?;
+        let ca = self.ca(id)?;
+        let net = topology::create(id, &rules(&policy), DENIED_V4)
+            .await
+            .map_err(|e| net_err("creating the sandbox network", e))?;
+        if let Err(e) = self.egress.attach(id, &net.netns(), policy, ca).await {
+            let _ = topology::destroy(id).await;
+            return Err(net_err("starting the egress listeners", e));
+        }
+        Ok(())
+    }
+
+    /// After a runner restart: the namespace of a running VM is still there, its listeners
+    /// are not.
+    pub async fn reattach(&self, id: &str, policy: Option<&NetworkPolicy>) -> Result<(), RunnerError> {
+        let policy = compile(policy)?;
+        let Some(net) = topology::find(id).await else {
+            return Err(RunnerError::Network(format!("sandbox {id} has no network namespace")));
+        };
+        topology::apply(&net, &rules(&policy), DENIED_V4).await.map_err(|e| net_err("network rules", e))?;
+        let ca = self.ca(id)?;
+        self.egress.attach(id, &net.netns(), policy, ca).await.map_err(|e| net_err("egress listeners", e))
+    }
+
+    /// Applies a new policy to a running sandbox: kernel rules first (they cut kernel-path
+    /// flows at their next packet), then the listeners (they cut proxied flows).
+    pub async fn set_policy(&self, id: &str, policy: Option<&NetworkPolicy>) -> Result<(), RunnerError> {
+        let policy = compile(policy)?;
+        let Some(net) = topology::find(id).await else {
+            return Err(RunnerError::NoVm(id.to_string()));
+        };
+        topology::apply(&net, &rules(&policy), DENIED_V4).await.map_err(|e| net_err("network rules", e))?;
+        self.egress.update(id, policy);
+        Ok(())
+    }
+
+    /// Takes the sandbox's network down (its VM has ended). The CA stays.
+    pub async fn down(&self, id: &str) -> Result<(), RunnerError> {
+        self.egress.detach(id);
+        topology::destroy(id).await.map_err(|e| net_err("removing the sandbox network", e))
+    }
+
+    /// Forgets the sandbox for good (it is deleted): network and CA.
+    pub async fn remove(&self, id: &str) -> Result<(), RunnerError> {
+        self.down(id).await?;
+        match std::fs::remove_file(self.ca_path(id)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RunnerError::io("removing egress CA", e)),
+        }
+    }
+
+    /// Ids of sandboxes with a network namespace on this host.
+    pub fn namespaces(&self) -> Vec<String> {
+        topology::sandbox_namespaces()
+    }
+}
+
+fn ca_path(net_dir: &std::path::Path, id: &str) -> PathBuf {
+    net_dir.join(format!("{id}.pem"))
+}
+
+/// The CA certificate sandbox `id`'s guest must trust, if it has one.
+pub fn trust_pem(data_dir: &std::path::Path, id: &str) -> Option<String> {
+    let pem = std::fs::read_to_string(ca_path(&data_dir.join("net"), id)).ok()?;
+    SandboxCa::from_pem(&pem).ok().map(|ca| ca.cert_pem())
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+/// A throwaway network for a VM that is not a sandbox (template builds, benchmarks):
+/// deny-all, no listeners.
+pub async fn scratch(name: &str) -> Result<PathBuf, RunnerError> {
+    let rules = Rules { mode: cove_api::sandbox::NetworkMode::DenyAll, allow_cidrs: Vec::new() };
+    let net = topology::create(name, &rules, DENIED_V4)
+        .await
+        .map_err(|e| net_err("creating a scratch network", e))?;
+    Ok(net.netns())
+}
+
+pub async fn remove_scratch(name: &str) {
+    if let Err(e) = topology::destroy(name).await {
+        tracing::warn!(name, error = %e, "removing a scratch network");
+    }
+}
