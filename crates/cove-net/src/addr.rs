@@ -11,6 +11,11 @@ pub const GUEST_PREFIX: u8 = 30;
 /// The guest's MAC address (same everywhere, like its IP).
 pub const GUEST_MAC: &str = "52:54:00:c0:0e:02";
 
+/// The gateway's MAC (host side of the TAP), also the same everywhere: a guest restored from
+/// another sandbox's image keeps the gateway in its neighbour cache, so a different MAC would
+/// black-hole its traffic until that entry expired.
+pub const GATEWAY_MAC: &str = "02:c0:0e:fa:00:01";
+
 /// Ports the runner's listeners use on the gateway address (targets of nftables redirects).
 pub const DNS_PORT: u16 = 53;
 pub const HTTP_PROXY_PORT: u16 = 15080;

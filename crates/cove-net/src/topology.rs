@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use cove_api::sandbox::NetworkMode;
 use ipnet::Ipv4Net;
 
-use crate::addr::{DNS_PORT, GATEWAY_IP, GUEST_IP, GUEST_PREFIX, HTTP_PROXY_PORT, TAP_NAME, TLS_PROXY_PORT};
+use crate::addr::{
+    DNS_PORT, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_PREFIX, HTTP_PROXY_PORT, TAP_NAME, TLS_PROXY_PORT,
+};
 use crate::netns::{self, run};
 
 /// Prefix of the host-side veth names; the host table matches on it.
@@ -192,6 +194,7 @@ pub async fn create(id: &str, rules: &Rules, denied: &[&str]) -> io::Result<Sand
         run("ip", &["-batch", "-"], Some(&host_cmds)).await?;
         let ns_cmds = format!(
             "tuntap add {TAP_NAME} mode tap vnet_hdr\n\
+             link set {TAP_NAME} address {GATEWAY_MAC}\n\
              addr add {GATEWAY_IP}/{GUEST_PREFIX} dev {TAP_NAME}\n\
              link set {TAP_NAME} up\n\
              addr add {ns_ip}/30 dev eth0\n\
