@@ -282,6 +282,12 @@ pub(crate) fn original_dst(s: &TcpStream) -> Option<SocketAddrV4> {
 }
 
 /// Closes with RST.
+/// Whether `ip` is an address of this host (in the runner's namespace): binding to it works
+/// exactly when it is.
+pub fn is_host_address(ip: Ipv4Addr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 pub(crate) fn reset(s: TcpStream) {
     let _ = setsockopt(&s, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 });
     drop(s);
@@ -293,13 +299,16 @@ pub(crate) fn reset(s: TcpStream) {
 pub(crate) async fn dial(sb: &Sandbox, target: &Target, port: u16, flow: &Flow) -> io::Result<TcpStream> {
     let ips = match target {
         Target::Name(n) => dns::resolve_a(sb.shared.upstream_dns, n).await?,
-        Target::Ip(ip) if !policy::denied((*ip).into()) => vec![*ip],
+        Target::Ip(ip) if !policy::denied((*ip).into()) && !is_host_address(*ip) => vec![*ip],
         Target::Ip(ip) => {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{ip} is denied")))
         }
     };
     let mut last = io::Error::other("no address");
-    for ip in ips.into_iter().take(3) {
+    // The proxy dials from the host: an address of the host itself would reach services no
+    // sandbox may see (the API, sshd). The kernel path refuses those in the host table; here
+    // the same rule holds for names that resolve to them.
+    for ip in ips.into_iter().filter(|ip| !is_host_address(*ip)).take(3) {
         let addr = SocketAddr::from((ip, port));
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => {
@@ -341,12 +350,13 @@ async fn handle_tls(sb: Arc<Sandbox>, flow: Arc<Flow>, mut guest: TcpStream) {
         }
         _ if ip_allowed(&policy, *dst.ip()) => (FlowKey::Ip(*dst.ip()), Target::Ip(*dst.ip()), false),
         _ => {
-            tracing::info!(sandbox = %sb.id, sni = ?sni, %dst, decision = "deny", "tls");
+            tracing::info!(sandbox = %sb.id, sni = sni.as_deref().unwrap_or("-"), %dst, decision = "deny", "tls");
             return reset(guest);
         }
     };
     let Some(hello) = hello else {
-        // Not TLS, but the destination is allowed by address: splice whatever was read.
+        // Not TLS: nothing to judge or replay. (Addresses in allow_cidrs never get here: the
+        // kernel forwards them before the redirect.)
         return reset(guest);
     };
     if !flow.decide(key.clone(), &sb.policy) {
@@ -354,11 +364,11 @@ async fn handle_tls(sb: Arc<Sandbox>, flow: Arc<Flow>, mut guest: TcpStream) {
     }
     if mitm {
         let sni = name.expect("mitm needs a name").to_string();
-        tracing::info!(sandbox = %sb.id, sni, %dst, decision = "mitm", "tls");
+        tracing::debug!(sandbox = %sb.id, sni, %dst, decision = "mitm", "tls");
         let guest = hello::Prefixed::new(hello.recorded, guest);
         return crate::mitm::serve(sb.clone(), flow, guest, sni, dst.port()).await;
     }
-    tracing::info!(sandbox = %sb.id, sni = ?sni, %dst, decision = "splice", ?target, "tls");
+    tracing::debug!(sandbox = %sb.id, sni = sni.as_deref().unwrap_or("-"), %dst, decision = "splice", ?target, "tls");
     let mut up = match dial(&sb, &target, dst.port(), &flow).await {
         Ok(s) => s,
         Err(e) => {
@@ -371,4 +381,22 @@ async fn handle_tls(sb: Arc<Sandbox>, flow: Arc<Flow>, mut guest: TcpStream) {
     }
     let _ = guest.set_nodelay(true);
     let _ = tokio::io::copy_bidirectional(&mut guest, &mut up).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_addresses_are_recognised() {
+        assert!(is_host_address(Ipv4Addr::LOCALHOST));
+        assert!(!is_host_address(Ipv4Addr::new(203, 0, 113, 99)));
+        // Every address on this host's interfaces (`ip -4 -o addr`) counts.
+        let out = std::process::Command::new("ip").args(["-4", "-o", "addr"]).output().unwrap();
+        for word in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Some(Ok(ip)) = word.split_once('/').map(|(ip, _)| ip.parse::<Ipv4Addr>()) {
+                assert!(is_host_address(ip), "{ip}");
+            }
+        }
+    }
 }

@@ -133,7 +133,13 @@ pub struct Internet {
     state: Arc<State>,
     ca_pem: String,
     ca_path: PathBuf,
+    /// Held for the life of the process: one process at a time owns the test internet (test
+    /// binaries run one after another; a bench started beside them waits).
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
+
+/// The lock file that serialises processes using the test internet.
+const LOCK_FILE: &str = "/run/cove-testnet.lock";
 
 /// What the servers share with the [`Internet`] handle.
 struct State {
@@ -214,6 +220,9 @@ impl Internet {
     }
 
     fn start() -> io::Result<Internet> {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(LOCK_FILE)?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io::Error::from(e))?;
         let (ca, ca_pem) = tls::Ca::new()?;
         let ca_path = std::env::temp_dir().join(format!("cove-testnet-ca-{}.pem", std::process::id()));
         std::fs::write(&ca_path, &ca_pem)?;
@@ -257,7 +266,7 @@ impl Internet {
             });
         })?;
         rx.recv().map_err(|_| io::Error::other("the test internet's thread died"))??;
-        Ok(Internet { state, ca_pem, ca_path })
+        Ok(Internet { state, ca_pem, ca_path, _lock: lock })
     }
 
     /// The test root CA certificate, PEM.

@@ -156,11 +156,14 @@ mod tests {
             env: [("A".into(), "1".into())].into(),
             unix_time_ns: 5,
             entropy_hex: "00".into(),
+            trust_pem: None,
         };
         assert_eq!(
             serde_json::to_string(&id).unwrap(),
             r#"{"hostname":"h","env":{"A":"1"},"unix_time_ns":5,"entropy_hex":"00"}"#
         );
+        let with_ca = Identity { trust_pem: Some("PEM".into()), ..id };
+        assert!(serde_json::to_string(&with_ca).unwrap().ends_with(r#","trust_pem":"PEM"}"#));
         let info = AgentInfo { protocol: 1, agent_version: "0.1.0".into(), uptime_secs: 1.5 };
         assert_eq!(
             serde_json::to_string(&info).unwrap(),

@@ -316,7 +316,8 @@ impl Core {
     ) -> Result<cove_api::presigned::PresignedUrlResponse, ApiError> {
         let rec = self.get(org, id)?;
         let token = hex::encode(rand::random::<[u8; 16]>());
-        let now = Utc::now();
+        // Whole seconds, so that expires_at is exactly created_at + expires_in.
+        let now = chrono::DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now);
         let expires_in = req.expires_in.unwrap_or(cove_api::presigned::DEFAULT_EXPIRES_IN_SECS);
         let p = cove_store::PresignedRecord {
             id: format!("psu-{}", hex::encode(rand::random::<[u8; 8]>())),

@@ -65,6 +65,8 @@ enum Target {
     Sandbox { id: String, port: Option<u16> },
     /// `<token>.<domain>`.
     Presigned { token: String },
+    /// `<id>-<n>.<domain>` with `n` not a port.
+    BadPort(String),
 }
 
 fn strip_port(host: &str) -> &str {
@@ -87,9 +89,9 @@ fn target(host: &str, domain: &str) -> Option<Target> {
         // Sandbox ids contain '-': a port is only a numeric suffix after the id's own part.
         if let Some((id, port)) = label.rsplit_once('-') {
             if id.len() > 4 && !port.is_empty() && port.chars().all(|c| c.is_ascii_digit()) {
-                return Some(Target::Sandbox {
-                    id: id.to_string(),
-                    port: port.parse().ok().filter(|p| *p > 0),
+                return Some(match port.parse::<u16>() {
+                    Ok(p) if p > 0 => Target::Sandbox { id: id.to_string(), port: Some(p) },
+                    _ => Target::BadPort(port.to_string()),
                 });
             }
         }
@@ -117,7 +119,11 @@ pub async fn route(State(s): State<AppState>, req: Request, next: Next) -> Respo
 }
 
 async fn proxy(s: &AppState, target: Target, req: Request) -> Result<Response, ApiError> {
+    // The caller's API key is Cove's, not the sandbox's: it is removed. A presigned URL's
+    // caller has none, so its Authorization belongs to the app and passes.
+    let keyed = matches!(target, Target::Sandbox { .. });
     let (org, id, port) = match target {
+        Target::BadPort(p) => return Err(ApiError::field("host", format!("{p} is not a port (1-65535)"))),
         Target::Sandbox { id, port } => {
             let key = api_key(req.headers()).ok_or(ApiError::Unauthorized)?;
             let org = s.core.store.authenticate(&key)?.ok_or(ApiError::Unauthorized)?;
@@ -138,7 +144,9 @@ async fn proxy(s: &AppState, target: Target, req: Request) -> Result<Response, A
         }
     };
     let stream = s.core.connect_guest(&org, &id, port).await?;
-    forward(stream, req).await.map_err(|e| ApiError::BadGateway(format!("port {port} of sandbox {id}: {e}")))
+    forward(stream, req, keyed)
+        .await
+        .map_err(|e| ApiError::BadGateway(format!("port {port} of sandbox {id}: {e}")))
 }
 
 fn default_port(env: &std::collections::BTreeMap<String, String>, id: &str) -> Result<u16, ApiError> {
@@ -149,10 +157,10 @@ fn default_port(env: &std::collections::BTreeMap<String, String>, id: &str) -> R
     })
 }
 
-/// Headers that belong to one hop, or that must not enter the sandbox (the API key).
-fn strip_headers(headers: &mut HeaderMap, upgrading: bool) {
+/// Headers that belong to one hop, or that must not enter the sandbox (the API key, when the
+/// request was authorized by one).
+fn strip_headers(headers: &mut HeaderMap, upgrading: bool, keyed: bool) {
     let mut drop: Vec<HeaderName> = vec![
-        header::AUTHORIZATION,
         HeaderName::from_static("leap0-authorization"),
         HeaderName::from_static("keep-alive"),
         header::PROXY_AUTHORIZATION,
@@ -160,9 +168,22 @@ fn strip_headers(headers: &mut HeaderMap, upgrading: bool) {
         header::TRAILER,
         header::TRANSFER_ENCODING,
     ];
+    if keyed {
+        drop.push(header::AUTHORIZATION);
+    }
     if !upgrading {
         drop.extend([header::CONNECTION, header::UPGRADE]);
     }
+    // Headers the client named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|h| !(upgrading && h == header::UPGRADE))
+        .collect();
+    drop.extend(named);
     for h in drop {
         headers.remove(h);
     }
@@ -170,10 +191,10 @@ fn strip_headers(headers: &mut HeaderMap, upgrading: bool) {
 
 /// Sends `req` over a fresh HTTP/1.1 connection to the guest and streams the answer back;
 /// an upgrade (WebSocket) becomes a byte pipe between the two sides.
-async fn forward(stream: tokio::net::TcpStream, mut req: Request) -> Result<Response, String> {
+async fn forward(stream: tokio::net::TcpStream, mut req: Request, keyed: bool) -> Result<Response, String> {
     let upgrading = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
-    strip_headers(req.headers_mut(), upgrading);
+    strip_headers(req.headers_mut(), upgrading, keyed);
     // The guest sees the path, not the proxy's absolute form.
     let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     *req.uri_mut() = path.parse().map_err(|e| format!("bad path: {e}"))?;
@@ -227,6 +248,8 @@ mod tests {
         assert_eq!(target(d, d), None);
         assert_eq!(target(&format!("a.b.{d}"), d), None);
         assert_eq!(target(&format!("x{d}"), d), None);
+        assert_eq!(target(&format!("{id}-0.{d}"), d), Some(Target::BadPort("0".into())));
+        assert_eq!(target(&format!("{id}-99999.{d}"), d), Some(Target::BadPort("99999".into())));
     }
 
     #[test]
@@ -236,8 +259,15 @@ mod tests {
         h.insert("leap0-authorization", "k".parse().unwrap());
         h.insert(header::UPGRADE, "websocket".parse().unwrap());
         h.insert("x-other", "1".parse().unwrap());
-        strip_headers(&mut h, true);
+        h.insert(header::CONNECTION, "upgrade, x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        let mut presigned = h.clone();
+        strip_headers(&mut h, true, true);
         assert!(h.get(header::AUTHORIZATION).is_none() && h.get("leap0-authorization").is_none());
         assert!(h.get(header::UPGRADE).is_some() && h.get("x-other").is_some());
+        assert!(h.get("x-hop").is_none());
+        // Without a key the app's own Authorization passes.
+        strip_headers(&mut presigned, true, false);
+        assert!(presigned.get(header::AUTHORIZATION).is_some());
     }
 }

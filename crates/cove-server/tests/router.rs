@@ -18,7 +18,7 @@ struct App {
     _dir: tempfile::TempDir,
 }
 
-fn app() -> App {
+async fn app() -> App {
     let dir = tempfile::tempdir().unwrap();
     // Placeholder guest images: these tests never start a VM.
     let cache = dir.path().join("cache");
@@ -29,7 +29,7 @@ fn app() -> App {
     }
     let mut cfg = RunnerConfig::new(cache, dir.path().join("data"));
     cfg.shm_dir = dir.path().join("shm");
-    let runner = Runner::new(cfg, Arc::new(cove_vmm::QemuVmm::new(cove_vmm::Accel::Tcg))).unwrap();
+    let runner = Runner::new(cfg, Arc::new(cove_vmm::QemuVmm::new(cove_vmm::Accel::Tcg))).await.unwrap();
     let store = Store::open_in_memory().unwrap();
     let org = store.create_org("test", None).unwrap();
     let key = cove_store::generate_key();
@@ -62,7 +62,7 @@ fn bearer(app: &App) -> Option<(&'static str, String)> {
 
 #[tokio::test]
 async fn auth_headers() {
-    let app = app();
+    let app = app().await;
     let (s, v) = call(&app, "GET", "/v1/sandboxes", None, "").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(v["message"].is_string());
@@ -82,7 +82,7 @@ async fn auth_headers() {
 
 #[tokio::test]
 async fn create_validation_names_fields() {
-    let app = app();
+    let app = app().await;
     let cases: &[(Value, &str)] = &[
         (json!({}), "template_name"),
         (json!({"template_name": "system/debian:bookworm", "vcpu": 9}), "vcpu"),
@@ -110,7 +110,7 @@ async fn create_validation_names_fields() {
 
 #[tokio::test]
 async fn unknown_things_are_404_and_later_features_501() {
-    let app = app();
+    let app = app().await;
     for path in ["/v1/sandbox/sbx-nope", "/v1/sandbox/sbx-nope/"] {
         let (s, v) = call(&app, "GET", path, bearer(&app), "").await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{path}");

@@ -2,10 +2,12 @@
 //! `cove bench create`: create and exec, against a raw QEMU restore of the same template state
 //! and the guest's own cost of spawning `/bin/sh`. `cove bench pause`: pause and resume of
 //! sandboxes of several memory sizes with memory dirtied, against QEMU's own `x-ignore-shared`
-//! stop and restore. Each prints a table and writes JSON. Figures, not assertions: these
-//! machines are noisy.
+//! stop and restore. `cove bench net`: guest downloads and connection setup to the test internet
+//! through NAT, the egress tunnel (spliced TLS) and the TLS-terminating proxy (transforms).
+//! Each prints a table and writes JSON. Figures, not assertions: these machines are noisy.
 
 use std::future::IntoFuture;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +37,8 @@ enum Which {
     Create(CreateArgs),
     /// Pause and resume latency, and bytes stored, per memory size.
     Pause(PauseArgs),
+    /// Guest network throughput and connection setup: NAT, egress tunnel, TLS-terminating proxy.
+    Net(NetArgs),
 }
 
 #[derive(Args, Debug)]
@@ -64,6 +68,21 @@ struct PauseArgs {
     #[arg(long, default_value_t = 192)]
     dirty_mib: u64,
     #[arg(long, default_value = "bench-results/pause-resume.json")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct NetArgs {
+    /// Size of each throughput download, MiB.
+    #[arg(long, default_value_t = 64)]
+    mib: u64,
+    /// Throughput downloads per path.
+    #[arg(long, default_value_t = 4)]
+    runs: usize,
+    /// Small requests per path for connection-setup latency.
+    #[arg(long, default_value_t = 10)]
+    requests: usize,
+    #[arg(long, default_value = "bench-results/net.json")]
     out: PathBuf,
 }
 
@@ -100,7 +119,11 @@ struct Bench {
 }
 
 impl Bench {
-    async fn start(cache_dir: &std::path::Path, blob_url: Option<String>) -> Result<Bench> {
+    async fn start(
+        cache_dir: &std::path::Path,
+        blob_url: Option<String>,
+        configure: impl FnOnce(&mut RunnerConfig),
+    ) -> Result<Bench> {
         let data = tempfile::tempdir().context("temp data dir")?;
         let store = Arc::new(Store::open(&data.path().join("cove.db"))?);
         let org = store.create_org("bench", Some(1000))?;
@@ -110,6 +133,7 @@ impl Bench {
         let accel = format!("{:?}", vmm.accel).to_lowercase();
         let mut cfg = RunnerConfig::new(cache_dir.to_path_buf(), data.path().to_path_buf());
         cfg.blob_url = blob_url;
+        configure(&mut cfg);
         let runner = Arc::new(Runner::new(cfg, vmm).await?);
         let core = Arc::new(Core::new(store, runner.clone(), CoreConfig::local(1000)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -184,17 +208,33 @@ fn disk_usage(dir: &std::path::Path) -> u64 {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(async {
-        let bench = Bench::start(&args.cache_dir, args.blob_url.clone()).await?;
+    // The net bench's sandboxes reach the offline test internet, which this process serves.
+    let internet = matches!(args.which, Which::Net(_)).then(cove_net::testing::Internet::shared);
+    let result = rt.block_on(async {
+        let bench = Bench::start(&args.cache_dir, args.blob_url.clone(), |cfg| {
+            if let Some(internet) = internet {
+                cfg.egress_dns = Some(SocketAddr::from((cove_net::testing::DNS_IP, 53)));
+                cfg.egress_extra_ca = Some(internet.ca_path().to_path_buf());
+            }
+        })
+        .await?;
         let result = match &args.which {
             Which::Create(a) => create_exec(&bench, a).await,
             Which::Pause(a) => pause_resume(&bench, a).await,
+            Which::Net(a) => match internet {
+                Some(internet) => net(&bench, internet, a).await,
+                None => unreachable!("the internet is built for the net bench"),
+            },
         };
         // VMs outlive the process that started them: a run cut short by an error must not
         // leave its sandboxes running.
         bench.delete_all().await;
         result
-    })
+    });
+    if internet.is_some() {
+        cove_net::testing::Internet::cleanup();
+    }
+    result
 }
 
 async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
@@ -397,6 +437,284 @@ async fn create_exec(b: &Bench, args: &CreateArgs) -> Result<()> {
             "create_to_exec_p50_over_raw_p50": first_exec.pct(50.0) / raw.pct(50.0),
             "exec_p50_over_guest_spawn": exec.pct(50.0) / spawn_ms,
         },
+        "at": chrono::Utc::now().to_rfc3339(),
+    });
+    write_json(&args.out, &result)
+}
+
+/// One way out of a guest to the test internet's web server on `api.allowed.test`.
+struct NetPath {
+    key: &'static str,
+    name: &'static str,
+    /// Network policy of its sandbox; `None` is allow-all (NAT).
+    policy: Option<Value>,
+    /// The web server as the guest addresses it.
+    base: &'static str,
+    /// Extra curl options.
+    curl: String,
+}
+
+/// Where the bench puts the test root CA in NAT and tunnel guests (they see the server's own
+/// certificate; the TLS-terminating path's guest trusts its sandbox CA through the system bundle).
+const GUEST_TEST_CA: &str = "/tmp/cove-test-ca.pem";
+
+/// Median of `v` (NaN when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Parses lines of whitespace-separated numbers (curl `-w` output).
+fn number_rows(out: &Value) -> Result<Vec<Vec<f64>>> {
+    out["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.split_whitespace()
+                .map(|x| x.parse::<f64>().with_context(|| format!("bad curl output {l:?}")))
+                .collect()
+        })
+        .collect()
+}
+
+async fn net(b: &Bench, internet: &cove_net::testing::Internet, args: &NetArgs) -> Result<()> {
+    let post = reqwest::Method::POST;
+    let tunnel = json!({"mode": "custom", "allow_domains": ["api.allowed.test"]});
+    let terminating = json!({"mode": "custom", "allow_domains": ["api.allowed.test"],
+        "transforms": [{"domain": "api.allowed.test", "inject_headers": {"x-bench": "1"}}]});
+    let cacert = format!("--cacert {GUEST_TEST_CA}");
+    let paths = [
+        NetPath {
+            key: "nat_http",
+            name: "NAT http (203.0.113.10)",
+            policy: None,
+            base: "http://203.0.113.10",
+            curl: String::new(),
+        },
+        NetPath {
+            key: "nat_https",
+            name: "NAT https (api.allowed.test)",
+            policy: None,
+            base: "https://api.allowed.test",
+            curl: cacert.clone(),
+        },
+        NetPath {
+            key: "tunnel",
+            name: "tunnel (allow_domains, spliced TLS)",
+            policy: Some(tunnel.clone()),
+            base: "https://api.allowed.test",
+            curl: cacert.clone(),
+        },
+        NetPath {
+            key: "proxy_http",
+            name: "HTTP proxy (allow_domains, port 80)",
+            policy: Some(tunnel),
+            base: "http://api.allowed.test",
+            curl: String::new(),
+        },
+        NetPath {
+            key: "terminating",
+            name: "TLS-terminating (transforms)",
+            policy: Some(terminating),
+            base: "https://api.allowed.test",
+            curl: String::new(),
+        },
+    ];
+    let template = cove_api::sandbox::DEFAULT_TEMPLATE;
+    let t = Instant::now();
+    b.runner
+        .prepare_template(template, cove_api::sandbox::DEFAULT_VCPU, cove_api::sandbox::DEFAULT_MEMORY_MIB)
+        .await?;
+    println!("template snapshot ready ({:.1}s; 0 when cached)", t.elapsed().as_secs_f64());
+
+    // One sandbox per policy: NAT (shared by the http and https rows), tunnel, terminating.
+    let mut sandboxes: Vec<(Option<Value>, String)> = Vec::new();
+    for p in &paths {
+        if sandboxes.iter().any(|(policy, _)| *policy == p.policy) {
+            continue;
+        }
+        let mut body = json!({"template_name": template, "timeout": 3600});
+        if let Some(policy) = &p.policy {
+            body["network_policy"] = policy.clone();
+        }
+        let sbx = b.call(post.clone(), "/v1/sandbox", Some(body)).await?;
+        let id = sbx["id"].as_str().context("no id")?.to_string();
+        let r = b
+            .http
+            .post(format!("{}/v1/sandbox/{id}/filesystem/write-file", b.base))
+            .query(&[("path", GUEST_TEST_CA)])
+            .header("content-type", "application/octet-stream")
+            .bearer_auth(&b.key)
+            .body(internet.ca_pem().to_string())
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("writing the test CA into {id}: {}", r.text().await?);
+        }
+        sandboxes.push((p.policy.clone(), id));
+    }
+    let sandbox_of = |p: &NetPath| {
+        sandboxes.iter().find(|(policy, _)| *policy == p.policy).map(|(_, id)| id.clone()).unwrap_or_default()
+    };
+
+    let bytes = args.mib << 20;
+    let mut rows = Vec::new();
+    for p in &paths {
+        let id = sandbox_of(p);
+        let exec_path = format!("/v1/sandbox/{id}/process/execute");
+        let exec = |command: String, timeout: u64| {
+            let path = &exec_path;
+            async move {
+                b.call(reqwest::Method::POST, path, Some(json!({"command": command, "timeout": timeout})))
+                    .await
+            }
+        };
+        // Which path the request really took: only the terminating proxy adds x-bench, and only
+        // a tunnel or NAT guest accepts the test CA's own certificate.
+        let out = exec(format!("curl -sS --fail {} {}/echo-headers", p.curl, p.base), 60).await?;
+        if out["exit_code"] != 0 {
+            bail!("{}: the guest cannot reach {}: {out}", p.name, p.base);
+        }
+        let seen: Value = serde_json::from_str(out["stdout"].as_str().unwrap_or("")).unwrap_or(Value::Null);
+        let injected = seen["x-bench"] == "1";
+        if injected != (p.key == "terminating") {
+            bail!(
+                "{}: x-bench header {} upstream: {seen}",
+                p.name,
+                if injected { "seen" } else { "not seen" }
+            );
+        }
+
+        // Connection setup: small requests, each a new curl (so a new connection).
+        let fmt = "%{time_namelookup} %{time_connect} %{time_appconnect} %{time_starttransfer}\\n";
+        let cmd = format!(
+            "curl -sS --fail -o /dev/null {curl} {base}/ >/dev/null; for i in $(seq {n}); do \
+             curl -sS --fail -o /dev/null -w '{fmt}' {curl} {base}/ || exit 1; done",
+            curl = p.curl,
+            base = p.base,
+            n = args.requests,
+        );
+        let out = exec(cmd, 300).await?;
+        if out["exit_code"] != 0 {
+            bail!("{}: small requests failed: {out}", p.name);
+        }
+        let setup = number_rows(&out)?;
+        let col =
+            |i: usize| median(setup.iter().map(|r| r.get(i).copied().unwrap_or(f64::NAN) * 1e3).collect());
+        let (dns_ms, connect_ms, tls_ms, ttfb_ms) = (col(0), col(1), col(2), col(3));
+
+        // Throughput: whole downloads of `bytes`.
+        let mut mib_s = Vec::new();
+        let mut http_version = String::new();
+        for _ in 0..args.runs {
+            let cmd = format!(
+                "curl -sS --fail -o /dev/null -w '%{{size_download}} %{{time_total}} %{{http_version}}\\n' {} {}/bytes/{bytes}",
+                p.curl, p.base
+            );
+            let out = exec(cmd, 600).await?;
+            if out["exit_code"] != 0 {
+                bail!("{}: download failed: {out}", p.name);
+            }
+            let line = out["stdout"].as_str().unwrap_or("").trim().to_string();
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (size, secs): (f64, f64) = match f.as_slice() {
+                [s, t, v] => {
+                    http_version = v.to_string();
+                    (s.parse()?, t.parse()?)
+                }
+                _ => bail!("{}: bad curl output {line:?}", p.name),
+            };
+            if size as u64 != bytes {
+                bail!("{}: downloaded {size} bytes, not {bytes}", p.name);
+            }
+            mib_s.push(size / secs / (1 << 20) as f64);
+        }
+        let best = mib_s.iter().copied().fold(f64::NAN, f64::max);
+        let med = median(mib_s.clone());
+        println!(
+            "{}: {med:.1} MiB/s median, {best:.1} best (HTTP/{http_version}); time to first byte {ttfb_ms:.1} ms",
+            p.name
+        );
+        rows.push(json!({
+            "path": p.key, "name": p.name, "sandbox_id": id, "url": format!("{}/bytes/{bytes}", p.base),
+            "http_version": http_version,
+            "throughput_mib_s": { "runs": mib_s, "best": best, "median": med },
+            "setup_ms_median": { "n": setup.len(), "namelookup": dns_ms, "connect": connect_ms,
+                                  "appconnect": tls_ms, "starttransfer": ttfb_ms },
+        }));
+    }
+    for (_, id) in &sandboxes {
+        b.call(reqwest::Method::DELETE, &format!("/v1/sandbox/{id}"), None).await.ok();
+    }
+
+    let nat = rows.iter().find(|r| r["path"] == "nat_https").cloned().unwrap_or(Value::Null);
+    let nat_med = nat["throughput_mib_s"]["median"].as_f64().unwrap_or(f64::NAN);
+    let nat_ttfb = nat["setup_ms_median"]["starttransfer"].as_f64().unwrap_or(f64::NAN);
+    println!();
+    println!(
+        "{} MiB downloads x{}, {} small requests per path; cumulative curl timers, medians",
+        args.mib, args.runs, args.requests
+    );
+    println!(
+        "{:<38} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "", "MiB/s md", "best", "vs NAT", "dns ms", "tcp ms", "tls ms", "ttfb ms", "vs NAT"
+    );
+    for r in rows.iter_mut() {
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let med = f(&r["throughput_mib_s"]["median"]);
+        let ttfb = f(&r["setup_ms_median"]["starttransfer"]);
+        println!(
+            "{:<38} {:>8.1} {:>8.1} {:>7.0}% {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>7.2}x",
+            r["name"].as_str().unwrap_or(""),
+            med,
+            f(&r["throughput_mib_s"]["best"]),
+            100.0 * med / nat_med,
+            f(&r["setup_ms_median"]["namelookup"]),
+            f(&r["setup_ms_median"]["connect"]),
+            f(&r["setup_ms_median"]["appconnect"]),
+            ttfb,
+            ttfb / nat_ttfb,
+        );
+        r["vs_nat_https"] =
+            json!({ "throughput_median": med / nat_med, "starttransfer_median": ttfb / nat_ttfb });
+    }
+    let mib_s_of = |key: &str| {
+        rows.iter().find(|r| r["path"] == key).and_then(|r| r["throughput_mib_s"]["median"].as_f64())
+    };
+    let proxy_http_ratio =
+        mib_s_of("proxy_http").unwrap_or(f64::NAN) / mib_s_of("nat_http").unwrap_or(f64::NAN);
+    let tunnel_ratio = rows
+        .iter()
+        .find(|r| r["path"] == "tunnel")
+        .and_then(|r| r["vs_nat_https"]["throughput_median"].as_f64())
+        .unwrap_or(f64::NAN);
+    println!();
+    println!(
+        "tunnel throughput = {:.0}% of NAT https (target >= 80%: {})",
+        100.0 * tunnel_ratio,
+        if tunnel_ratio >= 0.8 { "met" } else { "NOT met" }
+    );
+    println!(
+        "HTTP proxy throughput = {:.0}% of NAT http (plain HTTP: no guest TLS cost in the way)",
+        100.0 * proxy_http_ratio
+    );
+    let result = json!({
+        "benchmark": "net",
+        "accel": b.accel,
+        "download_mib": args.mib,
+        "runs": args.runs,
+        "requests": args.requests,
+        "paths": rows,
+        "tunnel_over_nat_https_throughput": tunnel_ratio,
+        "tunnel_target_met": tunnel_ratio >= 0.8,
+        "proxy_http_over_nat_http_throughput": proxy_http_ratio,
         "at": chrono::Utc::now().to_rfc3339(),
     });
     write_json(&args.out, &result)

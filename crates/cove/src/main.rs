@@ -40,7 +40,8 @@ enum Cmd {
     Keys(client::KeysCmd),
     /// Print the OpenAPI document of the API.
     Openapi,
-    /// Measure create/exec and pause/resume latency beside raw QEMU baselines; writes JSON.
+    /// Measure create/exec and pause/resume latency beside raw QEMU baselines, and guest
+    /// network paths against NAT; writes JSON.
     Bench(bench::BenchArgs),
 }
 

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{Api, Leftovers, TestServer};
-use cove_net::testing::{Internet, ALLOWED_IP, CDN_IP, EVIL_IP, SECRET_IP};
+use cove_net::testing::{Internet, ALLOWED_IP, CDN_IP, EVIL_IP, ROOT_SIDE_IP, SECRET_IP};
 use serde_json::{json, Value};
 
 /// The secret a transform injects: it must never be visible in the guest.
@@ -186,9 +186,20 @@ async fn custom_policy_decides_by_name_on_the_host() {
     let inet = Internet::shared();
     let api = server().new_org(None);
     let left = Leftovers::new(&api);
+    // A name that resolves to an address of the host itself (its side of the test internet's
+    // link), with a listener there that counts who reaches it.
+    inet.set_record("host.allowed.test", ROOT_SIDE_IP);
+    let host_listener = tokio::net::TcpListener::bind((ROOT_SIDE_IP, 80)).await.unwrap();
+    let host_hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hits = host_hits.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = host_listener.accept().await {
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
     let policy = json!({
         "mode": "custom",
-        "allow_domains": ["api.allowed.test", "*.wild.test"],
+        "allow_domains": ["api.allowed.test", "*.wild.test", "host.allowed.test"],
         "allow_cidrs": ["198.51.100.0/24"],
     });
     let id = api.create(json!({ "network_policy": policy })).await;
@@ -289,6 +300,10 @@ async fn custom_policy_decides_by_name_on_the_host() {
     )
     .await;
     assert!(code != 0 || out.trim() == "403" || out.trim() == "421", "absolute-form to evil: {code} {out}");
+    // An allowed name that resolves to the host: the proxy never dials the host.
+    let (code, out) = curl(&api, &id, "-o /dev/null -w '%{http_code}' http://host.allowed.test/").await;
+    assert!(code != 0 || out.trim() != "200", "{code} {out}");
+    assert_eq!(host_hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the proxy connected to the host");
     // Connecting to the proxy's own ports directly is refused.
     assert_refused("proxy port", &curl(&api, &id, "http://10.250.0.1:15080/").await);
 }
@@ -594,4 +609,36 @@ for i in range(300):
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_refused("policy set while paused", &curl(&api, &open, "http://203.0.113.10/").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_keeps_sandbox_networks_enforced() {
+    let inet = Internet::shared();
+    let ca = inet.ca_path().display().to_string();
+    let args = ["--egress-dns", "203.0.113.53:53", "--egress-ca", ca.as_str()];
+    let data = std::env::temp_dir().join(format!("cove-test-net-restart-{}", common::rand_hex()));
+    let first = TestServer::start_in(data.clone(), &args);
+    let api = first.new_org(None);
+    let id = api
+        .create(json!({"network_policy": {"mode": "custom", "allow_domains": ["api.allowed.test"]}}))
+        .await;
+    put_test_ca(&api, &id).await;
+    let ok = format!("--cacert {GUEST_TEST_CA} https://api.allowed.test/");
+    assert_eq!(curl(&api, &id, &ok).await.0, 0);
+
+    // The VM and its namespace outlive the server; the listeners do not, and come back.
+    first.kill(libc::SIGKILL);
+    assert!(cove_net::netns::exists(&format!("cove-{id}")));
+    let second = TestServer::start_in(data, &args);
+    let api = Api { url: second.url.clone(), ..api };
+    let left = Leftovers::new(&api);
+    left.sandbox(&id);
+    let (code, out) = curl(&api, &id, &ok).await;
+    assert_eq!(code, 0, "after restart: {out}");
+    assert_refused(
+        "still custom",
+        &curl(&api, &id, &format!("--resolve evil.test:443:{EVIL_IP} -k https://evil.test/")).await,
+    );
+    let (_, out) = sh(&api, &id, &dns_query("10.250.0.1", "evil.test", 1)).await;
+    assert_eq!(out.trim(), "3 0");
 }
