@@ -61,7 +61,7 @@ SANDBOX_LIMIT = 3  # `cove server`'s default per-organization limit, as Leap0's
 
 
 class CoveServer:
-    def __init__(self) -> None:
+    def __init__(self, extra_args: list[str] | None = None) -> None:
         if not COVE_BIN.is_file():
             raise RuntimeError(f"{COVE_BIN} not found: build it with `cargo build -p cove`")
         if not (COVE_CACHE_DIR / "initramfs").exists():
@@ -83,6 +83,7 @@ class CoveServer:
                 str(self.data_dir),
                 "--cache-dir",
                 str(COVE_CACHE_DIR),
+                *(extra_args or []),
             ],
             stdout=subprocess.PIPE,
             stderr=self._log,

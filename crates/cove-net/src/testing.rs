@@ -13,10 +13,10 @@
 //! back what the servers saw: DNS queries, recorded requests, connection and datagram counts.
 //!
 //! ```text
-//! host ns: cove-inet0 192.0.2.1/24  <-veth->  cove-testnet: eth0 192.0.2.2/24
-//!          203.0.113.0/24, 198.51.100.0/24 via 192.0.2.2   + 203.0.113.{10,11,12,53}/32
+//! host ns: cove-inet0 192.88.99.1/24  <-veth->  cove-testnet: eth0 192.88.99.2/24
+//!          203.0.113.0/24, 198.51.100.0/24 via 192.88.99.2   + 203.0.113.{10,11,12,53}/32
 //!                                                           + 198.51.100.20/32
-//!                                                           default via 192.0.2.1
+//!                                                           default via 192.88.99.1
 //! ```
 //!
 //! | address            | ports                                                        |
@@ -51,9 +51,9 @@ pub const NETNS: &str = "cove-testnet";
 /// The root-namespace end of the veth pair (the other end is `eth0` in [`NETNS`]).
 pub const VETH: &str = "cove-inet0";
 /// The host's address on [`VETH`]; traffic NATed by the host arrives from here.
-pub const ROOT_SIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const ROOT_SIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 1);
 /// The internet's own address on its `eth0`, the gateway of the routes in the host.
-pub const INTERNET_SIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const INTERNET_SIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 2);
 /// The DNS server (UDP and TCP port 53).
 pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 53);
 /// The "allowed" web host (`api.allowed.test`, `*.wild.test`, ...); also echo servers.

@@ -1,7 +1,8 @@
 //! End-to-end test of the egress listeners without a VM: a scratch "sandbox" namespace with the
 //! gateway address on lo (the test plays the guest from inside it, with an nft output DNAT
-//! standing in for the guest redirect), and an "internet" namespace on a veth holding TEST-NET-2
-//! servers (198.51.100.10) that the runner reaches from the host namespace. Needs root, `ip`, `nft`.
+//! standing in for the guest redirect), and an "internet" namespace on a veth holding servers
+//! on 192.52.193.10 (public, not denied, and not a range `cove_net::testing`'s test internet
+//! routes) that the runner reaches from the host namespace. Needs root, `ip`, `nft`.
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -25,9 +26,9 @@ use simple_dns::rdata::{RData, A};
 use simple_dns::{Name, Packet, PacketFlag, Question, ResourceRecord, CLASS, RCODE, TYPE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const SERVER: Ipv4Addr = Ipv4Addr::new(192, 52, 193, 10);
 /// What the "guest" dials; the proxy ignores it for names and dials SERVER by name.
-const GUEST_DST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
+const GUEST_DST: Ipv4Addr = Ipv4Addr::new(192, 52, 193, 99);
 const SECRET: &str = "Bearer SECRET-VALUE-42";
 
 fn sh(args: &[&str]) {
@@ -79,19 +80,19 @@ fn setup() -> (Cleanup, PathBuf, PathBuf) {
     sh(&["ip", "-n", &sns, "link", "set", "d1", "up"]);
     sh(&["ip", "-n", &sns, "addr", "add", "10.250.0.2/32", "dev", "d0"]);
     sh(&["ip", "-n", &sns, "link", "set", "d0", "up"]);
-    sh(&["ip", "-n", &sns, "route", "add", "198.51.100.0/24", "dev", "d0", "src", "10.250.0.2"]);
+    sh(&["ip", "-n", &sns, "route", "add", "192.52.193.0/24", "dev", "d0", "src", "10.250.0.2"]);
     sh_in(
         &["ip", "netns", "exec", &sns, "nft", "-f", "-"],
         "table ip t {\n  chain o {\n    type nat hook output priority -100;\n    \
-         ip daddr 198.51.100.0/24 tcp dport 443 dnat to 10.250.0.1:15443\n    \
-         ip daddr 198.51.100.0/24 tcp dport 80 dnat to 10.250.0.1:15080\n  }\n}\n",
+         ip daddr 192.52.193.0/24 tcp dport 443 dnat to 10.250.0.1:15443\n    \
+         ip daddr 192.52.193.0/24 tcp dport 80 dnat to 10.250.0.1:15080\n  }\n}\n",
     );
     // "Internet" namespace reached from the host namespace over a veth.
     sh(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ins]);
-    sh(&["ip", "addr", "add", "198.51.100.1/24", "dev", &veth]);
+    sh(&["ip", "addr", "add", "192.52.193.1/24", "dev", &veth]);
     sh(&["ip", "link", "set", &veth, "up"]);
     sh(&["ip", "-n", &ins, "link", "set", "lo", "up"]);
-    sh(&["ip", "-n", &ins, "addr", "add", "198.51.100.10/24", "dev", "eth0"]);
+    sh(&["ip", "-n", &ins, "addr", "add", "192.52.193.10/24", "dev", "eth0"]);
     sh(&["ip", "-n", &ins, "link", "set", "eth0", "up"]);
     (guard, netns::path(&sns), netns::path(&ins))
 }

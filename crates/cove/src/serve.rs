@@ -48,10 +48,17 @@ pub struct ServerArgs {
     /// browsers resolve to this host by themselves.
     #[arg(long, env = "COVE_SANDBOX_DOMAIN")]
     sandbox_domain: Option<String>,
-    /// Scheme of the URLs handed out for the sandbox domain: `https` when a TLS proxy fronts
-    /// this server, `http` for local use.
-    #[arg(long, env = "COVE_PUBLIC_SCHEME", default_value = "http")]
-    public_scheme: String,
+    /// Scheme of the URLs handed out for the sandbox domain. Default: `https` with
+    /// `--tls-cert`, else `http`; set `https` when a TLS proxy fronts this server.
+    #[arg(long, env = "COVE_PUBLIC_SCHEME")]
+    public_scheme: Option<String>,
+    /// PEM certificate chain to serve HTTPS with (API and sandbox domain alike; for a public
+    /// deployment a certificate for the API's name and `*.<sandbox domain>`).
+    #[arg(long, env = "COVE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "COVE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// PEM file of extra CA certificates the egress proxy trusts for upstream TLS (beside the
     /// host's roots), e.g. a company's internal root.
     #[arg(long, env = "COVE_EGRESS_CA")]
@@ -88,7 +95,12 @@ async fn serve(args: ServerArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     let mut ccfg = CoreConfig::local(args.sandbox_limit);
     ccfg.sandbox_domain = args.sandbox_domain.clone().unwrap_or_else(|| format!("localhost:{}", addr.port()));
-    ccfg.public_scheme = args.public_scheme.clone();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    ccfg.public_scheme = args.public_scheme.clone().unwrap_or_else(|| scheme.to_string());
     let core = Arc::new(Core::new(store, runner.clone(), ccfg));
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
@@ -107,17 +119,23 @@ async fn serve(args: ServerArgs) -> Result<()> {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     cove_server::spawn_background(core.clone(), shutdown.clone());
-    println!("cove listening on http://{addr}");
+    println!("cove listening on {scheme}://{addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let app = cove_server::router(core);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down; sandbox VMs keep running and are adopted at next start");
-            shutdown.cancel();
-        })
-        .await?;
+    let stop = shutdown.clone();
+    let signalled = async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down; sandbox VMs keep running and are adopted at next start");
+        stop.cancel();
+    };
+    match tls {
+        Some(acceptor) => {
+            tokio::spawn(signalled);
+            crate::tls::serve(listener, acceptor, app, shutdown).await?;
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(signalled).await?,
+    }
     // This data dir's RAM directory goes when no sandbox RAM is left in it (fails otherwise).
     let _ = std::fs::remove_dir(&shm_dir);
     Ok(())

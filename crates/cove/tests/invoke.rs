@@ -390,3 +390,116 @@ async fn invoke_route_and_presigned_urls() {
     let got = get(&http, &hello, Some(&api.key)).await;
     assert_eq!(got.status, 404, "invoke of a deleted sandbox: {}", got.body);
 }
+
+/// curl on the host; returns (exit code, stdout, stderr).
+fn host_curl(args: &[&str]) -> (i32, String, String) {
+    let out =
+        std::process::Command::new("curl").args(["-sS", "--max-time", "60"]).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// With `--tls-cert`/`--tls-key` the server speaks HTTPS (HTTP/2 by ALPN) for the API and the
+/// sandbox domain alike, and hands out https URLs. curl resolves `*.localhost` by itself (and
+/// accepts no wildcard certificate for a bare `*.localhost`, hence `sandbox.localhost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_serves_https_with_a_given_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,DNS:*.sandbox.localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "openssl could not make a test certificate");
+    let srv = TestServer::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--sandbox-domain",
+        "sandbox.localhost",
+    ]);
+    assert!(srv.url.starts_with("https://127.0.0.1:"), "{}", srv.url);
+    let port = srv.url.rsplit(':').next().unwrap().to_string();
+    let base = format!("https://localhost:{port}");
+    let ca = cert.to_str().unwrap();
+    let auth = format!("Authorization: Bearer {}", srv.admin_key);
+
+    let (code, out, err) =
+        host_curl(&["--cacert", ca, "--http2", "-w", " %{http_version}", &format!("{base}/healthz")]);
+    assert_eq!((code, out.as_str()), (0, "ok 2"), "{err}");
+    let (code, out, err) = host_curl(&[
+        "--cacert",
+        ca,
+        "-H",
+        &auth,
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"template_name":"system/debian:bookworm"}"#,
+        &format!("{base}/v1/sandbox"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["id"].as_str().unwrap().to_string();
+    let exec = json!({"command": "cd /tmp && echo tls-ok > t.txt && (setsid nohup python3 -m http.server 8000 >/dev/null 2>&1 </dev/null &) && \
+        for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:8000/ && exit 0; sleep 0.1; done; exit 1"});
+    let (code, out, err) = host_curl(&[
+        "--cacert",
+        ca,
+        "-H",
+        &auth,
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &exec.to_string(),
+        &format!("{base}/v1/sandbox/{id}/process/execute"),
+    ]);
+    assert!(code == 0 && out.contains(r#""exit_code":0"#), "{out}{err}");
+    // The invoke route over TLS; the presigned URL handed out is https.
+    let (code, out, err) = host_curl(&[
+        "--cacert",
+        ca,
+        "-H",
+        &auth,
+        &format!("https://{id}-8000.sandbox.localhost:{port}/t.txt"),
+    ]);
+    assert_eq!((code, out.as_str()), (0, "tls-ok\n"), "{err}");
+    let (code, out, err) = host_curl(&[
+        "--cacert",
+        ca,
+        "-H",
+        &auth,
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"port":8000}"#,
+        &format!("{base}/v1/sandbox/{id}/presigned-url"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let url = serde_json::from_str::<Value>(&out).unwrap()["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with("https://") && url.ends_with(".sandbox.localhost"), "{url}");
+    let (code, out, err) = host_curl(&["--cacert", ca, &format!("{url}:{port}/t.txt")]);
+    assert_eq!((code, out.as_str()), (0, "tls-ok\n"), "{err}");
+    let (code, _, err) =
+        host_curl(&["--cacert", ca, "-X", "DELETE", "-H", &auth, &format!("{base}/v1/sandbox/{id}")]);
+    assert_eq!(code, 0, "{err}");
+}
