@@ -43,7 +43,9 @@ pub(crate) fn denied_response(host: &str) -> Response<Body> {
     text(StatusCode::FORBIDDEN, format!("{host} is not allowed by the sandbox network policy\n"))
 }
 
-const HOP_BY_HOP: &[&str] = &[
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1, plus the proxy
+/// and HTTP/2-upgrade ones).
+pub(crate) const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",

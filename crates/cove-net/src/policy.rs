@@ -124,22 +124,13 @@ pub fn normalize_host(host: &str) -> Option<String> {
     ok.then(|| h.to_string())
 }
 
-/// Headers a transform may not name: hop-by-hop, `host`, and pseudo-headers.
+/// Headers a transform may not name: hop-by-hop, `host`, `content-length`, pseudo-headers.
 fn forbidden_header(name: &str) -> bool {
-    const HOP: &[&str] = &[
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    ];
-    name.starts_with(':') || HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+    name.starts_with(':')
+        || crate::mitm::HOP_BY_HOP
+            .iter()
+            .chain(&["host", "content-length"])
+            .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 #[derive(Debug, Clone)]

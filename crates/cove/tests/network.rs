@@ -23,7 +23,13 @@ fn server() -> &'static TestServer {
     S.get_or_init(|| {
         let inet = Internet::shared();
         let ca = inet.ca_path().display().to_string();
-        TestServer::start(&["--egress-dns", "203.0.113.53:53", "--egress-ca", &ca])
+        let data = std::env::temp_dir().join(format!("cove-test-net-{}", common::rand_hex()));
+        // Debug logs of the egress proxy too: the secret must not be in them either.
+        TestServer::start_with(
+            data,
+            &["--egress-dns", "203.0.113.53:53", "--egress-ca", &ca],
+            &[("COVE_LOG", "info,cove_runner=debug,cove_net=debug,cove_server=debug")],
+        )
     })
 }
 
@@ -485,6 +491,9 @@ print(data.decode())\"";
         let _ = std::fs::remove_file(&dest);
     }
     assert_eq!(scanned, 1, "the paused sandbox's image was not found");
+    // Nor is it in the server's log (header values are never logged).
+    let log = std::fs::read_to_string(srv.data_dir.join("server.log")).unwrap_or_default();
+    assert!(!log.is_empty() && !log.contains(SECRET), "the secret is in the server log");
     // Resumed, the guest still trusts its CA and the transform still applies.
     let (code, out) = curl(&api, &id, "https://secret.test/record/after-resume").await;
     assert_eq!(code, 0, "{out}");

@@ -145,10 +145,14 @@ fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap()
 }
 
+/// A name part unique in this host's test runs: time, process and a counter (two threads can
+/// read the same clock value, which once made two organizations share a name).
 pub fn rand_hex() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::{SystemTime, UNIX_EPOCH};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-    format!("{:x}{:x}", n, std::process::id())
+    format!("{:x}{:x}{:x}", n, std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A client bound to one organization's key.
