@@ -33,6 +33,9 @@ pub enum SandboxCmd {
         /// KEY=VALUE, repeatable.
         #[arg(long = "env", value_parser = parse_kv)]
         env: Vec<(String, String)>,
+        /// Egress policy as JSON, e.g. '{"mode":"custom","allow_domains":["pypi.org"]}'.
+        #[arg(long, value_parser = parse_json)]
+        network_policy: Option<Value>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -90,6 +93,33 @@ pub enum SandboxCmd {
     /// Boot a stopped sandbox again on its disk.
     Start {
         id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Replace a sandbox's egress policy; a running one loses the connections it forbids.
+    NetworkPolicy {
+        id: String,
+        /// The policy as JSON, e.g. '{"mode":"deny-all"}'.
+        #[arg(value_parser = parse_json)]
+        policy: Value,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make a public URL to a port of a sandbox (no API key needed; shown once).
+    Share {
+        id: String,
+        port: u16,
+        /// Lifetime in seconds (default 3600).
+        #[arg(long)]
+        expires_in: Option<i64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke a URL made by `share`.
+    Unshare {
+        id: String,
+        /// The URL's id (`psu-…`).
+        url_id: String,
         #[command(flatten)]
         conn: Conn,
     },
@@ -152,6 +182,10 @@ pub enum KeysCmd {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+fn parse_json(s: &str) -> Result<Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -217,9 +251,10 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
     use reqwest::Method;
     block_on(async move {
         match cmd {
-            SandboxCmd::Create { template, vcpu, memory, timeout, env, conn } => {
+            SandboxCmd::Create { template, vcpu, memory, timeout, env, network_policy, conn } => {
                 let env: BTreeMap<String, String> = env.into_iter().collect();
-                let body = json!({ "template_name": template, "vcpu": vcpu, "memory": memory, "timeout": timeout, "env_vars": env });
+                let body = json!({ "template_name": template, "vcpu": vcpu, "memory": memory, "timeout": timeout,
+                    "env_vars": env, "network_policy": network_policy });
                 let body = strip_nulls(body);
                 print(&Api::new(&conn)?.call(Method::POST, "/v1/sandbox", Some(body)).await?);
             }
@@ -260,6 +295,19 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
             SandboxCmd::Resume { id, conn } => action(&conn, &id, "resume").await?,
             SandboxCmd::Stop { id, conn } => action(&conn, &id, "stop").await?,
             SandboxCmd::Start { id, conn } => action(&conn, &id, "start").await?,
+            SandboxCmd::NetworkPolicy { id, policy, conn } => {
+                let path = format!("/v1/sandbox/{id}/network-policy");
+                print(&Api::new(&conn)?.call(Method::PATCH, &path, Some(policy)).await?)
+            }
+            SandboxCmd::Share { id, port, expires_in, conn } => {
+                let body = strip_nulls(json!({ "port": port, "expires_in": expires_in }));
+                let path = format!("/v1/sandbox/{id}/presigned-url");
+                print(&Api::new(&conn)?.call(Method::POST, &path, Some(body)).await?)
+            }
+            SandboxCmd::Unshare { id, url_id, conn } => {
+                let path = format!("/v1/sandbox/{id}/presigned-url/{url_id}");
+                Api::new(&conn)?.call(Method::DELETE, &path, None).await?;
+            }
         }
         Ok(())
     })
