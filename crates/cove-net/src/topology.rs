@@ -262,18 +262,6 @@ pub async fn destroy(id: &str) -> io::Result<()> {
     run("ip", &["netns", "del", &name], None).await
 }
 
-/// Names of sandbox namespaces present on the host (to find leftovers after a crash).
-pub fn sandbox_namespaces() -> Vec<String> {
-    std::fs::read_dir(netns::NETNS_DIR)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str()?.strip_prefix(NS_PREFIX).map(str::to_string))
-                .filter(|id| id.starts_with("sbx-") || id.starts_with("tmpl-"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Creates the veth pair on the lowest free slot; the kernel's refusal of a name in use is
 /// what arbitrates between runners creating sandboxes at the same time.
 async fn add_veth(ns: &str) -> io::Result<u32> {

@@ -417,10 +417,10 @@ impl Runner {
         lost
     }
 
-    /// Ids of the sandboxes whose network namespace exists on this host (to find leftovers
-    /// after a crash).
+    /// Ids of the sandboxes this data dir made a network for (to find leftovers after a crash,
+    /// e.g. a namespace made just before the VM's files).
     pub fn sandbox_networks(&self) -> Vec<String> {
-        self.net.namespaces()
+        self.net.owned()
     }
 
     /// Ids of the sandboxes with files on this host: directories and RAM files (used to find

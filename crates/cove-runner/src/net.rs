@@ -135,9 +135,17 @@ impl Network {
         }
     }
 
-    /// Ids of sandboxes with a network namespace on this host.
-    pub fn namespaces(&self) -> Vec<String> {
-        topology::sandbox_namespaces()
+    /// Ids of the sandboxes whose network this runner's data dir made (they have a CA here),
+    /// whether or not their namespace still exists: how a restarted server finds its own
+    /// leftovers among the namespaces of every server on the host.
+    pub fn owned(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str()?.strip_suffix(".pem").map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 

@@ -674,11 +674,13 @@ impl Core {
         }
         let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
         let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        for dir in self.runner.sandbox_ids_on_host() {
-            if !known.contains(dir.as_str()) {
-                tracing::info!(sandbox_id = %dir, "removing files of an unknown sandbox");
-                let _ = self.runner.destroy(&dir).await;
-            }
+        let mut unknown: Vec<String> = self.runner.sandbox_ids_on_host();
+        unknown.extend(self.runner.sandbox_networks());
+        unknown.sort();
+        unknown.dedup();
+        for id in unknown.into_iter().filter(|id| !known.contains(id.as_str())) {
+            tracing::info!(sandbox_id = %id, "removing files and network of an unknown sandbox");
+            let _ = self.runner.destroy(&id).await;
         }
         let referenced = self.store.referenced_images()?;
         match self.runner.stored_images().await {

@@ -642,7 +642,16 @@ async fn a_server_restart_keeps_sandbox_networks_enforced() {
     // The VM and its namespace outlive the server; the listeners do not, and come back.
     first.kill(libc::SIGKILL);
     assert!(cove_net::netns::exists(&format!("cove-{id}")));
-    let second = TestServer::start_in(data, &args);
+    // A crash between making a sandbox's network and its VM leaves a namespace and a CA that no
+    // record owns: the next start removes them (and only this data dir's).
+    let orphan = format!("sbx-{}", &common::rand_hex()[..20]);
+    let rules =
+        cove_net::topology::Rules { mode: cove_api::sandbox::NetworkMode::DenyAll, allow_cidrs: vec![] };
+    cove_net::topology::create(&orphan, &rules, cove_net::policy::DENIED_V4).await.unwrap();
+    std::fs::write(data.join("net").join(format!("{orphan}.pem")), "not a CA").unwrap();
+    let second = TestServer::start_in(data.clone(), &args);
+    assert!(!cove_net::netns::exists(&format!("cove-{orphan}")), "an orphan namespace survived a restart");
+    assert!(!data.join("net").join(format!("{orphan}.pem")).exists());
     let api = Api { url: second.url.clone(), ..api };
     let left = Leftovers::new(&api);
     left.sandbox(&id);
