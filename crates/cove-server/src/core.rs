@@ -16,6 +16,7 @@ use cove_api::sandbox::{
 use cove_api::snapshot::{ListSnapshots, SnapshotResponse, SnapshotRestoreRequest};
 use cove_runner::image::new_image_prefix;
 use cove_runner::{AfterCapture, AgentClient, Runner, VmRequest};
+use cove_store::sealed::Sealer;
 use cove_store::{
     Change, Op, SandboxRecord, SnapshotQuery, SnapshotRecord, SnapshotState, Store, StoreError,
 };
@@ -52,6 +53,7 @@ impl CoreConfig {
 }
 
 pub struct Core {
+    sealer: Sealer,
     pub store: Arc<Store>,
     pub runner: Arc<Runner>,
     pub cfg: CoreConfig,
@@ -140,8 +142,41 @@ fn not_in(id: &str, state: SandboxState, wanted: &str) -> ApiError {
 }
 
 impl Core {
-    pub fn new(store: Arc<Store>, runner: Arc<Runner>, cfg: CoreConfig) -> Core {
-        Core { store, runner, cfg, ops: Mutex::new(HashMap::new()) }
+    /// `sealer` keeps the secrets users give (header values to inject) sealed in the store.
+    pub fn new(store: Arc<Store>, runner: Arc<Runner>, cfg: CoreConfig, sealer: Sealer) -> Core {
+        Core { store, runner, cfg, sealer, ops: Mutex::new(HashMap::new()) }
+    }
+
+    /// The policy as stored: header values to inject sealed (already sealed ones kept).
+    fn seal_policy(&self, policy: Option<NetworkPolicy>) -> Option<NetworkPolicy> {
+        policy.map(|mut p| {
+            for t in &mut p.transforms {
+                for v in t.inject_headers.values_mut() {
+                    if !Sealer::is_sealed(v) {
+                        *v = self.sealer.seal(v);
+                    }
+                }
+            }
+            p
+        })
+    }
+
+    /// What the runner gets: the record's request, with sealed values opened. A value that
+    /// cannot be opened (key file lost or replaced) is left sealed, so the upstream gets a
+    /// useless header rather than the sandbox getting anything.
+    fn vm_request(&self, rec: &SandboxRecord) -> VmRequest {
+        let mut req = vm_request(rec);
+        if let Some(p) = &mut req.network_policy {
+            for t in &mut p.transforms {
+                for v in t.inject_headers.values_mut() {
+                    match self.sealer.open(v) {
+                        Ok(plain) => *v = plain,
+                        Err(e) => tracing::error!(sandbox_id = %rec.id, error = %e, "sealed header value"),
+                    }
+                }
+            }
+        }
+        req
     }
 
     async fn lock_sandbox(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
@@ -206,7 +241,7 @@ impl Core {
             disk,
             timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
-            network_policy: req.network_policy.clone(),
+            network_policy: self.seal_policy(req.network_policy.clone()),
             env: req.env_vars.clone().unwrap_or_default(),
             state: SandboxState::Starting,
             runner_id: self.cfg.runner_id.clone(),
@@ -219,7 +254,7 @@ impl Core {
             snapshot_id: None,
         };
         self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
-        let vm = vm_request(&rec);
+        let vm = self.vm_request(&rec);
         let span = tracing::info_span!("create", sandbox_id = %rec.id);
         if let Err(e) = self.runner.create(&vm).instrument(span).await {
             tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "sandbox VM failed to start");
@@ -371,7 +406,7 @@ impl Core {
             S::Paused | S::Stopped => {}
             other => return Err(not_in(id, other, "running, paused or stopped")),
         }
-        self.store.set_network_policy(id, Some(&policy))?;
+        self.store.set_network_policy(id, self.seal_policy(Some(policy.clone())).as_ref())?;
         tracing::info!(sandbox_id = %id, mode = ?policy.mode, "network policy replaced");
         self.get(org, id)
     }
@@ -383,7 +418,12 @@ impl Core {
         let image = new_image_prefix("pause");
         self.begin(id, S::Running, Change::to(S::Snapshotting).op(Op::Pause { image: image.clone() }))?;
         let span = tracing::info_span!("pause", sandbox_id = %id);
-        match self.runner.capture(&vm_request(&rec), &image, AfterCapture::Release).instrument(span).await {
+        match self
+            .runner
+            .capture(&self.vm_request(&rec), &image, AfterCapture::Release)
+            .instrument(span)
+            .await
+        {
             Ok((_, stats)) => {
                 cove_runner::fault_point("pause.released");
                 tracing::info!(sandbox_id = %id, save_ms = stats.save_ms, store_ms = stats.store_ms,
@@ -422,7 +462,7 @@ impl Core {
         self.begin(id, S::Paused, change)?;
         let span = tracing::info_span!("resume", sandbox_id = %id);
         let started = std::time::Instant::now();
-        if let Err(e) = self.runner.create_from_image(&vm_request(&rec), &image).instrument(span).await {
+        if let Err(e) = self.runner.create_from_image(&self.vm_request(&rec), &image).instrument(span).await {
             tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "resume failed; the sandbox stays paused");
             self.store.transition(id, &[S::Unpausing], S::Paused)?;
             return Err(ApiError::Unavailable(format!(
@@ -464,7 +504,7 @@ impl Core {
         let change = Change::to(S::Starting).op(Op::Start).limit(self.cfg.default_sandbox_limit);
         self.begin(id, S::Stopped, change)?;
         let span = tracing::info_span!("start", sandbox_id = %id);
-        if let Err(e) = self.runner.boot(&vm_request(&rec)).instrument(span).await {
+        if let Err(e) = self.runner.boot(&self.vm_request(&rec)).instrument(span).await {
             tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "start failed; the sandbox stays stopped");
             self.store.transition(id, &[S::Starting], S::Stopped)?;
             return Err(ApiError::Unavailable(format!("starting failed: {}", error_chain(&e))));
@@ -512,7 +552,7 @@ impl Core {
         }
         let after = if kill_after { AfterCapture::Release } else { AfterCapture::Continue };
         let span = tracing::info_span!("snapshot", sandbox_id = %id, snapshot_id = %snap_id);
-        match self.runner.capture(&vm_request(&rec), &snap.image, after).instrument(span).await {
+        match self.runner.capture(&self.vm_request(&rec), &snap.image, after).instrument(span).await {
             Ok((manifest, stats)) => {
                 tracing::info!(sandbox_id = %id, snapshot_id = %snap_id, save_ms = stats.save_ms,
                     store_ms = stats.store_ms, stored_bytes = stats.stored_bytes, "snapshot stored");
@@ -560,7 +600,7 @@ impl Core {
             disk: snap.disk,
             timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
-            network_policy: req.network_policy.or_else(|| snap.network_policy.clone()),
+            network_policy: self.seal_policy(req.network_policy).or_else(|| snap.network_policy.clone()),
             env: snap.env.clone(),
             state: S::Starting,
             runner_id: self.cfg.runner_id.clone(),
@@ -577,7 +617,9 @@ impl Core {
             other => limit_error(other),
         })?;
         let span = tracing::info_span!("restore", sandbox_id = %rec.id, snapshot_id = %snap.id);
-        if let Err(e) = self.runner.create_from_image(&vm_request(&rec), &snap.image).instrument(span).await {
+        if let Err(e) =
+            self.runner.create_from_image(&self.vm_request(&rec), &snap.image).instrument(span).await
+        {
             tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "restore failed");
             let _ = self.runner.destroy(&rec.id).await;
             self.store.delete_sandbox(&rec.id)?;
@@ -652,7 +694,7 @@ impl Core {
             .filter(|r| {
                 matches!(r.state, S::Running | S::Snapshotting | S::Stopping | S::Unpausing | S::Starting)
             })
-            .map(vm_request)
+            .map(|r| self.vm_request(r))
             .collect();
         let lost: std::collections::HashSet<String> =
             self.runner.recover(&with_vm).await.into_iter().collect();
@@ -775,7 +817,7 @@ impl Core {
                     Some(Op::Resume { image }) => Some(image),
                     _ => rec.image.clone(),
                 };
-                if vm_alive && self.runner.reidentify(&vm_request(rec)).await.is_ok() {
+                if vm_alive && self.runner.reidentify(&self.vm_request(rec)).await.is_ok() {
                     // The VM got as far as running and answering: keep what it did since.
                     tracing::info!(sandbox_id = %id, "finishing a resume interrupted by a restart");
                     let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(rec));
@@ -813,7 +855,7 @@ impl Core {
     async fn run_on_or_stop(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
         if vm_alive && self.runner.run_again(&rec.id).await.is_ok() {
             // Its clock stood still while it was stopped: set it again.
-            if let Err(e) = self.runner.reidentify(&vm_request(rec)).await {
+            if let Err(e) = self.runner.reidentify(&self.vm_request(rec)).await {
                 tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "re-sending the identity after recovery");
             }
             self.store.transition(&rec.id, &[S::Snapshotting], S::Running)?;

@@ -34,7 +34,12 @@ async fn app() -> App {
     let org = store.create_org("test", None).unwrap();
     let key = cove_store::generate_key();
     store.add_key(&org.id, "test", &key).unwrap();
-    let core = Core::new(Arc::new(store), Arc::new(runner), CoreConfig::local(3));
+    let core = Core::new(
+        Arc::new(store),
+        Arc::new(runner),
+        CoreConfig::local(3),
+        cove_store::sealed::Sealer::ephemeral(),
+    );
     App { router: router(Arc::new(core)), key, _dir: dir }
 }
 

@@ -4,6 +4,7 @@
 //! happens in one immediate transaction, so concurrent creates cannot overshoot it. Schema
 //! changes are numbered migrations applied at open.
 
+pub mod sealed;
 use std::path::Path;
 use std::sync::Mutex;
 

@@ -135,7 +135,12 @@ impl Bench {
         cfg.blob_url = blob_url;
         configure(&mut cfg);
         let runner = Arc::new(Runner::new(cfg, vmm).await?);
-        let core = Arc::new(Core::new(store, runner.clone(), CoreConfig::local(1000)));
+        let core = Arc::new(Core::new(
+            store,
+            runner.clone(),
+            CoreConfig::local(1000),
+            cove_store::sealed::Sealer::ephemeral(),
+        ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
         tokio::spawn(axum::serve(listener, cove_server::router(core)).into_future());

@@ -101,7 +101,9 @@ async fn serve(args: ServerArgs) -> Result<()> {
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     ccfg.public_scheme = args.public_scheme.clone().unwrap_or_else(|| scheme.to_string());
-    let core = Arc::new(Core::new(store, runner.clone(), ccfg));
+    let sealer = cove_store::sealed::Sealer::open_or_create(&args.data_dir.join("secret.key"))
+        .context("opening the key that seals secrets in the metadata store")?;
+    let core = Arc::new(Core::new(store, runner.clone(), ccfg, sealer));
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
     if !args.no_prepare {

@@ -364,6 +364,13 @@ async fn transforms_inject_credentials_the_guest_never_sees() {
     let id = api.create(json!({ "network_policy": policy })).await;
     left.sandbox(&id);
 
+    // The metadata store holds it sealed (the key is a separate file), not in the clear.
+    for f in ["cove.db", "cove.db-wal"] {
+        let path = srv.data_dir.join(f);
+        if path.exists() {
+            assert!(!file_contains(&path, SECRET.as_bytes()), "the secret is in the clear in {f}");
+        }
+    }
     // The API never shows the value.
     let r = api.get(&format!("/v1/sandbox/{id}")).await;
     assert!(!r.text().contains(SECRET), "{}", r.text());
