@@ -78,6 +78,13 @@ impl Validate for SandboxCreateRequest {
             v.check(mounts.len() <= MAX_MOUNTS, "mounts", format!("at most {MAX_MOUNTS} mounts are allowed"));
             for (i, m) in mounts.iter().enumerate() {
                 m.check(&mut v, &format!("mounts[{i}]"));
+                v.check(
+                    !mounts[..i]
+                        .iter()
+                        .any(|o| o.mount_path.trim_end_matches('/') == m.mount_path.trim_end_matches('/')),
+                    format!("mounts[{i}].mount_path"),
+                    "is already used by another mount",
+                );
             }
         }
         if let Some(p) = &self.network_policy {
@@ -408,24 +415,136 @@ pub struct MountRequest {
 impl MountRequest {
     fn check(&self, v: &mut Violations, field: &str) {
         v.check(self.kind == "object-storage", format!("{field}.type"), "must be object-storage");
-        v.check(!self.bucket.is_empty(), format!("{field}.bucket"), "must not be empty");
+        check_mount_fields(
+            v,
+            field,
+            MountFields {
+                bucket: Some(&self.bucket),
+                mount_path: Some(&self.mount_path),
+                endpoint: Some(&self.endpoint),
+                prefix: self.prefix.as_deref(),
+                read_only: self.read_only,
+                access_key_id: self.access_key_id.as_deref(),
+                secret_access_key: self.secret_access_key.as_deref(),
+            },
+        );
+        let key = self.access_key_id.as_deref().unwrap_or("");
+        let secret = self.secret_access_key.as_deref().unwrap_or("");
         v.check(
-            self.mount_path.starts_with('/') && self.mount_path != "/",
+            key.is_empty() == secret.is_empty(),
+            format!("{field}.secret_access_key"),
+            "give both access_key_id and secret_access_key, or neither (a public bucket)",
+        );
+    }
+}
+
+/// `PATCH /v1/sandbox/{id}/mounts/{mountID}`: omitted fields keep their value; an empty
+/// `prefix`, `access_key_id` or `secret_access_key` clears it. `id` and `type` cannot change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MountUpdateRequest {
+    #[serde(default)]
+    pub bucket: Option<String>,
+    #[serde(default)]
+    pub mount_path: Option<String>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub read_only: Option<bool>,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+}
+
+impl Validate for MountUpdateRequest {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Violations::default();
+        check_mount_fields(
+            &mut v,
+            "",
+            MountFields {
+                bucket: self.bucket.as_deref(),
+                mount_path: self.mount_path.as_deref(),
+                endpoint: self.endpoint.as_deref(),
+                prefix: self.prefix.as_deref(),
+                read_only: self.read_only,
+                access_key_id: self.access_key_id.as_deref(),
+                secret_access_key: self.secret_access_key.as_deref(),
+            },
+        );
+        v.finish().map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| FieldError { field: e.field.trim_start_matches('.').to_string(), error: e.error })
+                .collect()
+        })
+    }
+}
+
+/// The fields a mount request and a mount update share; `None` = not given.
+struct MountFields<'a> {
+    bucket: Option<&'a str>,
+    mount_path: Option<&'a str>,
+    endpoint: Option<&'a str>,
+    prefix: Option<&'a str>,
+    read_only: Option<bool>,
+    access_key_id: Option<&'a str>,
+    secret_access_key: Option<&'a str>,
+}
+
+/// Guest directories a mount may not cover: the kernel's and the system's own.
+const RESERVED_MOUNT_ROOTS: &[&str] =
+    &["/proc", "/sys", "/dev", "/run", "/etc", "/bin", "/sbin", "/usr", "/lib"];
+
+fn check_mount_fields(v: &mut Violations, field: &str, m: MountFields<'_>) {
+    if let Some(b) = m.bucket {
+        v.check(
+            (3..=63).contains(&b.len())
+                && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b".-_".contains(&c)),
+            format!("{field}.bucket"),
+            "must be a bucket name: 3-63 characters of a-z, 0-9, '.', '-', '_'",
+        );
+    }
+    if let Some(p) = m.mount_path {
+        let components_ok = p.split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..");
+        v.check(
+            p.starts_with('/') && p != "/" && components_ok && p.len() <= 1024,
             format!("{field}.mount_path"),
-            "must be an absolute path other than /",
+            "must be an absolute path other than /, without empty, . or .. components",
         );
         v.check(
-            self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://"),
-            format!("{field}.endpoint"),
-            "must be a URL with scheme and host",
+            !RESERVED_MOUNT_ROOTS.iter().any(|r| p == *r || p.starts_with(&format!("{r}/"))),
+            format!("{field}.mount_path"),
+            "must not be inside a system directory (/proc, /sys, /dev, /run, /etc, /bin, /sbin, /usr, /lib)",
         );
-        if let Some(p) = self.prefix.as_deref().filter(|p| !p.is_empty()) {
-            v.check(
-                !p.starts_with('/') && p.ends_with('/') && !p.split('/').any(|s| s == ".."),
-                format!("{field}.prefix"),
-                "must be relative, end with / and not contain ..",
-            );
-        }
+    }
+    if let Some(e) = m.endpoint {
+        let host = e.strip_prefix("https://").or_else(|| e.strip_prefix("http://")).map(|rest| {
+            rest.split(['/', '?', '#']).next().unwrap_or("").rsplit('@').next().unwrap_or("").to_string()
+        });
+        v.check(
+            host.is_some_and(|h| !h.is_empty() && !h.starts_with(':') && !h.contains(char::is_whitespace)),
+            format!("{field}.endpoint"),
+            "must be a URL with scheme (http or https) and host",
+        );
+    }
+    if let Some(p) = m.prefix.filter(|p| !p.is_empty()) {
+        v.check(
+            !p.starts_with('/') && p.ends_with('/') && !p.split('/').any(|s| s == ".." || s == "."),
+            format!("{field}.prefix"),
+            "must be relative, end with / and not contain . or .. components",
+        );
+    }
+    v.check(m.read_only != Some(false), format!("{field}.read_only"), "object storage mounts are read-only");
+    for (name, value) in [("access_key_id", m.access_key_id), ("secret_access_key", m.secret_access_key)] {
+        v.check(
+            value.is_none_or(|s| s.len() <= 1024 && !s.chars().any(char::is_control)),
+            format!("{field}.{name}"),
+            "must be at most 1024 printable characters",
+        );
     }
 }
 
@@ -472,9 +591,40 @@ mod tests {
     }
 
     #[test]
+    fn mounts_are_validated_field_by_field() {
+        let ok = serde_json::json!({"type":"object-storage","bucket":"assets","mount_path":"/data/a",
+            "endpoint":"https://s3.example.com","prefix":"docs/","access_key_id":"k","secret_access_key":"s"});
+        assert!(req(serde_json::json!({"template_name": "t", "mounts": [ok]})).validate().is_ok());
+        let bad = serde_json::json!({"type":"nfs","bucket":"A","mount_path":"/proc/x",
+            "endpoint":"https://","prefix":"/x","read_only":false,"access_key_id":"k"});
+        let f = fields(req(serde_json::json!({"template_name": "t", "mounts": [bad]})).validate());
+        for want in ["type", "bucket", "mount_path", "endpoint", "prefix", "read_only", "secret_access_key"] {
+            assert!(f.contains(&format!("mounts[0].{want}")), "{want} in {f:?}");
+        }
+        let dup = serde_json::json!({"type":"object-storage","bucket":"abc","mount_path":"/data","endpoint":"http://s3"});
+        let f = fields(req(serde_json::json!({"template_name": "t", "mounts": [dup, dup]})).validate());
+        assert_eq!(f, vec!["mounts[1].mount_path"]);
+        let dots = serde_json::json!({"type":"object-storage","bucket":"abc","mount_path":"/data/../etc","endpoint":"http://s3"});
+        assert!(req(serde_json::json!({"template_name": "t", "mounts": [dots]})).validate().is_err());
+        // Updates: only what is given is checked; empty strings clear.
+        let u: MountUpdateRequest =
+            serde_json::from_value(serde_json::json!({"prefix": "", "access_key_id": ""})).unwrap();
+        assert!(u.validate().is_ok());
+        let u: MountUpdateRequest =
+            serde_json::from_value(serde_json::json!({"mount_path": "relative"})).unwrap();
+        assert_eq!(u.validate().unwrap_err()[0].field, "mount_path");
+        assert!(serde_json::from_value::<MountUpdateRequest>(serde_json::json!({"id": "x"})).is_err());
+    }
+
+    #[test]
     fn too_many_mounts_is_rejected() {
-        let m = serde_json::json!({"type":"object-storage","bucket":"b","mount_path":"/data","endpoint":"http://s3"});
-        let bad = req(serde_json::json!({"template_name": "t", "mounts": vec![m; 9]}));
+        let mounts: Vec<_> = (0..9)
+            .map(|i| {
+                serde_json::json!({"type":"object-storage","bucket":"bkt","mount_path":format!("/data{i}"),
+                    "endpoint":"http://s3"})
+            })
+            .collect();
+        let bad = req(serde_json::json!({"template_name": "t", "mounts": mounts}));
         assert_eq!(fields(bad.validate()), vec!["mounts"]);
     }
 
