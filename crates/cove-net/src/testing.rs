@@ -1,8 +1,11 @@
 //! An offline "internet" for networking tests (feature `testing`).
 //!
 //! [`Internet::shared`] builds, once per process, a network namespace `cove-testnet` joined to
-//! the host (root) namespace by a veth pair, with routes in the host for the TEST-NET ranges
-//! 203.0.113.0/24 and 198.51.100.0/24. Inside it, on public-looking addresses, run a DNS
+//! the host (root) namespace by a veth pair on 192.88.99.0/24 (the retired 6to4 relay prefix:
+//! public, not in Cove's denied ranges, and used by no real network). Everything lives on that
+//! one link, so the host gets no routes: the TEST-NET ranges (203.0.113.0/24, 198.51.100.0/24)
+//! are deliberately not used, because some machines reach their package mirrors through them.
+//! Inside it, on public-looking addresses, run a DNS
 //! server, web servers (HTTP/1.1, HTTPS with HTTP/1.1 and HTTP/2, WebSocket, SSE), and raw
 //! TCP/UDP echo servers. TLS certificates are minted on the fly by a private test root CA
 //! ([`Internet::ca_pem`], [`Internet::ca_path`]).
@@ -14,17 +17,16 @@
 //!
 //! ```text
 //! host ns: cove-inet0 192.88.99.1/24  <-veth->  cove-testnet: eth0 192.88.99.2/24
-//!          203.0.113.0/24, 198.51.100.0/24 via 192.88.99.2   + 203.0.113.{10,11,12,53}/32
-//!                                                           + 198.51.100.20/32
+//!                                                           + 192.88.99.{10,11,12,20,53}/24
 //!                                                           default via 192.88.99.1
 //! ```
 //!
 //! | address            | ports                                                        |
 //! |--------------------|--------------------------------------------------------------|
-//! | 203.0.113.53       | DNS 53 (UDP, TCP)                                            |
-//! | 203.0.113.10       | web 80, 443, 8080 (plain); TCP echo 7000; UDP echo 7001, 443 |
-//! | 203.0.113.11/.12   | web 80, 443                                                  |
-//! | 198.51.100.20      | web 80, 443; TCP echo 7000                                   |
+//! | 192.88.99.53       | DNS 53 (UDP, TCP)                                            |
+//! | 192.88.99.10       | web 80, 443, 8080 (plain); TCP echo 7000; UDP echo 7001, 443 |
+//! | 192.88.99.11/.12   | web 80, 443                                                  |
+//! | 192.88.99.20       | web 80, 443; TCP echo 7000 (in [`CDN_NET`])                  |
 //!
 //! Web routes: `GET /` (JSON about the connection), `ANY /record/<key>`, `GET /echo-headers`,
 //! `GET /bytes/<n>`, `POST /upload`, `GET /sse`, `GET /ws`; see [`Internet`].
@@ -52,22 +54,22 @@ pub const NETNS: &str = "cove-testnet";
 pub const VETH: &str = "cove-inet0";
 /// The host's address on [`VETH`]; traffic NATed by the host arrives from here.
 pub const ROOT_SIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 1);
-/// The internet's own address on its `eth0`, the gateway of the routes in the host.
+/// The internet's own address on its `eth0`.
 pub const INTERNET_SIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 2);
 /// The DNS server (UDP and TCP port 53).
-pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 53);
+pub const DNS_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 53);
 /// The "allowed" web host (`api.allowed.test`, `*.wild.test`, ...); also echo servers.
-pub const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 10);
 /// The "paid API" web host (`secret.test`), the one that gets injected credentials.
-pub const SECRET_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+pub const SECRET_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 11);
 /// The web host a policy should never let through (`evil.test`).
-pub const EVIL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
-/// A web host in the other TEST-NET range (`cdn.test`); also a TCP echo server.
-pub const CDN_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+pub const EVIL_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 12);
+/// A web host on a sub-range of its own (`cdn.test`, in [`CDN_NET`]); also a TCP echo server.
+pub const CDN_IP: Ipv4Addr = Ipv4Addr::new(192, 88, 99, 20);
+/// A CIDR holding [`CDN_IP`] and none of the other servers (for `allow_cidrs` tests).
+pub const CDN_NET: &str = "192.88.99.16/28";
 /// Every address serving web (ports 80 and 443).
 pub const WEB_IPS: [Ipv4Addr; 4] = [ALLOWED_IP, SECRET_IP, EVIL_IP, CDN_IP];
-/// The ranges routed from the host namespace to the internet.
-pub const ROUTED_NETS: [&str; 2] = ["203.0.113.0/24", "198.51.100.0/24"];
 /// Plain HTTP on [`ALLOWED_IP`] besides port 80.
 pub const ALT_HTTP_PORT: u16 = 8080;
 /// Raw TCP echo on [`ALLOWED_IP`] and [`CDN_IP`].
@@ -204,11 +206,8 @@ impl Internet {
         })
     }
 
-    /// Deletes the namespace, the veth pair and the host routes. Idempotent; errors ignored.
+    /// Deletes the namespace and the veth pair. Idempotent; errors ignored.
     pub fn cleanup() {
-        for net in ROUTED_NETS {
-            quiet("ip", &["route", "del", net, "via", &INTERNET_SIDE_IP.to_string()]);
-        }
         // Deleting the veth pair is synchronous; deleting a namespace takes its devices down
         // asynchronously, so the link goes first.
         if Path::new("/sys/class/net").join(VETH).exists() {
@@ -347,7 +346,7 @@ fn quiet(program: &str, args: &[&str]) {
     let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
-/// Builds the namespace, veth pair, addresses and routes afresh.
+/// Builds the namespace, veth pair and addresses afresh.
 async fn configure() -> io::Result<()> {
     Internet::cleanup();
     let inet_side = INTERNET_SIDE_IP.to_string();
@@ -359,13 +358,10 @@ async fn configure() -> io::Result<()> {
     ip_in(&["link", "set", "lo", "up"]).await?;
     ip_in(&["addr", "add", &format!("{inet_side}/24"), "dev", "eth0"]).await?;
     for addr in std::iter::once(DNS_IP).chain(WEB_IPS) {
-        ip_in(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]).await?;
+        ip_in(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]).await?;
     }
     ip_in(&["link", "set", "eth0", "up"]).await?;
     ip_in(&["route", "add", "default", "via", &root_side]).await?;
-    for net in ROUTED_NETS {
-        ip(&["route", "replace", net, "via", &inet_side, "dev", VETH]).await?;
-    }
     tokio::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n").await?;
     Ok(())
 }

@@ -130,7 +130,7 @@ async fn curl_json(args: &[&str]) -> Value {
     serde_json::from_slice(&curl(args).await).unwrap()
 }
 
-const RESOLVE_API: &str = "api.allowed.test:443:203.0.113.10";
+const RESOLVE_API: &str = "api.allowed.test:443:192.88.99.10";
 
 #[tokio::test]
 async fn https_with_sni_over_http1_and_http2() {
@@ -139,7 +139,7 @@ async fn https_with_sni_over_http1_and_http2() {
     for (flag, proto) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2")] {
         let got =
             curl_json(&["--resolve", RESOLVE_API, "--cacert", ca, flag, "https://api.allowed.test/"]).await;
-        assert_eq!(got["server"], "203.0.113.10", "{got}");
+        assert_eq!(got["server"], "192.88.99.10", "{got}");
         assert_eq!(got["host"], "api.allowed.test", "{got}");
         assert_eq!(got["sni"], "api.allowed.test", "{got}");
         assert_eq!(got["proto"], proto, "{got}");
@@ -148,7 +148,7 @@ async fn https_with_sni_over_http1_and_http2() {
     // A name minted on the fly for another host; no SNI when dialling an address.
     let got = curl_json(&[
         "--resolve",
-        "anything.wild.test:443:198.51.100.20",
+        "anything.wild.test:443:192.88.99.20",
         "--cacert",
         ca,
         "https://anything.wild.test/",
@@ -156,21 +156,21 @@ async fn https_with_sni_over_http1_and_http2() {
     .await;
     assert_eq!(
         (got["server"].as_str(), got["sni"].as_str()),
-        (Some("198.51.100.20"), Some("anything.wild.test"))
+        (Some("192.88.99.20"), Some("anything.wild.test"))
     );
-    let got = curl_json(&["--cacert", ca, "https://203.0.113.11/"]).await;
+    let got = curl_json(&["--cacert", ca, "https://192.88.99.11/"]).await;
     assert_eq!(got["sni"], Value::Null, "{got}");
-    assert_eq!(got["server"], "203.0.113.11", "{got}");
+    assert_eq!(got["server"], "192.88.99.11", "{got}");
     // Plain HTTP, on 80 and 8080.
-    let got = curl_json(&["-H", "Host: www.allowed.test", "http://203.0.113.10/"]).await;
+    let got = curl_json(&["-H", "Host: www.allowed.test", "http://192.88.99.10/"]).await;
     assert_eq!((got["host"].as_str(), got["tls"].as_bool()), (Some("www.allowed.test"), Some(false)));
     assert_eq!(got["proto"], "HTTP/1.1");
     let got = curl_json(&[&format!("http://{ALLOWED_IP}:{ALT_HTTP_PORT}/")]).await;
     assert_eq!(got["port"], 8080);
     // A request header is not echoed by `/`, only by `/echo-headers`.
-    let got = curl(&["-H", "X-Secret: hunter2", "http://203.0.113.10/"]).await;
+    let got = curl(&["-H", "X-Secret: hunter2", "http://192.88.99.10/"]).await;
     assert!(!String::from_utf8_lossy(&got).contains("hunter2"));
-    let got = curl_json(&["-H", "X-Secret: hunter2", "http://203.0.113.10/echo-headers"]).await;
+    let got = curl_json(&["-H", "X-Secret: hunter2", "http://192.88.99.10/echo-headers"]).await;
     assert_eq!(got["x-secret"], "hunter2", "{got}");
 }
 
@@ -180,7 +180,7 @@ async fn record_keeps_what_the_server_received() {
     let ca = inet.ca_path().to_str().unwrap();
     let args = [
         "--resolve",
-        "secret.test:443:203.0.113.11",
+        "secret.test:443:192.88.99.11",
         "--cacert",
         ca,
         "--http2",
@@ -211,7 +211,7 @@ async fn record_keeps_what_the_server_received() {
     assert_eq!(r.header("authorization"), Some("Bearer injected"));
 
     // Plain HTTP/1.1; and waiting for something that never comes ends empty.
-    curl(&["-H", "Host: cdn.test", "http://198.51.100.20/record/k-plain"]).await;
+    curl(&["-H", "Host: cdn.test", "http://192.88.99.20/record/k-plain"]).await;
     let got = inet.recorded("k-plain");
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].method.as_str(), got[0].proto.as_str()), ("GET", "HTTP/1.1"));
@@ -225,7 +225,7 @@ async fn sse_bytes_and_upload() {
     let inet = inet();
     let ca = inet.ca_path().to_str().unwrap();
     let started = std::time::Instant::now();
-    let events = curl(&["-N", "http://203.0.113.10/sse"]).await;
+    let events = curl(&["-N", "http://192.88.99.10/sse"]).await;
     let events = String::from_utf8(events).unwrap();
     let expected: String = (1..=5).map(|n| format!("data: tick {n}\n\n")).collect();
     assert_eq!(events, expected);
@@ -245,7 +245,7 @@ async fn sse_bytes_and_upload() {
     let sha: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
     let upload = format!("@{}", file.display());
     for (flag, url) in
-        [("--http2", "https://api.allowed.test/upload"), ("--http1.1", "http://203.0.113.10/upload")]
+        [("--http2", "https://api.allowed.test/upload"), ("--http1.1", "http://192.88.99.10/upload")]
     {
         let got =
             curl_json(&["--resolve", RESOLVE_API, "--cacert", ca, flag, "--data-binary", &upload, url]).await;
@@ -325,6 +325,6 @@ async fn tcp_and_udp_echo_and_counts() {
     assert_eq!(inet.connections(EVIL_IP, 443), 0);
     // Every web host counts what it accepts.
     let before = inet.connections(SECRET_IP, 80);
-    curl(&["http://203.0.113.11/"]).await;
+    curl(&["http://192.88.99.11/"]).await;
     assert_eq!(inet.connections(SECRET_IP, 80), before + 1);
 }

@@ -498,9 +498,9 @@ async fn net(b: &Bench, internet: &cove_net::testing::Internet, args: &NetArgs) 
     let paths = [
         NetPath {
             key: "nat_http",
-            name: "NAT http (203.0.113.10)",
+            name: "NAT http (192.88.99.10)",
             policy: None,
-            base: "http://203.0.113.10",
+            base: "http://192.88.99.10",
             curl: String::new(),
         },
         NetPath {

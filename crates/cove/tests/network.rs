@@ -27,7 +27,7 @@ fn server() -> &'static TestServer {
         // Debug logs of the egress proxy too: the secret must not be in them either.
         TestServer::start_with(
             data,
-            &["--egress-dns", "203.0.113.53:53", "--egress-ca", &ca],
+            &["--egress-dns", "192.88.99.53:53", "--egress-ca", &ca],
             &[("COVE_LOG", "info,cove_runner=debug,cove_net=debug,cove_server=debug")],
         )
     })
@@ -206,7 +206,7 @@ async fn custom_policy_decides_by_name_on_the_host() {
     let policy = json!({
         "mode": "custom",
         "allow_domains": ["api.allowed.test", "*.wild.test", "host.allowed.test"],
-        "allow_cidrs": ["198.51.100.0/24"],
+        "allow_cidrs": ["192.88.99.16/28"],
     });
     let id = api.create(json!({ "network_policy": policy })).await;
     left.sandbox(&id);
@@ -217,7 +217,7 @@ async fn custom_policy_decides_by_name_on_the_host() {
     let (code, out) = curl(&api, &id, &format!("{tls} https://api.allowed.test/")).await;
     assert_eq!(code, 0, "{out}");
     let v = json_of(&out);
-    assert_eq!((v["sni"].as_str(), v["server"].as_str()), (Some("api.allowed.test"), Some("203.0.113.10")));
+    assert_eq!((v["sni"].as_str(), v["server"].as_str()), (Some("api.allowed.test"), Some("192.88.99.10")));
     let (code, out) = curl(&api, &id, "http://api.allowed.test/").await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(json_of(&out)["host"], "api.allowed.test");
@@ -233,11 +233,11 @@ async fn custom_policy_decides_by_name_on_the_host() {
         curl(&api, &id, &format!("{tls} --resolve api.allowed.test:443:{EVIL_IP} https://api.allowed.test/"))
             .await;
     assert_eq!(code, 0, "{out}");
-    assert_eq!(json_of(&out)["server"], "203.0.113.10");
+    assert_eq!(json_of(&out)["server"], "192.88.99.10");
     sh(&api, &id, &format!("echo '{EVIL_IP} api.allowed.test' | sudo -n tee -a /etc/hosts >/dev/null")).await;
     let (code, out) = curl(&api, &id, "http://api.allowed.test/").await;
     assert_eq!(code, 0, "{out}");
-    assert_eq!(json_of(&out)["server"], "203.0.113.10");
+    assert_eq!(json_of(&out)["server"], "192.88.99.10");
 
     // SNI allowed but Host different, and the reverse; no SNI; IP literals.
     let (code, out) = curl(
@@ -520,7 +520,7 @@ async fn policy_changes_apply_live_and_travel_with_snapshots() {
     // A long-lived NATed connection (allow-all), then deny-all: it is cut, new ones fail.
     let hold = "setsid nohup python3 -c \"
 import socket, time
-s = socket.create_connection(('198.51.100.20', 7000), timeout=30)
+s = socket.create_connection(('192.88.99.20', 7000), timeout=30)
 out = open('/tmp/hold.log', 'w', buffering=1)
 for i in range(300):
     try:
@@ -543,7 +543,7 @@ for i in range(300):
     assert_eq!(r.json()["network_policy"]["mode"], "deny-all");
     let (_, out) = sh(&api, &id, "sleep 3; grep -c cut /tmp/hold.log").await;
     assert_eq!(out.trim(), "1", "the connection the new policy forbids was not cut");
-    assert_refused("after deny-all", &curl(&api, &id, "http://203.0.113.10/").await);
+    assert_refused("after deny-all", &curl(&api, &id, "http://192.88.99.10/").await);
 
     // Custom, then narrower: a spliced TLS tunnel is cut when its name is no longer allowed.
     let r = patch(json!({"mode": "custom", "allow_domains": ["api.allowed.test"]})).await;
@@ -599,7 +599,7 @@ for i in range(300):
     let (code, out) = curl(
         &api,
         &same,
-        "-o /dev/null -w '%{http_code}' --resolve api.allowed.test:80:203.0.113.10 http://api.allowed.test/",
+        "-o /dev/null -w '%{http_code}' --resolve api.allowed.test:80:192.88.99.10 http://api.allowed.test/",
     )
     .await;
     assert_eq!((code, out.trim()), (0, "403"), "the restored sandbox has the snapshot's policy");
@@ -614,7 +614,7 @@ for i in range(300):
     assert_eq!(r.status, 201, "{}", r.text());
     let open = r.json()["id"].as_str().unwrap().to_string();
     left.sandbox(&open);
-    let (code, out) = curl(&api, &open, "http://203.0.113.10/").await;
+    let (code, out) = curl(&api, &open, "http://192.88.99.10/").await;
     assert_eq!(code, 0, "{out}");
 
     // A paused sandbox takes a new policy at its next resume.
@@ -628,14 +628,14 @@ for i in range(300):
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_refused("policy set while paused", &curl(&api, &open, "http://203.0.113.10/").await);
+    assert_refused("policy set while paused", &curl(&api, &open, "http://192.88.99.10/").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_keeps_sandbox_networks_enforced() {
     let inet = Internet::shared();
     let ca = inet.ca_path().display().to_string();
-    let args = ["--egress-dns", "203.0.113.53:53", "--egress-ca", ca.as_str()];
+    let args = ["--egress-dns", "192.88.99.53:53", "--egress-ca", ca.as_str()];
     let data = std::env::temp_dir().join(format!("cove-test-net-restart-{}", common::rand_hex()));
     let first = TestServer::start_in(data.clone(), &args);
     let api = first.new_org(None);
