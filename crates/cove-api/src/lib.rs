@@ -34,6 +34,17 @@ impl Violations {
         }
     }
 
+    /// `finish` for a body that is itself the checked object: fields were named from an empty
+    /// prefix (`.prefix`), which becomes `prefix`.
+    pub fn finish_at_root(self) -> Result<(), Vec<FieldError>> {
+        self.finish().map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|e| FieldError { field: e.field.trim_start_matches('.').to_string(), error: e.error })
+                .collect()
+        })
+    }
+
     pub fn finish(self) -> Result<(), Vec<FieldError>> {
         if self.0.is_empty() {
             Ok(())

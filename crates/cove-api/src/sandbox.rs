@@ -302,12 +302,7 @@ impl Validate for NetworkPolicy {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
         self.check(&mut v, "");
-        v.finish().map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|e| FieldError { field: e.field.trim_start_matches('.').to_string(), error: e.error })
-                .collect()
-        })
+        v.finish_at_root()
     }
 }
 
@@ -475,12 +470,7 @@ impl Validate for MountUpdateRequest {
                 secret_access_key: self.secret_access_key.as_deref(),
             },
         );
-        v.finish().map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|e| FieldError { field: e.field.trim_start_matches('.').to_string(), error: e.error })
-                .collect()
-        })
+        v.finish_at_root()
     }
 }
 
