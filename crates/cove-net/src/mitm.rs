@@ -61,7 +61,7 @@ pub(crate) const HOP_BY_HOP: &[&str] = &[
 /// Removes hop-by-hop headers (the standard ones and those named in `Connection`). Returns the
 /// `Upgrade` value if the message asked for a (non-h2c) protocol upgrade, which the caller may
 /// re-add with `Connection: upgrade`.
-pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
+pub fn strip_hop_by_hop(h: &mut HeaderMap) -> Option<HeaderValue> {
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

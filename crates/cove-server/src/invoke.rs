@@ -10,7 +10,7 @@
 //! sandbox is resumed first. Plain HTTP, streamed bodies (SSE) and upgrades (WebSocket) pass.
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -157,35 +157,18 @@ fn default_port(env: &std::collections::BTreeMap<String, String>, id: &str) -> R
     })
 }
 
-/// Headers that belong to one hop, or that must not enter the sandbox (the API key, when the
-/// request was authorized by one).
+/// Headers that belong to one hop (the egress proxy's rule, shared), or that must not enter the
+/// sandbox: the API key, when the request was authorized by one. An upgrade the client asked
+/// for (`Connection: upgrade`) is passed on.
 fn strip_headers(headers: &mut HeaderMap, upgrading: bool, keyed: bool) {
-    let mut drop: Vec<HeaderName> = vec![
-        HeaderName::from_static("leap0-authorization"),
-        HeaderName::from_static("keep-alive"),
-        header::PROXY_AUTHORIZATION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-    ];
+    headers.remove("leap0-authorization");
     if keyed {
-        drop.push(header::AUTHORIZATION);
+        headers.remove(header::AUTHORIZATION);
     }
-    if !upgrading {
-        drop.extend([header::CONNECTION, header::UPGRADE]);
-    }
-    // Headers the client named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|h| !(upgrading && h == header::UPGRADE))
-        .collect();
-    drop.extend(named);
-    for h in drop {
-        headers.remove(h);
+    let upgrade = cove_net::mitm::strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade.filter(|_| upgrading) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
     }
 }
 
