@@ -26,7 +26,7 @@ pub struct Port {
 }
 
 impl Port {
-    fn open(path: &str) -> io::Result<Self> {
+    pub(crate) fn open(path: &str) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
         let fd: OwnedFd = file.into();
         sys::set_nonblocking(fd.as_fd())?;

@@ -10,6 +10,7 @@ mod channel;
 mod exec;
 mod fs;
 mod init;
+mod mounts;
 mod reaper;
 mod reply;
 mod server;
@@ -54,7 +55,11 @@ fn main() {
         let state = Arc::new(server::State::new(reaper, is_init));
         let result = match listen_unix {
             Some(path) => channel::serve_unix(&path, state).await,
-            None => channel::serve_port(state).await,
+            None => {
+                // Opened at once, so that the host's park before a save is always answered.
+                state.start_mount_client();
+                channel::serve_port(state).await
+            }
         };
         if let Err(e) = result {
             eprintln!("cove-agent: {e}");

@@ -28,13 +28,26 @@ pub struct State {
     env: RwLock<BTreeMap<String, String>>,
     is_init: bool,
     started: Instant,
+    mounts: crate::mounts::Mounts,
 }
 
 impl State {
     pub fn new(reaper: Arc<Reaper>, is_init: bool) -> Self {
         let user = SandboxUser::load();
         let fs = Fs { user: user.clone(), names: Names::load() };
-        State { reaper, user, fs, env: RwLock::new(BTreeMap::new()), is_init, started: Instant::now() }
+        State {
+            reaper,
+            user,
+            fs,
+            env: RwLock::new(BTreeMap::new()),
+            is_init,
+            started: Instant::now(),
+            mounts: Default::default(),
+        }
+    }
+
+    pub fn start_mount_client(&self) {
+        self.mounts.start_client();
     }
 
     pub async fn handle(
@@ -65,6 +78,26 @@ impl State {
                 },
             ),
             (Method::POST, routes::EXEC) => self.exec(req).await,
+            (Method::POST, cove_proto::fs::MOUNTS_ROUTE) => {
+                let body: cove_proto::fs::MountRequest = match read_json(req).await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                match self.mounts.mount(body).await {
+                    Ok(()) => reply::empty(StatusCode::NO_CONTENT),
+                    Err(e) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("mounting: {e}")),
+                }
+            }
+            (Method::POST, cove_proto::fs::UNMOUNT_ROUTE) => {
+                let body: cove_proto::fs::UnmountRequest = match read_json(req).await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                match self.mounts.unmount(&body.id).await {
+                    Ok(()) => reply::empty(StatusCode::NO_CONTENT),
+                    Err(e) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("unmounting: {e}")),
+                }
+            }
             (Method::POST, p) if p.starts_with(routes::FS_PREFIX) => {
                 let op = p[routes::FS_PREFIX.len()..].to_string();
                 self.fs.handle(&op, req).await

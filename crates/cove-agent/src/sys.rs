@@ -31,6 +31,13 @@ pub fn mount(
     check(unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data_ptr) })
 }
 
+/// Detaches the mount at `target` now; it goes once nothing uses it any more.
+pub fn umount_lazy(target: &str) -> io::Result<()> {
+    let t = cstr(target)?;
+    // SAFETY: valid NUL-terminated path, not retained.
+    check(unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) })
+}
+
 pub fn chroot(path: &str) -> io::Result<()> {
     let p = cstr(path)?;
     // SAFETY: valid NUL-terminated path, not retained.

@@ -172,3 +172,156 @@ mod tests {
         assert_eq!(PROTOCOL_VERSION, 1);
     }
 }
+
+/// The filesystem port (`cove.fs`): the guest's FUSE server asks, the host answers, read-only.
+///
+/// Unlike the agent port, the guest is the client here. Every frame is
+/// `u32 BE header_len | u32 BE data_len | header (JSON) | data`. On every new connection the host
+/// first sends a frame with `hello` set; the guest then resends every request it has not had an
+/// answer to (requests are idempotent reads), so a request cut by a snapshot or a host restart is
+/// answered by the next host. Answers carry the request's id, so any number can be in flight.
+pub mod fs {
+    use serde::{Deserialize, Serialize};
+
+    pub const PORT_NAME: &str = "cove.fs";
+    /// The frame format and ops below; a host greets with it and a guest that speaks another
+    /// one says so in its console.
+    pub const FS_PROTOCOL: u32 = 1;
+    pub const MAX_HEADER: usize = 4 << 20;
+    pub const MAX_DATA: usize = 16 << 20;
+    /// Largest `len` a read may ask for.
+    pub const MAX_READ: u32 = 4 << 20;
+
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Op {
+        Stat,
+        List,
+        Read,
+        /// The answer to a host's `park` (`path` carries its nonce): every byte the host sent
+        /// before the park has been read.
+        Parked,
+    }
+
+    /// guest → host. `path` is relative to the mount's root ("" is the root), '/'-separated.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Request {
+        pub id: u64,
+        pub op: Op,
+        pub mount: String,
+        pub path: String,
+        #[serde(default)]
+        pub offset: u64,
+        #[serde(default)]
+        pub len: u32,
+    }
+
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Kind {
+        File,
+        Dir,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Entry {
+        /// Last path component ("" for the root).
+        pub name: String,
+        pub kind: Kind,
+        pub size: u64,
+        /// Seconds since the epoch.
+        pub mtime: i64,
+    }
+
+    /// host → guest. A hello (id 0, `hello` set) or the answer to request `id`: `errno` 0 and
+    /// `entry` (stat), `entries` (list) or the frame's data (read); else a positive errno.
+    #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+    pub struct Reply {
+        pub id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub hello: Option<String>,
+        /// With `hello`: the host's [`FS_PROTOCOL`].
+        #[serde(default)]
+        pub protocol: u32,
+        /// Sent before the VM is saved: the guest answers `Parked`, which proves the host→guest
+        /// stream was consumed up to a frame boundary. The host sends nothing more on this
+        /// connection until its next `hello` (after a restore, or when the VM carries on).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub park: Option<String>,
+        #[serde(default)]
+        pub errno: i32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub entry: Option<Entry>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub entries: Option<Vec<Entry>>,
+    }
+
+    /// `POST /v1/mounts` on the agent port: mount `id` read-only at `path` (idempotent: the
+    /// same id at the same path again is a no-op, so the host sends every mount after each
+    /// restore).
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct MountRequest {
+        pub id: String,
+        pub path: String,
+    }
+
+    /// `POST /v1/mounts/remove` on the agent port: unmount `id` (lazily: open files keep their
+    /// reference) and remove the directory if the agent made it. Unknown ids are a no-op.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct UnmountRequest {
+        pub id: String,
+    }
+
+    pub const MOUNTS_ROUTE: &str = "/v1/mounts";
+    pub const UNMOUNT_ROUTE: &str = "/v1/mounts/remove";
+
+    pub fn encode<T: Serialize>(header: &T, data: &[u8]) -> Vec<u8> {
+        let h = serde_json::to_vec(header).unwrap_or_default();
+        let mut out = Vec::with_capacity(8 + h.len() + data.len());
+        out.extend_from_slice(&(h.len() as u32).to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// A decoded frame: its JSON header and its data.
+    pub type Frame = (Vec<u8>, Vec<u8>);
+
+    /// Splits the first whole frame off `buf`: Ok(None) when more bytes are needed, Err when the
+    /// prefix is impossible (a desynchronised stream).
+    pub fn decode(buf: &mut Vec<u8>) -> Result<Option<Frame>, String> {
+        if buf.len() < 8 {
+            return Ok(None);
+        }
+        let hl = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        let dl = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+        if hl == 0 || hl > MAX_HEADER || dl > MAX_DATA {
+            return Err(format!("bad frame prefix {hl}/{dl}"));
+        }
+        if buf.len() < 8 + hl + dl {
+            return Ok(None);
+        }
+        let rest = buf.split_off(8 + hl + dl);
+        let data = buf.split_off(8 + hl);
+        let header = buf.split_off(8);
+        *buf = rest;
+        Ok(Some((header, data)))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        #[test]
+        fn frame_roundtrip() {
+            let r = Reply { id: 7, ..Default::default() };
+            let mut buf = encode(&r, b"abc");
+            buf.extend_from_slice(&encode(&r, b"")[..5]);
+            let (h, d) = decode(&mut buf).unwrap().unwrap();
+            let back: Reply = serde_json::from_slice(&h).unwrap();
+            assert_eq!((back.id, d.as_slice()), (7, &b"abc"[..]));
+            assert!(decode(&mut buf).unwrap().is_none());
+            assert_eq!(buf.len(), 5);
+        }
+    }
+}

@@ -98,6 +98,10 @@ impl QemuVmm {
             format!("socket,id=agent,path={},server=on,wait=off", run("agent.sock")),
             "-device".into(),
             format!("virtserialport,bus=vser.0,chardev=agent,name={}", cove_proto::PORT_NAME),
+            "-chardev".into(),
+            format!("socket,id=fs,path={},server=on,wait=off", run("fs.sock")),
+            "-device".into(),
+            format!("virtserialport,bus=vser.0,chardev=fs,name={}", cove_proto::fs::PORT_NAME),
             "-device".into(),
             "virtio-rng-pci".into(),
             "-netdev".into(),
@@ -149,7 +153,7 @@ impl Vmm for QemuVmm {
                     .map_err(|e| VmmError::io(format!("handing {} to the VM user", p.display()), e))?;
             }
         }
-        for f in ["qmp.sock", "agent.sock", "qemu.pid", "incoming.sock"] {
+        for f in ["qmp.sock", "agent.sock", "fs.sock", "qemu.pid", "incoming.sock"] {
             let _ = std::fs::remove_file(spec.run_dir.join(f));
         }
         let limit = (spec.memory_mib + spec.overhead_mib) << 20;

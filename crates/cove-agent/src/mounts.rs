@@ -1,0 +1,437 @@
+//! Read-only bucket mounts: a FUSE filesystem per mount, whose every lookup, getattr,
+//! readdir and read is answered by the host over the `cove.fs` virtio-serial port.
+//!
+//! FUSE requests arrive on fuser's session thread; each is handed to the tokio runtime with
+//! its reply, so any number wait on the host at once. The port task resends every unanswered
+//! request when a host greets it (a new connection after a restore or a runner restart).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use cove_proto::fs::{self as wire, Entry, Kind, Op, Reply, Request};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, INodeNo, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEntry,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+const TTL: Duration = Duration::from_secs(5);
+/// With no host connected, reads end at once: poll, backing off from the first to the last.
+const IDLE_POLL: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(50));
+
+type Answer = Result<(Reply, Vec<u8>), i32>;
+type Pending = (Vec<u8>, oneshot::Sender<Answer>);
+
+/// The guest's client on the `cove.fs` port, shared by all mounts.
+#[derive(Clone)]
+pub struct FsClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    next: AtomicU64,
+    /// Unanswered requests: the frame (to resend after a hello) and who waits for it.
+    pending: Mutex<HashMap<u64, Pending>>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl FsClient {
+    pub fn start() -> FsClient {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner { next: AtomicU64::new(1), pending: Mutex::new(HashMap::new()), tx });
+        tokio::spawn(run_port(inner.clone(), rx));
+        FsClient { inner }
+    }
+
+    async fn call(&self, op: Op, mount: &str, path: &str, offset: u64, len: u32) -> Answer {
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let frame =
+            wire::encode(&Request { id, op, mount: mount.into(), path: path.into(), offset, len }, &[]);
+        let (done, wait) = oneshot::channel();
+        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (frame.clone(), done));
+        let _ = self.inner.tx.send(frame);
+        wait.await.unwrap_or(Err(libc::EIO))
+    }
+}
+
+fn find_port() -> Option<String> {
+    for entry in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == wire::PORT_NAME {
+            return Some(format!("/dev/{}", entry.file_name().to_string_lossy()));
+        }
+    }
+    None
+}
+
+async fn run_port(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    let path = loop {
+        match find_port() {
+            Some(p) => break p,
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let port = loop {
+        match crate::channel::Port::open(&path) {
+            Ok(p) => break p,
+            Err(e) => {
+                eprintln!("cove-agent: opening {path}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let (mut rd, mut wr) = tokio::io::split(port);
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            // With no host connected the bytes are dropped; the next host's hello makes us
+            // resend whatever is still unanswered.
+            if let Err(e) = wr.write_all(&frame).await {
+                eprintln!("cove-agent: fs port write: {e}");
+            }
+        }
+    });
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut chunk = vec![0u8; 256 << 10];
+    let mut idle = IDLE_POLL.0;
+    loop {
+        let n = match rd.read(&mut chunk).await {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("cove-agent: fs port read: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if n == 0 {
+            // No host connected: whatever partial frame we hold died with the old connection.
+            buf.clear();
+            tokio::time::sleep(idle).await;
+            idle = (idle * 2).min(IDLE_POLL.1);
+            continue;
+        }
+        idle = IDLE_POLL.0;
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            match wire::decode(&mut buf) {
+                Ok(Some((header, data))) => dispatch(&inner, &header, data),
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("cove-agent: fs port: {e}; dropping buffered bytes");
+                    buf.clear();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn dispatch(inner: &Inner, header: &[u8], data: Vec<u8>) {
+    let Ok(reply) = serde_json::from_slice::<Reply>(header) else {
+        eprintln!("cove-agent: fs port: unreadable header");
+        return;
+    };
+    if let Some(nonce) = reply.park {
+        let parked = Request { id: 0, op: Op::Parked, mount: String::new(), path: nonce, offset: 0, len: 0 };
+        let _ = inner.tx.send(wire::encode(&parked, &[]));
+        return;
+    }
+    let mut pending = inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+    if reply.hello.is_some() {
+        // A new host: everything unanswered goes again, oldest first.
+        if reply.protocol != wire::FS_PROTOCOL {
+            eprintln!(
+                "cove-agent: fs host speaks protocol {}, this agent {}",
+                reply.protocol,
+                wire::FS_PROTOCOL
+            );
+        }
+        let mut ids: Vec<u64> = pending.keys().copied().collect();
+        ids.sort_unstable();
+        eprintln!("cove-agent: fs host hello, resending {} unanswered requests", ids.len());
+        for id in ids {
+            let _ = inner.tx.send(pending[&id].0.clone());
+        }
+        return;
+    }
+    if !pending.contains_key(&reply.id) {
+        eprintln!("cove-agent: fs answer to unknown request {} (answered twice?)", reply.id);
+    }
+    if let Some((_, done)) = pending.remove(&reply.id) {
+        let answer = if reply.errno != 0 { Err(reply.errno) } else { Ok((reply, data)) };
+        let _ = done.send(answer);
+    }
+}
+
+/// Inode numbers: one per path seen, never reused while mounted.
+#[derive(Default)]
+struct Inodes {
+    paths: HashMap<u64, String>,
+    inos: HashMap<String, u64>,
+    next: u64,
+}
+
+impl Inodes {
+    fn new() -> Self {
+        let mut t = Inodes { next: 2, ..Default::default() };
+        t.paths.insert(1, String::new());
+        t.inos.insert(String::new(), 1);
+        t
+    }
+    fn intern(&mut self, path: &str) -> u64 {
+        if let Some(i) = self.inos.get(path) {
+            return *i;
+        }
+        let i = self.next;
+        self.next += 1;
+        self.paths.insert(i, path.to_string());
+        self.inos.insert(path.to_string(), i);
+        i
+    }
+}
+
+pub struct CoveFs {
+    mount: String,
+    client: FsClient,
+    rt: tokio::runtime::Handle,
+    inodes: Arc<Mutex<Inodes>>,
+}
+
+fn attr(ino: u64, e: &Entry) -> FileAttr {
+    let mtime = UNIX_EPOCH + Duration::from_secs(e.mtime.max(0) as u64);
+    let (kind, perm, nlink) = match e.kind {
+        Kind::Dir => (FileType::Directory, 0o555, 2),
+        Kind::File => (FileType::RegularFile, 0o444, 1),
+    };
+    FileAttr {
+        ino: INodeNo(ino),
+        size: e.size,
+        blocks: e.size.div_ceil(512),
+        atime: mtime,
+        mtime,
+        ctime: mtime,
+        crtime: mtime,
+        kind,
+        perm,
+        nlink,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        flags: 0,
+        blksize: 4096,
+    }
+}
+
+fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+impl CoveFs {
+    fn path_of(&self, ino: INodeNo) -> Option<String> {
+        self.inodes.lock().unwrap_or_else(|p| p.into_inner()).paths.get(&u64::from(ino)).cloned()
+    }
+}
+
+impl Filesystem for CoveFs {
+    fn init(&mut self, _req: &fuser::Request, config: &mut fuser::KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (Some(dir), Some(name)) = (self.path_of(parent), name.to_str()) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let path = join(&dir, name);
+        let (client, mount, inodes) = (self.client.clone(), self.mount.clone(), self.inodes.clone());
+        self.rt.spawn(async move {
+            match client.call(Op::Stat, &mount, &path, 0, 0).await {
+                Ok((Reply { entry: Some(e), .. }, _)) => {
+                    let ino = inodes.lock().unwrap_or_else(|p| p.into_inner()).intern(&path);
+                    reply.entry(&TTL, &attr(ino, &e), fuser::Generation(0));
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(errno) => reply.error(Errno::from_i32(errno)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &fuser::Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let Some(path) = self.path_of(ino) else { return reply.error(Errno::ENOENT) };
+        let (client, mount) = (self.client.clone(), self.mount.clone());
+        self.rt.spawn(async move {
+            match client.call(Op::Stat, &mount, &path, 0, 0).await {
+                Ok((Reply { entry: Some(e), .. }, _)) => reply.attr(&TTL, &attr(u64::from(ino), &e)),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(errno) => reply.error(Errno::from_i32(errno)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &fuser::Request, _ino: INodeNo, flags: OpenFlags, reply: fuser::ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        // Objects do not change under a mount: keep the page cache across opens.
+        reply.opened(FileHandle(0), fuser::FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(path) = self.path_of(ino) else { return reply.error(Errno::ENOENT) };
+        let (client, mount) = (self.client.clone(), self.mount.clone());
+        self.rt.spawn(async move {
+            match client.call(Op::Read, &mount, &path, offset, size.min(wire::MAX_READ)).await {
+                Ok((_, data)) => reply.data(&data),
+                Err(errno) => reply.error(Errno::from_i32(errno)),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(path) = self.path_of(ino) else { return reply.error(Errno::ENOENT) };
+        let (client, mount, inodes) = (self.client.clone(), self.mount.clone(), self.inodes.clone());
+        self.rt.spawn(async move {
+            let entries = match client.call(Op::List, &mount, &path, 0, 0).await {
+                Ok((Reply { entries: Some(e), .. }, _)) => e,
+                Ok(_) => return reply.error(Errno::EIO),
+                Err(errno) => return reply.error(Errno::from_i32(errno)),
+            };
+            let mut all = vec![(u64::from(ino), FileType::Directory, ".".to_string())];
+            all.push((1, FileType::Directory, "..".to_string()));
+            {
+                let mut t = inodes.lock().unwrap_or_else(|p| p.into_inner());
+                for e in entries {
+                    let kind = if e.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+                    all.push((t.intern(&join(&path, &e.name)), kind, e.name));
+                }
+            }
+            for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
+                if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                    break;
+                }
+            }
+            reply.ok();
+        });
+    }
+}
+
+struct Mounted {
+    path: String,
+    /// Whether the agent made the directory (it then removes it at unmount).
+    made_dir: bool,
+    session: fuser::BackgroundSession,
+}
+
+/// The mounts of this guest, by id.
+#[derive(Default)]
+pub struct Mounts {
+    client: Mutex<Option<FsClient>>,
+    mounted: tokio::sync::Mutex<HashMap<String, Mounted>>,
+}
+
+impl Mounts {
+    fn client(&self) -> FsClient {
+        self.client.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(FsClient::start).clone()
+    }
+
+    /// Opens the port now rather than at the first mount.
+    pub fn start_client(&self) {
+        self.client();
+    }
+
+    pub async fn mount(&self, req: wire::MountRequest) -> io::Result<()> {
+        let mut mounted = self.mounted.lock().await;
+        if let Some(m) = mounted.get(&req.id) {
+            return if m.path == req.path {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!("mount {} is already at {}", req.id, m.path)))
+            };
+        }
+        if let Some((id, _)) = mounted.iter().find(|(_, m)| m.path == req.path) {
+            return Err(io::Error::other(format!("{} is already mount {id}", req.path)));
+        }
+        let fs = CoveFs {
+            mount: req.id.clone(),
+            client: self.client(),
+            rt: tokio::runtime::Handle::current(),
+            inodes: Arc::new(Mutex::new(Inodes::new())),
+        };
+        let made_dir = !std::path::Path::new(&req.path).exists();
+        std::fs::create_dir_all(&req.path)?;
+        let path = req.path.clone();
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::RO,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::FSName(format!("cove-{}", req.id)),
+            fuser::MountOption::Subtype("cove".into()),
+        ];
+        config.acl = fuser::SessionACL::All;
+        let session = tokio::task::spawn_blocking(move || fuser::spawn_mount(fs, &path, &config))
+            .await
+            .map_err(io::Error::other)?;
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                if made_dir {
+                    let _ = std::fs::remove_dir(&req.path);
+                }
+                return Err(e);
+            }
+        };
+        mounted.insert(req.id, Mounted { path: req.path, made_dir, session });
+        Ok(())
+    }
+
+    /// Detaches the mount at once (files still open keep working until closed, as far as the
+    /// host still serves the mount) and removes the directory the agent made for it.
+    pub async fn unmount(&self, id: &str) -> io::Result<()> {
+        let Some(m) = self.mounted.lock().await.remove(id) else { return Ok(()) };
+        let path = m.path.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::sys::umount_lazy(&m.path) {
+                // EINVAL: not mounted any more (someone in the guest unmounted it).
+                if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+            }
+            // The session's own unmount now finds nothing to do; its thread ends when the
+            // kernel drops the connection.
+            drop(m.session);
+            if m.made_dir {
+                let _ = std::fs::remove_dir(&m.path);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(|e| io::Error::new(e.kind(), format!("unmounting {path}: {e}")))
+    }
+}
