@@ -36,23 +36,26 @@ pub struct S3Server {
 }
 
 impl S3Server {
+    /// A server that requires requests signed with [`ACCESS_KEY`]/[`SECRET_KEY`].
     pub fn start() -> S3Server {
+        Self::spawn(&["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+    }
+
+    /// A server without credentials: it serves unsigned requests (a public bucket) and refuses
+    /// signed ones.
+    pub fn start_anonymous() -> S3Server {
+        Self::spawn(&[])
+    }
+
+    fn spawn(auth: &[&str]) -> S3Server {
         let root = tempfile::tempdir().unwrap();
         // s3s-fs keeps each bucket as a directory under its root.
         std::fs::create_dir(root.path().join(BUCKET)).unwrap();
         let binary = s3s_fs_binary();
         // Port 0: the kernel picks a free port, and the server logs the address it bound.
         let mut child = Command::new(&binary)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--access-key",
-                ACCESS_KEY,
-                "--secret-key",
-                SECRET_KEY,
-            ])
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(auth)
             .arg(root.path())
             .env("RUST_LOG", "s3s_fs=info")
             .stdin(Stdio::null())

@@ -2,13 +2,11 @@
 //!
 //! Run: `COVE_S3S_FS=/var/cache/cove/tools/bin/s3s-fs cargo test -p cove-mount -- --nocapture`
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cove_blob::testing::{s3s_fs_binary, S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
+use cove_blob::testing::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 use cove_mount::{Entry, EntryKind, MountError, MountSpec, S3View, ViewOptions};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
@@ -379,58 +377,10 @@ async fn connect_errors() {
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
 
-/// s3s-fs started without credentials: it serves unsigned requests (and refuses signed ones).
-struct AnonymousServer {
-    child: Child,
-    endpoint: String,
-    _root: tempfile::TempDir,
-}
-
-impl AnonymousServer {
-    fn start() -> AnonymousServer {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
-        let mut child = Command::new(s3s_fs_binary())
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .arg(root.path())
-            .env("RUST_LOG", "s3s_fs=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(at) = line.find("server is running at http://") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(line[at + "server is running at ".len()..].trim().to_string());
-                    }
-                }
-            }
-        });
-        let Ok(endpoint) = rx.recv_timeout(Duration::from_secs(20)) else {
-            let _ = child.kill();
-            panic!("s3s-fs did not report its address");
-        };
-        AnonymousServer { child, endpoint, _root: root }
-    }
-}
-
-impl Drop for AnonymousServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn anonymous_access() {
     // A public bucket: no credentials, unsigned requests.
-    let public = AnonymousServer::start();
+    let public = S3Server::start_anonymous();
     let store = uploader(&public.endpoint, None);
     put(&store, "pub/readme.txt", "public data").await;
     let view = S3View::connect(spec(&public.endpoint, "", None)).await.unwrap();

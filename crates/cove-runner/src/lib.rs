@@ -4,6 +4,7 @@
 //! clients, organizations or API keys.
 
 pub mod agent;
+pub mod fsserve;
 pub mod image;
 pub mod images;
 mod memfile;
@@ -101,6 +102,9 @@ pub enum RunnerError {
     Image(String),
     #[error("{0}")]
     Network(String),
+    /// Mount `index` of the request could not be attached: its endpoint, credentials or bucket.
+    #[error("mount {index}: {source}")]
+    Mount { index: usize, source: cove_mount::MountError },
 }
 
 impl RunnerError {
@@ -119,6 +123,32 @@ pub struct VmRequest {
     pub env: BTreeMap<String, String>,
     /// Egress policy; `None` is allow-all.
     pub network_policy: Option<cove_api::sandbox::NetworkPolicy>,
+    /// Object-storage mounts, credentials in plain (they stay in this process).
+    pub mounts: Vec<cove_api::sandbox::MountConfig>,
+}
+
+/// Connects every mount of a new sandbox, so that a wrong endpoint, credentials or bucket is an
+/// error before any VM starts.
+async fn connect_mounts(mounts: &[cove_api::sandbox::MountConfig]) -> Result<fsserve::Sources, RunnerError> {
+    let connected =
+        futures::future::join_all(mounts.iter().map(|m| fsserve::S3Source::connect(fsserve::mount_spec(m))))
+            .await;
+    let sources = fsserve::Sources::default();
+    for (index, (m, c)) in mounts.iter().zip(connected).enumerate() {
+        let source = c.map_err(|source| RunnerError::Mount { index, source })?;
+        sources.insert(&m.id, Arc::new(source));
+    }
+    Ok(sources)
+}
+
+/// The mounts of a sandbox that runs again (resume, restore, start, adoption): connected at the
+/// first request, so an endpoint that is down makes reads fail, not the sandbox.
+fn lazy_mounts(mounts: &[cove_api::sandbox::MountConfig]) -> fsserve::Sources {
+    let sources = fsserve::Sources::default();
+    for m in mounts {
+        sources.insert(&m.id, Arc::new(fsserve::S3Source::lazy(fsserve::mount_spec(m))));
+    }
+    sources
 }
 
 pub struct Runner {
@@ -195,8 +225,10 @@ impl Runner {
         let snapshot =
             self.templates.get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib).await?;
         let origin = sandbox::Origin::Template(&snapshot);
+        let sources = connect_mounts(&req.mounts).await?;
         self.net.up(&req.id, req.network_policy.as_ref()).await?;
-        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req).await;
+        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
+            .await;
         self.started(req, vm).await
     }
 
@@ -218,6 +250,57 @@ impl Runner {
                 Err(e)
             }
         }
+    }
+
+    /// Attaches a mount to a running sandbox: connected first (so a wrong endpoint, credentials
+    /// or bucket is an error and nothing changes), then mounted by the guest.
+    pub async fn add_mount(
+        &self,
+        id: &str,
+        mount: &cove_api::sandbox::MountConfig,
+    ) -> Result<(), RunnerError> {
+        let vm = self.vm(id)?;
+        let source = fsserve::S3Source::connect(fsserve::mount_spec(mount))
+            .await
+            .map_err(|source| RunnerError::Mount { index: 0, source })?;
+        vm.fs.sources.insert(&mount.id, Arc::new(source));
+        let mounted = async { sandbox::guest_mount(&vm.agent().await?, mount).await }.await;
+        if mounted.is_err() {
+            vm.fs.sources.remove(&mount.id);
+        }
+        mounted
+    }
+
+    /// Changes a mount of a running sandbox. The new settings are connected first; the guest
+    /// mounts it anew when `remount` (anything but the credentials changed), so that no cached
+    /// entry or page of the old view survives.
+    pub async fn update_mount(
+        &self,
+        id: &str,
+        mount: &cove_api::sandbox::MountConfig,
+        remount: bool,
+    ) -> Result<(), RunnerError> {
+        let vm = self.vm(id)?;
+        let source = fsserve::S3Source::connect(fsserve::mount_spec(mount))
+            .await
+            .map_err(|source| RunnerError::Mount { index: 0, source })?;
+        let agent = vm.agent().await?;
+        if remount {
+            sandbox::guest_unmount(&agent, &mount.id).await?;
+        }
+        vm.fs.sources.insert(&mount.id, Arc::new(source));
+        if remount {
+            sandbox::guest_mount(&agent, mount).await?;
+        }
+        Ok(())
+    }
+
+    /// Detaches a mount from a running sandbox: the guest unmounts it and its path goes away.
+    pub async fn remove_mount(&self, id: &str, mount_id: &str) -> Result<(), RunnerError> {
+        let vm = self.vm(id)?;
+        sandbox::guest_unmount(&vm.agent().await?, mount_id).await?;
+        vm.fs.sources.remove(mount_id);
+        Ok(())
     }
 
     /// Replaces the egress policy of a running sandbox; flows the new policy forbids are cut.
@@ -268,7 +351,9 @@ impl Runner {
             template_disk: self.templates.frozen_disk(&manifest.template_key),
         };
         self.net.up(&req.id, req.network_policy.as_ref()).await?;
-        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req).await;
+        let sources = lazy_mounts(&req.mounts);
+        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
+            .await;
         self.started(req, vm).await
     }
 
@@ -336,7 +421,8 @@ impl Runner {
     pub async fn boot(&self, req: &VmRequest) -> Result<(), RunnerError> {
         // Its template snapshot need not exist any more; its frozen disk layer must.
         self.net.up(&req.id, req.network_policy.as_ref()).await?;
-        let vm = sandbox::SandboxVm::boot(&self.cfg, &self.images, self.vmm.as_ref(), req).await;
+        let sources = lazy_mounts(&req.mounts);
+        let vm = sandbox::SandboxVm::boot(&self.cfg, &self.images, self.vmm.as_ref(), req, sources).await;
         self.started(req, vm).await
     }
 
@@ -404,8 +490,12 @@ impl Runner {
     pub async fn recover(&self, sandboxes: &[VmRequest]) -> Vec<String> {
         let mut lost = Vec::new();
         for req in sandboxes {
-            match sandbox::SandboxVm::adopt(&self.cfg, self.vmm.as_ref(), &req.id) {
+            match sandbox::SandboxVm::adopt(&self.cfg, self.vmm.as_ref(), &req.id, lazy_mounts(&req.mounts)) {
                 Some(vm) => {
+                    // The guest sees the old connection end and resends what it waits for.
+                    if let Err(e) = vm.fs.connect(Duration::from_secs(2)).await {
+                        tracing::warn!(sandbox_id = %req.id, error = %e, "mounts of the sandbox not served");
+                    }
                     if let Err(e) = self.net.reattach(&req.id, req.network_policy.as_ref()).await {
                         tracing::warn!(sandbox_id = %req.id, error = %e, "sandbox network not restored");
                     }

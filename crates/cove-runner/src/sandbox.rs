@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
 use crate::agent::{AgentClient, AgentError, Greeting};
+use crate::fsserve::{FsHost, Sources};
 use crate::image::{CaptureStats, ImageManifest, IMAGE_FORMAT};
 use crate::images::{Images, KERNEL_CMDLINE};
 use crate::template::TemplateSnapshot;
@@ -51,6 +52,8 @@ pub struct SandboxVm {
     data_dir: PathBuf,
     memory_file: PathBuf,
     agent: tokio::sync::Mutex<Option<AgentClient>>,
+    /// The host end of the guest's mounts.
+    pub fs: FsHost,
 }
 
 /// A VM stopped by a capture: its state is stored, its agent parked on `socket`.
@@ -93,6 +96,27 @@ fn identity(req: &VmRequest, data_dir: &Path) -> cove_proto::Identity {
     }
 }
 
+/// Has the guest mount `m` (a no-op if it has it at that path already: sent after every
+/// restore, so a guest restored from an image has every mount of its sandbox).
+pub async fn guest_mount(agent: &AgentClient, m: &cove_api::sandbox::MountConfig) -> Result<(), RunnerError> {
+    let body = cove_proto::fs::MountRequest { id: m.id.clone(), path: m.mount_path.clone() };
+    agent.call_raw(Method::POST, cove_proto::fs::MOUNTS_ROUTE, Some(&body)).await?;
+    Ok(())
+}
+
+pub async fn guest_unmount(agent: &AgentClient, mount_id: &str) -> Result<(), RunnerError> {
+    let body = cove_proto::fs::UnmountRequest { id: mount_id.to_string() };
+    agent.call_raw(Method::POST, cove_proto::fs::UNMOUNT_ROUTE, Some(&body)).await?;
+    Ok(())
+}
+
+async fn guest_mounts(agent: &AgentClient, req: &VmRequest) -> Result<(), RunnerError> {
+    for m in &req.mounts {
+        guest_mount(agent, m).await?;
+    }
+    Ok(())
+}
+
 /// Gives the guest its identity: hostname, environment, the host's clock, fresh entropy, the
 /// egress CA to trust. Sent after every restore and resume, so that the clock is right and
 /// clones differ.
@@ -133,8 +157,9 @@ impl SandboxVm {
         vmm: &dyn Vmm,
         origin: Origin<'_>,
         req: &VmRequest,
+        sources: Sources,
     ) -> Result<SandboxVm, RunnerError> {
-        let result = Self::create_inner(cfg, images, vmm, origin, req).await;
+        let result = Self::create_inner(cfg, images, vmm, origin, req, sources).await;
         if let Err(e) = &result {
             Self::log_failure(cfg, &req.id, e, "restore failed");
             let _ = Self::remove_leftovers(cfg, vmm, &req.id).await;
@@ -160,7 +185,7 @@ impl SandboxVm {
         vmm: &dyn Vmm,
         origin: &Origin<'_>,
         id: &str,
-    ) -> Result<(VmSpec, VmHandle, Option<Greeting>), RunnerError> {
+    ) -> Result<(VmSpec, VmHandle, Option<Greeting>, Option<UnixStream>), RunnerError> {
         let meta = match origin {
             Origin::Template(t) => VmMeta {
                 template: t.template.clone(),
@@ -242,6 +267,7 @@ impl SandboxVm {
         // its host connected and the greeting queued, instead of first seeing the saved
         // connection vanish (which could cut the new one short).
         let greeting = AgentClient::greet(&spec.agent_socket()).await.ok();
+        let fs = crate::fsserve::greet(&spec.run_dir.join("fs.sock")).await.ok();
         tracing::debug!(
             spawn_ms,
             filled_ms = t0.elapsed().as_millis() as u64,
@@ -258,7 +284,7 @@ impl SandboxVm {
             let _ = vmm.destroy(&handle).await;
             return Err(e);
         }
-        Ok((spec, handle, greeting))
+        Ok((spec, handle, greeting, fs))
     }
 
     async fn create_inner(
@@ -267,9 +293,10 @@ impl SandboxVm {
         vmm: &dyn Vmm,
         origin: Origin<'_>,
         req: &VmRequest,
+        sources: Sources,
     ) -> Result<SandboxVm, RunnerError> {
         let t0 = Instant::now();
-        let (spec, handle, greeting) = Self::start_vm(cfg, images, vmm, &origin, &req.id).await?;
+        let (spec, handle, greeting, fs) = Self::start_vm(cfg, images, vmm, &origin, &req.id).await?;
         let t_vm = t0.elapsed();
         let vm = SandboxVm {
             handle,
@@ -277,7 +304,16 @@ impl SandboxVm {
             data_dir: cfg.data_dir.clone(),
             memory_file: spec.memory_file.clone(),
             agent: tokio::sync::Mutex::new(None),
+            fs: FsHost::new(&spec.run_dir, sources),
         };
+        match fs {
+            Some(stream) => vm.fs.serve(stream).await,
+            None => vm
+                .fs
+                .connect(AGENT_WAIT_RECONNECT)
+                .await
+                .map_err(|e| RunnerError::io("connecting to the VM's fs port", e))?,
+        }
         let greeted = match greeting {
             Some(g) => tokio::time::timeout(AGENT_WAIT_RESTORE, g.finish()).await.ok().and_then(Result::ok),
             None => None,
@@ -288,6 +324,7 @@ impl SandboxVm {
         };
         let t_agent = t0.elapsed();
         apply_identity(&agent, req, &cfg.data_dir).await?;
+        guest_mounts(&agent, req).await?;
         tracing::debug!(
             vm_ms = t_vm.as_millis() as u64,
             agent_ms = t_agent.as_millis() as u64,
@@ -305,6 +342,7 @@ impl SandboxVm {
         images: &Images,
         vmm: &dyn Vmm,
         req: &VmRequest,
+        sources: Sources,
     ) -> Result<SandboxVm, RunnerError> {
         let spec = spec(cfg, images, &req.id, req.vcpus, req.memory_mib);
         if !spec.disk.exists() {
@@ -323,18 +361,25 @@ impl SandboxVm {
                 data_dir: cfg.data_dir.clone(),
                 memory_file: spec.memory_file.clone(),
                 agent: tokio::sync::Mutex::new(None),
+                fs: FsHost::new(&spec.run_dir, sources),
             };
-            let agent = match AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await {
+            let ready = async {
+                vm.fs
+                    .connect(AGENT_WAIT_RECONNECT)
+                    .await
+                    .map_err(|e| RunnerError::io("connecting to the VM's fs port", e))?;
+                let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
+                apply_identity(&agent, req, &cfg.data_dir).await?;
+                guest_mounts(&agent, req).await?;
+                Ok::<_, RunnerError>(agent)
+            };
+            let agent = match ready.await {
                 Ok(a) => a,
                 Err(e) => {
                     let _ = vmm.destroy(&vm.handle).await;
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
-            if let Err(e) = apply_identity(&agent, req, &cfg.data_dir).await {
-                let _ = vmm.destroy(&vm.handle).await;
-                return Err(e);
-            }
             *vm.agent.lock().await = Some(agent);
             Ok(vm)
         }
@@ -349,10 +394,11 @@ impl SandboxVm {
     }
 
     /// Takes over a VM left running by an earlier runner process.
-    pub fn adopt(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str) -> Option<SandboxVm> {
+    pub fn adopt(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str, sources: Sources) -> Option<SandboxVm> {
         let (dir, memory_file) = paths(cfg, id);
         let handle = vmm.find(id, &dir.join("run"))?;
         Some(SandboxVm {
+            fs: FsHost::new(&dir.join("run"), sources),
             handle,
             dir,
             data_dir: cfg.data_dir.clone(),
@@ -395,10 +441,16 @@ impl SandboxVm {
             let _ = a.call_raw::<()>(Method::POST, cove_proto::routes::DETACH, None).await;
         }
         let socket = AgentClient::park(&self.handle.run_dir.join("agent.sock"), PARK_WAIT).await?;
+        // The mounts' channel too: the saved guest then holds no half-delivered answer (what it
+        // still waits for, it asks again of the next host).
+        if let Err(e) = self.fs.park(PARK_WAIT).await {
+            tracing::warn!(sandbox_id = %req.id, error = %e, "fs channel not parked; saving anyway");
+        }
         let state_file = self.handle.run_dir.join("state.bin");
         if let Err(e) = vmm.save(&self.handle, &state_file).await {
             // `save` may have stopped the vCPUs before it failed.
             let _ = vmm.resume(&self.handle).await;
+            self.fs.unpark().await;
             if let Ok(a) = Self::greet_parked(socket).await {
                 *slot = Some(a);
             }
@@ -434,6 +486,7 @@ impl SandboxVm {
             Err(e) => {
                 let _ = store.delete_prefix(prefix).await;
                 let resumed = vmm.resume(&self.handle).await;
+                self.fs.unpark().await;
                 match Self::greet_parked(socket).await {
                     Ok(a) => {
                         let _ = apply_identity(&a, req, &self.data_dir).await;
@@ -475,6 +528,7 @@ impl SandboxVm {
         req: &VmRequest,
     ) -> Result<(), RunnerError> {
         vmm.resume(&self.handle).await?;
+        self.fs.unpark().await;
         let agent = Self::greet_parked(captured.socket).await?;
         apply_identity(&agent, req, &self.data_dir).await?;
         *self.agent.lock().await = Some(agent);
@@ -575,7 +629,7 @@ pub async fn raw_save_restore(
     let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
     crate::net::scratch(&id).await?;
     let result = async {
-        let (spec, handle, _) = SandboxVm::start_vm(cfg, images, vmm, &origin, &id).await?;
+        let (spec, handle, _, _) = SandboxVm::start_vm(cfg, images, vmm, &origin, &id).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let state_file = spec.run_dir.join("raw-state.bin");
         let t = Instant::now();
