@@ -79,11 +79,9 @@ impl Validate for SandboxCreateRequest {
             for (i, m) in mounts.iter().enumerate() {
                 m.check(&mut v, &format!("mounts[{i}]"));
                 v.check(
-                    !mounts[..i]
-                        .iter()
-                        .any(|o| o.mount_path.trim_end_matches('/') == m.mount_path.trim_end_matches('/')),
+                    !mounts[..i].iter().any(|o| paths_overlap(&o.mount_path, &m.mount_path)),
                     format!("mounts[{i}].mount_path"),
-                    "is already used by another mount",
+                    "is already used by another mount, or is inside or around one",
                 );
             }
         }
@@ -390,7 +388,7 @@ fn valid_header_name(name: &str) -> bool {
 }
 
 /// An object-storage mount as requested.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct MountRequest {
     #[serde(rename = "type")]
     pub kind: String,
@@ -433,9 +431,31 @@ impl MountRequest {
     }
 }
 
+impl Validate for MountRequest {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Violations::default();
+        self.check(&mut v, "");
+        v.finish_at_root()
+    }
+}
+
+/// The secret is never printed.
+impl std::fmt::Debug for MountRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountRequest")
+            .field("bucket", &self.bucket)
+            .field("mount_path", &self.mount_path)
+            .field("endpoint", &self.endpoint)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// `PATCH /v1/sandbox/{id}/mounts/{mountID}`: omitted fields keep their value; an empty
 /// `prefix`, `access_key_id` or `secret_access_key` clears it. `id` and `type` cannot change.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MountUpdateRequest {
     #[serde(default)]
@@ -472,6 +492,26 @@ impl Validate for MountUpdateRequest {
         );
         v.finish_at_root()
     }
+}
+
+/// The secret is never printed.
+impl std::fmt::Debug for MountUpdateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountUpdateRequest")
+            .field("bucket", &self.bucket)
+            .field("mount_path", &self.mount_path)
+            .field("endpoint", &self.endpoint)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Whether one path is the other or inside it (mounts may not nest: the outer one is read-only).
+pub fn paths_overlap(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
+    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
 }
 
 /// The fields a mount request and a mount update share; `None` = not given.
@@ -552,6 +592,99 @@ pub struct Mount {
     pub read_only: bool,
 }
 
+/// A mount as the platform keeps it: the request with its id. It holds the credentials (sealed
+/// at rest by the control plane, plain only in the runner's memory) and is never returned:
+/// [`MountConfig::public`] is what the API shows.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MountConfig {
+    pub id: String,
+    pub bucket: String,
+    pub mount_path: String,
+    pub endpoint: String,
+    /// `""` or a relative key prefix ending in `/`.
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<String>,
+}
+
+fn non_empty(s: Option<&String>) -> Option<String> {
+    s.filter(|s| !s.is_empty()).cloned()
+}
+
+impl MountConfig {
+    /// A new mount from a validated request.
+    pub fn new(id: String, req: &MountRequest) -> MountConfig {
+        MountConfig {
+            id,
+            bucket: req.bucket.clone(),
+            mount_path: req.mount_path.clone(),
+            endpoint: req.endpoint.clone(),
+            prefix: req.prefix.clone().unwrap_or_default(),
+            access_key_id: non_empty(req.access_key_id.as_ref()),
+            secret_access_key: non_empty(req.secret_access_key.as_ref()),
+        }
+    }
+
+    pub fn public(&self) -> Mount {
+        Mount {
+            id: self.id.clone(),
+            kind: "object-storage".into(),
+            bucket: self.bucket.clone(),
+            mount_path: self.mount_path.clone(),
+            prefix: Some(self.prefix.clone()).filter(|p| !p.is_empty()),
+            read_only: true,
+        }
+    }
+
+    /// Applies a validated update (empty strings clear); returns whether the guest must mount
+    /// it anew, which is whenever more than the credentials changed.
+    pub fn apply(&mut self, u: &MountUpdateRequest) -> bool {
+        let before =
+            (self.bucket.clone(), self.mount_path.clone(), self.endpoint.clone(), self.prefix.clone());
+        if let Some(b) = &u.bucket {
+            self.bucket = b.clone();
+        }
+        if let Some(p) = &u.mount_path {
+            self.mount_path = p.clone();
+        }
+        if let Some(e) = &u.endpoint {
+            self.endpoint = e.clone();
+        }
+        if let Some(p) = &u.prefix {
+            self.prefix = p.clone();
+        }
+        if u.access_key_id.is_some() {
+            self.access_key_id = non_empty(u.access_key_id.as_ref());
+        }
+        if u.secret_access_key.is_some() {
+            self.secret_access_key = non_empty(u.secret_access_key.as_ref());
+        }
+        before != (self.bucket.clone(), self.mount_path.clone(), self.endpoint.clone(), self.prefix.clone())
+    }
+
+    /// Whether both or neither credential is set (one alone cannot sign a request).
+    pub fn credentials_complete(&self) -> bool {
+        self.access_key_id.is_some() == self.secret_access_key.is_some()
+    }
+}
+
+/// The credentials are never printed.
+impl std::fmt::Debug for MountConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountConfig")
+            .field("id", &self.id)
+            .field("bucket", &self.bucket)
+            .field("mount_path", &self.mount_path)
+            .field("endpoint", &self.endpoint)
+            .field("prefix", &self.prefix)
+            .field("credentials", &self.access_key_id.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,6 +737,33 @@ mod tests {
             serde_json::from_value(serde_json::json!({"mount_path": "relative"})).unwrap();
         assert_eq!(u.validate().unwrap_err()[0].field, "mount_path");
         assert!(serde_json::from_value::<MountUpdateRequest>(serde_json::json!({"id": "x"})).is_err());
+    }
+
+    #[test]
+    fn mount_updates_clear_with_empty_strings_and_say_when_to_remount() {
+        let r: MountRequest = serde_json::from_value(serde_json::json!({"type":"object-storage",
+            "bucket":"bkt","mount_path":"/data","endpoint":"http://s3","prefix":"a/",
+            "access_key_id":"AK","secret_access_key":"SK"}))
+        .unwrap();
+        let mut m = MountConfig::new("mnt-1".into(), &r);
+        assert!(format!("{m:?}{r:?}").find("SK").is_none(), "secret printed");
+        let creds = MountUpdateRequest { access_key_id: Some("AK2".into()), ..Default::default() };
+        assert!(!m.apply(&creds), "a credential change needs no remount");
+        assert_eq!(m.access_key_id.as_deref(), Some("AK2"));
+        let clear = MountUpdateRequest {
+            prefix: Some(String::new()),
+            access_key_id: Some(String::new()),
+            secret_access_key: Some(String::new()),
+            ..Default::default()
+        };
+        assert!(m.apply(&clear));
+        assert_eq!((m.prefix.as_str(), &m.access_key_id, &m.secret_access_key), ("", &None, &None));
+        assert!(m.credentials_complete());
+        assert_eq!(m.public().prefix, None);
+        assert!(m.apply(&MountUpdateRequest { bucket: Some("other".into()), ..Default::default() }));
+        let mut half = m.clone();
+        half.apply(&MountUpdateRequest { access_key_id: Some("AK".into()), ..Default::default() });
+        assert!(!half.credentials_complete());
     }
 
     #[test]

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 use cove_api::sandbox::{
-    ListSandboxes, NetworkPolicy, SandboxCreateRequest, SandboxResponse, SandboxState, DEFAULT_MEMORY_MIB,
-    DEFAULT_TIMEOUT_SECS, DEFAULT_VCPU,
+    ListSandboxes, MountConfig, MountRequest, MountUpdateRequest, NetworkPolicy, SandboxCreateRequest,
+    SandboxResponse, SandboxState, DEFAULT_MEMORY_MIB, DEFAULT_TIMEOUT_SECS, DEFAULT_VCPU, MAX_MOUNTS,
 };
 use cove_api::snapshot::{ListSnapshots, SnapshotResponse, SnapshotRestoreRequest};
 use cove_runner::image::new_image_prefix;
-use cove_runner::{AfterCapture, AgentClient, Runner, VmRequest};
+use cove_runner::{AfterCapture, AgentClient, Runner, RunnerError, VmRequest};
 use cove_store::sealed::Sealer;
 use cove_store::{
     Change, Op, SandboxRecord, SnapshotQuery, SnapshotRecord, SnapshotState, Store, StoreError,
@@ -71,7 +71,7 @@ pub fn response(rec: &SandboxRecord) -> SandboxResponse {
     SandboxResponse {
         id: rec.id.clone(),
         template_id: rec.template.clone(),
-        mounts: Vec::new(),
+        mounts: rec.mounts.iter().map(MountConfig::public).collect(),
         vcpu: rec.vcpu,
         memory: rec.memory,
         disk: rec.disk,
@@ -125,6 +125,50 @@ fn vm_request(rec: &SandboxRecord) -> VmRequest {
         memory_mib: rec.memory,
         env: rec.env.clone(),
         network_policy: rec.network_policy.clone(),
+        mounts: rec.mounts.clone(),
+    }
+}
+
+fn new_mount_id() -> String {
+    format!("mnt-{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// A mount that could not be attached, as the API says it: the field to fix (under `field`)
+/// and why. The message names endpoint and bucket, never the secret.
+fn mount_error(field: &str, e: cove_mount::MountError) -> ApiError {
+    use cove_mount::MountError as E;
+    let at = |name: &str| if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+    match e {
+        E::BadEndpoint(m) => ApiError::field(&at("endpoint"), m),
+        E::NoSuchBucket(m) => ApiError::field(&at("bucket"), m),
+        E::AccessDenied(m) => ApiError::field(&at("access_key_id"), m),
+        E::NotFound(m) | E::InvalidPath(m) => ApiError::field(&at("prefix"), m),
+        E::IsADirectory(m) | E::Other(m) => {
+            ApiError::Conflict(format!("the mount could not be attached: {m}"))
+        }
+    }
+}
+
+/// A runner error of a call about mounts: a mount that could not be connected names its field.
+fn mount_call_error(e: RunnerError, field: impl Fn(usize) -> String) -> ApiError {
+    match e {
+        RunnerError::Mount { index, source } => mount_error(&field(index), source),
+        e => ApiError::from(e),
+    }
+}
+
+/// 409 when another mount of the sandbox has `m`'s path, or one inside or around it.
+fn check_mount_path(rec: &SandboxRecord, m: &MountConfig) -> Result<(), ApiError> {
+    match rec
+        .mounts
+        .iter()
+        .find(|o| o.id != m.id && cove_api::sandbox::paths_overlap(&o.mount_path, &m.mount_path))
+    {
+        Some(o) => Err(ApiError::Conflict(format!(
+            "mount_path {} overlaps mount {} at {}",
+            m.mount_path, o.id, o.mount_path
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -161,11 +205,38 @@ impl Core {
         })
     }
 
+    /// Mounts as stored: credentials sealed (already sealed ones kept).
+    fn seal_mounts(&self, mut mounts: Vec<MountConfig>) -> Vec<MountConfig> {
+        for m in &mut mounts {
+            for v in [&mut m.access_key_id, &mut m.secret_access_key].into_iter().flatten() {
+                if !Sealer::is_sealed(v) {
+                    *v = self.sealer.seal(v);
+                }
+            }
+        }
+        mounts
+    }
+
+    fn open_mounts(&self, id: &str, mut mounts: Vec<MountConfig>) -> Vec<MountConfig> {
+        for m in &mut mounts {
+            for v in [&mut m.access_key_id, &mut m.secret_access_key].into_iter().flatten() {
+                match self.sealer.open(v) {
+                    Ok(plain) => *v = plain,
+                    Err(e) => {
+                        tracing::error!(sandbox_id = %id, mount_id = %m.id, error = %e, "sealed mount credential")
+                    }
+                }
+            }
+        }
+        mounts
+    }
+
     /// What the runner gets: the record's request, with sealed values opened. A value that
     /// cannot be opened (key file lost or replaced) is left sealed, so the upstream gets a
     /// useless header rather than the sandbox getting anything.
     fn vm_request(&self, rec: &SandboxRecord) -> VmRequest {
         let mut req = vm_request(rec);
+        req.mounts = self.open_mounts(&rec.id, std::mem::take(&mut req.mounts));
         if let Some(p) = &mut req.network_policy {
             for t in &mut p.transforms {
                 for v in t.inject_headers.values_mut() {
@@ -226,9 +297,8 @@ impl Core {
             .runner
             .template_disk_mib(&template)
             .ok_or_else(|| ApiError::field("template_name", format!("unknown template {template:?}")))?;
-        if req.mounts.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(ApiError::NotImplemented("object storage mounts are not implemented yet".into()));
-        }
+        let mounts: Vec<MountConfig> =
+            req.mounts.iter().flatten().map(|m| MountConfig::new(new_mount_id(), m)).collect();
         check_policy(req.network_policy.as_ref(), "network_policy")?;
         let now = Utc::now();
         let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
@@ -242,6 +312,7 @@ impl Core {
             timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
             network_policy: self.seal_policy(req.network_policy.clone()),
+            mounts: self.seal_mounts(mounts),
             env: req.env_vars.clone().unwrap_or_default(),
             state: SandboxState::Starting,
             runner_id: self.cfg.runner_id.clone(),
@@ -260,7 +331,7 @@ impl Core {
             tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "sandbox VM failed to start");
             let _ = self.runner.destroy(&rec.id).await;
             self.store.delete_sandbox(&rec.id)?;
-            return Err(match ApiError::from(e) {
+            return Err(match mount_call_error(e, |i| format!("mounts[{i}]")) {
                 ApiError::Internal(m) => {
                     ApiError::Unavailable(format!("the sandbox VM failed to start: {m}"))
                 }
@@ -411,6 +482,78 @@ impl Core {
         self.get(org, id)
     }
 
+    /// Attaches a mount to a sandbox (resumed first if paused): connected on the host first, so
+    /// a wrong endpoint, bucket or credentials is a 400 naming the field; 409 over the limit or
+    /// on a path already mounted.
+    pub async fn add_mount(&self, org: &str, id: &str, req: &MountRequest) -> Result<MountConfig, ApiError> {
+        self.running(org, id).await?;
+        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
+        if rec.mounts.len() >= MAX_MOUNTS {
+            return Err(ApiError::Conflict(format!(
+                "sandbox {id} has {} mounts, the most allowed",
+                rec.mounts.len()
+            )));
+        }
+        let mount = MountConfig::new(new_mount_id(), req);
+        check_mount_path(&rec, &mount)?;
+        let plain = mount.clone();
+        self.runner.add_mount(id, &plain).await.map_err(|e| mount_call_error(e, |_| String::new()))?;
+        let mut mounts = rec.mounts.clone();
+        mounts.extend(self.seal_mounts(vec![mount]));
+        self.store.set_mounts(id, &mounts)?;
+        tracing::info!(sandbox_id = %id, mount_id = %plain.id, bucket = %plain.bucket, path = %plain.mount_path, "mount added");
+        Ok(plain)
+    }
+
+    /// Changes a mount; the guest mounts it anew unless only the credentials changed.
+    pub async fn update_mount(
+        &self,
+        org: &str,
+        id: &str,
+        mount_id: &str,
+        update: &MountUpdateRequest,
+    ) -> Result<MountConfig, ApiError> {
+        self.running(org, id).await?;
+        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
+        let i = rec
+            .mounts
+            .iter()
+            .position(|m| m.id == mount_id)
+            .ok_or_else(|| ApiError::NotFound(format!("mount {mount_id} of sandbox {id} not found")))?;
+        let mut mount = self.open_mounts(id, vec![rec.mounts[i].clone()]).remove(0);
+        let remount = mount.apply(update);
+        if !mount.credentials_complete() {
+            return Err(ApiError::field(
+                "secret_access_key",
+                "the mount would have only one of access_key_id and secret_access_key; give both, or clear both",
+            ));
+        }
+        check_mount_path(&rec, &mount)?;
+        self.runner
+            .update_mount(id, &mount, remount)
+            .await
+            .map_err(|e| mount_call_error(e, |_| String::new()))?;
+        let mut mounts = rec.mounts.clone();
+        mounts[i] = self.seal_mounts(vec![mount.clone()]).remove(0);
+        self.store.set_mounts(id, &mounts)?;
+        tracing::info!(sandbox_id = %id, mount_id, remount, "mount updated");
+        Ok(mount)
+    }
+
+    /// Detaches a mount: its path goes away in the guest.
+    pub async fn delete_mount(&self, org: &str, id: &str, mount_id: &str) -> Result<(), ApiError> {
+        self.running(org, id).await?;
+        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
+        if !rec.mounts.iter().any(|m| m.id == mount_id) {
+            return Err(ApiError::NotFound(format!("mount {mount_id} of sandbox {id} not found")));
+        }
+        self.runner.remove_mount(id, mount_id).await?;
+        let mounts: Vec<MountConfig> = rec.mounts.iter().filter(|m| m.id != mount_id).cloned().collect();
+        self.store.set_mounts(id, &mounts)?;
+        tracing::info!(sandbox_id = %id, mount_id, "mount deleted");
+        Ok(())
+    }
+
     /// Pauses a running sandbox: its device state, RAM and disk go to the blob store, then the
     /// VM and its host memory are released. If storing fails the sandbox keeps running.
     pub async fn pause(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
@@ -537,6 +680,7 @@ impl Core {
             memory: rec.memory,
             disk: rec.disk,
             network_policy: rec.network_policy.clone(),
+            mounts: rec.mounts.clone(),
             env: rec.env.clone(),
             source_sandbox: id.to_string(),
             image: new_image_prefix("snap"),
@@ -601,6 +745,7 @@ impl Core {
             timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
             network_policy: self.seal_policy(req.network_policy).or_else(|| snap.network_policy.clone()),
+            mounts: snap.mounts.clone(),
             env: snap.env.clone(),
             state: S::Starting,
             runner_id: self.cfg.runner_id.clone(),

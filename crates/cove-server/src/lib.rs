@@ -33,8 +33,6 @@ pub struct AppState {
 
 /// Routes that belong to later parts of the contract; they answer 501 until built.
 const NOT_YET: &[&str] = &[
-    "/v1/sandbox/{sandboxID}/mounts",
-    "/v1/sandbox/{sandboxID}/mounts/{mountID}",
     "/v1/template",
     "/v1/template/{templateID}",
     "/v1/templates",
@@ -55,6 +53,11 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/sandboxes", get(sandbox::list))
         .route("/v1/sandbox/{sandboxID}/pause", post(sandbox::pause))
         .route("/v1/sandbox/{sandboxID}/network-policy", patch(sandbox::set_network_policy))
+        .route("/v1/sandbox/{sandboxID}/mounts", post(sandbox::add_mount))
+        .route(
+            "/v1/sandbox/{sandboxID}/mounts/{mountID}",
+            patch(sandbox::update_mount).delete(sandbox::delete_mount),
+        )
         .route("/v1/sandbox/{sandboxID}/presigned-url", post(invoke::create_presigned))
         .route("/v1/sandbox/{sandboxID}/presigned-url/{id}", axum::routing::delete(invoke::delete_presigned))
         .route("/v1/sandbox/{sandboxID}/resume", post(sandbox::resume))

@@ -12,6 +12,7 @@ use crate::{filesystem, invoke, keys, process, sandbox, snapshot};
     paths(
         sandbox::create, sandbox::get, sandbox::delete, sandbox::list, sandbox::user_home_dir, sandbox::workdir,
         sandbox::pause, sandbox::resume, sandbox::stop, sandbox::start, sandbox::set_network_policy,
+        sandbox::add_mount, sandbox::update_mount, sandbox::delete_mount,
         snapshot::create, snapshot::restore, snapshot::list, snapshot::delete,
         process::execute,
         filesystem::ls, filesystem::stat, filesystem::mkdir, filesystem::write_file, filesystem::write_files,

@@ -4,8 +4,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use cove_api::sandbox::{
-    ListSandboxesQuery, ListSandboxesResponse, NetworkPolicy, SandboxCreateRequest, SandboxListItem,
-    SandboxResponse, SandboxUserHomeDirResponse, SandboxWorkdirResponse,
+    ListSandboxesQuery, ListSandboxesResponse, Mount, MountRequest, MountUpdateRequest, NetworkPolicy,
+    SandboxCreateRequest, SandboxListItem, SandboxResponse, SandboxUserHomeDirResponse,
+    SandboxWorkdirResponse,
 };
 use cove_api::{ErrorResponse, ValidationErrorResponse};
 use hyper::Method;
@@ -221,4 +222,63 @@ pub async fn workdir(
 ) -> Result<Json<SandboxWorkdirResponse>, ApiError> {
     let info = system_info(&s, &org, &id).await?;
     Ok(Json(SandboxWorkdirResponse { workdir: info.workdir }))
+}
+
+#[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/mounts", tag = "Sandbox", request_body = MountRequest,
+    params(("sandboxID" = String, Path, description = "Sandbox id")),
+    description = "Attach a read-only object-storage mount to a sandbox (a paused one is resumed). The \
+        bucket is reached from the host with the credentials, which never enter the guest; the guest sees a \
+        lazy FUSE filesystem at `mount_path`. Answers once the path is mounted in the guest.",
+    responses(
+        (status = 201, description = "Mounted", body = Mount),
+        (status = 400, description = "Invalid mount, or the endpoint, bucket or credentials did not work", body = ValidationErrorResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox in this organization", body = ErrorResponse),
+        (status = 409, description = "Mount limit reached, path in use, or the sandbox is not running", body = ErrorResponse)))]
+pub async fn add_mount(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path(id): Path<String>,
+    ValidJson(req): ValidJson<MountRequest>,
+) -> Result<(StatusCode, Json<Mount>), ApiError> {
+    let m = s.core.add_mount(&org, &id, &req).await?;
+    Ok((StatusCode::CREATED, Json(m.public())))
+}
+
+#[utoipa::path(patch, path = "/v1/sandbox/{sandboxID}/mounts/{mountID}", tag = "Sandbox",
+    request_body = MountUpdateRequest,
+    params(("sandboxID" = String, Path, description = "Sandbox id"), ("mountID" = String, Path, description = "Mount id")),
+    description = "Change a mount. Omitted fields keep their value; an empty `prefix`, `access_key_id` or \
+        `secret_access_key` clears it. The guest mounts it anew unless only the credentials changed.",
+    responses(
+        (status = 200, description = "Updated", body = Mount),
+        (status = 400, description = "Invalid update, or the endpoint, bucket or credentials did not work", body = ValidationErrorResponse),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox or mount", body = ErrorResponse),
+        (status = 409, description = "Path in use, or the sandbox is not running", body = ErrorResponse)))]
+pub async fn update_mount(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path((id, mount_id)): Path<(String, String)>,
+    ValidJson(req): ValidJson<MountUpdateRequest>,
+) -> Result<Json<Mount>, ApiError> {
+    let m = s.core.update_mount(&org, &id, &mount_id, &req).await?;
+    Ok(Json(m.public()))
+}
+
+#[utoipa::path(delete, path = "/v1/sandbox/{sandboxID}/mounts/{mountID}", tag = "Sandbox",
+    params(("sandboxID" = String, Path, description = "Sandbox id"), ("mountID" = String, Path, description = "Mount id")),
+    description = "Detach a mount: its path disappears in the guest.",
+    responses(
+        (status = 204, description = "Unmounted"),
+        (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
+        (status = 404, description = "No such sandbox or mount", body = ErrorResponse),
+        (status = 409, description = "The sandbox is not running", body = ErrorResponse)))]
+pub async fn delete_mount(
+    State(s): State<AppState>,
+    OrgId(org): OrgId,
+    Path((id, mount_id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    s.core.delete_mount(&org, &id, &mount_id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -130,10 +130,28 @@ async fn unknown_things_are_404_and_later_features_501() {
     assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("command")));
     let (s, _) = call(&app, "GET", "/v2/whatever", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/mounts", bearer(&app), "").await;
+    let (s, v) = call(&app, "POST", "/v1/templates", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
     assert!(v["message"].as_str().unwrap().contains("not implemented"));
-    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/mounts", None, "").await;
+    let (s, _) = call(&app, "POST", "/v1/templates", None, "").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Mounts: the body's fields are checked before the sandbox is looked up.
+    let bad = r#"{"type":"nfs","bucket":"b","mount_path":"rel","endpoint":"s3"}"#;
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/mounts", bearer(&app), bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let fields: Vec<&str> =
+        v["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    for f in ["type", "bucket", "mount_path", "endpoint"] {
+        assert!(fields.contains(&f), "{f} in {fields:?}");
+    }
+    let ok = r#"{"type":"object-storage","bucket":"bkt","mount_path":"/data","endpoint":"http://s3"}"#;
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/mounts", bearer(&app), ok).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(&app, "PATCH", "/v1/sandbox/sbx-x/mounts/mnt-1", bearer(&app), r#"{"id":"x"}"#).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = call(&app, "DELETE", "/v1/sandbox/sbx-x/mounts/mnt-1", bearer(&app), "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/mounts", None, ok).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // Lifecycle actions on an unknown sandbox or snapshot: 404 naming it.
     for path in [

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
-use cove_api::sandbox::{ListSandboxes, NetworkPolicy, SandboxState, SortKey};
+use cove_api::sandbox::{ListSandboxes, MountConfig, NetworkPolicy, SandboxState, SortKey};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
 
@@ -97,6 +97,9 @@ const MIGRATIONS: &[&str] = &[
         created_at TEXT NOT NULL
     );
     CREATE INDEX presigned_sandbox ON presigned_urls(sandbox_id);",
+    // 4: object-storage mounts (credentials sealed by the caller).
+    "ALTER TABLE sandboxes ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE snapshots ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// A presigned URL as stored: the token itself is never kept.
@@ -137,6 +140,8 @@ pub struct SandboxRecord {
     pub timeout: u64,
     pub auto_pause: bool,
     pub network_policy: Option<NetworkPolicy>,
+    /// Credentials in here are as the caller gave them (the control plane seals them).
+    pub mounts: Vec<MountConfig>,
     pub env: std::collections::BTreeMap<String, String>,
     pub state: SandboxState,
     pub runner_id: String,
@@ -222,6 +227,7 @@ pub struct SnapshotRecord {
     pub memory: u64,
     pub disk: u64,
     pub network_policy: Option<NetworkPolicy>,
+    pub mounts: Vec<MountConfig>,
     pub env: std::collections::BTreeMap<String, String>,
     pub source_sandbox: String,
     /// Blob prefix of the image.
@@ -424,8 +430,8 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO sandboxes (id, org_id, template, vcpu, memory, disk, timeout, auto_pause, network_policy, env,
-                state, runner_id, created_at, launch_time, state_changed_at, timeout_at, op, image, snapshot_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                state, runner_id, created_at, launch_time, state_changed_at, timeout_at, op, image, snapshot_id, mounts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             params![
                 rec.id,
                 rec.org_id,
@@ -446,6 +452,7 @@ impl Store {
                 rec.op.as_ref().map(op_json),
                 rec.image,
                 rec.snapshot_id,
+                mounts_json(&rec.mounts),
             ],
         )?;
         tx.commit()?;
@@ -531,6 +538,15 @@ impl Store {
         let json = policy.map(|p| serde_json::to_string(p).unwrap_or_default());
         self.conn()
             .execute("UPDATE sandboxes SET network_policy = ?2 WHERE id = ?1", rusqlite::params![id, json])?;
+        Ok(())
+    }
+
+    /// Replaces a sandbox's mounts.
+    pub fn set_mounts(&self, id: &str, mounts: &[MountConfig]) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET mounts = ?2 WHERE id = ?1",
+            rusqlite::params![id, mounts_json(mounts)],
+        )?;
         Ok(())
     }
 
@@ -681,8 +697,8 @@ impl Store {
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
         let r = self.conn().execute(
             "INSERT INTO snapshots (id, org_id, name, template, vcpu, memory, disk, network_policy, env,
-                source_sandbox, image, state, stored_bytes, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                source_sandbox, image, state, stored_bytes, created_at, mounts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 s.id,
                 s.org_id,
@@ -698,6 +714,7 @@ impl Store {
                 s.state.as_str(),
                 s.stored_bytes as i64,
                 ts(&s.created_at),
+                mounts_json(&s.mounts),
             ],
         );
         match r {
@@ -828,10 +845,14 @@ impl Store {
 
 const SANDBOX_COLUMNS: &str =
     "id, org_id, template, vcpu, memory, disk, timeout, auto_pause, network_policy, env, state, \
-     runner_id, created_at, launch_time, state_changed_at, timeout_at, op, image, snapshot_id";
+     runner_id, created_at, launch_time, state_changed_at, timeout_at, op, image, snapshot_id, mounts";
 
 const SNAPSHOT_COLUMNS: &str = "id, org_id, name, template, vcpu, memory, disk, network_policy, env, \
-     source_sandbox, image, state, stored_bytes, created_at";
+     source_sandbox, image, state, stored_bytes, created_at, mounts";
+
+fn mounts_json(mounts: &[MountConfig]) -> String {
+    serde_json::to_string(mounts).unwrap_or_else(|_| "[]".into())
+}
 
 fn op_json(op: &Op) -> String {
     serde_json::to_string(op).unwrap_or_default()
@@ -879,6 +900,7 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
             .ok_or_else(|| conversion(StoreError::Corrupt(format!("unknown snapshot state {state:?}"))))?,
         stored_bytes: r.get::<_, i64>(12)? as u64,
         created_at: parse_ts(&r.get::<_, String>(13)?)?,
+        mounts: serde_json::from_str(&r.get::<_, String>(14)?).map_err(conversion)?,
     })
 }
 
@@ -896,6 +918,7 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
         timeout: r.get::<_, i64>(6)? as u64,
         auto_pause: r.get(7)?,
         network_policy: policy.map(|p| serde_json::from_str(&p)).transpose().map_err(conversion)?,
+        mounts: serde_json::from_str(&r.get::<_, String>(19)?).map_err(conversion)?,
         env: serde_json::from_str(&env).map_err(conversion)?,
         state: SandboxState::parse(&state)
             .ok_or_else(|| conversion(StoreError::Corrupt(format!("unknown state {state:?}"))))?,
@@ -930,6 +953,7 @@ mod tests {
             timeout: 300,
             auto_pause: false,
             network_policy: None,
+            mounts: Vec::new(),
             env: Default::default(),
             state,
             runner_id: "local".into(),
@@ -1023,6 +1047,7 @@ mod tests {
             memory: 1024,
             disk: 2048,
             network_policy: None,
+            mounts: Vec::new(),
             env: Default::default(),
             source_sandbox: "a".into(),
             image: format!("images/{id}"),
