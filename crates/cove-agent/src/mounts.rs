@@ -194,11 +194,51 @@ impl Inodes {
     }
 }
 
+/// A directory listing as readdir hands it out: (inode, type, name), "." and ".." first.
+type Listing = Arc<Vec<(u64, FileType, String)>>;
+
 pub struct CoveFs {
     mount: String,
     client: FsClient,
     rt: tokio::runtime::Handle,
     inodes: Arc<Mutex<Inodes>>,
+    /// Listings of open directories, by handle: fetched once at opendir, because the kernel
+    /// reads a directory in many small readdir calls.
+    open_dirs: Arc<Mutex<HashMap<u64, Listing>>>,
+    next_fh: Arc<AtomicU64>,
+}
+
+/// Fetches the listing of `path` (inode `ino`) from the host.
+async fn listing(
+    client: &FsClient,
+    mount: &str,
+    inodes: &Mutex<Inodes>,
+    ino: u64,
+    path: &str,
+) -> Result<Listing, i32> {
+    let entries = match client.call(Op::List, mount, path, 0, 0).await {
+        Ok((Reply { entries: Some(e), .. }, _)) => e,
+        Ok(_) => return Err(libc::EIO),
+        Err(errno) => return Err(errno),
+    };
+    let mut all = Vec::with_capacity(entries.len() + 2);
+    all.push((ino, FileType::Directory, ".".to_string()));
+    all.push((1, FileType::Directory, "..".to_string()));
+    let mut t = inodes.lock().unwrap_or_else(|p| p.into_inner());
+    for e in entries {
+        let kind = if e.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+        all.push((t.intern(&join(path, &e.name)), kind, e.name));
+    }
+    Ok(Arc::new(all))
+}
+
+fn fill(listing: &[(u64, FileType, String)], offset: u64, mut reply: ReplyDirectory) {
+    for (i, (ino, kind, name)) in listing.iter().enumerate().skip(offset as usize) {
+        if reply.add(INodeNo(*ino), (i + 1) as u64, *kind, name) {
+            break;
+        }
+    }
+    reply.ok();
 }
 
 fn attr(ino: u64, e: &Entry) -> FileAttr {
@@ -305,39 +345,66 @@ impl Filesystem for CoveFs {
         });
     }
 
+    fn opendir(&self, _req: &fuser::Request, ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
+        let Some(path) = self.path_of(ino) else { return reply.error(Errno::ENOENT) };
+        let (client, mount, inodes) = (self.client.clone(), self.mount.clone(), self.inodes.clone());
+        let (open_dirs, next_fh) = (self.open_dirs.clone(), self.next_fh.clone());
+        self.rt.spawn(async move {
+            match listing(&client, &mount, &inodes, u64::from(ino), &path).await {
+                Ok(l) => {
+                    let fh = next_fh.fetch_add(1, Ordering::Relaxed);
+                    open_dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, l);
+                    reply.opened(FileHandle(fh), fuser::FopenFlags::empty());
+                }
+                Err(errno) => reply.error(Errno::from_i32(errno)),
+            }
+        });
+    }
+
     fn readdir(
         &self,
         _req: &fuser::Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
+        let open = self.open_dirs.lock().unwrap_or_else(|p| p.into_inner()).get(&u64::from(fh)).cloned();
+        if let Some(l) = open {
+            return fill(&l, offset, reply);
+        }
         let Some(path) = self.path_of(ino) else { return reply.error(Errno::ENOENT) };
         let (client, mount, inodes) = (self.client.clone(), self.mount.clone(), self.inodes.clone());
         self.rt.spawn(async move {
-            let entries = match client.call(Op::List, &mount, &path, 0, 0).await {
-                Ok((Reply { entries: Some(e), .. }, _)) => e,
-                Ok(_) => return reply.error(Errno::EIO),
-                Err(errno) => return reply.error(Errno::from_i32(errno)),
-            };
-            let mut all = vec![(u64::from(ino), FileType::Directory, ".".to_string())];
-            all.push((1, FileType::Directory, "..".to_string()));
-            {
-                let mut t = inodes.lock().unwrap_or_else(|p| p.into_inner());
-                for e in entries {
-                    let kind = if e.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
-                    all.push((t.intern(&join(&path, &e.name)), kind, e.name));
-                }
+            match listing(&client, &mount, &inodes, u64::from(ino), &path).await {
+                Ok(l) => fill(&l, offset, reply),
+                Err(errno) => reply.error(Errno::from_i32(errno)),
             }
-            for (i, (ino, kind, name)) in all.into_iter().enumerate().skip(offset as usize) {
-                if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
-                    break;
-                }
-            }
-            reply.ok();
         });
     }
+
+    fn releasedir(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: fuser::ReplyEmpty,
+    ) {
+        self.open_dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&u64::from(fh));
+        reply.ok();
+    }
+}
+
+const READ_AHEAD_KB: u32 = 4096;
+
+/// Sets the read-ahead of the filesystem mounted at `path` (its backing device info).
+fn set_read_ahead(path: &str, kb: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path)?.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    std::fs::write(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"), kb.to_string())
 }
 
 struct Mounted {
@@ -381,6 +448,8 @@ impl Mounts {
             client: self.client(),
             rt: tokio::runtime::Handle::current(),
             inodes: Arc::new(Mutex::new(Inodes::new())),
+            open_dirs: Default::default(),
+            next_fh: Arc::new(AtomicU64::new(1)),
         };
         let made_dir = !std::path::Path::new(&req.path).exists();
         std::fs::create_dir_all(&req.path)?;
@@ -406,6 +475,11 @@ impl Mounts {
                 return Err(e);
             }
         };
+        // The kernel reads ahead 128 KiB on FUSE by default, one request at a time, which leaves
+        // the channel idle between requests: 1 MiB keeps several in flight.
+        if let Err(e) = set_read_ahead(&req.path, READ_AHEAD_KB) {
+            eprintln!("cove-agent: read-ahead of {}: {e}", req.path);
+        }
         mounted.insert(req.id, Mounted { path: req.path, made_dir, session });
         Ok(())
     }

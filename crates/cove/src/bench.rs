@@ -4,6 +4,8 @@
 //! sandboxes of several memory sizes with memory dirtied, against QEMU's own `x-ignore-shared`
 //! stop and restore. `cove bench net`: guest downloads and connection setup to the test internet
 //! through NAT, the egress tunnel (spliced TLS) and the TLS-terminating proxy (transforms).
+//! `cove bench mount`: a bucket read through a mount in a guest against the guest's own GET of
+//! the same object (see `bench/mount.rs`).
 //! Each prints a table and writes JSON. Figures, not assertions: these machines are noisy.
 
 use std::future::IntoFuture;
@@ -19,6 +21,8 @@ use cove_server::{Core, CoreConfig};
 use cove_store::Store;
 use cove_vmm::{Accel, QemuVmm};
 use serde_json::{json, Value};
+
+mod mount;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -39,6 +43,9 @@ enum Which {
     Pause(PauseArgs),
     /// Guest network throughput and connection setup: NAT, egress tunnel, TLS-terminating proxy.
     Net(NetArgs),
+    /// Object-storage mount: sequential read, first byte and a 10,000-object listing, beside
+    /// direct GETs of the same objects.
+    Mount(mount::MountArgs),
 }
 
 #[derive(Args, Debug)]
@@ -214,7 +221,9 @@ fn disk_usage(dir: &std::path::Path) -> u64 {
 pub fn run(args: BenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // The net bench's sandboxes reach the offline test internet, which this process serves.
-    let internet = matches!(args.which, Which::Net(_)).then(cove_net::testing::Internet::shared);
+    // So do the mount bench's (its S3 server runs there, reachable by host and guest alike).
+    let internet =
+        matches!(args.which, Which::Net(_) | Which::Mount(_)).then(cove_net::testing::Internet::shared);
     let result = rt.block_on(async {
         let bench = Bench::start(&args.cache_dir, args.blob_url.clone(), |cfg| {
             if let Some(internet) = internet {
@@ -230,6 +239,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 Some(internet) => net(&bench, internet, a).await,
                 None => unreachable!("the internet is built for the net bench"),
             },
+            Which::Mount(a) => mount::mount(&bench, a, &args.cache_dir).await,
         };
         // VMs outlive the process that started them: a run cut short by an error must not
         // leave its sandboxes running.
