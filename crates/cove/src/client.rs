@@ -105,6 +105,32 @@ pub enum SandboxCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Attach an object-storage mount: JSON as in the API, inline or `@file` / `@-` (keeps
+    /// credentials out of the command line), e.g. '{"type":"object-storage","bucket":"data",
+    /// "mount_path":"/data","endpoint":"https://s3.example.com"}'.
+    Mount {
+        id: String,
+        #[arg(value_parser = parse_json)]
+        mount: Value,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Change a mount (omitted fields keep their value; "" clears prefix or a credential).
+    MountUpdate {
+        id: String,
+        mount_id: String,
+        #[arg(value_parser = parse_json)]
+        update: Value,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Detach a mount; its path disappears in the sandbox.
+    Unmount {
+        id: String,
+        mount_id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Make a public URL to a port of a sandbox (no API key needed; shown once).
     Share {
         id: String,
@@ -184,8 +210,15 @@ pub enum KeysCmd {
     },
 }
 
+/// JSON given inline, or `@file` (`@-`: standard input), so that credentials in it need not
+/// appear in the command line.
 fn parse_json(s: &str) -> Result<Value, String> {
-    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
+    let text = match s.strip_prefix('@') {
+        Some("-") => std::io::read_to_string(std::io::stdin()).map_err(|e| format!("reading stdin: {e}"))?,
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?,
+        None => s.to_string(),
+    };
+    serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -298,6 +331,18 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
             SandboxCmd::NetworkPolicy { id, policy, conn } => {
                 let path = format!("/v1/sandbox/{id}/network-policy");
                 print(&Api::new(&conn)?.call(Method::PATCH, &path, Some(policy)).await?)
+            }
+            SandboxCmd::Mount { id, mount, conn } => {
+                let path = format!("/v1/sandbox/{id}/mounts");
+                print(&Api::new(&conn)?.call(Method::POST, &path, Some(mount)).await?)
+            }
+            SandboxCmd::MountUpdate { id, mount_id, update, conn } => {
+                let path = format!("/v1/sandbox/{id}/mounts/{mount_id}");
+                print(&Api::new(&conn)?.call(Method::PATCH, &path, Some(update)).await?)
+            }
+            SandboxCmd::Unmount { id, mount_id, conn } => {
+                let path = format!("/v1/sandbox/{id}/mounts/{mount_id}");
+                Api::new(&conn)?.call(Method::DELETE, &path, None).await?;
             }
             SandboxCmd::Share { id, port, expires_in, conn } => {
                 let body = strip_nulls(json!({ "port": port, "expires_in": expires_in }));
