@@ -29,6 +29,10 @@ pub struct ImageManifest {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub created_unix: i64,
+    /// The VM's device set (`images::MACHINE`): a saved device state restores only into the
+    /// same set. Empty in images from before it was recorded.
+    #[serde(default)]
+    pub machine: String,
     /// QEMU device state (migration stream without RAM).
     pub state: PackedFile,
     pub memory: PackedFile,

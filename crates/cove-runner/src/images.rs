@@ -13,7 +13,7 @@ pub const SYSTEM_TEMPLATE: &str = "system/debian:bookworm";
 /// (page-table isolation flushes QEMU's software TLB on every system call). They do not guard
 /// the host: that boundary is the VM itself.
 /// The VM's device set, as far as saved states depend on it: a change makes new templates.
-const MACHINE: &str = "q35 virtio-blk virtio-serial(cove.agent,cove.fs) virtio-rng virtio-net";
+pub const MACHINE: &str = "q35 virtio-blk virtio-serial(cove.agent,cove.fs) virtio-rng virtio-net";
 
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init 8250.nr_uarts=1 \
     i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable random.trust_cpu=on mitigations=off";

@@ -226,6 +226,14 @@ impl SandboxVm {
                         manifest.format
                     )));
                 }
+                if manifest.machine != crate::images::MACHINE {
+                    return Err(RunnerError::Image(format!(
+                        "this image was saved from a VM with another device set ({:?}; this Cove runs {:?}) \
+                         and cannot be restored",
+                        manifest.machine,
+                        crate::images::MACHINE
+                    )));
+                }
                 if !template_disk.exists() {
                     return Err(RunnerError::Image(format!(
                         "the template version {} this image was made from is not on this host",
@@ -472,6 +480,7 @@ impl SandboxVm {
                 vcpus: meta.vcpus,
                 memory_mib: meta.memory_mib,
                 created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+                machine: crate::images::MACHINE.to_string(),
                 state: state?,
                 memory: memory?,
                 disk: disk?,

@@ -184,6 +184,21 @@ async fn a_corrupt_image_is_refused_and_the_sandbox_stays_paused() {
     assert!(qemu_pids(&id).is_empty(), "a refused resume left a VM");
 
     std::fs::write(&blob, &original).unwrap();
+
+    // An image saved from a VM with another device set is refused before any VM starts.
+    let manifest_path = server.data_dir.join("blobs/images").join(&images[0]).join("manifest.json");
+    let manifest = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut other: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    assert!(other["machine"].as_str().is_some_and(|m| m.contains("virtio")), "{manifest}");
+    other["machine"] = json!("q35 some-other-device");
+    std::fs::write(&manifest_path, other.to_string()).unwrap();
+    let r = api.post(&format!("/v1/sandbox/{id}/process/execute"), json!({"command": "true"})).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("another device set") && message.contains("stays paused"), "{message}");
+    assert!(qemu_pids(&id).is_empty(), "a refused resume left a VM");
+    std::fs::write(&manifest_path, &manifest).unwrap();
+
     let (code, out, _) = api.exec(&id, "pgrep -f 'while true' | head -1").await;
     assert_eq!((code, out), (0, pid));
     assert_eq!(api.delete(&format!("/v1/sandbox/{id}")).await.status, 204);
