@@ -406,21 +406,21 @@ pub struct MountRequest {
 }
 
 impl MountRequest {
+    fn fields(&self) -> MountFields<'_> {
+        MountFields {
+            bucket: Some(&self.bucket),
+            mount_path: Some(&self.mount_path),
+            endpoint: Some(&self.endpoint),
+            prefix: self.prefix.as_deref(),
+            read_only: self.read_only,
+            access_key_id: self.access_key_id.as_deref(),
+            secret_access_key: self.secret_access_key.as_deref(),
+        }
+    }
+
     fn check(&self, v: &mut Violations, field: &str) {
         v.check(self.kind == "object-storage", format!("{field}.type"), "must be object-storage");
-        check_mount_fields(
-            v,
-            field,
-            MountFields {
-                bucket: Some(&self.bucket),
-                mount_path: Some(&self.mount_path),
-                endpoint: Some(&self.endpoint),
-                prefix: self.prefix.as_deref(),
-                read_only: self.read_only,
-                access_key_id: self.access_key_id.as_deref(),
-                secret_access_key: self.secret_access_key.as_deref(),
-            },
-        );
+        check_mount_fields(v, field, self.fields());
         let key = self.access_key_id.as_deref().unwrap_or("");
         let secret = self.secret_access_key.as_deref().unwrap_or("");
         v.check(
@@ -442,14 +442,7 @@ impl Validate for MountRequest {
 /// The secret is never printed.
 impl std::fmt::Debug for MountRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MountRequest")
-            .field("bucket", &self.bucket)
-            .field("mount_path", &self.mount_path)
-            .field("endpoint", &self.endpoint)
-            .field("prefix", &self.prefix)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
-            .finish()
+        debug_mount_fields(f, "MountRequest", &self.fields())
     }
 }
 
@@ -474,22 +467,24 @@ pub struct MountUpdateRequest {
     pub secret_access_key: Option<String>,
 }
 
+impl MountUpdateRequest {
+    fn fields(&self) -> MountFields<'_> {
+        MountFields {
+            bucket: self.bucket.as_deref(),
+            mount_path: self.mount_path.as_deref(),
+            endpoint: self.endpoint.as_deref(),
+            prefix: self.prefix.as_deref(),
+            read_only: self.read_only,
+            access_key_id: self.access_key_id.as_deref(),
+            secret_access_key: self.secret_access_key.as_deref(),
+        }
+    }
+}
+
 impl Validate for MountUpdateRequest {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Violations::default();
-        check_mount_fields(
-            &mut v,
-            "",
-            MountFields {
-                bucket: self.bucket.as_deref(),
-                mount_path: self.mount_path.as_deref(),
-                endpoint: self.endpoint.as_deref(),
-                prefix: self.prefix.as_deref(),
-                read_only: self.read_only,
-                access_key_id: self.access_key_id.as_deref(),
-                secret_access_key: self.secret_access_key.as_deref(),
-            },
-        );
+        check_mount_fields(&mut v, "", self.fields());
         v.finish_at_root()
     }
 }
@@ -497,15 +492,20 @@ impl Validate for MountUpdateRequest {
 /// The secret is never printed.
 impl std::fmt::Debug for MountUpdateRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MountUpdateRequest")
-            .field("bucket", &self.bucket)
-            .field("mount_path", &self.mount_path)
-            .field("endpoint", &self.endpoint)
-            .field("prefix", &self.prefix)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
-            .finish()
+        debug_mount_fields(f, "MountUpdateRequest", &self.fields())
     }
+}
+
+fn debug_mount_fields(f: &mut std::fmt::Formatter<'_>, name: &str, m: &MountFields<'_>) -> std::fmt::Result {
+    f.debug_struct(name)
+        .field("bucket", &m.bucket)
+        .field("mount_path", &m.mount_path)
+        .field("endpoint", &m.endpoint)
+        .field("prefix", &m.prefix)
+        .field("read_only", &m.read_only)
+        .field("access_key_id", &m.access_key_id)
+        .field("secret_access_key", &m.secret_access_key.map(|_| "<redacted>"))
+        .finish()
 }
 
 /// Whether one path is the other or inside it (mounts may not nest: the outer one is read-only).

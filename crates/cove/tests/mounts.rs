@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -102,11 +101,6 @@ fn private_mount(endpoint: &str, path: &str) -> Value {
 async fn sh(api: &Api, id: &str, cmd: &str) -> (i64, String) {
     let (code, out, err) = api.exec(id, cmd).await;
     (code, format!("{out}{err}"))
-}
-
-fn file_contains(path: &Path, needle: &[u8]) -> bool {
-    let data = std::fs::read(path).unwrap_or_default();
-    memchr::memmem::find(&data, needle).is_some()
 }
 
 /// A grep pattern that matches `s` without holding it (sending the secret into the guest would
@@ -345,16 +339,7 @@ async fn mounts_survive_pause_snapshots_stop_and_restarts_and_keys_stay_out() {
 
     // The keys are nowhere in the guest: files, mount table, process environments, memory. A
     // marker the guest holds is found by the same scan, so the scan can see.
-    let marker = format!("cove-marker-{}", common::rand_hex());
-    let (code, _) = sh(
-        &api,
-        &id,
-        &format!(
-            "setsid nohup python3 -c \"import time; m = 'x-{marker}'[2:]; time.sleep(3600)\" >/dev/null 2>&1 </dev/null & sleep 2"
-        ),
-    )
-    .await;
-    assert_eq!(code, 0);
+    let marker = common::hold_marker(&api, &id).await;
     for key in [SECRET_KEY, ACCESS_KEY] {
         let (code, out) = sh(
             &api,
@@ -370,9 +355,12 @@ async fn mounts_survive_pause_snapshots_stop_and_restarts_and_keys_stay_out() {
     }
     let ram = common::guest_ram_files(&id);
     assert_eq!(ram.len(), 1, "{ram:?}");
-    assert!(file_contains(&ram[0], marker.as_bytes()), "the memory scan cannot see the guest's memory");
+    assert!(
+        common::file_contains(&ram[0], marker.as_bytes()),
+        "the memory scan cannot see the guest's memory"
+    );
     for key in [SECRET_KEY, ACCESS_KEY] {
-        assert!(!file_contains(&ram[0], key.as_bytes()), "a key is in the guest's memory");
+        assert!(!common::file_contains(&ram[0], key.as_bytes()), "a key is in the guest's memory");
     }
     // Nor stored in plain by the control plane.
     let db = std::fs::read(data_dir.join("cove.db")).unwrap_or_default();
@@ -389,9 +377,9 @@ async fn mounts_survive_pause_snapshots_stop_and_restarts_and_keys_stay_out() {
     let m = cove_runner::image::manifest(&store, &prefix).await.unwrap().unwrap();
     let dest = data_dir.join("scan.mem");
     cove_blob::unpack_file(&store, &prefix, &m.memory, &dest).await.unwrap();
-    assert!(file_contains(&dest, marker.as_bytes()), "the image scan cannot see the guest's memory");
+    assert!(common::file_contains(&dest, marker.as_bytes()), "the image scan cannot see the guest's memory");
     for key in [SECRET_KEY, ACCESS_KEY] {
-        assert!(!file_contains(&dest, key.as_bytes()), "a key is in the paused image");
+        assert!(!common::file_contains(&dest, key.as_bytes()), "a key is in the paused image");
     }
     std::fs::remove_file(&dest).unwrap();
     let (code, out) = sh(&api, &id, check).await;

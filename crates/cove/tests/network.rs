@@ -314,38 +314,6 @@ async fn custom_policy_decides_by_name_on_the_host() {
     assert_refused("proxy port", &curl(&api, &id, "http://10.250.0.1:15080/").await);
 }
 
-/// Whether a file holds `needle`; on a hit, prints the bytes around it (to tell where it came
-/// from).
-fn file_contains(path: &std::path::Path, needle: &[u8]) -> bool {
-    let found = find_in_file(path, needle);
-    if let Some(context) = &found {
-        eprintln!("{} found in {}: {context}", String::from_utf8_lossy(needle), path.display());
-    }
-    found.is_some()
-}
-
-/// Scans a file for `needle` in windows, so a 1 GiB RAM file never sits in memory whole.
-fn find_in_file(path: &std::path::Path, needle: &[u8]) -> Option<String> {
-    use std::io::Read;
-    let finder = memchr::memmem::Finder::new(needle);
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut buf = vec![0u8; 8 << 20];
-    let mut carry = 0;
-    loop {
-        let n = f.read(&mut buf[carry..]).unwrap();
-        if n == 0 {
-            return None;
-        }
-        let end = carry + n;
-        if let Some(at) = finder.find(&buf[..end]) {
-            let around = &buf[at.saturating_sub(300)..(at + needle.len() + 300).min(end)];
-            return Some(String::from_utf8_lossy(around).escape_debug().to_string());
-        }
-        carry = needle.len().min(end) - 1;
-        buf.copy_within(end - carry..end, 0);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transforms_inject_credentials_the_guest_never_sees() {
     let inet = Internet::shared();
@@ -368,7 +336,7 @@ async fn transforms_inject_credentials_the_guest_never_sees() {
     for f in ["cove.db", "cove.db-wal"] {
         let path = srv.data_dir.join(f);
         if path.exists() {
-            assert!(!file_contains(&path, SECRET.as_bytes()), "the secret is in the clear in {f}");
+            assert!(!common::file_contains(&path, SECRET.as_bytes()), "the secret is in the clear in {f}");
         }
     }
     // The API never shows the value.
@@ -446,16 +414,7 @@ print(data.decode())\"";
 
     // The secret is nowhere in the guest: files, environments, or its memory. A marker the
     // guest does hold is found by the same scan, so the scan can see.
-    let marker = format!("cove-marker-{}", common::rand_hex());
-    let (code, _) = sh(
-        &api,
-        &id,
-        &format!(
-            "setsid nohup python3 -c \"import time; m = 'x-{marker}'[2:]; time.sleep(3600)\" >/dev/null 2>&1 </dev/null & sleep 2"
-        ),
-    )
-    .await;
-    assert_eq!(code, 0);
+    let marker = common::hold_marker(&api, &id).await;
     let (code, out) = sh(
         &api,
         &id,
@@ -472,8 +431,11 @@ print(data.decode())\"";
     assert_eq!(out.trim(), "0", "the secret is in the guest: exit {code}: {out}");
     let ram = common::guest_ram_files(&id);
     assert_eq!(ram.len(), 1, "{ram:?}");
-    assert!(file_contains(&ram[0], marker.as_bytes()), "the memory scan cannot see the guest's memory");
-    assert!(!file_contains(&ram[0], SECRET.as_bytes()), "the secret is in the guest's memory");
+    assert!(
+        common::file_contains(&ram[0], marker.as_bytes()),
+        "the memory scan cannot see the guest's memory"
+    );
+    assert!(!common::file_contains(&ram[0], SECRET.as_bytes()), "the secret is in the guest's memory");
 
     // Paused: the stored memory image holds no secret either (scanned after unpacking).
     let r = api.action(&id, "pause").await;
@@ -491,9 +453,9 @@ print(data.decode())\"";
             let _ = std::fs::remove_file(&dest);
             continue;
         }
-        if file_contains(&dest, marker.as_bytes()) {
+        if common::file_contains(&dest, marker.as_bytes()) {
             scanned += 1;
-            assert!(!file_contains(&dest, SECRET.as_bytes()), "the secret is in the paused image");
+            assert!(!common::file_contains(&dest, SECRET.as_bytes()), "the secret is in the paused image");
         }
         let _ = std::fs::remove_file(&dest);
     }

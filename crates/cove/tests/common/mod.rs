@@ -507,3 +507,51 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
     panic!("still not true after 10 s: {what}");
 }
+
+/// Starts a guest process holding a marker string that exists nowhere else, so a scan of the
+/// guest's memory that finds it proves the scan sees the guest's data. Returns the marker.
+pub async fn hold_marker(api: &Api, id: &str) -> String {
+    let marker = format!("cove-marker-{}", rand_hex());
+    let (code, out, err) = api
+        .exec(
+            id,
+            &format!(
+                "setsid nohup python3 -c \"import time; m = 'x-{marker}'[2:]; time.sleep(3600)\" >/dev/null 2>&1 </dev/null & sleep 2"
+            ),
+        )
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    marker
+}
+
+/// Whether a file holds `needle`; on a hit, prints the bytes around it (to tell where it came
+/// from).
+pub fn file_contains(path: &std::path::Path, needle: &[u8]) -> bool {
+    let found = find_in_file(path, needle);
+    if let Some(context) = &found {
+        eprintln!("{} found in {}: {context}", String::from_utf8_lossy(needle), path.display());
+    }
+    found.is_some()
+}
+
+/// Scans a file for `needle` in windows, so a 1 GiB RAM file never sits in memory whole.
+fn find_in_file(path: &std::path::Path, needle: &[u8]) -> Option<String> {
+    use std::io::Read;
+    let finder = memchr::memmem::Finder::new(needle);
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut carry = 0;
+    loop {
+        let n = f.read(&mut buf[carry..]).unwrap();
+        if n == 0 {
+            return None;
+        }
+        let end = carry + n;
+        if let Some(at) = finder.find(&buf[..end]) {
+            let around = &buf[at.saturating_sub(300)..(at + needle.len() + 300).min(end)];
+            return Some(String::from_utf8_lossy(around).escape_debug().to_string());
+        }
+        carry = needle.len().min(end) - 1;
+        buf.copy_within(end - carry..end, 0);
+    }
+}
