@@ -230,6 +230,10 @@ async fn sse_bytes_and_upload() {
     let expected: String = (1..=5).map(|n| format!("data: tick {n}\n\n")).collect();
     assert_eq!(events, expected);
     assert!(started.elapsed() >= Duration::from_millis(400));
+    let started = std::time::Instant::now();
+    let drips = curl(&["-N", "http://192.88.99.10/drip/4"]).await;
+    assert_eq!(String::from_utf8(drips).unwrap(), "drip\n".repeat(4));
+    assert!(started.elapsed() >= Duration::from_millis(300));
 
     let n = 10 * 1024 * 1024 + 7;
     let body =

@@ -513,8 +513,9 @@ for i in range(300):
     let (code, out) = curl(&api, &id, &format!("--cacert {GUEST_TEST_CA} https://api.allowed.test/")).await;
     assert_eq!(code, 0, "{out}");
     let slow = format!(
-        "(curl -sS --max-time 60 --limit-rate 200k --cacert {GUEST_TEST_CA} -o /dev/null \
-         https://api.allowed.test/bytes/8000000; echo exit=$? > /tmp/slow.log) >/dev/null 2>&1 & sleep 2; echo started"
+        "(curl -sS -N --max-time 60 --cacert {GUEST_TEST_CA} -o /tmp/drip.out \
+         https://api.allowed.test/drip/400; echo exit=$? > /tmp/slow.log) >/dev/null 2>&1 & \
+         for i in $(seq 50); do [ -s /tmp/drip.out ] && break; sleep 0.2; done; echo started"
     );
     sh(&api, &id, &slow).await;
     let r = patch(json!({"mode": "custom", "allow_domains": ["other.allowed.test"]})).await;

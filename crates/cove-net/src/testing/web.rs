@@ -89,6 +89,11 @@ async fn handle(
         }
     } else if path == "/upload" {
         upload(req).await
+    } else if let Some(n) = path.strip_prefix("/drip/") {
+        match n.parse() {
+            Ok(n) => drip(n),
+            Err(_) => text(StatusCode::BAD_REQUEST, "bad count\n"),
+        }
     } else if path == "/sse" {
         sse()
     } else if path == "/ws" {
@@ -252,6 +257,25 @@ async fn upload(req: Request<Incoming>) -> Response<Body> {
 }
 
 /// `GET /sse`: `data: tick N` for N = 1..=5, 100 ms apart, then the end of the body.
+/// `GET /drip/<n>`: `n` lines of "drip", one every 100 ms. A stream that is always almost
+/// caught up with its reader, so a cut connection shows at once (a bulk download would first
+/// drain what the reader's socket had buffered).
+fn drip(n: u32) -> Response<Body> {
+    let stream = futures::stream::unfold(0u32, move |i| async move {
+        if i >= n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Some((Ok::<_, io::Error>(Frame::data(Bytes::from_static(b"drip\n"))), i + 1))
+    });
+    Response::builder()
+        .header(CONTENT_TYPE, "text/plain")
+        .body(StreamBody::new(stream).boxed_unsync())
+        .expect("a valid response")
+}
+
 fn sse() -> Response<Body> {
     let stream = futures::stream::unfold(1u32, |n| async move {
         if n > 5 {
