@@ -125,7 +125,7 @@ impl Greeting {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         let (sender, conn) = builder
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(crate::trace::Traced(stream)))
             .await
             .map_err(|e| AgentError::Connect(format!("HTTP/2 handshake: {e}")))?;
         tokio::spawn(async move {

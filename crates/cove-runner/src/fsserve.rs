@@ -157,8 +157,11 @@ fn serve(stream: UnixStream, sources: Sources) -> FsConn {
             tokio::select! {
                 frame = rx.recv() => {
                     let Some(frame) = frame else { break };
-                    if !parked && wr.write_all(&frame).await.is_err() {
-                        break;
+                    if !parked {
+                        crate::trace::record(&frame);
+                        if wr.write_all(&frame).await.is_err() {
+                            break;
+                        }
                     }
                 }
                 ctl = ctl_rx.recv() => match ctl {

@@ -13,6 +13,7 @@ mod sandbox;
 #[allow(unsafe_code)]
 mod sys;
 mod template;
+mod trace;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -317,7 +317,10 @@ async fn mounts_survive_pause_snapshots_stop_and_restarts_and_keys_stay_out() {
     put(&private, "top.txt", b"top level\n");
     put(&private, "data/chunk.bin", &big_slice(0, 8 << 20));
     let data_dir = std::env::temp_dir().join(format!("cove-test-mounts-{}", common::rand_hex()));
-    let srv = TestServer::start_in(data_dir.clone(), &[]);
+    // Everything the server sends into guests (agent requests, mount answers) is recorded.
+    let trace = std::env::temp_dir().join(format!("cove-test-mounts-trace-{}", common::rand_hex()));
+    let trace_env = [("COVE_CHANNEL_TRACE", trace.to_str().unwrap())];
+    let srv = TestServer::start_with(data_dir.clone(), &[], &trace_env);
     let api = srv.new_org(None);
     let left = Leftovers::new(&api);
     let r = api
@@ -403,7 +406,7 @@ async fn mounts_survive_pause_snapshots_stop_and_restarts_and_keys_stay_out() {
 
     // The server is killed and started again: the running guests' mounts are served again.
     srv.kill(libc::SIGKILL);
-    let srv2 = TestServer::start_in(data_dir.clone(), &[]);
+    let srv2 = TestServer::start_with(data_dir.clone(), &[], &trace_env);
     let api = Api { url: srv2.url.clone(), ..api };
     for p in [
         format!("/v1/sandbox/{id}"),
@@ -424,6 +427,15 @@ async fn mounts_survive_pause_snapshots_stop_and_restarts_and_keys_stay_out() {
     assert_eq!(api.action(&rid, "start").await.status, 200);
     let (code, out) = sh(&api, &rid, check).await;
     assert_eq!((code, &out), (0, &want), "after stop/start");
+
+    // The agent traffic and the mounts' answers carried the mount (its path, the files' bytes)
+    // and never a key.
+    assert!(common::file_contains(&trace, b"/data/b"), "the trace did not record the mount request");
+    assert!(common::file_contains(&trace, b"top level"), "the trace did not record the mount's answers");
+    for key in [SECRET_KEY, ACCESS_KEY] {
+        assert!(!common::file_contains(&trace, key.as_bytes()), "a key was sent into a guest");
+    }
+    let _ = std::fs::remove_file(&trace);
 
     left.delete_sandbox(&rid).await;
     left.delete_sandbox(&id).await;
