@@ -272,6 +272,15 @@ impl Runner {
         mounted
     }
 
+    /// Checks that a mount can be attached (endpoint, credentials, bucket), attaching nothing:
+    /// for a sandbox that is not running.
+    pub async fn check_mount(&self, mount: &cove_api::sandbox::MountConfig) -> Result<(), RunnerError> {
+        fsserve::S3Source::connect(fsserve::mount_spec(mount))
+            .await
+            .map(drop)
+            .map_err(|source| RunnerError::Mount { index: 0, source })
+    }
+
     /// Changes a mount of a running sandbox. The new settings are connected first; the guest
     /// mounts it anew when `remount` (anything but the credentials changed), so that no cached
     /// entry or page of the old view survives.

@@ -482,12 +482,30 @@ impl Core {
         self.get(org, id)
     }
 
+    /// The sandbox locked for a change of its mounts: running (a paused one is resumed first, as
+    /// for any request that needs its guest) or stopped (the change is only recorded: a start
+    /// boots afresh and mounts what is recorded); 409 naming any other state.
+    async fn lock_for_mounts(
+        &self,
+        org: &str,
+        id: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, SandboxRecord), ApiError> {
+        if self.get(org, id)?.state != S::Stopped {
+            self.running(org, id).await?;
+        }
+        let guard = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        match rec.state {
+            S::Running | S::Stopped => Ok((guard, rec)),
+            other => Err(not_in(id, other, "running or stopped")),
+        }
+    }
+
     /// Attaches a mount to a sandbox (resumed first if paused): connected on the host first, so
     /// a wrong endpoint, bucket or credentials is a 400 naming the field; 409 over the limit or
     /// on a path already mounted.
     pub async fn add_mount(&self, org: &str, id: &str, req: &MountRequest) -> Result<MountConfig, ApiError> {
-        self.running(org, id).await?;
-        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
+        let (_op, rec) = self.lock_for_mounts(org, id).await?;
         if rec.mounts.len() >= MAX_MOUNTS {
             return Err(ApiError::Conflict(format!(
                 "sandbox {id} has {} mounts, the most allowed",
@@ -497,7 +515,11 @@ impl Core {
         let mount = MountConfig::new(new_mount_id(), req);
         check_mount_path(&rec, &mount)?;
         let plain = mount.clone();
-        self.runner.add_mount(id, &plain).await.map_err(|e| mount_call_error(e, |_| String::new()))?;
+        let attached = match rec.state {
+            S::Running => self.runner.add_mount(id, &plain).await,
+            _ => self.runner.check_mount(&plain).await,
+        };
+        attached.map_err(|e| mount_call_error(e, |_| String::new()))?;
         let mut mounts = rec.mounts.clone();
         mounts.extend(self.seal_mounts(vec![mount]));
         self.store.set_mounts(id, &mounts)?;
@@ -513,8 +535,7 @@ impl Core {
         mount_id: &str,
         update: &MountUpdateRequest,
     ) -> Result<MountConfig, ApiError> {
-        self.running(org, id).await?;
-        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
+        let (_op, rec) = self.lock_for_mounts(org, id).await?;
         let i = rec
             .mounts
             .iter()
@@ -529,10 +550,11 @@ impl Core {
             ));
         }
         check_mount_path(&rec, &mount)?;
-        self.runner
-            .update_mount(id, &mount, remount)
-            .await
-            .map_err(|e| mount_call_error(e, |_| String::new()))?;
+        let applied = match rec.state {
+            S::Running => self.runner.update_mount(id, &mount, remount).await,
+            _ => self.runner.check_mount(&mount).await,
+        };
+        applied.map_err(|e| mount_call_error(e, |_| String::new()))?;
         let mut mounts = rec.mounts.clone();
         mounts[i] = self.seal_mounts(vec![mount.clone()]).remove(0);
         self.store.set_mounts(id, &mounts)?;
@@ -542,12 +564,13 @@ impl Core {
 
     /// Detaches a mount: its path goes away in the guest.
     pub async fn delete_mount(&self, org: &str, id: &str, mount_id: &str) -> Result<(), ApiError> {
-        self.running(org, id).await?;
-        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
+        let (_op, rec) = self.lock_for_mounts(org, id).await?;
         if !rec.mounts.iter().any(|m| m.id == mount_id) {
             return Err(ApiError::NotFound(format!("mount {mount_id} of sandbox {id} not found")));
         }
-        self.runner.remove_mount(id, mount_id).await?;
+        if rec.state == S::Running {
+            self.runner.remove_mount(id, mount_id).await?;
+        }
         let mounts: Vec<MountConfig> = rec.mounts.iter().filter(|m| m.id != mount_id).cloned().collect();
         self.store.set_mounts(id, &mounts)?;
         tracing::info!(sandbox_id = %id, mount_id, "mount deleted");

@@ -228,13 +228,14 @@ pub async fn workdir(
     params(("sandboxID" = String, Path, description = "Sandbox id")),
     description = "Attach a read-only object-storage mount to a sandbox (a paused one is resumed). The \
         bucket is reached from the host with the credentials, which never enter the guest; the guest sees a \
-        lazy FUSE filesystem at `mount_path`. Answers once the path is mounted in the guest.",
+        lazy FUSE filesystem at `mount_path`. Answers once the path is mounted in the guest; for a stopped \
+        sandbox, once the bucket answered (it is mounted when the sandbox starts).",
     responses(
         (status = 201, description = "Mounted", body = Mount),
         (status = 400, description = "Invalid mount, or the endpoint, bucket or credentials did not work", body = ValidationErrorResponse),
         (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
         (status = 404, description = "No such sandbox in this organization", body = ErrorResponse),
-        (status = 409, description = "Mount limit reached, path in use, or the sandbox is not running", body = ErrorResponse)))]
+        (status = 409, description = "Mount limit reached, path in use, or the sandbox is neither running, paused nor stopped", body = ErrorResponse)))]
 pub async fn add_mount(
     State(s): State<AppState>,
     OrgId(org): OrgId,
@@ -255,7 +256,7 @@ pub async fn add_mount(
         (status = 400, description = "Invalid update, or the endpoint, bucket or credentials did not work", body = ValidationErrorResponse),
         (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
         (status = 404, description = "No such sandbox or mount", body = ErrorResponse),
-        (status = 409, description = "Path in use, or the sandbox is not running", body = ErrorResponse)))]
+        (status = 409, description = "Path in use, or the sandbox is neither running, paused nor stopped", body = ErrorResponse)))]
 pub async fn update_mount(
     State(s): State<AppState>,
     OrgId(org): OrgId,
@@ -273,7 +274,7 @@ pub async fn update_mount(
         (status = 204, description = "Unmounted"),
         (status = 401, description = "Missing or invalid API key", body = ErrorResponse),
         (status = 404, description = "No such sandbox or mount", body = ErrorResponse),
-        (status = 409, description = "The sandbox is not running", body = ErrorResponse)))]
+        (status = 409, description = "The sandbox is neither running, paused nor stopped", body = ErrorResponse)))]
 pub async fn delete_mount(
     State(s): State<AppState>,
     OrgId(org): OrgId,

@@ -422,11 +422,33 @@ async fn mounts_survive_pause_snapshots_stop_and_restarts_and_keys_stay_out() {
     let (code, out) = sh(&api, &rid, check).await;
     assert_eq!((code, &out), (0, &want), "after a server restart");
 
-    // Stop and start: a fresh boot mounts them again.
+    // Stop and start: a fresh boot mounts them again, and changes made while stopped (checked
+    // against the server, recorded) apply at the start.
     assert_eq!(api.action(&rid, "stop").await.status, 200);
+    let mut extra = private_mount(&private.endpoint, "/data/c");
+    extra["prefix"] = json!("data/");
+    let r = api.post(&format!("/v1/sandbox/{rid}/mounts"), extra.clone()).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let extra_id = r.json()["id"].as_str().unwrap().to_string();
+    extra["secret_access_key"] = json!("not-the-secret");
+    extra["mount_path"] = json!("/data/d");
+    let r = api.post(&format!("/v1/sandbox/{rid}/mounts"), extra).await;
+    common::assert_field(&r, "access_key_id");
+    let r = api
+        .req(
+            reqwest::Method::PATCH,
+            &format!("/v1/sandbox/{rid}/mounts/{extra_id}"),
+            Some(json!({"mount_path": "/data/e"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(api.state_of(&rid).await, "stopped", "a mount change started the sandbox");
     assert_eq!(api.action(&rid, "start").await.status, 200);
     let (code, out) = sh(&api, &rid, check).await;
     assert_eq!((code, &out), (0, &want), "after stop/start");
+    let (code, out) =
+        sh(&api, &rid, "stat -c %s /data/e/chunk.bin; test ! -e /data/c && test ! -e /data/d").await;
+    assert_eq!((code, out.trim()), (0, (8u64 << 20).to_string().as_str()), "{out}");
 
     // The agent traffic and the mounts' answers carried the mount (its path, the files' bytes)
     // and never a key.
