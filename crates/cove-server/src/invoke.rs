@@ -144,7 +144,12 @@ async fn proxy(s: &AppState, target: Target, req: Request) -> Result<Response, A
         }
     };
     let stream = s.core.connect_guest(&org, &id, port).await?;
-    forward(stream, req, keyed)
+    let forwarded = Forwarded {
+        proto: s.core.cfg.public_scheme.clone(),
+        host: req.headers().get(header::HOST).cloned(),
+        client: req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip()),
+    };
+    forward(stream, req, keyed, &forwarded)
         .await
         .map_err(|e| ApiError::BadGateway(format!("port {port} of sandbox {id}: {e}")))
 }
@@ -172,12 +177,52 @@ fn strip_headers(headers: &mut HeaderMap, upgrading: bool, keyed: bool) {
     }
 }
 
+/// What the app in the sandbox is told about the original request, as proxies do
+/// (`X-Forwarded-Proto`, `-Host`, `-For`), so it can build its own public URLs.
+struct Forwarded {
+    /// The scheme of the sandbox domain's URLs (`--public-scheme`).
+    proto: String,
+    host: Option<HeaderValue>,
+    /// The client's address, when the server knows it.
+    client: Option<std::net::IpAddr>,
+}
+
+impl Forwarded {
+    /// Sets the headers; a client's own `X-Forwarded-For` is kept and ours appended.
+    fn apply(&self, headers: &mut HeaderMap) {
+        if let Ok(v) = HeaderValue::from_str(&self.proto) {
+            headers.insert("x-forwarded-proto", v);
+        }
+        if let Some(h) = &self.host {
+            headers.insert("x-forwarded-host", h.clone());
+        }
+        if let Some(ip) = self.client {
+            let prior =
+                headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+            let value = prior
+                .into_iter()
+                .chain(std::iter::once(ip.to_string().as_str()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert("x-forwarded-for", v);
+            }
+        }
+    }
+}
+
 /// Sends `req` over a fresh HTTP/1.1 connection to the guest and streams the answer back;
 /// an upgrade (WebSocket) becomes a byte pipe between the two sides.
-async fn forward(stream: tokio::net::TcpStream, mut req: Request, keyed: bool) -> Result<Response, String> {
+async fn forward(
+    stream: tokio::net::TcpStream,
+    mut req: Request,
+    keyed: bool,
+    forwarded: &Forwarded,
+) -> Result<Response, String> {
     let upgrading = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     strip_headers(req.headers_mut(), upgrading, keyed);
+    forwarded.apply(req.headers_mut());
     // The guest sees the path, not the proxy's absolute form.
     let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     *req.uri_mut() = path.parse().map_err(|e| format!("bad path: {e}"))?;
@@ -252,5 +297,24 @@ mod tests {
         // Without a key the app's own Authorization passes.
         strip_headers(&mut presigned, true, false);
         assert!(presigned.get(header::AUTHORIZATION).is_some());
+    }
+
+    #[test]
+    fn forwarded_headers_tell_the_app_how_it_was_reached() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        h.insert("x-forwarded-proto", "gopher".parse().unwrap());
+        let f = Forwarded {
+            proto: "https".into(),
+            host: Some("sbx-1-8000.example.com".parse().unwrap()),
+            client: Some("192.0.2.7".parse().unwrap()),
+        };
+        f.apply(&mut h);
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "sbx-1-8000.example.com");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 192.0.2.7");
+        let mut h = HeaderMap::new();
+        Forwarded { proto: "http".into(), host: None, client: None }.apply(&mut h);
+        assert!(h.get("x-forwarded-for").is_none() && h.get("x-forwarded-host").is_none());
     }
 }

@@ -136,7 +136,11 @@ async fn serve(args: ServerArgs) -> Result<()> {
             tokio::spawn(signalled);
             crate::tls::serve(listener, acceptor, app, shutdown).await?;
         }
-        None => axum::serve(listener, app).with_graceful_shutdown(signalled).await?,
+        None => {
+            // The client's address reaches the invoke route (X-Forwarded-For).
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            axum::serve(listener, app).with_graceful_shutdown(signalled).await?
+        }
     }
     // This data dir's RAM directory goes when no sandbox RAM is left in it (fails otherwise).
     let _ = std::fs::remove_dir(&shm_dir);

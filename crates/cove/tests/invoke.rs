@@ -18,7 +18,8 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The guest's server: `GET /hello` (hostname and the names of the headers received),
+/// The guest's server: `GET /hello` (hostname, the names of the headers received and the
+/// X-Forwarded-Proto|Host|For values),
 /// `GET /sse` (three events, 200 ms apart, chunked), `GET /ws` (WebSocket echo).
 const SERVER_PY: &str = r#"
 import base64, hashlib, socket, sys, time
@@ -35,7 +36,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/hello":
             names = ",".join(sorted(k.lower() for k in self.headers.keys()))
-            body = ("hello from %s\nheaders: %s\n" % (socket.gethostname(), names)).encode()
+            fwd = "|".join(self.headers.get("X-Forwarded-" + h, "-") for h in ("Proto", "Host", "For"))
+            body = ("hello from %s\nheaders: %s\nforwarded: %s\n" % (socket.gethostname(), names, fwd)).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
@@ -174,6 +176,12 @@ fn assert_hello(got: &Got, id: &str, what: &str) {
         !names.iter().any(|n| n.contains("authorization")),
         "{what}: the API key entered the sandbox: {names:?}"
     );
+    // The app is told how it was reached: scheme, the Host the client used, the client.
+    let fwd = got.body.lines().find_map(|l| l.strip_prefix("forwarded: ")).unwrap_or_default();
+    let parts: Vec<&str> = fwd.split('|').collect();
+    assert_eq!(parts.len(), 3, "{what}: {}", got.body);
+    assert_eq!((parts[0], parts[2]), ("http", "127.0.0.1"), "{what}: {fwd}");
+    assert!(parts[1].contains(".localhost:"), "{what}: forwarded host {fwd}");
 }
 
 /// Starts the Python server on `port` in the guest and waits until it listens.
