@@ -163,6 +163,20 @@ def make_client(server: CoveServer, api_key: str | None = None) -> Leap0Client:
     )
 
 
+def delete_leftovers(c: Leap0Client) -> None:
+    """Deletes, through the API, whatever sandboxes and snapshots failed tests left behind."""
+    for item in c.sandboxes.list(page_size=100).items:
+        try:
+            c.sandboxes.delete(item.id)
+        except Leap0Error:
+            pass
+    for snap in c.snapshots.list(page_size=100).items:
+        try:
+            c.snapshots.delete(snap)
+        except Leap0Error:
+            pass
+
+
 @pytest.fixture(scope="session")
 def server():
     srv = CoveServer()

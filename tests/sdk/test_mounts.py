@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from leap0 import AsyncLeap0Client, Leap0Error, Leap0NotFoundError, ObjectStorageMount
-from test_leap0_sdk import COVE_CACHE_DIR, SANDBOX_DOMAIN, TEMPLATE, CoveServer, make_client, sh
+from test_leap0_sdk import COVE_CACHE_DIR, SANDBOX_DOMAIN, TEMPLATE, CoveServer, delete_leftovers, make_client, sh
 
 BUCKET = "cove-sdk"
 ACCESS_KEY = "cove-sdk-access"
@@ -122,11 +122,7 @@ def server():
 def client(server):
     with make_client(server) as c:
         yield c
-        for item in c.sandboxes.list(page_size=100).items:
-            try:
-                c.sandboxes.delete(item.id)
-            except Leap0Error:
-                pass
+        delete_leftovers(c)
 
 
 @pytest.fixture(scope="module")

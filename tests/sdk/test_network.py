@@ -16,7 +16,7 @@ import pytest
 
 import leap0
 from leap0 import Leap0Error
-from test_leap0_sdk import SANDBOX_DOMAIN, TEMPLATE, CoveServer, make_client, sh
+from test_leap0_sdk import SANDBOX_DOMAIN, TEMPLATE, CoveServer, delete_leftovers, make_client, sh
 
 SERVER_PY = r"""
 import http.server, sys
@@ -46,11 +46,7 @@ def server():
 def client(server):
     with make_client(server) as c:
         yield c
-        for item in c.sandboxes.list(page_size=100).items:
-            try:
-                c.sandboxes.delete(item.id)
-            except Leap0Error:
-                pass
+        delete_leftovers(c)
 
 
 def fetch(server: CoveServer, url: str, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -12,8 +12,8 @@ import secrets
 import pytest
 
 import leap0
-from leap0 import Leap0ConflictError, Leap0Error, Leap0NotFoundError, SandboxState, Snapshot
-from test_leap0_sdk import TEMPLATE, CoveServer, make_client, sh
+from leap0 import Leap0ConflictError, Leap0NotFoundError, SandboxState, Snapshot
+from test_leap0_sdk import TEMPLATE, CoveServer, delete_leftovers, make_client, sh
 
 NOTE = "/home/user/sdk-note.txt"
 
@@ -24,17 +24,7 @@ def client():
     try:
         with make_client(srv) as c:
             yield c
-            # Whatever a failed test left behind, deleted through the API.
-            for item in c.sandboxes.list(page_size=100).items:
-                try:
-                    c.sandboxes.delete(item.id)
-                except Leap0Error:
-                    pass
-            for snap in c.snapshots.list(page_size=100).items:
-                try:
-                    c.snapshots.delete(snap)
-                except Leap0Error:
-                    pass
+            delete_leftovers(c)
     finally:
         srv.stop()
 
