@@ -38,23 +38,38 @@ pub struct S3Server {
 impl S3Server {
     /// A server that requires requests signed with [`ACCESS_KEY`]/[`SECRET_KEY`].
     pub fn start() -> S3Server {
-        Self::spawn(&["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+        let auth = ["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY];
+        Self::spawn(&s3s_fs_binary(), None, "127.0.0.1:0", &auth).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// A server without credentials: it serves unsigned requests (a public bucket) and refuses
     /// signed ones.
     pub fn start_anonymous() -> S3Server {
-        Self::spawn(&[])
+        Self::spawn(&s3s_fs_binary(), None, "127.0.0.1:0", &[]).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn spawn(auth: &[&str]) -> S3Server {
-        let root = tempfile::tempdir().unwrap();
+    /// `binary` without credentials inside network namespace `netns`, on `listen` (`ip:port`):
+    /// e.g. on the test internet, where the host and guests alike reach it.
+    pub fn start_anonymous_in(binary: &Path, netns: &str, listen: &str) -> Result<S3Server, String> {
+        Self::spawn(binary, Some(netns), listen, &[])
+    }
+
+    fn spawn(binary: &Path, netns: Option<&str>, listen: &str, auth: &[&str]) -> Result<S3Server, String> {
+        let (host, port) = listen.rsplit_once(':').ok_or_else(|| format!("{listen:?} is not ip:port"))?;
+        let root = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         // s3s-fs keeps each bucket as a directory under its root.
-        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
-        let binary = s3s_fs_binary();
+        std::fs::create_dir(root.path().join(BUCKET)).map_err(|e| format!("bucket dir: {e}"))?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
         // Port 0: the kernel picks a free port, and the server logs the address it bound.
-        let mut child = Command::new(&binary)
-            .args(["--host", "127.0.0.1", "--port", "0"])
+        let mut child = cmd
+            .args(["--host", host, "--port", port])
             .args(auth)
             .arg(root.path())
             .env("RUST_LOG", "s3s_fs=info")
@@ -62,11 +77,11 @@ impl S3Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
 
         // Read its log on a thread (which keeps draining it afterwards, so the server never
         // blocks on a full pipe) until it says where it listens.
-        let stdout = child.stdout.take().unwrap();
+        let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
@@ -84,10 +99,16 @@ impl S3Server {
             Ok(url) => url,
             Err(_) => {
                 let _ = child.kill();
-                panic!("{} did not report its address within 20 s", binary.display());
+                let _ = child.wait();
+                return Err(format!("{} did not report its address within 20 s", binary.display()));
             }
         };
-        S3Server { child, endpoint, root }
+        Ok(S3Server { child, endpoint, root })
+    }
+
+    /// The directory of bucket [`BUCKET`]: a file written under it is an object.
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.root.path().join(BUCKET)
     }
 
     pub fn options(&self, secret: &str) -> S3Options {

@@ -290,7 +290,7 @@ impl S3Source {
         S3Source { spec, view: tokio::sync::Mutex::new((None, None)) }
     }
 
-    pub async fn view(&self) -> Result<Arc<cove_mount::S3View>, i32> {
+    async fn view(&self) -> Result<Arc<cove_mount::S3View>, i32> {
         let mut slot = self.view.lock().await;
         if let Some(v) = &slot.0 {
             return Ok(v.clone());

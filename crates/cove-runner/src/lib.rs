@@ -132,14 +132,23 @@ pub struct VmRequest {
 /// error before any VM starts.
 async fn connect_mounts(mounts: &[cove_api::sandbox::MountConfig]) -> Result<fsserve::Sources, RunnerError> {
     let connected =
-        futures::future::join_all(mounts.iter().map(|m| fsserve::S3Source::connect(fsserve::mount_spec(m))))
-            .await;
+        futures::future::join_all(mounts.iter().enumerate().map(|(i, m)| connect_mount(m, i))).await;
     let sources = fsserve::Sources::default();
-    for (index, (m, c)) in mounts.iter().zip(connected).enumerate() {
-        let source = c.map_err(|source| RunnerError::Mount { index, source })?;
-        sources.insert(&m.id, Arc::new(source));
+    for (m, source) in mounts.iter().zip(connected) {
+        sources.insert(&m.id, Arc::new(source?));
     }
     Ok(sources)
+}
+
+/// Connects mount `m` (number `index` of its request) now, so that what is wrong with it is
+/// an error naming it.
+async fn connect_mount(
+    m: &cove_api::sandbox::MountConfig,
+    index: usize,
+) -> Result<fsserve::S3Source, RunnerError> {
+    fsserve::S3Source::connect(fsserve::mount_spec(m))
+        .await
+        .map_err(|source| RunnerError::Mount { index, source })
 }
 
 /// The mounts of a sandbox that runs again (resume, restore, start, adoption): connected at the
@@ -261,9 +270,7 @@ impl Runner {
         mount: &cove_api::sandbox::MountConfig,
     ) -> Result<(), RunnerError> {
         let vm = self.vm(id)?;
-        let source = fsserve::S3Source::connect(fsserve::mount_spec(mount))
-            .await
-            .map_err(|source| RunnerError::Mount { index: 0, source })?;
+        let source = connect_mount(mount, 0).await?;
         vm.fs.sources.insert(&mount.id, Arc::new(source));
         let mounted = async { sandbox::guest_mount(&vm.agent().await?, mount).await }.await;
         if mounted.is_err() {
@@ -275,10 +282,7 @@ impl Runner {
     /// Checks that a mount can be attached (endpoint, credentials, bucket), attaching nothing:
     /// for a sandbox that is not running.
     pub async fn check_mount(&self, mount: &cove_api::sandbox::MountConfig) -> Result<(), RunnerError> {
-        fsserve::S3Source::connect(fsserve::mount_spec(mount))
-            .await
-            .map(drop)
-            .map_err(|source| RunnerError::Mount { index: 0, source })
+        connect_mount(mount, 0).await.map(drop)
     }
 
     /// Changes a mount of a running sandbox. The new settings are connected first; the guest
@@ -291,9 +295,7 @@ impl Runner {
         remount: bool,
     ) -> Result<(), RunnerError> {
         let vm = self.vm(id)?;
-        let source = fsserve::S3Source::connect(fsserve::mount_spec(mount))
-            .await
-            .map_err(|source| RunnerError::Mount { index: 0, source })?;
+        let source = connect_mount(mount, 0).await?;
         let agent = vm.agent().await?;
         if remount {
             sandbox::guest_unmount(&agent, &mount.id).await?;

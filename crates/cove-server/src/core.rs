@@ -191,61 +191,50 @@ impl Core {
         Core { store, runner, cfg, sealer, ops: Mutex::new(HashMap::new()) }
     }
 
-    /// The policy as stored: header values to inject sealed (already sealed ones kept).
-    fn seal_policy(&self, policy: Option<NetworkPolicy>) -> Option<NetworkPolicy> {
-        policy.map(|mut p| {
-            for t in &mut p.transforms {
-                for v in t.inject_headers.values_mut() {
-                    if !Sealer::is_sealed(v) {
-                        *v = self.sealer.seal(v);
-                    }
-                }
-            }
-            p
-        })
-    }
-
-    /// Mounts as stored: credentials sealed (already sealed ones kept).
-    fn seal_mounts(&self, mut mounts: Vec<MountConfig>) -> Vec<MountConfig> {
-        for m in &mut mounts {
-            for v in [&mut m.access_key_id, &mut m.secret_access_key].into_iter().flatten() {
-                if !Sealer::is_sealed(v) {
-                    *v = self.sealer.seal(v);
-                }
-            }
+    /// Seals a secret in place (one already sealed is kept).
+    fn seal(&self, v: &mut String) {
+        if !Sealer::is_sealed(v) {
+            *v = self.sealer.seal(v);
         }
-        mounts
     }
 
-    fn open_mounts(&self, id: &str, mut mounts: Vec<MountConfig>) -> Vec<MountConfig> {
-        for m in &mut mounts {
-            for v in [&mut m.access_key_id, &mut m.secret_access_key].into_iter().flatten() {
-                match self.sealer.open(v) {
-                    Ok(plain) => *v = plain,
-                    Err(e) => {
-                        tracing::error!(sandbox_id = %id, mount_id = %m.id, error = %e, "sealed mount credential")
-                    }
-                }
-            }
+    /// Opens a sealed secret in place. One that cannot be opened (key file lost or replaced) is
+    /// left sealed, so an upstream gets a useless value rather than the sandbox getting anything.
+    fn open(&self, sandbox_id: &str, what: &str, v: &mut String) {
+        match self.sealer.open(v) {
+            Ok(plain) => *v = plain,
+            Err(e) => tracing::error!(sandbox_id = %sandbox_id, error = %e, "sealed {what}"),
         }
-        mounts
     }
 
-    /// What the runner gets: the record's request, with sealed values opened. A value that
-    /// cannot be opened (key file lost or replaced) is left sealed, so the upstream gets a
-    /// useless header rather than the sandbox getting anything.
+    /// The policy as stored: header values to inject sealed.
+    fn seal_policy(&self, mut policy: Option<NetworkPolicy>) -> Option<NetworkPolicy> {
+        for t in policy.iter_mut().flat_map(|p| &mut p.transforms) {
+            t.inject_headers.values_mut().for_each(|v| self.seal(v));
+        }
+        policy
+    }
+
+    /// A mount as stored: credentials sealed.
+    fn seal_mount(&self, mut m: MountConfig) -> MountConfig {
+        [&mut m.access_key_id, &mut m.secret_access_key].into_iter().flatten().for_each(|v| self.seal(v));
+        m
+    }
+
+    fn open_mount(&self, sandbox_id: &str, mut m: MountConfig) -> MountConfig {
+        for v in [&mut m.access_key_id, &mut m.secret_access_key].into_iter().flatten() {
+            self.open(sandbox_id, "mount credential", v);
+        }
+        m
+    }
+
+    /// What the runner gets: the record's request, with sealed values opened.
     fn vm_request(&self, rec: &SandboxRecord) -> VmRequest {
         let mut req = vm_request(rec);
-        req.mounts = self.open_mounts(&rec.id, std::mem::take(&mut req.mounts));
-        if let Some(p) = &mut req.network_policy {
-            for t in &mut p.transforms {
-                for v in t.inject_headers.values_mut() {
-                    match self.sealer.open(v) {
-                        Ok(plain) => *v = plain,
-                        Err(e) => tracing::error!(sandbox_id = %rec.id, error = %e, "sealed header value"),
-                    }
-                }
-            }
+        req.mounts =
+            std::mem::take(&mut req.mounts).into_iter().map(|m| self.open_mount(&rec.id, m)).collect();
+        for t in req.network_policy.iter_mut().flat_map(|p| &mut p.transforms) {
+            t.inject_headers.values_mut().for_each(|v| self.open(&rec.id, "header value", v));
         }
         req
     }
@@ -312,7 +301,7 @@ impl Core {
             timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
             network_policy: self.seal_policy(req.network_policy.clone()),
-            mounts: self.seal_mounts(mounts),
+            mounts: mounts.into_iter().map(|m| self.seal_mount(m)).collect(),
             env: req.env_vars.clone().unwrap_or_default(),
             state: SandboxState::Starting,
             runner_id: self.cfg.runner_id.clone(),
@@ -521,7 +510,7 @@ impl Core {
         };
         attached.map_err(|e| mount_call_error(e, |_| String::new()))?;
         let mut mounts = rec.mounts.clone();
-        mounts.extend(self.seal_mounts(vec![mount]));
+        mounts.push(self.seal_mount(mount));
         self.store.set_mounts(id, &mounts)?;
         tracing::info!(sandbox_id = %id, mount_id = %plain.id, bucket = %plain.bucket, path = %plain.mount_path, "mount added");
         Ok(plain)
@@ -541,7 +530,7 @@ impl Core {
             .iter()
             .position(|m| m.id == mount_id)
             .ok_or_else(|| ApiError::NotFound(format!("mount {mount_id} of sandbox {id} not found")))?;
-        let mut mount = self.open_mounts(id, vec![rec.mounts[i].clone()]).remove(0);
+        let mut mount = self.open_mount(id, rec.mounts[i].clone());
         let remount = mount.apply(update);
         if !mount.credentials_complete() {
             return Err(ApiError::field(
@@ -556,7 +545,7 @@ impl Core {
         };
         applied.map_err(|e| mount_call_error(e, |_| String::new()))?;
         let mut mounts = rec.mounts.clone();
-        mounts[i] = self.seal_mounts(vec![mount.clone()]).remove(0);
+        mounts[i] = self.seal_mount(mount.clone());
         self.store.set_mounts(id, &mounts)?;
         tracing::info!(sandbox_id = %id, mount_id, remount, "mount updated");
         Ok(mount)

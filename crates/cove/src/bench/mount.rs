@@ -7,14 +7,13 @@
 //! first-byte latency (open + first 4 KiB read, cold); a listing of 10,000 objects through the
 //! mount against the host's own listing.
 
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use cove_blob::testing::{S3Server, BUCKET};
 use serde_json::{json, Value};
 
 use super::{median, write_json, Bench};
@@ -22,7 +21,6 @@ use super::{median, write_json, Bench};
 /// Where the S3 server listens: the test internet's own address.
 const S3_IP: Ipv4Addr = cove_net::testing::INTERNET_SIDE_IP;
 const S3_PORT: u16 = 9000;
-const BUCKET: &str = "cove-bench";
 const MOUNT_PATH: &str = "/data/bench";
 
 #[derive(Args, Debug)]
@@ -43,61 +41,21 @@ pub struct MountArgs {
     out: PathBuf,
 }
 
-/// s3s-fs serving a temp directory inside the test internet's namespace, without credentials.
-struct S3Server {
-    child: Child,
-    _root: tempfile::TempDir,
-}
-
-impl S3Server {
-    fn start(binary: &Path, objects: usize) -> Result<S3Server> {
-        let root = tempfile::tempdir()?;
-        let bucket = root.path().join(BUCKET);
-        std::fs::create_dir_all(bucket.join("many"))?;
-        // s3s-fs serves files as they are, but for an object it did not receive by PUT it
-        // hashes the whole file for the ETag on every GET, ranged or not: the large object is
-        // PUT once the server runs (see `upload`), the small ones are written directly.
-        std::fs::write(bucket.join("small.txt"), "first byte\n")?;
-        for i in 0..objects {
-            std::fs::write(bucket.join(format!("many/f{i:05}.txt")), format!("object {i}"))?;
-        }
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", cove_net::testing::NETNS])
-            .arg(binary)
-            .args(["--host", &S3_IP.to_string(), "--port", &S3_PORT.to_string()])
-            .arg(root.path())
-            .env("RUST_LOG", "s3s_fs=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let stdout = child.stdout.take().context("s3s-fs stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("server is running at") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-        });
-        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            let _ = child.kill();
-            bail!("{} did not start in the test internet", binary.display());
-        }
-        Ok(S3Server { child, _root: root })
+/// s3s-fs without credentials on the test internet, with the small objects the bench reads.
+/// s3s-fs serves files as they are, but for an object it did not receive by PUT it hashes the
+/// whole file for the ETag on every GET, ranged or not: the large object is PUT once the server
+/// runs (see `upload`), the small ones are written directly.
+fn start_server(binary: &Path, objects: usize) -> Result<S3Server> {
+    let server =
+        S3Server::start_anonymous_in(binary, cove_net::testing::NETNS, &format!("{S3_IP}:{S3_PORT}"))
+            .map_err(anyhow::Error::msg)?;
+    let bucket = server.bucket_dir();
+    std::fs::create_dir_all(bucket.join("many"))?;
+    std::fs::write(bucket.join("small.txt"), "first byte\n")?;
+    for i in 0..objects {
+        std::fs::write(bucket.join(format!("many/f{i:05}.txt")), format!("object {i}"))?;
     }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Ok(server)
 }
 
 /// Incompressible, so no layer can cheat.
@@ -122,10 +80,6 @@ async fn upload(http: &reqwest::Client, url: &str, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn endpoint() -> String {
-    format!("http://{S3_IP}:{S3_PORT}")
-}
-
 /// The numbers a guest command printed on its last line.
 fn numbers(out: &Value) -> Result<Vec<f64>> {
     let line = out["stdout"].as_str().unwrap_or("").trim().lines().last().unwrap_or("").to_string();
@@ -140,7 +94,7 @@ pub async fn mount(b: &Bench, args: &MountArgs, cache_dir: &Path) -> Result<()> 
         bail!("{} not found: run `scripts/s3-server install` (or pass --s3s-fs)", binary.display());
     }
     let t = Instant::now();
-    let _server = S3Server::start(&binary, args.objects)?;
+    let server = start_server(&binary, args.objects)?;
     println!(
         "S3 server ready with {} MiB + {} objects ({:.1}s)",
         args.mib,
@@ -148,7 +102,7 @@ pub async fn mount(b: &Bench, args: &MountArgs, cache_dir: &Path) -> Result<()> 
         t.elapsed().as_secs_f64()
     );
     let bytes = args.mib << 20;
-    let object_url = format!("{}/{BUCKET}/big.bin", endpoint());
+    let object_url = format!("{}/{BUCKET}/big.bin", server.endpoint);
     upload(&b.http, &object_url, bytes).await?;
 
     // Host: one plain GET of the whole object (what any S3 client on the host gets).
@@ -168,7 +122,7 @@ pub async fn mount(b: &Bench, args: &MountArgs, cache_dir: &Path) -> Result<()> 
     // Host: the listing the runner makes for the mount (same code, no guest).
     let spec = cove_mount::MountSpec {
         bucket: BUCKET.into(),
-        endpoint: endpoint(),
+        endpoint: server.endpoint.clone(),
         prefix: String::new(),
         region: None,
         credentials: None,
@@ -186,7 +140,7 @@ pub async fn mount(b: &Bench, args: &MountArgs, cache_dir: &Path) -> Result<()> 
 
     let template = cove_api::sandbox::DEFAULT_TEMPLATE;
     let mount = json!({"type": "object-storage", "bucket": BUCKET, "mount_path": MOUNT_PATH,
-        "endpoint": endpoint()});
+        "endpoint": server.endpoint.clone()});
     let sbx = b
         .call(
             reqwest::Method::POST,
