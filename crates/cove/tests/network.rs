@@ -316,6 +316,7 @@ async fn custom_policy_decides_by_name_on_the_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transforms_inject_credentials_the_guest_never_sees() {
+    let since = common::unix_now();
     let inet = Internet::shared();
     let srv = server();
     let api = srv.new_org(None);
@@ -415,19 +416,11 @@ print(data.decode())\"";
     // The secret is nowhere in the guest: files, environments, or its memory. A marker the
     // guest does hold is found by the same scan, so the scan can see.
     let marker = common::hold_marker(&api, &id).await;
-    let (code, out) = sh(
-        &api,
-        &id,
-        // The pattern matches the secret without holding it: sending the secret itself into the
-        // guest would put it there.
-        &format!(
-            "sudo -n grep -rls -e '{pattern}' / --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev; \
-             sudo -n cat /proc/*/environ | grep -c -e '{pattern}'",
-            // Not `...[d]`: grep would rebuild the literal from a one-letter class.
-            pattern = format!("{}.", &SECRET[..SECRET.len() - 1])
-        ),
-    )
-    .await;
+    // The pattern matches the secret without holding it: sending the secret itself into the
+    // guest would put it there. (Not `...[d]`: grep would rebuild the literal from a one-letter
+    // class.)
+    let pattern = format!("{}.", &SECRET[..SECRET.len() - 1]);
+    let (code, out) = common::guest_scan(&api, &id, &pattern, since, "/nonexistent").await;
     assert_eq!(out.trim(), "0", "the secret is in the guest: exit {code}: {out}");
     let ram = common::guest_ram_files(&id);
     assert_eq!(ram.len(), 1, "{ram:?}");

@@ -226,7 +226,13 @@ impl Api {
 
     /// Runs a command; returns (exit_code, stdout, stderr).
     pub async fn exec(&self, id: &str, command: &str) -> (i64, String, String) {
-        let r = self.post(&format!("/v1/sandbox/{id}/process/execute"), json!({ "command": command })).await;
+        self.exec_for(id, command, 30).await
+    }
+
+    /// Runs a command that may take up to `timeout` seconds.
+    pub async fn exec_for(&self, id: &str, command: &str, timeout: u64) -> (i64, String, String) {
+        let body = json!({ "command": command, "timeout": timeout });
+        let r = self.post(&format!("/v1/sandbox/{id}/process/execute"), body).await;
         assert_eq!(r.status, 200, "exec failed: {}", r.text());
         let v = r.json();
         (
@@ -522,6 +528,33 @@ pub async fn hold_marker(api: &Api, id: &str) -> String {
         .await;
     assert_eq!(code, 0, "{out}{err}");
     marker
+}
+
+/// Host time now, in seconds since the epoch (the guest's clock is set from the host's).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Counts the places in the guest that hold `pattern` (a grep pattern): files anything could
+/// have written since `since` (host seconds since the epoch) and process environments, plus
+/// the mount table. Returns (exit code, output): the names of files that hold it, then the
+/// count of environment and mount-table lines; "0" alone means nowhere.
+///
+/// The file scan covers every file changed since `since` anywhere but `/proc`, `/sys`, `/dev`
+/// and `skip` (a mount of the test's own), and every file of the trees a guest writes at
+/// run time whatever their times. Grepping the whole 1.2 GB disk instead takes minutes on a
+/// slow TCG guest; files of the template image older than the test cannot hold its secrets.
+pub async fn guest_scan(api: &Api, id: &str, pattern: &str, since: u64, skip: &str) -> (i64, String) {
+    // Ten minutes' margin for a guest clock that lags the host's.
+    let since = since.saturating_sub(600);
+    let cmd = format!(
+        "sudo -n find / \\( -path /proc -o -path /sys -o -path /dev -o -path '{skip}' \\) -prune \
+           -o -type f -newermt @{since} -print0 | sudo -n xargs -0 -r grep -ls -e '{pattern}'; \
+         sudo -n grep -rls -e '{pattern}' /etc /run /tmp /var /home /root /dev/shm 2>/dev/null; \
+         sudo -n cat /proc/mounts /proc/*/environ 2>/dev/null | grep -c -e '{pattern}'"
+    );
+    let (code, out, err) = api.exec_for(id, &cmd, 600).await;
+    (code, format!("{out}{err}"))
 }
 
 /// Whether a file holds `needle`; on a hit, prints the bytes around it (to tell where it came
