@@ -70,34 +70,48 @@ pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
 }
 
 fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    let mut missing = missing_packages();
+    if missing.is_empty() {
+        println!("      all present");
+        return Ok(());
+    }
+    let status =
+        Command::new("apt-get").args(["update", "-qq"]).status().context("running apt-get update")?;
+    if !status.success() {
+        bail!("apt-get update failed");
+    }
+    // Installing one package can remove another that came from elsewhere (a `qemu-utils` from
+    // backports goes when `qemu-system-x86` comes from bookworm): check again and install what
+    // went missing, from the distribution this time.
+    for _ in 0..2 {
+        println!("      installing {}", missing.join(" "));
+        let status = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get install")?;
+        if !status.success() {
+            bail!("apt-get install {} failed", missing.join(" "));
+        }
+        missing = missing_packages();
+        if missing.is_empty() {
+            return Ok(());
+        }
+    }
+    bail!("still missing after installing: {}", missing.join(" "))
+}
+
+/// The packages of `PACKAGES` that are not installed.
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
         .iter()
         .copied()
         .filter(|p| {
             let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
             !out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
-        .collect();
-    if missing.is_empty() {
-        println!("      all present");
-        return Ok(());
-    }
-    println!("      installing {}", missing.join(" "));
-    let status =
-        Command::new("apt-get").args(["update", "-qq"]).status().context("running apt-get update")?;
-    if !status.success() {
-        bail!("apt-get update failed");
-    }
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("running apt-get install")?;
-    if !status.success() {
-        bail!("apt-get install {} failed", missing.join(" "));
-    }
-    Ok(())
+        .collect()
 }
 
 /// QEMU drops to this user after opening its files (see cove-vmm). It may use /dev/kvm.
