@@ -483,7 +483,8 @@ for i in range(300):
     except Exception as e:
         out.write('cut %r\\n' % e); break
     time.sleep(0.1)
-\" >/dev/null 2>&1 </dev/null & sleep 2; cat /tmp/hold.log | head -1";
+\" >/dev/null 2>&1 </dev/null &
+for i in $(seq 150); do [ -s /tmp/hold.log ] && break; sleep 0.2; done; head -1 /tmp/hold.log";
     let (_, out) = sh(&api, &id, hold).await;
     assert_eq!(out.trim(), "ok", "the held connection did not start: {out}");
     let patch = |body: Value| {
@@ -496,7 +497,7 @@ for i in range(300):
     let r = patch(json!({"mode": "deny-all"})).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["network_policy"]["mode"], "deny-all");
-    let (_, out) = sh(&api, &id, "sleep 3; grep -c cut /tmp/hold.log").await;
+    let (_, out) = sh(&api, &id, "for i in $(seq 100); do grep -q cut /tmp/hold.log && break; sleep 0.2; done; grep -c cut /tmp/hold.log").await;
     assert_eq!(out.trim(), "1", "the connection the new policy forbids was not cut");
     assert_refused("after deny-all", &curl(&api, &id, "http://192.88.99.10/").await);
 

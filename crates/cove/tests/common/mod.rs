@@ -518,11 +518,14 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 /// guest's memory that finds it proves the scan sees the guest's data. Returns the marker.
 pub async fn hold_marker(api: &Api, id: &str) -> String {
     let marker = format!("cove-marker-{}", rand_hex());
+    // Named apart from the marker, which must be in the process's memory only.
+    let ready = format!("held-{}.ready", rand_hex());
     let (code, out, err) = api
         .exec(
             id,
             &format!(
-                "setsid nohup python3 -c \"import time; m = 'x-{marker}'[2:]; time.sleep(3600)\" >/dev/null 2>&1 </dev/null & sleep 2"
+                "setsid nohup python3 -c \"import time; m = 'x-{marker}'[2:]; open('/tmp/{ready}', 'w'); time.sleep(3600)\" \
+                 >/dev/null 2>&1 </dev/null & for i in $(seq 150); do [ -e /tmp/{ready} ] && exit 0; sleep 0.2; done; exit 1"
             ),
         )
         .await;
