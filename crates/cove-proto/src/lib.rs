@@ -325,3 +325,39 @@ pub mod fs {
         }
     }
 }
+
+/// What a template made from a container image asks of the agent, written into its root
+/// filesystem when the image is converted and read by the agent at every boot.
+pub mod image {
+    use serde::{Deserialize, Serialize};
+
+    /// Where the converter writes [`ImageConfig`] in the guest's root filesystem.
+    pub const CONFIG_PATH: &str = "/etc/cove/image.json";
+
+    /// The image config's runtime defaults (the OCI image spec's `config` object).
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ImageConfig {
+        /// `KEY=value` entries, in the image's order.
+        #[serde(default)]
+        pub env: Vec<String>,
+        /// Default working directory of commands; the user's home when empty.
+        #[serde(default)]
+        pub working_dir: String,
+        /// `name`, `uid`, `name:group` or `uid:gid`; root when empty (as in a container).
+        #[serde(default)]
+        pub user: String,
+        #[serde(default)]
+        pub entrypoint: Option<Vec<String>>,
+        #[serde(default)]
+        pub cmd: Option<Vec<String>>,
+    }
+
+    impl ImageConfig {
+        /// The command the image runs: entrypoint followed by cmd; empty when it has neither.
+        pub fn command(&self) -> Vec<String> {
+            let mut argv = self.entrypoint.clone().unwrap_or_default();
+            argv.extend(self.cmd.clone().unwrap_or_default());
+            argv
+        }
+    }
+}
