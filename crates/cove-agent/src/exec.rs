@@ -30,6 +30,8 @@ static NEXT_EXEC: AtomicU64 = AtomicU64::new(1);
 pub enum ExecError {
     #[error("cwd {0}: not a directory")]
     BadCwd(String),
+    #[error("this sandbox's template has no /bin/sh to run commands with")]
+    NoShell,
     #[error("starting the command: {0}")]
     Spawn(io::Error),
 }
@@ -42,7 +44,7 @@ pub async fn run(
 ) -> Result<ExecuteResponse, ExecError> {
     let cwd = match &req.cwd {
         Some(c) => user.resolve(c),
-        None => user.home.clone(),
+        None => user.workdir.clone(),
     };
     if !cwd.is_dir() {
         return Err(ExecError::BadCwd(cwd.display().to_string()));
@@ -67,7 +69,13 @@ pub async fn run(
     unsafe {
         cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid));
     }
-    let (mut child, exited) = reaper.spawn(&mut cmd).map_err(ExecError::Spawn)?;
+    let (mut child, exited) = reaper.spawn(&mut cmd).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new("/bin/sh").exists() {
+            ExecError::NoShell
+        } else {
+            ExecError::Spawn(e)
+        }
+    })?;
     let pid = child.id() as i32;
     let stdout = child.stdout.take().map(OwnedFd::from);
     let stderr = child.stderr.take().map(OwnedFd::from);

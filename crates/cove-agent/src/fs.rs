@@ -1464,7 +1464,13 @@ mod tests {
     fn test_ctx(home: &Path) -> Ctx {
         let m = sfs::metadata(home).expect("home");
         Ctx {
-            user: SandboxUser { name: "tester".into(), uid: m.uid(), gid: m.gid(), home: home.to_path_buf() },
+            user: SandboxUser {
+                name: "tester".into(),
+                uid: m.uid(),
+                gid: m.gid(),
+                home: home.to_path_buf(),
+                workdir: home.to_path_buf(),
+            },
             names: Names::default(),
         }
     }
@@ -1498,7 +1504,13 @@ mod tests {
 
     #[test]
     fn paths_resolve_cleanly() {
-        let user = SandboxUser { name: "u".into(), uid: 1, gid: 1, home: PathBuf::from("/home/u") };
+        let user = SandboxUser {
+            name: "u".into(),
+            uid: 1,
+            gid: 1,
+            home: PathBuf::from("/home/u"),
+            workdir: PathBuf::from("/home/u"),
+        };
         assert_eq!(resolve(&user, "."), Path::new("/home/u"));
         assert_eq!(resolve(&user, "./a/./b"), Path::new("/home/u/a/b"));
         assert_eq!(resolve(&user, "/etc//x/."), Path::new("/etc/x"));

@@ -18,7 +18,9 @@ pub fn early_boot() -> io::Result<()> {
     mount_userland()?;
     // Commands find their tools; the agent's own children inherit nothing else from the kernel.
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
-    let _ = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
+    if let Err(e) = sys::link_up("lo") {
+        eprintln!("cove-agent: loopback: {e}");
+    }
     if let Err(e) = configure_network() {
         eprintln!("cove-agent: network: {e}");
     }
@@ -26,22 +28,21 @@ pub fn early_boot() -> io::Result<()> {
 }
 
 /// The guest's one NIC, with the address, route and resolver every sandbox has (the host
-/// decides what they reach). No IPv6.
+/// decides what they reach). No IPv6. Set with ioctls: an image need not have `ip`.
 fn configure_network() -> io::Result<()> {
     use cove_proto::net::{GATEWAY, GUEST_CIDR};
     let _ = std::fs::write("/proc/sys/net/ipv6/conf/all/disable_ipv6", "1");
     let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
     wait_for("/sys/class/net/eth0", Duration::from_secs(5))?;
-    for args in [
-        &["link", "set", "eth0", "up"][..],
-        &["addr", "replace", GUEST_CIDR, "dev", "eth0"],
-        &["route", "replace", "default", "via", GATEWAY],
-    ] {
-        let status = std::process::Command::new("ip").args(args).status()?;
-        if !status.success() {
-            return Err(io::Error::other(format!("ip {} failed", args.join(" "))));
-        }
-    }
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad {what}"));
+    let (addr, prefix) = GUEST_CIDR.split_once('/').ok_or_else(|| bad("guest CIDR"))?;
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad("guest address"))?;
+    let prefix: u32 = prefix.parse().map_err(|_| bad("guest prefix"))?;
+    let netmask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - prefix).unwrap_or(0));
+    let gateway: std::net::Ipv4Addr = GATEWAY.parse().map_err(|_| bad("gateway"))?;
+    sys::link_up("eth0")?;
+    sys::set_ipv4("eth0", addr, netmask)?;
+    sys::add_default_route(gateway)?;
     std::fs::write("/etc/resolv.conf", format!("nameserver {GATEWAY}\noptions timeout:2 attempts:2\n"))
 }
 
@@ -49,12 +50,19 @@ fn configure_network() -> io::Result<()> {
 /// rebuilt from the one the image shipped plus this CA (a CA sent earlier is dropped).
 pub fn install_trust(pem: &str) -> io::Result<()> {
     use cove_proto::net::{CA_BUNDLE, CA_FILE};
+    for file in [CA_FILE, CA_BUNDLE] {
+        if let Some(dir) = Path::new(file).parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
     let original = format!("{CA_BUNDLE}.cove-orig");
     if !Path::new(&original).exists() {
-        std::fs::copy(CA_BUNDLE, &original)?;
-    }
-    if let Some(dir) = Path::new(CA_FILE).parent() {
-        std::fs::create_dir_all(dir)?;
+        // An image without a system bundle gets one holding only this CA.
+        match std::fs::copy(CA_BUNDLE, &original) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::write(&original, b"")?,
+            Err(e) => return Err(e),
+        }
     }
     std::fs::write(CA_FILE, pem)?;
     let mut bundle = std::fs::read(&original)?;

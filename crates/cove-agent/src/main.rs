@@ -14,6 +14,7 @@ mod mounts;
 mod reaper;
 mod reply;
 mod server;
+mod service;
 #[allow(unsafe_code)]
 mod sys;
 mod user;
@@ -58,6 +59,7 @@ fn main() {
             None => {
                 // Opened at once, so that the host's park before a save is always answered.
                 state.start_mount_client();
+                state.start_service();
                 channel::serve_port(state).await
             }
         };

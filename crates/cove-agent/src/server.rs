@@ -24,8 +24,12 @@ pub struct State {
     reaper: Arc<Reaper>,
     user: SandboxUser,
     fs: Fs,
-    /// The sandbox's environment, set by the host with each identity.
+    /// The sandbox's environment: the image's, overridden by what the host sets with each
+    /// identity.
     env: RwLock<BTreeMap<String, String>>,
+    image_env: BTreeMap<String, String>,
+    /// The image's `Entrypoint` + `Cmd`, run as a service (empty for none).
+    image_command: Vec<String>,
     is_init: bool,
     started: Instant,
     mounts: crate::mounts::Mounts,
@@ -33,13 +37,26 @@ pub struct State {
 
 impl State {
     pub fn new(reaper: Arc<Reaper>, is_init: bool) -> Self {
-        let user = SandboxUser::load();
+        // A template made from an image says how its commands run (read at every boot; a
+        // restored guest keeps what its template's boot read).
+        let image: Option<cove_proto::image::ImageConfig> = is_init
+            .then(|| std::fs::read(cove_proto::image::CONFIG_PATH).ok())
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let user = SandboxUser::load(image.as_ref());
+        let image_env: BTreeMap<String, String> = image
+            .iter()
+            .flat_map(|c| c.env.iter())
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
         let fs = Fs { user: user.clone(), names: Names::load() };
         State {
             reaper,
             user,
             fs,
-            env: RwLock::new(BTreeMap::new()),
+            env: RwLock::new(image_env.clone()),
+            image_env,
+            image_command: image.map(|c| c.command()).unwrap_or_default(),
             is_init,
             started: Instant::now(),
             mounts: Default::default(),
@@ -48,6 +65,12 @@ impl State {
 
     pub fn start_mount_client(&self) {
         self.mounts.start_client();
+    }
+
+    /// Starts the image's command as a service (see `service`), if it has one.
+    pub fn start_service(&self) {
+        let command = self.image_command.clone();
+        crate::service::start(self.reaper.clone(), self.user.clone(), self.image_env.clone(), command);
     }
 
     pub async fn handle(
@@ -74,7 +97,7 @@ impl State {
                 StatusCode::OK,
                 &cove_proto::SystemInfo {
                     user_home_dir: self.user.home.display().to_string(),
-                    workdir: self.user.home.display().to_string(),
+                    workdir: self.user.workdir.display().to_string(),
                 },
             ),
             (Method::POST, routes::EXEC) => self.exec(req).await,
@@ -116,7 +139,9 @@ impl State {
                 return reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("applying identity: {e}"));
             }
         }
-        *self.env.write().unwrap_or_else(|p| p.into_inner()) = id.env;
+        let mut env = self.image_env.clone();
+        env.extend(id.env);
+        *self.env.write().unwrap_or_else(|p| p.into_inner()) = env;
         reply::empty(StatusCode::NO_CONTENT)
     }
 
@@ -137,7 +162,7 @@ impl State {
         };
         match crate::exec::run(&self.reaper, &user, &env, &body).await {
             Ok(r) => reply::json(StatusCode::OK, &r),
-            Err(e @ crate::exec::ExecError::BadCwd(_)) => {
+            Err(e @ (crate::exec::ExecError::BadCwd(_) | crate::exec::ExecError::NoShell)) => {
                 reply::error(StatusCode::BAD_REQUEST, e.to_string())
             }
             Err(e) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -172,3 +172,97 @@ pub fn async_fd(fd: std::os::fd::OwnedFd) -> io::Result<tokio::io::unix::AsyncFd
     // not reused) for as long as it is registered, and nothing else holds it.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
 }
+
+/// `struct rtentry` of linux/route.h (x86_64), which the libc crate defines for musl only.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_tos: libc::c_uchar,
+    rt_class: libc::c_uchar,
+    rt_pad4: [libc::c_short; 3],
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+fn sockaddr_v4(ip: std::net::Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip.octets()) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes) and sockaddr is plain
+    // bytes; this is how the socket API is meant to be used.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// An IPv4 datagram socket, the handle network ioctls go through.
+fn inet_socket() -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: plain socket(2) call; the result is checked before it is owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd)?;
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// Brings a network interface up (`ip link set NAME up`), with no tool from the image.
+pub fn link_up(name: &str) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: req is a valid ifreq naming the interface; the ioctls read and write only it.
+    unsafe {
+        check(libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req as *mut libc::ifreq))?;
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        check(libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req as *const libc::ifreq))
+    }
+}
+
+/// Gives an interface its IPv4 address and netmask.
+pub fn set_ipv4(name: &str, addr: std::net::Ipv4Addr, netmask: std::net::Ipv4Addr) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_addr = sockaddr_v4(addr);
+    // SAFETY: req is a valid ifreq with an AF_INET address; the kernel only reads it.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req as *const libc::ifreq) })?;
+    req.ifr_ifru.ifru_netmask = sockaddr_v4(netmask);
+    // SAFETY: as above, with the netmask.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req as *const libc::ifreq) })
+}
+
+/// Adds the default IPv4 route via `gateway`; one that exists already is fine.
+pub fn add_default_route(gateway: std::net::Ipv4Addr) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let any = std::net::Ipv4Addr::UNSPECIFIED;
+    // SAFETY: RtEntry is plain old data; all-zero is a valid value.
+    let mut rt: RtEntry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_v4(any);
+    rt.rt_genmask = sockaddr_v4(any);
+    rt.rt_gateway = sockaddr_v4(gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // SAFETY: rt is a valid rtentry with no device pointer; the kernel only reads it.
+    match check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &rt as *const RtEntry) }) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other,
+    }
+}

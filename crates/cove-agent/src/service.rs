@@ -1,0 +1,90 @@
+//! The image's own command (`Entrypoint` + `Cmd` of a template made from a container image),
+//! started at boot as a service: as the image's user, in its working directory, with its
+//! environment, in a session and cgroup of its own. It is started before the template snapshot
+//! is saved, so every sandbox of the template restores with it running. When it exits it is
+//! started again, after a delay that doubles (1 s up to 60 s) while it keeps failing fast.
+//! Its output goes to `/var/log/cove-service.log`.
+
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::reaper::Reaper;
+use crate::sys;
+use crate::user::SandboxUser;
+
+pub const LOG: &str = "/var/log/cove-service.log";
+const CGROUP: &str = "/sys/fs/cgroup/cove-service";
+/// A run this long counts as healthy: the next restart waits the shortest delay again.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+const MAX_DELAY: Duration = Duration::from_secs(60);
+
+pub fn start(reaper: Arc<Reaper>, user: SandboxUser, env: BTreeMap<String, String>, argv: Vec<String>) {
+    if argv.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let started = Instant::now();
+            let outcome = match run(&reaper, &user, &env, &argv) {
+                Ok(exited) => format!("exited with status {}", exited.await.unwrap_or(-1)),
+                Err(e) => format!("could not start: {e}"),
+            };
+            if started.elapsed() >= HEALTHY_RUN {
+                delay = Duration::from_secs(1);
+            }
+            note(&format!("{} {outcome}; starting it again in {}s", argv[0], delay.as_secs()));
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(MAX_DELAY);
+        }
+    });
+}
+
+fn run(
+    reaper: &Reaper,
+    user: &SandboxUser,
+    env: &BTreeMap<String, String>,
+    argv: &[String],
+) -> std::io::Result<tokio::sync::oneshot::Receiver<i32>> {
+    let log = open_log()?;
+    let _ = std::fs::create_dir_all(CGROUP);
+    let procs = std::fs::OpenOptions::new().write(true).open(format!("{CGROUP}/cgroup.procs")).ok();
+    let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
+    let cwd = if user.workdir.is_dir() { user.workdir.clone() } else { "/".into() };
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .envs(crate::exec::base_env(user))
+        .envs(env)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let (uid, gid) = (user.uid, user.gid);
+    // SAFETY: child_setup only makes async-signal-safe system calls.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid));
+    }
+    let (_child, exited) = reaper.spawn(&mut cmd)?;
+    Ok(exited)
+}
+
+fn open_log() -> std::io::Result<std::fs::File> {
+    if let Some(dir) = std::path::Path::new(LOG).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(LOG)
+}
+
+/// A line of the supervisor's own in the service's log.
+fn note(line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = open_log() {
+        let _ = writeln!(f, "[cove] {line}");
+    }
+}
