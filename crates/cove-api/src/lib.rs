@@ -10,6 +10,7 @@ pub mod presigned;
 pub mod process;
 pub mod sandbox;
 pub mod snapshot;
+pub mod template;
 
 pub use error::{ErrorResponse, FieldError, ValidationErrorResponse};
 

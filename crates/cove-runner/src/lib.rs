@@ -4,6 +4,7 @@
 //! clients, organizations or API keys.
 
 pub mod agent;
+mod build;
 pub mod fsserve;
 pub mod image;
 pub mod images;
@@ -21,7 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use agent::{AgentBody, AgentClient, AgentError};
+pub use build::{BuiltTemplate, TemplateSource};
 pub use cove_blob::BlobStore;
+pub use cove_oci::{Credentials as RegistryCredentials, OciError};
 use cove_vmm::{Accel, Vmm, VmmError};
 pub use image::{CaptureStats, ImageManifest};
 pub use images::Images;
@@ -53,6 +56,10 @@ pub struct RunnerConfig {
     /// Extra CA certificates (PEM file) trusted for upstream TLS by the egress proxy, beside the
     /// host's roots (tests use a private root).
     pub egress_extra_ca: Option<PathBuf>,
+    /// Registries (`host:port`) pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Largest image (compressed layers) a template may be made from.
+    pub max_image_bytes: u64,
 }
 
 impl RunnerConfig {
@@ -79,6 +86,8 @@ impl RunnerConfig {
             blob_url: None,
             egress_dns: None,
             egress_extra_ca: None,
+            insecure_registries: Vec::new(),
+            max_image_bytes: 16 << 30,
         }
     }
 }
@@ -103,6 +112,8 @@ pub enum RunnerError {
     Image(String),
     #[error("{0}")]
     Network(String),
+    #[error(transparent)]
+    Oci(#[from] cove_oci::OciError),
     /// Mount `index` of the request could not be attached: its endpoint, credentials or bucket.
     #[error("mount {index}: {source}")]
     Mount { index: usize, source: cove_mount::MountError },
@@ -166,6 +177,7 @@ pub struct Runner {
     vmm: Arc<dyn Vmm>,
     images: Images,
     templates: template::Templates,
+    puller: cove_oci::Puller,
     blobs: BlobStore,
     net: net::Network,
     vms: Mutex<HashMap<String, Arc<sandbox::SandboxVm>>>,
@@ -208,7 +220,12 @@ impl Runner {
             egress.upstream_dns = dns;
         }
         let net = net::Network::new(&cfg.data_dir, egress).await?;
-        Ok(Runner { cfg, vmm, images, templates, blobs, net, vms: Mutex::new(HashMap::new()) })
+        let puller = cove_oci::Puller::new(cove_oci::PullConfig {
+            cache_dir: cfg.cache_dir.join("oci"),
+            insecure: cfg.insecure_registries.clone(),
+            max_bytes: cfg.max_image_bytes,
+        });
+        Ok(Runner { cfg, vmm, images, templates, puller, blobs, net, vms: Mutex::new(HashMap::new()) })
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -217,7 +234,7 @@ impl Runner {
 
     /// Writable disk size of a template's sandboxes, in MiB.
     pub fn template_disk_mib(&self, template: &str) -> Option<u64> {
-        (template == images::SYSTEM_TEMPLATE).then(|| self.images.rootfs_size_mib())
+        self.templates.disk_mib(template)
     }
 
     /// Boots and snapshots a template shape ahead of the first sandbox that needs it.

@@ -5,6 +5,10 @@
 //! save), `overlay.qcow2` (an empty overlay over it, copied for each new sandbox), `state.bin`
 //! (device state) and `meta.json`; the RAM lives on tmpfs as `<shm>/tmpl-<key>.mem`.
 //!
+//! The system template's snapshots live in the cache dir, shared by every cove process on the
+//! host; a user template's in the data dir beside its disk (`<data>/templates/<id>/snapshots`),
+//! with their RAM in the data dir's own tmpfs directory.
+//!
 //! The key names the inputs (kernel, initramfs, rootfs) by a hash, so new images make a new
 //! snapshot beside the old one and never touch files that running sandboxes use as their
 //! disk's backing layer. Old versions are left in place (see docs/operations.md).
@@ -33,6 +37,8 @@ pub struct TemplateSnapshot {
     pub memory_mib: u64,
     pub dir: PathBuf,
     pub memory_file: PathBuf,
+    /// Sockets and logs of the VM that boots it.
+    pub run_dir: PathBuf,
 }
 
 impl TemplateSnapshot {
@@ -63,21 +69,69 @@ impl Templates {
         Templates { cfg: cfg.clone(), images: images.clone(), building: Mutex::new(HashMap::new()) }
     }
 
-    fn snapshot(&self, template: &str, vcpus: u32, memory_mib: u64) -> TemplateSnapshot {
-        let slug: String =
-            template.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-        let fingerprint = self.images.fingerprint();
+    /// The guest images of a template: the system one's, or a user template's own disk with
+    /// the shared kernel and initramfs. `None` for a template this host does not have.
+    fn images_for(&self, template: &str) -> Option<Images> {
+        if template == SYSTEM_TEMPLATE {
+            return Some(self.images.clone());
+        }
+        let rootfs = user_rootfs(&self.cfg.data_dir, template)?;
+        rootfs.exists().then(|| Images { rootfs, ..self.images.clone() })
+    }
+
+    /// Where a template's snapshots live: the system template's in the cache dir, shared by every
+    /// cove process on the host; a user template's beside its disk in the data dir, which owns
+    /// it.
+    fn snapshots_dir(&self, template: &str) -> PathBuf {
+        match user_rootfs(&self.cfg.data_dir, template) {
+            Some(rootfs) => rootfs.with_file_name("snapshots"),
+            None => self.cfg.cache_dir.join("templates"),
+        }
+    }
+
+    /// The run directory of the VM that boots a snapshot: in the snapshot's own directory for the
+    /// system template; for a user template, whose snapshot directory is deep in the data dir,
+    /// a short path of its own (the QMP and agent sockets in it must fit a socket address).
+    fn run_dir(&self, template: &str, key: &str) -> PathBuf {
+        match user_rootfs(&self.cfg.data_dir, template) {
+            Some(_) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut h);
+                self.cfg.data_dir.join("tmpl-run").join(format!("{:012x}", h.finish() >> 16))
+            }
+            None => self.cfg.cache_dir.join("templates").join(key).join("run"),
+        }
+    }
+
+    /// Where a template snapshot's RAM lives (tmpfs), by the same rule.
+    fn shm_dir(&self, template: &str) -> PathBuf {
+        match user_rootfs(&self.cfg.data_dir, template) {
+            // Not beside sandboxes' RAM files, which recovery checks against sandbox records.
+            Some(_) => self.cfg.sandbox_shm_dir().join("templates"),
+            None => self.cfg.template_shm_dir(),
+        }
+    }
+
+    /// Disk size of a template's sandboxes, MiB.
+    pub fn disk_mib(&self, template: &str) -> Option<u64> {
+        self.images_for(template).map(|i| i.rootfs_size_mib())
+    }
+
+    fn snapshot(&self, template: &str, images: &Images, vcpus: u32, memory_mib: u64) -> TemplateSnapshot {
+        let fingerprint = images.fingerprint();
         let inputs = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             fingerprint.hash(&mut h);
             h.finish()
         };
-        let key = format!("{slug}-{vcpus}c-{memory_mib}m-{:012x}", inputs >> 16);
+        let key = format!("{}-{vcpus}c-{memory_mib}m-{:012x}", slug(template), inputs >> 16);
         TemplateSnapshot {
             template: template.to_string(),
-            dir: self.cfg.cache_dir.join("templates").join(&key),
-            memory_file: self.cfg.template_shm_dir().join(format!("tmpl-{key}.mem")),
+            dir: self.snapshots_dir(template).join(&key),
+            memory_file: self.shm_dir(template).join(format!("tmpl-{key}.mem")),
+            run_dir: self.run_dir(template, &key),
             key,
             fingerprint,
             vcpus,
@@ -98,7 +152,9 @@ impl Templates {
     /// The frozen disk layer of template snapshot `key` (whatever its version), which images
     /// made from it need.
     pub fn frozen_disk(&self, key: &str) -> PathBuf {
-        self.cfg.cache_dir.join("templates").join(key).join("disk.qcow2")
+        // A user template's key starts with its id (`tpl-<hex>-…`).
+        let template = key.splitn(3, '-').take(2).collect::<Vec<_>>().join("-");
+        self.snapshots_dir(&template).join(key).join("disk.qcow2")
     }
 
     /// Returns the snapshot of this shape, booting and saving it first if needed.
@@ -109,10 +165,9 @@ impl Templates {
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<TemplateSnapshot, RunnerError> {
-        if template != SYSTEM_TEMPLATE {
-            return Err(RunnerError::UnknownTemplate(template.to_string()));
-        }
-        let snap = self.snapshot(template, vcpus, memory_mib);
+        let images =
+            self.images_for(template).ok_or_else(|| RunnerError::UnknownTemplate(template.to_string()))?;
+        let snap = self.snapshot(template, &images, vcpus, memory_mib);
         if self.is_ready(&snap) {
             return Ok(snap);
         }
@@ -122,7 +177,11 @@ impl Templates {
         };
         let _guard = lock.lock().await;
         // Other cove processes on this host share the cache: take the shape's file lock too.
-        let lock_path = self.cfg.cache_dir.join("templates").join(format!("{}.lock", snap.key));
+        let lock_path = self.snapshots_dir(template).join(format!("{}.lock", snap.key));
+        if let Some(dir) = lock_path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| RunnerError::io("creating the template snapshot dir", e))?;
+        }
         let lock_file =
             std::fs::File::create(&lock_path).map_err(|e| RunnerError::io("creating template lock", e))?;
         let lock_file = tokio::task::spawn_blocking(move || lock_file.lock().map(|_| lock_file))
@@ -134,7 +193,7 @@ impl Templates {
         }
         tracing::info!(template, vcpus, memory_mib, "building template snapshot (cold boot)");
         let started = std::time::Instant::now();
-        self.build(vmm, &snap).await?;
+        self.build(vmm, &snap, &images).await?;
         tracing::info!(
             template,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -144,17 +203,47 @@ impl Templates {
         Ok(snap)
     }
 
-    async fn build(&self, vmm: &dyn Vmm, snap: &TemplateSnapshot) -> Result<(), RunnerError> {
+    /// Removes every snapshot of a template (all shapes and versions), for a template being
+    /// deleted.
+    pub async fn remove(&self, vmm: &dyn Vmm, template: &str) -> Result<(), RunnerError> {
+        let prefix = format!("{}-", slug(template));
+        let Ok(entries) = std::fs::read_dir(self.snapshots_dir(template)) else { return Ok(()) };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(key) = name.strip_prefix(&prefix).map(|_| name.trim_end_matches(".lock")) else {
+                continue;
+            };
+            let run_dir = self.run_dir(template, key);
+            if let Some(stale) = vmm.find(&format!("tmpl-{key}"), &run_dir) {
+                vmm.destroy(&stale).await?;
+            }
+            let _ = std::fs::remove_dir_all(entry.path());
+            let _ = std::fs::remove_file(entry.path());
+            let _ = std::fs::remove_dir_all(run_dir);
+            let _ = std::fs::remove_file(self.shm_dir(template).join(format!("tmpl-{key}.mem")));
+        }
+        Ok(())
+    }
+
+    async fn build(
+        &self,
+        vmm: &dyn Vmm,
+        snap: &TemplateSnapshot,
+        images: &Images,
+    ) -> Result<(), RunnerError> {
         let io = |what: &str, e| RunnerError::io(format!("{what} for template {}", snap.key), e);
         // Leftovers of a build cut short (e.g. the server was killed): its VM, then its files.
-        if let Some(stale) = vmm.find(&format!("tmpl-{}", snap.key), &snap.dir.join("run")) {
+        if let Some(stale) = vmm.find(&format!("tmpl-{}", snap.key), &snap.run_dir) {
             vmm.destroy(&stale).await?;
         }
         let _ = std::fs::remove_dir_all(&snap.dir);
         let _ = std::fs::remove_file(&snap.memory_file);
         std::fs::create_dir_all(&snap.dir).map_err(|e| io("creating dir", e))?;
+        if let Some(shm) = snap.memory_file.parent() {
+            std::fs::create_dir_all(shm).map_err(|e| io("creating the RAM dir", e))?;
+        }
         let disk = snap.dir.join("disk.qcow2");
-        qemu_img_overlay(&self.images.rootfs, &disk).await?;
+        qemu_img_overlay(&images.rootfs, &disk).await?;
         // The template VM has the NIC every sandbox has, on a network of its own that reaches
         // nothing.
         let name = format!("tmpl-{}", snap.key);
@@ -182,7 +271,7 @@ impl Templates {
             cmdline: KERNEL_CMDLINE.to_string(),
             disk: disk.clone(),
             memory_file: snap.memory_file.clone(),
-            run_dir: snap.dir.join("run"),
+            run_dir: snap.run_dir.clone(),
             overhead_mib: self.cfg.overhead_mib,
             netns,
         };
@@ -198,8 +287,14 @@ impl Templates {
                 envs: None,
                 timeout: Some(30),
             };
-            let _: cove_api::process::ExecuteResponse =
-                agent.call(Method::POST, cove_proto::routes::EXEC, Some(&warm)).await?;
+            // An image without a shell answers 400 here, which is fine: it runs no commands.
+            match agent.call::<_, cove_api::process::ExecuteResponse>(Method::POST, cove_proto::routes::EXEC, Some(&warm)).await {
+                Ok(_) => {}
+                Err(crate::AgentError::Status { status, message, .. }) if status.is_client_error() => {
+                    tracing::info!(template = %snap.template, %message, "commands cannot run in this template");
+                }
+                Err(e) => return Err(e.into()),
+            }
             // The agent drops this connection and goes back to waiting for a greeting. Parking
             // it proves it got there, and keeping the parked socket open during the save means
             // the guest sees no disconnect: every clone wakes up reading its port, so the first
@@ -214,7 +309,7 @@ impl Templates {
         .await;
         vmm.destroy(&vm).await?;
         result?;
-        let _ = std::fs::remove_dir_all(snap.dir.join("run"));
+        let _ = std::fs::remove_dir_all(&snap.run_dir);
         // The frozen layer is shared by every clone: nothing may write it again.
         let mut perms = std::fs::metadata(&disk).map_err(|e| io("stat disk", e))?.permissions();
         perms.set_readonly(true);
@@ -226,6 +321,20 @@ impl Templates {
         std::fs::write(snap.dir.join("meta.json"), bytes).map_err(|e| io("writing meta", e))?;
         Ok(())
     }
+}
+
+/// A template name as part of a file name.
+fn slug(template: &str) -> String {
+    template.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
+}
+
+/// The disk of user template `id` (`tpl-…`), whose files live in the data dir; `None` for a
+/// name that is not a user template's id.
+pub(crate) fn user_rootfs(data_dir: &Path, id: &str) -> Option<PathBuf> {
+    let valid = id
+        .strip_prefix("tpl-")
+        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric()));
+    valid.then(|| data_dir.join("templates").join(id).join("rootfs.qcow2"))
 }
 
 /// Creates an empty qcow2 overlay over `backing`.

@@ -59,6 +59,8 @@ impl From<cove_store::StoreError> for ApiError {
                 ApiError::Conflict(format!("a snapshot named {n:?} already exists"))
             }
             cove_store::StoreError::InUse(m) => ApiError::Conflict(m),
+            e @ (cove_store::StoreError::TemplateNameTaken(_)
+            | cove_store::StoreError::TemplateLimit { .. }) => ApiError::Conflict(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

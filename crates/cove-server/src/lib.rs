@@ -13,6 +13,7 @@ mod openapi;
 mod process;
 mod sandbox;
 mod snapshot;
+mod template;
 
 use std::sync::Arc;
 
@@ -33,9 +34,6 @@ pub struct AppState {
 
 /// Routes that belong to later parts of the contract; they answer 501 until built.
 const NOT_YET: &[&str] = &[
-    "/v1/template",
-    "/v1/template/{templateID}",
-    "/v1/templates",
     "/v1/sandbox/{sandboxID}/git/{*op}",
     "/v1/sandbox/{sandboxID}/pty",
     "/v1/sandbox/{sandboxID}/pty/{*rest}",
@@ -67,6 +65,12 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/snapshot/restore", post(snapshot::restore))
         .route("/v1/snapshot/{snapshotID}", axum::routing::delete(snapshot::delete))
         .route("/v1/snapshots", get(snapshot::list))
+        .route("/v1/template", post(template::upload))
+        .route(
+            "/v1/template/{templateID}",
+            get(template::get).patch(template::rename).delete(template::delete),
+        )
+        .route("/v1/templates", get(template::list))
         .route("/v1/sandbox/{sandboxID}/system/user-home-dir", get(sandbox::user_home_dir))
         .route("/v1/sandbox/{sandboxID}/system/workdir", get(sandbox::workdir))
         .route("/v1/sandbox/{sandboxID}/process/execute", post(process::execute))

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{filesystem, invoke, keys, process, sandbox, snapshot};
+use crate::{filesystem, invoke, keys, process, sandbox, snapshot, template};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +14,7 @@ use crate::{filesystem, invoke, keys, process, sandbox, snapshot};
         sandbox::pause, sandbox::resume, sandbox::stop, sandbox::start, sandbox::set_network_policy,
         sandbox::add_mount, sandbox::update_mount, sandbox::delete_mount,
         snapshot::create, snapshot::restore, snapshot::list, snapshot::delete,
+        template::upload, template::rename, template::delete, template::get, template::list,
         process::execute,
         filesystem::ls, filesystem::stat, filesystem::mkdir, filesystem::write_file, filesystem::write_files,
         filesystem::read_file, filesystem::read_files, filesystem::delete, filesystem::set_permissions,

@@ -130,10 +130,10 @@ async fn unknown_things_are_404_and_later_features_501() {
     assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("command")));
     let (s, _) = call(&app, "GET", "/v2/whatever", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = call(&app, "POST", "/v1/templates", bearer(&app), "").await;
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/pty", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
     assert!(v["message"].as_str().unwrap().contains("not implemented"));
-    let (s, _) = call(&app, "POST", "/v1/templates", None, "").await;
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/pty", None, "").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // Mounts: the body's fields are checked before the sandbox is looked up.
     let bad = r#"{"type":"nfs","bucket":"b","mount_path":"rel","endpoint":"s3"}"#;
@@ -182,6 +182,51 @@ async fn unknown_things_are_404_and_later_features_501() {
 }
 
 /// The committed OpenAPI document is the one the code generates.
+#[tokio::test]
+async fn template_requests_are_checked_before_any_pull() {
+    let app = app().await;
+    for (body, field) in [
+        (r#"{"name": "system/x", "uri": "alpine"}"#, "name"),
+        (r#"{"name": "a b", "uri": "alpine"}"#, "name"),
+        (r#"{"name": "a", "uri": ""}"#, "uri"),
+        (r#"{"uri": "alpine"}"#, "name"),
+        (
+            r#"{"name": "a", "uri": "alpine", "credentials": {"type": "basic", "username": "u"}}"#,
+            "credentials.password",
+        ),
+        (
+            r#"{"name": "a", "uri": "alpine", "credentials": {"type": "gcp", "gcp_service_account_json": "{}"}}"#,
+            "credentials.type",
+        ),
+    ] {
+        let (s, v) = call(&app, "POST", "/v1/template", bearer(&app), body).await;
+        assert_eq!(
+            (s, v["errors"][0]["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(field)),
+            "{body}: {v}"
+        );
+    }
+    let (s, _) = call(&app, "POST", "/v1/template", None, r#"{"name": "a", "uri": "alpine"}"#).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    for (method, body) in [("PATCH", r#"{"name": "n"}"#), ("DELETE", ""), ("GET", "")] {
+        let (s, _) = call(&app, method, "/v1/template/tpl-0123", bearer(&app), body).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{method}");
+    }
+    let (s, v) = call(&app, "PATCH", "/v1/template/tpl-0123", bearer(&app), r#"{"name": "system/n"}"#).await;
+    assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("name")));
+    // The system template is listed; an unknown template name is a field error on create.
+    let (s, v) = call(&app, "GET", "/v1/templates", bearer(&app), "").await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["items"][0]["name"], "system/debian:bookworm", "{v}");
+    assert_eq!(v["items"][0]["is_system"], true);
+    let (s, v) = call(&app, "POST", "/v1/sandbox", bearer(&app), r#"{"template_name": "mine"}"#).await;
+    assert_eq!(
+        (s, v["errors"][0]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("template_name")),
+        "{v}"
+    );
+}
+
 #[test]
 fn openapi_document_is_current() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");

@@ -5,6 +5,7 @@
 //! changes are numbered migrations applied at open.
 
 pub mod sealed;
+mod templates;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -12,6 +13,7 @@ use chrono::{DateTime, Utc};
 use cove_api::sandbox::{ListSandboxes, MountConfig, NetworkPolicy, SandboxState, SortKey};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use sha2::{Digest, Sha256};
+pub use templates::{TemplateRecord, TemplateState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +29,10 @@ pub enum StoreError {
     DuplicateName(String),
     #[error("{0}")]
     InUse(String),
+    #[error("a template named {0:?} already exists")]
+    TemplateNameTaken(String),
+    #[error("the organization has reached its limit of {limit} templates")]
+    TemplateLimit { limit: u64 },
 }
 
 /// Numbered schema migrations; a database records the highest one applied.
@@ -100,6 +106,8 @@ const MIGRATIONS: &[&str] = &[
     // 4: object-storage mounts (credentials sealed by the caller).
     "ALTER TABLE sandboxes ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE snapshots ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';",
+    // 5: templates made from container images.
+    templates::MIGRATION,
 ];
 
 /// A presigned URL as stored: the token itself is never kept.
@@ -420,6 +428,15 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         check_limit(&tx, &rec.org_id, default_limit)?;
+        if rec.template.starts_with(templates::ID_PREFIX) {
+            // A sandbox holds its template: it must be ready now, and a delete checks for this row.
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM templates WHERE id = ?1", [&rec.template], |r| r.get(0))
+                .optional()?;
+            if state.as_deref() != Some(TemplateState::Ready.as_str()) {
+                return Err(StoreError::NotFound);
+            }
+        }
         if let Some(snap) = &rec.snapshot_id {
             // Restoring holds the snapshot: it must be ready now, and a delete checks for this row.
             let state: Option<String> =
@@ -940,6 +957,11 @@ fn sandbox_row(r: &Row<'_>) -> rusqlite::Result<SandboxRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A running sandbox of `org` from template "t".
+    pub(crate) fn sandbox(org: &str) -> SandboxRecord {
+        rec(org, &new_id("sbx"), SandboxState::Running)
+    }
 
     fn rec(org: &str, id: &str, state: SandboxState) -> SandboxRecord {
         let now = Utc::now();

@@ -189,6 +189,47 @@ pub enum SnapshotCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum TemplateCmd {
+    /// Make a template from a container image (pulled by the server) and print it. Answers
+    /// once sandboxes can be created from it.
+    Create {
+        name: String,
+        /// Image reference, e.g. `docker.io/library/python:3.12`.
+        image: String,
+        /// Username for a private registry; the password is read from standard input.
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        /// Read the registry password from standard input (never from the command line).
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        /// Free space of the template's disk beyond the image's files, MiB.
+        #[arg(long)]
+        disk_free_mib: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the templates you can create sandboxes from.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Rename a template.
+    Rename {
+        id: String,
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete templates no sandbox or snapshot uses (by id).
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum KeysCmd {
     /// Create a key for your organization; it is shown once.
     Create {
@@ -406,6 +447,81 @@ pub fn snapshot(cmd: SnapshotCmd) -> Result<()> {
         }
         Ok(())
     })
+}
+
+pub fn template(cmd: TemplateCmd) -> Result<()> {
+    use reqwest::Method;
+    block_on(async move {
+        match cmd {
+            TemplateCmd::Create { name, image, username, password_stdin, disk_free_mib, conn } => {
+                let credentials = match (username, password_stdin) {
+                    (Some(username), true) => {
+                        let mut password = String::new();
+                        std::io::stdin().read_line(&mut password).context("reading the password")?;
+                        json!({ "type": "basic", "username": username, "password": password.trim_end_matches(['\r', '\n']) })
+                    }
+                    _ => Value::Null,
+                };
+                let body = strip_nulls(
+                    json!({ "name": name, "uri": image, "credentials": credentials, "disk_free_mib": disk_free_mib }),
+                );
+                let api = Api::new(&conn)?;
+                let call = api.call(Method::POST, "/v1/template", Some(body));
+                print(
+                    &with_ticker(&format!("pulling {image}, converting it and booting it once"), call)
+                        .await?,
+                );
+            }
+            TemplateCmd::List { conn } => {
+                let v = Api::new(&conn)?.call(Method::GET, "/v1/templates", None).await?;
+                let items = v.as_ref().and_then(|v| v["items"].as_array().cloned()).unwrap_or_default();
+                println!("{:<24} {:<32} {:>8} {:<20} IMAGE", "ID", "NAME", "DISK MiB", "CREATED");
+                for i in items {
+                    println!(
+                        "{:<24} {:<32} {:>8} {:<20} {}",
+                        i["id"].as_str().unwrap_or(""),
+                        i["name"].as_str().unwrap_or(""),
+                        i["disk"].as_u64().unwrap_or(0),
+                        i["created_at"].as_str().unwrap_or("").get(..19).unwrap_or(""),
+                        i["uri"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            TemplateCmd::Rename { id, name, conn } => {
+                Api::new(&conn)?
+                    .call(Method::PATCH, &format!("/v1/template/{id}"), Some(json!({ "name": name })))
+                    .await?;
+                println!("renamed {id} to {name}");
+            }
+            TemplateCmd::Rm { ids, conn } => delete_each(&conn, "/v1/template", ids).await?,
+        }
+        Ok(())
+    })
+}
+
+/// Awaits `f`, showing on a terminal's stderr what is going on and for how long.
+async fn with_ticker<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return f.await;
+    }
+    let started = std::time::Instant::now();
+    let mut f = std::pin::pin!(f);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    let spinner = ['|', '/', '-', '\\'];
+    let mut n = 0;
+    loop {
+        tokio::select! {
+            out = &mut f => {
+                eprintln!("\r  {what}: done in {:.1}s", started.elapsed().as_secs_f64());
+                return out;
+            }
+            _ = tick.tick() => {
+                eprint!("\r{} {what}… {:.0}s ", spinner[n % spinner.len()], started.elapsed().as_secs_f64());
+                n += 1;
+            }
+        }
+    }
 }
 
 pub fn keys(cmd: KeysCmd) -> Result<()> {

@@ -36,6 +36,9 @@ enum Cmd {
     /// Manage snapshots through the API.
     #[command(subcommand)]
     Snapshot(client::SnapshotCmd),
+    /// Manage templates made from container images through the API.
+    #[command(subcommand)]
+    Template(client::TemplateCmd),
     /// Manage the API keys of your organization through the API.
     #[command(subcommand)]
     Keys(client::KeysCmd),
@@ -54,7 +57,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if matches!(cli.command, Cmd::Sandbox(_) | Cmd::Snapshot(_) | Cmd::Keys(_) | Cmd::Openapi) {
+    if matches!(
+        cli.command,
+        Cmd::Sandbox(_) | Cmd::Snapshot(_) | Cmd::Template(_) | Cmd::Keys(_) | Cmd::Openapi
+    ) {
         // Client commands end quietly when the reader of their output goes away (`| head`),
         // like any Unix tool. Never for the server: a guest or client closing a socket must
         // not kill it.
@@ -69,6 +75,7 @@ fn main() {
         Cmd::Server(args) => serve::run(args),
         Cmd::Sandbox(cmd) => client::sandbox(cmd),
         Cmd::Snapshot(cmd) => client::snapshot(cmd),
+        Cmd::Template(cmd) => client::template(cmd),
         Cmd::Keys(cmd) => client::keys(cmd),
         Cmd::Bench(args) => bench::run(args),
         Cmd::Openapi => {

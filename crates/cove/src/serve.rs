@@ -63,6 +63,16 @@ pub struct ServerArgs {
     /// host's roots), e.g. a company's internal root.
     #[arg(long, env = "COVE_EGRESS_CA")]
     egress_ca: Option<PathBuf>,
+    /// A registry (`host:port`) to pull template images from over plain HTTP instead of HTTPS;
+    /// repeat for several. Only for registries on a network you trust.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Templates an organization may hold.
+    #[arg(long, env = "COVE_TEMPLATE_LIMIT", default_value_t = cove_api::template::DEFAULT_TEMPLATE_LIMIT)]
+    template_limit: u64,
+    /// Largest image a template may be made from (its compressed layers), MiB.
+    #[arg(long, env = "COVE_MAX_IMAGE_MIB", default_value_t = 16 * 1024)]
+    max_image_mib: u64,
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -85,6 +95,8 @@ async fn serve(args: ServerArgs) -> Result<()> {
     rcfg.blob_url = args.blob_url.clone();
     rcfg.egress_dns = args.egress_dns;
     rcfg.egress_extra_ca = args.egress_ca.clone();
+    rcfg.insecure_registries = args.insecure_registries.clone();
+    rcfg.max_image_bytes = args.max_image_mib << 20;
     let shm_dir = rcfg.sandbox_shm_dir();
     let vmm = Arc::new(QemuVmm::new(args.accel));
     tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
@@ -94,6 +106,7 @@ async fn serve(args: ServerArgs) -> Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let mut ccfg = CoreConfig::local(args.sandbox_limit);
+    ccfg.template_limit = args.template_limit;
     ccfg.sandbox_domain = args.sandbox_domain.clone().unwrap_or_else(|| format!("localhost:{}", addr.port()));
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),

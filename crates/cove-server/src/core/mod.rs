@@ -24,6 +24,9 @@ use tracing::Instrument;
 
 use SandboxState as S;
 
+mod templates;
+pub use templates::template_response;
+
 use crate::error::{error_chain, ApiError};
 
 #[derive(Debug, Clone)]
@@ -37,6 +40,8 @@ pub struct CoreConfig {
     pub sandbox_domain: String,
     /// Scheme of the URLs handed out (`https` behind TLS, `http` for local use).
     pub public_scheme: String,
+    /// Templates an organization may hold.
+    pub template_limit: u64,
 }
 
 impl CoreConfig {
@@ -48,6 +53,7 @@ impl CoreConfig {
             runner_id: "local".into(),
             sandbox_domain: "localhost".into(),
             public_scheme: "http".into(),
+            template_limit: cove_api::template::DEFAULT_TEMPLATE_LIMIT,
         }
     }
 }
@@ -281,11 +287,7 @@ impl Core {
         org: &str,
         req: SandboxCreateRequest,
     ) -> Result<SandboxRecord, ApiError> {
-        let template = req.template_name.trim().to_string();
-        let disk = self
-            .runner
-            .template_disk_mib(&template)
-            .ok_or_else(|| ApiError::field("template_name", format!("unknown template {template:?}")))?;
+        let template = self.resolve_template(org, req.template_name.trim())?;
         let mounts: Vec<MountConfig> =
             req.mounts.iter().flatten().map(|m| MountConfig::new(new_mount_id(), m)).collect();
         check_policy(req.network_policy.as_ref(), "network_policy")?;
@@ -294,10 +296,10 @@ impl Core {
         let rec = SandboxRecord {
             id: new_sandbox_id(),
             org_id: org.to_string(),
-            template: template.clone(),
+            template: template.id,
             vcpu: req.vcpu.unwrap_or(DEFAULT_VCPU),
             memory: req.memory.unwrap_or(DEFAULT_MEMORY_MIB),
-            disk,
+            disk: template.disk_mib,
             timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
             network_policy: self.seal_policy(req.network_policy.clone()),
@@ -845,6 +847,7 @@ impl Core {
     /// finishes or undoes every operation a crash interrupted (see docs/architecture.md,
     /// "Crash recovery"), and removes files and images nobody owns.
     pub async fn recover(&self) -> Result<(), ApiError> {
+        self.recover_templates().await?;
         let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
         let with_vm: Vec<VmRequest> = records
             .iter()
