@@ -89,6 +89,7 @@ impl Runner {
         .map_err(|e| RunnerError::io("unpacking", std::io::Error::other(e)))??;
         check_usable(staging)?;
         write_guest_config(staging, &image.config)?;
+        crate::fault_point("template.unpacked");
         let unpacked_ms = started.elapsed().as_millis() as u64;
         tracing::info!(template = id, mib = content_bytes >> 20, "layers applied; writing the disk");
 

@@ -395,3 +395,60 @@ async fn bad_names_images_and_registries_get_clear_errors() {
         assert_eq!(api.delete(&format!("/v1/template/{}", t["id"].as_str().unwrap())).await.status, 204);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_mid_upload_leaves_nothing_half_made() {
+    let registry = Registry::start(None);
+    registry.push("busybox:1", &busybox_like(true)).await;
+    let uri = registry.uri("busybox:1");
+    let insecure = ["--insecure-registry", registry.addr.as_str()];
+    for point in ["template.unpacked", "template.booted"] {
+        let data_dir = std::env::temp_dir().join(format!("cove-test-tplcrash-{}", common::rand_hex()));
+        let srv = TestServer::start_with(data_dir.clone(), &insecure, &[("COVE_FAULT", point)]);
+        let api = srv.new_org(None);
+        let body = json!({ "name": "survivor", "uri": uri });
+        let sent =
+            api.http.post(format!("{}/v1/template", api.url)).bearer_auth(&api.key).json(&body).send().await;
+        assert!(sent.is_err(), "{point}: the server answered instead of dying: {sent:?}");
+        srv.wait_exit();
+
+        let srv = TestServer::start_in(data_dir.clone(), &insecure);
+        let api = Api { url: srv.url.clone(), ..api };
+        let list = api.get("/v1/templates").await.json();
+        assert_eq!(list["items"].as_array().unwrap().len(), 1, "{point}: {list}");
+        let left: Vec<_> =
+            std::fs::read_dir(data_dir.join("templates")).into_iter().flatten().flatten().collect();
+        assert!(left.is_empty(), "{point}: template files left: {left:?}");
+        let data = data_dir.to_string_lossy().into_owned();
+        let vms: Vec<_> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&data))
+            })
+            .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with("qemu")))
+            .collect();
+        assert!(vms.is_empty(), "{point}: a template VM is left running");
+        // This data dir's RAM directory (named as cove_runner::RunnerConfig::sandbox_shm_dir does).
+        let shm_dir = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::canonicalize(&data_dir).unwrap().hash(&mut h);
+            std::path::Path::new("/dev/shm/cove").join(format!("{:016x}", h.finish())).join("templates")
+        };
+        let shm: Vec<_> = std::fs::read_dir(&shm_dir).into_iter().flatten().flatten().collect();
+        assert!(shm.is_empty(), "{point}: template RAM left: {shm:?}");
+        // The name is free again, and the template works.
+        let r = upload(&api, "survivor", &uri, None).await;
+        assert_eq!(r.status, 201, "{point}: {}", r.text());
+        let ram = std::fs::read_dir(&shm_dir).map(|d| d.count()).unwrap_or(0);
+        assert_eq!(ram, 1, "{point}: the template's RAM is not where the check above looked");
+        let id = api.create(json!({ "template_name": "survivor" })).await;
+        assert_eq!(sh(&api, &id, "id -u").await, "0\n");
+        assert_eq!(api.delete(&format!("/v1/sandbox/{id}")).await.status, 204);
+        let tid = r.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(api.delete(&format!("/v1/template/{tid}")).await.status, 204);
+        srv.kill(libc::SIGTERM);
+    }
+}

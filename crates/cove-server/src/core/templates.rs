@@ -120,6 +120,7 @@ impl Core {
             let built = self.runner.build_template(&source).await?;
             // The first boot: sandboxes of the default shape start from this snapshot.
             self.runner.prepare_template(&id, DEFAULT_VCPU, DEFAULT_MEMORY_MIB).await?;
+            cove_runner::fault_point("template.booted");
             Ok::<_, cove_runner::RunnerError>(built)
         }
         .await;
