@@ -5,7 +5,9 @@
 //! stop and restore. `cove bench net`: guest downloads and connection setup to the test internet
 //! through NAT, the egress tunnel (spliced TLS) and the TLS-terminating proxy (transforms).
 //! `cove bench mount`: a bucket read through a mount in a guest against the guest's own GET of
-//! the same object (see `bench/mount.rs`).
+//! the same object (see `bench/mount.rs`). `cove bench template`: an image converted into a
+//! template disk against skopeo + umoci + mke2fs of the same image, and creates from a user
+//! template against the system template (see `bench/template.rs`).
 //! Each prints a table and writes JSON. Figures, not assertions: these machines are noisy.
 
 use std::future::IntoFuture;
@@ -23,6 +25,7 @@ use cove_vmm::{Accel, QemuVmm};
 use serde_json::{json, Value};
 
 mod mount;
+mod template;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -46,6 +49,9 @@ enum Which {
     /// Object-storage mount: sequential read, first byte and a 10,000-object listing, beside
     /// direct GETs of the same objects.
     Mount(mount::MountArgs),
+    /// A ~200 MB image converted into a template disk, beside skopeo + umoci + mke2fs of the
+    /// same image; create latency from it beside the system template.
+    Template(template::TemplateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -224,12 +230,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // So do the mount bench's (its S3 server runs there, reachable by host and guest alike).
     let internet =
         matches!(args.which, Which::Net(_) | Which::Mount(_)).then(cove_net::testing::Internet::shared);
+    // The template bench pulls from a registry of its own on loopback.
+    let registry = matches!(args.which, Which::Template(_)).then(|| cove_oci::testing::Registry::start(None));
     let result = rt.block_on(async {
         let bench = Bench::start(&args.cache_dir, args.blob_url.clone(), |cfg| {
             if let Some(internet) = internet {
                 cfg.egress_dns = Some(SocketAddr::from((cove_net::testing::DNS_IP, 53)));
                 cfg.egress_extra_ca = Some(internet.ca_path().to_path_buf());
             }
+            cfg.insecure_registries.extend(registry.iter().map(|r| r.addr.clone()));
         })
         .await?;
         let result = match &args.which {
@@ -240,6 +249,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 None => unreachable!("the internet is built for the net bench"),
             },
             Which::Mount(a) => mount::mount(&bench, a, &args.cache_dir).await,
+            Which::Template(a) => match &registry {
+                Some(registry) => template::template(&bench, registry, a, &args.cache_dir).await,
+                None => unreachable!("the registry is started for the template bench"),
+            },
         };
         // VMs outlive the process that started them: a run cut short by an error must not
         // leave its sandboxes running.
