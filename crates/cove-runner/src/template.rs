@@ -93,23 +93,23 @@ impl Templates {
     /// system template; for a user template, whose snapshot directory is deep in the data dir,
     /// a short path of its own (the QMP and agent sockets in it must fit a socket address).
     fn run_dir(&self, template: &str, key: &str) -> PathBuf {
-        match user_rootfs(&self.cfg.data_dir, template) {
-            Some(_) => {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                key.hash(&mut h);
-                self.cfg.data_dir.join("tmpl-run").join(format!("{:012x}", h.finish() >> 16))
-            }
-            None => self.cfg.cache_dir.join("templates").join(key).join("run"),
+        if !is_user_template(template) {
+            return self.snapshots_dir(template).join(key).join("run");
         }
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        self.cfg.data_dir.join("tmpl-run").join(format!("{:012x}", h.finish() >> 16))
     }
 
-    /// Where a template snapshot's RAM lives (tmpfs), by the same rule.
+    /// Where a template snapshot's RAM lives (tmpfs): shared for the system template; a user
+    /// template's in the data dir's own directory, apart from sandboxes' RAM files (which
+    /// recovery checks against sandbox records).
     fn shm_dir(&self, template: &str) -> PathBuf {
-        match user_rootfs(&self.cfg.data_dir, template) {
-            // Not beside sandboxes' RAM files, which recovery checks against sandbox records.
-            Some(_) => self.cfg.sandbox_shm_dir().join("templates"),
-            None => self.cfg.template_shm_dir(),
+        if is_user_template(template) {
+            self.cfg.sandbox_shm_dir().join("templates")
+        } else {
+            self.cfg.template_shm_dir()
         }
     }
 
@@ -331,10 +331,12 @@ fn slug(template: &str) -> String {
 /// The disk of user template `id` (`tpl-…`), whose files live in the data dir; `None` for a
 /// name that is not a user template's id.
 pub(crate) fn user_rootfs(data_dir: &Path, id: &str) -> Option<PathBuf> {
-    let valid = id
-        .strip_prefix("tpl-")
-        .is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric()));
-    valid.then(|| data_dir.join("templates").join(id).join("rootfs.qcow2"))
+    is_user_template(id).then(|| data_dir.join("templates").join(id).join("rootfs.qcow2"))
+}
+
+/// User template ids are `tpl-` and alphanumerics: they name directories.
+fn is_user_template(id: &str) -> bool {
+    id.strip_prefix("tpl-").is_some_and(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// Creates an empty qcow2 overlay over `backing`.
