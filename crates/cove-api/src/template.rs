@@ -198,6 +198,25 @@ pub struct Template {
     /// Cove addition: disk size of its sandboxes, MiB.
     #[serde(default)]
     pub disk: u64,
+    /// Cove addition: `ready`, or `building` while its upload runs (only `GET
+    /// /v1/template/{id or name}` shows a building template).
+    #[serde(default)]
+    pub state: String,
+    /// Cove addition: how far a building template has come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TemplateProgress>,
+}
+
+/// How far the upload of a template has come.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct TemplateProgress {
+    /// `pulling`, `unpacking`, `writing the disk` or `booting`.
+    pub stage: String,
+    pub layers_done: usize,
+    pub layers_total: usize,
+    /// Compressed layer bytes fetched (or found in the cache) so far, and in all.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

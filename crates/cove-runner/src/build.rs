@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use cove_api::template::TemplateProgress;
 use cove_oci::unpack::Budget;
 use cove_oci::{Credentials, ImageConfig, OciError, Progress};
 
@@ -43,8 +44,13 @@ impl Runner {
         self.cfg.data_dir.join("templates").join(id)
     }
 
-    /// Pulls the image and writes the template's disk. Progress goes to the log.
-    pub async fn build_template(&self, src: &TemplateSource) -> Result<BuiltTemplate, RunnerError> {
+    /// Pulls the image and writes the template's disk. Progress goes to the log and to
+    /// `progress`.
+    pub async fn build_template(
+        &self,
+        src: &TemplateSource,
+        progress: &(dyn Fn(&TemplateProgress) + Send + Sync),
+    ) -> Result<BuiltTemplate, RunnerError> {
         let rootfs = crate::template::user_rootfs(&self.cfg.data_dir, &src.id)
             .ok_or_else(|| RunnerError::UnknownTemplate(src.id.clone()))?;
         let dir = self.template_dir(&src.id);
@@ -53,7 +59,7 @@ impl Runner {
         tokio::fs::create_dir_all(&staging)
             .await
             .map_err(|e| RunnerError::io("creating the template dir", e))?;
-        let result = self.build_in(src, &dir, &staging, &rootfs).await;
+        let result = self.build_in(src, &dir, &staging, &rootfs, progress).await;
         let _ = tokio::fs::remove_dir_all(&staging).await;
         if result.is_err() {
             let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -67,18 +73,32 @@ impl Runner {
         dir: &Path,
         staging: &Path,
         rootfs: &Path,
+        report: &(dyn Fn(&TemplateProgress) + Send + Sync),
     ) -> Result<BuiltTemplate, RunnerError> {
         let started = std::time::Instant::now();
         let id = src.id.as_str();
-        let progress = |p: Progress| match p {
+        let state = std::sync::Mutex::new(TemplateProgress { stage: "pulling".into(), ..Default::default() });
+        let stage = |f: &dyn Fn(&mut TemplateProgress)| {
+            let mut p = state.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut p);
+            report(&p);
+        };
+        stage(&|_| {});
+        let on_pull = |p: Progress| match p {
             Progress::Manifest { digest, layers, bytes } => {
                 tracing::info!(template = id, %digest, layers, mib = bytes >> 20, "pulling image");
+                stage(&|s| (s.layers_total, s.bytes_total) = (layers, bytes));
             }
             Progress::Layer { index, digest, bytes, cached } => {
                 tracing::info!(template = id, layer = index + 1, %digest, mib = bytes >> 20, cached, "layer ready");
+                stage(&|s| {
+                    s.layers_done += 1;
+                    s.bytes_done += bytes;
+                });
             }
         };
-        let image = self.puller.pull(&src.uri, &src.credentials, &progress).await?;
+        let image = self.puller.pull(&src.uri, &src.credentials, &on_pull).await?;
+        stage(&|s| s.stage = "unpacking".into());
         let pulled_ms = started.elapsed().as_millis() as u64;
 
         let (root, layers) = (staging.to_path_buf(), image.layers.clone());
@@ -92,6 +112,7 @@ impl Runner {
         crate::fault_point("template.unpacked");
         let unpacked_ms = started.elapsed().as_millis() as u64;
         tracing::info!(template = id, mib = content_bytes >> 20, "layers applied; writing the disk");
+        stage(&|s| s.stage = "writing the disk".into());
 
         let tmp = dir.join("rootfs.qcow2.tmp");
         let size = cove_oci::disk::build(staging, &tmp, src.free_mib).await?;

@@ -232,6 +232,11 @@ impl Runner {
         &self.blobs
     }
 
+    /// When the system template's root filesystem was built (`cove setup`).
+    pub fn system_template_built_at(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(&self.images.rootfs).and_then(|m| m.modified()).ok()
+    }
+
     /// Writable disk size of a template's sandboxes, in MiB.
     pub fn template_disk_mib(&self, template: &str) -> Option<u64> {
         self.templates.disk_mib(template)

@@ -467,10 +467,7 @@ pub fn template(cmd: TemplateCmd) -> Result<()> {
                 );
                 let api = Api::new(&conn)?;
                 let call = api.call(Method::POST, "/v1/template", Some(body));
-                print(
-                    &with_ticker(&format!("pulling {image}, converting it and booting it once"), call)
-                        .await?,
-                );
+                print(&with_progress(&api, &name, call).await?);
             }
             TemplateCmd::List { conn } => {
                 let v = Api::new(&conn)?.call(Method::GET, "/v1/templates", None).await?;
@@ -499,29 +496,52 @@ pub fn template(cmd: TemplateCmd) -> Result<()> {
     })
 }
 
-/// Awaits `f`, showing on a terminal's stderr what is going on and for how long.
-async fn with_ticker<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+/// Awaits the upload `f`, showing on a terminal's stderr how far the server has come with
+/// template `name` (its stage, layers and bytes pulled) and for how long.
+async fn with_progress<T>(api: &Api, name: &str, f: impl std::future::Future<Output = T>) -> T {
     use std::io::IsTerminal;
     if !std::io::stderr().is_terminal() {
         return f.await;
     }
     let started = std::time::Instant::now();
     let mut f = std::pin::pin!(f);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
-    let spinner = ['|', '/', '-', '\\'];
-    let mut n = 0;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut line = String::from("starting");
     loop {
         tokio::select! {
             out = &mut f => {
-                eprintln!("\r  {what}: done in {:.1}s", started.elapsed().as_secs_f64());
+                eprintln!("\r\x1b[2K{name}: done in {:.1}s", started.elapsed().as_secs_f64());
                 return out;
             }
             _ = tick.tick() => {
-                eprint!("\r{} {what}… {:.0}s ", spinner[n % spinner.len()], started.elapsed().as_secs_f64());
-                n += 1;
+                let path = format!("/v1/template/{}", name.replace('/', "%2F"));
+                if let Ok(Some(t)) = api.call(reqwest::Method::GET, &path, None).await {
+                    if let Some(p) = t.get("progress").filter(|p| p.is_object()) {
+                        line = progress_line(p);
+                    }
+                }
+                eprint!("\r\x1b[2K{name}: {line}  {:.0}s", started.elapsed().as_secs_f64());
             }
         }
     }
+}
+
+/// `pulling [#######-------------] 2/4 layers, 80/211 MiB`.
+fn progress_line(p: &Value) -> String {
+    let n = |k: &str| p[k].as_u64().unwrap_or(0);
+    let (done, total) = (n("bytes_done"), n("bytes_total"));
+    let width = 20;
+    let filled = (done.min(total) * width).checked_div(total).unwrap_or(0) as usize;
+    format!(
+        "{} [{}{}] {}/{} layers, {}/{} MiB",
+        p["stage"].as_str().unwrap_or(""),
+        "#".repeat(filled),
+        "-".repeat(width as usize - filled),
+        n("layers_done"),
+        n("layers_total"),
+        done >> 20,
+        total >> 20
+    )
 }
 
 pub fn keys(cmd: KeysCmd) -> Result<()> {

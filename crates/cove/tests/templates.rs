@@ -138,8 +138,34 @@ async fn an_image_becomes_a_template_its_sandboxes_run() {
     let api = srv.new_org(None);
     let digest = registry.push("team/app:v1", &debian_like()).await;
 
-    let r = upload(&api, "app:v1", &registry.uri("team/app:v1"), None).await;
+    // While the upload runs, the template shows how far it has come (and is not listed).
+    let uploading = {
+        let (api, uri) = (api.clone(), registry.uri("team/app:v1"));
+        tokio::spawn(async move { upload(&api, "app:v1", &uri, None).await })
+    };
+    let mut stages = Vec::new();
+    while !uploading.is_finished() {
+        let t = api.get("/v1/template/app:v1").await;
+        if t.status == 200 && t.json()["state"] == "building" {
+            let p = t.json()["progress"].clone();
+            assert!(p["layers_total"] == 0 || p["layers_total"] == 3, "{p}");
+            let stage = p["stage"].as_str().unwrap_or("").to_string();
+            if stages.last() != Some(&stage) {
+                stages.push(stage);
+            }
+            if p["stage"] == "booting" {
+                assert_eq!((&p["layers_done"], &p["bytes_done"]), (&json!(3), &p["bytes_total"]), "{p}");
+            }
+            let listed = api.get("/v1/templates").await.text();
+            assert!(!listed.contains("app:v1"), "a building template is listed: {listed}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(stages.contains(&"booting".to_string()), "progress seen: {stages:?}");
+    let r = uploading.await.unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["state"], "ready");
+    assert!(r.json().get("progress").is_none(), "{}", r.text());
     let t = r.json();
     let tid = t["id"].as_str().unwrap().to_string();
     assert!(tid.starts_with("tpl-"), "{t}");

@@ -67,6 +67,8 @@ pub struct Core {
     /// snapshot, stop, start): concurrent requests queue behind it, so a burst of requests to a
     /// paused sandbox causes one resume, which the others wait for.
     ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// How far each template upload in flight has come, by template id.
+    building: Mutex<HashMap<String, cove_api::template::TemplateProgress>>,
 }
 
 fn new_sandbox_id() -> String {
@@ -194,7 +196,14 @@ fn not_in(id: &str, state: SandboxState, wanted: &str) -> ApiError {
 impl Core {
     /// `sealer` keeps the secrets users give (header values to inject) sealed in the store.
     pub fn new(store: Arc<Store>, runner: Arc<Runner>, cfg: CoreConfig, sealer: Sealer) -> Core {
-        Core { store, runner, cfg, sealer, ops: Mutex::new(HashMap::new()) }
+        Core {
+            store,
+            runner,
+            cfg,
+            sealer,
+            ops: Mutex::new(HashMap::new()),
+            building: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Seals a secret in place (one already sealed is kept).

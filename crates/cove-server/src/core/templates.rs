@@ -3,7 +3,7 @@
 
 use cove_api::sandbox::{DEFAULT_MEMORY_MIB, DEFAULT_TEMPLATE, DEFAULT_VCPU};
 use cove_api::template::{
-    ImageConfig, RenameTemplateRequest, Template, UploadTemplateRequest, DEFAULT_FREE_MIB,
+    ImageConfig, RenameTemplateRequest, Template, TemplateProgress, UploadTemplateRequest, DEFAULT_FREE_MIB,
 };
 use cove_runner::{RegistryCredentials, TemplateSource};
 use cove_store::{TemplateRecord, TemplateState};
@@ -45,6 +45,8 @@ pub fn template_response(t: &TemplateRecord) -> Template {
         created_at: t.created_at,
         uri: t.uri.clone(),
         disk: t.disk,
+        state: t.state.as_str().into(),
+        progress: None,
     }
 }
 
@@ -61,9 +63,14 @@ impl Core {
                 ..Default::default()
             },
             is_system: true,
-            created_at: chrono::DateTime::UNIX_EPOCH,
+            created_at: self
+                .runner
+                .system_template_built_at()
+                .map_or(chrono::DateTime::UNIX_EPOCH, Into::into),
             uri: String::new(),
             disk,
+            state: TemplateState::Ready.as_str().into(),
+            progress: None,
         })
     }
 
@@ -108,8 +115,11 @@ impl Core {
         };
         let core = self.clone();
         let span = tracing::info_span!("template", template_id = %rec.id);
+        self.set_progress(&rec.id, Some(TemplateProgress { stage: "pulling".into(), ..Default::default() }));
         let task = tokio::spawn(async move { core.build_template(source).await }.instrument(span));
-        task.await.map_err(ApiError::internal)??;
+        let built = task.await.map_err(ApiError::internal);
+        self.set_progress(&rec.id, None);
+        built??;
         self.store.template(org, &rec.id)?.ok_or_else(|| ApiError::NotFound("template deleted".into()))
     }
 
@@ -117,8 +127,12 @@ impl Core {
         let id = source.id.clone();
         tracing::info!(uri = %source.uri, "building template");
         let built = async {
-            let built = self.runner.build_template(&source).await?;
+            let built =
+                self.runner.build_template(&source, &|p| self.set_progress(&id, Some(p.clone()))).await?;
             // The first boot: sandboxes of the default shape start from this snapshot.
+            let booting =
+                TemplateProgress { stage: "booting".into(), ..self.progress(&id).unwrap_or_default() };
+            self.set_progress(&id, Some(booting));
             self.runner.prepare_template(&id, DEFAULT_VCPU, DEFAULT_MEMORY_MIB).await?;
             cove_runner::fault_point("template.booted");
             Ok::<_, cove_runner::RunnerError>(built)
@@ -145,6 +159,18 @@ impl Core {
         self.store.template_ready(&id, &built.digest, &built.config, built.disk_mib)?;
         tracing::info!(digest = %built.digest, disk_mib = built.disk_mib, "template ready");
         Ok(())
+    }
+
+    fn set_progress(&self, id: &str, progress: Option<TemplateProgress>) {
+        let mut building = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        match progress {
+            Some(p) => building.insert(id.to_string(), p),
+            None => building.remove(id),
+        };
+    }
+
+    fn progress(&self, id: &str) -> Option<TemplateProgress> {
+        self.building.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
     /// Removes a template's files and record (a failed build, or what a crash left).
@@ -177,6 +203,10 @@ impl Core {
         }
         match self.store.template(org, id)? {
             Some(t) if t.state == TemplateState::Ready => Ok(template_response(&t)),
+            // An upload in flight: shown with how far it has come.
+            Some(t) if t.state == TemplateState::Building => {
+                Ok(Template { progress: self.progress(&t.id), ..template_response(&t) })
+            }
             _ => Err(ApiError::NotFound(format!("template {id} not found"))),
         }
     }

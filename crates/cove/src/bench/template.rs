@@ -142,7 +142,7 @@ pub async fn template(b: &Bench, registry: &Registry, args: &TemplateArgs, cache
             free_mib: cove_api::template::DEFAULT_FREE_MIB,
         };
         let t = Instant::now();
-        let built = b.runner.build_template(&src).await?;
+        let built = b.runner.build_template(&src, &|_| {}).await?;
         cove.push(t.elapsed());
         b.runner.remove_template(&src.id).await?;
         for entry in std::fs::read_dir(&layer_cache).into_iter().flatten().flatten() {
