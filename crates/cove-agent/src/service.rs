@@ -2,8 +2,9 @@
 //! started at boot as a service: as the image's user, in its working directory, with its
 //! environment, in a session and cgroup of its own. It is started before the template snapshot
 //! is saved, so every sandbox of the template restores with it running. When it exits it is
-//! started again, after a delay that doubles (1 s up to 60 s) while it keeps failing fast.
-//! Its output goes to `/var/log/cove-service.log`.
+//! started again, after a delay that doubles (1 s up to 60 s) while it keeps exiting fast; after
+//! five fast exits in a row it is left stopped (a base image's `CMD ["bash"]` exits at once
+//! without a terminal and is no service). Its output goes to `/var/log/cove-service.log`.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -21,6 +22,8 @@ const CGROUP: &str = "/sys/fs/cgroup/cove-service";
 /// A run this long counts as healthy: the next restart waits the shortest delay again.
 const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const MAX_DELAY: Duration = Duration::from_secs(60);
+/// Fast exits in a row after which the command is not started again.
+const GIVE_UP_AFTER: u32 = 5;
 
 pub fn start(reaper: Arc<Reaper>, user: SandboxUser, env: BTreeMap<String, String>, argv: Vec<String>) {
     if argv.is_empty() {
@@ -28,6 +31,7 @@ pub fn start(reaper: Arc<Reaper>, user: SandboxUser, env: BTreeMap<String, Strin
     }
     tokio::spawn(async move {
         let mut delay = Duration::from_secs(1);
+        let mut fast_exits = 0;
         loop {
             let started = Instant::now();
             let outcome = match run(&reaper, &user, &env, &argv) {
@@ -36,6 +40,17 @@ pub fn start(reaper: Arc<Reaper>, user: SandboxUser, env: BTreeMap<String, Strin
             };
             if started.elapsed() >= HEALTHY_RUN {
                 delay = Duration::from_secs(1);
+                fast_exits = 0;
+            } else {
+                fast_exits += 1;
+            }
+            if fast_exits >= GIVE_UP_AFTER {
+                note(&format!(
+                    "{} {outcome}, {fast_exits} times in a row within {}s of starting; not starting it again",
+                    argv[0],
+                    HEALTHY_RUN.as_secs()
+                ));
+                return;
             }
             note(&format!("{} {outcome}; starting it again in {}s", argv[0], delay.as_secs()));
             tokio::time::sleep(delay).await;

@@ -116,10 +116,16 @@ impl Core {
         let core = self.clone();
         let span = tracing::info_span!("template", template_id = %rec.id);
         self.set_progress(&rec.id, Some(TemplateProgress { stage: "pulling".into(), ..Default::default() }));
-        let task = tokio::spawn(async move { core.build_template(source).await }.instrument(span));
-        let built = task.await.map_err(ApiError::internal);
-        self.set_progress(&rec.id, None);
-        built??;
+        let id = rec.id.clone();
+        let task = tokio::spawn(
+            async move {
+                let built = core.build_template(source).await;
+                core.set_progress(&id, None);
+                built
+            }
+            .instrument(span),
+        );
+        task.await.map_err(ApiError::internal)??;
         self.store.template(org, &rec.id)?.ok_or_else(|| ApiError::NotFound("template deleted".into()))
     }
 
@@ -148,9 +154,12 @@ impl Core {
                         Some(field) => ApiError::field(field, o.to_string()),
                         None => ApiError::internal(error_chain(&o)),
                     },
-                    cove_runner::RunnerError::Agent(_) | cove_runner::RunnerError::Vmm(_) => ApiError::field(
+                    cove_runner::RunnerError::Agent(_) => ApiError::field(
                         "uri",
                         "the image did not boot as a sandbox (the agent never answered); see the server log",
+                    ),
+                    cove_runner::RunnerError::Vmm(_) => ApiError::Unavailable(
+                        "the template's VM could not be started; see the server log".into(),
                     ),
                     other => other.into(),
                 });
