@@ -451,8 +451,15 @@ impl Mounts {
             open_dirs: Default::default(),
             next_fh: Arc::new(AtomicU64::new(1)),
         };
-        let made_dir = !std::path::Path::new(&req.path).exists();
-        std::fs::create_dir_all(&req.path)?;
+        // Filesystem calls block: never on the runtime's few worker threads, which the FUSE
+        // handlers of this and other mounts need to answer the kernel.
+        let dir = req.path.clone();
+        let made_dir = tokio::task::spawn_blocking(move || {
+            let made = !std::path::Path::new(&dir).exists();
+            std::fs::create_dir_all(&dir).map(|_| made)
+        })
+        .await
+        .map_err(io::Error::other)??;
         let path = req.path.clone();
         let mut config = fuser::Config::default();
         config.mount_options = vec![
@@ -477,7 +484,9 @@ impl Mounts {
         };
         // The kernel reads ahead 128 KiB on FUSE by default, one request at a time, which leaves
         // the channel idle between requests: 1 MiB keeps several in flight.
-        if let Err(e) = set_read_ahead(&req.path, READ_AHEAD_KB) {
+        let dir = req.path.clone();
+        let read_ahead = tokio::task::spawn_blocking(move || set_read_ahead(&dir, READ_AHEAD_KB)).await;
+        if let Ok(Err(e)) = read_ahead {
             eprintln!("cove-agent: read-ahead of {}: {e}", req.path);
         }
         mounted.insert(req.id, Mounted { path: req.path, made_dir, session });
