@@ -214,7 +214,11 @@ impl Core {
             Some(t) if t.state == TemplateState::Ready => Ok(template_response(&t)),
             // An upload in flight: shown with how far it has come.
             Some(t) if t.state == TemplateState::Building => {
-                Ok(Template { progress: self.progress(&t.id), ..template_response(&t) })
+                // Recorded a moment before its build reports anything.
+                let progress = self
+                    .progress(&t.id)
+                    .unwrap_or_else(|| TemplateProgress { stage: "pulling".into(), ..Default::default() });
+                Ok(Template { progress: Some(progress), ..template_response(&t) })
             }
             _ => Err(ApiError::NotFound(format!("template {id} not found"))),
         }
