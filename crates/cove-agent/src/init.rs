@@ -183,5 +183,35 @@ pub fn apply_identity(id: &cove_proto::Identity) -> io::Result<()> {
             .collect();
         sys::add_entropy(&bytes)?;
     }
+    if let Some(bytes) = id.disk_bytes {
+        grow_root(bytes)?;
+    }
     Ok(())
+}
+
+/// Grows the root filesystem to fill its disk, once the guest sees the disk `bytes` large: the
+/// host grows a sandbox's disk just before it sends the identity, and the driver hears of it a
+/// moment later.
+fn grow_root(bytes: u64) -> io::Result<()> {
+    let size_file = format!("/sys/class/block/{}/size", ROOT_DEVICE.trim_start_matches("/dev/"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let disk = loop {
+        let sectors: u64 = std::fs::read_to_string(&size_file)?
+            .trim()
+            .parse()
+            .map_err(|e| io::Error::other(format!("reading {size_file}: {e}")))?;
+        if sectors * 512 >= bytes {
+            break sectors * 512;
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "the root disk is {} MiB, not the {} MiB it was grown to",
+                (sectors * 512) >> 20,
+                bytes >> 20
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    sys::resize_ext4("/", disk)
+        .map_err(|e| io::Error::new(e.kind(), format!("growing the root filesystem: {e}")))
 }

@@ -134,13 +134,18 @@ impl State {
             Ok(v) => v,
             Err(r) => return r,
         };
+        let mut env = self.image_env.clone();
+        env.extend(id.env.clone());
         if self.is_init {
-            if let Err(e) = crate::init::apply_identity(&id) {
-                return reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("applying identity: {e}"));
+            // Growing the disk waits for the guest to see it grown: off the async threads.
+            let applied = tokio::task::spawn_blocking(move || crate::init::apply_identity(&id)).await;
+            match applied.map_err(std::io::Error::other).and_then(|r| r) {
+                Ok(()) => {}
+                Err(e) => {
+                    return reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("applying identity: {e}"))
+                }
             }
         }
-        let mut env = self.image_env.clone();
-        env.extend(id.env);
         *self.env.write().unwrap_or_else(|p| p.into_inner()) = env;
         reply::empty(StatusCode::NO_CONTENT)
     }

@@ -95,6 +95,24 @@ pub fn add_entropy(entropy: &[u8]) -> io::Result<()> {
     check(unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG, 0) })
 }
 
+/// Grows the ext4 filesystem mounted at `mount_point`, online, to `bytes` (rounded down to its
+/// block size); a no-op when it is that size already.
+pub fn resize_ext4(mount_point: &str, bytes: u64) -> io::Result<()> {
+    let dir = std::fs::File::open(mount_point)?;
+    // SAFETY: statvfs is plain data, filled by the kernel.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open and st is a valid statvfs to write.
+    check(unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut st) })?;
+    if st.f_bsize == 0 {
+        return Err(io::Error::other("the root filesystem reports no block size"));
+    }
+    let blocks: u64 = bytes / st.f_bsize;
+    // EXT4_IOC_RESIZE_FS = _IOW('f', 16, __u64)
+    const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+    // SAFETY: the ioctl reads one u64, which lives across the call.
+    check(unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS, &blocks as *const u64) })
+}
+
 /// Reaps one exited child, if any: Some((pid, raw wait status)).
 pub fn wait_any_nohang() -> Option<(i32, i32)> {
     let mut status: libc::c_int = 0;

@@ -20,6 +20,8 @@ pub const MAX_ALLOW_DOMAINS: usize = 50;
 pub const MAX_ALLOW_CIDRS: usize = 10;
 pub const MAX_TRANSFORMS: usize = 20;
 pub const MAX_TEMPLATE_NAME: usize = 255;
+/// Largest writable disk a sandbox may ask for, MiB (a Cove limit; disks are sparse on the host).
+pub const MAX_DISK_MIB: u64 = 256 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SandboxCreateRequest {
@@ -36,6 +38,10 @@ pub struct SandboxCreateRequest {
     /// Memory in MiB, even, 512..=8192 (default 1024).
     #[serde(default)]
     pub memory: Option<u64>,
+    /// Writable disk in MiB, at least the template's (its default); the root filesystem is
+    /// grown to fill it. A Cove addition.
+    #[serde(default)]
+    pub disk: Option<u64>,
     /// Lifetime in seconds, 1..=28800 (default 300).
     #[serde(default)]
     pub timeout: Option<u64>,
@@ -62,6 +68,13 @@ impl Validate for SandboxCreateRequest {
         if let Some(mem) = self.memory {
             v.check((512..=8192).contains(&mem), "memory", "must be between 512 and 8192 MiB");
             v.check(mem % 2 == 0, "memory", "must be an even number");
+        }
+        if let Some(disk) = self.disk {
+            v.check(
+                (1..=MAX_DISK_MIB).contains(&disk),
+                "disk",
+                format!("must be between 1 and {MAX_DISK_MIB} MiB"),
+            );
         }
         if let Some(t) = self.timeout {
             v.check(

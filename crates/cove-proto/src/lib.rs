@@ -97,6 +97,10 @@ pub struct Identity {
     /// whose key stays on the host. Replaces the one sent before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_pem: Option<String>,
+    /// Size of the root disk, in bytes: the agent waits until the guest sees the disk that
+    /// large (the host may have just grown it) and grows the root filesystem to fill it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 /// The guest's network, the same in every sandbox (the host tells sandboxes apart by
@@ -157,13 +161,16 @@ mod tests {
             unix_time_ns: 5,
             entropy_hex: "00".into(),
             trust_pem: None,
+            disk_bytes: None,
         };
         assert_eq!(
             serde_json::to_string(&id).unwrap(),
             r#"{"hostname":"h","env":{"A":"1"},"unix_time_ns":5,"entropy_hex":"00"}"#
         );
-        let with_ca = Identity { trust_pem: Some("PEM".into()), ..id };
-        assert!(serde_json::to_string(&with_ca).unwrap().ends_with(r#","trust_pem":"PEM"}"#));
+        let with_ca = Identity { trust_pem: Some("PEM".into()), disk_bytes: Some(1 << 30), ..id };
+        assert!(serde_json::to_string(&with_ca)
+            .unwrap()
+            .ends_with(r#","trust_pem":"PEM","disk_bytes":1073741824}"#));
         let info = AgentInfo { protocol: 1, agent_version: "0.1.0".into(), uptime_secs: 1.5 };
         assert_eq!(
             serde_json::to_string(&info).unwrap(),

@@ -63,16 +63,19 @@ impl Images {
         format!("{files}|{KERNEL_CMDLINE}|{MACHINE}")
     }
 
-    /// Virtual size of the root disk, read from its qcow2 header.
+    /// Virtual size of the root disk.
     pub fn rootfs_size_mib(&self) -> u64 {
-        use std::io::Read;
-        let mut header = [0u8; 32];
-        let ok = std::fs::File::open(&self.rootfs).and_then(|mut f| f.read_exact(&mut header)).is_ok();
-        if !ok || &header[..4] != b"QFI\xfb" {
-            return 0;
-        }
-        let mut size = [0u8; 8];
-        size.copy_from_slice(&header[24..32]);
-        u64::from_be_bytes(size) >> 20
+        qcow2_virtual_size(&self.rootfs).unwrap_or(0) >> 20
     }
+}
+
+/// Virtual size in bytes of a qcow2 disk, read from its header.
+pub fn qcow2_virtual_size(path: &std::path::Path) -> Option<u64> {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut header)).ok()?;
+    if &header[..4] != b"QFI\xfb" {
+        return None;
+    }
+    Some(u64::from_be_bytes(header[24..32].try_into().ok()?))
 }

@@ -132,6 +132,9 @@ pub struct VmRequest {
     pub template: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Size of the writable disk, MiB: at least the template's; a larger one is grown when the
+    /// VM starts.
+    pub disk_mib: u64,
     pub env: BTreeMap<String, String>,
     /// Egress policy; `None` is allow-all.
     pub network_policy: Option<cove_api::sandbox::NetworkPolicy>,

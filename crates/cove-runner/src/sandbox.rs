@@ -93,7 +93,20 @@ fn identity(req: &VmRequest, data_dir: &Path) -> cove_proto::Identity {
         trust_pem: crate::net::trust_pem(data_dir, &req.id),
         unix_time_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
         entropy_hex: hex::encode(rand::random::<[u8; 32]>()),
+        disk_bytes: Some(req.disk_mib << 20),
     }
+}
+
+/// Grows the VM's disk to the sandbox's size when it is smaller (a new sandbox that asked for
+/// more than its template's disk). The guest grows its filesystem when it gets its identity.
+async fn grow_disk(vmm: &dyn Vmm, vm: &VmHandle, disk: &Path, mib: u64) -> Result<(), RunnerError> {
+    let have = crate::images::qcow2_virtual_size(disk).ok_or_else(|| {
+        RunnerError::io("reading the disk's size", std::io::Error::other("not a qcow2 disk"))
+    })?;
+    if mib << 20 > have {
+        vmm.resize_disk(vm, mib << 20).await?;
+    }
+    Ok(())
 }
 
 /// Has the guest mount `m` (a no-op if it has it at that path already: sent after every
@@ -331,6 +344,7 @@ impl SandboxVm {
             None => AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?,
         };
         let t_agent = t0.elapsed();
+        grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
         apply_identity(&agent, req, &cfg.data_dir).await?;
         guest_mounts(&agent, req).await?;
         tracing::debug!(
@@ -377,6 +391,7 @@ impl SandboxVm {
                     .await
                     .map_err(|e| RunnerError::io("connecting to the VM's fs port", e))?;
                 let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
+                grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
                 apply_identity(&agent, req, &cfg.data_dir).await?;
                 guest_mounts(&agent, req).await?;
                 Ok::<_, RunnerError>(agent)

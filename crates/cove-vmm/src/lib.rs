@@ -140,6 +140,8 @@ pub trait Vmm: Send + Sync {
     async fn save(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;
     /// Resumes vCPUs stopped by `save`.
     async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError>;
+    /// Grows the running VM's root disk to `bytes`; the guest is told its disk changed size.
+    async fn resize_disk(&self, vm: &VmHandle, bytes: u64) -> Result<(), VmmError>;
     /// Ends the VM process and waits until it is gone.
     async fn destroy(&self, vm: &VmHandle) -> Result<(), VmmError>;
     /// Finds a VM started earlier (by this or a previous runner process) from its run dir.

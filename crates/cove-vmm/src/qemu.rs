@@ -256,6 +256,12 @@ impl Vmm for QemuVmm {
         Ok(())
     }
 
+    async fn resize_disk(&self, vm: &VmHandle, bytes: u64) -> Result<(), VmmError> {
+        // The writable overlay grows; reads past its backing file's end are zeros.
+        self.qmp(vm).await?.execute("block_resize", json!({ "device": "root", "size": bytes })).await?;
+        Ok(())
+    }
+
     async fn destroy(&self, vm: &VmHandle) -> Result<(), VmmError> {
         if let Ok(Ok(mut qmp)) = tokio::time::timeout(Duration::from_millis(500), self.qmp(vm)).await {
             let _ = tokio::time::timeout(Duration::from_millis(500), qmp.execute("quit", json!({}))).await;

@@ -27,6 +27,9 @@ pub enum SandboxCmd {
         /// Memory in MiB.
         #[arg(long)]
         memory: Option<u64>,
+        /// Writable disk in MiB (default and least: the template's).
+        #[arg(long)]
+        disk: Option<u64>,
         /// Lifetime in seconds.
         #[arg(long)]
         timeout: Option<u64>,
@@ -325,9 +328,9 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
     use reqwest::Method;
     block_on(async move {
         match cmd {
-            SandboxCmd::Create { template, vcpu, memory, timeout, env, network_policy, conn } => {
+            SandboxCmd::Create { template, vcpu, memory, disk, timeout, env, network_policy, conn } => {
                 let env: BTreeMap<String, String> = env.into_iter().collect();
-                let body = json!({ "template_name": template, "vcpu": vcpu, "memory": memory, "timeout": timeout,
+                let body = json!({ "template_name": template, "vcpu": vcpu, "memory": memory, "disk": disk, "timeout": timeout,
                     "env_vars": env, "network_policy": network_policy });
                 let body = strip_nulls(body);
                 print(&Api::new(&conn)?.call(Method::POST, "/v1/sandbox", Some(body)).await?);

@@ -172,6 +172,10 @@ async fn create_validation_names_the_field() {
         (json!({ "template_name": t, "memory": 8194 }), "memory"),
         (json!({ "template_name": t, "timeout": 0 }), "timeout"),
         (json!({ "template_name": t, "timeout": 28801 }), "timeout"),
+        (json!({ "template_name": t, "disk": 0 }), "disk"),
+        (json!({ "template_name": t, "disk": 300 * 1024 }), "disk"),
+        // Smaller than the template's disk.
+        (json!({ "template_name": t, "disk": 64 }), "disk"),
         (json!({ "vcpu": 1 }), "template_name"),
         (json!({ "template_name": "" }), "template_name"),
         (json!({ "template_name": t, "vcpu": "two" }), "vcpu"),

@@ -220,14 +220,36 @@ async fn timeout_pauses_with_auto_pause_and_deletes_without() {
     left.delete_sandbox(&pausing).await;
 }
 
+/// The guest's root disk and filesystem sizes, MiB.
+async fn guest_disk_mib(api: &Api, id: &str) -> (u64, u64) {
+    let out = api
+        .sh_ok(id, "echo $(( $(cat /sys/class/block/vda/size) / 2048 )) $(df -m --output=size / | tail -1)")
+        .await;
+    let mut it = out.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+/// Also: a sandbox that asks for more disk than its template's gets it, grown in the guest,
+/// and keeps it across the stop.
 #[tokio::test]
 async fn stop_keeps_files_and_start_boots_afresh() {
     let _turn = VM_TURN.acquire().await.unwrap();
     let server = TestServer::shared();
     let api = server.new_org(None);
     let left = Leftovers::new(&api);
-    let id = api.create(json!({ "env_vars": { "KEPT_ENV": "yes" } })).await;
+    let templates = api.get("/v1/templates").await.json();
+    let base = templates["items"].as_array().unwrap().iter().find(|t| t["name"] == "system/debian:bookworm");
+    let base = base.and_then(|t| t["disk"].as_u64()).expect("the system template's disk");
+    let r = api
+        .post("/v1/sandbox", json!({ "template_name": "system/debian:bookworm", "disk": base + 512, "env_vars": { "KEPT_ENV": "yes" } }))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
     left.sandbox(&id);
+    assert_eq!(r.json()["disk"], base + 512);
+    let (disk, fs) = guest_disk_mib(&api, &id).await;
+    assert_eq!(disk, base + 512, "the guest's root disk");
+    assert!(fs > base + 400, "the root filesystem was not grown: {fs} MiB on a {disk} MiB disk");
     let pid = start_counter(&api, &id).await;
     api.put_file(&id, "/home/user/data/kept.txt", b"kept across a stop\n").await;
     api.sh_ok(&id, "echo from a command > /home/user/data/exec.txt").await;
@@ -257,6 +279,7 @@ async fn stop_keeps_files_and_start_boots_afresh() {
         .sh_ok(&id, "cat /home/user/data/kept.txt /home/user/data/exec.txt; hostname; echo $KEPT_ENV")
         .await;
     assert_eq!(out, format!("kept across a stop\nfrom a command\n{id}\nyes\n"));
+    assert_eq!(guest_disk_mib(&api, &id).await, (disk, fs), "the disk's size after the stop");
     // (The pattern does not match this command's own shell.)
     let (code, out, _) = api.exec(&id, "pgrep -af 'counter[.]log'").await;
     assert_eq!((code, out.as_str()), (1, ""), "the counter process ({pid} before the stop) outlived it");

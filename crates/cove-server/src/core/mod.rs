@@ -131,6 +131,7 @@ fn vm_request(rec: &SandboxRecord) -> VmRequest {
         template: rec.template.clone(),
         vcpus: rec.vcpu,
         memory_mib: rec.memory,
+        disk_mib: rec.disk,
         env: rec.env.clone(),
         network_policy: rec.network_policy.clone(),
         mounts: rec.mounts.clone(),
@@ -297,6 +298,13 @@ impl Core {
         req: SandboxCreateRequest,
     ) -> Result<SandboxRecord, ApiError> {
         let template = self.resolve_template(org, req.template_name.trim())?;
+        let disk = req.disk.unwrap_or(template.disk_mib);
+        if disk < template.disk_mib {
+            return Err(ApiError::field(
+                "disk",
+                format!("must be at least the template's disk, {} MiB", template.disk_mib),
+            ));
+        }
         let mounts: Vec<MountConfig> =
             req.mounts.iter().flatten().map(|m| MountConfig::new(new_mount_id(), m)).collect();
         check_policy(req.network_policy.as_ref(), "network_policy")?;
@@ -308,7 +316,7 @@ impl Core {
             template: template.id,
             vcpu: req.vcpu.unwrap_or(DEFAULT_VCPU),
             memory: req.memory.unwrap_or(DEFAULT_MEMORY_MIB),
-            disk: template.disk_mib,
+            disk,
             timeout,
             auto_pause: req.auto_pause.unwrap_or(false),
             network_policy: self.seal_policy(req.network_policy.clone()),
