@@ -64,10 +64,15 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let (uid, gid) = (user.uid, user.gid);
-    // SAFETY: child_setup only makes async-signal-safe system calls.
+    // Beside a system manager (a systemd image), in its namespaces.
+    let namespaces = crate::service::namespace_init().and_then(|pid| sys::Namespaces::of(pid, &cwd).ok());
+    // SAFETY: child_setup and child_setup_in only make async-signal-safe system calls.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid));
+        match namespaces {
+            Some(ns) => cmd.pre_exec(move || sys::child_setup_in(&ns, procs_fd, uid, gid)),
+            None => cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid)),
+        };
     }
     let (mut child, exited) = reaper.spawn(&mut cmd).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new("/bin/sh").exists() {

@@ -5,6 +5,11 @@
 //! started again, after a delay that doubles (1 s up to 60 s) while it keeps exiting fast; after
 //! five fast exits in a row it is left stopped (a base image's `CMD ["bash"]` exits at once
 //! without a terminal and is no service). Its output goes to `/var/log/cove-service.log`.
+//!
+//! A system manager (`/sbin/init`, systemd) must be PID 1, and the agent is: it runs as PID 1 of
+//! PID, mount and cgroup namespaces of its own, as systemd runs in a container (`container=cove`).
+//! It shares the filesystem, `/run` included; commands join its mount and PID namespaces (see
+//! [`namespace_init`]), so `ps` shows it as PID 1 and `systemctl` reaches it.
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
@@ -25,6 +30,19 @@ const MAX_DELAY: Duration = Duration::from_secs(60);
 /// Fast exits in a row after which the command is not started again.
 const GIVE_UP_AFTER: u32 = 5;
 
+/// PID (in the agent's namespace) of the system manager the service runs as, while it runs.
+static NAMESPACE_INIT: std::sync::Mutex<Option<i32>> = std::sync::Mutex::new(None);
+
+/// The system manager commands run beside, if the image's command is one and it is running.
+pub fn namespace_init() -> Option<i32> {
+    let pid = (*NAMESPACE_INIT.lock().unwrap_or_else(|p| p.into_inner()))?;
+    std::path::Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+fn set_namespace_init(pid: Option<i32>) {
+    *NAMESPACE_INIT.lock().unwrap_or_else(|p| p.into_inner()) = pid;
+}
+
 pub fn start(reaper: Arc<Reaper>, user: SandboxUser, env: BTreeMap<String, String>, argv: Vec<String>) {
     if argv.is_empty() {
         return;
@@ -38,6 +56,7 @@ pub fn start(reaper: Arc<Reaper>, user: SandboxUser, env: BTreeMap<String, Strin
                 Ok(exited) => format!("exited with status {}", exited.await.unwrap_or(-1)),
                 Err(e) => format!("could not start: {e}"),
             };
+            set_namespace_init(None);
             if started.elapsed() >= HEALTHY_RUN {
                 delay = Duration::from_secs(1);
                 fast_exits = 0;
@@ -70,23 +89,47 @@ fn run(
     let procs = std::fs::OpenOptions::new().write(true).open(format!("{CGROUP}/cgroup.procs")).ok();
     let procs_fd = procs.as_ref().map(|f| f.as_raw_fd());
     let cwd = if user.workdir.is_dir() { user.workdir.clone() } else { "/".into() };
+    let init = is_system_manager(&argv[0]);
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
         .envs(crate::exec::base_env(user))
         .envs(env)
+        .envs(init.then_some(("container", "cove")))
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
     let (uid, gid) = (user.uid, user.gid);
-    // SAFETY: child_setup only makes async-signal-safe system calls.
+    // SAFETY: child_setup and become_namespace_init only make async-signal-safe system calls.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid));
+        if init {
+            cmd.pre_exec(move || {
+                sys::child_setup(None, uid, gid)?;
+                sys::become_namespace_init(procs_fd)
+            });
+        } else {
+            cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid));
+        }
     }
-    let (_child, exited) = reaper.spawn(&mut cmd)?;
+    let (child, exited) = reaper.spawn(&mut cmd)?;
+    if init {
+        // The child is the stand-in; the manager is its one child, forked before the exec
+        // that let the spawn return.
+        let stand_in = child.id();
+        let children = std::fs::read_to_string(format!("/proc/{stand_in}/task/{stand_in}/children"));
+        set_namespace_init(children.ok().and_then(|c| c.split_whitespace().next()?.parse().ok()));
+    }
     Ok(exited)
+}
+
+/// Whether `program` is a system manager, which must run as PID 1: systemd, or any `init`.
+fn is_system_manager(program: &str) -> bool {
+    let real = std::fs::canonicalize(program).unwrap_or_else(|_| program.into());
+    [std::path::Path::new(program), &real]
+        .iter()
+        .any(|p| matches!(p.file_name().and_then(|n| n.to_str()), Some("init" | "systemd")))
 }
 
 fn open_log() -> std::io::Result<std::fs::File> {

@@ -131,16 +131,62 @@ pub fn kill_group(pgid: i32, sig: libc::c_int) {
 /// Runs in the forked child before exec: joins the exec's cgroup, starts a new session and drops
 /// to the sandbox user. Only async-signal-safe calls (write, setsid, setgroups, setgid, setuid).
 pub fn child_setup(cgroup_procs: Option<i32>, uid: u32, gid: u32) -> io::Result<()> {
+    join_cgroup(cgroup_procs)?;
+    // SAFETY: setsid has no arguments.
+    check(unsafe { libc::setsid() })?;
+    drop_privileges(uid, gid)
+}
+
+/// The namespaces of a system manager running as PID 1 of its own (see
+/// [`become_namespace_init`]), open in the agent, with the directory to work in once inside.
+pub struct Namespaces {
+    pub mnt: std::fs::File,
+    pub pid: std::fs::File,
+    pub cwd: CString,
+}
+
+impl Namespaces {
+    pub fn of(pid: i32, cwd: &std::path::Path) -> io::Result<Namespaces> {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(Namespaces {
+            mnt: std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?,
+            pid: std::fs::File::open(format!("/proc/{pid}/ns/pid"))?,
+            cwd: CString::new(cwd.as_os_str().as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?,
+        })
+    }
+}
+
+/// [`child_setup`] for a command that runs beside a system manager: it joins the manager's
+/// mount and PID namespaces (so it sees the manager as PID 1, and the manager accepts it as a
+/// local client) before dropping privileges. Joining a PID namespace takes a fork: the first
+/// child stays behind as a stand-in ([`fork_stand_in`]). Only async-signal-safe calls.
+pub fn child_setup_in(ns: &Namespaces, cgroup_procs: Option<i32>, uid: u32, gid: u32) -> io::Result<()> {
+    join_cgroup(cgroup_procs)?;
+    // SAFETY: setsid has no arguments.
+    check(unsafe { libc::setsid() })?;
+    // SAFETY: the fds are open namespace files; setns changes only this (single-threaded) child.
+    check(unsafe { libc::setns(ns.mnt.as_raw_fd(), libc::CLONE_NEWNS) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setns(ns.pid.as_raw_fd(), libc::CLONE_NEWPID) })?;
+    // Entering a mount namespace moves to its root: back to the command's directory.
+    // SAFETY: cwd is a C string made before the fork.
+    check(unsafe { libc::chdir(ns.cwd.as_ptr()) })?;
+    fork_stand_in()?;
+    drop_privileges(uid, gid)
+}
+
+fn join_cgroup(cgroup_procs: Option<i32>) -> io::Result<()> {
     if let Some(fd) = cgroup_procs {
         // SAFETY: writes 1 byte from a static buffer to an fd the parent opened for this child.
         if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } < 0 {
             return Err(io::Error::last_os_error());
         }
     }
-    // SAFETY: setsid has no arguments.
-    if unsafe { libc::setsid() } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    Ok(())
+}
+
+fn drop_privileges(uid: u32, gid: u32) -> io::Result<()> {
     if uid != 0 || gid != 0 {
         let groups = [gid];
         // SAFETY: pointer/length describe `groups` on the stack.
@@ -149,6 +195,73 @@ pub fn child_setup(cgroup_procs: Option<i32>, uid: u32, gid: u32) -> io::Result<
         check(unsafe { libc::setgid(gid) })?;
         // SAFETY: plain integer arguments.
         check(unsafe { libc::setuid(uid) })?;
+    }
+    Ok(())
+}
+
+/// Forks and returns in the new process only. The old one stays behind as a stand-in for it,
+/// the process the agent watches: it holds no descriptor of the agent's but stdio (so std's
+/// exec-error pipe closes once the new process has exec'ed), waits for it, and exits with its
+/// status. Only async-signal-safe calls.
+fn fork_stand_in() -> io::Result<()> {
+    // SAFETY: fork in a child that only makes system calls afterwards.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        return Ok(());
+    }
+    // SAFETY: close_range takes plain integers.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // SAFETY: _exit ends this process at once.
+            unsafe { libc::_exit(127) };
+        }
+    }
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
+    // SAFETY: _exit ends this process at once.
+    unsafe { libc::_exit(code) }
+}
+
+/// Runs in the forked child before exec, for a system manager (systemd) that must be PID 1. The
+/// child unshares a PID namespace and forks ([`fork_stand_in`]); the new process, PID 1 of its
+/// namespace, joins the service's cgroup (`cgroup_procs`), takes mount and cgroup namespaces of
+/// its own, mounts its own `/proc` and cgroup2, sees `/sys` read-only (as in a container), and
+/// goes on to exec. Mounts the agent makes later (a bucket) still reach it. Only
+/// async-signal-safe calls, and no allocation.
+pub fn become_namespace_init(cgroup_procs: Option<i32>) -> io::Result<()> {
+    // SAFETY: plain flag argument.
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) })?;
+    fork_stand_in()?;
+    join_cgroup(cgroup_procs)?;
+    // SAFETY: plain flag argument.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWCGROUP) })?;
+    let none = std::ptr::null::<libc::c_char>();
+    let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: every string is a static C string (or null where mount(2) allows it).
+    unsafe {
+        check(libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_SLAVE, std::ptr::null()))?;
+        check(libc::mount(c"proc".as_ptr(), c"/proc".as_ptr(), c"proc".as_ptr(), nosuid, std::ptr::null()))?;
+        let ro = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nosuid;
+        check(libc::mount(none, c"/sys".as_ptr(), none, ro, std::ptr::null()))?;
+        // The agent's cgroup2 mount shows the whole tree, and the same filesystem cannot be
+        // mounted again on its own root: replaced, here only, by one rooted at the namespace's.
+        check(libc::umount2(c"/sys/fs/cgroup".as_ptr(), libc::MNT_DETACH))?;
+        check(libc::mount(
+            c"cgroup2".as_ptr(),
+            c"/sys/fs/cgroup".as_ptr(),
+            c"cgroup2".as_ptr(),
+            nosuid,
+            std::ptr::null(),
+        ))?;
     }
     Ok(())
 }

@@ -275,8 +275,8 @@ impl Layer {
     }
 }
 
-/// Host programs and every shared library they load, as files of a layer: a small glibc
-/// userland made of this machine's Debian binaries.
+/// Host programs (names on the PATH, or absolute paths) and every shared library they load, as
+/// files of a layer: a small glibc userland made of this machine's Debian binaries.
 pub fn host_programs(mut layer: Layer, programs: &[&str]) -> Layer {
     let mut files: BTreeMap<String, ()> = BTreeMap::new();
     for p in programs {
@@ -302,6 +302,10 @@ pub fn host_programs(mut layer: Layer, programs: &[&str]) -> Layer {
 }
 
 fn which(program: &str) -> String {
+    if program.starts_with('/') {
+        assert!(Path::new(program).exists(), "{program} is not installed on this host");
+        return program.to_string();
+    }
     for dir in ["/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
         let p = format!("{dir}/{program}");
         if Path::new(&p).exists() {

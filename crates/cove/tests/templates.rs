@@ -263,13 +263,76 @@ async fn an_image_becomes_a_template_its_sandboxes_run() {
     );
 }
 
+/// An image whose command is `/sbin/init`: this host's systemd (merged /usr, as Debian has it),
+/// busybox for a shell, and one unit of the image's own, wanted by the default target.
+fn systemd_like() -> Image {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+    let mut layer = Layer::default()
+        .dir("usr", 0o755, (0, 0))
+        .dir("usr/bin", 0o755, (0, 0))
+        .dir("usr/sbin", 0o755, (0, 0))
+        .dir("usr/lib", 0o755, (0, 0))
+        .dir("usr/lib64", 0o755, (0, 0))
+        .symlink("bin", "usr/bin")
+        .symlink("sbin", "usr/sbin")
+        .symlink("lib", "usr/lib")
+        .symlink("lib64", "usr/lib64")
+        .file("usr/bin/busybox", &busybox, 0o755, (0, 0));
+    for applet in ["sh", "cat", "echo", "sleep", "grep"] {
+        layer = layer.symlink(&format!("usr/bin/{applet}"), "busybox");
+    }
+    let layer = host_programs(layer, &["/lib/systemd/systemd", "systemctl"])
+        .symlink("usr/sbin/init", "/lib/systemd/systemd")
+        .dir("etc", 0o755, (0, 0))
+        .file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644, (0, 0))
+        .file("etc/group", b"root:x:0:\n", 0o644, (0, 0))
+        .file("etc/os-release", b"ID=cove-test\nNAME=\"Cove systemd test\"\n", 0o644, (0, 0))
+        .dir("etc/systemd", 0o755, (0, 0))
+        .dir("etc/systemd/system", 0o755, (0, 0))
+        .file(
+            "etc/systemd/system/default.target",
+            b"[Unit]\nDescription=Cove test target\nWants=hello.service\n",
+            0o644,
+            (0, 0),
+        )
+        .file(
+            "etc/systemd/system/hello.service",
+            b"[Service]\nExecStart=/bin/sh -c 'echo up as $$ > /run/hello.txt; exec sleep 1000000'\n",
+            0o644,
+            (0, 0),
+        );
+    Image {
+        layers: vec![layer.finish()],
+        env: vec!["PATH=/usr/bin:/usr/sbin".into()],
+        cmd: Some(vec!["/sbin/init".into()]),
+        ..Default::default()
+    }
+}
+
+/// Polls `cmd` in the sandbox until it succeeds, for up to `secs` seconds; its output.
+async fn sh_eventually(api: &Api, id: &str, cmd: &str, secs: u64) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let (code, out, err) = api.exec(id, cmd).await;
+        if code == 0 {
+            return out;
+        }
+        if std::time::Instant::now() >= deadline {
+            let log = api.exec(id, "cat /var/log/cove-service.log").await.1;
+            panic!("{cmd}: still failing after {secs}s: {out}{err}\nservice log:\n{log}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alpine_and_distroless_like_images_run() {
+async fn alpine_distroless_and_systemd_images_run() {
     let registry = Registry::start(None);
     let srv = server(&[&registry], &[]);
     let api = srv.new_org(None);
     registry.push("busybox:1", &busybox_like(true)).await;
     registry.push("distroless:1", &busybox_like(false)).await;
+    registry.push("systemd:1", &systemd_like()).await;
     // A list with another platform first: the linux/amd64 entry is the one used.
     let mut arm = busybox_like(true);
     arm.platform = Some(("linux".into(), "arm64".into()));
@@ -278,8 +341,8 @@ async fn alpine_and_distroless_like_images_run() {
     registry.push_index("multi:1", &[(&arm_digest, "linux/arm64"), (&amd_digest, "linux/amd64")]).await;
 
     let name = |n: &str| format!("{n}-{}", common::rand_hex());
-    let (bb, dl, multi) = (name("busybox"), name("distroless"), name("multi"));
-    for (n, uri) in [(&bb, "busybox:1"), (&dl, "distroless:1"), (&multi, "multi:1")] {
+    let (bb, dl, multi, sd) = (name("busybox"), name("distroless"), name("multi"), name("systemd"));
+    for (n, uri) in [(&bb, "busybox:1"), (&dl, "distroless:1"), (&multi, "multi:1"), (&sd, "systemd:1")] {
         let r = upload(&api, n, &registry.uri(uri), None).await;
         assert_eq!(r.status, 201, "{uri}: {}", r.text());
         if uri == "multi:1" {
@@ -301,10 +364,22 @@ async fn alpine_and_distroless_like_images_run() {
     let r = api.fs(&dl_id, "exists", json!({ "path": "/bin/busybox" })).await;
     assert_eq!(r.json()["exists"], true, "{}", r.text());
 
-    for sbx in [&id, &dl_id] {
+    // systemd boots as PID 1 of its own namespace and starts the image's unit; commands run
+    // beside it (it is their PID 1, systemctl reaches it); a pause and resume keep it running.
+    let sd_id = api.create(json!({ "template_name": sd })).await;
+    let hello = sh_eventually(&api, &sd_id, "cat /run/hello.txt", 180).await;
+    assert_eq!(sh(&api, &sd_id, "cat /proc/1/comm").await, "systemd\n");
+    let active = sh_eventually(&api, &sd_id, "systemctl is-active hello.service", 60).await;
+    assert_eq!(active, "active\n");
+    let r = api.post(&format!("/v1/sandbox/{sd_id}/pause"), json!({})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(sh(&api, &sd_id, "cat /run/hello.txt").await, hello, "the unit ran again");
+    assert_eq!(sh(&api, &sd_id, "systemctl is-active hello.service").await, "active\n");
+
+    for sbx in [&id, &dl_id, &sd_id] {
         assert_eq!(api.delete(&format!("/v1/sandbox/{sbx}")).await.status, 204);
     }
-    for n in [&bb, &dl, &multi] {
+    for n in [&bb, &dl, &multi, &sd] {
         let t = api.get(&format!("/v1/template/{n}")).await.json();
         assert_eq!(api.delete(&format!("/v1/template/{}", t["id"].as_str().unwrap())).await.status, 204);
     }
