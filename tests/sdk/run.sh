@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the Leap0 Python SDK compatibility tests (tests/sdk) against `cove server`.
 #
-# The venv lives outside the repository (COVE_SDK_VENV, default /var/cache/cove/sdk-venv) and
+# The venv lives outside the repository (COVE_SDK_VENV, default $COVE_CACHE_DIR/sdk-venv) and
 # is created on first use with a Python >= 3.12 ($PYTHON if set): leap0 0.8.0 cannot be imported
 # on 3.11, whatever its metadata says. The server binary is COVE_BIN (default
 # target/debug/cove; build it with `cargo build -p cove`). Extra arguments go to pytest.
@@ -9,7 +9,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-venv="${COVE_SDK_VENV:-/var/cache/cove/sdk-venv}"
+venv="${COVE_SDK_VENV:-${COVE_CACHE_DIR:-/var/cache/cove}/sdk-venv}"
 
 new_enough() {
     "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1

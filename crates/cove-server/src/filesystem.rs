@@ -7,16 +7,18 @@ use axum::http::header;
 use axum::response::Response;
 use cove_api::filesystem::*;
 use cove_api::{ErrorResponse, Validate, ValidationErrorResponse};
-use cove_runner::{AgentBody, AgentClient};
+use cove_runner::AgentBody;
 use http_body_util::BodyExt;
 
+use crate::core::Guest;
 use crate::error::ApiError;
 use crate::extract::{OrgId, ValidJson};
 use crate::AppState;
 
 /// Sends one request to the agent and streams its answer back; agent errors keep their status.
+/// The sandbox stays running until the answer has streamed.
 async fn forward(
-    agent: &AgentClient,
+    agent: Guest,
     uri: String,
     content_type: Option<header::HeaderValue>,
     body: AgentBody,
@@ -40,7 +42,11 @@ async fn forward(
             out = out.header(name, v.clone());
         }
     }
-    out.body(Body::new(resp.into_body())).map_err(ApiError::internal)
+    let body = resp.into_body().map_frame(move |frame| {
+        let _held = &agent;
+        frame
+    });
+    out.body(Body::new(body)).map_err(ApiError::internal)
 }
 
 async fn forward_json<T: serde::Serialize>(
@@ -54,7 +60,7 @@ async fn forward_json<T: serde::Serialize>(
     let bytes = serde_json::to_vec(req).map_err(ApiError::internal)?;
     let ct = header::HeaderValue::from_static("application/json");
     forward(
-        &agent,
+        agent,
         format!("{}{op}", cove_proto::routes::FS_PREFIX),
         Some(ct),
         cove_runner::agent::full(bytes),
@@ -171,7 +177,7 @@ pub async fn write_file(
     q.validate().map_err(ApiError::Invalid)?;
     let agent = s.core.agent(&org, &id).await?;
     let uri = format!("{}write-file?{}", cove_proto::routes::FS_PREFIX, req.uri().query().unwrap_or(""));
-    forward(&agent, uri, None, stream(req.into_body())).await
+    forward(agent, uri, None, stream(req.into_body())).await
 }
 
 #[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/filesystem/write-files", tag = "Filesystem",
@@ -203,7 +209,7 @@ pub async fn write_files(
         .await
         .map_err(|_| ApiError::field("body", format!("must be at most {} MiB", MAX_UPLOAD_BYTES >> 20)))?;
     let sent = body.len();
-    let result = forward(&agent, uri, ct, cove_runner::agent::full(body)).await;
+    let result = forward(agent, uri, ct, cove_runner::agent::full(body)).await;
     if let Err(e) = &result {
         tracing::warn!(sandbox_id = %id, sent_bytes = sent, error = %e, "write-files failed in the guest");
     }

@@ -177,6 +177,60 @@ async fn invalid_transitions_are_conflicts() {
     }
 }
 
+/// Guest calls race the timeout's auto-pauses: a sandbox with a 1 s timeout is paused again
+/// and again while two clients keep running commands and reading files in it. A pause waits
+/// for the calls in flight, and calls that arrive during one wait and resume the sandbox:
+/// every call succeeds. `COVE_RACE_PAUSES` pauses (default 50).
+#[tokio::test]
+async fn guest_calls_racing_auto_pauses_all_succeed() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let left = Leftovers::new(&api);
+    let id = api.create(json!({ "timeout": 1, "auto_pause": true })).await;
+    left.sandbox(&id);
+    let want: usize = std::env::var("COVE_RACE_PAUSES").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let pauses = || {
+        server_log_lines(&server.data_dir)
+            .iter()
+            .filter(|l| l.contains("timeout reached, pausing") && l.contains(&id))
+            .count()
+    };
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = |n: u32| {
+        let (api, id, done) = (api.clone(), id.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut calls = 0u32;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                calls += 1;
+                let cmd = format!("sleep 0.3; echo {n}-{calls} | tee /home/user/race-{n}.txt");
+                let r =
+                    api.post(&format!("/v1/sandbox/{id}/process/execute"), json!({ "command": cmd })).await;
+                assert_eq!(r.status, 200, "exec {calls} of client {n}: {}", r.text());
+                assert_eq!(r.json()["stdout"], format!("{n}-{calls}\n"), "{}", r.text());
+                let r = api.fs(&id, "read-file", json!({ "path": format!("/home/user/race-{n}.txt") })).await;
+                assert_eq!(r.status, 200, "read {calls} of client {n}: {}", r.text());
+                assert_eq!(r.text(), format!("{n}-{calls}\n"));
+            }
+            calls
+        })
+    };
+    let clients = [client(1), client(2)];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60 * want as u64);
+    while pauses() < want && std::time::Instant::now() < deadline && !clients.iter().any(|c| c.is_finished())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut calls = 0;
+    for c in clients {
+        calls += c.await.expect("a client's call failed");
+    }
+    assert!(pauses() >= want, "{} auto-pauses in the time allowed (wanted {want})", pauses());
+    eprintln!("{calls} commands and reads, all answered, across {} auto-pauses", pauses());
+    left.delete_sandbox(&id).await;
+}
+
 #[tokio::test]
 async fn timeout_pauses_with_auto_pause_and_deletes_without() {
     let _turn = VM_TURN.acquire().await.unwrap();

@@ -66,7 +66,9 @@ pub struct Core {
     /// One lock per sandbox, held by every operation that changes its VM (pause, resume,
     /// snapshot, stop, start): concurrent requests queue behind it, so a burst of requests to a
     /// paused sandbox causes one resume, which the others wait for.
-    ops: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    ops: Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// Sandboxes whose timeout is being handled.
+    expiring: Mutex<std::collections::HashSet<String>>,
     /// How far each template upload in flight has come, by template id.
     building: Mutex<HashMap<String, cove_api::template::TemplateProgress>>,
 }
@@ -138,6 +140,23 @@ fn vm_request(rec: &SandboxRecord) -> VmRequest {
     }
 }
 
+/// Exclusive hold of a sandbox's operation lock.
+type OpGuard = tokio::sync::OwnedRwLockWriteGuard<()>;
+
+/// A sandbox's agent, with a shared hold of its operation lock: no pause, stop or snapshot
+/// starts while this lives. A streamed answer keeps it until the stream ends.
+pub struct Guest {
+    agent: AgentClient,
+    _lease: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+impl std::ops::Deref for Guest {
+    type Target = AgentClient;
+    fn deref(&self) -> &AgentClient {
+        &self.agent
+    }
+}
+
 fn new_mount_id() -> String {
     format!("mnt-{}", hex::encode(rand::random::<[u8; 8]>()))
 }
@@ -203,6 +222,7 @@ impl Core {
             cfg,
             sealer,
             ops: Mutex::new(HashMap::new()),
+            expiring: Mutex::new(Default::default()),
             building: Mutex::new(HashMap::new()),
         }
     }
@@ -255,12 +275,16 @@ impl Core {
         req
     }
 
-    async fn lock_sandbox(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
-            ops.entry(id.to_string()).or_default().clone()
-        };
-        lock.lock_owned().await
+    fn op_lock(&self, id: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.entry(id.to_string()).or_default().clone()
+    }
+
+    /// The sandbox's operation lock, exclusive: a change of state or of what the VM has (its
+    /// mounts, its policy). It waits for guest calls in flight, and calls that arrive meanwhile
+    /// wait for it.
+    async fn lock_sandbox(&self, id: &str) -> OpGuard {
+        self.op_lock(id).write_owned().await
     }
 
     /// Takes the sandbox's operation lock and reads it; 409 naming its state unless it is in
@@ -270,7 +294,7 @@ impl Core {
         org: &str,
         id: &str,
         want: SandboxState,
-    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, SandboxRecord), ApiError> {
+    ) -> Result<(OpGuard, SandboxRecord), ApiError> {
         let guard = self.lock_sandbox(id).await;
         let rec = self.get(org, id)?;
         if rec.state != want {
@@ -388,10 +412,22 @@ impl Core {
     }
 
     /// The agent of a sandbox, resuming it first if it is paused (or waiting for the resume or
-    /// snapshot in progress); 409 naming the state when it has no VM to offer.
-    pub async fn agent(&self, org: &str, id: &str) -> Result<AgentClient, ApiError> {
-        self.running(org, id).await?;
-        Ok(self.runner.agent(id).await?)
+    /// snapshot in progress); 409 naming the state when it has no VM to offer. The sandbox stays
+    /// running while the answer is held: a pause, stop or snapshot (a timeout's too) waits for
+    /// it, and a call that arrives during one waits for it and resumes the sandbox.
+    pub async fn agent(&self, org: &str, id: &str) -> Result<Guest, ApiError> {
+        loop {
+            let lease = self.op_lock(id).read_owned().await;
+            let rec = self.get(org, id)?;
+            match rec.state {
+                S::Running => return Ok(Guest { agent: self.runner.agent(id).await?, _lease: lease }),
+                S::Paused | S::Unpausing | S::Snapshotting => {
+                    drop(lease);
+                    self.resume(org, id).await?;
+                }
+                other => return Err(not_in(id, other, "running")),
+            }
+        }
     }
 
     /// The sandbox, running: a paused one is resumed first (requests that arrive during a
@@ -493,11 +529,7 @@ impl Core {
     /// The sandbox locked for a change of its mounts: running (a paused one is resumed first, as
     /// for any request that needs its guest) or stopped (the change is only recorded: a start
     /// boots afresh and mounts what is recorded); 409 naming any other state.
-    async fn lock_for_mounts(
-        &self,
-        org: &str,
-        id: &str,
-    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, SandboxRecord), ApiError> {
+    async fn lock_for_mounts(&self, org: &str, id: &str) -> Result<(OpGuard, SandboxRecord), ApiError> {
         if self.get(org, id)?.state != S::Stopped {
             self.running(org, id).await?;
         }
@@ -838,7 +870,9 @@ impl Core {
 
     /// Sandboxes whose timeout passed: paused when they asked for `auto_pause`, deleted
     /// otherwise.
-    pub async fn expire(&self) {
+    /// Pauses (with `auto_pause`) or deletes the sandboxes whose timeout passed, each on a task
+    /// of its own: a pause waits for the guest calls in flight, and must not hold up the others.
+    pub async fn expire(self: &Arc<Self>) {
         let expired = match self.store.expired(Utc::now().timestamp()) {
             Ok(e) => e,
             Err(e) => {
@@ -847,16 +881,23 @@ impl Core {
             }
         };
         for rec in expired {
-            let result = if rec.auto_pause {
-                tracing::info!(sandbox_id = %rec.id, "timeout reached, pausing");
-                self.pause(&rec.org_id, &rec.id).await.map(|_| ())
-            } else {
-                tracing::info!(sandbox_id = %rec.id, "timeout reached, deleting");
-                self.delete(&rec.org_id, &rec.id).await
-            };
-            if let Err(e) = result {
-                tracing::warn!(sandbox_id = %rec.id, error = %e, "handling an expired sandbox");
+            if !self.expiring.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone()) {
+                continue;
             }
+            let core = self.clone();
+            tokio::spawn(async move {
+                let result = if rec.auto_pause {
+                    tracing::info!(sandbox_id = %rec.id, "timeout reached, pausing");
+                    core.pause(&rec.org_id, &rec.id).await.map(|_| ())
+                } else {
+                    tracing::info!(sandbox_id = %rec.id, "timeout reached, deleting");
+                    core.delete(&rec.org_id, &rec.id).await
+                };
+                if let Err(e) = result {
+                    tracing::warn!(sandbox_id = %rec.id, error = %e, "handling an expired sandbox");
+                }
+                core.expiring.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
+            });
         }
     }
 
