@@ -23,7 +23,7 @@ use std::time::Duration;
 
 pub use agent::{AgentBody, AgentClient, AgentError};
 pub use build::{BuiltTemplate, TemplateSource};
-pub use cove_blob::BlobStore;
+pub use cove_blob::{BlobError, BlobStore};
 pub use cove_oci::{Credentials as RegistryCredentials, OciError};
 use cove_vmm::{Accel, Vmm, VmmError};
 pub use image::{CaptureStats, ImageManifest};

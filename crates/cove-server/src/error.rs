@@ -46,6 +46,34 @@ impl ApiError {
     pub fn internal(e: impl std::fmt::Display) -> Self {
         ApiError::Internal(e.to_string())
     }
+
+    /// A host-side failure of `what` for a sandbox (503): the whole chain goes to the log, the client gets
+    /// what failed and why in words fit for it, never host paths, QEMU's output or the chain.
+    pub fn unavailable(sandbox_id: &str, what: &str, e: &cove_runner::RunnerError) -> Self {
+        tracing::warn!(sandbox_id, error = %error_chain(e), "{what}");
+        ApiError::Unavailable(format!("{what}: {}", public_reason(e)))
+    }
+}
+
+/// Why a host-side step failed, as a client may read it. Only the runner's own messages about
+/// images and templates pass through; everything else is named by the part that failed.
+pub fn public_reason(e: &cove_runner::RunnerError) -> String {
+    use cove_runner::RunnerError as R;
+    match e {
+        R::UnknownTemplate(t) => format!("unknown template {t:?}"),
+        R::ImagesMissing(_) => "this host is not set up for sandboxes (run `cove setup` on it)".into(),
+        R::NoVm(id) => format!("sandbox {id} has no VM on this host"),
+        R::Vmm(_) => "the VM could not be run (details are in the server log)".into(),
+        R::Agent(a) => format!("the guest agent failed: {a}"),
+        R::Io(what, _) => format!("a host operation failed ({what})"),
+        // A damaged image names its file and chunk within the image, no host path.
+        R::Blob(b @ cove_runner::BlobError::Corrupt { .. }) => b.to_string(),
+        R::Blob(_) => "the image store failed (details are in the server log)".into(),
+        R::Image(m) => m.clone(),
+        R::Network(_) => "the sandbox's network could not be set up (details are in the server log)".into(),
+        R::Oci(o) => o.to_string(),
+        R::Mount { index, source } => format!("mount {index}: {source}"),
+    }
 }
 
 impl From<cove_store::StoreError> for ApiError {
@@ -82,7 +110,10 @@ impl From<cove_runner::RunnerError> for ApiError {
             RunnerError::ImagesMissing(_)
             | RunnerError::Image(_)
             | RunnerError::Blob(_)
-            | RunnerError::Network(_) => ApiError::Unavailable(error_chain(&e)),
+            | RunnerError::Network(_) => {
+                tracing::warn!(error = %error_chain(&e), "host failure");
+                ApiError::Unavailable(public_reason(&e))
+            }
             other => ApiError::Internal(error_chain(&other)),
         }
     }
@@ -139,5 +170,56 @@ impl IntoResponse for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, msg("internal error".into())).into_response()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cove_runner::RunnerError;
+    use http_body_util::BodyExt;
+
+    async fn answer(e: ApiError) -> (StatusCode, String) {
+        let resp = e.into_response();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Host failures reach the client as what failed and why in its words: no host path, no
+    /// QEMU output, no error chain.
+    #[tokio::test]
+    async fn host_failures_answer_without_paths_or_chains() {
+        let qemu = "qemu-system-x86_64: -drive file=/var/lib/cove/sandboxes/sbx-1/disk.qcow2: Could not open";
+        let secret_path = "/var/lib/cove";
+        let cases = [
+            RunnerError::Vmm(cove_vmm::VmmError::Spawn(format!("exit 1; QEMU said: {qemu}"))),
+            RunnerError::Io(
+                "creating disk overlay".into(),
+                std::io::Error::other(format!("{secret_path}/sandboxes/sbx-1/disk.qcow2: denied")),
+            ),
+            RunnerError::ImagesMissing(format!("{secret_path}/cache/kernel/vmlinuz")),
+            RunnerError::Network(format!("nft: {secret_path}/net/sbx-1.nft: syntax error")),
+        ];
+        for e in cases {
+            let (status, body) =
+                answer(ApiError::unavailable("sbx-1", "the sandbox VM failed to start", &e)).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert!(body.contains("the sandbox VM failed to start: "), "{body}");
+            for leak in [secret_path, "QEMU", "qemu-system", "qcow2", "nft"] {
+                assert!(!body.contains(leak), "{leak:?} in {body}");
+            }
+        }
+        // The same errors converted directly (a guest call, a resume by request).
+        let (status, body) = answer(RunnerError::ImagesMissing(format!("{secret_path}/x")).into()).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("cove setup") && !body.contains(secret_path), "{body}");
+        let (status, body) =
+            answer(RunnerError::Io("x".into(), std::io::Error::other(secret_path)).into()).await;
+        assert_eq!(
+            (status, body.contains(secret_path)),
+            (StatusCode::INTERNAL_SERVER_ERROR, false),
+            "{body}"
+        );
     }
 }

@@ -360,14 +360,11 @@ impl Core {
         let vm = self.vm_request(&rec);
         let span = tracing::info_span!("create", sandbox_id = %rec.id);
         if let Err(e) = self.runner.create(&vm).instrument(span).await {
-            tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "sandbox VM failed to start");
             let _ = self.runner.destroy(&rec.id).await;
             self.store.delete_sandbox(&rec.id)?;
-            return Err(match mount_call_error(e, |i| format!("mounts[{i}]")) {
-                ApiError::Internal(m) => {
-                    ApiError::Unavailable(format!("the sandbox VM failed to start: {m}"))
-                }
-                other => other,
+            return Err(match e {
+                e @ RunnerError::Mount { .. } => mount_call_error(e, |i| format!("mounts[{i}]")),
+                e => ApiError::unavailable(&rec.id, "the sandbox VM failed to start", &e),
             });
         }
         if self.store.transition(&rec.id, &[SandboxState::Starting], SandboxState::Running)?.is_none() {
@@ -453,7 +450,10 @@ impl Core {
             cove_runner::RunnerError::Io(_, io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
                 ApiError::BadGateway(format!("nothing listens on port {port} in sandbox {id}"))
             }
-            e => ApiError::BadGateway(format!("reaching port {port} of sandbox {id}: {}", error_chain(&e))),
+            e => {
+                tracing::warn!(sandbox_id = %id, port, error = %error_chain(&e), "reaching a guest port");
+                ApiError::BadGateway(format!("port {port} of sandbox {id} could not be reached"))
+            }
         })
     }
 
@@ -514,9 +514,10 @@ impl Core {
         let rec = self.get(org, id)?;
         match rec.state {
             S::Running => {
-                self.runner.set_network_policy(id, Some(&policy)).await.map_err(|e| {
-                    ApiError::Unavailable(format!("applying the network policy: {}", error_chain(&e)))
-                })?;
+                self.runner
+                    .set_network_policy(id, Some(&policy))
+                    .await
+                    .map_err(|e| ApiError::unavailable(id, "applying the network policy failed", &e))?;
             }
             S::Paused | S::Stopped => {}
             other => return Err(not_in(id, other, "running, paused or stopped")),
@@ -638,12 +639,8 @@ impl Core {
                 self.get(org, id)
             }
             Err(e) => {
-                tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "pause failed; the sandbox keeps running");
                 self.store.transition(id, &[S::Snapshotting], S::Running)?;
-                Err(ApiError::Unavailable(format!(
-                    "pausing failed, the sandbox keeps running: {}",
-                    error_chain(&e)
-                )))
+                Err(ApiError::unavailable(id, "pausing failed, the sandbox keeps running", &e))
             }
         }
     }
@@ -669,12 +666,8 @@ impl Core {
         let span = tracing::info_span!("resume", sandbox_id = %id);
         let started = std::time::Instant::now();
         if let Err(e) = self.runner.create_from_image(&self.vm_request(&rec), &image).instrument(span).await {
-            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "resume failed; the sandbox stays paused");
             self.store.transition(id, &[S::Unpausing], S::Paused)?;
-            return Err(ApiError::Unavailable(format!(
-                "resuming failed, the sandbox stays paused: {}",
-                error_chain(&e)
-            )));
+            return Err(ApiError::unavailable(id, "resuming failed, the sandbox stays paused", &e));
         }
         cove_runner::fault_point("resume.running");
         let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(&rec));
@@ -711,9 +704,8 @@ impl Core {
         self.begin(id, S::Stopped, change)?;
         let span = tracing::info_span!("start", sandbox_id = %id);
         if let Err(e) = self.runner.boot(&self.vm_request(&rec)).instrument(span).await {
-            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "start failed; the sandbox stays stopped");
             self.store.transition(id, &[S::Starting], S::Stopped)?;
-            return Err(ApiError::Unavailable(format!("starting failed: {}", error_chain(&e))));
+            return Err(ApiError::unavailable(id, "starting failed, the sandbox stays stopped", &e));
         }
         self.store.update(id, &[S::Starting], Change::to(S::Running).timeout_at(Self::expires_at(&rec)))?;
         self.get(org, id)
@@ -772,11 +764,10 @@ impl Core {
                 }
             }
             Err(e) => {
-                tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "snapshot failed");
                 let _ = self.runner.delete_image(&snap.image).await;
                 self.store.delete_snapshot(&snap_id)?;
                 self.store.transition(id, &[S::Snapshotting], S::Running)?;
-                return Err(ApiError::Unavailable(format!("snapshot failed: {}", error_chain(&e))));
+                return Err(ApiError::unavailable(id, "the snapshot failed", &e));
             }
         }
         self.store.snapshot(org, &snap_id)?.ok_or_else(|| ApiError::internal("snapshot vanished"))
@@ -828,10 +819,9 @@ impl Core {
         if let Err(e) =
             self.runner.create_from_image(&self.vm_request(&rec), &snap.image).instrument(span).await
         {
-            tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "restore failed");
             let _ = self.runner.destroy(&rec.id).await;
             self.store.delete_sandbox(&rec.id)?;
-            return Err(ApiError::Unavailable(format!("restoring the snapshot failed: {}", error_chain(&e))));
+            return Err(ApiError::unavailable(&rec.id, "restoring the snapshot failed", &e));
         }
         if self.store.transition(&rec.id, &[S::Starting], S::Running)?.is_none() {
             let _ = self.runner.destroy(&rec.id).await;
