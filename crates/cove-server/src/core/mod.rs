@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use SandboxState as S;
 
+mod recovery;
 mod templates;
 pub use templates::template_response;
 
@@ -971,89 +972,57 @@ impl Core {
         Ok(manifest.map(|m| m.stored_bytes()))
     }
 
-    /// Settles one sandbox after a restart; `vm_alive` says whether its QEMU was adopted.
+    /// Settles one sandbox after a restart; `vm_alive` says whether its QEMU was adopted. What
+    /// to do is [`recovery::plan`]'s to decide, from the facts gathered here.
     async fn recover_one(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
+        use recovery::Step;
         let id = rec.id.as_str();
         let runner_err = |e: cove_runner::RunnerError| ApiError::internal(error_chain(&e));
-        match (rec.state, rec.op.clone()) {
-            (S::Running, _) if !vm_alive => {
-                // The VM is gone (host reboot, QEMU killed); its disk is still there, so it is
-                // stopped in the contract's sense.
-                tracing::warn!(sandbox_id = %id, "VM of a running sandbox is gone; marking it stopped");
-                self.runner.end_vm(id).await.map_err(runner_err)?;
-                self.store.transition(id, &[S::Running], S::Stopped)?;
+        let capture_image = match &rec.op {
+            Some(Op::Pause { image } | Op::Snapshot { image, .. }) if rec.state == S::Snapshotting => {
+                Some(image)
             }
-            (S::Starting, Some(Op::Start)) => {
-                tracing::info!(sandbox_id = %id, "undoing a start interrupted by a restart");
-                self.runner.end_vm(id).await.map_err(runner_err)?;
-                self.store.transition(id, &[S::Starting], S::Stopped)?;
-            }
-            (S::Starting, _) => {
-                tracing::info!(sandbox_id = %id, "dropping a create interrupted by a restart");
-                self.runner.destroy(id).await.map_err(runner_err)?;
-                self.store.delete_sandbox(id)?;
-            }
-            (S::Snapshotting, Some(Op::Pause { image })) => {
-                if self.stored_bytes(&image).await?.is_some() {
-                    tracing::info!(sandbox_id = %id, "finishing a pause interrupted by a restart");
-                    self.runner.destroy(id).await.map_err(runner_err)?;
-                    self.store.update(id, &[S::Snapshotting], Change::to(S::Paused).image(Some(image)))?;
-                } else {
-                    tracing::info!(sandbox_id = %id, "undoing a pause interrupted by a restart");
-                    self.runner.delete_image(&image).await.map_err(runner_err)?;
-                    self.run_on_or_stop(rec, vm_alive).await?;
-                }
-            }
-            (S::Snapshotting, Some(Op::Snapshot { snapshot_id, image, kill_after })) => {
-                let stored = self.stored_bytes(&image).await?;
-                let complete = stored.is_some();
-                if let Some(stored) = stored {
-                    self.store.snapshot_ready(&snapshot_id, stored)?;
-                } else {
-                    self.runner.delete_image(&image).await.map_err(runner_err)?;
-                    self.store.delete_snapshot(&snapshot_id)?;
-                }
-                if complete && kill_after {
-                    self.store.transition(id, &[S::Snapshotting], S::Deleting)?;
-                    self.finish_delete(rec).await?;
-                } else {
-                    self.run_on_or_stop(rec, vm_alive).await?;
-                }
-            }
-            (S::Unpausing, op) => {
-                let image = match op {
-                    Some(Op::Resume { image }) => Some(image),
-                    _ => rec.image.clone(),
-                };
-                if vm_alive && self.runner.reidentify(&self.vm_request(rec)).await.is_ok() {
-                    // The VM got as far as running and answering: keep what it did since.
-                    tracing::info!(sandbox_id = %id, "finishing a resume interrupted by a restart");
-                    let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(rec));
-                    self.store.update(id, &[S::Unpausing], change)?;
-                    if let Some(image) = image {
-                        self.runner.delete_image(&image).await.map_err(runner_err)?;
+            _ => None,
+        };
+        let stored = match capture_image {
+            Some(image) => self.stored_bytes(image).await?,
+            None => None,
+        };
+        let vm_answers = rec.state == S::Unpausing
+            && vm_alive
+            && self.runner.reidentify(&self.vm_request(rec)).await.is_ok();
+        let facts = recovery::Facts { vm_alive, image_complete: stored.is_some(), vm_answers };
+        let steps = recovery::plan(rec.state, rec.op.as_ref(), rec.image.as_deref(), facts);
+        if !steps.is_empty() {
+            tracing::info!(sandbox_id = %id, state = %rec.state, op = ?rec.op, ?facts, ?steps, "settling a sandbox after a restart");
+        }
+        for step in steps {
+            match step {
+                Step::EndVm => self.runner.end_vm(id).await.map_err(runner_err)?,
+                Step::DestroyVm => self.runner.destroy(id).await.map_err(runner_err)?,
+                Step::FinishStop => {
+                    if self.runner.stop(id).await.is_err() {
+                        self.runner.end_vm(id).await.map_err(runner_err)?;
                     }
-                } else {
-                    // The image is intact until the resume has committed: start over from it.
-                    tracing::info!(sandbox_id = %id, "undoing a resume interrupted by a restart");
-                    self.runner.destroy(id).await.map_err(runner_err)?;
-                    self.store.transition(id, &[S::Unpausing], S::Paused)?;
                 }
-            }
-            (S::Stopping, _) => {
-                tracing::info!(sandbox_id = %id, "finishing a stop interrupted by a restart");
-                if self.runner.stop(id).await.is_err() {
-                    self.runner.end_vm(id).await.map_err(runner_err)?;
+                Step::RunOnOrStop => self.run_on_or_stop(rec, vm_alive).await?,
+                Step::DeleteImage(image) => self.runner.delete_image(&image).await.map_err(runner_err)?,
+                Step::SnapshotReady(snapshot_id) => {
+                    self.store.snapshot_ready(&snapshot_id, stored.unwrap_or(0))?
                 }
-                self.store.transition(id, &[S::Stopping], S::Stopped)?;
-            }
-            (S::Deleting, _) => {
-                tracing::info!(sandbox_id = %id, "finishing an interrupted delete");
-                self.finish_delete(rec).await?;
-            }
-            (S::Running, _) | (S::Paused, _) | (S::Stopped, _) | (S::Deleted, _) => {}
-            (S::Snapshotting, _) => {
-                self.run_on_or_stop(rec, vm_alive).await?;
+                Step::DeleteSnapshot(snapshot_id) => self.store.delete_snapshot(&snapshot_id)?,
+                Step::To(to) => {
+                    self.store.transition(id, &[rec.state], to)?;
+                }
+                Step::ToPaused(image) => {
+                    self.store.update(id, &[rec.state], Change::to(S::Paused).image(Some(image)))?;
+                }
+                Step::ToRunning => {
+                    let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(rec));
+                    self.store.update(id, &[rec.state], change)?;
+                }
+                Step::DeleteRecord => self.store.delete_sandbox(id)?,
+                Step::FinishDelete => self.finish_delete(rec).await?,
             }
         }
         Ok(())

@@ -1,0 +1,256 @@
+//! Crash recovery as a plan: what to do with a sandbox found after a restart is a pure function
+//! of its recorded state, the operation it had in flight, and what the host reports
+//! ([`Facts`]). [`plan`] decides; `Core::recover_one` carries the steps out. The table in
+//! docs/architecture.md ("Crash recovery") is this function in words, and the tests below run
+//! it over every state, operation and fact.
+
+use cove_api::sandbox::SandboxState as S;
+use cove_store::Op;
+
+/// What the host reports about a sandbox found after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Facts {
+    /// Its QEMU was found running and adopted.
+    pub vm_alive: bool,
+    /// The image its interrupted capture was writing (pause or snapshot) is complete.
+    pub image_complete: bool,
+    /// An interrupted resume's VM answered when given its identity again.
+    pub vm_answers: bool,
+}
+
+/// One step of a plan, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// End the VM and its run files; the disk stays.
+    EndVm,
+    /// Remove the VM and every file of the sandbox.
+    DestroyVm,
+    /// Finish a stop: sync in the guest and end the VM (just end it if that fails).
+    FinishStop,
+    /// Run the VM stopped by an undone capture again and give it its identity; if it cannot
+    /// run, end it and stop the sandbox instead.
+    RunOnOrStop,
+    DeleteImage(String),
+    /// Mark a snapshot ready with its image's stored size.
+    SnapshotReady(String),
+    DeleteSnapshot(String),
+    /// Record the state change (from the state the sandbox was found in).
+    To(S),
+    /// Record `paused` with the image that holds it.
+    ToPaused(String),
+    /// Record `running` with a fresh timeout and no image.
+    ToRunning,
+    /// Remove the sandbox's record (a create or restore that never finished).
+    DeleteRecord,
+    /// Finish a delete: VM, files, image and record.
+    FinishDelete,
+}
+
+/// The steps that settle a sandbox found in `state` with `op` in flight. Settled states need
+/// nothing, unless a `running` sandbox lost its VM.
+pub fn plan(state: S, op: Option<&Op>, image: Option<&str>, facts: Facts) -> Vec<Step> {
+    use Step::*;
+    match (state, op) {
+        (S::Running, _) if !facts.vm_alive => vec![EndVm, To(S::Stopped)],
+        (S::Running | S::Paused | S::Stopped | S::Deleted, _) => vec![],
+        (S::Starting, Some(Op::Start)) => vec![EndVm, To(S::Stopped)],
+        // A create or restore: nothing of it is the user's yet.
+        (S::Starting, _) => vec![DestroyVm, DeleteRecord],
+        (S::Snapshotting, Some(Op::Pause { image })) if facts.image_complete => {
+            vec![DestroyVm, ToPaused(image.clone())]
+        }
+        (S::Snapshotting, Some(Op::Pause { image })) => vec![DeleteImage(image.clone()), RunOnOrStop],
+        (S::Snapshotting, Some(&Op::Snapshot { ref snapshot_id, kill_after, .. }))
+            if facts.image_complete =>
+        {
+            let mut steps = vec![SnapshotReady(snapshot_id.clone())];
+            if kill_after {
+                steps.extend([To(S::Deleting), FinishDelete]);
+            } else {
+                steps.push(RunOnOrStop);
+            }
+            steps
+        }
+        (S::Snapshotting, Some(Op::Snapshot { snapshot_id, image, .. })) => {
+            vec![DeleteImage(image.clone()), DeleteSnapshot(snapshot_id.clone()), RunOnOrStop]
+        }
+        (S::Snapshotting, _) => vec![RunOnOrStop],
+        // The VM got as far as running and answering: keep what it did since; the image is
+        // spent. Otherwise the image is intact until the resume commits: start over from it.
+        (S::Unpausing, op) if facts.vm_alive && facts.vm_answers => {
+            let image = match op {
+                Some(Op::Resume { image }) => Some(image.as_str()),
+                _ => image,
+            };
+            let mut steps = vec![ToRunning];
+            steps.extend(image.map(|i| DeleteImage(i.to_string())));
+            steps
+        }
+        (S::Unpausing, _) => vec![DestroyVm, To(S::Paused)],
+        (S::Stopping, _) => vec![FinishStop, To(S::Stopped)],
+        (S::Deleting, _) => vec![FinishDelete],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Step::*;
+
+    fn ops() -> Vec<Option<Op>> {
+        let mut ops = vec![
+            None,
+            Some(Op::Create),
+            Some(Op::Restore { snapshot_id: "snap-1".into() }),
+            Some(Op::Start),
+            Some(Op::Pause { image: "pause-1".into() }),
+            Some(Op::Resume { image: "pause-1".into() }),
+            Some(Op::Stop),
+        ];
+        for kill_after in [false, true] {
+            ops.push(Some(Op::Snapshot {
+                snapshot_id: "snap-1".into(),
+                image: "snap-img".into(),
+                kill_after,
+            }));
+        }
+        ops
+    }
+
+    fn all_facts() -> Vec<Facts> {
+        let mut v = Vec::new();
+        for vm_alive in [false, true] {
+            for image_complete in [false, true] {
+                for vm_answers in [false, true] {
+                    v.push(Facts { vm_alive, image_complete, vm_answers });
+                }
+            }
+        }
+        v
+    }
+
+    /// Where a plan leaves the sandbox: `None` when its record is gone.
+    fn settles(found: S, steps: &[Step]) -> Option<S> {
+        let mut state = Some(found);
+        for step in steps {
+            state = match step {
+                To(s) => Some(*s),
+                ToPaused(_) => Some(S::Paused),
+                ToRunning => Some(S::Running),
+                // Runs on (running) or, failing that, stops (stopped): both settled.
+                RunOnOrStop => Some(S::Running),
+                DeleteRecord | FinishDelete => None,
+                _ => state,
+            };
+        }
+        state
+    }
+
+    /// Every state, operation and fact: the plan leaves the sandbox settled (or gone), never
+    /// deletes the only copy of a paused sandbox, and never leaves a VM behind a record that is
+    /// not running.
+    #[test]
+    fn every_case_settles_and_keeps_the_users_data() {
+        for state in S::ALL {
+            for op in ops() {
+                for facts in all_facts() {
+                    let image = Some("pause-1");
+                    let steps = plan(state, op.as_ref(), image, facts);
+                    let case = format!("{state:?} {op:?} {facts:?}: {steps:?}");
+                    let end = settles(state, &steps);
+                    assert!(
+                        matches!(end, None | Some(S::Running | S::Paused | S::Stopped | S::Deleted)),
+                        "left unsettled: {case}"
+                    );
+                    // A paused sandbox's image is its only copy.
+                    if end == Some(S::Paused) {
+                        assert!(!steps.iter().any(|s| matches!(s, DeleteImage(_))), "{case}");
+                    }
+                    // A complete pause image is kept, and the sandbox is paused on it.
+                    if state == S::Snapshotting
+                        && matches!(op, Some(Op::Pause { .. }))
+                        && facts.image_complete
+                    {
+                        assert_eq!(steps, vec![DestroyVm, ToPaused("pause-1".into())], "{case}");
+                    }
+                    // A complete snapshot image becomes a ready snapshot, whatever else happens.
+                    if state == S::Snapshotting && matches!(op, Some(Op::Snapshot { .. })) {
+                        assert_eq!(
+                            steps.contains(&SnapshotReady("snap-1".into())),
+                            facts.image_complete,
+                            "{case}"
+                        );
+                        assert_eq!(
+                            steps.contains(&DeleteSnapshot("snap-1".into())),
+                            !facts.image_complete,
+                            "{case}"
+                        );
+                    }
+                    // Stopped or paused means no VM: one is ended or destroyed on the way there
+                    // (RunOnOrStop ends it itself when it falls back to stopping).
+                    let transient = !matches!(state, S::Running | S::Paused | S::Stopped | S::Deleted);
+                    if transient && matches!(end, Some(S::Stopped | S::Paused)) {
+                        assert!(
+                            steps.iter().any(|s| matches!(s, EndVm | DestroyVm | FinishStop)),
+                            "a VM may outlive the sandbox's run: {case}"
+                        );
+                    }
+                    // Settled sandboxes are left alone unless their VM is gone.
+                    if matches!(state, S::Paused | S::Stopped | S::Deleted) {
+                        assert!(steps.is_empty(), "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_table() {
+        let alive = Facts { vm_alive: true, image_complete: false, vm_answers: false };
+        let gone = Facts { vm_alive: false, ..alive };
+        let complete = Facts { image_complete: true, ..alive };
+        let pause = Op::Pause { image: "p".into() };
+        let resume = Op::Resume { image: "p".into() };
+        let snap = |kill_after| Op::Snapshot { snapshot_id: "s".into(), image: "i".into(), kill_after };
+        let cases: Vec<(S, Option<Op>, Facts, Vec<Step>)> = vec![
+            (S::Running, None, alive, vec![]),
+            (S::Running, None, gone, vec![EndVm, To(S::Stopped)]),
+            (S::Starting, Some(Op::Create), alive, vec![DestroyVm, DeleteRecord]),
+            (
+                S::Starting,
+                Some(Op::Restore { snapshot_id: "s".into() }),
+                alive,
+                vec![DestroyVm, DeleteRecord],
+            ),
+            (S::Starting, Some(Op::Start), alive, vec![EndVm, To(S::Stopped)]),
+            (S::Snapshotting, Some(pause.clone()), complete, vec![DestroyVm, ToPaused("p".into())]),
+            (S::Snapshotting, Some(pause), alive, vec![DeleteImage("p".into()), RunOnOrStop]),
+            (S::Snapshotting, Some(snap(false)), complete, vec![SnapshotReady("s".into()), RunOnOrStop]),
+            (
+                S::Snapshotting,
+                Some(snap(true)),
+                complete,
+                vec![SnapshotReady("s".into()), To(S::Deleting), FinishDelete],
+            ),
+            (
+                S::Snapshotting,
+                Some(snap(true)),
+                alive,
+                vec![DeleteImage("i".into()), DeleteSnapshot("s".into()), RunOnOrStop],
+            ),
+            (
+                S::Unpausing,
+                Some(resume.clone()),
+                Facts { vm_answers: true, ..alive },
+                vec![ToRunning, DeleteImage("p".into())],
+            ),
+            (S::Unpausing, Some(resume.clone()), alive, vec![DestroyVm, To(S::Paused)]),
+            (S::Unpausing, Some(resume), Facts { vm_answers: true, ..gone }, vec![DestroyVm, To(S::Paused)]),
+            (S::Stopping, Some(Op::Stop), alive, vec![FinishStop, To(S::Stopped)]),
+            (S::Deleting, None, alive, vec![FinishDelete]),
+        ];
+        for (state, op, facts, want) in cases {
+            assert_eq!(plan(state, op.as_ref(), None, facts), want, "{state:?} {op:?} {facts:?}");
+        }
+    }
+}
