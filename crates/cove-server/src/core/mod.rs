@@ -22,8 +22,10 @@ use cove_store::{
 };
 use tracing::Instrument;
 
+use machine::Action;
 use SandboxState as S;
 
+mod machine;
 mod recovery;
 mod templates;
 pub use templates::template_response;
@@ -290,12 +292,13 @@ impl Core {
 
     /// Takes the sandbox's operation lock and reads it; 409 naming its state unless it is in
     /// `want`.
-    async fn lock_in(
+    async fn lock_for(
         &self,
         org: &str,
         id: &str,
-        want: SandboxState,
+        action: Action,
     ) -> Result<(OpGuard, SandboxRecord), ApiError> {
+        let want = machine::rule(action).from;
         let guard = self.lock_sandbox(id).await;
         let rec = self.get(org, id)?;
         if rec.state != want {
@@ -304,13 +307,33 @@ impl Core {
         Ok((guard, rec))
     }
 
-    /// Applies `change` to a sandbox just read in state `from`: 409 if it moved meanwhile, 429
-    /// if the change is over the organization's limit.
-    fn begin(&self, id: &str, from: SandboxState, change: Change) -> Result<(), ApiError> {
-        match self.store.update(id, &[from], change).map_err(limit_error)? {
+    /// Records `action` in flight with `op` on a sandbox just read in the action's starting
+    /// state (see [`machine::RULES`]): 409 if it moved meanwhile, 429 if the action counts
+    /// toward the organization's limit and it is reached.
+    fn begin(&self, id: &str, action: Action, op: Op) -> Result<(), ApiError> {
+        let rule = machine::rule(action);
+        let mut change = Change::to(rule.during).op(op);
+        if rule.counts_toward_limit {
+            change = change.limit(self.cfg.default_sandbox_limit);
+        }
+        match self.store.update(id, &[rule.from], change).map_err(limit_error)? {
             Some(_) => Ok(()),
             None => Err(ApiError::Conflict(format!("sandbox {id} changed state; try again"))),
         }
+    }
+
+    /// Records `action` done: its end state, with what `more` adds to the change.
+    fn finish(&self, id: &str, action: Action, more: impl FnOnce(Change) -> Change) -> Result<(), ApiError> {
+        let rule = machine::rule(action);
+        self.store.update(id, &[rule.during], more(Change::to(rule.done)))?;
+        Ok(())
+    }
+
+    /// Records `action` failed on the host: back to its fallback state.
+    fn fall_back(&self, id: &str, action: Action) -> Result<(), ApiError> {
+        let rule = machine::rule(action);
+        self.store.transition(id, &[rule.during], rule.failed)?;
+        Ok(())
     }
 
     fn expires_at(rec: &SandboxRecord) -> i64 {
@@ -622,9 +645,9 @@ impl Core {
     /// Pauses a running sandbox: its device state, RAM and disk go to the blob store, then the
     /// VM and its host memory are released. If storing fails the sandbox keeps running.
     pub async fn pause(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
-        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
+        let (_op, rec) = self.lock_for(org, id, Action::Pause).await?;
         let image = new_image_prefix("pause");
-        self.begin(id, S::Running, Change::to(S::Snapshotting).op(Op::Pause { image: image.clone() }))?;
+        self.begin(id, Action::Pause, Op::Pause { image: image.clone() })?;
         let span = tracing::info_span!("pause", sandbox_id = %id);
         match self
             .runner
@@ -636,11 +659,11 @@ impl Core {
                 cove_runner::fault_point("pause.released");
                 tracing::info!(sandbox_id = %id, save_ms = stats.save_ms, store_ms = stats.store_ms,
                     stored_bytes = stats.stored_bytes, "paused");
-                self.store.update(id, &[S::Snapshotting], Change::to(S::Paused).image(Some(image)))?;
+                self.finish(id, Action::Pause, |c| c.image(Some(image)))?;
                 self.get(org, id)
             }
             Err(e) => {
-                self.store.transition(id, &[S::Snapshotting], S::Running)?;
+                self.fall_back(id, Action::Pause)?;
                 Err(ApiError::unavailable(id, "pausing failed, the sandbox keeps running", &e))
             }
         }
@@ -653,26 +676,22 @@ impl Core {
         let rec = self.get(org, id)?;
         match rec.state {
             S::Running => return Ok(rec),
-            S::Paused => {}
+            s if s == machine::rule(Action::Resume).from => {}
             other => return Err(not_in(id, other, "paused")),
         }
         let image = rec
             .image
             .clone()
             .ok_or_else(|| ApiError::internal(format!("paused sandbox {id} has no image")))?;
-        let change = Change::to(S::Unpausing)
-            .op(Op::Resume { image: image.clone() })
-            .limit(self.cfg.default_sandbox_limit);
-        self.begin(id, S::Paused, change)?;
+        self.begin(id, Action::Resume, Op::Resume { image: image.clone() })?;
         let span = tracing::info_span!("resume", sandbox_id = %id);
         let started = std::time::Instant::now();
         if let Err(e) = self.runner.create_from_image(&self.vm_request(&rec), &image).instrument(span).await {
-            self.store.transition(id, &[S::Unpausing], S::Paused)?;
+            self.fall_back(id, Action::Resume)?;
             return Err(ApiError::unavailable(id, "resuming failed, the sandbox stays paused", &e));
         }
         cove_runner::fault_point("resume.running");
-        let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(&rec));
-        self.store.update(id, &[S::Unpausing], change)?;
+        self.finish(id, Action::Resume, |c| c.image(None).timeout_at(Self::expires_at(&rec)))?;
         tracing::info!(sandbox_id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "resumed");
         // The image is spent: the guest has moved on from it. Deleting it need not hold up the
         // answer; if it fails (or the server stops first), recovery deletes unreferenced images.
@@ -687,28 +706,27 @@ impl Core {
 
     /// Stops a running sandbox: the guest syncs, the VM ends, only the writable disk is kept.
     pub async fn stop(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
-        let (_op, _) = self.lock_in(org, id, S::Running).await?;
-        self.begin(id, S::Running, Change::to(S::Stopping).op(Op::Stop))?;
+        let (_op, _) = self.lock_for(org, id, Action::Stop).await?;
+        self.begin(id, Action::Stop, Op::Stop)?;
         if let Err(e) = self.runner.stop(id).await {
             // Whatever went wrong, the VM must not outlive a stopped sandbox.
             tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "stop did not go cleanly; ending the VM");
             self.runner.end_vm(id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
         }
-        self.store.transition(id, &[S::Stopping], S::Stopped)?;
+        self.finish(id, Action::Stop, |c| c)?;
         self.get(org, id)
     }
 
     /// Boots a stopped sandbox afresh from its template with the disk it kept.
     pub async fn start(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
-        let (_op, rec) = self.lock_in(org, id, S::Stopped).await?;
-        let change = Change::to(S::Starting).op(Op::Start).limit(self.cfg.default_sandbox_limit);
-        self.begin(id, S::Stopped, change)?;
+        let (_op, rec) = self.lock_for(org, id, Action::Start).await?;
+        self.begin(id, Action::Start, Op::Start)?;
         let span = tracing::info_span!("start", sandbox_id = %id);
         if let Err(e) = self.runner.boot(&self.vm_request(&rec)).instrument(span).await {
-            self.store.transition(id, &[S::Starting], S::Stopped)?;
+            self.fall_back(id, Action::Start)?;
             return Err(ApiError::unavailable(id, "starting failed, the sandbox stays stopped", &e));
         }
-        self.store.update(id, &[S::Starting], Change::to(S::Running).timeout_at(Self::expires_at(&rec)))?;
+        self.finish(id, Action::Start, |c| c.timeout_at(Self::expires_at(&rec)))?;
         self.get(org, id)
     }
 
@@ -721,7 +739,7 @@ impl Core {
         name: Option<String>,
         kill_after: bool,
     ) -> Result<SnapshotRecord, ApiError> {
-        let (_op, rec) = self.lock_in(org, id, S::Running).await?;
+        let (_op, rec) = self.lock_for(org, id, Action::Snapshot).await?;
         let snap_id = format!("snap-{}", hex::encode(rand::random::<[u8; 10]>()));
         let name = match name.map(|n| n.trim().to_string()) {
             Some(n) => n,
@@ -746,7 +764,7 @@ impl Core {
         };
         self.store.insert_snapshot(&snap)?;
         let op = Op::Snapshot { snapshot_id: snap_id.clone(), image: snap.image.clone(), kill_after };
-        if let Err(e) = self.begin(id, S::Running, Change::to(S::Snapshotting).op(op)) {
+        if let Err(e) = self.begin(id, Action::Snapshot, op) {
             self.store.delete_snapshot(&snap_id)?;
             return Err(e);
         }
@@ -758,16 +776,17 @@ impl Core {
                     store_ms = stats.store_ms, stored_bytes = stats.stored_bytes, "snapshot stored");
                 self.store.snapshot_ready(&snap_id, manifest.stored_bytes())?;
                 if kill_after {
-                    self.store.transition(id, &[S::Snapshotting], S::Deleting)?;
+                    let during = machine::rule(Action::Snapshot).during;
+                    self.store.transition(id, &[during], S::Deleting)?;
                     self.finish_delete(&rec).await?;
                 } else {
-                    self.store.transition(id, &[S::Snapshotting], S::Running)?;
+                    self.finish(id, Action::Snapshot, |c| c)?;
                 }
             }
             Err(e) => {
                 let _ = self.runner.delete_image(&snap.image).await;
                 self.store.delete_snapshot(&snap_id)?;
-                self.store.transition(id, &[S::Snapshotting], S::Running)?;
+                self.fall_back(id, Action::Snapshot)?;
                 return Err(ApiError::unavailable(id, "the snapshot failed", &e));
             }
         }
