@@ -4,8 +4,7 @@
 //! docs/architecture.md ("Crash recovery") is this function in words, and the tests below run
 //! it over every state, operation and fact.
 
-use cove_api::sandbox::SandboxState as S;
-use cove_store::Op;
+use super::*;
 
 /// What the host reports about a sandbox found after a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +88,160 @@ pub fn plan(state: S, op: Option<&Op>, image: Option<&str>, facts: Facts) -> Vec
         (S::Unpausing, _) => vec![DestroyVm, To(S::Paused)],
         (S::Stopping, _) => vec![FinishStop, To(S::Stopped)],
         (S::Deleting, _) => vec![FinishDelete],
+    }
+}
+
+impl Core {
+    /// Brings the store and the host back in line after a restart: adopts VMs still running,
+    /// finishes or undoes every operation a crash interrupted (see docs/architecture.md,
+    /// "Crash recovery"), and removes files and images nobody owns.
+    pub async fn recover(&self) -> Result<(), ApiError> {
+        self.recover_templates().await?;
+        let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
+        let with_vm: Vec<VmRequest> = records
+            .iter()
+            .filter(|r| {
+                matches!(r.state, S::Running | S::Snapshotting | S::Stopping | S::Unpausing | S::Starting)
+            })
+            .map(|r| self.vm_request(r))
+            .collect();
+        let lost: std::collections::HashSet<String> =
+            self.runner.recover(&with_vm).await.into_iter().collect();
+        for rec in &records {
+            if let Err(e) = self.recover_one(rec, !lost.contains(&rec.id)).await {
+                tracing::error!(sandbox_id = %rec.id, error = %e, "recovering sandbox");
+            }
+        }
+        for snap in self.store.unsettled_snapshots()? {
+            let in_flight = records
+                .iter()
+                .any(|r| matches!(&r.op, Some(Op::Snapshot { snapshot_id, .. }) if *snapshot_id == snap.id));
+            if in_flight {
+                continue;
+            }
+            if let Err(e) = self.settle_snapshot(&snap).await {
+                tracing::error!(snapshot_id = %snap.id, error = %e, "recovering snapshot");
+            }
+        }
+        let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
+        let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        let mut unknown: Vec<String> = self.runner.sandbox_ids_on_host();
+        unknown.extend(self.runner.sandbox_networks());
+        unknown.sort();
+        unknown.dedup();
+        for id in unknown.into_iter().filter(|id| !known.contains(id.as_str())) {
+            tracing::info!(sandbox_id = %id, "removing files and network of an unknown sandbox");
+            let _ = self.runner.destroy(&id).await;
+        }
+        let referenced = self.store.referenced_images()?;
+        match self.runner.stored_images().await {
+            Ok(images) => {
+                for image in images.into_iter().filter(|i| !referenced.contains(i)) {
+                    tracing::info!(image = %image, "removing an image nobody refers to");
+                    let _ = self.runner.delete_image(&image).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), "listing stored images"),
+        }
+        Ok(())
+    }
+
+    /// A snapshot left `creating` with a complete image becomes ready; any other unsettled one
+    /// (incomplete, or `deleting`) is removed with its image.
+    pub(super) async fn settle_snapshot(&self, snap: &SnapshotRecord) -> Result<(), ApiError> {
+        let stored = match snap.state {
+            SnapshotState::Creating => self.stored_bytes(&snap.image).await?,
+            _ => None,
+        };
+        if let Some(stored) = stored {
+            self.store.snapshot_ready(&snap.id, stored)?;
+        } else {
+            tracing::info!(snapshot_id = %snap.id, "removing an unfinished snapshot");
+            self.runner.delete_image(&snap.image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.store.delete_snapshot(&snap.id)?;
+        }
+        Ok(())
+    }
+
+    /// The stored size of a complete image; `None` when it is incomplete. A store that cannot
+    /// answer is an error, so that recovery never takes a complete image for a partial one and
+    /// deletes it.
+    pub(super) async fn stored_bytes(&self, image: &str) -> Result<Option<u64>, ApiError> {
+        let manifest =
+            self.runner.find_image(image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        Ok(manifest.map(|m| m.stored_bytes()))
+    }
+
+    /// Settles one sandbox after a restart; `vm_alive` says whether its QEMU was adopted. What
+    /// to do is [`recovery::plan`]'s to decide, from the facts gathered here.
+    pub(super) async fn recover_one(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
+        use recovery::Step;
+        let id = rec.id.as_str();
+        let runner_err = |e: cove_runner::RunnerError| ApiError::internal(error_chain(&e));
+        let capture_image = match &rec.op {
+            Some(Op::Pause { image } | Op::Snapshot { image, .. }) if rec.state == S::Snapshotting => {
+                Some(image)
+            }
+            _ => None,
+        };
+        let stored = match capture_image {
+            Some(image) => self.stored_bytes(image).await?,
+            None => None,
+        };
+        let vm_answers = rec.state == S::Unpausing
+            && vm_alive
+            && self.runner.reidentify(&self.vm_request(rec)).await.is_ok();
+        let facts = recovery::Facts { vm_alive, image_complete: stored.is_some(), vm_answers };
+        let steps = recovery::plan(rec.state, rec.op.as_ref(), rec.image.as_deref(), facts);
+        if !steps.is_empty() {
+            tracing::info!(sandbox_id = %id, state = %rec.state, op = ?rec.op, ?facts, ?steps, "settling a sandbox after a restart");
+        }
+        for step in steps {
+            match step {
+                Step::EndVm => self.runner.end_vm(id).await.map_err(runner_err)?,
+                Step::DestroyVm => self.runner.destroy(id).await.map_err(runner_err)?,
+                Step::FinishStop => {
+                    if self.runner.stop(id).await.is_err() {
+                        self.runner.end_vm(id).await.map_err(runner_err)?;
+                    }
+                }
+                Step::RunOnOrStop => self.run_on_or_stop(rec, vm_alive).await?,
+                Step::DeleteImage(image) => self.runner.delete_image(&image).await.map_err(runner_err)?,
+                Step::SnapshotReady(snapshot_id) => {
+                    self.store.snapshot_ready(&snapshot_id, stored.unwrap_or(0))?
+                }
+                Step::DeleteSnapshot(snapshot_id) => self.store.delete_snapshot(&snapshot_id)?,
+                Step::To(to) => {
+                    self.store.transition(id, &[rec.state], to)?;
+                }
+                Step::ToPaused(image) => {
+                    self.store.update(id, &[rec.state], Change::to(S::Paused).image(Some(image)))?;
+                }
+                Step::ToRunning => {
+                    let change = Change::to(S::Running).image(None).timeout_at(Self::expires_at(rec));
+                    self.store.update(id, &[rec.state], change)?;
+                }
+                Step::DeleteRecord => self.store.delete_sandbox(id)?,
+                Step::FinishDelete => self.finish_delete(rec).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// After an undone capture: the VM runs again if it survived, else the sandbox is stopped.
+    pub(super) async fn run_on_or_stop(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
+        if vm_alive && self.runner.run_again(&rec.id).await.is_ok() {
+            // Its clock stood still while it was stopped: set it again.
+            if let Err(e) = self.runner.reidentify(&self.vm_request(rec)).await {
+                tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "re-sending the identity after recovery");
+            }
+            self.store.transition(&rec.id, &[S::Snapshotting], S::Running)?;
+        } else {
+            tracing::warn!(sandbox_id = %rec.id, "VM gone during an interrupted capture; marking it stopped");
+            self.runner.end_vm(&rec.id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.store.transition(&rec.id, &[S::Snapshotting], S::Stopped)?;
+        }
+        Ok(())
     }
 }
 

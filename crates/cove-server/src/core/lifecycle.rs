@@ -1,0 +1,211 @@
+//! The sandbox lifecycle: create, delete, pause, resume, stop, start, timeouts. Transitions
+//! come from [`super::machine::RULES`].
+
+use super::*;
+
+impl Core {
+    pub async fn create_sandbox(
+        &self,
+        org: &str,
+        req: SandboxCreateRequest,
+    ) -> Result<SandboxRecord, ApiError> {
+        let template = self.resolve_template(org, req.template_name.trim())?;
+        let disk = req.disk.unwrap_or(template.disk_mib);
+        if disk < template.disk_mib {
+            return Err(ApiError::field(
+                "disk",
+                format!("must be at least the template's disk, {} MiB", template.disk_mib),
+            ));
+        }
+        let mounts: Vec<MountConfig> =
+            req.mounts.iter().flatten().map(|m| MountConfig::new(new_mount_id(), m)).collect();
+        check_policy(req.network_policy.as_ref(), "network_policy")?;
+        let now = Utc::now();
+        let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let rec = SandboxRecord {
+            id: new_sandbox_id(),
+            org_id: org.to_string(),
+            template: template.id,
+            vcpu: req.vcpu.unwrap_or(DEFAULT_VCPU),
+            memory: req.memory.unwrap_or(DEFAULT_MEMORY_MIB),
+            disk,
+            timeout,
+            auto_pause: req.auto_pause.unwrap_or(false),
+            network_policy: self.seal_policy(req.network_policy.clone()),
+            mounts: mounts.into_iter().map(|m| self.seal_mount(m)).collect(),
+            env: req.env_vars.clone().unwrap_or_default(),
+            state: SandboxState::Starting,
+            runner_id: self.cfg.runner_id.clone(),
+            created_at: now,
+            launch_time: None,
+            state_changed_at: now,
+            timeout_at: Some(now.timestamp() + timeout as i64),
+            op: Some(Op::Create),
+            image: None,
+            snapshot_id: None,
+        };
+        self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
+        let vm = self.vm_request(&rec);
+        let span = tracing::info_span!("create", sandbox_id = %rec.id);
+        if let Err(e) = self.runner.create(&vm).instrument(span).await {
+            let _ = self.runner.destroy(&rec.id).await;
+            self.store.delete_sandbox(&rec.id)?;
+            return Err(match e {
+                e @ RunnerError::Mount { .. } => mount_call_error(e, |i| format!("mounts[{i}]")),
+                e => ApiError::unavailable(&rec.id, "the sandbox VM failed to start", &e),
+            });
+        }
+        if self.store.transition(&rec.id, &[SandboxState::Starting], SandboxState::Running)?.is_none() {
+            // Deleted while starting (e.g. by a concurrent delete): do not leave a VM behind.
+            let _ = self.runner.destroy(&rec.id).await;
+            return Err(ApiError::Conflict("sandbox was deleted while it started".into()));
+        }
+        self.get(org, &rec.id)
+    }
+
+    /// Deletes a sandbox: its VM, every file of it and its pause image. A sandbox already
+    /// `deleting` (a delete interrupted by a crash) may be deleted again; one in a transition
+    /// may not.
+    pub async fn delete(&self, org: &str, id: &str) -> Result<(), ApiError> {
+        let rec = self.get(org, id)?;
+        let from = [S::Running, S::Paused, S::Stopped, S::Deleting];
+        if self.store.transition(id, &from, S::Deleting)?.is_none() {
+            return Err(ApiError::Conflict(format!(
+                "sandbox {id} is {}; try again when it settles",
+                rec.state
+            )));
+        }
+        self.finish_delete(&rec).await
+    }
+
+    pub(super) async fn finish_delete(&self, rec: &SandboxRecord) -> Result<(), ApiError> {
+        self.runner.destroy(&rec.id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        if let Some(image) = &rec.image {
+            self.runner.delete_image(image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        }
+        self.store.delete_sandbox(&rec.id)?;
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
+        Ok(())
+    }
+
+    /// Pauses a running sandbox: its device state, RAM and disk go to the blob store, then the
+    /// VM and its host memory are released. If storing fails the sandbox keeps running.
+    pub async fn pause(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let (_op, rec) = self.lock_for(org, id, Action::Pause).await?;
+        let image = new_image_prefix("pause");
+        self.begin(id, Action::Pause, Op::Pause { image: image.clone() })?;
+        let span = tracing::info_span!("pause", sandbox_id = %id);
+        match self
+            .runner
+            .capture(&self.vm_request(&rec), &image, AfterCapture::Release)
+            .instrument(span)
+            .await
+        {
+            Ok((_, stats)) => {
+                cove_runner::fault_point("pause.released");
+                tracing::info!(sandbox_id = %id, save_ms = stats.save_ms, store_ms = stats.store_ms,
+                    stored_bytes = stats.stored_bytes, "paused");
+                self.finish(id, Action::Pause, |c| c.image(Some(image)))?;
+                self.get(org, id)
+            }
+            Err(e) => {
+                self.fall_back(id, Action::Pause)?;
+                Err(ApiError::unavailable(id, "pausing failed, the sandbox keeps running", &e))
+            }
+        }
+    }
+
+    /// Resumes a paused sandbox from its image (no-op when it already runs). Callers that
+    /// arrive during a resume wait for it and share its outcome.
+    pub async fn resume(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let _op = self.lock_sandbox(id).await;
+        let rec = self.get(org, id)?;
+        match rec.state {
+            S::Running => return Ok(rec),
+            s if s == machine::rule(Action::Resume).from => {}
+            other => return Err(not_in(id, other, "paused")),
+        }
+        let image = rec
+            .image
+            .clone()
+            .ok_or_else(|| ApiError::internal(format!("paused sandbox {id} has no image")))?;
+        self.begin(id, Action::Resume, Op::Resume { image: image.clone() })?;
+        let span = tracing::info_span!("resume", sandbox_id = %id);
+        let started = std::time::Instant::now();
+        if let Err(e) = self.runner.create_from_image(&self.vm_request(&rec), &image).instrument(span).await {
+            self.fall_back(id, Action::Resume)?;
+            return Err(ApiError::unavailable(id, "resuming failed, the sandbox stays paused", &e));
+        }
+        cove_runner::fault_point("resume.running");
+        self.finish(id, Action::Resume, |c| c.image(None).timeout_at(Self::expires_at(&rec)))?;
+        tracing::info!(sandbox_id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "resumed");
+        // The image is spent: the guest has moved on from it. Deleting it need not hold up the
+        // answer; if it fails (or the server stops first), recovery deletes unreferenced images.
+        let (runner, sandbox_id) = (self.runner.clone(), id.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = runner.delete_image(&image).await {
+                tracing::warn!(sandbox_id = %sandbox_id, error = %error_chain(&e), "deleting a spent pause image");
+            }
+        });
+        self.get(org, id)
+    }
+
+    /// Stops a running sandbox: the guest syncs, the VM ends, only the writable disk is kept.
+    pub async fn stop(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let (_op, _) = self.lock_for(org, id, Action::Stop).await?;
+        self.begin(id, Action::Stop, Op::Stop)?;
+        if let Err(e) = self.runner.stop(id).await {
+            // Whatever went wrong, the VM must not outlive a stopped sandbox.
+            tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "stop did not go cleanly; ending the VM");
+            self.runner.end_vm(id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        }
+        self.finish(id, Action::Stop, |c| c)?;
+        self.get(org, id)
+    }
+
+    /// Boots a stopped sandbox afresh from its template with the disk it kept.
+    pub async fn start(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
+        let (_op, rec) = self.lock_for(org, id, Action::Start).await?;
+        self.begin(id, Action::Start, Op::Start)?;
+        let span = tracing::info_span!("start", sandbox_id = %id);
+        if let Err(e) = self.runner.boot(&self.vm_request(&rec)).instrument(span).await {
+            self.fall_back(id, Action::Start)?;
+            return Err(ApiError::unavailable(id, "starting failed, the sandbox stays stopped", &e));
+        }
+        self.finish(id, Action::Start, |c| c.timeout_at(Self::expires_at(&rec)))?;
+        self.get(org, id)
+    }
+
+    /// Sandboxes whose timeout passed: paused when they asked for `auto_pause`, deleted
+    /// otherwise.
+    /// Pauses (with `auto_pause`) or deletes the sandboxes whose timeout passed, each on a task
+    /// of its own: a pause waits for the guest calls in flight, and must not hold up the others.
+    pub async fn expire(self: &Arc<Self>) {
+        let expired = match self.store.expired(Utc::now().timestamp()) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "listing expired sandboxes");
+                return;
+            }
+        };
+        for rec in expired {
+            if !self.expiring.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.id.clone()) {
+                continue;
+            }
+            let core = self.clone();
+            tokio::spawn(async move {
+                let result = if rec.auto_pause {
+                    tracing::info!(sandbox_id = %rec.id, "timeout reached, pausing");
+                    core.pause(&rec.org_id, &rec.id).await.map(|_| ())
+                } else {
+                    tracing::info!(sandbox_id = %rec.id, "timeout reached, deleting");
+                    core.delete(&rec.org_id, &rec.id).await
+                };
+                if let Err(e) = result {
+                    tracing::warn!(sandbox_id = %rec.id, error = %e, "handling an expired sandbox");
+                }
+                core.expiring.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
+            });
+        }
+    }
+}
