@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// What a new sandbox is made of, from a template (create) or a snapshot (restore). Secrets
+/// in `network_policy` and `mounts` are sealed already.
+pub(super) struct NewSandbox {
+    pub template: String,
+    pub vcpu: u32,
+    pub memory: u64,
+    pub disk: u64,
+    pub network_policy: Option<NetworkPolicy>,
+    pub mounts: Vec<MountConfig>,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub timeout: u64,
+    pub auto_pause: bool,
+    pub op: Op,
+}
+
 impl Core {
     pub async fn create_sandbox(
         &self,
@@ -20,43 +35,77 @@ impl Core {
         let mounts: Vec<MountConfig> =
             req.mounts.iter().flatten().map(|m| MountConfig::new(new_mount_id(), m)).collect();
         check_policy(req.network_policy.as_ref(), "network_policy")?;
+        let rec = self.new_record(
+            org,
+            NewSandbox {
+                template: template.id,
+                vcpu: req.vcpu.unwrap_or(DEFAULT_VCPU),
+                memory: req.memory.unwrap_or(DEFAULT_MEMORY_MIB),
+                disk,
+                network_policy: self.seal_policy(req.network_policy.clone()),
+                mounts: mounts.into_iter().map(|m| self.seal_mount(m)).collect(),
+                env: req.env_vars.clone().unwrap_or_default(),
+                timeout: req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS),
+                auto_pause: req.auto_pause.unwrap_or(false),
+                op: Op::Create,
+            },
+        );
+        self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
+        let vm = self.vm_request(&rec);
+        let span = tracing::info_span!("create", sandbox_id = %rec.id);
+        self.bring_up(org, &rec, self.runner.create(&vm).instrument(span), |e| match e {
+            e @ RunnerError::Mount { .. } => mount_call_error(e, |i| format!("mounts[{i}]")),
+            e => ApiError::unavailable(&rec.id, "the sandbox VM failed to start", &e),
+        })
+        .await
+    }
+
+    /// A record for a new sandbox of `org`, `starting`, with `new.op` in flight.
+    pub(super) fn new_record(&self, org: &str, new: NewSandbox) -> SandboxRecord {
         let now = Utc::now();
-        let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
-        let rec = SandboxRecord {
+        SandboxRecord {
             id: new_sandbox_id(),
             org_id: org.to_string(),
-            template: template.id,
-            vcpu: req.vcpu.unwrap_or(DEFAULT_VCPU),
-            memory: req.memory.unwrap_or(DEFAULT_MEMORY_MIB),
-            disk,
-            timeout,
-            auto_pause: req.auto_pause.unwrap_or(false),
-            network_policy: self.seal_policy(req.network_policy.clone()),
-            mounts: mounts.into_iter().map(|m| self.seal_mount(m)).collect(),
-            env: req.env_vars.clone().unwrap_or_default(),
-            state: SandboxState::Starting,
+            template: new.template,
+            vcpu: new.vcpu,
+            memory: new.memory,
+            disk: new.disk,
+            timeout: new.timeout,
+            auto_pause: new.auto_pause,
+            network_policy: new.network_policy,
+            mounts: new.mounts,
+            env: new.env,
+            state: S::Starting,
             runner_id: self.cfg.runner_id.clone(),
             created_at: now,
             launch_time: None,
             state_changed_at: now,
-            timeout_at: Some(now.timestamp() + timeout as i64),
-            op: Some(Op::Create),
+            timeout_at: Some(now.timestamp() + new.timeout as i64),
+            snapshot_id: match &new.op {
+                Op::Restore { snapshot_id } => Some(snapshot_id.clone()),
+                _ => None,
+            },
+            op: Some(new.op),
             image: None,
-            snapshot_id: None,
-        };
-        self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
-        let vm = self.vm_request(&rec);
-        let span = tracing::info_span!("create", sandbox_id = %rec.id);
-        if let Err(e) = self.runner.create(&vm).instrument(span).await {
+        }
+    }
+
+    /// Makes the VM of a sandbox just recorded `starting` (`start`): on failure every trace of
+    /// the attempt goes (VM, files, record) and `fail` says why; on success it is `running`,
+    /// unless a delete won meanwhile (409, and the VM goes too).
+    pub(super) async fn bring_up(
+        &self,
+        org: &str,
+        rec: &SandboxRecord,
+        start: impl std::future::Future<Output = Result<(), RunnerError>>,
+        fail: impl FnOnce(RunnerError) -> ApiError,
+    ) -> Result<SandboxRecord, ApiError> {
+        if let Err(e) = start.await {
             let _ = self.runner.destroy(&rec.id).await;
             self.store.delete_sandbox(&rec.id)?;
-            return Err(match e {
-                e @ RunnerError::Mount { .. } => mount_call_error(e, |i| format!("mounts[{i}]")),
-                e => ApiError::unavailable(&rec.id, "the sandbox VM failed to start", &e),
-            });
+            return Err(fail(e));
         }
-        if self.store.transition(&rec.id, &[SandboxState::Starting], SandboxState::Running)?.is_none() {
-            // Deleted while starting (e.g. by a concurrent delete): do not leave a VM behind.
+        if self.store.transition(&rec.id, &[S::Starting], S::Running)?.is_none() {
             let _ = self.runner.destroy(&rec.id).await;
             return Err(ApiError::Conflict("sandbox was deleted while it started".into()));
         }

@@ -1,5 +1,6 @@
 //! Named snapshots: create (from a running sandbox), restore (into a new one), list, delete.
 
+use super::lifecycle::NewSandbox;
 use super::*;
 
 pub fn snapshot_response(s: &SnapshotRecord) -> SnapshotResponse {
@@ -93,47 +94,31 @@ impl Core {
             .filter(|s| s.state == SnapshotState::Ready)
             .ok_or_else(|| ApiError::NotFound(format!("snapshot {name:?} not found")))?;
         check_policy(req.network_policy.as_ref(), "network_policy")?;
-        let now = Utc::now();
-        let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
-        let rec = SandboxRecord {
-            id: new_sandbox_id(),
-            org_id: org.to_string(),
-            template: snap.template.clone(),
-            vcpu: snap.vcpu,
-            memory: snap.memory,
-            disk: snap.disk,
-            timeout,
-            auto_pause: req.auto_pause.unwrap_or(false),
-            network_policy: self.seal_policy(req.network_policy).or_else(|| snap.network_policy.clone()),
-            mounts: snap.mounts.clone(),
-            env: snap.env.clone(),
-            state: S::Starting,
-            runner_id: self.cfg.runner_id.clone(),
-            created_at: now,
-            launch_time: None,
-            state_changed_at: now,
-            timeout_at: Some(now.timestamp() + timeout as i64),
-            op: Some(Op::Restore { snapshot_id: snap.id.clone() }),
-            image: None,
-            snapshot_id: Some(snap.id.clone()),
-        };
+        let rec = self.new_record(
+            org,
+            NewSandbox {
+                template: snap.template.clone(),
+                vcpu: snap.vcpu,
+                memory: snap.memory,
+                disk: snap.disk,
+                network_policy: self.seal_policy(req.network_policy).or_else(|| snap.network_policy.clone()),
+                mounts: snap.mounts.clone(),
+                env: snap.env.clone(),
+                timeout: req.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS),
+                auto_pause: req.auto_pause.unwrap_or(false),
+                op: Op::Restore { snapshot_id: snap.id.clone() },
+            },
+        );
         self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit).map_err(|e| match e {
             StoreError::NotFound => ApiError::NotFound(format!("snapshot {name:?} is being deleted")),
             other => limit_error(other),
         })?;
+        let vm = self.vm_request(&rec);
         let span = tracing::info_span!("restore", sandbox_id = %rec.id, snapshot_id = %snap.id);
-        if let Err(e) =
-            self.runner.create_from_image(&self.vm_request(&rec), &snap.image).instrument(span).await
-        {
-            let _ = self.runner.destroy(&rec.id).await;
-            self.store.delete_sandbox(&rec.id)?;
-            return Err(ApiError::unavailable(&rec.id, "restoring the snapshot failed", &e));
-        }
-        if self.store.transition(&rec.id, &[S::Starting], S::Running)?.is_none() {
-            let _ = self.runner.destroy(&rec.id).await;
-            return Err(ApiError::Conflict("sandbox was deleted while it started".into()));
-        }
-        self.get(org, &rec.id)
+        self.bring_up(org, &rec, self.runner.create_from_image(&vm, &snap.image).instrument(span), |e| {
+            ApiError::unavailable(&rec.id, "restoring the snapshot failed", &e)
+        })
+        .await
     }
 
     pub fn list_snapshots(
