@@ -1,0 +1,190 @@
+//! Request and response bodies that are not JSON: `write-file`'s query, multipart uploads
+//! (`write-files`) and downloads (`read-files`), and streaming a body to or from a file.
+
+use super::*;
+
+/// Parses `write-file`'s query string (`application/x-www-form-urlencoded`).
+pub(super) fn parse_write_query(query: &str) -> Res<WriteFileQuery> {
+    let mut path = None;
+    let mut permissions = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else {
+            return Err(Fail::bad("query string is not valid UTF-8 once decoded"));
+        };
+        match k.as_str() {
+            "path" => path = Some(v),
+            "permissions" => permissions = Some(v).filter(|v| !v.is_empty()),
+            _ => {}
+        }
+    }
+    let path = path.ok_or_else(|| Fail::bad("invalid request: path: is required"))?;
+    Ok(WriteFileQuery { path, permissions })
+}
+
+/// Decodes `%XX` escapes and `+` (space). A `%` not followed by two hex digits stays as is.
+pub(super) fn percent_decode(s: &str) -> Option<String> {
+    fn hex(c: Option<&u8>) -> Option<u8> {
+        c.and_then(|c| (*c as char).to_digit(16)).and_then(|d| u8::try_from(d).ok())
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b'%' => match (hex(b.get(i + 1)), hex(b.get(i + 2))) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The path a `write-files` part is for: its `name`, or its RFC 5987 `name*` (which clients
+/// such as reqwest send for names with `/` or non-ASCII characters), or failing both its file
+/// name.
+pub(super) fn part_name(field: &multer::Field<'_>) -> Option<String> {
+    if let Some(n) = field.name().filter(|n| !n.is_empty()) {
+        return Some(n.to_owned());
+    }
+    let disposition = field.headers().get(header::CONTENT_DISPOSITION).and_then(|v| v.to_str().ok());
+    disposition
+        .and_then(|d| extended_param(d, "name"))
+        .or_else(|| field.file_name().filter(|n| !n.is_empty()).map(str::to_owned))
+        .or_else(|| disposition.and_then(|d| extended_param(d, "filename")))
+}
+
+/// The value of an RFC 5987 extended parameter (`name*=utf-8''%2Fpath`) of a header.
+pub(super) fn extended_param(header: &str, param: &str) -> Option<String> {
+    header.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case(&format!("{param}*")) {
+            return None;
+        }
+        let v = v.trim().trim_matches('"');
+        let (charset, rest) = v.split_once('\'')?;
+        let (_lang, encoded) = rest.split_once('\'')?;
+        if !charset.eq_ignore_ascii_case("utf-8") {
+            return None;
+        }
+        // Unlike a query string, `+` is itself here.
+        percent_decode(&encoded.replace('+', "%2B")).filter(|s| !s.is_empty())
+    })
+}
+
+pub(super) fn multipart_fail(e: multer::Error) -> Fail {
+    match e {
+        multer::Error::StreamSizeExceeded { limit } | multer::Error::FieldSizeExceeded { limit, .. } => {
+            Fail::Status(StatusCode::PAYLOAD_TOO_LARGE, format!("upload is larger than {limit} bytes"))
+        }
+        e => Fail::bad(format!("multipart body: {e}")),
+    }
+}
+
+/// Writes a stream of chunks into `file` on a blocking thread. On failure a file this request
+/// created is removed again rather than left half-written.
+pub(super) async fn pump<S, E>(
+    path: &Path,
+    file: File,
+    created: bool,
+    stream: S,
+    on_error: impl Fn(E) -> Fail,
+) -> Res<()>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let mut file = file;
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write_all(&chunk)?;
+        }
+        file.flush()
+    });
+    let mut stream = std::pin::pin!(stream);
+    let mut total: u64 = 0;
+    let mut failure = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(on_error(e));
+                break;
+            }
+        };
+        total += chunk.len() as u64;
+        if total > MAX_UPLOAD_BYTES as u64 {
+            failure = Some(Fail::Status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("upload is larger than {MAX_UPLOAD_BYTES} bytes"),
+            ));
+            break;
+        }
+        if tx.send(chunk).await.is_err() {
+            break; // the writer stopped on an error, which it returns below
+        }
+    }
+    drop(tx);
+    let written = match writer.await {
+        Ok(r) => r.at(path),
+        Err(e) => Err(Fail::Status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{}: writer failed: {e}", path.display()),
+        )),
+    };
+    let result = match failure {
+        Some(f) => Err(f),
+        None => written,
+    };
+    if result.is_err() && created {
+        let p = path.to_path_buf();
+        let _ = tokio::task::spawn_blocking(move || sfs::remove_file(p)).await;
+    }
+    result
+}
+
+pub(super) fn reader_body<R: tokio::io::AsyncRead + Send + Sync + 'static>(reader: R) -> Body {
+    BodyExt::boxed(StreamBody::new(ReaderStream::with_capacity(reader, CHUNK).map_ok(Frame::data)))
+}
+
+/// An unpredictable multipart boundary (std's hasher keys are random per process).
+pub(super) fn new_boundary() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let a = RandomState::new().hash_one(nanos);
+    let b = RandomState::new().hash_one(std::process::id());
+    format!("cove-{a:016x}{b:016x}")
+}
+
+/// The head of one `read-files` part. Quotes and line breaks in names are percent-escaped,
+/// as browsers do in form-data.
+pub(super) fn part_header(boundary: &str, name: &str) -> String {
+    let escape = |s: &str| s.replace('"', "%22").replace('\r', "%0D").replace('\n', "%0A");
+    let base = Path::new(name)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| name.to_string());
+    format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\n\
+         Content-Type: {OCTET_STREAM}\r\n\r\n",
+        escape(name),
+        escape(&base)
+    )
+}
