@@ -5,6 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use cove_api::process::{ExecuteRequest, ExecuteResponse};
+use cove_proto::routes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, Response, StatusCode};
@@ -247,7 +249,7 @@ impl AgentClient {
     }
 
     /// JSON in, JSON out; error statuses become `AgentError::Status`.
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -258,7 +260,7 @@ impl AgentClient {
     }
 
     /// Like `call`, for answers without a body.
-    pub async fn call_raw<Req: Serialize>(
+    async fn call_raw<Req: Serialize>(
         &self,
         method: Method,
         path: &str,
@@ -282,6 +284,45 @@ impl AgentClient {
             return Err(AgentError::from_answer(status, &bytes));
         }
         Ok(bytes)
+    }
+}
+
+/// The agent's routes, typed: every guest call the host makes goes through one of these (the
+/// filesystem operations, forwarded as the API received them, through [`AgentClient::send`]).
+impl AgentClient {
+    pub async fn health(&self) -> Result<cove_proto::AgentInfo, AgentError> {
+        self.call::<(), _>(Method::GET, routes::HEALTH, None).await
+    }
+
+    /// Hostname, environment, clock, entropy, trusted CA and disk size, after every boot and
+    /// restore.
+    pub async fn set_identity(&self, id: &cove_proto::Identity) -> Result<(), AgentError> {
+        self.call_raw(Method::POST, routes::IDENTITY, Some(id)).await.map(drop)
+    }
+
+    pub async fn exec(&self, req: &ExecuteRequest) -> Result<ExecuteResponse, AgentError> {
+        self.call(Method::POST, routes::EXEC, Some(req)).await
+    }
+
+    pub async fn system(&self) -> Result<cove_proto::SystemInfo, AgentError> {
+        self.call::<(), _>(Method::GET, routes::SYSTEM, None).await
+    }
+
+    /// Mounts the host's source `id` at `path` (a no-op if it is there already).
+    pub async fn mount(&self, id: &str, path: &str) -> Result<(), AgentError> {
+        let body = cove_proto::fs::MountRequest { id: id.to_string(), path: path.to_string() };
+        self.call_raw(Method::POST, cove_proto::fs::MOUNTS_ROUTE, Some(&body)).await.map(drop)
+    }
+
+    pub async fn unmount(&self, id: &str) -> Result<(), AgentError> {
+        let body = cove_proto::fs::UnmountRequest { id: id.to_string() };
+        self.call_raw(Method::POST, cove_proto::fs::UNMOUNT_ROUTE, Some(&body)).await.map(drop)
+    }
+
+    /// Asks the agent to finish the requests in flight and wait for a new host (before a
+    /// capture).
+    pub async fn detach(&self) -> Result<(), AgentError> {
+        self.call_raw::<()>(Method::POST, routes::DETACH, None).await.map(drop)
     }
 }
 

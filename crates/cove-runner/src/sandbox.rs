@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cove_blob::BlobStore;
 use cove_vmm::{Boot, VmHandle, VmSpec, Vmm};
-use hyper::Method;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
@@ -112,14 +111,12 @@ async fn grow_disk(vmm: &dyn Vmm, vm: &VmHandle, disk: &Path, mib: u64) -> Resul
 /// Has the guest mount `m` (a no-op if it has it at that path already: sent after every
 /// restore, so a guest restored from an image has every mount of its sandbox).
 pub async fn guest_mount(agent: &AgentClient, m: &cove_api::sandbox::MountConfig) -> Result<(), RunnerError> {
-    let body = cove_proto::fs::MountRequest { id: m.id.clone(), path: m.mount_path.clone() };
-    agent.call_raw(Method::POST, cove_proto::fs::MOUNTS_ROUTE, Some(&body)).await?;
+    agent.mount(&m.id, &m.mount_path).await?;
     Ok(())
 }
 
 pub async fn guest_unmount(agent: &AgentClient, mount_id: &str) -> Result<(), RunnerError> {
-    let body = cove_proto::fs::UnmountRequest { id: mount_id.to_string() };
-    agent.call_raw(Method::POST, cove_proto::fs::UNMOUNT_ROUTE, Some(&body)).await?;
+    agent.unmount(mount_id).await?;
     Ok(())
 }
 
@@ -138,12 +135,9 @@ pub async fn apply_identity(
     req: &VmRequest,
     data_dir: &Path,
 ) -> Result<(), RunnerError> {
-    tokio::time::timeout(
-        IDENTITY_WAIT,
-        agent.call_raw(Method::POST, cove_proto::routes::IDENTITY, Some(&identity(req, data_dir))),
-    )
-    .await
-    .map_err(|_| AgentError::Request("the guest did not accept its identity in time".into()))??;
+    tokio::time::timeout(IDENTITY_WAIT, agent.set_identity(&identity(req, data_dir)))
+        .await
+        .map_err(|_| AgentError::Request("the guest did not accept its identity in time".into()))??;
     Ok(())
 }
 
@@ -461,7 +455,7 @@ impl SandboxVm {
             // The agent finishes requests in flight, then waits for a new host. Parking it
             // proves it got there; the parked socket stays open through the save, so the
             // saved guest has not seen a disconnect and its next host is a fresh handshake.
-            let _ = a.call_raw::<()>(Method::POST, cove_proto::routes::DETACH, None).await;
+            let _ = a.detach().await;
         }
         let socket = AgentClient::park(&self.handle.run_dir.join("agent.sock"), PARK_WAIT).await?;
         // The mounts' channel too: the saved guest then holds no half-delivered answer (what it
@@ -575,9 +569,7 @@ impl SandboxVm {
                 envs: None,
                 timeout: Some(60),
             };
-            let r: Result<cove_api::process::ExecuteResponse, _> =
-                agent.call(Method::POST, cove_proto::routes::EXEC, Some(&sync)).await;
-            if let Err(e) = r {
+            if let Err(e) = agent.exec(&sync).await {
                 tracing::warn!(error = %e, "guest sync before stop failed; QEMU still flushes its own caches");
             }
         }

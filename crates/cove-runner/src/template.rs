@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cove_vmm::{Boot, VmSpec, Vmm};
-use hyper::Method;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentClient;
@@ -278,8 +277,7 @@ impl Templates {
         let vm = vmm.start(&spec, &Boot::Fresh).await?;
         let result = async {
             let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
-            let _: cove_proto::AgentInfo =
-                agent.call::<(), _>(Method::GET, cove_proto::routes::HEALTH, None).await?;
+            agent.health().await?;
             // Page in the shell and the exec path once, so every clone starts warm.
             let warm = cove_api::process::ExecuteRequest {
                 command: "true".into(),
@@ -288,7 +286,7 @@ impl Templates {
                 timeout: Some(30),
             };
             // An image without a shell answers 400 here, which is fine: it runs no commands.
-            match agent.call::<_, cove_api::process::ExecuteResponse>(Method::POST, cove_proto::routes::EXEC, Some(&warm)).await {
+            match agent.exec(&warm).await {
                 Ok(_) => {}
                 Err(crate::AgentError::Status { status, message, .. }) if status.is_client_error() => {
                     tracing::info!(template = %snap.template, %message, "commands cannot run in this template");
@@ -299,7 +297,7 @@ impl Templates {
             // it proves it got there, and keeping the parked socket open during the save means
             // the guest sees no disconnect: every clone wakes up reading its port, so the first
             // bytes of its new host reach a fresh handshake.
-            agent.call_raw::<()>(Method::POST, cove_proto::routes::DETACH, None).await?;
+            agent.detach().await?;
             drop(agent);
             let parked = AgentClient::park(&spec.agent_socket(), std::time::Duration::from_secs(10)).await?;
             vmm.save(&vm, &snap.state_file()).await?;

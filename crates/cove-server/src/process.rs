@@ -4,7 +4,6 @@ use axum::extract::{Path, State};
 use axum::Json;
 use cove_api::process::{ExecuteRequest, ExecuteResponse};
 use cove_api::{ErrorResponse, ValidationErrorResponse};
-use hyper::Method;
 
 use crate::error::ApiError;
 use crate::extract::{OrgId, ValidJson};
@@ -27,13 +26,11 @@ pub async fn execute(
 ) -> Result<Json<ExecuteResponse>, ApiError> {
     let agent = s.core.agent(&org, &id).await?;
     let resp =
-        agent.call(Method::POST, cove_proto::routes::EXEC, Some(&req)).await.map_err(
-            |e| match ApiError::from(cove_runner::RunnerError::from(e)) {
-                ApiError::Guest { status, message, .. } if status == axum::http::StatusCode::BAD_REQUEST => {
-                    ApiError::field("cwd", message)
-                }
-                other => other,
-            },
-        )?;
+        agent.exec(&req).await.map_err(|e| match ApiError::from(cove_runner::RunnerError::from(e)) {
+            ApiError::Guest { status, message, .. } if status == axum::http::StatusCode::BAD_REQUEST => {
+                ApiError::field("cwd", message)
+            }
+            other => other,
+        })?;
     Ok(Json(resp))
 }

@@ -9,7 +9,6 @@ use cove_api::sandbox::{
     SandboxWorkdirResponse,
 };
 use cove_api::{ErrorResponse, ValidationErrorResponse};
-use hyper::Method;
 
 use crate::core::response;
 use crate::error::ApiError;
@@ -190,10 +189,7 @@ pub async fn list(
 
 async fn system_info(s: &AppState, org: &str, id: &str) -> Result<cove_proto::SystemInfo, ApiError> {
     let agent = s.core.agent(org, id).await?;
-    Ok(agent
-        .call::<(), _>(Method::GET, cove_proto::routes::SYSTEM, None)
-        .await
-        .map_err(cove_runner::RunnerError::from)?)
+    Ok(agent.system().await.map_err(cove_runner::RunnerError::from)?)
 }
 
 #[utoipa::path(get, path = "/v1/sandbox/{sandboxID}/system/user-home-dir", tag = "Sandbox",
