@@ -29,7 +29,7 @@ pub struct ImageManifest {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub created_unix: i64,
-    /// The VM's device set (`images::MACHINE`): a saved device state restores only into the
+    /// The VM's device set (`cove_vmm::qemu::device_set`): a saved device state restores only into the
     /// same set. Empty in images from before it was recorded.
     #[serde(default)]
     pub machine: String,

@@ -12,9 +12,6 @@ pub const SYSTEM_TEMPLATE: &str = "system/debian:bookworm";
 /// kernel's Spectre/Meltdown defences protect nothing, while under TCG they are expensive
 /// (page-table isolation flushes QEMU's software TLB on every system call). They do not guard
 /// the host: that boundary is the VM itself.
-/// The VM's device set, as far as saved states depend on it: a change makes new templates.
-pub const MACHINE: &str = "q35 virtio-blk virtio-serial(cove.agent,cove.fs) virtio-rng virtio-net";
-
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init 8250.nr_uarts=1 \
     i8042.noaux i8042.nokbd i8042.nopnp tsc=reliable random.trust_cpu=on mitigations=off";
 
@@ -60,7 +57,7 @@ impl Images {
             })
             .collect::<Vec<_>>()
             .join("|");
-        format!("{files}|{KERNEL_CMDLINE}|{MACHINE}")
+        format!("{files}|{KERNEL_CMDLINE}|{}", cove_vmm::qemu::device_set())
     }
 
     /// Virtual size of the root disk.

@@ -233,12 +233,12 @@ impl SandboxVm {
                         manifest.format
                     )));
                 }
-                if manifest.machine != crate::images::MACHINE {
+                let machine = cove_vmm::qemu::device_set();
+                if manifest.machine != machine {
                     return Err(RunnerError::Image(format!(
                         "this image was saved from a VM with another device set ({:?}; this Cove runs {:?}) \
                          and cannot be restored",
-                        manifest.machine,
-                        crate::images::MACHINE
+                        manifest.machine, machine
                     )));
                 }
                 if !template_disk.exists() {
@@ -489,7 +489,7 @@ impl SandboxVm {
                 vcpus: meta.vcpus,
                 memory_mib: meta.memory_mib,
                 created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
-                machine: crate::images::MACHINE.to_string(),
+                machine: cove_vmm::qemu::device_set(),
                 state: state?,
                 memory: memory?,
                 disk: disk?,

@@ -37,6 +37,44 @@ pub struct QemuVmm {
     pub user: Option<(u32, u32)>,
 }
 
+/// The machine QEMU emulates (`-machine`).
+const MACHINE: &str = "q35,memory-backend=mem,vmport=off,smbus=off,sata=off,usb=off";
+
+/// The guest-visible devices (`-device`), in order. Saved device states depend on them: see
+/// [`device_set`].
+fn devices() -> [String; 6] {
+    [
+        "virtio-blk-pci,drive=root,id=rootdisk".into(),
+        "virtio-serial-pci,id=vser".into(),
+        format!("virtserialport,bus=vser.0,chardev=agent,name={}", cove_proto::PORT_NAME),
+        format!("virtserialport,bus=vser.0,chardev=fs,name={}", cove_proto::fs::PORT_NAME),
+        "virtio-rng-pci".into(),
+        format!("virtio-net-pci,netdev=net0,mac={MAC},id=nic0"),
+    ]
+}
+
+/// What saved device states depend on, read off the machine and devices QEMU is given: the
+/// machine type, each device's driver, and the virtio-serial ports by name, e.g.
+/// `q35 virtio-blk virtio-serial(cove.agent,cove.fs) virtio-rng virtio-net`. Images and
+/// template snapshots record it and restore only where it is the same, so a device added,
+/// removed or renamed here makes new templates and refuses older images with a clear error.
+pub fn device_set() -> String {
+    let mut parts = vec![MACHINE.split(',').next().unwrap_or(MACHINE).to_string()];
+    let mut ports = Vec::new();
+    for d in devices() {
+        let driver = d.split(',').next().unwrap_or_default();
+        if driver == "virtserialport" {
+            ports.extend(d.split(',').find_map(|kv| kv.strip_prefix("name=")).map(str::to_string));
+        } else {
+            parts.push(driver.trim_end_matches("-pci").to_string());
+        }
+    }
+    if let Some(serial) = parts.iter_mut().find(|p| *p == "virtio-serial") {
+        *serial = format!("virtio-serial({})", ports.join(","));
+    }
+    parts.join(" ")
+}
+
 impl QemuVmm {
     pub fn new(accel: Accel) -> Self {
         let user = lookup_user(VM_USER);
@@ -58,7 +96,7 @@ impl QemuVmm {
             "-name".into(),
             format!("cove-{},process=cove-{}", spec.name, spec.name),
             "-machine".into(),
-            "q35,memory-backend=mem,vmport=off,smbus=off,sata=off,usb=off".into(),
+            MACHINE.into(),
             "-accel".into(),
             accel.into(),
             "-cpu".into(),
@@ -90,29 +128,22 @@ impl QemuVmm {
                 "file={},if=none,id=root,format=qcow2,cache=writeback,discard=unmap",
                 spec.disk.display()
             ),
-            "-device".into(),
-            "virtio-blk-pci,drive=root,id=rootdisk".into(),
-            "-device".into(),
-            "virtio-serial-pci,id=vser".into(),
             "-chardev".into(),
             format!("socket,id=agent,path={},server=on,wait=off", run("agent.sock")),
-            "-device".into(),
-            format!("virtserialport,bus=vser.0,chardev=agent,name={}", cove_proto::PORT_NAME),
             "-chardev".into(),
             format!("socket,id=fs,path={},server=on,wait=off", run("fs.sock")),
-            "-device".into(),
-            format!("virtserialport,bus=vser.0,chardev=fs,name={}", cove_proto::fs::PORT_NAME),
-            "-device".into(),
-            "virtio-rng-pci".into(),
             "-netdev".into(),
             format!("tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=off"),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=net0,mac={MAC},id=nic0"),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", run("qmp.sock")),
             "-pidfile".into(),
             run("qemu.pid"),
         ];
+        // Backends (-chardev, -netdev) are set up before any device, wherever they stand; the
+        // devices keep their order, which gives them their PCI slots.
+        for d in devices() {
+            a.extend(["-device".into(), d]);
+        }
         if self.user.is_some() {
             // Once initialised (devices, RAM and sockets open) QEMU becomes an unprivileged
             // user. It needs set*id calls for that one step, so seccomp allows them; without
@@ -329,4 +360,38 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
 async fn ignore_shared_ram(qmp: &mut Qmp) -> Result<(), VmmError> {
     let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
     qmp.execute("migrate-set-capabilities", caps).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every pause image and snapshot stored so far records this string and restores only where
+    /// it is the same: a change here must be a real change of devices.
+    #[test]
+    fn the_device_set_is_read_off_the_devices() {
+        assert_eq!(device_set(), "q35 virtio-blk virtio-serial(cove.agent,cove.fs) virtio-rng virtio-net");
+        let spec = VmSpec {
+            name: "sbx-1".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: String::new(),
+            disk: "/d.qcow2".into(),
+            memory_file: "/m".into(),
+            run_dir: "/r".into(),
+            overhead_mib: 0,
+            netns: "/run/netns/n".into(),
+        };
+        let vmm = QemuVmm { binary: "qemu".into(), accel: Accel::Tcg, user: None };
+        let args = vmm.args(&spec, &Boot::Fresh);
+        let given: Vec<&String> = args.windows(2).filter(|w| w[0] == "-device").map(|w| &w[1]).collect();
+        assert_eq!(
+            given,
+            devices().iter().collect::<Vec<_>>(),
+            "QEMU gets exactly the devices fingerprinted"
+        );
+        assert!(args.windows(2).any(|w| w[0] == "-machine" && w[1] == MACHINE));
+    }
 }
