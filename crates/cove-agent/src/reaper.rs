@@ -61,7 +61,8 @@ impl Reaper {
     }
 }
 
-fn exit_code(status: i32) -> i32 {
+/// A raw wait status as an exit code: 128+N when killed by signal N.
+pub fn exit_code(status: i32) -> i32 {
     if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else if libc::WIFSIGNALED(status) {

@@ -226,9 +226,8 @@ fn fork_stand_in() -> io::Result<()> {
             unsafe { libc::_exit(127) };
         }
     }
-    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
     // SAFETY: _exit ends this process at once.
-    unsafe { libc::_exit(code) }
+    unsafe { libc::_exit(crate::reaper::exit_code(status)) }
 }
 
 /// Runs in the forked child before exec, for a system manager (systemd) that must be PID 1. The

@@ -92,7 +92,7 @@ pub fn settled(s: S) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::recovery::{plan, Facts, Step};
+    use super::super::recovery::{plan, settles, Facts};
     use super::*;
     use cove_store::Op;
 
@@ -131,19 +131,8 @@ mod tests {
                         vm_answers: bits & 4 != 0,
                     };
                     let steps = plan(r.during, Some(&op), Some("p"), facts);
-                    let mut end = vec![];
-                    for s in &steps {
-                        match s {
-                            Step::To(to) => end.push(*to),
-                            Step::ToPaused(_) => end.push(S::Paused),
-                            Step::ToRunning => end.push(S::Running),
-                            // Runs on (a capture's fallback), or stops when its VM is lost.
-                            Step::RunOnOrStop => end.push(S::Running),
-                            Step::FinishDelete | Step::DeleteRecord => end.push(S::Deleted),
-                            _ => {}
-                        }
-                    }
-                    let last = *end.last().unwrap_or_else(|| panic!("{r:?} {op:?} {facts:?}: no end"));
+                    // Gone counts as deleted; a capture's RunOnOrStop counts as running on.
+                    let last = settles(r.during, &steps).unwrap_or(S::Deleted);
                     let kill_after = matches!(op, Op::Snapshot { kill_after: true, .. });
                     assert!(
                         last == r.done || last == r.failed || (kill_after && last == S::Deleted),

@@ -245,6 +245,25 @@ impl Core {
     }
 }
 
+/// Where a plan leaves the sandbox found in `found`: `None` when its record is gone.
+#[cfg(test)]
+pub(super) fn settles(found: S, steps: &[Step]) -> Option<S> {
+    use Step::*;
+    let mut state = Some(found);
+    for step in steps {
+        state = match step {
+            To(s) => Some(*s),
+            ToPaused(_) => Some(S::Paused),
+            ToRunning => Some(S::Running),
+            // Runs on (running) or, failing that, stops (stopped): both settled.
+            RunOnOrStop => Some(S::Running),
+            DeleteRecord | FinishDelete => None,
+            _ => state,
+        };
+    }
+    state
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,23 +299,6 @@ mod tests {
             }
         }
         v
-    }
-
-    /// Where a plan leaves the sandbox: `None` when its record is gone.
-    fn settles(found: S, steps: &[Step]) -> Option<S> {
-        let mut state = Some(found);
-        for step in steps {
-            state = match step {
-                To(s) => Some(*s),
-                ToPaused(_) => Some(S::Paused),
-                ToRunning => Some(S::Running),
-                // Runs on (running) or, failing that, stops (stopped): both settled.
-                RunOnOrStop => Some(S::Running),
-                DeleteRecord | FinishDelete => None,
-                _ => state,
-            };
-        }
-        state
     }
 
     /// Every state, operation and fact: the plan leaves the sandbox settled (or gone), never
