@@ -115,6 +115,17 @@ impl Greeting {
                 return Err(AgentError::Connect(rest.to_string()));
             }
         }
+        AgentClient::over(crate::trace::Traced(stream)).await
+    }
+}
+
+impl AgentClient {
+    /// The HTTP/2 session on a stream whose handshake is done (or that needs none: the control
+    /// plane's simulated host serves its guests over in-memory pipes).
+    pub async fn over<IO>(io: IO) -> Result<AgentClient, AgentError>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .initial_stream_window_size(4 << 20)
@@ -127,7 +138,7 @@ impl Greeting {
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
         let (sender, conn) = builder
-            .handshake(TokioIo::new(crate::trace::Traced(stream)))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| AgentError::Connect(format!("HTTP/2 handshake: {e}")))?;
         tokio::spawn(async move {

@@ -3,7 +3,7 @@
 //!
 //! Files: `<data>/templates/<id>/rootfs.qcow2` once built. Everything else (`staging/`, the
 //! `.ext4` and `.tmp` files) is scratch that a build removes when it ends, and that
-//! [`Runner::remove_template`] removes after a crash.
+//! `SandboxHost::remove_template` removes after a crash.
 
 use std::path::{Path, PathBuf};
 
@@ -46,7 +46,7 @@ impl Runner {
 
     /// Pulls the image and writes the template's disk. Progress goes to the log and to
     /// `progress`.
-    pub async fn build_template(
+    pub(crate) async fn build(
         &self,
         src: &TemplateSource,
         progress: &(dyn Fn(&TemplateProgress) + Send + Sync),
@@ -135,7 +135,7 @@ impl Runner {
 
     /// Removes a user template's disk and every snapshot made of it (its sandboxes are gone:
     /// the control plane refuses the delete otherwise).
-    pub async fn remove_template(&self, id: &str) -> Result<(), RunnerError> {
+    pub(crate) async fn remove_built(&self, id: &str) -> Result<(), RunnerError> {
         if crate::template::user_rootfs(&self.cfg.data_dir, id).is_none() {
             return Err(RunnerError::UnknownTemplate(id.to_string()));
         }

@@ -6,7 +6,8 @@
 //! but its template's frozen disk layer, which is versioned and never deleted while Cove runs
 //! (see docs/operations.md), so deleting one image can never break another or a sandbox.
 
-use cove_blob::{BlobStore, PackedFile};
+use cove_blob::BlobStore;
+pub use cove_blob::PackedFile;
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the layout changes; older images are refused with a clear error.

@@ -6,6 +6,7 @@
 pub mod agent;
 mod build;
 pub mod fsserve;
+pub mod host;
 pub mod image;
 pub mod images;
 mod memfile;
@@ -16,7 +17,7 @@ mod sys;
 mod template;
 mod trace;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +26,9 @@ pub use agent::{AgentBody, AgentClient, AgentError};
 pub use build::{BuiltTemplate, TemplateSource};
 pub use cove_blob::{BlobError, BlobStore};
 pub use cove_oci::{Credentials as RegistryCredentials, OciError};
-use cove_vmm::{Accel, Vmm, VmmError};
+pub use cove_vmm::VmmError;
+use cove_vmm::{Accel, Vmm};
+pub use host::{AfterCapture, GuestStream, SandboxHost, Unsealed, VmRequest};
 pub use image::{CaptureStats, ImageManifest};
 pub use images::Images;
 pub use sandbox::fault_point;
@@ -125,23 +128,6 @@ impl RunnerError {
     }
 }
 
-/// What the control plane asks for when it creates a sandbox.
-#[derive(Debug, Clone)]
-pub struct VmRequest {
-    pub id: String,
-    pub template: String,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    /// Size of the writable disk, MiB: at least the template's; a larger one is grown when the
-    /// VM starts.
-    pub disk_mib: u64,
-    pub env: BTreeMap<String, String>,
-    /// Egress policy; `None` is allow-all.
-    pub network_policy: Option<cove_api::sandbox::NetworkPolicy>,
-    /// Object-storage mounts, credentials in plain (they stay in this process).
-    pub mounts: Vec<cove_api::sandbox::MountConfig>,
-}
-
 /// Connects every mount of a new sandbox, so that a wrong endpoint, credentials or bucket is an
 /// error before any VM starts.
 async fn connect_mounts(mounts: &[cove_api::sandbox::MountConfig]) -> Result<fsserve::Sources, RunnerError> {
@@ -186,16 +172,6 @@ pub struct Runner {
     vms: Mutex<HashMap<String, Arc<sandbox::SandboxVm>>>,
 }
 
-/// What happens to a VM once `Runner::capture` has stored it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AfterCapture {
-    /// It runs on (a snapshot).
-    Continue,
-    /// It ends and its RAM, disk and run files are removed (a pause; a snapshot with
-    /// `kill_sandbox_after`).
-    Release,
-}
-
 impl Runner {
     pub async fn new(cfg: RunnerConfig, vmm: Arc<dyn Vmm>) -> Result<Runner, RunnerError> {
         let images = Images::locate(&cfg.cache_dir)?;
@@ -235,38 +211,6 @@ impl Runner {
         &self.blobs
     }
 
-    /// When the system template's root filesystem was built (`cove setup`).
-    pub fn system_template_built_at(&self) -> Option<std::time::SystemTime> {
-        std::fs::metadata(&self.images.rootfs).and_then(|m| m.modified()).ok()
-    }
-
-    /// Writable disk size of a template's sandboxes, in MiB.
-    pub fn template_disk_mib(&self, template: &str) -> Option<u64> {
-        self.templates.disk_mib(template)
-    }
-
-    /// Boots and snapshots a template shape ahead of the first sandbox that needs it.
-    pub async fn prepare_template(
-        &self,
-        template: &str,
-        vcpus: u32,
-        memory_mib: u64,
-    ) -> Result<(), RunnerError> {
-        self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await.map(|_| ())
-    }
-
-    /// Creates the sandbox's VM from the template snapshot and gives the guest its identity.
-    pub async fn create(&self, req: &VmRequest) -> Result<(), RunnerError> {
-        let snapshot =
-            self.templates.get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib).await?;
-        let origin = sandbox::Origin::Template(&snapshot);
-        let sources = connect_mounts(&req.mounts).await?;
-        self.net.up(&req.id, req.network_policy.as_ref()).await?;
-        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
-            .await;
-        self.started(req, vm).await
-    }
-
     /// Registers a VM that started, or takes its network down again if it did not.
     async fn started(
         &self,
@@ -287,146 +231,11 @@ impl Runner {
         }
     }
 
-    /// Attaches a mount to a running sandbox: connected first (so a wrong endpoint, credentials
-    /// or bucket is an error and nothing changes), then mounted by the guest.
-    pub async fn add_mount(
-        &self,
-        id: &str,
-        mount: &cove_api::sandbox::MountConfig,
-    ) -> Result<(), RunnerError> {
-        let vm = self.vm(id)?;
-        let source = connect_mount(mount, 0).await?;
-        vm.fs.sources.insert(&mount.id, Arc::new(source));
-        let mounted = async { sandbox::guest_mount(&vm.agent().await?, mount).await }.await;
-        if mounted.is_err() {
-            vm.fs.sources.remove(&mount.id);
-        }
-        mounted
-    }
-
-    /// Checks that a mount can be attached (endpoint, credentials, bucket), attaching nothing:
-    /// for a sandbox that is not running.
-    pub async fn check_mount(&self, mount: &cove_api::sandbox::MountConfig) -> Result<(), RunnerError> {
-        connect_mount(mount, 0).await.map(drop)
-    }
-
-    /// Changes a mount of a running sandbox. The new settings are connected first; the guest
-    /// mounts it anew when `remount` (anything but the credentials changed), so that no cached
-    /// entry or page of the old view survives.
-    pub async fn update_mount(
-        &self,
-        id: &str,
-        mount: &cove_api::sandbox::MountConfig,
-        remount: bool,
-    ) -> Result<(), RunnerError> {
-        let vm = self.vm(id)?;
-        let source = connect_mount(mount, 0).await?;
-        let agent = vm.agent().await?;
-        if remount {
-            sandbox::guest_unmount(&agent, &mount.id).await?;
-        }
-        vm.fs.sources.insert(&mount.id, Arc::new(source));
-        if remount {
-            sandbox::guest_mount(&agent, mount).await?;
-        }
-        Ok(())
-    }
-
-    /// Detaches a mount from a running sandbox: the guest unmounts it and its path goes away.
-    pub async fn remove_mount(&self, id: &str, mount_id: &str) -> Result<(), RunnerError> {
-        let vm = self.vm(id)?;
-        sandbox::guest_unmount(&vm.agent().await?, mount_id).await?;
-        vm.fs.sources.remove(mount_id);
-        Ok(())
-    }
-
-    /// Replaces the egress policy of a running sandbox; flows the new policy forbids are cut.
-    pub async fn set_network_policy(
-        &self,
-        id: &str,
-        policy: Option<&cove_api::sandbox::NetworkPolicy>,
-    ) -> Result<(), RunnerError> {
-        self.vm(id)?;
-        self.net.set_policy(id, policy).await
-    }
-
-    /// A TCP connection to `port` of the sandbox's guest, made inside its network namespace
-    /// (the invoke route and presigned URLs).
-    pub async fn connect_guest(&self, id: &str, port: u16) -> Result<tokio::net::TcpStream, RunnerError> {
-        self.vm(id)?;
-        let ns = cove_net::netns::path(&cove_net::topology::ns_name(id));
-        let addr = std::net::SocketAddr::from((cove_net::addr::GUEST_IP, port));
-        cove_net::netns::tcp_connect(&ns, addr)
-            .await
-            .map_err(|e| RunnerError::io(format!("connecting to port {port} of the sandbox"), e))
-    }
-
     /// Reads the manifest of the image at `prefix`; an error if it is incomplete or absent.
     pub async fn image(&self, prefix: &str) -> Result<ImageManifest, RunnerError> {
         self.find_image(prefix)
             .await?
             .ok_or_else(|| RunnerError::Image(format!("image {prefix} is incomplete or missing")))
-    }
-
-    /// The manifest of the image at `prefix`, `None` when the image is incomplete or absent; an
-    /// error only when the store could not answer.
-    pub async fn find_image(&self, prefix: &str) -> Result<Option<ImageManifest>, RunnerError> {
-        Ok(image::manifest(&self.blobs, prefix).await?)
-    }
-
-    /// Creates sandbox `req.id`'s VM from an image: the resume of a paused sandbox, or a new
-    /// sandbox restored from a snapshot (vCPUs and memory come from the image).
-    pub async fn create_from_image(&self, req: &VmRequest, prefix: &str) -> Result<(), RunnerError> {
-        let manifest = self.image(prefix).await?;
-        if !manifest.template_key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(RunnerError::Image(format!("image {prefix} names a malformed template key")));
-        }
-        let origin = sandbox::Origin::Image {
-            store: &self.blobs,
-            prefix,
-            manifest: &manifest,
-            template_disk: self.templates.frozen_disk(&manifest.template_key),
-        };
-        self.net.up(&req.id, req.network_policy.as_ref()).await?;
-        let sources = lazy_mounts(&req.mounts);
-        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
-            .await;
-        self.started(req, vm).await
-    }
-
-    /// Stores a running VM as an image under `prefix`, then runs it on or releases it. If
-    /// storing fails the VM keeps running and the error is returned.
-    pub async fn capture(
-        &self,
-        req: &VmRequest,
-        prefix: &str,
-        after: AfterCapture,
-    ) -> Result<(ImageManifest, CaptureStats), RunnerError> {
-        let vm = self.vm(&req.id)?;
-        let captured = vm.capture(self.vmm.as_ref(), &self.blobs, prefix, req).await?;
-        let (manifest, stats) = (captured.manifest.clone(), captured.stats);
-        match after {
-            AfterCapture::Continue => vm.carry_on(self.vmm.as_ref(), captured, req).await?,
-            AfterCapture::Release => {
-                drop(captured);
-                self.lock().remove(&req.id);
-                vm.destroy(self.vmm.as_ref()).await?;
-                self.net.down(&req.id).await?;
-            }
-        }
-        Ok((manifest, stats))
-    }
-
-    /// Deletes an image (complete or not).
-    pub async fn delete_image(&self, prefix: &str) -> Result<(), RunnerError> {
-        self.blobs.delete_prefix(prefix).await?;
-        Ok(())
-    }
-
-    /// Image prefixes present in the blob store (for garbage collection after a crash).
-    pub async fn stored_images(&self) -> Result<Vec<String>, RunnerError> {
-        let dirs = self.blobs.list_dirs(image::IMAGES_PREFIX).await?;
-        Ok(dirs.into_iter().map(|d| format!("{}/{d}", image::IMAGES_PREFIX)).collect())
     }
 
     /// Benchmark baseline for pause and resume: a VM cloned from the template is saved the way
@@ -442,51 +251,6 @@ impl Runner {
         let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
         let origin = sandbox::Origin::Template(&snapshot);
         sandbox::raw_save_restore(&self.cfg, &self.images, self.vmm.as_ref(), origin).await
-    }
-
-    /// Ends a running VM for good, keeping only its disk (the guest syncs first).
-    pub async fn stop(&self, id: &str) -> Result<(), RunnerError> {
-        let vm = self.lock().remove(id);
-        match vm {
-            Some(vm) => vm.stop(self.vmm.as_ref()).await?,
-            None => self.end_vm(id).await?,
-        }
-        self.net.down(id).await
-    }
-
-    /// Boots a stopped sandbox afresh on its kept disk.
-    pub async fn boot(&self, req: &VmRequest) -> Result<(), RunnerError> {
-        // Its template snapshot need not exist any more; its frozen disk layer must.
-        self.net.up(&req.id, req.network_policy.as_ref()).await?;
-        let sources = lazy_mounts(&req.mounts);
-        let vm = sandbox::SandboxVm::boot(&self.cfg, &self.images, self.vmm.as_ref(), req, sources).await;
-        self.started(req, vm).await
-    }
-
-    /// Whether sandbox `id` has its disk on this host (a stopped sandbox keeps it).
-    pub fn has_disk(&self, id: &str) -> bool {
-        sandbox::has_disk(&self.cfg, id)
-    }
-
-    /// Ends the VM of `id` if one runs (adopted or not) and removes its run files and RAM,
-    /// keeping its disk.
-    pub async fn end_vm(&self, id: &str) -> Result<(), RunnerError> {
-        self.lock().remove(id);
-        sandbox::end_vm_of(&self.cfg, self.vmm.as_ref(), id).await?;
-        sandbox::remove_runtime(&self.cfg, id);
-        self.net.down(id).await
-    }
-
-    /// Gives a running guest its identity again (clock, entropy; hostname and environment
-    /// unchanged), e.g. for a VM whose resume a crash interrupted.
-    pub async fn reidentify(&self, req: &VmRequest) -> Result<(), RunnerError> {
-        let agent = self.vm(&req.id)?.agent().await?;
-        sandbox::apply_identity(&agent, req, &self.cfg.data_dir).await
-    }
-
-    /// Runs again an adopted VM that a crash left stopped in the middle of a capture.
-    pub async fn run_again(&self, id: &str) -> Result<(), RunnerError> {
-        self.vm(id)?.run_again(self.vmm.as_ref()).await
     }
 
     fn vm(&self, id: &str) -> Result<Arc<sandbox::SandboxVm>, RunnerError> {
@@ -507,13 +271,125 @@ impl Runner {
             .await
     }
 
-    /// The agent of a sandbox's VM, reconnecting if the channel dropped.
-    pub async fn agent(&self, id: &str) -> Result<AgentClient, RunnerError> {
-        self.vm(id)?.agent().await
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<sandbox::SandboxVm>>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl SandboxHost for Runner {
+    /// Writable disk size of a template's sandboxes, in MiB.
+    fn template_disk_mib(&self, template: &str) -> Option<u64> {
+        self.templates.disk_mib(template)
+    }
+
+    /// When the system template's root filesystem was built (`cove setup`).
+    fn system_template_built_at(&self) -> Option<std::time::SystemTime> {
+        std::fs::metadata(&self.images.rootfs).and_then(|m| m.modified()).ok()
+    }
+
+    /// Boots and snapshots a template shape ahead of the first sandbox that needs it.
+    async fn prepare_template(&self, template: &str, vcpus: u32, memory_mib: u64) -> Result<(), RunnerError> {
+        self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await.map(|_| ())
+    }
+
+    /// Creates the sandbox's VM from the template snapshot and gives the guest its identity.
+    async fn create(&self, req: &VmRequest) -> Result<(), RunnerError> {
+        let snapshot =
+            self.templates.get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib).await?;
+        let origin = sandbox::Origin::Template(&snapshot);
+        let sources = connect_mounts(&req.unsealed.mounts).await?;
+        self.net.up(&req.id, req.unsealed.network_policy.as_ref()).await?;
+        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
+            .await;
+        self.started(req, vm).await
+    }
+
+    /// Creates sandbox `req.id`'s VM from an image: the resume of a paused sandbox, or a new
+    /// sandbox restored from a snapshot (vCPUs and memory come from the image).
+    async fn create_from_image(&self, req: &VmRequest, prefix: &str) -> Result<(), RunnerError> {
+        let manifest = self.image(prefix).await?;
+        if !manifest.template_key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(RunnerError::Image(format!("image {prefix} names a malformed template key")));
+        }
+        let origin = sandbox::Origin::Image {
+            store: &self.blobs,
+            prefix,
+            manifest: &manifest,
+            template_disk: self.templates.frozen_disk(&manifest.template_key),
+        };
+        self.net.up(&req.id, req.unsealed.network_policy.as_ref()).await?;
+        let sources = lazy_mounts(&req.unsealed.mounts);
+        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
+            .await;
+        self.started(req, vm).await
+    }
+
+    /// Boots a stopped sandbox afresh on its kept disk.
+    async fn boot(&self, req: &VmRequest) -> Result<(), RunnerError> {
+        // Its template snapshot need not exist any more; its frozen disk layer must.
+        self.net.up(&req.id, req.unsealed.network_policy.as_ref()).await?;
+        let sources = lazy_mounts(&req.unsealed.mounts);
+        let vm = sandbox::SandboxVm::boot(&self.cfg, &self.images, self.vmm.as_ref(), req, sources).await;
+        self.started(req, vm).await
+    }
+
+    /// Stores a running VM as an image under `prefix`, then runs it on or releases it. If
+    /// storing fails the VM keeps running and the error is returned.
+    async fn capture(
+        &self,
+        req: &VmRequest,
+        prefix: &str,
+        after: AfterCapture,
+    ) -> Result<(ImageManifest, CaptureStats), RunnerError> {
+        let vm = self.vm(&req.id)?;
+        let captured = vm.capture(self.vmm.as_ref(), &self.blobs, prefix, req).await?;
+        let (manifest, stats) = (captured.manifest.clone(), captured.stats);
+        match after {
+            AfterCapture::Continue => vm.carry_on(self.vmm.as_ref(), captured, req).await?,
+            AfterCapture::Release => {
+                drop(captured);
+                self.lock().remove(&req.id);
+                vm.destroy(self.vmm.as_ref()).await?;
+                self.net.down(&req.id).await?;
+            }
+        }
+        Ok((manifest, stats))
+    }
+
+    async fn build_template(
+        &self,
+        source: &TemplateSource,
+        progress: &(dyn for<'p> Fn(&'p cove_api::template::TemplateProgress) + Send + Sync),
+    ) -> Result<BuiltTemplate, RunnerError> {
+        self.build(source, progress).await
+    }
+
+    async fn remove_template(&self, id: &str) -> Result<(), RunnerError> {
+        self.remove_built(id).await
+    }
+
+    /// Ends a running VM for good, keeping only its disk (the guest syncs first).
+    async fn stop(&self, id: &str) -> Result<(), RunnerError> {
+        let vm = self.lock().remove(id);
+        match vm {
+            Some(vm) => vm.stop(self.vmm.as_ref()).await?,
+            None => self.end_vm(id).await?,
+        }
+        self.net.down(id).await
+    }
+
+    /// Ends the VM of `id` if one runs (adopted or not) and removes its run files and RAM,
+    /// keeping its disk.
+    async fn end_vm(&self, id: &str) -> Result<(), RunnerError> {
+        self.lock().remove(id);
+        sandbox::end_vm_of(&self.cfg, self.vmm.as_ref(), id).await?;
+        sandbox::remove_runtime(&self.cfg, id);
+        self.net.down(id).await
     }
 
     /// Ends the VM and removes every file, socket and cgroup of the sandbox.
-    pub async fn destroy(&self, id: &str) -> Result<(), RunnerError> {
+    async fn destroy(&self, id: &str) -> Result<(), RunnerError> {
         let vm = self.lock().remove(id);
         match vm {
             Some(vm) => vm.destroy(self.vmm.as_ref()).await?,
@@ -524,16 +400,21 @@ impl Runner {
 
     /// After a restart: adopts the VMs of `sandboxes` that are still running and binds their
     /// egress listeners again. Returns the ids whose VM is gone.
-    pub async fn recover(&self, sandboxes: &[VmRequest]) -> Vec<String> {
+    async fn adopt(&self, sandboxes: &[VmRequest]) -> Vec<String> {
         let mut lost = Vec::new();
         for req in sandboxes {
-            match sandbox::SandboxVm::adopt(&self.cfg, self.vmm.as_ref(), &req.id, lazy_mounts(&req.mounts)) {
+            match sandbox::SandboxVm::adopt(
+                &self.cfg,
+                self.vmm.as_ref(),
+                &req.id,
+                lazy_mounts(&req.unsealed.mounts),
+            ) {
                 Some(vm) => {
                     // The guest sees the old connection end and resends what it waits for.
                     if let Err(e) = vm.fs.connect(Duration::from_secs(2)).await {
                         tracing::warn!(sandbox_id = %req.id, error = %e, "mounts of the sandbox not served");
                     }
-                    if let Err(e) = self.net.reattach(&req.id, req.network_policy.as_ref()).await {
+                    if let Err(e) = self.net.reattach(&req.id, req.unsealed.network_policy.as_ref()).await {
                         tracing::warn!(sandbox_id = %req.id, error = %e, "sandbox network not restored");
                     }
                     self.lock().insert(req.id.clone(), Arc::new(vm));
@@ -544,15 +425,14 @@ impl Runner {
         lost
     }
 
-    /// Ids of the sandboxes this data dir made a network for (to find leftovers after a crash,
-    /// e.g. a namespace made just before the VM's files).
-    pub fn sandbox_networks(&self) -> Vec<String> {
-        self.net.owned()
+    /// Runs again an adopted VM that a crash left stopped in the middle of a capture.
+    async fn run_again(&self, id: &str) -> Result<(), RunnerError> {
+        self.vm(id)?.run_again(self.vmm.as_ref()).await
     }
 
-    /// Ids of the sandboxes with files on this host: directories and RAM files (used to find
-    /// orphans after a crash).
-    pub fn sandbox_ids_on_host(&self) -> Vec<String> {
+    /// Sandboxes with files on this host (directories, RAM files) or a network made by this
+    /// data dir (e.g. a namespace made just before the VM's files).
+    fn sandboxes_on_host(&self) -> Vec<String> {
         let names = |dir: PathBuf| -> Vec<String> {
             std::fs::read_dir(dir)
                 .map(|rd| {
@@ -561,18 +441,114 @@ impl Runner {
                 .unwrap_or_default()
         };
         let mut ids = names(self.cfg.data_dir.join("sandboxes"));
-        for f in names(self.cfg.sandbox_shm_dir()) {
-            if let Some(id) = f.strip_suffix(".mem") {
-                if !ids.iter().any(|i| i == id) {
-                    ids.push(id.to_string());
-                }
-            }
-        }
+        ids.extend(
+            names(self.cfg.sandbox_shm_dir()).iter().filter_map(|f| f.strip_suffix(".mem")).map(String::from),
+        );
+        ids.extend(self.net.owned());
+        ids.sort();
+        ids.dedup();
         ids
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<sandbox::SandboxVm>>> {
-        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    /// The agent of a sandbox's VM, reconnecting if the channel dropped.
+    async fn agent(&self, id: &str) -> Result<AgentClient, RunnerError> {
+        self.vm(id)?.agent().await
+    }
+
+    /// Gives a running guest its identity again (clock, entropy; hostname and environment
+    /// unchanged), e.g. for a VM whose resume a crash interrupted.
+    async fn reidentify(&self, req: &VmRequest) -> Result<(), RunnerError> {
+        let agent = self.vm(&req.id)?.agent().await?;
+        sandbox::apply_identity(&agent, req, &self.cfg.data_dir).await
+    }
+
+    /// A TCP connection to `port` of the sandbox's guest, made inside its network namespace
+    /// (the invoke route and presigned URLs).
+    async fn connect_guest(&self, id: &str, port: u16) -> Result<GuestStream, RunnerError> {
+        self.vm(id)?;
+        let ns = cove_net::netns::path(&cove_net::topology::ns_name(id));
+        let addr = std::net::SocketAddr::from((cove_net::addr::GUEST_IP, port));
+        let stream = cove_net::netns::tcp_connect(&ns, addr)
+            .await
+            .map_err(|e| RunnerError::io(format!("connecting to port {port} of the sandbox"), e))?;
+        Ok(Box::new(stream))
+    }
+
+    /// Checks that a mount can be attached (endpoint, credentials, bucket), attaching nothing:
+    /// for a sandbox that is not running.
+    async fn check_mount(&self, mount: &cove_api::sandbox::MountConfig) -> Result<(), RunnerError> {
+        connect_mount(mount, 0).await.map(drop)
+    }
+
+    /// Attaches a mount to a running sandbox: connected first (so a wrong endpoint, credentials
+    /// or bucket is an error and nothing changes), then mounted by the guest.
+    async fn add_mount(&self, id: &str, mount: &cove_api::sandbox::MountConfig) -> Result<(), RunnerError> {
+        let vm = self.vm(id)?;
+        let source = connect_mount(mount, 0).await?;
+        vm.fs.sources.insert(&mount.id, Arc::new(source));
+        let mounted = async { sandbox::guest_mount(&vm.agent().await?, mount).await }.await;
+        if mounted.is_err() {
+            vm.fs.sources.remove(&mount.id);
+        }
+        mounted
+    }
+
+    /// Changes a mount of a running sandbox. The new settings are connected first; the guest
+    /// mounts it anew when `remount` (anything but the credentials changed), so that no cached
+    /// entry or page of the old view survives.
+    async fn update_mount(
+        &self,
+        id: &str,
+        mount: &cove_api::sandbox::MountConfig,
+        remount: bool,
+    ) -> Result<(), RunnerError> {
+        let vm = self.vm(id)?;
+        let source = connect_mount(mount, 0).await?;
+        let agent = vm.agent().await?;
+        if remount {
+            sandbox::guest_unmount(&agent, &mount.id).await?;
+        }
+        vm.fs.sources.insert(&mount.id, Arc::new(source));
+        if remount {
+            sandbox::guest_mount(&agent, mount).await?;
+        }
+        Ok(())
+    }
+
+    /// Detaches a mount from a running sandbox: the guest unmounts it and its path goes away.
+    async fn remove_mount(&self, id: &str, mount_id: &str) -> Result<(), RunnerError> {
+        let vm = self.vm(id)?;
+        sandbox::guest_unmount(&vm.agent().await?, mount_id).await?;
+        vm.fs.sources.remove(mount_id);
+        Ok(())
+    }
+
+    /// Replaces the egress policy of a running sandbox; flows the new policy forbids are cut.
+    async fn set_network_policy(
+        &self,
+        id: &str,
+        policy: Option<&cove_api::sandbox::NetworkPolicy>,
+    ) -> Result<(), RunnerError> {
+        self.vm(id)?;
+        self.net.set_policy(id, policy).await
+    }
+
+    /// The manifest of the image at `prefix`, `None` when the image is incomplete or absent; an
+    /// error only when the store could not answer.
+    async fn find_image(&self, prefix: &str) -> Result<Option<ImageManifest>, RunnerError> {
+        Ok(image::manifest(&self.blobs, prefix).await?)
+    }
+
+    /// Deletes an image (complete or not).
+    async fn delete_image(&self, prefix: &str) -> Result<(), RunnerError> {
+        self.blobs.delete_prefix(prefix).await?;
+        Ok(())
+    }
+
+    /// Image prefixes present in the blob store (for garbage collection after a crash).
+    async fn stored_images(&self) -> Result<Vec<String>, RunnerError> {
+        let dirs = self.blobs.list_dirs(image::IMAGES_PREFIX).await?;
+        Ok(dirs.into_iter().map(|d| format!("{}/{d}", image::IMAGES_PREFIX)).collect())
     }
 }
 

@@ -121,7 +121,7 @@ pub async fn guest_unmount(agent: &AgentClient, mount_id: &str) -> Result<(), Ru
 }
 
 async fn guest_mounts(agent: &AgentClient, req: &VmRequest) -> Result<(), RunnerError> {
-    for m in &req.mounts {
+    for m in &req.unsealed.mounts {
         guest_mount(agent, m).await?;
     }
     Ok(())
@@ -604,11 +604,6 @@ pub async fn end_vm_of(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str) -> Result<()
     }
     let _ = cove_vmm::Cgroup::locate(id).remove();
     Ok(())
-}
-
-/// Whether sandbox `id` has a disk on this host.
-pub fn has_disk(cfg: &RunnerConfig, id: &str) -> bool {
-    paths(cfg, id).0.join("disk.qcow2").exists()
 }
 
 /// Removes what a stopped sandbox does not keep: run dir and RAM.

@@ -193,7 +193,7 @@ mod tests {
         let qemu = "qemu-system-x86_64: -drive file=/var/lib/cove/sandboxes/sbx-1/disk.qcow2: Could not open";
         let secret_path = "/var/lib/cove";
         let cases = [
-            RunnerError::Vmm(cove_vmm::VmmError::Spawn(format!("exit 1; QEMU said: {qemu}"))),
+            RunnerError::Vmm(cove_runner::VmmError::Spawn(format!("exit 1; QEMU said: {qemu}"))),
             RunnerError::Io(
                 "creating disk overlay".into(),
                 std::io::Error::other(format!("{secret_path}/sandboxes/sbx-1/disk.qcow2: denied")),

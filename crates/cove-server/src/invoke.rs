@@ -214,7 +214,7 @@ impl Forwarded {
 /// Sends `req` over a fresh HTTP/1.1 connection to the guest and streams the answer back;
 /// an upgrade (WebSocket) becomes a byte pipe between the two sides.
 async fn forward(
-    stream: tokio::net::TcpStream,
+    stream: cove_runner::GuestStream,
     mut req: Request,
     keyed: bool,
     forwarded: &Forwarded,

@@ -12,6 +12,7 @@ mod keys;
 mod openapi;
 mod process;
 mod sandbox;
+pub mod sim;
 mod snapshot;
 mod template;
 

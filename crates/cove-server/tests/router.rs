@@ -1,46 +1,17 @@
-//! Router tests: the HTTP layer called in-process, without a socket and without VMs. Every
-//! request here is answered before a VM would be needed (auth, validation, lookups).
+//! Router tests: the HTTP layer called in-process over a simulated host. Every request here is
+//! answered before a sandbox would be needed (auth, validation, lookups).
 
-use std::sync::Arc;
+mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use cove_runner::{Runner, RunnerConfig};
-use cove_server::{router, Core, CoreConfig};
-use cove_store::Store;
+use common::App;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-struct App {
-    router: axum::Router,
-    key: String,
-    _dir: tempfile::TempDir,
-}
-
 async fn app() -> App {
-    let dir = tempfile::tempdir().unwrap();
-    // Placeholder guest images: these tests never start a VM.
-    let cache = dir.path().join("cache");
-    for f in ["kernel/vmlinuz", "initramfs/initramfs.cpio", "rootfs/rootfs.qcow2"] {
-        let p = cache.join(f);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, b"").unwrap();
-    }
-    let mut cfg = RunnerConfig::new(cache, dir.path().join("data"));
-    cfg.shm_dir = dir.path().join("shm");
-    let runner = Runner::new(cfg, Arc::new(cove_vmm::QemuVmm::new(cove_vmm::Accel::Tcg))).await.unwrap();
-    let store = Store::open_in_memory().unwrap();
-    let org = store.create_org("test", None).unwrap();
-    let key = cove_store::generate_key();
-    store.add_key(&org.id, "test", &key).unwrap();
-    let core = Core::new(
-        Arc::new(store),
-        Arc::new(runner),
-        CoreConfig::local(3),
-        cove_store::sealed::Sealer::ephemeral(),
-    );
-    App { router: router(Arc::new(core)), key, _dir: dir }
+    App::new()
 }
 
 async fn call(

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use cove_runner::{Runner, RunnerConfig};
+use cove_runner::{Runner, RunnerConfig, SandboxHost};
 use cove_server::{Core, CoreConfig};
 use cove_store::Store;
 use cove_vmm::{Accel, QemuVmm};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use cove_runner::{Runner, RunnerConfig};
+use cove_runner::{Runner, RunnerConfig, SandboxHost};
 use cove_server::{Core, CoreConfig};
 use cove_store::Store;
 use cove_vmm::{Accel, QemuVmm};

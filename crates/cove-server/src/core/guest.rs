@@ -26,7 +26,7 @@ impl Core {
             let lease = self.op_lock(id).read_owned().await;
             let rec = self.get(org, id)?;
             match rec.state {
-                S::Running => return Ok(Guest { agent: self.runner.agent(id).await?, _lease: lease }),
+                S::Running => return Ok(Guest { agent: self.host.agent(id).await?, _lease: lease }),
                 S::Paused | S::Unpausing | S::Snapshotting => {
                     drop(lease);
                     self.resume(org, id).await?;
@@ -53,9 +53,9 @@ impl Core {
         org: &str,
         id: &str,
         port: u16,
-    ) -> Result<tokio::net::TcpStream, ApiError> {
+    ) -> Result<cove_runner::GuestStream, ApiError> {
         self.running(org, id).await?;
-        self.runner.connect_guest(id, port).await.map_err(|e| match e {
+        self.host.connect_guest(id, port).await.map_err(|e| match e {
             cove_runner::RunnerError::Io(_, io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
                 ApiError::BadGateway(format!("nothing listens on port {port} in sandbox {id}"))
             }

@@ -53,7 +53,7 @@ impl Core {
         self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
         let vm = self.vm_request(&rec);
         let span = tracing::info_span!("create", sandbox_id = %rec.id);
-        self.bring_up(org, &rec, self.runner.create(&vm).instrument(span), |e| match e {
+        self.bring_up(org, &rec, self.host.create(&vm).instrument(span), |e| match e {
             e @ RunnerError::Mount { .. } => mount_call_error(e, |i| format!("mounts[{i}]")),
             e => ApiError::unavailable(&rec.id, "the sandbox VM failed to start", &e),
         })
@@ -101,12 +101,12 @@ impl Core {
         fail: impl FnOnce(RunnerError) -> ApiError,
     ) -> Result<SandboxRecord, ApiError> {
         if let Err(e) = start.await {
-            let _ = self.runner.destroy(&rec.id).await;
+            let _ = self.host.destroy(&rec.id).await;
             self.store.delete_sandbox(&rec.id)?;
             return Err(fail(e));
         }
         if self.store.transition(&rec.id, &[S::Starting], S::Running)?.is_none() {
-            let _ = self.runner.destroy(&rec.id).await;
+            let _ = self.host.destroy(&rec.id).await;
             return Err(ApiError::Conflict("sandbox was deleted while it started".into()));
         }
         self.get(org, &rec.id)
@@ -128,9 +128,9 @@ impl Core {
     }
 
     pub(super) async fn finish_delete(&self, rec: &SandboxRecord) -> Result<(), ApiError> {
-        self.runner.destroy(&rec.id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        self.host.destroy(&rec.id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
         if let Some(image) = &rec.image {
-            self.runner.delete_image(image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.host.delete_image(image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
         }
         self.store.delete_sandbox(&rec.id)?;
         self.ops.lock().unwrap_or_else(|p| p.into_inner()).remove(&rec.id);
@@ -144,11 +144,7 @@ impl Core {
         let image = new_image_prefix("pause");
         self.begin(id, Action::Pause, Op::Pause { image: image.clone() })?;
         let span = tracing::info_span!("pause", sandbox_id = %id);
-        match self
-            .runner
-            .capture(&self.vm_request(&rec), &image, AfterCapture::Release)
-            .instrument(span)
-            .await
+        match self.host.capture(&self.vm_request(&rec), &image, AfterCapture::Release).instrument(span).await
         {
             Ok((_, stats)) => {
                 cove_runner::fault_point("pause.released");
@@ -181,7 +177,7 @@ impl Core {
         self.begin(id, Action::Resume, Op::Resume { image: image.clone() })?;
         let span = tracing::info_span!("resume", sandbox_id = %id);
         let started = std::time::Instant::now();
-        if let Err(e) = self.runner.create_from_image(&self.vm_request(&rec), &image).instrument(span).await {
+        if let Err(e) = self.host.create_from_image(&self.vm_request(&rec), &image).instrument(span).await {
             self.fall_back(id, Action::Resume)?;
             return Err(ApiError::unavailable(id, "resuming failed, the sandbox stays paused", &e));
         }
@@ -190,9 +186,9 @@ impl Core {
         tracing::info!(sandbox_id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "resumed");
         // The image is spent: the guest has moved on from it. Deleting it need not hold up the
         // answer; if it fails (or the server stops first), recovery deletes unreferenced images.
-        let (runner, sandbox_id) = (self.runner.clone(), id.to_string());
+        let (host, sandbox_id) = (self.host.clone(), id.to_string());
         tokio::spawn(async move {
-            if let Err(e) = runner.delete_image(&image).await {
+            if let Err(e) = host.delete_image(&image).await {
                 tracing::warn!(sandbox_id = %sandbox_id, error = %error_chain(&e), "deleting a spent pause image");
             }
         });
@@ -203,10 +199,10 @@ impl Core {
     pub async fn stop(&self, org: &str, id: &str) -> Result<SandboxRecord, ApiError> {
         let (_op, _) = self.lock_for(org, id, Action::Stop).await?;
         self.begin(id, Action::Stop, Op::Stop)?;
-        if let Err(e) = self.runner.stop(id).await {
+        if let Err(e) = self.host.stop(id).await {
             // Whatever went wrong, the VM must not outlive a stopped sandbox.
             tracing::warn!(sandbox_id = %id, error = %error_chain(&e), "stop did not go cleanly; ending the VM");
-            self.runner.end_vm(id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.host.end_vm(id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
         }
         self.finish(id, Action::Stop, |c| c)?;
         self.get(org, id)
@@ -217,7 +213,7 @@ impl Core {
         let (_op, rec) = self.lock_for(org, id, Action::Start).await?;
         self.begin(id, Action::Start, Op::Start)?;
         let span = tracing::info_span!("start", sandbox_id = %id);
-        if let Err(e) = self.runner.boot(&self.vm_request(&rec)).instrument(span).await {
+        if let Err(e) = self.host.boot(&self.vm_request(&rec)).instrument(span).await {
             self.fall_back(id, Action::Start)?;
             return Err(ApiError::unavailable(id, "starting failed, the sandbox stays stopped", &e));
         }

@@ -20,7 +20,7 @@ use cove_api::sandbox::{
 };
 use cove_api::snapshot::{ListSnapshots, SnapshotResponse, SnapshotRestoreRequest};
 use cove_runner::image::new_image_prefix;
-use cove_runner::{AfterCapture, AgentClient, Runner, RunnerError, VmRequest};
+use cove_runner::{AfterCapture, AgentClient, RunnerError, SandboxHost, Unsealed, VmRequest};
 use cove_store::sealed::Sealer;
 use cove_store::{
     Change, Op, SandboxRecord, SnapshotQuery, SnapshotRecord, SnapshotState, Store, StoreError,
@@ -80,7 +80,8 @@ impl CoreConfig {
 pub struct Core {
     sealer: Sealer,
     pub store: Arc<Store>,
-    pub runner: Arc<Runner>,
+    /// The machine the sandboxes run on.
+    pub host: Arc<dyn SandboxHost>,
     pub cfg: CoreConfig,
     /// One lock per sandbox: held exclusively by every operation that changes its VM or its
     /// state (pause, resume, snapshot, stop, start, mount and policy changes), shared by guest
@@ -131,10 +132,10 @@ fn not_in(id: &str, state: SandboxState, wanted: &str) -> ApiError {
 
 impl Core {
     /// `sealer` keeps the secrets users give (header values to inject) sealed in the store.
-    pub fn new(store: Arc<Store>, runner: Arc<Runner>, cfg: CoreConfig, sealer: Sealer) -> Core {
+    pub fn new(store: Arc<Store>, host: Arc<dyn SandboxHost>, cfg: CoreConfig, sealer: Sealer) -> Core {
         Core {
             store,
-            runner,
+            host,
             cfg,
             sealer,
             ops: Mutex::new(HashMap::new()),

@@ -80,8 +80,8 @@ impl Core {
         check_mount_path(&rec, &mount)?;
         let plain = mount.clone();
         let attached = match rec.state {
-            S::Running => self.runner.add_mount(id, &plain).await,
-            _ => self.runner.check_mount(&plain).await,
+            S::Running => self.host.add_mount(id, &plain).await,
+            _ => self.host.check_mount(&plain).await,
         };
         attached.map_err(|e| mount_call_error(e, |_| String::new()))?;
         let mut mounts = rec.mounts.clone();
@@ -115,8 +115,8 @@ impl Core {
         }
         check_mount_path(&rec, &mount)?;
         let applied = match rec.state {
-            S::Running => self.runner.update_mount(id, &mount, remount).await,
-            _ => self.runner.check_mount(&mount).await,
+            S::Running => self.host.update_mount(id, &mount, remount).await,
+            _ => self.host.check_mount(&mount).await,
         };
         applied.map_err(|e| mount_call_error(e, |_| String::new()))?;
         let mut mounts = rec.mounts.clone();
@@ -133,7 +133,7 @@ impl Core {
             return Err(ApiError::NotFound(format!("mount {mount_id} of sandbox {id} not found")));
         }
         if rec.state == S::Running {
-            self.runner.remove_mount(id, mount_id).await?;
+            self.host.remove_mount(id, mount_id).await?;
         }
         let mounts: Vec<MountConfig> = rec.mounts.iter().filter(|m| m.id != mount_id).cloned().collect();
         self.store.set_mounts(id, &mounts)?;

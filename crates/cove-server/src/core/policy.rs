@@ -37,7 +37,7 @@ impl Core {
         let rec = self.get(org, id)?;
         match rec.state {
             S::Running => {
-                self.runner
+                self.host
                     .set_network_policy(id, Some(&policy))
                     .await
                     .map_err(|e| ApiError::unavailable(id, "applying the network policy failed", &e))?;

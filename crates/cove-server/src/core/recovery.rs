@@ -105,8 +105,7 @@ impl Core {
             })
             .map(|r| self.vm_request(r))
             .collect();
-        let lost: std::collections::HashSet<String> =
-            self.runner.recover(&with_vm).await.into_iter().collect();
+        let lost: std::collections::HashSet<String> = self.host.adopt(&with_vm).await.into_iter().collect();
         for rec in &records {
             if let Err(e) = self.recover_one(rec, !lost.contains(&rec.id)).await {
                 tracing::error!(sandbox_id = %rec.id, error = %e, "recovering sandbox");
@@ -125,20 +124,16 @@ impl Core {
         }
         let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
         let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        let mut unknown: Vec<String> = self.runner.sandbox_ids_on_host();
-        unknown.extend(self.runner.sandbox_networks());
-        unknown.sort();
-        unknown.dedup();
-        for id in unknown.into_iter().filter(|id| !known.contains(id.as_str())) {
+        for id in self.host.sandboxes_on_host().into_iter().filter(|id| !known.contains(id.as_str())) {
             tracing::info!(sandbox_id = %id, "removing files and network of an unknown sandbox");
-            let _ = self.runner.destroy(&id).await;
+            let _ = self.host.destroy(&id).await;
         }
         let referenced = self.store.referenced_images()?;
-        match self.runner.stored_images().await {
+        match self.host.stored_images().await {
             Ok(images) => {
                 for image in images.into_iter().filter(|i| !referenced.contains(i)) {
                     tracing::info!(image = %image, "removing an image nobody refers to");
-                    let _ = self.runner.delete_image(&image).await;
+                    let _ = self.host.delete_image(&image).await;
                 }
             }
             Err(e) => tracing::warn!(error = %error_chain(&e), "listing stored images"),
@@ -157,7 +152,7 @@ impl Core {
             self.store.snapshot_ready(&snap.id, stored)?;
         } else {
             tracing::info!(snapshot_id = %snap.id, "removing an unfinished snapshot");
-            self.runner.delete_image(&snap.image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.host.delete_image(&snap.image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
             self.store.delete_snapshot(&snap.id)?;
         }
         Ok(())
@@ -167,8 +162,7 @@ impl Core {
     /// answer is an error, so that recovery never takes a complete image for a partial one and
     /// deletes it.
     pub(super) async fn stored_bytes(&self, image: &str) -> Result<Option<u64>, ApiError> {
-        let manifest =
-            self.runner.find_image(image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        let manifest = self.host.find_image(image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
         Ok(manifest.map(|m| m.stored_bytes()))
     }
 
@@ -177,7 +171,7 @@ impl Core {
     pub(super) async fn recover_one(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
         use recovery::Step;
         let id = rec.id.as_str();
-        let runner_err = |e: cove_runner::RunnerError| ApiError::internal(error_chain(&e));
+        let host_err = |e: cove_runner::RunnerError| ApiError::internal(error_chain(&e));
         let capture_image = match &rec.op {
             Some(Op::Pause { image } | Op::Snapshot { image, .. }) if rec.state == S::Snapshotting => {
                 Some(image)
@@ -190,7 +184,7 @@ impl Core {
         };
         let vm_answers = rec.state == S::Unpausing
             && vm_alive
-            && self.runner.reidentify(&self.vm_request(rec)).await.is_ok();
+            && self.host.reidentify(&self.vm_request(rec)).await.is_ok();
         let facts = recovery::Facts { vm_alive, image_complete: stored.is_some(), vm_answers };
         let steps = recovery::plan(rec.state, rec.op.as_ref(), rec.image.as_deref(), facts);
         if !steps.is_empty() {
@@ -198,15 +192,15 @@ impl Core {
         }
         for step in steps {
             match step {
-                Step::EndVm => self.runner.end_vm(id).await.map_err(runner_err)?,
-                Step::DestroyVm => self.runner.destroy(id).await.map_err(runner_err)?,
+                Step::EndVm => self.host.end_vm(id).await.map_err(host_err)?,
+                Step::DestroyVm => self.host.destroy(id).await.map_err(host_err)?,
                 Step::FinishStop => {
-                    if self.runner.stop(id).await.is_err() {
-                        self.runner.end_vm(id).await.map_err(runner_err)?;
+                    if self.host.stop(id).await.is_err() {
+                        self.host.end_vm(id).await.map_err(host_err)?;
                     }
                 }
                 Step::RunOnOrStop => self.run_on_or_stop(rec, vm_alive).await?,
-                Step::DeleteImage(image) => self.runner.delete_image(&image).await.map_err(runner_err)?,
+                Step::DeleteImage(image) => self.host.delete_image(&image).await.map_err(host_err)?,
                 Step::SnapshotReady(snapshot_id) => {
                     self.store.snapshot_ready(&snapshot_id, stored.unwrap_or(0))?
                 }
@@ -230,15 +224,15 @@ impl Core {
 
     /// After an undone capture: the VM runs again if it survived, else the sandbox is stopped.
     pub(super) async fn run_on_or_stop(&self, rec: &SandboxRecord, vm_alive: bool) -> Result<(), ApiError> {
-        if vm_alive && self.runner.run_again(&rec.id).await.is_ok() {
+        if vm_alive && self.host.run_again(&rec.id).await.is_ok() {
             // Its clock stood still while it was stopped: set it again.
-            if let Err(e) = self.runner.reidentify(&self.vm_request(rec)).await {
+            if let Err(e) = self.host.reidentify(&self.vm_request(rec)).await {
                 tracing::warn!(sandbox_id = %rec.id, error = %error_chain(&e), "re-sending the identity after recovery");
             }
             self.store.transition(&rec.id, &[S::Snapshotting], S::Running)?;
         } else {
             tracing::warn!(sandbox_id = %rec.id, "VM gone during an interrupted capture; marking it stopped");
-            self.runner.end_vm(&rec.id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+            self.host.end_vm(&rec.id).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
             self.store.transition(&rec.id, &[S::Snapshotting], S::Stopped)?;
         }
         Ok(())

@@ -11,8 +11,7 @@ pub(super) fn vm_request(rec: &SandboxRecord) -> VmRequest {
         memory_mib: rec.memory,
         disk_mib: rec.disk,
         env: rec.env.clone(),
-        network_policy: rec.network_policy.clone(),
-        mounts: rec.mounts.clone(),
+        unsealed: Unsealed { network_policy: rec.network_policy.clone(), mounts: rec.mounts.clone() },
     }
 }
 
@@ -57,9 +56,10 @@ impl Core {
     /// What the runner gets: the record's request, with sealed values opened.
     pub(super) fn vm_request(&self, rec: &SandboxRecord) -> VmRequest {
         let mut req = vm_request(rec);
-        req.mounts =
-            std::mem::take(&mut req.mounts).into_iter().map(|m| self.open_mount(&rec.id, m)).collect();
-        for t in req.network_policy.iter_mut().flat_map(|p| &mut p.transforms) {
+        let secrets = &mut req.unsealed;
+        secrets.mounts =
+            std::mem::take(&mut secrets.mounts).into_iter().map(|m| self.open_mount(&rec.id, m)).collect();
+        for t in secrets.network_policy.iter_mut().flat_map(|p| &mut p.transforms) {
             t.inject_headers.values_mut().for_each(|v| self.open(&rec.id, "header value", v));
         }
         req

@@ -57,7 +57,7 @@ impl Core {
         }
         let after = if kill_after { AfterCapture::Release } else { AfterCapture::Continue };
         let span = tracing::info_span!("snapshot", sandbox_id = %id, snapshot_id = %snap_id);
-        match self.runner.capture(&self.vm_request(&rec), &snap.image, after).instrument(span).await {
+        match self.host.capture(&self.vm_request(&rec), &snap.image, after).instrument(span).await {
             Ok((manifest, stats)) => {
                 tracing::info!(sandbox_id = %id, snapshot_id = %snap_id, save_ms = stats.save_ms,
                     store_ms = stats.store_ms, stored_bytes = stats.stored_bytes, "snapshot stored");
@@ -71,7 +71,7 @@ impl Core {
                 }
             }
             Err(e) => {
-                let _ = self.runner.delete_image(&snap.image).await;
+                let _ = self.host.delete_image(&snap.image).await;
                 self.store.delete_snapshot(&snap_id)?;
                 self.fall_back(id, Action::Snapshot)?;
                 return Err(ApiError::unavailable(id, "the snapshot failed", &e));
@@ -115,7 +115,7 @@ impl Core {
         })?;
         let vm = self.vm_request(&rec);
         let span = tracing::info_span!("restore", sandbox_id = %rec.id, snapshot_id = %snap.id);
-        self.bring_up(org, &rec, self.runner.create_from_image(&vm, &snap.image).instrument(span), |e| {
+        self.bring_up(org, &rec, self.host.create_from_image(&vm, &snap.image).instrument(span), |e| {
             ApiError::unavailable(&rec.id, "restoring the snapshot failed", &e)
         })
         .await
@@ -144,7 +144,7 @@ impl Core {
             None => return Err(ApiError::NotFound(format!("snapshot {id} not found"))),
         };
         let snap = self.store.begin_snapshot_delete(org, &snap.id)?;
-        self.runner.delete_image(&snap.image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
+        self.host.delete_image(&snap.image).await.map_err(|e| ApiError::internal(error_chain(&e)))?;
         self.store.delete_snapshot(&snap.id)?;
         Ok(())
     }

@@ -52,7 +52,7 @@ pub fn template_response(t: &TemplateRecord) -> Template {
 
 impl Core {
     fn system_template(&self) -> Option<Template> {
-        let disk = self.runner.template_disk_mib(DEFAULT_TEMPLATE)?;
+        let disk = self.host.template_disk_mib(DEFAULT_TEMPLATE)?;
         Some(Template {
             id: DEFAULT_TEMPLATE.into(),
             name: DEFAULT_TEMPLATE.into(),
@@ -63,10 +63,7 @@ impl Core {
                 ..Default::default()
             },
             is_system: true,
-            created_at: self
-                .runner
-                .system_template_built_at()
-                .map_or(chrono::DateTime::UNIX_EPOCH, Into::into),
+            created_at: self.host.system_template_built_at().map_or(chrono::DateTime::UNIX_EPOCH, Into::into),
             uri: String::new(),
             disk,
             state: TemplateState::Ready.as_str().into(),
@@ -78,7 +75,7 @@ impl Core {
     pub fn resolve_template(&self, org: &str, name: &str) -> Result<Resolved, ApiError> {
         let unknown = || ApiError::field("template_name", format!("unknown template {name:?}"));
         if name == DEFAULT_TEMPLATE {
-            let disk_mib = self.runner.template_disk_mib(name).ok_or_else(unknown)?;
+            let disk_mib = self.host.template_disk_mib(name).ok_or_else(unknown)?;
             return Ok(Resolved { id: name.to_string(), disk_mib });
         }
         match self.store.template(org, name)? {
@@ -134,12 +131,12 @@ impl Core {
         tracing::info!(uri = %source.uri, "building template");
         let built = async {
             let built =
-                self.runner.build_template(&source, &|p| self.set_progress(&id, Some(p.clone()))).await?;
+                self.host.build_template(&source, &|p| self.set_progress(&id, Some(p.clone()))).await?;
             // The first boot: sandboxes of the default shape start from this snapshot.
             let booting =
                 TemplateProgress { stage: "booting".into(), ..self.progress(&id).unwrap_or_default() };
             self.set_progress(&id, Some(booting));
-            self.runner.prepare_template(&id, DEFAULT_VCPU, DEFAULT_MEMORY_MIB).await?;
+            self.host.prepare_template(&id, DEFAULT_VCPU, DEFAULT_MEMORY_MIB).await?;
             cove_runner::fault_point("template.booted");
             Ok::<_, cove_runner::RunnerError>(built)
         }
@@ -184,7 +181,7 @@ impl Core {
 
     /// Removes a template's files and record (a failed build, or what a crash left).
     async fn discard_template(&self, id: &str) {
-        if let Err(e) = self.runner.remove_template(id).await {
+        if let Err(e) = self.host.remove_template(id).await {
             tracing::warn!(template_id = %id, error = %error_chain(&e), "removing template files");
         }
         if let Err(e) = self.store.delete_template(id) {
@@ -243,7 +240,7 @@ impl Core {
             cove_store::StoreError::NotFound => ApiError::NotFound(format!("template {id} not found")),
             other => other.into(),
         })?;
-        self.runner.remove_template(&t.id).await?;
+        self.host.remove_template(&t.id).await?;
         self.store.delete_template(&t.id)?;
         Ok(())
     }

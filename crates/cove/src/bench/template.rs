@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use cove_oci::testing::{Image, Layer, Registry};
+use cove_runner::SandboxHost;
 use serde_json::{json, Value};
 
 use super::{median, write_json, Bench, Stats};

@@ -1,0 +1,120 @@
+//! The control plane over a simulated host ([`cove_server::sim::SimHost`]): the router called
+//! in-process, no socket, no VM, no root. A restart is a new `Core` on the same store and a
+//! restarted host, as after `kill -9`.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use cove_server::sim::SimHost;
+use cove_server::{router, Core, CoreConfig};
+use cove_store::Store;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+#[derive(Clone)]
+pub struct App {
+    pub router: axum::Router,
+    pub core: Arc<Core>,
+    pub host: Arc<SimHost>,
+    pub store: Arc<Store>,
+    pub key: String,
+}
+
+pub const SYSTEM: &str = "system/debian:bookworm";
+
+impl App {
+    pub fn new() -> App {
+        let store = Store::open_in_memory().unwrap();
+        let org = store.create_org("test", None).unwrap();
+        let key = cove_store::generate_key();
+        store.add_key(&org.id, "test", &key).unwrap();
+        App::on(Arc::new(store), Arc::new(SimHost::new()), key)
+    }
+
+    fn on(store: Arc<Store>, host: Arc<SimHost>, key: String) -> App {
+        let core = Arc::new(Core::new(
+            store.clone(),
+            host.clone(),
+            CoreConfig::local(8),
+            cove_store::sealed::Sealer::ephemeral(),
+        ));
+        App { router: router(core.clone()), core, host, store, key }
+    }
+
+    /// The next server process: same store, same machine, nothing in memory. Not recovered
+    /// yet: call `core.recover()`.
+    pub fn restarted(&self) -> App {
+        App::on(self.store.clone(), Arc::new(self.host.restarted()), self.key.clone())
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+        let (s, bytes) = self.call_raw(method, path, "application/json", body.as_bytes().to_vec()).await;
+        (s, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Vec<u8>) {
+        request(&self.router, &self.key, method, path, content_type, body).await
+    }
+
+    /// Creates a sandbox of the system template; its id.
+    pub async fn create(&self, extra: Value) -> String {
+        let mut body = serde_json::json!({"template_name": SYSTEM});
+        body.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
+        let (s, v) = self.call("POST", "/v1/sandbox", &body.to_string()).await;
+        assert_eq!(s, StatusCode::CREATED, "create: {v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn state(&self, id: &str) -> Option<String> {
+        let (s, v) = self.call("GET", &format!("/v1/sandbox/{id}"), "").await;
+        (s == StatusCode::OK).then(|| v["state"].as_str().unwrap().to_string())
+    }
+
+    /// Runs a command; (exit code, stdout).
+    pub async fn exec(&self, id: &str, command: &str) -> (StatusCode, i64, String) {
+        let body = serde_json::json!({"command": command}).to_string();
+        let (s, v) = self.call("POST", &format!("/v1/sandbox/{id}/process/execute"), &body).await;
+        (s, v["exit_code"].as_i64().unwrap_or(-1), v["stdout"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub async fn write(&self, id: &str, path: &str, bytes: &[u8]) -> StatusCode {
+        let uri = format!("/v1/sandbox/{id}/filesystem/write-file?path={path}");
+        self.call_raw("POST", &uri, "application/octet-stream", bytes.to_vec()).await.0
+    }
+
+    pub async fn read(&self, id: &str, path: &str) -> (StatusCode, Vec<u8>) {
+        let body = serde_json::json!({"path": path}).to_string().into_bytes();
+        self.call_raw("POST", &format!("/v1/sandbox/{id}/filesystem/read-file"), "application/json", body)
+            .await
+    }
+}
+
+pub async fn request(
+    router: &axum::Router,
+    key: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Vec<u8>) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", content_type)
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(body))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
+}
