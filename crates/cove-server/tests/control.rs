@@ -418,3 +418,130 @@ async fn guest_calls_racing_pauses_all_succeed() {
     pauses.await.unwrap();
     check_consistent(&app, "after the race", false).await;
 }
+
+#[tokio::test]
+async fn mounts_and_policies_reach_the_host_and_their_secrets_only_the_host() {
+    let app = App::new();
+    let id = app.create(json!({})).await;
+    let mount = json!({"type": "object-storage", "bucket": "bkt", "mount_path": "/data",
+        "endpoint": "http://s3.test", "access_key_id": "AKID-PLAIN", "secret_access_key": "SK-PLAIN"});
+    let (s, v) = app.call("POST", &format!("/v1/sandbox/{id}/mounts"), &mount.to_string()).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let mount_id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(app.host.guest(&id).unwrap().mounts.get(&mount_id).map(String::as_str), Some("/data"));
+    let policy = json!({"mode": "custom", "allow_domains": ["api.example.com"],
+        "transforms": [{"domain": "api.example.com", "inject_headers": {"Authorization": "Bearer HDR-PLAIN"}}]});
+    let (s, v) = app.call("PATCH", &format!("/v1/sandbox/{id}/network-policy"), &policy.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The host has them in plain; no answer, and not the store, has them so.
+    let on_host = app.host.policy(&id).unwrap().unwrap();
+    assert_eq!(on_host.transforms[0].inject_headers["Authorization"], "Bearer HDR-PLAIN");
+    let (_, listed) = app.call("GET", &format!("/v1/sandbox/{id}"), "").await;
+    let stored = format!("{:?}", app.store.sandbox(&org(&app), &id).unwrap().unwrap());
+    for plain in ["AKID-PLAIN", "SK-PLAIN", "HDR-PLAIN"] {
+        assert!(!listed.to_string().contains(plain) && !v.to_string().contains(plain), "{plain} answered");
+        assert!(!stored.contains(plain), "{plain} stored in plain");
+    }
+    // Paused and resumed, the guest has its mount again, the host its policy.
+    assert!(app.call("POST", &format!("/v1/sandbox/{id}/pause"), "").await.0.is_success());
+    assert!(app.call("POST", &format!("/v1/sandbox/{id}/resume"), "").await.0.is_success());
+    assert!(app.host.guest(&id).unwrap().mounts.contains_key(&mount_id));
+    assert_eq!(app.host.policy(&id).unwrap(), Some(on_host));
+    let (s, _) = app.call("DELETE", &format!("/v1/sandbox/{id}/mounts/{mount_id}"), "").await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(app.host.guest(&id).unwrap().mounts.is_empty());
+    // A host that cannot apply a policy: 503, the old one stays.
+    app.host.fail_at("set_network_policy");
+    let (s, v) =
+        app.call("PATCH", &format!("/v1/sandbox/{id}/network-policy"), r#"{"mode":"deny-all"}"#).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    check_message(&v, "policy");
+    let (_, v) = app.call("GET", &format!("/v1/sandbox/{id}"), "").await;
+    assert_eq!(v["network_policy"]["mode"], "custom");
+}
+
+#[tokio::test]
+async fn timeouts_pause_or_delete_and_conflicts_name_the_state() {
+    let app = App::new();
+    let keep = app.create(json!({"auto_pause": true})).await;
+    let gone = app.create(json!({})).await;
+    for id in [&keep, &gone] {
+        let past = cove_store::Change::to(S::Running).timeout_at(0);
+        app.store.update(id, &[S::Running], past).unwrap();
+    }
+    app.core.expire().await;
+    let mut states = (None, None);
+    for _ in 0..200 {
+        states = (app.state(&keep).await, app.state(&gone).await);
+        if states == (Some("paused".into()), None) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(states, (Some("paused".into()), None));
+    for (action, wanted) in [("pause", "running"), ("stop", "running"), ("start", "stopped")] {
+        let (s, v) = app.call("POST", &format!("/v1/sandbox/{keep}/{action}"), "").await;
+        assert_eq!(s, StatusCode::CONFLICT, "{action}: {v}");
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains("paused") && message.contains(wanted), "{action}: {message}");
+    }
+    // The organization's limit counts sandboxes holding a VM (8 here), not paused ones.
+    for _ in 0..8 {
+        app.create(json!({})).await;
+    }
+    // The contract answers a create over the limit with 409, a resume or start with 429.
+    let (s, v) = app.call("POST", "/v1/sandbox", r#"{"template_name":"system/debian:bookworm"}"#).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("limit"), "{v}");
+    let (s, v) = app.call("POST", &format!("/v1/sandbox/{keep}/resume"), "").await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(app.state(&keep).await.as_deref(), Some("paused"));
+    let (_, v) = app.call("GET", "/v1/sandboxes?state=running", "").await;
+    let running = v["items"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(app.call("DELETE", &format!("/v1/sandbox/{running}"), "").await.0, StatusCode::NO_CONTENT);
+    let (s, v) = app.call("POST", &format!("/v1/sandbox/{keep}/resume"), "").await;
+    assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("running")), "{v}");
+}
+
+#[tokio::test]
+async fn templates_are_built_used_and_removed_and_a_crash_mid_build_leaves_nothing() {
+    let app = App::new();
+    let (s, v) = app.call("POST", "/v1/template", r#"{"name":"mine","uri":"registry.test/app:1"}"#).await;
+    assert!(s.is_success(), "{s} {v}");
+    let template = v["id"].as_str().unwrap().to_string();
+    let (_, v) = app.call("GET", "/v1/templates", "").await;
+    let names: Vec<&str> = v["items"].as_array().unwrap().iter().filter_map(|t| t["name"].as_str()).collect();
+    assert!(names.contains(&"mine"), "{v}");
+    let id = app.create(json!({"template_name": "mine"})).await;
+    assert_eq!(app.exec(&id, "echo from mine").await.2, "from mine\n");
+    let (s, v) = app.call("DELETE", &format!("/v1/template/{template}"), "").await;
+    assert_eq!(s, StatusCode::CONFLICT, "in use: {v}");
+    assert_eq!(app.call("DELETE", &format!("/v1/sandbox/{id}"), "").await.0, StatusCode::NO_CONTENT);
+    assert_eq!(app.call("DELETE", &format!("/v1/template/{template}"), "").await.0, StatusCode::NO_CONTENT);
+    use cove_runner::SandboxHost;
+    assert_eq!(app.host.template_disk_mib(&template), None);
+
+    // An image that is not there: 400 on `uri`, nothing kept.
+    let (s, v) = app.call("POST", "/v1/template", r#"{"name":"nope","uri":"registry.test/missing:1"}"#).await;
+    assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("uri")), "{v}");
+
+    // A crash after the image is converted: the next server removes the half-made template.
+    for point in ["build_template.done", "prepare_template"] {
+        let reached = app.host.crash_at(point);
+        let task = {
+            let app = app.clone();
+            tokio::spawn(async move {
+                app.call("POST", "/v1/template", r#"{"name":"half","uri":"r.test/a:1"}"#).await
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(5), reached.notified()).await.unwrap();
+        task.abort();
+        let half =
+            app.store.list_templates(&org(&app)).unwrap().into_iter().find(|t| t.name == "half").unwrap();
+        assert!(app.host.template_disk_mib(&half.id).is_some(), "{point}: the build got as far as the disk");
+        let next = app.restarted();
+        next.core.recover().await.unwrap();
+        assert!(next.store.list_templates(&org(&next)).unwrap().is_empty(), "{point}");
+        assert_eq!(next.host.template_disk_mib(&half.id), None, "{point}");
+    }
+}
