@@ -18,6 +18,14 @@ pub(super) struct NewSandbox {
     pub op: Op,
 }
 
+/// The action that makes a sandbox with `op` in flight: a restore, or else a create.
+fn making(op: Option<&Op>) -> Action {
+    match op {
+        Some(Op::Restore { .. }) => Action::Restore,
+        _ => Action::Create,
+    }
+}
+
 impl Core {
     pub async fn create_sandbox(
         &self,
@@ -63,6 +71,7 @@ impl Core {
     /// A record for a new sandbox of `org`, `starting`, with `new.op` in flight.
     pub(super) fn new_record(&self, org: &str, new: NewSandbox) -> SandboxRecord {
         let now = Utc::now();
+        let rule = machine::rule(making(Some(&new.op)));
         SandboxRecord {
             id: new_sandbox_id(),
             org_id: org.to_string(),
@@ -75,7 +84,7 @@ impl Core {
             network_policy: new.network_policy,
             mounts: new.mounts,
             env: new.env,
-            state: S::Starting,
+            state: rule.during,
             runner_id: self.cfg.runner_id.clone(),
             created_at: now,
             launch_time: None,
@@ -105,7 +114,8 @@ impl Core {
             self.store.delete_sandbox(&rec.id)?;
             return Err(fail(e));
         }
-        if self.store.transition(&rec.id, &[S::Starting], S::Running)?.is_none() {
+        let rule = machine::rule(making(rec.op.as_ref()));
+        if self.store.transition(&rec.id, &[rule.during], rule.done.state())?.is_none() {
             let _ = self.host.destroy(&rec.id).await;
             return Err(ApiError::Conflict("sandbox was deleted while it started".into()));
         }
@@ -117,8 +127,8 @@ impl Core {
     /// may not.
     pub async fn delete(&self, org: &str, id: &str) -> Result<(), ApiError> {
         let rec = self.get(org, id)?;
-        let from = [S::Running, S::Paused, S::Stopped, S::Deleting];
-        if self.store.transition(id, &from, S::Deleting)?.is_none() {
+        let rule = machine::rule(Action::Delete);
+        if self.store.transition(id, rule.from, rule.during)?.is_none() {
             return Err(ApiError::Conflict(format!(
                 "sandbox {id} is {}; try again when it settles",
                 rec.state
@@ -167,7 +177,7 @@ impl Core {
         let rec = self.get(org, id)?;
         match rec.state {
             S::Running => return Ok(rec),
-            s if s == machine::rule(Action::Resume).from => {}
+            s if machine::rule(Action::Resume).from.contains(&s) => {}
             other => return Err(not_in(id, other, "paused")),
         }
         let image = rec

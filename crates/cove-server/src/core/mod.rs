@@ -167,8 +167,8 @@ impl Core {
         let want = machine::rule(action).from;
         let guard = self.lock_sandbox(id).await;
         let rec = self.get(org, id)?;
-        if rec.state != want {
-            return Err(not_in(id, rec.state, want.as_str()));
+        if !want.contains(&rec.state) {
+            return Err(not_in(id, rec.state, &machine::describe(want)));
         }
         Ok((guard, rec))
     }
@@ -182,7 +182,7 @@ impl Core {
         if rule.counts_toward_limit {
             change = change.limit(self.cfg.default_sandbox_limit);
         }
-        match self.store.update(id, &[rule.from], change).map_err(limit_error)? {
+        match self.store.update(id, rule.from, change).map_err(limit_error)? {
             Some(_) => Ok(()),
             None => Err(ApiError::Conflict(format!("sandbox {id} changed state; try again"))),
         }
@@ -191,14 +191,14 @@ impl Core {
     /// Records `action` done: its end state, with what `more` adds to the change.
     fn finish(&self, id: &str, action: Action, more: impl FnOnce(Change) -> Change) -> Result<(), ApiError> {
         let rule = machine::rule(action);
-        self.store.update(id, &[rule.during], more(Change::to(rule.done)))?;
+        self.store.update(id, &[rule.during], more(Change::to(rule.done.state())))?;
         Ok(())
     }
 
     /// Records `action` failed on the host: back to its fallback state.
     fn fall_back(&self, id: &str, action: Action) -> Result<(), ApiError> {
         let rule = machine::rule(action);
-        self.store.transition(id, &[rule.during], rule.failed)?;
+        self.store.transition(id, &[rule.during], rule.failed.state())?;
         Ok(())
     }
 

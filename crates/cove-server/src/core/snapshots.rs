@@ -64,7 +64,7 @@ impl Core {
                 self.store.snapshot_ready(&snap_id, manifest.stored_bytes())?;
                 if kill_after {
                     let during = machine::rule(Action::Snapshot).during;
-                    self.store.transition(id, &[during], S::Deleting)?;
+                    self.store.transition(id, &[during], machine::rule(Action::Delete).during)?;
                     self.finish_delete(&rec).await?;
                 } else {
                     self.finish(id, Action::Snapshot, |c| c)?;
