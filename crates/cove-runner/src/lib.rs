@@ -1,6 +1,7 @@
 //! The runner: the host side of sandboxes. It owns VM processes (through a [`Vmm`]), their
 //! disks and memory files, the template snapshots they are cloned from, and the agent channel
-//! into each guest. The control plane calls it in-process; nothing here knows about HTTP
+//! into each guest. The control plane calls it in-process through [`SandboxHost`] (`host`), the
+//! seam it shares with the control plane's simulated host; nothing here knows about HTTP
 //! clients, organizations or API keys.
 
 pub mod agent;
