@@ -398,6 +398,48 @@ def test_async_client(server, sandbox):
 
 
 # ---------------------------------------------------------------------------------------------
+# PTY
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_until(conn, want: bytes, limit: float = 60) -> bytes:
+    """Terminal output until it contains `want`."""
+    seen = b""
+    deadline = time.monotonic() + limit
+    while want not in seen:
+        assert time.monotonic() < deadline, f"no {want!r} in {seen!r}"
+        seen += conn.recv()
+    return seen
+
+
+def test_pty_sessions(sandbox):
+    session = sandbox.pty.create(session_id="sdk-term", cols=100, rows=30, envs={"WHO": "sdk"})
+    try:
+        assert (session.id, session.cols, session.rows, session.active) == ("sdk-term", 100, 30, True)
+        assert session.envs == {"WHO": "sdk"} and session.created_at
+        assert "sdk-term" in [s.id for s in sandbox.pty.list()]
+        assert sandbox.pty.get("sdk-term").cwd == "/home/user"
+        with pytest.raises(Leap0ConflictError):
+            sandbox.pty.create(session_id="sdk-term")
+
+        conn = sandbox.pty.connect("sdk-term")
+        try:
+            conn.send("echo hello-$WHO\r")
+            _read_until(conn, b"hello-sdk")
+            resized = sandbox.pty.resize("sdk-term", cols=120, rows=40)
+            assert (resized.cols, resized.rows) == (120, 40)
+            conn.send(b"stty size\r")
+            _read_until(conn, b"40 120")
+        finally:
+            conn.close()
+    finally:
+        sandbox.pty.delete("sdk-term")
+    assert "sdk-term" not in [s.id for s in sandbox.pty.list()]
+    with pytest.raises(Leap0NotFoundError):
+        sandbox.pty.get("sdk-term")
+
+
+# ---------------------------------------------------------------------------------------------
 # Process
 # ---------------------------------------------------------------------------------------------
 

@@ -170,12 +170,13 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> io::Res
 
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, state: Arc<State>) {
     let (detach_tx, mut detach_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let detached = tokio_util::sync::CancellationToken::new();
     let service = {
-        let state = state.clone();
+        let (state, detached) = (state.clone(), detached.clone());
         hyper::service::service_fn(move |req| {
             let state = state.clone();
-            let detach_tx = detach_tx.clone();
-            async move { Ok::<_, std::convert::Infallible>(state.handle(req, detach_tx).await) }
+            let (detach_tx, detached) = (detach_tx.clone(), detached.clone());
+            async move { Ok::<_, std::convert::Infallible>(state.handle(req, detach_tx, detached).await) }
         })
     };
     let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -195,8 +196,11 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
             }
         }
         _ = detach_rx.recv() => {
+            // Streams that would outlive the connection (terminals) end first.
+            detached.cancel();
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
     }
+    detached.cancel();
 }

@@ -50,7 +50,7 @@ pub async fn run(
         return Err(ExecError::BadCwd(cwd.display().to_string()));
     }
     let cgroup = ExecCgroup::create();
-    let procs_fd = cgroup.as_ref().and_then(|c| c.procs.as_ref().map(|f| f.as_raw_fd()));
+    let procs_fd = cgroup.as_ref().and_then(|c| c.procs_fd());
 
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
@@ -113,7 +113,7 @@ pub async fn run(
         ));
     }
     if let Some(cg) = cgroup {
-        cg.remove();
+        cg.remove_if_empty();
     }
     Ok(ExecuteResponse { exit_code: code, stdout, stderr })
 }
@@ -173,14 +173,14 @@ async fn finish(task: tokio::task::JoinHandle<()>, captured: Shared) -> String {
     s
 }
 
-/// A cgroup v2 directory holding one command and its descendants.
-struct ExecCgroup {
+/// A cgroup v2 directory holding one command (or terminal session) and its descendants.
+pub(crate) struct ExecCgroup {
     dir: String,
     procs: Option<std::fs::File>,
 }
 
 impl ExecCgroup {
-    fn create() -> Option<Self> {
+    pub fn create() -> Option<Self> {
         let n = NEXT_EXEC.fetch_add(1, Ordering::Relaxed);
         let dir = format!("{CGROUP_ROOT}/exec-{n}");
         std::fs::create_dir_all(&dir).ok()?;
@@ -188,12 +188,17 @@ impl ExecCgroup {
         Some(ExecCgroup { dir, procs })
     }
 
-    fn kill(&self) {
+    /// The descriptor of its `cgroup.procs`, for the child to join it before exec.
+    pub fn procs_fd(&self) -> Option<i32> {
+        self.procs.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    pub fn kill(&self) {
         let _ = std::fs::write(format!("{}/cgroup.kill", self.dir), "1");
     }
 
     /// Removes the cgroup once empty; one that still holds background processes stays.
-    fn remove(self) {
+    pub fn remove_if_empty(&self) {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }

@@ -11,6 +11,7 @@ mod exec;
 mod fs;
 mod init;
 mod mounts;
+mod pty;
 mod reaper;
 mod reply;
 mod server;

@@ -33,6 +33,7 @@ pub struct State {
     is_init: bool,
     started: Instant,
     mounts: crate::mounts::Mounts,
+    ptys: crate::pty::Ptys,
 }
 
 impl State {
@@ -60,6 +61,7 @@ impl State {
             is_init,
             started: Instant::now(),
             mounts: Default::default(),
+            ptys: Default::default(),
         }
     }
 
@@ -73,10 +75,13 @@ impl State {
         crate::service::start(self.reaper.clone(), self.user.clone(), self.image_env.clone(), command);
     }
 
+    /// Answers one request. `detach` asks the connection to end once its requests are done;
+    /// `detached` is cancelled when it does, which ends the streams that would outlive it.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         detach: tokio::sync::mpsc::Sender<()>,
+        detached: tokio_util::sync::CancellationToken,
     ) -> Response<Body> {
         let path = req.uri().path().to_string();
         match (req.method().clone(), path.as_str()) {
@@ -125,6 +130,10 @@ impl State {
                 let op = p[routes::FS_PREFIX.len()..].to_string();
                 self.fs.handle(&op, req).await
             }
+            (_, p) if p == routes::PTY || p.starts_with(&format!("{}/", routes::PTY)) => {
+                let rest = p[routes::PTY.len()..].trim_start_matches('/').to_string();
+                self.pty(&rest, req, detached).await
+            }
             _ => reply::error(StatusCode::NOT_FOUND, format!("no route {path}")),
         }
     }
@@ -158,20 +167,95 @@ impl State {
         if let Err(errors) = body.validate() {
             return invalid(&errors);
         }
-        let env = self.env.read().unwrap_or_else(|p| p.into_inner()).clone();
-        // When the agent is not PID 1 (tests), it runs commands as itself.
-        let user = if self.is_init {
-            self.user.clone()
-        } else {
-            SandboxUser { uid: 0, gid: 0, ..self.user.clone() }
-        };
-        match crate::exec::run(&self.reaper, &user, &env, &body).await {
+        let env = self.env();
+        match crate::exec::run(&self.reaper, &self.command_user(), &env, &body).await {
             Ok(r) => reply::json(StatusCode::OK, &r),
             Err(e @ (crate::exec::ExecError::BadCwd(_) | crate::exec::ExecError::NoShell)) => {
                 reply::error(StatusCode::BAD_REQUEST, e.to_string())
             }
             Err(e) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
+    }
+}
+
+impl State {
+    fn env(&self) -> BTreeMap<String, String> {
+        self.env.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whom commands and shells run as: the sandbox user; when the agent is not PID 1 (tests),
+    /// itself.
+    fn command_user(&self) -> SandboxUser {
+        if self.is_init {
+            self.user.clone()
+        } else {
+            SandboxUser { uid: 0, gid: 0, ..self.user.clone() }
+        }
+    }
+
+    /// `rest` is the path after `/v1/pty`: empty (list, create), `<id>` (get, delete),
+    /// `<id>/resize`, `<id>/attach`.
+    async fn pty(
+        &self,
+        rest: &str,
+        req: Request<Incoming>,
+        detached: tokio_util::sync::CancellationToken,
+    ) -> Response<Body> {
+        use crate::pty::PtyError;
+        let answer = |r: Result<cove_api::pty::PtySessionInfo, PtyError>, status| match r {
+            Ok(info) => reply::json(status, &info),
+            Err(e) => pty_error(e),
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        match (req.method().clone(), parts.as_slice()) {
+            (Method::GET, [""]) => {
+                reply::json(StatusCode::OK, &cove_api::pty::PtyListResponse { items: self.ptys.list() })
+            }
+            (Method::POST, [""]) => {
+                let body: cove_api::pty::PtyCreateRequest = match read_json(req).await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                if let Err(errors) = body.validate() {
+                    return invalid(&errors);
+                }
+                let created = self.ptys.create(&self.reaper, &self.command_user(), &self.env(), body);
+                answer(created, StatusCode::CREATED)
+            }
+            (Method::GET, [id]) => answer(self.ptys.info(id), StatusCode::OK),
+            (Method::DELETE, [id]) => match self.ptys.delete(id) {
+                Ok(()) => reply::empty(StatusCode::NO_CONTENT),
+                Err(e) => pty_error(e),
+            },
+            (Method::POST, [id, "resize"]) => {
+                let body: cove_api::pty::PtyResizeRequest = match read_json(req).await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                if let Err(errors) = body.validate() {
+                    return invalid(&errors);
+                }
+                answer(self.ptys.resize(id, body.cols, body.rows), StatusCode::OK)
+            }
+            (Method::POST, [id, "attach"]) => {
+                match self.ptys.attach(&self.reaper, id, req.into_body(), detached) {
+                    Ok(body) => reply::bytes(StatusCode::OK, "application/octet-stream", body),
+                    Err(e) => pty_error(e),
+                }
+            }
+            _ => reply::error(StatusCode::NOT_FOUND, format!("no route {}/{rest}", routes::PTY)),
+        }
+    }
+}
+
+fn pty_error(e: crate::pty::PtyError) -> Response<Body> {
+    use crate::pty::PtyError as E;
+    match e {
+        E::NotFound(_) => reply::error(StatusCode::NOT_FOUND, e.to_string()),
+        E::Exists(_) | E::TooMany => reply::error(StatusCode::CONFLICT, e.to_string()),
+        E::BadCwd(_) => reply::field_error(StatusCode::BAD_REQUEST, Some("cwd"), e.to_string()),
+        E::NoShell => reply::error(StatusCode::BAD_REQUEST, e.to_string()),
+        E::Io(_) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 fn cstr(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
@@ -395,4 +395,51 @@ pub fn add_default_route(gateway: std::net::Ipv4Addr) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         other => other,
     }
+}
+
+/// A new pseudo-terminal of `cols` × `rows`: (master, slave), both close-on-exec; the slave
+/// belongs to `uid`, who runs on it.
+pub fn open_pty(cols: u16, rows: u16, uid: u32) -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: posix_openpt takes flags and returns a new descriptor or -1.
+    let raw = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    check(raw)?;
+    // SAFETY: raw is a descriptor just opened and owned by nobody else.
+    let master = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: grantpt and unlockpt take the master's descriptor.
+    check(unsafe { libc::grantpt(master.as_raw_fd()) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::unlockpt(master.as_raw_fd()) })?;
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: name is a writable buffer of the length given.
+    let r = unsafe { libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated path into name.
+    let raw = unsafe { libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    check(raw)?;
+    // SAFETY: raw is a descriptor just opened and owned by nobody else.
+    let slave = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: fchown on a valid descriptor; -1 keeps the group (tty).
+    check(unsafe { libc::fchown(slave.as_raw_fd(), uid, u32::MAX) })?;
+    set_winsize(master.as_fd(), cols, rows)?;
+    Ok((master, slave))
+}
+
+/// Sets a terminal's size; its foreground processes get SIGWINCH.
+pub fn set_winsize(fd: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer given.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) })
+}
+
+/// Runs in the forked child before exec, once its standard streams are a terminal's slave:
+/// makes that terminal its controlling one, in a session of its own. Only async-signal-safe
+/// calls.
+pub fn take_terminal() -> io::Result<()> {
+    // SAFETY: no arguments; it fails harmlessly for a process that leads its session already.
+    unsafe { libc::setsid() };
+    // SAFETY: TIOCSCTTY on stdin with a plain integer argument.
+    check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })
 }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod filesystem;
 pub mod presigned;
 pub mod process;
+pub mod pty;
 pub mod sandbox;
 pub mod snapshot;
 pub mod template;

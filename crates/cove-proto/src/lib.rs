@@ -71,6 +71,12 @@ pub mod routes {
     pub const EXEC: &str = "/v1/exec";
     /// Followed by the public API's filesystem operation name, e.g. `/v1/fs/read-file`.
     pub const FS_PREFIX: &str = "/v1/fs/";
+    /// Terminal sessions, as the public API's `pty` routes: `GET`/`POST /v1/pty`,
+    /// `GET`/`DELETE /v1/pty/<id>`, `POST /v1/pty/<id>/resize`, and `POST /v1/pty/<id>/attach`,
+    /// whose request body is the terminal's input and whose answer streams its output (what
+    /// the session kept first); the answer ends when the shell exits, and fails when the agent
+    /// detaches (a pause).
+    pub const PTY: &str = "/v1/pty";
 }
 
 /// Answer to `GET /v1/health`.

@@ -1,76 +1,17 @@
 //! Filesystem endpoints. Each validates its request and forwards it unchanged to the guest
 //! agent, which does the work inside the VM; bodies (file contents, multipart) stream through.
 
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::header;
 use axum::response::Response;
 use cove_api::filesystem::*;
 use cove_api::{ErrorResponse, Validate, ValidationErrorResponse};
-use cove_runner::AgentBody;
-use http_body_util::BodyExt;
+use hyper::Method;
 
-use crate::core::Guest;
 use crate::error::ApiError;
 use crate::extract::{OrgId, ValidJson};
+use crate::forward::{forward, forward_json, stream};
 use crate::AppState;
-
-/// Sends one request to the agent and streams its answer back; agent errors keep their status.
-/// The sandbox stays running until the answer has streamed.
-async fn forward(
-    agent: Guest,
-    uri: String,
-    content_type: Option<header::HeaderValue>,
-    body: AgentBody,
-) -> Result<Response, ApiError> {
-    let mut req = hyper::Request::builder().method(hyper::Method::POST).uri(format!("http://agent{uri}"));
-    if let Some(ct) = content_type {
-        req = req.header(header::CONTENT_TYPE, ct);
-    }
-    let req = req.body(body).map_err(ApiError::internal)?;
-    let resp = agent.send(req).await.map_err(cove_runner::RunnerError::from)?;
-    let status = resp.status();
-    if !status.is_success() {
-        let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        return Err(
-            cove_runner::RunnerError::from(cove_runner::AgentError::from_answer(status, &bytes)).into()
-        );
-    }
-    let mut out = Response::builder().status(status);
-    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
-        if let Some(v) = resp.headers().get(&name) {
-            out = out.header(name, v.clone());
-        }
-    }
-    let body = resp.into_body().map_frame(move |frame| {
-        let _held = &agent;
-        frame
-    });
-    out.body(Body::new(body)).map_err(ApiError::internal)
-}
-
-async fn forward_json<T: serde::Serialize>(
-    s: &AppState,
-    org: &str,
-    id: &str,
-    op: &str,
-    req: &T,
-) -> Result<Response, ApiError> {
-    let agent = s.core.agent(org, id).await?;
-    let bytes = serde_json::to_vec(req).map_err(ApiError::internal)?;
-    let ct = header::HeaderValue::from_static("application/json");
-    forward(
-        agent,
-        format!("{}{op}", cove_proto::routes::FS_PREFIX),
-        Some(ct),
-        cove_runner::agent::full(bytes),
-    )
-    .await
-}
-
-fn stream(body: Body) -> AgentBody {
-    body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync()
-}
 
 macro_rules! json_op {
     ($fn:ident, $op:literal, $req:ty, $desc:literal, ok = ($status:literal, $okdesc:literal $(, $body:ty)?)) => {
@@ -89,7 +30,8 @@ macro_rules! json_op {
             Path(id): Path<String>,
             ValidJson(req): ValidJson<$req>,
         ) -> Result<Response, ApiError> {
-            forward_json(&s, &org, &id, $op, &req).await
+            let path = format!("{}{}", cove_proto::routes::FS_PREFIX, $op);
+            forward_json(&s, &org, &id, Method::POST, &path, Some(&req)).await
         }
     };
 }
@@ -177,7 +119,7 @@ pub async fn write_file(
     q.validate().map_err(ApiError::Invalid)?;
     let agent = s.core.agent(&org, &id).await?;
     let uri = format!("{}write-file?{}", cove_proto::routes::FS_PREFIX, req.uri().query().unwrap_or(""));
-    forward(agent, uri, None, stream(req.into_body())).await
+    forward(agent, Method::POST, uri, None, stream(req.into_body())).await
 }
 
 #[utoipa::path(post, path = "/v1/sandbox/{sandboxID}/filesystem/write-files", tag = "Filesystem",
@@ -209,7 +151,7 @@ pub async fn write_files(
         .await
         .map_err(|_| ApiError::field("body", format!("must be at most {} MiB", MAX_UPLOAD_BYTES >> 20)))?;
     let sent = body.len();
-    let result = forward(agent, uri, ct, cove_runner::agent::full(body)).await;
+    let result = forward(agent, Method::POST, uri, ct, cove_runner::agent::full(body)).await;
     if let Err(e) = &result {
         tracing::warn!(sandbox_id = %id, sent_bytes = sent, error = %e, "write-files failed in the guest");
     }

@@ -7,10 +7,12 @@ pub mod core;
 pub mod error;
 pub mod extract;
 mod filesystem;
+mod forward;
 mod invoke;
 mod keys;
 mod openapi;
 mod process;
+mod pty;
 mod sandbox;
 pub mod sim;
 mod snapshot;
@@ -36,8 +38,6 @@ pub struct AppState {
 /// Routes that belong to later parts of the contract; they answer 501 until built.
 const NOT_YET: &[&str] = &[
     "/v1/sandbox/{sandboxID}/git/{*op}",
-    "/v1/sandbox/{sandboxID}/pty",
-    "/v1/sandbox/{sandboxID}/pty/{*rest}",
     "/v1/sandbox/{sandboxID}/lsp/{*op}",
     "/v1/sandbox/{sandboxID}/ssh/{*rest}",
 ];
@@ -75,6 +75,10 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/sandbox/{sandboxID}/system/user-home-dir", get(sandbox::user_home_dir))
         .route("/v1/sandbox/{sandboxID}/system/workdir", get(sandbox::workdir))
         .route("/v1/sandbox/{sandboxID}/process/execute", post(process::execute))
+        .route("/v1/sandbox/{sandboxID}/pty", get(pty::list).post(pty::create))
+        .route("/v1/sandbox/{sandboxID}/pty/{sessionID}", get(pty::get).delete(pty::delete))
+        .route("/v1/sandbox/{sandboxID}/pty/{sessionID}/resize", post(pty::resize))
+        .route("/v1/sandbox/{sandboxID}/pty/{sessionID}/connect", get(pty::connect))
         .route(&fs("ls"), post(filesystem::ls))
         .route(&fs("stat"), post(filesystem::stat))
         .route(&fs("mkdir"), post(filesystem::mkdir))

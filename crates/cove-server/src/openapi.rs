@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{filesystem, invoke, keys, process, sandbox, snapshot, template};
+use crate::{filesystem, invoke, keys, process, pty, sandbox, snapshot, template};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,7 @@ use crate::{filesystem, invoke, keys, process, sandbox, snapshot, template};
         filesystem::read_file, filesystem::read_files, filesystem::delete, filesystem::set_permissions,
         filesystem::glob, filesystem::grep, filesystem::edit_file, filesystem::edit_files,
         filesystem::move_path, filesystem::copy, filesystem::exists, filesystem::tree,
+        pty::list, pty::create, pty::get, pty::delete, pty::resize, pty::connect,
         invoke::create_presigned, invoke::delete_presigned,
         keys::create, keys::list, keys::delete,
     ),

@@ -101,10 +101,10 @@ async fn unknown_things_are_404_and_later_features_501() {
     assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("command")));
     let (s, _) = call(&app, "GET", "/v2/whatever", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/pty", bearer(&app), "").await;
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/git/clone", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
     assert!(v["message"].as_str().unwrap().contains("not implemented"));
-    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/pty", None, "").await;
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/git/clone", None, "").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // Mounts: the body's fields are checked before the sandbox is looked up.
     let bad = r#"{"type":"nfs","bucket":"b","mount_path":"rel","endpoint":"s3"}"#;

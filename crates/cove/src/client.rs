@@ -68,6 +68,16 @@ pub enum SandboxCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// An interactive shell in a sandbox (a terminal session of this terminal's size, deleted
+    /// when its shell exits).
+    Shell {
+        id: String,
+        /// Join this existing session instead of starting one.
+        #[arg(long)]
+        session: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Delete sandboxes.
     Rm {
         #[arg(required = true)]
@@ -271,14 +281,14 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
-    url: String,
-    key: String,
+    pub url: String,
+    pub key: String,
 }
 
 impl Api {
-    fn new(conn: &Conn) -> Result<Api> {
+    pub fn new(conn: &Conn) -> Result<Api> {
         let key = match &conn.api_key {
             Some(k) => k.clone(),
             None => std::fs::read_to_string("/var/lib/cove/bootstrap-api-key")
@@ -288,7 +298,12 @@ impl Api {
         Ok(Api { http: reqwest::Client::new(), url: conn.url.trim_end_matches('/').to_string(), key })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Option<Value>> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Option<Value>> {
         let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.key);
         if let Some(b) = body {
             req = req.json(&b);
@@ -366,6 +381,9 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
                 if code != 0 {
                     std::process::exit(code.clamp(1, 255) as i32);
                 }
+            }
+            SandboxCmd::Shell { id, session, conn } => {
+                crate::shell::run(&Api::new(&conn)?, &id, session).await?
             }
             SandboxCmd::Rm { ids, conn } => delete_each(&conn, "/v1/sandbox", ids).await?,
             SandboxCmd::Pause { id, conn } => action(&conn, &id, "pause").await?,

@@ -5,6 +5,7 @@ mod client;
 mod cpio;
 mod serve;
 mod setup;
+mod shell;
 mod tls;
 
 use std::path::PathBuf;

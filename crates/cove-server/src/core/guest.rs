@@ -9,6 +9,14 @@ pub struct Guest {
     _lease: tokio::sync::OwnedRwLockReadGuard<()>,
 }
 
+impl Guest {
+    /// The agent without the hold, for a connection that must not keep the sandbox from
+    /// pausing (a terminal): its requests fail when the sandbox pauses.
+    pub fn release(self) -> AgentClient {
+        self.agent
+    }
+}
+
 impl std::ops::Deref for Guest {
     type Target = AgentClient;
     fn deref(&self) -> &AgentClient {
