@@ -25,6 +25,7 @@ use cove_vmm::{Accel, QemuVmm};
 use serde_json::{json, Value};
 
 mod mount;
+mod pty;
 mod template;
 
 #[derive(Args, Debug)]
@@ -52,6 +53,8 @@ enum Which {
     /// A ~200 MB image converted into a template disk, beside skopeo + umoci + mke2fs of the
     /// same image; create latency from it beside the system template.
     Template(template::TemplateArgs),
+    /// Keystroke echo through a terminal's WebSocket, beside the agent and exec round trips.
+    Pty(pty::PtyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -249,6 +252,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 None => unreachable!("the internet is built for the net bench"),
             },
             Which::Mount(a) => mount::mount(&bench, a, &args.cache_dir).await,
+            Which::Pty(a) => pty::pty(&bench, a).await,
             Which::Template(a) => match &registry {
                 Some(registry) => template::template(&bench, registry, a, &args.cache_dir).await,
                 None => unreachable!("the registry is started for the template bench"),
