@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -42,45 +43,13 @@ pub async fn run(
     sandbox_env: &BTreeMap<String, String>,
     req: &ExecuteRequest,
 ) -> Result<ExecuteResponse, ExecError> {
-    let cwd = match &req.cwd {
-        Some(c) => user.resolve(c),
-        None => user.workdir.clone(),
-    };
-    if !cwd.is_dir() {
-        return Err(ExecError::BadCwd(cwd.display().to_string()));
-    }
+    let cwd = resolve_cwd(user, req.cwd.as_deref())?;
     let cgroup = ExecCgroup::create();
     let procs_fd = cgroup.as_ref().and_then(|c| c.procs_fd());
-
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(&req.command)
-        .env_clear()
-        .envs(base_env(user))
-        .envs(sandbox_env)
-        .envs(req.envs.iter().flatten())
-        .current_dir(&cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let (uid, gid) = (user.uid, user.gid);
-    // Beside a system manager (a systemd image), in its namespaces.
-    let namespaces = crate::service::namespace_init().and_then(|pid| sys::Namespaces::of(pid, &cwd).ok());
-    // SAFETY: child_setup and child_setup_in only make async-signal-safe system calls.
-    #[allow(unsafe_code)]
-    unsafe {
-        match namespaces {
-            Some(ns) => cmd.pre_exec(move || sys::child_setup_in(&ns, procs_fd, uid, gid)),
-            None => cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid)),
-        };
-    }
-    let (mut child, exited) = reaper.spawn(&mut cmd).map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new("/bin/sh").exists() {
-            ExecError::NoShell
-        } else {
-            ExecError::Spawn(e)
-        }
-    })?;
+    let env = sandbox_env.iter().chain(req.envs.iter().flatten());
+    let mut cmd = shell_command(user, env, &cwd, &req.command, procs_fd);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let (mut child, exited) = spawn(reaper, &mut cmd)?;
     let pid = child.id() as i32;
     let stdout = child.stdout.take().map(OwnedFd::from);
     let stderr = child.stderr.take().map(OwnedFd::from);
@@ -116,6 +85,55 @@ pub async fn run(
         cg.remove_if_empty();
     }
     Ok(ExecuteResponse { exit_code: code, stdout, stderr })
+}
+
+/// The directory a command asked for (relative to the working directory), or the working
+/// directory; it must be one.
+pub fn resolve_cwd(user: &SandboxUser, cwd: Option<&str>) -> Result<PathBuf, ExecError> {
+    let cwd = cwd.map_or_else(|| user.workdir.clone(), |c| user.resolve(c));
+    if !cwd.is_dir() {
+        return Err(ExecError::BadCwd(cwd.display().to_string()));
+    }
+    Ok(cwd)
+}
+
+/// `/bin/sh -c command` as `user` in `cwd` with `env` over the user's basic environment, in
+/// the cgroup whose `cgroup.procs` is `procs_fd`, in a session of its own, beside a system
+/// manager (a systemd image) in its namespaces if one runs. Its stdio is the caller's to set.
+pub fn shell_command<'a>(
+    user: &SandboxUser,
+    env: impl Iterator<Item = (&'a String, &'a String)>,
+    cwd: &std::path::Path,
+    command: &str,
+    procs_fd: Option<i32>,
+) -> Command {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c").arg(command).env_clear().envs(base_env(user)).envs(env).current_dir(cwd);
+    let (uid, gid) = (user.uid, user.gid);
+    let namespaces = crate::service::namespace_init().and_then(|pid| sys::Namespaces::of(pid, cwd).ok());
+    // SAFETY: child_setup and child_setup_in only make async-signal-safe system calls.
+    #[allow(unsafe_code)]
+    unsafe {
+        match namespaces {
+            Some(ns) => cmd.pre_exec(move || sys::child_setup_in(&ns, procs_fd, uid, gid)),
+            None => cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid)),
+        };
+    }
+    cmd
+}
+
+/// Starts `cmd` under the reaper: the child and its exit code to come.
+pub fn spawn(
+    reaper: &Reaper,
+    cmd: &mut Command,
+) -> Result<(std::process::Child, tokio::sync::oneshot::Receiver<i32>), ExecError> {
+    reaper.spawn(cmd).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new("/bin/sh").exists() {
+            ExecError::NoShell
+        } else {
+            ExecError::Spawn(e)
+        }
+    })
 }
 
 pub fn base_env(user: &SandboxUser) -> Vec<(String, String)> {

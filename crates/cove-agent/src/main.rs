@@ -11,6 +11,7 @@ mod exec;
 mod fs;
 mod init;
 mod mounts;
+mod procs;
 mod pty;
 mod reaper;
 mod reply;
@@ -18,6 +19,7 @@ mod server;
 mod service;
 #[allow(unsafe_code)]
 mod sys;
+mod tap;
 mod user;
 
 use std::sync::Arc;

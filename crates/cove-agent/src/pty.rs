@@ -7,7 +7,7 @@
 //! terminal's input and whose answer is its output. A connection that cannot keep up loses
 //! output, and is told so in the stream.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -17,22 +17,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use cove_api::pty::{PtyCreateRequest, PtySessionInfo, DEFAULT_COLS, DEFAULT_ROWS, MAX_SESSIONS};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::exec::ExecCgroup;
 use crate::reaper::Reaper;
 use crate::reply::Body;
 use crate::sys;
+use crate::tap::{Event, Stream, Tap};
 use crate::user::SandboxUser;
 
 /// Output a session keeps for the next connection.
 pub const SCROLLBACK: usize = 256 << 10;
-/// Chunks of output a connection may fall behind before it loses some.
-const LAG: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PtyError {
@@ -62,21 +60,14 @@ struct Session {
     env: Vec<(String, String)>,
     /// Set once the shell has started.
     running: Mutex<Option<Running>>,
-    output: Mutex<Output>,
-    /// Cancelled when the terminal has closed (the shell and whatever held it exited) and
-    /// every byte of its output was read.
-    closed: CancellationToken,
+    /// Its output; it ends when the terminal closes (the shell and whatever held it exited).
+    output: Arc<Tap>,
 }
 
 struct Running {
     master: Arc<AsyncFd<OwnedFd>>,
     cgroup: Option<ExecCgroup>,
     pid: i32,
-}
-
-struct Output {
-    scrollback: VecDeque<u8>,
-    live: broadcast::Sender<Bytes>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -117,8 +108,7 @@ impl Ptys {
             user: user.clone(),
             env,
             running: Mutex::new(None),
-            output: Mutex::new(Output { scrollback: VecDeque::new(), live: broadcast::channel(LAG).0 }),
-            closed: CancellationToken::new(),
+            output: Arc::new(Tap::new(SCROLLBACK)),
         });
         {
             let mut sessions = lock(&self.sessions);
@@ -170,7 +160,7 @@ impl Ptys {
                 None => sys::kill_group(r.pid, libc::SIGKILL),
             }
         }
-        session.closed.cancel();
+        session.output.end();
         Ok(())
     }
 
@@ -185,59 +175,19 @@ impl Ptys {
         detached: CancellationToken,
     ) -> Result<Body, PtyError> {
         let session = self.get(id)?;
-        if lock(&session.running).is_none() && !session.closed.is_cancelled() {
+        if lock(&session.running).is_none() && !session.output.has_ended() {
             session.start(reaper)?;
         }
-        let (backlog, live) = {
-            let out = lock(&session.output);
-            let backlog: Vec<u8> = out.scrollback.iter().copied().collect();
-            (backlog, out.live.subscribe())
-        };
         if let Some(master) = lock(&session.running).as_ref().map(|r| r.master.clone()) {
             tokio::spawn(feed(master, input, detached.clone()));
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(relay(session, Bytes::from(backlog), live, tx, detached));
-        let frames = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
-        Ok(StreamBody::new(frames).boxed())
-    }
-}
-
-type Sent = Result<Frame<Bytes>, io::Error>;
-
-/// Sends a connection the session's output: `backlog`, then what comes, until the terminal
-/// closes (the answer ends), the host detaches (it fails), or the connection is gone.
-async fn relay(
-    session: Arc<Session>,
-    backlog: Bytes,
-    mut live: broadcast::Receiver<Bytes>,
-    tx: tokio::sync::mpsc::Sender<Sent>,
-    detached: CancellationToken,
-) {
-    if !backlog.is_empty() && tx.send(Ok(Frame::data(backlog))).await.is_err() {
-        return;
-    }
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = detached.cancelled() => {
-                Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the host detached"))
-            }
-            _ = tx.closed() => return,
-            chunk = live.recv() => match chunk {
-                Ok(b) => Ok(b),
-                Err(broadcast::error::RecvError::Lagged(n)) => Ok(Bytes::from(format!(
-                    "\r\n[cove: {n} chunks of output dropped: this connection read too slowly]\r\n"
-                ))),
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            // The terminal closed, and `live` has given all it had.
-            _ = session.closed.cancelled(), if live.is_empty() => return,
-        };
-        let failed = next.is_err();
-        if tx.send(next.map(Frame::data)).await.is_err() || failed {
-            return;
-        }
+        Ok(session.output.body(true, detached, |event| match event {
+            Event::Chunk(c) => Some(c.data),
+            Event::Dropped(n) => Some(Bytes::from(format!(
+                "\r\n[cove: {n} chunks of output dropped: this connection read too slowly]\r\n"
+            ))),
+            Event::End => None,
+        }))
     }
 }
 
@@ -312,12 +262,7 @@ impl Session {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            let chunk = Bytes::copy_from_slice(&buf[..n]);
-            let mut out = lock(&self.output);
-            out.scrollback.extend(chunk.iter());
-            let excess = out.scrollback.len().saturating_sub(SCROLLBACK);
-            out.scrollback.drain(..excess);
-            let _ = out.live.send(chunk);
+            self.output.push(Stream::Out, Bytes::copy_from_slice(&buf[..n]));
         }
         if let Some(r) = lock(&self.running).as_ref() {
             if let Some(cg) = &r.cgroup {
@@ -327,7 +272,7 @@ impl Session {
         // Nothing holds the terminal: the shell has exited, whether or not its exit has been
         // reaped yet.
         lock(&self.info).active = false;
-        self.closed.cancel();
+        self.output.end();
     }
 }
 

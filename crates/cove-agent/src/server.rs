@@ -34,6 +34,7 @@ pub struct State {
     started: Instant,
     mounts: crate::mounts::Mounts,
     ptys: crate::pty::Ptys,
+    procs: crate::procs::Procs,
 }
 
 impl State {
@@ -62,6 +63,7 @@ impl State {
             started: Instant::now(),
             mounts: Default::default(),
             ptys: Default::default(),
+            procs: Default::default(),
         }
     }
 
@@ -129,6 +131,10 @@ impl State {
             (Method::POST, p) if p.starts_with(routes::FS_PREFIX) => {
                 let op = p[routes::FS_PREFIX.len()..].to_string();
                 self.fs.handle(&op, req).await
+            }
+            (_, p) if p == routes::PROCESSES || p.starts_with(&format!("{}/", routes::PROCESSES)) => {
+                let rest = p[routes::PROCESSES.len()..].trim_start_matches('/').to_string();
+                self.processes(&rest, req, detached).await
             }
             (_, p) if p == routes::PTY || p.starts_with(&format!("{}/", routes::PTY)) => {
                 let rest = p[routes::PTY.len()..].trim_start_matches('/').to_string();
@@ -245,6 +251,83 @@ impl State {
             }
             _ => reply::error(StatusCode::NOT_FOUND, format!("no route {}/{rest}", routes::PTY)),
         }
+    }
+}
+
+impl State {
+    /// `rest` is the path after `/v1/processes`: empty (list, start), `<pid>` (get, delete),
+    /// `<pid>/stdin`, `<pid>/signal`, `<pid>/output`.
+    async fn processes(
+        &self,
+        rest: &str,
+        req: Request<Incoming>,
+        detached: tokio_util::sync::CancellationToken,
+    ) -> Response<Body> {
+        use cove_api::process::{ProcessInput, ProcessSignal, ProcessStartRequest};
+        let parts: Vec<&str> = rest.split('/').collect();
+        let pid = parts.first().and_then(|p| p.parse::<u32>().ok());
+        let result = match (req.method().clone(), parts.as_slice(), pid) {
+            (Method::GET, [""], _) => Ok(reply::json(
+                StatusCode::OK,
+                &cove_api::process::ProcessListResponse { items: self.procs.list() },
+            )),
+            (Method::POST, [""], _) => {
+                let body: ProcessStartRequest = match read_json(req).await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                if let Err(errors) = body.validate() {
+                    return invalid(&errors);
+                }
+                let started = self.procs.start(&self.reaper, &self.command_user(), &self.env(), body);
+                started.map(|info| reply::json(StatusCode::CREATED, &info))
+            }
+            (Method::GET, [_], Some(pid)) => self.procs.info(pid).map(|i| reply::json(StatusCode::OK, &i)),
+            (Method::DELETE, [_], Some(pid)) => {
+                self.procs.delete(pid).map(|()| reply::empty(StatusCode::NO_CONTENT))
+            }
+            (Method::POST, [_, "stdin"], Some(pid)) => {
+                let body: ProcessInput = match read_json(req).await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                self.procs.input(pid, body).await.map(|()| reply::empty(StatusCode::NO_CONTENT))
+            }
+            (Method::POST, [_, "signal"], Some(pid)) => {
+                let body: ProcessSignal = match read_json(req).await {
+                    Ok(v) => v,
+                    Err(r) => return r,
+                };
+                let Some(name) = body.name() else {
+                    return reply::field_error(StatusCode::BAD_REQUEST, Some("signal"), "unknown signal");
+                };
+                self.procs.signal(pid, name).map(|i| reply::json(StatusCode::OK, &i))
+            }
+            (Method::GET, [_, "output"], Some(pid)) => {
+                let follow = req.uri().query().is_none_or(|q| !q.split('&').any(|kv| kv == "follow=false"));
+                self.procs
+                    .output(pid, follow, detached)
+                    .map(|body| reply::bytes(StatusCode::OK, "text/event-stream", body))
+            }
+            _ => {
+                return reply::error(StatusCode::NOT_FOUND, format!("no route {}/{rest}", routes::PROCESSES))
+            }
+        };
+        result.unwrap_or_else(proc_error)
+    }
+}
+
+fn proc_error(e: crate::procs::ProcError) -> Response<Body> {
+    use crate::exec::ExecError;
+    use crate::procs::ProcError as E;
+    match e {
+        E::NotFound(_) => reply::error(StatusCode::NOT_FOUND, e.to_string()),
+        E::TooMany | E::StdinClosed(_) => reply::error(StatusCode::CONFLICT, e.to_string()),
+        E::Exec(ExecError::BadCwd(_)) => {
+            reply::field_error(StatusCode::BAD_REQUEST, Some("cwd"), e.to_string())
+        }
+        E::Exec(ExecError::NoShell) => reply::error(StatusCode::BAD_REQUEST, e.to_string()),
+        E::Exec(ExecError::Spawn(_)) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

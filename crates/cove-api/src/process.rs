@@ -69,3 +69,117 @@ pub struct ExecuteResponse {
     pub stdout: String,
     pub stderr: String,
 }
+
+/// Processes a sandbox keeps track of (running, or finished and not deleted yet).
+pub const MAX_PROCESSES: usize = 256;
+/// Output a background process keeps for later readers, per process.
+pub const KEPT_OUTPUT_BYTES: usize = 1 << 20;
+
+/// `POST …/process/start`: a command run in the background, its output kept and streamed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessStartRequest {
+    /// Shell command, run with `/bin/sh -c`.
+    pub command: String,
+    /// Working directory; the sandbox's working directory when omitted.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Environment applied to this process only, over the sandbox's own.
+    #[serde(default)]
+    pub envs: Option<BTreeMap<String, String>>,
+    /// A label to find the process by (at most 64 characters).
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Seconds after which the process and all its descendants are killed; none by default.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+impl Validate for ProcessStartRequest {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let as_exec = ExecuteRequest {
+            command: self.command.clone(),
+            cwd: self.cwd.clone(),
+            envs: self.envs.clone(),
+            timeout: self.timeout,
+        };
+        let mut errors = as_exec.validate().err().unwrap_or_default();
+        if self.tag.as_ref().is_some_and(|t| t.chars().count() > 64) {
+            errors.push(FieldError { field: "tag".into(), error: "must be at most 64 characters".into() });
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessInfo {
+    /// The process id in the guest.
+    pub pid: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    pub command: String,
+    pub cwd: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub running: bool,
+    /// Once it has exited (124 when its timeout killed it, 128 + N when signal N did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessListResponse {
+    pub items: Vec<ProcessInfo>,
+}
+
+/// `POST …/process/{pid}/stdin`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ProcessInput {
+    /// Text written to the process's standard input.
+    #[serde(default)]
+    pub data: String,
+    /// Close its standard input after `data`.
+    #[serde(default)]
+    pub eof: bool,
+}
+
+/// Signals `POST …/process/{pid}/signal` sends, by name.
+pub const SIGNALS: &[&str] = &["TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT"];
+
+/// `POST …/process/{pid}/signal`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessSignal {
+    /// `TERM`, `KILL`, `INT`, `HUP`, `QUIT`, `USR1`, `USR2`, `STOP` or `CONT` (a `SIG` prefix is
+    /// allowed). It goes to the process's group; `KILL` to every process it started.
+    pub signal: String,
+}
+
+impl ProcessSignal {
+    /// The signal's name without `SIG`, if it is one of [`SIGNALS`].
+    pub fn name(&self) -> Option<&'static str> {
+        let n = self.signal.trim().to_ascii_uppercase();
+        let n = n.strip_prefix("SIG").unwrap_or(&n).to_string();
+        SIGNALS.iter().copied().find(|s| *s == n)
+    }
+}
+
+impl Validate for ProcessSignal {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Violations::default();
+        v.check(self.name().is_some(), "signal", format!("must be one of {}", SIGNALS.join(", ")));
+        v.finish()
+    }
+}
+
+/// Largest `ProcessInput::data`, bytes.
+pub const MAX_INPUT_BYTES: usize = 1 << 20;
+
+impl Validate for ProcessInput {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Violations::default();
+        v.check(self.data.len() <= MAX_INPUT_BYTES, "data", "must be at most 1 MiB");
+        v.finish()
+    }
+}

@@ -77,6 +77,11 @@ pub mod routes {
     /// the session kept first); the answer ends when the shell exits, and fails when the agent
     /// detaches (a pause).
     pub const PTY: &str = "/v1/pty";
+    /// Background processes: `GET`/`POST /v1/processes`, `GET`/`DELETE /v1/processes/<pid>`,
+    /// `POST /v1/processes/<pid>/stdin`, `POST /v1/processes/<pid>/signal`, and
+    /// `GET /v1/processes/<pid>/output?follow=true|false` (server-sent events; the answer fails
+    /// when the agent detaches).
+    pub const PROCESSES: &str = "/v1/processes";
 }
 
 /// Answer to `GET /v1/health`.

@@ -47,6 +47,25 @@ pub async fn forward(
     out.body(Body::new(body)).map_err(ApiError::internal)
 }
 
+/// Sends a request whose answer streams for as long as it lasts (a terminal, a process's
+/// output). The stream does not hold the sandbox running: the agent is released once the
+/// answer has begun, and a pause ends the stream with an error. Returns the agent (to keep the
+/// connection open) and the answer's body.
+pub async fn open_stream(
+    agent: Guest,
+    req: hyper::Request<AgentBody>,
+) -> Result<(cove_runner::AgentClient, hyper::body::Incoming), ApiError> {
+    let resp = agent.send(req).await.map_err(cove_runner::RunnerError::from)?;
+    let status = resp.status();
+    if !status.is_success() {
+        let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        return Err(
+            cove_runner::RunnerError::from(cove_runner::AgentError::from_answer(status, &bytes)).into()
+        );
+    }
+    Ok((agent.release(), resp.into_body()))
+}
+
 /// Forwards `req` (JSON, or nothing) to the agent's `path` in sandbox `id`.
 pub async fn forward_json<T: serde::Serialize>(
     s: &AppState,

@@ -12,6 +12,7 @@ mod invoke;
 mod keys;
 mod openapi;
 mod process;
+mod processes;
 mod pty;
 mod sandbox;
 pub mod sim;
@@ -75,6 +76,12 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/sandbox/{sandboxID}/system/user-home-dir", get(sandbox::user_home_dir))
         .route("/v1/sandbox/{sandboxID}/system/workdir", get(sandbox::workdir))
         .route("/v1/sandbox/{sandboxID}/process/execute", post(process::execute))
+        .route("/v1/sandbox/{sandboxID}/process/start", post(processes::start))
+        .route("/v1/sandbox/{sandboxID}/processes", get(processes::list))
+        .route("/v1/sandbox/{sandboxID}/process/{pid}", get(processes::get).delete(processes::delete))
+        .route("/v1/sandbox/{sandboxID}/process/{pid}/stdin", post(processes::stdin))
+        .route("/v1/sandbox/{sandboxID}/process/{pid}/signal", post(processes::signal))
+        .route("/v1/sandbox/{sandboxID}/process/{pid}/output", get(processes::output))
         .route("/v1/sandbox/{sandboxID}/pty", get(pty::list).post(pty::create))
         .route("/v1/sandbox/{sandboxID}/pty/{sessionID}", get(pty::get).delete(pty::delete))
         .route("/v1/sandbox/{sandboxID}/pty/{sessionID}/resize", post(pty::resize))

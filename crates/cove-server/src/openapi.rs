@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{filesystem, invoke, keys, process, pty, sandbox, snapshot, template};
+use crate::{filesystem, invoke, keys, process, processes, pty, sandbox, snapshot, template};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,8 @@ use crate::{filesystem, invoke, keys, process, pty, sandbox, snapshot, template}
         snapshot::create, snapshot::restore, snapshot::list, snapshot::delete,
         template::upload, template::rename, template::delete, template::get, template::list,
         process::execute,
+        processes::start, processes::list, processes::get, processes::delete, processes::stdin,
+        processes::signal, processes::output,
         filesystem::ls, filesystem::stat, filesystem::mkdir, filesystem::write_file, filesystem::write_files,
         filesystem::read_file, filesystem::read_files, filesystem::delete, filesystem::set_permissions,
         filesystem::glob, filesystem::grep, filesystem::edit_file, filesystem::edit_files,

@@ -17,7 +17,7 @@ use hyper::Method;
 
 use crate::error::ApiError;
 use crate::extract::{OrgId, ValidJson};
-use crate::forward::forward_json;
+use crate::forward::{forward_json, open_stream};
 use crate::AppState;
 
 /// Input messages a connection may have in flight to the agent.
@@ -122,17 +122,7 @@ pub async fn connect(
     });
     let body = http_body_util::StreamBody::new(frames).boxed_unsync();
     let req = hyper::Request::post(format!("http://agent{path}")).body(body).map_err(ApiError::internal)?;
-    let resp = guest.send(req).await.map_err(cove_runner::RunnerError::from)?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        return Err(
-            cove_runner::RunnerError::from(cove_runner::AgentError::from_answer(status, &bytes)).into()
-        );
-    }
-    // The connection must not hold the sandbox running: a pause ends it instead.
-    let agent = guest.release();
-    let output = resp.into_body();
+    let (agent, output) = open_stream(guest, req).await?;
     Ok(ws.on_upgrade(move |socket| async move {
         relay(socket, input, output).await;
         drop(agent);

@@ -55,7 +55,8 @@ pub enum SandboxCmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Run a shell command in a sandbox; exits with its exit code.
+    /// Run a shell command in a sandbox, its output shown as it is written; exits with its exit
+    /// code. Ctrl-C interrupts the command.
     Exec {
         id: String,
         /// The command, run with /bin/sh -c.
@@ -371,13 +372,7 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
             SandboxCmd::Exec { id, command, cwd, timeout, conn } => {
                 let body =
                     strip_nulls(json!({ "command": command.join(" "), "cwd": cwd, "timeout": timeout }));
-                let v = Api::new(&conn)?
-                    .call(Method::POST, &format!("/v1/sandbox/{id}/process/execute"), Some(body))
-                    .await?
-                    .unwrap_or_default();
-                print!("{}", v["stdout"].as_str().unwrap_or(""));
-                eprint!("{}", v["stderr"].as_str().unwrap_or(""));
-                let code = v["exit_code"].as_i64().unwrap_or(1);
+                let code = exec_streaming(&Api::new(&conn)?, &id, body).await?;
                 if code != 0 {
                     std::process::exit(code.clamp(1, 255) as i32);
                 }
@@ -418,6 +413,61 @@ pub fn sandbox(cmd: SandboxCmd) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Starts a process and shows its output as it comes; its exit code. Ctrl-C sends it SIGINT.
+async fn exec_streaming(api: &Api, id: &str, body: Value) -> Result<i64> {
+    use futures::StreamExt;
+    use std::io::Write;
+    let started =
+        api.call(reqwest::Method::POST, &format!("/v1/sandbox/{id}/process/start"), Some(body)).await?;
+    let pid = started.as_ref().and_then(|v| v["pid"].as_u64()).context("no pid in the answer")?;
+    let process = format!("/v1/sandbox/{id}/process/{pid}");
+    let resp = api
+        .http
+        .get(format!("{}{process}/output", api.url))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .with_context(|| format!("connecting to {}", api.url))?
+        .error_for_status()?;
+    let mut events = resp.bytes_stream();
+    let mut pending = Vec::new();
+    loop {
+        let chunk = tokio::select! {
+            c = events.next() => c,
+            _ = tokio::signal::ctrl_c() => {
+                api.call(reqwest::Method::POST, &format!("{process}/signal"), Some(json!({"signal": "INT"}))).await?;
+                continue;
+            }
+        };
+        let Some(chunk) = chunk else { bail!("the output stream ended before the process did") };
+        pending.extend_from_slice(&chunk?);
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event);
+            let (mut name, mut data) = ("", Value::Null);
+            for line in text.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n;
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(d).unwrap_or(Value::Null);
+                }
+            }
+            let text = data["data"].as_str().unwrap_or("");
+            match name {
+                "stdout" => {
+                    print!("{text}");
+                    std::io::stdout().flush()?;
+                }
+                "stderr" => eprint!("{text}"),
+                "dropped" => eprintln!("[cove: {} chunks of output dropped]", data["chunks"]),
+                "exit" => return Ok(data["exit_code"].as_i64().unwrap_or(1)),
+                "detached" => bail!("{} (process {pid})", data["message"].as_str().unwrap_or("detached")),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// `DELETE <collection>/{id}` for each id, saying so for each.
