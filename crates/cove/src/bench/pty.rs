@@ -1,6 +1,7 @@
 //! `cove bench pty`: keystroke echo through a terminal session's WebSocket (a key sent, its
-//! echo by the guest's line editor received), beside the agent round trip (`user-home-dir`)
-//! and the exec round trip in the same run.
+//! echo by the guest's line editor received), and the first streamed byte of a background
+//! process (started, followed, its first line received), beside the agent round trip
+//! (`user-home-dir`) and the exec round trip in the same run.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -19,6 +20,9 @@ pub struct PtyArgs {
     /// Keystrokes (and agent and exec round trips) to time.
     #[arg(long, default_value_t = 300)]
     keys: usize,
+    /// Background processes whose first streamed line to time.
+    #[arg(long, default_value_t = 30)]
+    streams: usize,
     #[arg(long, default_value = "bench-results/pty.json")]
     out: PathBuf,
 }
@@ -68,15 +72,39 @@ pub async fn pty(b: &Bench, args: &PtyArgs) -> Result<()> {
         exec.push(t.elapsed());
     }
     let _ = term.ws.close(None).await;
+
+    println!("timing the first streamed line of {} background processes ...", args.streams);
+    let mut first = Vec::new();
+    for _ in 0..args.streams {
+        let t = Instant::now();
+        let start = Some(json!({"command": "echo first; sleep 30"}));
+        let started = b.call(post.clone(), &format!("/v1/sandbox/{id}/process/start"), start).await?;
+        let pid = started["pid"].as_u64().context("no pid")?;
+        let process = format!("{}/v1/sandbox/{id}/process/{pid}", b.base);
+        let resp =
+            b.http.get(format!("{process}/output")).bearer_auth(&b.key).send().await?.error_for_status()?;
+        let mut body = resp.bytes_stream();
+        let mut seen = Vec::new();
+        while !seen.windows(5).any(|w| w == b"first") {
+            match tokio::time::timeout(Duration::from_secs(30), body.next()).await {
+                Ok(Some(chunk)) => seen.extend_from_slice(&chunk?),
+                _ => bail!("no first line from process {pid}"),
+            }
+        }
+        first.push(t.elapsed());
+        b.http.delete(&process).bearer_auth(&b.key).send().await?.error_for_status()?;
+    }
     b.call(reqwest::Method::DELETE, &format!("/v1/sandbox/{id}"), None).await.ok();
 
-    let (echo, agent, exec) = (Stats::new(echo), Stats::new(agent), Stats::new(exec));
+    let (echo, agent, exec, first) =
+        (Stats::new(echo), Stats::new(agent), Stats::new(exec), Stats::new(first));
     println!();
     println!("{:<44} {:>9} {:>9} {:>9}", "", "p50 ms", "p95 ms", "p99 ms");
     for (name, s) in [
         ("PTY keystroke echo (WebSocket)", &echo),
         ("agent round trip (user-home-dir)", &agent),
         ("exec round trip (`true`)", &exec),
+        ("process start -> first streamed line", &first),
     ] {
         println!("{name:<44} {:>9.2} {:>9.2} {:>9.2}", s.pct(50.0), s.pct(95.0), s.pct(99.0));
     }
@@ -86,13 +114,16 @@ pub async fn pty(b: &Bench, args: &PtyArgs) -> Result<()> {
         "echo p50 / agent round trip p50 = {over_agent:.2}x; echo p50 / exec p50 = {:.2}x",
         echo.pct(50.0) / exec.pct(50.0)
     );
+    println!("first streamed line p50 / exec p50 = {:.2}x", first.pct(50.0) / exec.pct(50.0));
     let result = json!({
         "benchmark": "pty",
         "accel": b.accel,
         "keystroke_echo": echo.json(),
         "agent_round_trip": agent.json(),
         "exec_round_trip": exec.json(),
+        "process_start_to_first_line": first.json(),
         "ratios": {
+            "first_line_p50_over_exec_p50": first.pct(50.0) / exec.pct(50.0),
             "echo_p50_over_agent_p50": over_agent,
             "echo_p50_over_exec_p50": echo.pct(50.0) / exec.pct(50.0),
         },
