@@ -40,8 +40,8 @@ pub enum PtyError {
     Exists(String),
     #[error("this sandbox has {MAX_SESSIONS} terminal sessions, the most allowed: delete one first")]
     TooMany,
-    #[error("cwd {0}: not a directory")]
-    BadCwd(String),
+    #[error(transparent)]
+    Cwd(#[from] crate::exec::ExecError),
     #[error("this sandbox's template has no shell (/bin/bash or /bin/sh)")]
     NoShell,
     #[error("starting the shell: {0}")]
@@ -82,10 +82,7 @@ impl Ptys {
         sandbox_env: &BTreeMap<String, String>,
         req: PtyCreateRequest,
     ) -> Result<PtySessionInfo, PtyError> {
-        let cwd = req.cwd.as_deref().map_or_else(|| user.workdir.clone(), |c| user.resolve(c));
-        if !cwd.is_dir() {
-            return Err(PtyError::BadCwd(cwd.display().to_string()));
-        }
+        let cwd = crate::exec::resolve_cwd(user, req.cwd.as_deref())?;
         let envs = req.envs.clone().unwrap_or_default();
         let mut env = crate::exec::base_env(user);
         env.push(("TERM".into(), "xterm-256color".into()));

@@ -336,7 +336,7 @@ fn pty_error(e: crate::pty::PtyError) -> Response<Body> {
     match e {
         E::NotFound(_) => reply::error(StatusCode::NOT_FOUND, e.to_string()),
         E::Exists(_) | E::TooMany => reply::error(StatusCode::CONFLICT, e.to_string()),
-        E::BadCwd(_) => reply::field_error(StatusCode::BAD_REQUEST, Some("cwd"), e.to_string()),
+        E::Cwd(_) => reply::field_error(StatusCode::BAD_REQUEST, Some("cwd"), e.to_string()),
         E::NoShell => reply::error(StatusCode::BAD_REQUEST, e.to_string()),
         E::Io(_) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

@@ -175,4 +175,32 @@ mod tests {
         assert_eq!(kept, vec![(Stream::Out, b"c".as_slice()), (Stream::Err, b"defg".as_slice())]);
         assert_eq!(inner.kept_bytes, 5);
     }
+
+    /// A reader that falls behind a flood is told how much it lost, then gets the rest and
+    /// the end; a reader attached later gets only what is kept.
+    #[tokio::test]
+    async fn a_slow_reader_is_told_what_it_lost() {
+        let tap = Arc::new(Tap::new(4096));
+        let body = tap.body(true, CancellationToken::new(), |e| match e {
+            Event::Chunk(c) => Some(c.data),
+            Event::Dropped(n) => Some(Bytes::from(format!("[dropped {n}]"))),
+            Event::End => Some(Bytes::from_static(b"[end]")),
+        });
+        // Let the relay subscribe and send the (empty) kept output before the flood.
+        tokio::task::yield_now().await;
+        for i in 0..3000 {
+            tap.push(Stream::Out, Bytes::from(format!("{:04}", i % 10_000)));
+        }
+        tap.end();
+        let all = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        assert!(all.contains("[dropped "), "{}", &all[..200.min(all.len())]);
+        assert!(all.ends_with("2999[end]"), "{}", &all[all.len().saturating_sub(200)..]);
+        let later = tap.body(true, CancellationToken::new(), |e| match e {
+            Event::Chunk(c) => Some(c.data),
+            _ => None,
+        });
+        let kept = later.collect().await.unwrap().to_bytes();
+        assert_eq!(kept.len(), 4096);
+        assert!(kept.ends_with(b"2999"));
+    }
 }
