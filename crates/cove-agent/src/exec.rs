@@ -158,6 +158,17 @@ struct Captured {
 type Shared = std::sync::Arc<std::sync::Mutex<Captured>>;
 
 async fn collect(fd: Option<OwnedFd>, into: Shared) {
+    read_pipe(fd, |bytes| {
+        let mut c = into.lock().unwrap_or_else(|p| p.into_inner());
+        let room = MAX_OUTPUT.saturating_sub(c.bytes.len());
+        c.bytes.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        c.truncated |= bytes.len() > room;
+    })
+    .await
+}
+
+/// Reads a child's output pipe until it closes, giving `each` what every read returned.
+pub async fn read_pipe(fd: Option<OwnedFd>, mut each: impl FnMut(&[u8])) {
     let Some(fd) = fd else { return };
     let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
         return;
@@ -165,13 +176,8 @@ async fn collect(fd: Option<OwnedFd>, into: Shared) {
     let mut buf = vec![0u8; 64 << 10];
     loop {
         match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let mut c = into.lock().unwrap_or_else(|p| p.into_inner());
-                let room = MAX_OUTPUT.saturating_sub(c.bytes.len());
-                c.bytes.extend_from_slice(&buf[..n.min(room)]);
-                c.truncated |= n > room;
-            }
+            Ok(0) | Err(_) => return,
+            Ok(n) => each(&buf[..n]),
         }
     }
 }

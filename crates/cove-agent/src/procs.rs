@@ -14,7 +14,7 @@ use bytes::Bytes;
 use cove_api::process::{
     ProcessInfo, ProcessInput, ProcessStartRequest, KEPT_OUTPUT_BYTES, MAX_PROCESSES, TIMEOUT_EXIT_CODE,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::exec::{ExecCgroup, ExecError};
@@ -264,17 +264,7 @@ impl Proc {
 }
 
 async fn read_into(fd: Option<OwnedFd>, tap: Arc<Tap>, stream: Stream) {
-    let Some(fd) = fd else { return };
-    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-        return;
-    };
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => tap.push(stream, Bytes::copy_from_slice(&buf[..n])),
-        }
-    }
+    crate::exec::read_pipe(fd, |bytes| tap.push(stream, Bytes::copy_from_slice(bytes))).await
 }
 
 async fn write_stdin(fd: Option<OwnedFd>, mut rx: tokio::sync::mpsc::Receiver<Bytes>) {

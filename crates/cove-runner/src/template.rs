@@ -306,6 +306,15 @@ impl Templates {
         }
         .await;
         vmm.destroy(&vm).await?;
+        if let Err(e) = &result {
+            // What the guest printed is the only account of a boot that went wrong.
+            let console = std::fs::read(snap.run_dir.join("console.log")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&console);
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(CONSOLE_TAIL)..].join("\n");
+            tracing::warn!(template = %snap.template, error = %e, console = %tail,
+                "the template's first boot failed; its console ended with this");
+        }
         result?;
         let _ = std::fs::remove_dir_all(&snap.run_dir);
         // The frozen layer is shared by every clone: nothing may write it again.
@@ -320,6 +329,9 @@ impl Templates {
         Ok(())
     }
 }
+
+/// Lines of a failed first boot's console put in the log.
+const CONSOLE_TAIL: usize = 40;
 
 /// A template name as part of a file name.
 fn slug(template: &str) -> String {

@@ -26,15 +26,8 @@ pub async fn forward(
         req = req.header(header::CONTENT_TYPE, ct);
     }
     let req = req.body(body).map_err(ApiError::internal)?;
-    let resp = agent.send(req).await.map_err(cove_runner::RunnerError::from)?;
-    let status = resp.status();
-    if !status.is_success() {
-        let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        return Err(
-            cove_runner::RunnerError::from(cove_runner::AgentError::from_answer(status, &bytes)).into()
-        );
-    }
-    let mut out = Response::builder().status(status);
+    let resp = send(&agent, req).await?;
+    let mut out = Response::builder().status(resp.status());
     for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
         if let Some(v) = resp.headers().get(&name) {
             out = out.header(name, v.clone());
@@ -55,6 +48,15 @@ pub async fn open_stream(
     agent: Guest,
     req: hyper::Request<AgentBody>,
 ) -> Result<(cove_runner::AgentClient, hyper::body::Incoming), ApiError> {
+    let resp = send(&agent, req).await?;
+    Ok((agent.release(), resp.into_body()))
+}
+
+/// Sends a request to the agent; an answer with an error status is that error.
+async fn send(
+    agent: &Guest,
+    req: hyper::Request<AgentBody>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
     let resp = agent.send(req).await.map_err(cove_runner::RunnerError::from)?;
     let status = resp.status();
     if !status.is_success() {
@@ -63,7 +65,7 @@ pub async fn open_stream(
             cove_runner::RunnerError::from(cove_runner::AgentError::from_answer(status, &bytes)).into()
         );
     }
-    Ok((agent.release(), resp.into_body()))
+    Ok(resp)
 }
 
 /// Forwards `req` (JSON, or nothing) to the agent's `path` in sandbox `id`.

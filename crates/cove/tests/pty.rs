@@ -46,6 +46,20 @@ async fn read_until(ws: &mut Ws, seen: &mut String, want: &str) {
     }
 }
 
+/// Reads on until the server closes the connection (after `what`): its close code.
+async fn close_code(ws: &mut Ws, what: &str) -> Option<CloseCode> {
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(c))) => return c.map(|c| c.code),
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame at {what}: {other:?}"),
+            }
+        }
+    });
+    closed.await.unwrap_or_else(|_| panic!("the connection outlived {what}"))
+}
+
 async fn type_line(ws: &mut Ws, line: &str) {
     ws.send(Message::binary(format!("{line}\r").into_bytes())).await.unwrap();
 }
@@ -101,18 +115,8 @@ async fn a_terminal_runs_python_resizes_and_outlives_a_pause() {
     // A pause closes the connection with 1001; the session and its shell live on.
     let paused = api.action(&id, "pause").await;
     assert_eq!(paused.status, 201, "{}", paused.text());
-    let closed = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(c))) => return c,
-                Some(Ok(_)) => continue,
-                other => panic!("no close frame at the pause: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("the connection outlived the pause");
-    assert_eq!(closed.as_ref().map(|c| c.code), Some(CloseCode::Away), "{closed:?}");
+    let closed = close_code(&mut ws, "the pause").await;
+    assert_eq!(closed, Some(CloseCode::Away));
 
     // Connecting again resumes the sandbox: what the shell printed comes first, same shell.
     let mut ws = connect(&api, &id, "main").await;
@@ -144,18 +148,7 @@ async fn a_terminal_runs_python_resizes_and_outlives_a_pause() {
     let mut out = String::new();
     type_line(&mut ws, "pwd; exit").await;
     read_until(&mut ws, &mut out, "/tmp").await;
-    let end = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(c))) => return c,
-                Some(Ok(_)) => continue,
-                other => panic!("no close frame at exit: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("the connection outlived its shell");
-    assert_eq!(end.map(|c| c.code), Some(CloseCode::Normal));
+    assert_eq!(close_code(&mut ws, "its shell's exit").await, Some(CloseCode::Normal));
     assert_eq!(api.get(&format!("{base}/{lazy}")).await.json()["active"], false);
 
     // Bad input names its field; an unknown session cannot be connected to.
