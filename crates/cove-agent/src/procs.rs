@@ -151,9 +151,7 @@ impl Procs {
     /// to everything it started.
     pub fn signal(&self, pid: u32, name: &str) -> Result<ProcessInfo, ProcError> {
         let proc = self.get(pid)?;
-        if lock(&proc.info).running {
-            proc.signal(name);
-        }
+        proc.signal(name);
         let info = lock(&proc.info).clone();
         Ok(info)
     }
@@ -200,15 +198,22 @@ impl Procs {
 }
 
 impl Proc {
+    /// Signals the process's group while it runs (its pid may be another's once it has exited
+    /// and been reaped); `KILL` goes through its cgroup, which holds only its own tree.
     fn signal(&self, name: &str) {
-        let pid = lock(&self.info).pid as i32;
-        let sig = match name {
-            "KILL" => {
-                if let Some(cg) = &self.cgroup {
-                    cg.kill();
-                }
-                libc::SIGKILL
+        if name == "KILL" {
+            if let Some(cg) = &self.cgroup {
+                cg.kill();
+                return;
             }
+        }
+        let info = lock(&self.info);
+        if !info.running {
+            return;
+        }
+        let pid = info.pid as i32;
+        let sig = match name {
+            "KILL" => libc::SIGKILL,
             "TERM" => libc::SIGTERM,
             "INT" => libc::SIGINT,
             "HUP" => libc::SIGHUP,

@@ -154,7 +154,9 @@ impl Ptys {
         if let Some(r) = lock(&session.running).take() {
             match &r.cgroup {
                 Some(cg) => cg.kill(),
-                None => sys::kill_group(r.pid, libc::SIGKILL),
+                // Only while the shell runs: once reaped, its pid may be another process's.
+                None if lock(&session.info).active => sys::kill_group(r.pid, libc::SIGKILL),
+                None => {}
             }
         }
         session.output.end();
