@@ -97,9 +97,7 @@ pub fn resolve_cwd(user: &SandboxUser, cwd: Option<&str>) -> Result<PathBuf, Exe
     Ok(cwd)
 }
 
-/// `/bin/sh -c command` as `user` in `cwd` with `env` over the user's basic environment, in
-/// the cgroup whose `cgroup.procs` is `procs_fd`, in a session of its own, beside a system
-/// manager (a systemd image) in its namespaces if one runs. Its stdio is the caller's to set.
+/// `/bin/sh -c command`, as [`user_command`] makes it.
 pub fn shell_command<'a>(
     user: &SandboxUser,
     env: impl Iterator<Item = (&'a String, &'a String)>,
@@ -107,17 +105,40 @@ pub fn shell_command<'a>(
     command: &str,
     procs_fd: Option<i32>,
 ) -> Command {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c").arg(command).env_clear().envs(base_env(user)).envs(env).current_dir(cwd);
+    user_command(user, "/bin/sh", &["-c", command], env, cwd, procs_fd, false)
+}
+
+/// `program args` as `user` in `cwd` with `env` over the user's basic environment, in the
+/// cgroup whose `cgroup.procs` is `procs_fd`, in a session of its own, beside a system manager
+/// (a systemd image) in its namespaces if one runs. With `terminal`, its stdin (the caller's
+/// terminal slave) becomes its controlling terminal. Its stdio is the caller's to set.
+pub fn user_command<'a>(
+    user: &SandboxUser,
+    program: &str,
+    args: &[&str],
+    env: impl Iterator<Item = (&'a String, &'a String)>,
+    cwd: &std::path::Path,
+    procs_fd: Option<i32>,
+    terminal: bool,
+) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args).env_clear().envs(base_env(user)).envs(env).current_dir(cwd);
     let (uid, gid) = (user.uid, user.gid);
     let namespaces = crate::service::namespace_init().and_then(|pid| sys::Namespaces::of(pid, cwd).ok());
-    // SAFETY: child_setup and child_setup_in only make async-signal-safe system calls.
+    // SAFETY: child_setup, child_setup_in and take_terminal only make async-signal-safe system
+    // calls.
     #[allow(unsafe_code)]
     unsafe {
-        match namespaces {
-            Some(ns) => cmd.pre_exec(move || sys::child_setup_in(&ns, procs_fd, uid, gid)),
-            None => cmd.pre_exec(move || sys::child_setup(procs_fd, uid, gid)),
-        };
+        cmd.pre_exec(move || {
+            match &namespaces {
+                Some(ns) => sys::child_setup_in(ns, procs_fd, uid, gid)?,
+                None => sys::child_setup(procs_fd, uid, gid)?,
+            }
+            if terminal {
+                sys::take_terminal()?;
+            }
+            Ok(())
+        });
     }
     cmd
 }

@@ -10,9 +10,8 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -56,7 +55,7 @@ pub struct Ptys {
 struct Session {
     info: Mutex<PtySessionInfo>,
     user: SandboxUser,
-    /// The shell's environment, complete.
+    /// The shell's environment over the user's basic one.
     env: Vec<(String, String)>,
     /// Set once the shell has started.
     running: Mutex<Option<Running>>,
@@ -84,8 +83,7 @@ impl Ptys {
     ) -> Result<PtySessionInfo, PtyError> {
         let cwd = crate::exec::resolve_cwd(user, req.cwd.as_deref())?;
         let envs = req.envs.clone().unwrap_or_default();
-        let mut env = crate::exec::base_env(user);
-        env.push(("TERM".into(), "xterm-256color".into()));
+        let mut env = vec![("TERM".to_string(), "xterm-256color".to_string())];
         env.extend(sandbox_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(envs.iter().map(|(k, v)| (k.clone(), v.clone())));
         let id = req.id.clone().unwrap_or_else(|| format!("pty-{:016x}", rand_u64()));
@@ -210,31 +208,11 @@ impl Session {
         let cgroup = ExecCgroup::create();
         let procs_fd = cgroup.as_ref().and_then(|c| c.procs_fd());
         let cwd = PathBuf::from(&info.cwd);
-        let mut cmd = Command::new(shell);
-        cmd.arg("-l")
-            .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&cwd)
-            .stdin(Stdio::from(slave.try_clone()?))
+        let env = self.env.iter().map(|(k, v)| (k, v));
+        let mut cmd = crate::exec::user_command(&self.user, shell, &["-l"], env, &cwd, procs_fd, true);
+        cmd.stdin(Stdio::from(slave.try_clone()?))
             .stdout(Stdio::from(slave.try_clone()?))
             .stderr(Stdio::from(slave));
-        let (uid, gid) = (self.user.uid, self.user.gid);
-        let namespaces = crate::service::namespace_init().and_then(|pid| sys::Namespaces::of(pid, &cwd).ok());
-        // SAFETY: child_setup, child_setup_in and take_terminal only make async-signal-safe
-        // system calls.
-        #[allow(unsafe_code)]
-        unsafe {
-            match namespaces {
-                Some(ns) => cmd.pre_exec(move || {
-                    sys::child_setup_in(&ns, procs_fd, uid, gid)?;
-                    sys::take_terminal()
-                }),
-                None => cmd.pre_exec(move || {
-                    sys::child_setup(procs_fd, uid, gid)?;
-                    sys::take_terminal()
-                }),
-            };
-        }
         let (child, exited) = reaper.spawn(&mut cmd)?;
         // Its end of the terminal is the child's alone now (`cmd` holds the last copies).
         drop(cmd);

@@ -113,6 +113,14 @@ impl Tap {
 
 type Sent = Result<Frame<Bytes>, io::Error>;
 
+/// Sends what an event was encoded to, if anything; false once the reader is gone.
+async fn send(tx: &tokio::sync::mpsc::Sender<Sent>, bytes: Option<Bytes>) -> bool {
+    match bytes {
+        Some(b) if !b.is_empty() => tx.send(Ok(Frame::data(b))).await.is_ok(),
+        _ => true,
+    }
+}
+
 async fn relay(
     tap: Arc<Tap>,
     kept: Vec<Chunk>,
@@ -121,15 +129,6 @@ async fn relay(
     detached: CancellationToken,
     mut encode: impl FnMut(Event) -> Option<Bytes>,
 ) {
-    let send = |tx: &tokio::sync::mpsc::Sender<Sent>, bytes: Option<Bytes>| {
-        let tx = tx.clone();
-        async move {
-            match bytes {
-                Some(b) if !b.is_empty() => tx.send(Ok(Frame::data(b))).await.is_ok(),
-                _ => true,
-            }
-        }
-    };
     for chunk in kept {
         if !send(&tx, encode(Event::Chunk(chunk))).await {
             return;
