@@ -20,6 +20,8 @@ pub const GATEWAY_MAC: &str = "02:c0:0e:fa:00:01";
 pub const DNS_PORT: u16 = 53;
 pub const HTTP_PROXY_PORT: u16 = 15080;
 pub const TLS_PROXY_PORT: u16 = 15443;
+/// The credential proxy ([`crate::egress::lend`]), which the guest addresses directly.
+pub const CREDENTIAL_PROXY_PORT: u16 = cove_proto::net::CREDENTIAL_PROXY_PORT;
 
 /// The TAP's name inside the sandbox namespace and the veth end beside it.
 pub const TAP_NAME: &str = "tap0";

@@ -7,6 +7,7 @@
 pub mod flows;
 pub mod hello;
 mod http;
+pub mod lend;
 
 use std::collections::HashMap;
 use std::io;
@@ -87,6 +88,8 @@ pub(crate) struct Sandbox {
     /// Stops the listeners; parent of every flow's token.
     pub stop: CancellationToken,
     pub shared: Arc<Shared>,
+    /// Credentials lent to the credential proxy ([`lend`]).
+    pub loans: Mutex<Vec<Arc<lend::Lent>>>,
 }
 
 /// Where a proxied connection goes.
@@ -151,7 +154,7 @@ impl Egress {
     ) -> io::Result<()> {
         self.detach(id);
         let gw = IpAddr::V4(addr::GATEWAY_IP);
-        let (udp, dns_tcp, http_l, tls_l) = bind_all(netns, gw).await?;
+        let (udp, dns_tcp, http_l, tls_l, lend_l) = bind_all(netns, gw).await?;
         let sb = Arc::new(Sandbox {
             id: id.to_string(),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
@@ -159,6 +162,7 @@ impl Egress {
             flows: Flows::new(MAX_FLOWS),
             stop: CancellationToken::new(),
             shared: self.shared.clone(),
+            loans: Mutex::default(),
         });
         let ctx = Arc::new(DnsContext {
             sandbox: id.to_string(),
@@ -170,6 +174,7 @@ impl Egress {
         tokio::spawn(dns::serve_tcp(dns_tcp, ctx, sb.stop.clone()));
         tokio::spawn(accept_loop(sb.clone(), http_l, Proxy::Http));
         tokio::spawn(accept_loop(sb.clone(), tls_l, Proxy::Tls));
+        tokio::spawn(accept_loop(sb.clone(), lend_l, Proxy::Lend));
         tracing::info!(sandbox = id, netns = %netns.display(), mode = ?sb.policy.load().mode(), "egress attached");
         if let Some(old) = self.sandboxes.lock().expect("sandboxes").insert(id.to_string(), sb) {
             stop(&old);
@@ -188,6 +193,13 @@ impl Egress {
         let p = sb.policy.load_full();
         let cut = sb.flows.cut_where(|k| k.allowed_by(&p));
         tracing::info!(sandbox = id, mode = ?p.mode(), cut, "egress policy updated");
+    }
+
+    /// Lends credentials to the sandbox's credential proxy until the guard is dropped; `None`
+    /// when the sandbox has no network attached.
+    pub fn lend(&self, id: &str, loan: lend::Loan) -> Option<lend::LoanGuard> {
+        let sb = self.sandboxes.lock().expect("sandboxes").get(id).cloned()?;
+        Some(lend::lend(&sb, loan))
     }
 
     /// Stops the listeners and cuts every flow of the sandbox.
@@ -209,7 +221,7 @@ fn stop(sb: &Sandbox) {
     sb.stop.cancel();
 }
 
-type Listeners = (tokio::net::UdpSocket, TcpListener, TcpListener, TcpListener);
+type Listeners = (tokio::net::UdpSocket, TcpListener, TcpListener, TcpListener, TcpListener);
 
 /// Binds the four sockets, retrying briefly while a replaced attach's sockets are closing.
 async fn bind_all(netns: &Path, gw: IpAddr) -> io::Result<Listeners> {
@@ -221,6 +233,7 @@ async fn bind_all(netns: &Path, gw: IpAddr) -> io::Result<Listeners> {
                 crate::netns::tcp_listener(netns, SocketAddr::new(gw, addr::DNS_PORT))?,
                 crate::netns::tcp_listener(netns, SocketAddr::new(gw, addr::HTTP_PROXY_PORT))?,
                 crate::netns::tcp_listener(netns, SocketAddr::new(gw, addr::TLS_PROXY_PORT))?,
+                crate::netns::tcp_listener(netns, SocketAddr::new(gw, addr::CREDENTIAL_PROXY_PORT))?,
             ))
         })();
         match r {
@@ -237,6 +250,7 @@ async fn bind_all(netns: &Path, gw: IpAddr) -> io::Result<Listeners> {
 enum Proxy {
     Http,
     Tls,
+    Lend,
 }
 
 async fn accept_loop(sb: Arc<Sandbox>, listener: TcpListener, kind: Proxy) {
@@ -265,6 +279,7 @@ async fn accept_loop(sb: Arc<Sandbox>, listener: TcpListener, kind: Proxy) {
                 match kind {
                     Proxy::Tls => handle_tls(sb.clone(), flow.clone(), stream).await,
                     Proxy::Http => http::serve(sb.clone(), flow.clone(), stream).await,
+                    Proxy::Lend => lend::serve(sb.clone(), flow.clone(), stream).await,
                 }
             };
             tokio::select! {
@@ -366,7 +381,7 @@ async fn handle_tls(sb: Arc<Sandbox>, flow: Arc<Flow>, mut guest: TcpStream) {
         let sni = name.expect("mitm needs a name").to_string();
         tracing::debug!(sandbox = %sb.id, sni, %dst, decision = "mitm", "tls");
         let guest = hello::Prefixed::new(hello.recorded, guest);
-        return crate::mitm::serve(sb.clone(), flow, guest, sni, dst.port()).await;
+        return crate::mitm::serve(sb.clone(), flow, guest, sni, dst.port(), None).await;
     }
     tracing::debug!(sandbox = %sb.id, sni = sni.as_deref().unwrap_or("-"), %dst, decision = "splice", ?target, "tls");
     let mut up = match dial(&sb, &target, dst.port(), &flow).await {

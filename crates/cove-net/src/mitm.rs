@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::egress::flows::Flow;
 use crate::egress::hello::Prefixed;
+use crate::egress::lend::Lent;
 use crate::egress::{Sandbox, Target};
 use crate::policy::Transform;
 
@@ -309,6 +310,8 @@ struct MitmConn {
     flow: Arc<Flow>,
     pool: Pool,
     guest_h2: bool,
+    /// Credentials lent for this connection (the credential proxy's connections).
+    loan: Option<Arc<Lent>>,
     /// Fired to close the guest connection gracefully (policy no longer allows the name).
     close: CancellationToken,
 }
@@ -321,6 +324,7 @@ pub(crate) async fn serve(
     guest: Prefixed<TcpStream>,
     sni: String,
     port: u16,
+    loan: Option<Arc<Lent>>,
 ) {
     let ck = match sb.ca.leaf(&sni) {
         Ok(ck) => ck,
@@ -349,8 +353,16 @@ pub(crate) async fn serve(
     let guest_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     tracing::debug!(sandbox = %sb.id, sni, h2 = guest_h2, "mitm: serving");
     let close = CancellationToken::new();
-    let conn_ctx =
-        Arc::new(MitmConn { sb, sni, port, flow, pool: Pool::default(), guest_h2, close: close.clone() });
+    let conn_ctx = Arc::new(MitmConn {
+        sb,
+        sni,
+        port,
+        flow,
+        pool: Pool::default(),
+        guest_h2,
+        loan,
+        close: close.clone(),
+    });
     let svc = hyper::service::service_fn(move |req| {
         let c = conn_ctx.clone();
         async move { Ok::<_, Infallible>(handle(c, req).await) }
@@ -398,11 +410,21 @@ async fn handle(c: Arc<MitmConn>, mut req: Request<Incoming>) -> Response<Body> 
     let upgrade = strip_hop_by_hop(req.headers_mut());
     let upgrade = if c.guest_h2 { None } else { upgrade };
     apply_transform(req.headers_mut(), transform, true);
+    if let Some(lent) = &c.loan {
+        if lent.returned.is_cancelled() {
+            c.close.cancel();
+            return text(StatusCode::FORBIDDEN, "the credentials lent for this command were returned\n");
+        }
+        if req.uri().path().starts_with(&lent.loan.path_prefix) {
+            req.headers_mut().insert(header::AUTHORIZATION, lent.loan.authorization.clone());
+        }
+    }
     tracing::debug!(
         sandbox = %sb.id,
         sni = %c.sni,
         method = %req.method(),
         transformed = transform.is_some(),
+        lent = c.loan.is_some(),
         "mitm: forwarding"
     );
     let cancel = c.flow.cancel.clone();

@@ -45,6 +45,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::netns;
 
 mod dns;
+mod git;
 mod tls;
 mod web;
 
@@ -78,6 +79,10 @@ pub const TCP_ECHO_PORT: u16 = 7000;
 pub const UDP_ECHO_PORT: u16 = 7001;
 /// TTL of every DNS answer.
 pub const DNS_TTL: u32 = 5;
+/// The one account of the git server (`/git/<repo>` on every web host, repositories under
+/// [`Internet::git_root`]): every request must carry it as HTTP basic credentials.
+pub const GIT_USER: &str = "cove-tester";
+pub const GIT_PASSWORD: &str = "s3cret-git-token-6d1f";
 /// Common name of the test root CA.
 pub const CA_COMMON_NAME: &str = "Cove test internet root";
 
@@ -152,6 +157,20 @@ struct State {
     recorded_changed: tokio::sync::Notify,
     connections: Mutex<HashMap<(Ipv4Addr, u16), usize>>,
     datagrams: Mutex<HashMap<(Ipv4Addr, u16), usize>>,
+    /// Bare repositories the git server serves.
+    git_root: PathBuf,
+    git_log: Mutex<Vec<GitRequest>>,
+}
+
+/// One request the git server received.
+#[derive(Debug, Clone)]
+pub struct GitRequest {
+    /// The path below `/git`.
+    pub path: String,
+    /// Whether it carried the account's credentials.
+    pub authorized: bool,
+    /// Its headers, names in lower case.
+    pub headers: Vec<(String, String)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,6 +205,10 @@ impl State {
 
     fn count_datagram(&self, local: SocketAddrV4) {
         *lock(&self.datagrams).entry((*local.ip(), local.port())).or_default() += 1;
+    }
+
+    fn record_git(&self, path: &str, authorized: bool, headers: Vec<(String, String)>) {
+        lock(&self.git_log).push(GitRequest { path: path.to_string(), authorized, headers });
     }
 
     fn record(&self, key: String, rec: Recorded) {
@@ -225,6 +248,9 @@ impl Internet {
         let (ca, ca_pem) = tls::Ca::new()?;
         let ca_path = std::env::temp_dir().join(format!("cove-testnet-ca-{}.pem", std::process::id()));
         std::fs::write(&ca_path, &ca_pem)?;
+        let git_root = std::env::temp_dir().join(format!("cove-testnet-git-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&git_root);
+        std::fs::create_dir_all(&git_root)?;
         let state = Arc::new(State {
             ca: Arc::new(ca),
             zone: Mutex::new(DEFAULT_ZONE.iter().map(|(n, ip)| (n.to_string(), *ip)).collect()),
@@ -233,6 +259,8 @@ impl Internet {
             recorded_changed: tokio::sync::Notify::new(),
             connections: Mutex::default(),
             datagrams: Mutex::default(),
+            git_root,
+            git_log: Mutex::default(),
         });
 
         let (tx, rx) = std::sync::mpsc::channel::<io::Result<()>>();
@@ -266,6 +294,17 @@ impl Internet {
         })?;
         rx.recv().map_err(|_| io::Error::other("the test internet's thread died"))??;
         Ok(Internet { state, ca_pem, ca_path, _lock: lock })
+    }
+
+    /// The directory whose bare repositories the git server serves (`<dir>/x.git` is
+    /// `https://<any web host>/git/x.git`).
+    pub fn git_root(&self) -> &Path {
+        &self.state.git_root
+    }
+
+    /// Every request the git server has received, oldest first.
+    pub fn git_requests(&self) -> Vec<GitRequest> {
+        lock(&self.state.git_log).clone()
     }
 
     /// The test root CA certificate, PEM.

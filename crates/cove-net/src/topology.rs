@@ -20,7 +20,8 @@ use cove_api::sandbox::NetworkMode;
 use ipnet::Ipv4Net;
 
 use crate::addr::{
-    DNS_PORT, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_PREFIX, HTTP_PROXY_PORT, TAP_NAME, TLS_PROXY_PORT,
+    CREDENTIAL_PROXY_PORT, DNS_PORT, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_PREFIX, HTTP_PROXY_PORT,
+    TAP_NAME, TLS_PROXY_PORT,
 };
 use crate::netns::{self, run};
 
@@ -169,6 +170,7 @@ table inet cove {{
         ct state established,related accept
         iifname "{TAP_NAME}" ip daddr {GATEWAY_IP} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept
         iifname "{TAP_NAME}" ip daddr {GATEWAY_IP} tcp dport {{ {HTTP_PROXY_PORT}, {TLS_PROXY_PORT} }} ct status dnat accept
+        iifname "{TAP_NAME}" ip daddr {GATEWAY_IP} tcp dport {CREDENTIAL_PROXY_PORT} accept
         iifname "{TAP_NAME}" meta l4proto tcp reject with tcp reset
         iifname "{TAP_NAME}" reject with icmpx admin-prohibited
     }}

@@ -82,6 +82,22 @@ pub mod routes {
     /// `GET /v1/processes/<pid>/output?follow=true|false` (server-sent events; the answer fails
     /// when the agent detaches).
     pub const PROCESSES: &str = "/v1/processes";
+    /// Followed by the public API's git operation name, e.g. `/v1/git/clone`, with its request
+    /// body less any credentials; the answer is a `GitResult` (a `GitCommitResponse` for
+    /// `commit`). Also `/v1/git/remote-url` ([`super::GitRemoteRequest`]): the URL a remote
+    /// fetches from, as the output of a `GitResult`.
+    pub const GIT_PREFIX: &str = "/v1/git/";
+    /// Header of a git request whose network operation goes through the host's credential
+    /// proxy ([`super::net::CREDENTIAL_PROXY_PORT`]), which adds the credentials the API was
+    /// given to git's requests: any value turns it on.
+    pub const GIT_VIA_PROXY: &str = "cove-git-via-proxy";
+}
+
+/// `POST /v1/git/remote-url`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GitRemoteRequest {
+    pub path: String,
+    pub remote: String,
 }
 
 /// Answer to `GET /v1/health`.
@@ -121,6 +137,10 @@ pub mod net {
     pub const GUEST_CIDR: &str = "10.250.0.2/30";
     /// Default gateway and DNS resolver (on the host side of the TAP).
     pub const GATEWAY: &str = "10.250.0.1";
+    /// Port of the host's credential proxy on the gateway: an HTTP proxy that takes `CONNECT`
+    /// only to a host the API has lent credentials for, for as long as one git command runs,
+    /// and adds them to that command's requests (TLS ended with the sandbox's CA).
+    pub const CREDENTIAL_PROXY_PORT: u16 = 15888;
     /// Where the egress CA goes in the guest, and the system bundle that gets it appended.
     pub const CA_FILE: &str = "/usr/local/share/ca-certificates/cove-egress.crt";
     pub const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";

@@ -29,7 +29,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::{Recorded, State};
 
-type Body = UnsyncBoxBody<Bytes, io::Error>;
+pub(super) type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// What a request's handler knows of its connection.
 struct Conn {
@@ -80,6 +80,9 @@ async fn handle(
     } else if let Some(key) = path.strip_prefix("/record/") {
         let key = key.to_owned();
         record(&state, &conn, key, req).await
+    } else if let Some(repo) = path.strip_prefix("/git/") {
+        let path_info = format!("/{repo}");
+        super::git::serve(&state, &state.git_root, &path_info, req).await
     } else if path == "/echo-headers" {
         echo_headers(&req)
     } else if let Some(n) = path.strip_prefix("/bytes/") {
@@ -138,7 +141,7 @@ fn authority<B>(req: &Request<B>) -> Option<String> {
     }
 }
 
-fn headers<B>(req: &Request<B>) -> Vec<(String, String)> {
+pub(super) fn headers_of<B>(req: &Request<B>) -> Vec<(String, String)> {
     req.headers()
         .iter()
         .map(|(name, value)| {
@@ -182,7 +185,7 @@ async fn record(state: &State, conn: &Conn, key: String, req: Request<Incoming>)
             path: head.uri().path().to_owned(),
             query: head.uri().query().map(str::to_owned),
             authority: authority(&head),
-            headers: headers(&head),
+            headers: headers_of(&head),
             server: conn.ip,
             port: conn.port,
             tls: conn.tls,
@@ -198,7 +201,7 @@ async fn record(state: &State, conn: &Conn, key: String, req: Request<Incoming>)
 /// joined with ", ").
 fn echo_headers<B>(req: &Request<B>) -> Response<Body> {
     let mut out = serde_json::Map::new();
-    for (name, value) in headers(req) {
+    for (name, value) in headers_of(req) {
         match out.get_mut(&name) {
             Some(serde_json::Value::String(joined)) => {
                 joined.push_str(", ");
