@@ -439,6 +439,53 @@ def test_pty_sessions(sandbox):
         sandbox.pty.get("sdk-term")
 
 
+def test_git_every_operation(sandbox, workdir):
+    """All 16 git methods against a bare repository inside the sandbox (the credential path, which
+    needs a git server on the network, is the Rust test `crates/cove/tests/git.rs`)."""
+    origin, repo = f"{workdir}/origin.git", f"{workdir}/work"
+    seed = (
+        f"git init -q --bare -b main {origin} && git init -q -b main {workdir}/seed && cd {workdir}/seed && "
+        "echo one > a.txt && git add a.txt && git -c user.name=s -c user.email=s@x commit -qm first && "
+        f"git push -q {origin} main"
+    )
+    assert sandbox.process.execute(command=seed).exit_code == 0
+
+    def ok(result):
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    ok(sandbox.git.clone(url=origin, path=repo, branch="main", depth=1))
+    assert "On branch main" in ok(sandbox.git.status(path=repo))
+    assert "main" in ok(sandbox.git.branches(path=repo, branch_type="all"))
+    ok(sandbox.git.create_branch(path=repo, name="feature", checkout=True))
+    sandbox.filesystem.write_file(path=f"{repo}/a.txt", content="one\ntwo\n")
+    assert "+two" in ok(sandbox.git.diff_unstaged(path=repo))
+    ok(sandbox.git.add(path=repo, files=["a.txt"]))
+    assert "+two" in ok(sandbox.git.diff_staged(path=repo, context_lines=0))
+    ok(sandbox.git.reset(path=repo))
+    assert ok(sandbox.git.diff_staged(path=repo)) == ""
+    ok(sandbox.git.add(path=repo, files=["a.txt"]))
+    commit = sandbox.git.commit(path=repo, message="second", author="SDK", email="sdk@example.com")
+    assert commit.result.exit_code == 0, commit.result.output
+    head = sandbox.process.execute(command=f"git -C {repo} rev-parse HEAD").stdout.strip()
+    assert commit.sha == head and len(head) == 40
+    assert "second" in ok(sandbox.git.log(path=repo, max_count=1))
+    assert "+two" in ok(sandbox.git.show(path=repo, revision=head))
+    assert "+two" in ok(sandbox.git.diff(path=repo, target="main"))
+    ok(sandbox.git.push(path=repo, remote="origin", branch="feature", set_upstream=True))
+    pushed = sandbox.process.execute(command=f"git --git-dir={origin} rev-parse feature").stdout.strip()
+    assert pushed == head
+    ok(sandbox.git.checkout_branch(path=repo, branch="main"))
+    ok(sandbox.git.pull(path=repo, remote="origin", branch="feature"))
+    assert sandbox.filesystem.read_file(path=f"{repo}/a.txt") == "one\ntwo\n"
+    ok(sandbox.git.delete_branch(path=repo, name="feature", force=True))
+    assert "feature" not in ok(sandbox.git.branches(path=repo))
+    # git's refusals are results with an exit code; bad input is a validation error.
+    assert sandbox.git.checkout_branch(path=repo, branch="no-such-branch").exit_code != 0
+    with pytest.raises(Leap0Error):
+        sandbox.git.show(path=repo, revision="--output=/tmp/x")
+
+
 # ---------------------------------------------------------------------------------------------
 # Process
 # ---------------------------------------------------------------------------------------------

@@ -44,10 +44,20 @@ pub async fn run(
     req: &ExecuteRequest,
 ) -> Result<ExecuteResponse, ExecError> {
     let cwd = resolve_cwd(user, req.cwd.as_deref())?;
-    let cgroup = ExecCgroup::create();
-    let procs_fd = cgroup.as_ref().and_then(|c| c.procs_fd());
     let env = sandbox_env.iter().chain(req.envs.iter().flatten());
-    let mut cmd = shell_command(user, env, &cwd, &req.command, procs_fd);
+    run_command(reaper, req.timeout_secs(), |procs_fd| shell_command(user, env, &cwd, &req.command, procs_fd))
+        .await
+}
+
+/// Runs the command `make` builds (given the descriptor that puts it in a cgroup of its own)
+/// with no input, collects its output, and kills it and all it started after `timeout_secs`.
+pub async fn run_command(
+    reaper: &Reaper,
+    timeout_secs: u64,
+    make: impl FnOnce(Option<i32>) -> Command,
+) -> Result<ExecuteResponse, ExecError> {
+    let cgroup = ExecCgroup::create();
+    let mut cmd = make(cgroup.as_ref().and_then(|c| c.procs_fd()));
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let (mut child, exited) = spawn(reaper, &mut cmd)?;
     let pid = child.id() as i32;
@@ -57,7 +67,7 @@ pub async fn run(
     let out_task = tokio::spawn(collect(stdout, out_buf.clone()));
     let err_task = tokio::spawn(collect(stderr, err_buf.clone()));
 
-    let limit = Duration::from_secs(req.timeout_secs());
+    let limit = Duration::from_secs(timeout_secs);
     let (code, timed_out) = match tokio::time::timeout(limit, exited).await {
         Ok(code) => (code.unwrap_or(-1), false),
         Err(_) => {
@@ -77,8 +87,7 @@ pub async fn run(
             stderr.push('\n');
         }
         stderr.push_str(&format!(
-            "cove: command timed out after {}s; it and all its child processes were killed\n",
-            req.timeout_secs()
+            "cove: command timed out after {timeout_secs}s; it and all its child processes were killed\n"
         ));
     }
     if let Some(cg) = cgroup {

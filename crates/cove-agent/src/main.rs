@@ -9,6 +9,7 @@
 mod channel;
 mod exec;
 mod fs;
+mod git;
 mod init;
 mod mounts;
 mod procs;

@@ -132,6 +132,17 @@ impl State {
                 let op = p[routes::FS_PREFIX.len()..].to_string();
                 self.fs.handle(&op, req).await
             }
+            (Method::POST, p) if p.starts_with(routes::GIT_PREFIX) => {
+                let op = p[routes::GIT_PREFIX.len()..].to_string();
+                let via_proxy = req.headers().contains_key(routes::GIT_VIA_PROXY);
+                let body = match read_body(req.into_body(), MAX_JSON_BODY).await {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                let git =
+                    crate::git::Git { reaper: &self.reaper, user: &self.command_user(), env: self.env() };
+                git.handle(&op, &body, via_proxy).await
+            }
             (_, p) if p == routes::PROCESSES || p.starts_with(&format!("{}/", routes::PROCESSES)) => {
                 let rest = p[routes::PROCESSES.len()..].trim_start_matches('/').to_string();
                 self.processes(&rest, req, detached).await
@@ -343,8 +354,12 @@ fn pty_error(e: crate::pty::PtyError) -> Response<Body> {
 }
 
 pub fn invalid(errors: &[cove_api::FieldError]) -> Response<Body> {
-    let msg = errors.iter().map(|e| format!("{}: {}", e.field, e.error)).collect::<Vec<_>>().join("; ");
-    reply::error(StatusCode::BAD_REQUEST, msg)
+    reply::error(StatusCode::BAD_REQUEST, describe(errors))
+}
+
+/// `field: error; field: error`.
+pub fn describe(errors: &[cove_api::FieldError]) -> String {
+    errors.iter().map(|e| format!("{}: {}", e.field, e.error)).collect::<Vec<_>>().join("; ")
 }
 
 /// Reads a JSON body of bounded size.

@@ -330,6 +330,17 @@ impl AgentClient {
         self.call_raw(Method::POST, cove_proto::fs::UNMOUNT_ROUTE, Some(&body)).await.map(drop)
     }
 
+    /// The URL `remote` of the repository at `path` fetches from (in the output; a non-zero
+    /// exit code when there is no such remote or repository).
+    pub async fn git_remote_url(
+        &self,
+        path: &str,
+        remote: &str,
+    ) -> Result<cove_api::git::GitResult, AgentError> {
+        let body = cove_proto::GitRemoteRequest { path: path.to_string(), remote: remote.to_string() };
+        self.call(Method::POST, &format!("{}remote-url", routes::GIT_PREFIX), Some(&body)).await
+    }
+
     /// Asks the agent to finish the requests in flight and wait for a new host (before a
     /// capture).
     pub async fn detach(&self) -> Result<(), AgentError> {

@@ -60,6 +60,11 @@ pub enum AfterCapture {
     Release,
 }
 
+pub use cove_net::egress::lend::Loan;
+
+/// Keeps a loan of credentials in force; dropping it returns them.
+pub type LoanGuard = Box<dyn std::any::Any + Send + Sync>;
+
 /// A byte stream to a port of a guest.
 pub trait GuestIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> GuestIo for T {}
@@ -167,6 +172,11 @@ pub trait SandboxHost: Send + Sync + 'static {
 
     /// Replaces the egress policy of a running sandbox; flows the new one forbids are cut.
     async fn set_network_policy(&self, id: &str, policy: Option<&NetworkPolicy>) -> Result<(), RunnerError>;
+
+    /// Lends credentials to a running sandbox's credential proxy, for as long as the answer is
+    /// kept (`cove_net::egress::lend`): the guest's git reaches the remote through it and never
+    /// sees them.
+    async fn lend_credentials(&self, id: &str, loan: Loan) -> Result<LoanGuard, RunnerError>;
 
     // --- Images ----------------------------------------------------------------------------
 

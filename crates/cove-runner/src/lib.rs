@@ -534,6 +534,11 @@ impl SandboxHost for Runner {
         self.net.set_policy(id, policy).await
     }
 
+    async fn lend_credentials(&self, id: &str, loan: host::Loan) -> Result<host::LoanGuard, RunnerError> {
+        self.vm(id)?;
+        self.net.lend(id, loan).map(|g| Box::new(g) as host::LoanGuard)
+    }
+
     /// The manifest of the image at `prefix`, `None` when the image is incomplete or absent; an
     /// error only when the store could not answer.
     async fn find_image(&self, prefix: &str) -> Result<Option<ImageManifest>, RunnerError> {

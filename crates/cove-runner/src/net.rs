@@ -119,6 +119,15 @@ impl Network {
         Ok(())
     }
 
+    /// Lends credentials to the sandbox's credential proxy until the guard is dropped.
+    pub fn lend(
+        &self,
+        id: &str,
+        loan: cove_net::egress::lend::Loan,
+    ) -> Result<cove_net::egress::lend::LoanGuard, RunnerError> {
+        self.egress.lend(id, loan).ok_or_else(|| RunnerError::NoVm(id.to_string()))
+    }
+
     /// Takes the sandbox's network down (its VM has ended). The CA stays.
     pub async fn down(&self, id: &str) -> Result<(), RunnerError> {
         self.egress.detach(id);

@@ -26,6 +26,11 @@ pub async fn forward(
         req = req.header(header::CONTENT_TYPE, ct);
     }
     let req = req.body(body).map_err(ApiError::internal)?;
+    forward_request(agent, req).await
+}
+
+/// [`forward`] for a request already built.
+pub async fn forward_request(agent: Guest, req: hyper::Request<AgentBody>) -> Result<Response, ApiError> {
     let resp = send(&agent, req).await?;
     let mut out = Response::builder().status(resp.status());
     for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {

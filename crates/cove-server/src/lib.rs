@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 mod filesystem;
 mod forward;
+mod git;
 mod invoke;
 mod keys;
 mod openapi;
@@ -37,14 +38,11 @@ pub struct AppState {
 }
 
 /// Routes that belong to later parts of the contract; they answer 501 until built.
-const NOT_YET: &[&str] = &[
-    "/v1/sandbox/{sandboxID}/git/{*op}",
-    "/v1/sandbox/{sandboxID}/lsp/{*op}",
-    "/v1/sandbox/{sandboxID}/ssh/{*rest}",
-];
+const NOT_YET: &[&str] = &["/v1/sandbox/{sandboxID}/lsp/{*op}", "/v1/sandbox/{sandboxID}/ssh/{*rest}"];
 
 pub fn router(core: Arc<Core>) -> Router {
     let fs = |op: &str| format!("/v1/sandbox/{{sandboxID}}/filesystem/{op}");
+    let git = |op: &str| format!("/v1/sandbox/{{sandboxID}}/git/{op}");
     let mut r = Router::new()
         .route("/v1/sandbox", post(sandbox::create))
         .route("/v1/sandbox/", post(sandbox::create))
@@ -103,6 +101,22 @@ pub fn router(core: Arc<Core>) -> Router {
         .route(&fs("copy"), post(filesystem::copy))
         .route(&fs("exists"), post(filesystem::exists))
         .route(&fs("tree"), post(filesystem::tree))
+        .route(&git("clone"), post(git::clone))
+        .route(&git("status"), post(git::status))
+        .route(&git("branches"), post(git::branches))
+        .route(&git("diff-unstaged"), post(git::diff_unstaged))
+        .route(&git("diff-staged"), post(git::diff_staged))
+        .route(&git("diff"), post(git::diff))
+        .route(&git("reset"), post(git::reset))
+        .route(&git("log"), post(git::log))
+        .route(&git("show"), post(git::show))
+        .route(&git("create-branch"), post(git::create_branch))
+        .route(&git("checkout-branch"), post(git::checkout_branch))
+        .route(&git("delete-branch"), post(git::delete_branch))
+        .route(&git("add"), post(git::add))
+        .route(&git("commit"), post(git::commit))
+        .route(&git("push"), post(git::push))
+        .route(&git("pull"), post(git::pull))
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{keyID}", axum::routing::delete(keys::delete))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{filesystem, invoke, keys, process, processes, pty, sandbox, snapshot, template};
+use crate::{filesystem, git, invoke, keys, process, processes, pty, sandbox, snapshot, template};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,6 +22,9 @@ use crate::{filesystem, invoke, keys, process, processes, pty, sandbox, snapshot
         filesystem::read_file, filesystem::read_files, filesystem::delete, filesystem::set_permissions,
         filesystem::glob, filesystem::grep, filesystem::edit_file, filesystem::edit_files,
         filesystem::move_path, filesystem::copy, filesystem::exists, filesystem::tree,
+        git::clone, git::status, git::branches, git::diff_unstaged, git::diff_staged, git::diff, git::reset,
+        git::log, git::show, git::create_branch, git::checkout_branch, git::delete_branch, git::add, git::commit,
+        git::push, git::pull,
         pty::list, pty::create, pty::get, pty::delete, pty::resize, pty::connect,
         invoke::create_presigned, invoke::delete_presigned,
         keys::create, keys::list, keys::delete,

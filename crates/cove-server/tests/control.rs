@@ -450,6 +450,27 @@ async fn mounts_and_policies_reach_the_host_and_their_secrets_only_the_host() {
     let (s, _) = app.call("DELETE", &format!("/v1/sandbox/{id}/mounts/{mount_id}"), "").await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert!(app.host.guest(&id).unwrap().mounts.is_empty());
+    // git credentials: lent to the host for the one command (for a push, to the URL the
+    // guest's remote has), never sent to the guest, returned when git is done.
+    let clone = json!({"url": "https://git.example/org/repo.git", "path": "repo", "username": "u",
+        "password": "GIT-PLAIN"});
+    let (s, v) = app.call("POST", &format!("/v1/sandbox/{id}/git/clone"), &clone.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let push = json!({"path": "repo", "password": "GIT-PLAIN"});
+    let (s, v) = app.call("POST", &format!("/v1/sandbox/{id}/git/push"), &push.to_string()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _) = app.call("POST", &format!("/v1/sandbox/{id}/git/status"), r#"{"path":"repo"}"#).await;
+    assert_eq!(s, StatusCode::OK);
+    let repo = (id.clone(), "git.example:443/org/repo.git/".to_string());
+    assert_eq!(app.host.lent(), [repo.clone(), repo]);
+    assert!(app.host.loans().is_empty(), "a loan outlived its command");
+    let calls = app.host.guest(&id).unwrap().git;
+    let ops: Vec<(&str, bool)> = calls.iter().map(|(op, _, proxy)| (op.as_str(), *proxy)).collect();
+    assert_eq!(ops, [("clone", true), ("remote-url", false), ("push", true), ("status", false)]);
+    assert!(
+        calls.iter().all(|(_, body, _)| !body.contains("GIT-PLAIN") && !body.contains("\"u\"")),
+        "{calls:?}"
+    );
     // A host that cannot apply a policy: 503, the old one stays.
     app.host.fail_at("set_network_policy");
     let (s, v) =

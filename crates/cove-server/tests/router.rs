@@ -101,11 +101,19 @@ async fn unknown_things_are_404_and_later_features_501() {
     assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("command")));
     let (s, _) = call(&app, "GET", "/v2/whatever", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/git/clone", bearer(&app), "").await;
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/lsp/start", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
     assert!(v["message"].as_str().unwrap().contains("not implemented"));
-    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/git/clone", None, "").await;
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/lsp/start", None, "").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // git: an option never passes for a revision, and credentials go only to https.
+    let show = r#"{"path":"r","revision":"--output=/etc/passwd"}"#;
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/git/show", bearer(&app), show).await;
+    assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("revision")));
+    let clone = r#"{"url":"http://git.test/r.git","path":"r","username":"u","password":"p"}"#;
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/git/clone", bearer(&app), clone).await;
+    assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("url")));
+    assert!(!v.to_string().contains("\"p\""), "{v}");
     // Mounts: the body's fields are checked before the sandbox is looked up.
     let bad = r#"{"type":"nfs","bucket":"b","mount_path":"rel","endpoint":"s3"}"#;
     let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/mounts", bearer(&app), bad).await;

@@ -431,7 +431,6 @@ async fn exec_rules_and_unimplemented_routes() {
 
     // Routes of later parts of the contract: 501 with a message, but 401 first.
     let later = [
-        (reqwest::Method::POST, format!("/v1/sandbox/{id}/git/status")),
         (reqwest::Method::POST, format!("/v1/sandbox/{id}/ssh/access")),
         (reqwest::Method::POST, format!("/v1/sandbox/{id}/lsp/start")),
     ];

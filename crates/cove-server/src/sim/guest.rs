@@ -5,7 +5,7 @@
 //! Commands are a tiny shell, enough for the API's semantics: `echo … [> path]`, `cat path`,
 //! `printenv NAME`, `hostname`, `pwd`, `sleep secs`, `true`, `false`, `exit N`, `ps`, and
 //! `name &` (a background process: it lives in memory, so it survives a pause or snapshot and
-//! not a stop).
+//! not a stop). git requests are recorded and succeed with no output.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -36,7 +36,12 @@ pub struct Guest {
     pub hostname: String,
     /// Mount id → path, as the host asked.
     pub mounts: BTreeMap<String, String>,
+    /// git requests received: (operation, body, through the credential proxy).
+    pub git: Vec<(String, String, bool)>,
 }
+
+/// The URL every simulated repository's remote has.
+pub const GIT_REMOTE: &str = "https://git.example/org/repo.git";
 
 pub const HOME: &str = "/home/user";
 
@@ -110,6 +115,7 @@ fn lock(guest: &Shared) -> std::sync::MutexGuard<'_, Guest> {
 async fn answer(guest: &Shared, req: Request<hyper::body::Incoming>) -> Answer {
     let path = req.uri().path().to_string();
     let uri = req.uri().clone();
+    let via_proxy = req.headers().contains_key(routes::GIT_VIA_PROXY);
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return fail(StatusCode::BAD_REQUEST, e.to_string()),
@@ -160,6 +166,12 @@ async fn answer(guest: &Shared, req: Request<hyper::body::Incoming>) -> Answer {
                 g.disk.dirs.remove(&path);
             }
             done()
+        }
+        p if p.starts_with(routes::GIT_PREFIX) => {
+            let op = p[routes::GIT_PREFIX.len()..].to_string();
+            let output = if op == "remote-url" { format!("{GIT_REMOTE}\n") } else { String::new() };
+            lock(guest).git.push((op, String::from_utf8_lossy(&body).into_owned(), via_proxy));
+            json(StatusCode::OK, &cove_api::git::GitResult { output, exit_code: 0 })
         }
         p => match p.strip_prefix(routes::FS_PREFIX) {
             Some("write-file") => {

@@ -93,6 +93,10 @@ pub struct SimHost {
     adopted: Mutex<HashSet<String>>,
     faults: Mutex<HashMap<String, Fault>>,
     passed: Mutex<Vec<String>>,
+    /// Credentials lent and not returned: (sandbox, `host:port/path/`).
+    loans: Arc<Mutex<Vec<(String, String)>>>,
+    /// Every loan made.
+    lent: Mutex<Vec<(String, String)>>,
 }
 
 impl Default for SimHost {
@@ -124,7 +128,14 @@ impl SimHost {
     }
 
     fn on(machine: Arc<Mutex<Machine>>) -> SimHost {
-        SimHost { machine, adopted: Mutex::default(), faults: Mutex::default(), passed: Mutex::default() }
+        SimHost {
+            machine,
+            adopted: Mutex::default(),
+            faults: Mutex::default(),
+            passed: Mutex::default(),
+            loans: Arc::default(),
+            lent: Mutex::default(),
+        }
     }
 
     /// The next control-plane process on this machine: it shares the VMs, disks and images,
@@ -178,6 +189,16 @@ impl SimHost {
     /// The egress policy a sandbox's VM has.
     pub fn policy(&self, id: &str) -> Option<Option<NetworkPolicy>> {
         lock(&self.machine).vms.get(id).map(|vm| vm.policy.clone())
+    }
+
+    /// Credentials lent and not yet returned: (sandbox, `host:port/path/`).
+    pub fn loans(&self) -> Vec<(String, String)> {
+        lock(&self.loans).clone()
+    }
+
+    /// Every loan of credentials made, returned or not.
+    pub fn lent(&self) -> Vec<(String, String)> {
+        lock(&self.lent).clone()
     }
 
     async fn point(&self, name: &str) -> Result<(), RunnerError> {
@@ -484,6 +505,27 @@ impl SandboxHost for SimHost {
         self.point("set_network_policy").await?;
         self.with_vm(id, |vm| vm.policy = policy.cloned())?;
         self.point("set_network_policy.done").await
+    }
+
+    async fn lend_credentials(
+        &self,
+        id: &str,
+        loan: cove_runner::host::Loan,
+    ) -> Result<cove_runner::host::LoanGuard, RunnerError> {
+        self.with_vm(id, |_| ())?;
+        struct Returned(Arc<Mutex<Vec<(String, String)>>>, (String, String));
+        impl Drop for Returned {
+            fn drop(&mut self) {
+                let mut loans = lock(&self.0);
+                if let Some(i) = loans.iter().position(|l| *l == self.1) {
+                    loans.remove(i);
+                }
+            }
+        }
+        let entry = (id.to_string(), format!("{}:{}{}", loan.host, loan.port, loan.path_prefix));
+        lock(&self.loans).push(entry.clone());
+        lock(&self.lent).push(entry.clone());
+        Ok(Box::new(Returned(self.loans.clone(), entry)))
     }
 
     async fn find_image(&self, image: &str) -> Result<Option<ImageManifest>, RunnerError> {
