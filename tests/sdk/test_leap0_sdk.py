@@ -79,6 +79,8 @@ class CoveServer:
                 "server",
                 "--listen",
                 "127.0.0.1:0",
+                "--ssh-listen",
+                "127.0.0.1:0",
                 "--data-dir",
                 str(self.data_dir),
                 "--cache-dir",
@@ -484,6 +486,40 @@ def test_git_every_operation(sandbox, workdir):
     assert sandbox.git.checkout_branch(path=repo, branch="no-such-branch").exit_code != 0
     with pytest.raises(Leap0Error):
         sandbox.git.show(path=repo, revision="--output=/tmp/x")
+
+
+def _ssh(access, password: str, command: str) -> subprocess.CompletedProcess:
+    """The system's OpenSSH client with `access.ssh_command`, the password given by SSH_ASKPASS."""
+    words = access.ssh_command.split()
+    port, dest = words[words.index("-p") + 1], words[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        askpass = Path(tmp) / "askpass"
+        askpass.write_text(f"#!/bin/sh\necho '{password}'\n")
+        askpass.chmod(0o700)
+        env = dict(os.environ, SSH_ASKPASS=str(askpass), SSH_ASKPASS_REQUIRE="force")
+        env.pop("DISPLAY", None)
+        opts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                "-o", "PreferredAuthentications=password", "-o", "PubkeyAuthentication=no"]
+        return subprocess.run(["ssh", "-p", port, *opts, dest, command], env=env, capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_ssh_access(sandbox):
+    access = sandbox.ssh.create_access()
+    assert access.id and access.password and access.sandbox_id == sandbox.id
+    assert access.ssh_command.endswith(f"{access.id}@localhost") and access.expires_at
+    assert sandbox.ssh.validate_access(id=access.id, password=access.password).valid
+    assert not sandbox.ssh.validate_access(id=access.id, password="wrong").valid
+    ran = _ssh(access, access.password, "whoami; exit 5")
+    assert (ran.returncode, ran.stdout) == (5, "user\n"), ran.stderr
+    renewed = sandbox.ssh.regenerate_access(id=access.id)
+    assert renewed.id == access.id and renewed.password != access.password
+    assert not sandbox.ssh.validate_access(id=access.id, password=access.password).valid
+    assert _ssh(access, access.password, "true").returncode == 255
+    assert _ssh(renewed, renewed.password, "true").returncode == 0
+    sandbox.ssh.delete_access(id=access.id)
+    with pytest.raises(Leap0NotFoundError):
+        sandbox.ssh.validate_access(id=access.id, password=renewed.password)
 
 
 # ---------------------------------------------------------------------------------------------

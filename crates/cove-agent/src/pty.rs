@@ -57,6 +57,8 @@ struct Session {
     user: SandboxUser,
     /// The shell's environment over the user's basic one.
     env: Vec<(String, String)>,
+    /// What the shell runs instead of reading the terminal (`-lc command`).
+    command: Option<String>,
     /// Set once the shell has started.
     running: Mutex<Option<Running>>,
     /// Its output; it ends when the terminal closes (the shell and whatever held it exited).
@@ -97,11 +99,13 @@ impl Ptys {
             created_at: chrono::Utc::now(),
             active: false,
             lazy_start,
+            exit_code: None,
         };
         let session = Arc::new(Session {
             info: Mutex::new(info),
             user: user.clone(),
             env,
+            command: req.command.clone(),
             running: Mutex::new(None),
             output: Arc::new(Tap::new(SCROLLBACK)),
         });
@@ -209,7 +213,11 @@ impl Session {
         let procs_fd = cgroup.as_ref().and_then(|c| c.procs_fd());
         let cwd = PathBuf::from(&info.cwd);
         let env = self.env.iter().map(|(k, v)| (k, v));
-        let mut cmd = crate::exec::user_command(&self.user, shell, &["-l"], env, &cwd, procs_fd, true);
+        let args: Vec<&str> = match &self.command {
+            Some(c) => vec!["-lc", c],
+            None => vec!["-l"],
+        };
+        let mut cmd = crate::exec::user_command(&self.user, shell, &args, env, &cwd, procs_fd, true);
         cmd.stdin(Stdio::from(slave.try_clone()?))
             .stdout(Stdio::from(slave.try_clone()?))
             .stderr(Stdio::from(slave));
@@ -223,8 +231,10 @@ impl Session {
         lock(&self.info).active = true;
         let session = self.clone();
         tokio::spawn(async move {
-            let _ = exited.await;
-            lock(&session.info).active = false;
+            let code = exited.await.ok();
+            let mut info = lock(&session.info);
+            info.active = false;
+            info.exit_code = code;
         });
         tokio::spawn(self.clone().pump(master));
         Ok(())

@@ -12,6 +12,7 @@ pub mod process;
 pub mod pty;
 pub mod sandbox;
 pub mod snapshot;
+pub mod ssh;
 pub mod template;
 
 pub use error::{ErrorResponse, FieldError, ValidationErrorResponse};

@@ -145,6 +145,46 @@ pub struct ProcessInput {
     pub eof: bool,
 }
 
+/// One event of `GET …/process/{pid}/output` (server-sent events).
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputEvent {
+    Stdout(String),
+    Stderr(String),
+    /// Chunks of output a slow reader missed.
+    Dropped(u64),
+    Exit(i32),
+    /// The stream ended without the process: the sandbox paused or went away.
+    Detached(String),
+}
+
+/// Takes the complete events off the front of `pending` (what the stream has delivered so
+/// far); an incomplete one stays. Events of other names are skipped.
+pub fn take_events(pending: &mut Vec<u8>) -> Vec<OutputEvent> {
+    let mut events = Vec::new();
+    while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+        let raw: Vec<u8> = pending.drain(..end + 2).collect();
+        let text = String::from_utf8_lossy(&raw);
+        let (mut name, mut data) = ("", serde_json::Value::Null);
+        for line in text.lines() {
+            if let Some(n) = line.strip_prefix("event: ") {
+                name = n;
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data = serde_json::from_str(d).unwrap_or(serde_json::Value::Null);
+            }
+        }
+        let text = || data["data"].as_str().unwrap_or("").to_string();
+        events.push(match name {
+            "stdout" => OutputEvent::Stdout(text()),
+            "stderr" => OutputEvent::Stderr(text()),
+            "dropped" => OutputEvent::Dropped(data["chunks"].as_u64().unwrap_or(0)),
+            "exit" => OutputEvent::Exit(data["exit_code"].as_i64().unwrap_or(1) as i32),
+            "detached" => OutputEvent::Detached(data["message"].as_str().unwrap_or("detached").to_string()),
+            _ => continue,
+        });
+    }
+    events
+}
+
 /// Signals `POST …/process/{pid}/signal` sends, by name.
 pub const SIGNALS: &[&str] = &["TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT"];
 
@@ -181,5 +221,22 @@ impl Validate for ProcessInput {
         let mut v = Violations::default();
         v.check(self.data.len() <= MAX_INPUT_BYTES, "data", "must be at most 1 MiB");
         v.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_taken_whole() {
+        let mut pending =
+            b"event: stdout\ndata: {\"data\":\"a\\n\"}\n\nevent: exit\ndata: {\"exit_code\":3}\n\nevent: std"
+                .to_vec();
+        assert_eq!(take_events(&mut pending), [OutputEvent::Stdout("a\n".into()), OutputEvent::Exit(3)]);
+        assert_eq!(pending, b"event: std");
+        pending.extend_from_slice(b"err\ndata: {\"data\":\"e\"}\n\nevent: ping\ndata: {}\n\n");
+        assert_eq!(take_events(&mut pending), [OutputEvent::Stderr("e".into())]);
+        assert!(pending.is_empty());
     }
 }

@@ -38,6 +38,10 @@ pub struct PtyCreateRequest {
     /// Start the shell at the first connection instead of now.
     #[serde(default)]
     pub lazy_start: Option<bool>,
+    /// Cove addition: run this command (`shell -lc command`) instead of an interactive login
+    /// shell; the terminal closes when it exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
 }
 
 pub fn valid_session_id(id: &str) -> bool {
@@ -64,6 +68,13 @@ impl Validate for PtyCreateRequest {
         }
         check_side(&mut v, "cols", self.cols);
         check_side(&mut v, "rows", self.rows);
+        if let Some(c) = &self.command {
+            v.check(
+                !c.trim().is_empty() && !c.contains('\0'),
+                "command",
+                "must be non-empty, without NUL bytes",
+            );
+        }
         v.finish()
     }
 }
@@ -79,6 +90,9 @@ pub struct PtySessionInfo {
     /// Its shell runs (false before a lazy start and after the shell exited).
     pub active: bool,
     pub lazy_start: bool,
+    /// Cove addition: the shell's exit code, once it has exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -118,8 +132,9 @@ mod tests {
             cols: Some(0),
             rows: Some(MAX_SIDE + 1),
             lazy_start: None,
+            command: Some(" ".into()),
         };
-        assert_eq!(fields(&bad), ["id", "cwd", "envs.A=B", "cols", "rows"]);
+        assert_eq!(fields(&bad), ["id", "cwd", "envs.A=B", "cols", "rows", "command"]);
         assert!(valid_session_id("my-terminal_1.x") && !valid_session_id(&"x".repeat(65)));
         let resize = PtyResizeRequest { cols: 0, rows: 10 }.validate().unwrap_err();
         assert_eq!(resize[0].field, "cols");

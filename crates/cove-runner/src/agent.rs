@@ -341,6 +341,56 @@ impl AgentClient {
         self.call(Method::POST, &format!("{}remote-url", routes::GIT_PREFIX), Some(&body)).await
     }
 
+    pub async fn pty_create(
+        &self,
+        req: &cove_api::pty::PtyCreateRequest,
+    ) -> Result<cove_api::pty::PtySessionInfo, AgentError> {
+        self.call(Method::POST, routes::PTY, Some(req)).await
+    }
+
+    pub async fn pty_info(&self, id: &str) -> Result<cove_api::pty::PtySessionInfo, AgentError> {
+        self.call::<(), _>(Method::GET, &format!("{}/{id}", routes::PTY), None).await
+    }
+
+    pub async fn pty_resize(&self, id: &str, cols: u16, rows: u16) -> Result<(), AgentError> {
+        let body = cove_api::pty::PtyResizeRequest { cols, rows };
+        self.call_raw(Method::POST, &format!("{}/{id}/resize", routes::PTY), Some(&body)).await.map(drop)
+    }
+
+    /// Ends a terminal session and everything its shell started.
+    pub async fn pty_delete(&self, id: &str) -> Result<(), AgentError> {
+        self.call_raw::<()>(Method::DELETE, &format!("{}/{id}", routes::PTY), None).await.map(drop)
+    }
+
+    pub async fn process_start(
+        &self,
+        req: &cove_api::process::ProcessStartRequest,
+    ) -> Result<cove_api::process::ProcessInfo, AgentError> {
+        self.call(Method::POST, routes::PROCESSES, Some(req)).await
+    }
+
+    pub async fn process_input(
+        &self,
+        pid: u32,
+        input: &cove_api::process::ProcessInput,
+    ) -> Result<(), AgentError> {
+        self.call_raw(Method::POST, &format!("{}/{pid}/stdin", routes::PROCESSES), Some(input))
+            .await
+            .map(drop)
+    }
+
+    pub async fn process_signal(&self, pid: u32, signal: &str) -> Result<(), AgentError> {
+        let body = cove_api::process::ProcessSignal { signal: signal.to_string() };
+        self.call_raw(Method::POST, &format!("{}/{pid}/signal", routes::PROCESSES), Some(&body))
+            .await
+            .map(drop)
+    }
+
+    /// Kills a background process and everything it started, and forgets it.
+    pub async fn process_delete(&self, pid: u32) -> Result<(), AgentError> {
+        self.call_raw::<()>(Method::DELETE, &format!("{}/{pid}", routes::PROCESSES), None).await.map(drop)
+    }
+
     /// Asks the agent to finish the requests in flight and wait for a new host (before a
     /// capture).
     pub async fn detach(&self) -> Result<(), AgentError> {

@@ -91,6 +91,17 @@ pub async fn forward_json<T: serde::Serialize>(
     forward(agent, method, path.to_string(), Some(ct), cove_runner::agent::full(bytes)).await
 }
 
+/// A request body fed by the sender: each `Bytes` sent is a chunk of it, and it ends when the
+/// sender is dropped. At most `queue` chunks wait.
+pub fn fed_body(queue: usize) -> (tokio::sync::mpsc::Sender<bytes::Bytes>, AgentBody) {
+    let (input, queued) = tokio::sync::mpsc::channel::<bytes::Bytes>(queue);
+    let frames = futures::stream::unfold(queued, |mut q| async move {
+        let data = q.recv().await?;
+        Some((Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(data)), q))
+    });
+    (input, http_body_util::StreamBody::new(frames).boxed_unsync())
+}
+
 /// A request body streamed on to the agent.
 pub fn stream(body: Body) -> AgentBody {
     body.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>).boxed_unsync()

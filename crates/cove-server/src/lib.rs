@@ -18,6 +18,8 @@ mod pty;
 mod sandbox;
 pub mod sim;
 mod snapshot;
+mod ssh;
+pub mod sshd;
 mod template;
 
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use axum::routing::{any, get, patch, post};
 use axum::{Json, Router};
 use cove_api::ErrorResponse;
 
-pub use crate::core::{Core, CoreConfig};
+pub use crate::core::{Core, CoreConfig, SshEndpoint};
 pub use openapi::openapi_json;
 
 #[derive(Clone)]
@@ -38,7 +40,7 @@ pub struct AppState {
 }
 
 /// Routes that belong to later parts of the contract; they answer 501 until built.
-const NOT_YET: &[&str] = &["/v1/sandbox/{sandboxID}/lsp/{*op}", "/v1/sandbox/{sandboxID}/ssh/{*rest}"];
+const NOT_YET: &[&str] = &["/v1/sandbox/{sandboxID}/lsp/{*op}"];
 
 pub fn router(core: Arc<Core>) -> Router {
     let fs = |op: &str| format!("/v1/sandbox/{{sandboxID}}/filesystem/{op}");
@@ -117,6 +119,10 @@ pub fn router(core: Arc<Core>) -> Router {
         .route(&git("commit"), post(git::commit))
         .route(&git("push"), post(git::push))
         .route(&git("pull"), post(git::pull))
+        .route("/v1/sandbox/{sandboxID}/ssh/access", post(ssh::create))
+        .route("/v1/sandbox/{sandboxID}/ssh/{sshID}", axum::routing::delete(ssh::delete))
+        .route("/v1/sandbox/{sandboxID}/ssh/{sshID}/validate", post(ssh::validate))
+        .route("/v1/sandbox/{sandboxID}/ssh/{sshID}/regen", post(ssh::regenerate))
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{keyID}", axum::routing::delete(keys::delete))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{filesystem, git, invoke, keys, process, processes, pty, sandbox, snapshot, template};
+use crate::{filesystem, git, invoke, keys, process, processes, pty, sandbox, snapshot, ssh, template};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,6 +27,7 @@ use crate::{filesystem, git, invoke, keys, process, processes, pty, sandbox, sna
         git::push, git::pull,
         pty::list, pty::create, pty::get, pty::delete, pty::resize, pty::connect,
         invoke::create_presigned, invoke::delete_presigned,
+        ssh::create, ssh::delete, ssh::validate, ssh::regenerate,
         keys::create, keys::list, keys::delete,
     ),
     modifiers(&BearerAuth),

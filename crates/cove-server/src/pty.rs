@@ -115,12 +115,7 @@ pub async fn connect(
 ) -> Result<Response, ApiError> {
     let path = session_path(&id, &sid, "/attach")?;
     let guest = s.core.agent(&org, &id).await?;
-    let (input, queued) = tokio::sync::mpsc::channel::<Bytes>(INPUT_QUEUE);
-    let frames = futures::stream::unfold(queued, |mut q| async move {
-        let data = q.recv().await?;
-        Some((Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(data)), q))
-    });
-    let body = http_body_util::StreamBody::new(frames).boxed_unsync();
+    let (input, body) = crate::forward::fed_body(INPUT_QUEUE);
     let req = hyper::Request::post(format!("http://agent{path}")).body(body).map_err(ApiError::internal)?;
     let (agent, output) = open_stream(guest, req).await?;
     Ok(ws.on_upgrade(move |socket| async move {

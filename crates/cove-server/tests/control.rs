@@ -482,6 +482,51 @@ async fn mounts_and_policies_reach_the_host_and_their_secrets_only_the_host() {
 }
 
 #[tokio::test]
+async fn ssh_accesses_open_their_sandbox_until_regenerated_revoked_or_deleted() {
+    let app = App::new();
+    let id = app.create(json!({})).await;
+    let (s, a) = app.call("POST", &format!("/v1/sandbox/{id}/ssh/access"), "").await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    let (user, password) =
+        (a["id"].as_str().unwrap().to_string(), a["password"].as_str().unwrap().to_string());
+    assert_eq!(a["ssh_command"], format!("ssh -p 2222 {user}@ssh.test"));
+    let expires = chrono::DateTime::parse_from_rfc3339(a["expires_at"].as_str().unwrap()).unwrap();
+    let created = chrono::DateTime::parse_from_rfc3339(a["created_at"].as_str().unwrap()).unwrap();
+    assert_eq!((expires - created).num_seconds(), cove_api::ssh::ACCESS_LIFETIME_SECS);
+    let org = org(&app);
+    assert_eq!(app.core.ssh_login(&user, &password), Some((org.clone(), id.clone())));
+    assert_eq!(app.core.ssh_login(&user, "wrong"), None);
+    assert_eq!(app.core.ssh_login("sshnobody", &password), None);
+    // Only a hash is kept.
+    let dump = format!("{:?}", app.store.ssh_access(&org, &id, &user, "").unwrap());
+    assert!(!dump.contains(&password), "{dump}");
+    // An empty password is refused with its field.
+    let (s, _) =
+        app.call("POST", &format!("/v1/sandbox/{id}/ssh/{user}/validate"), r#"{"password":""}"#).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // Regenerated: the old password no longer opens it.
+    let (s, b) = app.call("POST", &format!("/v1/sandbox/{id}/ssh/{user}/regen"), "").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let renewed = b["password"].as_str().unwrap().to_string();
+    assert_eq!(app.core.ssh_login(&user, &password), None);
+    assert!(app.core.ssh_login(&user, &renewed).is_some());
+    // A second access, then the sandbox goes: so do its accesses.
+    let (_, second) = app.call("POST", &format!("/v1/sandbox/{id}/ssh/access"), "").await;
+    let (s, _) = app.call("DELETE", &format!("/v1/sandbox/{id}/ssh/{user}"), "").await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(app.core.ssh_login(&user, &renewed), None);
+    let (s, _) = app.call("DELETE", &format!("/v1/sandbox/{id}/ssh/{user}"), "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (second_user, second_pw) = (second["id"].as_str().unwrap(), second["password"].as_str().unwrap());
+    assert!(app.core.ssh_login(second_user, second_pw).is_some());
+    assert!(app.call("DELETE", &format!("/v1/sandbox/{id}"), "").await.0.is_success());
+    eventually("the sandbox is gone", || app.store.sandbox(&org, &id).unwrap().is_none()).await;
+    assert_eq!(app.core.ssh_login(second_user, second_pw), None);
+    let (s, _) = app.call("POST", "/v1/sandbox/sbx-none/ssh/access", "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn timeouts_pause_or_delete_and_conflicts_name_the_state() {
     let app = App::new();
     let keep = app.create(json!({"auto_pause": true})).await;

@@ -10,6 +10,7 @@ mod presigned;
 mod sandboxes;
 pub mod sealed;
 mod snapshots;
+mod ssh;
 mod templates;
 
 use std::path::Path;
@@ -23,6 +24,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 pub use sandboxes::{Change, Op, SandboxRecord};
 use sha2::{Digest, Sha256};
 pub use snapshots::{SnapshotQuery, SnapshotRecord, SnapshotState};
+pub use ssh::SshAccessRecord;
 pub use templates::{TemplateRecord, TemplateState};
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +120,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE snapshots ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';",
     // 5: templates made from container images.
     templates::MIGRATION,
+    // 6: SSH accesses (only the password's hash is kept).
+    ssh::MIGRATION,
 ];
 
 pub struct Store {

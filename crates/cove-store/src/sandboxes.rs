@@ -310,6 +310,7 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM presigned_urls WHERE sandbox_id = ?1", [id])?;
+        tx.execute("DELETE FROM ssh_access WHERE sandbox_id = ?1", [id])?;
         tx.execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
         tx.commit()?;
         Ok(())

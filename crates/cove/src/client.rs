@@ -443,28 +443,17 @@ async fn exec_streaming(api: &Api, id: &str, body: Value) -> Result<i64> {
         };
         let Some(chunk) = chunk else { bail!("the output stream ended before the process did") };
         pending.extend_from_slice(&chunk?);
-        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = pending.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&event);
-            let (mut name, mut data) = ("", Value::Null);
-            for line in text.lines() {
-                if let Some(n) = line.strip_prefix("event: ") {
-                    name = n;
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data = serde_json::from_str(d).unwrap_or(Value::Null);
-                }
-            }
-            let text = data["data"].as_str().unwrap_or("");
-            match name {
-                "stdout" => {
+        for event in cove_api::process::take_events(&mut pending) {
+            use cove_api::process::OutputEvent as E;
+            match event {
+                E::Stdout(text) => {
                     print!("{text}");
                     std::io::stdout().flush()?;
                 }
-                "stderr" => eprint!("{text}"),
-                "dropped" => eprintln!("[cove: {} chunks of output dropped]", data["chunks"]),
-                "exit" => return Ok(data["exit_code"].as_i64().unwrap_or(1)),
-                "detached" => bail!("{} (process {pid})", data["message"].as_str().unwrap_or("detached")),
-                _ => {}
+                E::Stderr(text) => eprint!("{text}"),
+                E::Dropped(n) => eprintln!("[cove: {n} chunks of output dropped]"),
+                E::Exit(code) => return Ok(code.into()),
+                E::Detached(message) => bail!("{message} (process {pid})"),
             }
         }
     }

@@ -73,6 +73,13 @@ pub struct ServerArgs {
     /// Largest image a template may be made from (its compressed layers), MiB.
     #[arg(long, env = "COVE_MAX_IMAGE_MIB", default_value_t = 16 * 1024)]
     max_image_mib: u64,
+    /// Address of the SSH endpoint (logins with SSH accesses, `…/ssh/access`); `off` for none.
+    #[arg(long, env = "COVE_SSH_LISTEN", default_value = "127.0.0.1:2222")]
+    ssh_listen: String,
+    /// Host name SSH clients are told to connect to (in `ssh_command`). Default: the SSH
+    /// listen address, `localhost` for a loopback or unspecified one.
+    #[arg(long, env = "COVE_SSH_HOST")]
+    ssh_host: Option<String>,
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -116,6 +123,22 @@ async fn serve(args: ServerArgs) -> Result<()> {
     ccfg.public_scheme = args.public_scheme.clone().unwrap_or_else(|| scheme.to_string());
     let sealer = cove_store::sealed::Sealer::open_or_create(&args.data_dir.join("secret.key"))
         .context("opening the key that seals secrets in the metadata store")?;
+    let ssh = match args.ssh_listen.as_str() {
+        "off" => None,
+        at => {
+            let at: SocketAddr =
+                at.parse().with_context(|| format!("--ssh-listen {at:?} is not ip:port or off"))?;
+            let l =
+                tokio::net::TcpListener::bind(at).await.with_context(|| format!("binding SSH on {at}"))?;
+            let bound = l.local_addr()?;
+            let host = args.ssh_host.clone().unwrap_or_else(|| match bound.ip() {
+                ip if ip.is_loopback() || ip.is_unspecified() => "localhost".to_string(),
+                ip => ip.to_string(),
+            });
+            ccfg.ssh = Some(cove_server::SshEndpoint { host, port: bound.port() });
+            Some((l, bound))
+        }
+    };
     let core = Arc::new(Core::new(store, runner.clone(), ccfg, sealer));
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
@@ -134,6 +157,12 @@ async fn serve(args: ServerArgs) -> Result<()> {
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     cove_server::spawn_background(core.clone(), shutdown.clone());
+    if let Some((listener, bound)) = ssh {
+        let key = cove_server::sshd::host_key(&args.data_dir.join("ssh_host_ed25519_key"))
+            .map_err(|e| anyhow::anyhow!("SSH host key: {e}"))?;
+        tokio::spawn(cove_server::sshd::serve(core.clone(), listener, key, shutdown.clone()));
+        println!("cove ssh on {bound}");
+    }
     println!("cove listening on {scheme}://{addr}");
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -430,10 +430,7 @@ async fn exec_rules_and_unimplemented_routes() {
     assert!(r.json()["workdir"].is_string(), "{}", r.text());
 
     // Routes of later parts of the contract: 501 with a message, but 401 first.
-    let later = [
-        (reqwest::Method::POST, format!("/v1/sandbox/{id}/ssh/access")),
-        (reqwest::Method::POST, format!("/v1/sandbox/{id}/lsp/start")),
-    ];
+    let later = [(reqwest::Method::POST, format!("/v1/sandbox/{id}/lsp/start"))];
     for (method, path) in later {
         let r = api.req(method.clone(), &path, Some(json!({}))).await;
         let m = assert_message(&r, 501);

@@ -8,7 +8,7 @@
 //! One module per concern: `lifecycle` (create, delete, pause, resume, stop, start, timeouts),
 //! `machine` (the transition table), `recovery` (settling what a crash left in flight),
 //! `snapshots`, `mounts`, `policy`, `presigned`, `guest` (agent and port access), `secrets`
-//! (sealing credentials at rest), `templates`.
+//! (sealing credentials at rest), `templates`, `ssh` (SSH accesses).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -41,6 +41,7 @@ mod presigned;
 mod recovery;
 mod secrets;
 mod snapshots;
+mod ssh;
 mod templates;
 pub use guest::Guest;
 pub use snapshots::snapshot_response;
@@ -61,6 +62,15 @@ pub struct CoreConfig {
     pub public_scheme: String,
     /// Templates an organization may hold.
     pub template_limit: u64,
+    /// Where clients reach the SSH endpoint; `None` when the server runs none.
+    pub ssh: Option<SshEndpoint>,
+}
+
+/// The address SSH clients are told to connect to.
+#[derive(Debug, Clone)]
+pub struct SshEndpoint {
+    pub host: String,
+    pub port: u16,
 }
 
 impl CoreConfig {
@@ -73,6 +83,7 @@ impl CoreConfig {
             sandbox_domain: "localhost".into(),
             public_scheme: "http".into(),
             template_limit: cove_api::template::DEFAULT_TEMPLATE_LIMIT,
+            ssh: None,
         }
     }
 }

@@ -36,12 +36,10 @@ impl App {
     }
 
     fn on(store: Arc<Store>, host: Arc<SimHost>, key: String) -> App {
-        let core = Arc::new(Core::new(
-            store.clone(),
-            host.clone(),
-            CoreConfig::local(8),
-            cove_store::sealed::Sealer::ephemeral(),
-        ));
+        let mut cfg = CoreConfig::local(8);
+        cfg.ssh = Some(cove_server::SshEndpoint { host: "ssh.test".into(), port: 2222 });
+        let core =
+            Arc::new(Core::new(store.clone(), host.clone(), cfg, cove_store::sealed::Sealer::ephemeral()));
         App { router: router(core.clone()), core, host, store, key }
     }
 

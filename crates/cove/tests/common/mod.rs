@@ -60,7 +60,7 @@ impl TestServer {
         let admin_key = format!("cove_test_{}", rand_hex());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cove"));
         cmd.arg("server")
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
             .arg("--cache-dir")
             .arg(&cache)
