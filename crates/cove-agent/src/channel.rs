@@ -22,7 +22,8 @@ const IDLE_POLL: Duration = Duration::from_millis(2);
 
 /// The virtio-serial port as an async byte stream.
 pub struct Port {
-    fd: AsyncFd<OwnedFd>,
+    /// Always set; an `Option` only to be registered anew (see [`Port::stale`]).
+    fd: Option<AsyncFd<OwnedFd>>,
 }
 
 impl Port {
@@ -30,22 +31,56 @@ impl Port {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
         let fd: OwnedFd = file.into();
         sys::set_nonblocking(fd.as_fd())?;
-        Ok(Port { fd: sys::async_fd(fd)? })
+        Ok(Port { fd: Some(sys::async_fd(fd)?) })
     }
+
+    fn fd(&self) -> io::Result<&AsyncFd<OwnedFd>> {
+        self.fd.as_ref().ok_or_else(|| io::Error::other("the port is not registered"))
+    }
+
+    /// Called when the port would block although its readiness says "closed". Tokio keeps a
+    /// closed readiness for good once it has seen one, but a virtio port whose host went away
+    /// (a restore, a runner restart) opens again when a host connects: left as it is, every
+    /// poll would be ready at once and every read would block, a busy loop for the life of the
+    /// guest. Registered anew, the descriptor is polled as it is now.
+    fn stale(&mut self) -> io::Result<()> {
+        if let Some(old) = self.fd.take() {
+            self.fd = Some(sys::async_fd(old.into_inner())?);
+        }
+        Ok(())
+    }
+}
+
+/// What one attempt at a read or write came to.
+enum Attempt<T> {
+    Done(io::Result<T>),
+    /// It would block; `stale` when the readiness said closed.
+    Blocked {
+        stale: bool,
+    },
 }
 
 impl AsyncRead for Port {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
         loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| sys::read(fd.get_ref().as_fd(), unfilled)) {
-                Ok(Ok(n)) => {
+            let attempt = {
+                let mut guard = ready!(this.fd()?.poll_read_ready(cx))?;
+                let stale = guard.ready().is_read_closed();
+                let unfilled = buf.initialize_unfilled();
+                match guard.try_io(|fd| sys::read(fd.get_ref().as_fd(), unfilled)) {
+                    Ok(r) => Attempt::Done(r),
+                    Err(_would_block) => Attempt::Blocked { stale },
+                }
+            };
+            match attempt {
+                Attempt::Done(Ok(n)) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Attempt::Done(Err(e)) => return Poll::Ready(Err(e)),
+                Attempt::Blocked { stale: true } => this.stale()?,
+                Attempt::Blocked { stale: false } => {}
             }
         }
     }
@@ -53,11 +88,20 @@ impl AsyncRead for Port {
 
 impl AsyncWrite for Port {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
         loop {
-            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
-            match guard.try_io(|fd| sys::write(fd.get_ref().as_fd(), data)) {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
+            let attempt = {
+                let mut guard = ready!(this.fd()?.poll_write_ready(cx))?;
+                let stale = guard.ready().is_write_closed();
+                match guard.try_io(|fd| sys::write(fd.get_ref().as_fd(), data)) {
+                    Ok(r) => Attempt::Done(r),
+                    Err(_would_block) => Attempt::Blocked { stale },
+                }
+            };
+            match attempt {
+                Attempt::Done(r) => return Poll::Ready(r),
+                Attempt::Blocked { stale: true } => this.stale()?,
+                Attempt::Blocked { stale: false } => {}
             }
         }
     }

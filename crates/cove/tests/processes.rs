@@ -74,6 +74,15 @@ async fn background_processes_stream_take_input_and_die_with_their_tree() {
     left.sandbox(&id);
     let base = format!("/v1/sandbox/{id}");
 
+    // An idle agent sleeps. A guest restored from a snapshot saw its ports' host go away once;
+    // the agent must not be left polling them (CPU time of PID 1, in clock ticks, while a
+    // command sleeps 3 s: a busy loop takes all 300).
+    let stat = "cut -d' ' -f14,15 /proc/1/stat";
+    let out = api.sh_ok(&id, &format!("a=$({stat}); sleep 3; echo $a $({stat})")).await;
+    let t: Vec<u64> = out.split_whitespace().map(|n| n.parse().unwrap()).collect();
+    let ticks = (t[2] + t[3]) - (t[0] + t[1]);
+    assert!(ticks < 60, "the agent used {ticks} ticks of CPU in 3 s with nothing to do");
+
     // The first line arrives while the process still runs; stderr and the exit code follow.
     let pid = start(
         &api,
