@@ -10,14 +10,23 @@ set -euo pipefail
 CACHE_DIR=${1:?usage: rootfs.sh CACHE_DIR}
 OUT="$CACHE_DIR/rootfs"
 SUITE=bookworm
-PACKAGES="bash,coreutils,ca-certificates,curl,git,python3,procps,iproute2,sudo,netbase,less,iputils-ping"
+PACKAGES="bash,coreutils,ca-certificates,curl,git,python3,procps,iproute2,sudo,netbase,less,iputils-ping,nodejs"
+# Language servers the LSP endpoints start (`python`: pyright; `typescript`/`javascript`:
+# typescript-language-server over typescript's tsserver), from the npm registry: name, version,
+# the registry's sha512 integrity. None has runtime dependencies, so each is its tarball.
+NPM_PACKAGES=(
+    "pyright 1.1.414 sha512-FPZZb51jepDX4eP7TEYDeNFtmE3WgwkkEcJpvH3/QmUSsj0EAy3LXu+xB4T/FWDejtsXlCfFr/rbWFjwuwuXww=="
+    "typescript 5.9.3 sha512-jl1vZzPDinLr9eUt3J/t7V6FgNEw9QjvBPdysz9KfQDD41fQrC2Y4vKQdiaUpFT4bXlb1RHhLpp8wtm6M5TgSw=="
+    "typescript-language-server 4.4.1 sha512-vEvDw+cjY75afMN2rhx0z8sQtFDAUHoBniksBmB6NUZlDt0rEIwQq01VMiqyXFm9uZwcED2475cmDeXxoDHleg=="
+)
+NPM_REGISTRY=${COVE_NPM_REGISTRY:-https://registry.npmjs.org}
 [ -n "${COVE_ROOTFS_EXTRA:-}" ] && PACKAGES="$PACKAGES,$COVE_ROOTFS_EXTRA"
 FREE_MIB=${COVE_ROOTFS_FREE_MIB:-1024}
 
 step() { echo "[rootfs.sh] $(date +%T) $*" >&2; }
 
-for t in mmdebstrap mke2fs qemu-img; do
-    command -v "$t" >/dev/null || { step "missing $t (apt-get install mmdebstrap e2fsprogs qemu-utils)"; exit 1; }
+for t in mmdebstrap mke2fs qemu-img curl python3; do
+    command -v "$t" >/dev/null || { step "missing $t (apt-get install mmdebstrap e2fsprogs qemu-utils curl python3)"; exit 1; }
 done
 
 # Reuse the host's apt sources (only the Debian registry is reachable): every enabled
@@ -49,6 +58,20 @@ trap 'rm -rf "$WORK"' EXIT
 ROOT="$WORK/root"
 mkdir "$ROOT"
 
+# The npm tarballs, fetched once into the cache and checked against their pinned integrity.
+mkdir -p "$CACHE_DIR/npm"
+for entry in "${NPM_PACKAGES[@]}"; do
+    read -r name version integrity <<<"$entry"
+    tgz="$CACHE_DIR/npm/$name-$version.tgz"
+    if [ ! -f "$tgz" ]; then
+        step "fetching $name $version from $NPM_REGISTRY"
+        curl -fsSL --retry 3 -o "$tgz.part" "$NPM_REGISTRY/$name/-/$name-$version.tgz"
+        mv "$tgz.part" "$tgz"
+    fi
+    got=$(python3 -c 'import base64, hashlib, sys; print("sha512-" + base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode())' "$tgz")
+    [ "$got" = "$integrity" ] || { step "$tgz: integrity $got, expected $integrity"; rm -f "$tgz"; exit 1; }
+done
+
 step "1/4 mmdebstrap $SUITE (sources: ${MIRRORS[*]}) packages: $PACKAGES"
 mmdebstrap --mode=root --variant=minbase --include="$PACKAGES" \
     "${APTOPTS[@]}" \
@@ -67,10 +90,36 @@ mmdebstrap --mode=root --variant=minbase --include="$PACKAGES" \
     --customize-hook='rm -rf "$1"/var/cache/apt/*.bin "$1"/var/lib/apt/lists/* "$1"/var/cache/debconf/*-old "$1"/var/log/*.log "$1"/var/log/apt/*' \
     "$SUITE" "$ROOT" "${MIRRORS[@]}" 2>&1 | sed 's/^/    /' >&2
 
+step "1b/4 language servers into /usr/local (${#NPM_PACKAGES[@]} npm packages)"
+for entry in "${NPM_PACKAGES[@]}"; do
+    read -r name version _ <<<"$entry"
+    dest="$ROOT/usr/local/lib/node_modules/$name"
+    mkdir -p "$dest"
+    tar -xzf "$CACHE_DIR/npm/$name-$version.tgz" -C "$dest" --strip-components=1 --no-same-owner
+    # Each `bin` of package.json becomes a command in /usr/local/bin.
+    python3 - "$dest" "$ROOT/usr/local/bin" "$name" <<'PY'
+import json, os, sys
+dest, bindir, name = sys.argv[1:]
+bins = json.load(open(os.path.join(dest, "package.json"))).get("bin") or {}
+if isinstance(bins, str):
+    bins = {name: bins}
+os.makedirs(bindir, exist_ok=True)
+for cmd, rel in bins.items():
+    target = os.path.normpath(os.path.join(dest, rel))
+    os.chmod(target, 0o755)
+    link = os.path.join(bindir, cmd)
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.relpath(target, bindir), link)
+PY
+done
+
 step "2/4 sanity checks"
 chroot "$ROOT" id user >&2
 chroot "$ROOT" visudo -c >/dev/null
-for b in bash python3 git curl ip ps sudo; do chroot "$ROOT" sh -c "command -v $b" >/dev/null || { step "missing $b"; exit 1; }; done
+for b in bash python3 git curl ip ps sudo node pyright-langserver typescript-language-server tsserver; do chroot "$ROOT" sh -c "command -v $b" >/dev/null || { step "missing $b"; exit 1; }; done
+chroot "$ROOT" pyright --version >&2
+chroot "$ROOT" typescript-language-server --version >&2
 [ -z "$(ls -A "$ROOT/var/cache/apt/archives" 2>/dev/null | grep -v '^partial$\|^lock$' || true)" ] || { step "apt cache not empty"; exit 1; }
 
 USED_KIB=$(du -sk --apparent-size "$ROOT" | cut -f1)

@@ -522,6 +522,33 @@ def test_ssh_access(sandbox):
         sandbox.ssh.validate_access(id=access.id, password=renewed.password)
 
 
+def test_lsp_python(sandbox, workdir):
+    """Every LSP method against pyright, which the system template carries."""
+    project, main = workdir, f"{workdir}/main.py"
+    sandbox.filesystem.write_file(path=main, content="import os\n\ndef greet():\n    return os.pa\n")
+    # (A cold pyright under emulation answers its first request in tens of seconds, inside the
+    # SDK's default 300 s.)
+    lsp = dict(language_id="python", path_to_project=project)
+    assert sandbox.lsp.start(**lsp).success
+    try:
+        sandbox.lsp.did_open_path(**lsp, path=main)
+        answer = sandbox.lsp.completions_path(**lsp, path=main, line=3, character=16)
+        items = answer.result["items"] if isinstance(answer.result, dict) else answer.result
+        assert answer.error is None and "path" in [i["label"] for i in items]
+        symbols = sandbox.lsp.document_symbols(**lsp, uri=f"file://{main}")
+        assert "greet" in [s["name"] for s in symbols.result]
+        sandbox.lsp.did_close_path(**lsp, path=main)
+        # The URI forms too, with the text given.
+        sandbox.lsp.did_open(**lsp, uri=f"file://{main}", text="x = 1\nx.bit_l\n", version=2)
+        answer = sandbox.lsp.completions(**lsp, uri=f"file://{main}", line=1, character=7)
+        assert "bit_length" in [i["label"] for i in (answer.result.get("items") or [])]
+        sandbox.lsp.did_close(**lsp, uri=f"file://{main}")
+    finally:
+        assert sandbox.lsp.stop(**lsp).success
+    with pytest.raises(Leap0NotFoundError):
+        sandbox.lsp.document_symbols(**lsp, uri=f"file://{main}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Process
 # ---------------------------------------------------------------------------------------------

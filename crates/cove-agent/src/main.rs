@@ -11,6 +11,7 @@ mod exec;
 mod fs;
 mod git;
 mod init;
+mod lsp;
 mod mounts;
 mod procs;
 mod pty;

@@ -35,6 +35,7 @@ pub struct State {
     mounts: crate::mounts::Mounts,
     ptys: crate::pty::Ptys,
     procs: crate::procs::Procs,
+    lsps: crate::lsp::Lsps,
 }
 
 impl State {
@@ -64,6 +65,7 @@ impl State {
             mounts: Default::default(),
             ptys: Default::default(),
             procs: Default::default(),
+            lsps: Default::default(),
         }
     }
 
@@ -142,6 +144,13 @@ impl State {
                 let git =
                     crate::git::Git { reaper: &self.reaper, user: &self.command_user(), env: self.env() };
                 git.handle(&op, &body, via_proxy).await
+            }
+            (Method::POST, p) if p.starts_with(routes::LSP_PREFIX) => {
+                let op = p[routes::LSP_PREFIX.len()..].to_string();
+                match read_body(req.into_body(), MAX_JSON_BODY).await {
+                    Ok(body) => self.lsp(&op, &body).await.unwrap_or_else(lsp_error),
+                    Err(r) => r,
+                }
             }
             (_, p) if p == routes::PROCESSES || p.starts_with(&format!("{}/", routes::PROCESSES)) => {
                 let rest = p[routes::PROCESSES.len()..].trim_start_matches('/').to_string();
@@ -326,6 +335,95 @@ impl State {
         };
         result.unwrap_or_else(proc_error)
     }
+}
+
+impl State {
+    /// One LSP operation (`op` is the public API's name).
+    async fn lsp(&self, op: &str, body: &[u8]) -> Result<Response<Body>, crate::lsp::LspError> {
+        use crate::lsp::LspError;
+        use cove_api::lsp::*;
+        fn parse<T: DeserializeOwned + Validate>(body: &[u8]) -> Result<T, LspError> {
+            let req: T = serde_json::from_slice(body)
+                .map_err(|e| LspError::Invalid(format!("invalid JSON body: {e}")))?;
+            req.validate().map_err(|errors| LspError::Invalid(describe(&errors)))?;
+            Ok(req)
+        }
+        let user = self.command_user();
+        let ok = || reply::json(StatusCode::OK, &LspSuccessResponse { success: true });
+        let doc = |uri: &str| serde_json::json!({ "uri": uri });
+        Ok(match op {
+            "start" => {
+                let r: LspServerRequest = parse(body)?;
+                self.lsps.start(&self.reaper, &user, &self.env(), &r.language_id, &r.path_to_project).await?;
+                ok()
+            }
+            "stop" => {
+                let r: LspServerRequest = parse(body)?;
+                self.lsps.stop(&user, &r.language_id, &r.path_to_project).await?;
+                ok()
+            }
+            "completions" => {
+                let r: LspCompletionRequest = parse(body)?;
+                let ctx = r.context.unwrap_or_default();
+                let mut context = serde_json::json!({ "triggerKind": ctx.trigger_kind.unwrap_or(1) });
+                if let Some(c) = ctx.trigger_character {
+                    context["triggerCharacter"] = c.into();
+                }
+                let params = serde_json::json!({
+                    "textDocument": doc(&r.uri),
+                    "position": {"line": r.position.line, "character": r.position.character},
+                    "context": context,
+                });
+                let answer = self
+                    .lsps
+                    .request(&user, &r.language_id, &r.path_to_project, "textDocument/completion", params)
+                    .await?;
+                reply::json(StatusCode::OK, &answer)
+            }
+            "document-symbols" => {
+                let r: LspDocumentRequest = parse(body)?;
+                let params = serde_json::json!({ "textDocument": doc(&r.uri) });
+                let answer = self
+                    .lsps
+                    .request(&user, &r.language_id, &r.path_to_project, "textDocument/documentSymbol", params)
+                    .await?;
+                reply::json(StatusCode::OK, &answer)
+            }
+            "did-open" => {
+                let r: LspDidOpenRequest = parse(body)?;
+                self.lsps.did_open(&user, r).await?;
+                reply::empty(StatusCode::NO_CONTENT)
+            }
+            "did-close" => {
+                let r: LspDocumentRequest = parse(body)?;
+                let params = serde_json::json!({ "textDocument": doc(&r.uri) });
+                self.lsps
+                    .notify(&user, &r.language_id, &r.path_to_project, "textDocument/didClose", params)
+                    .await?;
+                reply::empty(StatusCode::NO_CONTENT)
+            }
+            _ => reply::error(StatusCode::NOT_FOUND, format!("no LSP operation {op:?}")),
+        })
+    }
+}
+
+fn lsp_error(e: crate::lsp::LspError) -> Response<Body> {
+    use crate::lsp::LspError as E;
+    let field = match &e {
+        E::NoProject(_) => Some("path_to_project"),
+        E::NoDocument(_) => Some("uri"),
+        _ => None,
+    };
+    let status = match &e {
+        E::Invalid(_) | E::NoProject(_) | E::NotInstalled { .. } | E::NoDocument(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        E::NotRunning(..) => StatusCode::NOT_FOUND,
+        E::TooMany(_) => StatusCode::CONFLICT,
+        E::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+        E::Exited(_) | E::Spawn(_) => StatusCode::BAD_GATEWAY,
+    };
+    reply::field_error(status, field, e.to_string())
 }
 
 fn proc_error(e: crate::procs::ProcError) -> Response<Body> {

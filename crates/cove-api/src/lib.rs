@@ -7,6 +7,7 @@
 pub mod error;
 pub mod filesystem;
 pub mod git;
+pub mod lsp;
 pub mod presigned;
 pub mod process;
 pub mod pty;

@@ -91,6 +91,9 @@ pub mod routes {
     /// proxy ([`super::net::CREDENTIAL_PROXY_PORT`]), which adds the credentials the API was
     /// given to git's requests: any value turns it on.
     pub const GIT_VIA_PROXY: &str = "cove-git-via-proxy";
+    /// Followed by the public API's LSP operation name, e.g. `/v1/lsp/completions`, with its
+    /// request body; the answer is the public API's.
+    pub const LSP_PREFIX: &str = "/v1/lsp/";
 }
 
 /// `POST /v1/git/remote-url`.

@@ -11,6 +11,7 @@ mod forward;
 mod git;
 mod invoke;
 mod keys;
+mod lsp;
 mod openapi;
 mod process;
 mod processes;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{any, get, patch, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use cove_api::ErrorResponse;
 
@@ -39,13 +40,10 @@ pub struct AppState {
     pub core: Arc<Core>,
 }
 
-/// Routes that belong to later parts of the contract; they answer 501 until built.
-const NOT_YET: &[&str] = &["/v1/sandbox/{sandboxID}/lsp/{*op}"];
-
 pub fn router(core: Arc<Core>) -> Router {
     let fs = |op: &str| format!("/v1/sandbox/{{sandboxID}}/filesystem/{op}");
     let git = |op: &str| format!("/v1/sandbox/{{sandboxID}}/git/{op}");
-    let mut r = Router::new()
+    let r = Router::new()
         .route("/v1/sandbox", post(sandbox::create))
         .route("/v1/sandbox/", post(sandbox::create))
         .route("/v1/sandbox/{sandboxID}", get(sandbox::get).delete(sandbox::delete))
@@ -119,6 +117,12 @@ pub fn router(core: Arc<Core>) -> Router {
         .route(&git("commit"), post(git::commit))
         .route(&git("push"), post(git::push))
         .route(&git("pull"), post(git::pull))
+        .route("/v1/sandbox/{sandboxID}/lsp/start", post(lsp::start))
+        .route("/v1/sandbox/{sandboxID}/lsp/stop", post(lsp::stop))
+        .route("/v1/sandbox/{sandboxID}/lsp/completions", post(lsp::completions))
+        .route("/v1/sandbox/{sandboxID}/lsp/document-symbols", post(lsp::document_symbols))
+        .route("/v1/sandbox/{sandboxID}/lsp/did-open", post(lsp::did_open))
+        .route("/v1/sandbox/{sandboxID}/lsp/did-close", post(lsp::did_close))
         .route("/v1/sandbox/{sandboxID}/ssh/access", post(ssh::create))
         .route("/v1/sandbox/{sandboxID}/ssh/{sshID}", axum::routing::delete(ssh::delete))
         .route("/v1/sandbox/{sandboxID}/ssh/{sshID}/validate", post(ssh::validate))
@@ -127,19 +131,11 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/keys/{keyID}", axum::routing::delete(keys::delete))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))
         .route("/healthz", get(|| async { "ok" }));
-    for path in NOT_YET {
-        r = r.route(path, any(not_implemented));
-    }
     let state = AppState { core };
     r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), invoke::route))
         .with_state(state)
-}
-
-async fn not_implemented(_org: extract::OrgId, req: Request) -> impl IntoResponse {
-    let message = format!("{} {} is not implemented in this version of Cove", req.method(), req.uri().path());
-    (StatusCode::NOT_IMPLEMENTED, Json(ErrorResponse { message }))
 }
 
 async fn not_found(req: Request) -> impl IntoResponse {

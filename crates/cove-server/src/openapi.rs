@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{filesystem, git, invoke, keys, process, processes, pty, sandbox, snapshot, ssh, template};
+use crate::{filesystem, git, invoke, keys, lsp, process, processes, pty, sandbox, snapshot, ssh, template};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,6 +27,7 @@ use crate::{filesystem, git, invoke, keys, process, processes, pty, sandbox, sna
         git::push, git::pull,
         pty::list, pty::create, pty::get, pty::delete, pty::resize, pty::connect,
         invoke::create_presigned, invoke::delete_presigned,
+        lsp::start, lsp::stop, lsp::completions, lsp::document_symbols, lsp::did_open, lsp::did_close,
         ssh::create, ssh::delete, ssh::validate, ssh::regenerate,
         keys::create, keys::list, keys::delete,
     ),

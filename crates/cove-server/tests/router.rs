@@ -85,7 +85,7 @@ async fn create_validation_names_fields() {
 }
 
 #[tokio::test]
-async fn unknown_things_are_404_and_later_features_501() {
+async fn unknown_things_are_404_and_bad_input_400() {
     let app = app().await;
     for path in ["/v1/sandbox/sbx-nope", "/v1/sandbox/sbx-nope/"] {
         let (s, v) = call(&app, "GET", path, bearer(&app), "").await;
@@ -101,10 +101,10 @@ async fn unknown_things_are_404_and_later_features_501() {
     assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("command")));
     let (s, _) = call(&app, "GET", "/v2/whatever", bearer(&app), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/lsp/start", bearer(&app), "").await;
-    assert_eq!(s, StatusCode::NOT_IMPLEMENTED);
-    assert!(v["message"].as_str().unwrap().contains("not implemented"));
-    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/lsp/start", None, "").await;
+    let lsp = r#"{"language_id":"cobol","path_to_project":"/p"}"#;
+    let (s, v) = call(&app, "POST", "/v1/sandbox/sbx-x/lsp/start", bearer(&app), lsp).await;
+    assert_eq!((s, v["errors"][0]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("language_id")));
+    let (s, _) = call(&app, "POST", "/v1/sandbox/sbx-x/lsp/start", None, lsp).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // git: an option never passes for a revision, and credentials go only to https.
     let show = r#"{"path":"r","revision":"--output=/etc/passwd"}"#;

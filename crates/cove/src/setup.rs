@@ -17,6 +17,8 @@ const PACKAGES: &[&str] = &[
     "xz-utils",
     "zstd",
     "ca-certificates",
+    "curl",
+    "python3",
     "iproute2",
     "nftables",
 ];

@@ -429,15 +429,6 @@ async fn exec_rules_and_unimplemented_routes() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json()["workdir"].is_string(), "{}", r.text());
 
-    // Routes of later parts of the contract: 501 with a message, but 401 first.
-    let later = [(reqwest::Method::POST, format!("/v1/sandbox/{id}/lsp/start"))];
-    for (method, path) in later {
-        let r = api.req(method.clone(), &path, Some(json!({}))).await;
-        let m = assert_message(&r, 501);
-        assert!(m.contains("not implemented"), "{path}: {m}");
-        let r = anonymous(&api, method, &path, Some(json!({}))).await;
-        assert_message(&r, 401);
-    }
     // An unknown route is a 404 with a message.
     assert_message(&api.get("/v1/nothing-here").await, 404);
 
