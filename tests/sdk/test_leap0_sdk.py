@@ -535,6 +535,8 @@ def test_lsp_python(sandbox, workdir):
         answer = sandbox.lsp.completions_path(**lsp, path=main, line=3, character=16)
         items = answer.result["items"] if isinstance(answer.result, dict) else answer.result
         assert answer.error is None and "path" in [i["label"] for i in items]
+        symbols = sandbox.lsp.document_symbols_path(**lsp, path=main)
+        assert "greet" in [s["name"] for s in symbols.result]
         symbols = sandbox.lsp.document_symbols(**lsp, uri=f"file://{main}")
         assert "greet" in [s["name"] for s in symbols.result]
         sandbox.lsp.did_close_path(**lsp, path=main)
