@@ -111,7 +111,7 @@ async fn run<T: Lends>(s: &AppState, org: &str, id: &str, op: &str, req: T) -> R
     let agent = s.core.agent(org, id).await?;
     let (creds, req) = req.take_credentials();
     // Kept until the agent has answered, that is until git has exited.
-    let _loan = match creds {
+    let lent = match creds {
         Some(c) => {
             let loan = loan(&agent, c).await?;
             Some(s.core.host.lend_credentials(id, loan).await?)
@@ -123,7 +123,7 @@ async fn run<T: Lends>(s: &AppState, org: &str, id: &str, op: &str, req: T) -> R
         .method(Method::POST)
         .uri(format!("http://agent{}{op}", routes::GIT_PREFIX))
         .header(header::CONTENT_TYPE, "application/json");
-    if _loan.is_some() {
+    if lent.is_some() {
         builder = builder.header(routes::GIT_VIA_PROXY, "1");
     }
     let req = builder.body(cove_runner::agent::full(body)).map_err(ApiError::internal)?;

@@ -279,7 +279,14 @@ async fn terminal(
     let attach = hyper::Request::post(format!("http://agent{}/{sid}/attach", routes::PTY))
         .body(body)
         .map_err(|e| e.to_string())?;
-    let (agent, mut output) = open_stream(guest, attach).await.map_err(|e| e.to_string())?;
+    let client = (*guest).clone();
+    let (agent, mut output) = match open_stream(guest, attach).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = client.pty_delete(&sid).await;
+            return Err(e.to_string());
+        }
+    };
     let ended = loop {
         tokio::select! {
             msg = read.wait() => match msg {
@@ -354,7 +361,14 @@ async fn process(
     let follow = hyper::Request::get(format!("http://agent{}/{pid}/output?follow=true", routes::PROCESSES))
         .body(cove_runner::agent::full(Bytes::new()))
         .map_err(|e| e.to_string())?;
-    let (agent, mut output) = open_stream(guest, follow).await.map_err(|e| e.to_string())?;
+    let client = (*guest).clone();
+    let (agent, mut output) = match open_stream(guest, follow).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            let _ = client.process_delete(pid).await;
+            return Err(e.to_string());
+        }
+    };
     let mut pending = Vec::new();
     let ended = 'session: loop {
         tokio::select! {
