@@ -24,4 +24,4 @@ mod error;
 mod view;
 
 pub use error::MountError;
-pub use view::{Entry, EntryKind, MountSpec, S3View, ViewOptions, ViewStats, DEFAULT_REGION};
+pub use view::{process_stats, Entry, EntryKind, MountSpec, S3View, ViewOptions, ViewStats, DEFAULT_REGION};

@@ -208,8 +208,47 @@ struct Counters {
     fetch_ids: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64, by: u64) {
-    counter.fetch_add(by, Ordering::Relaxed);
+/// The counters of every view this process has had, for its metrics.
+static ALL_VIEWS: Counters = Counters {
+    list: AtomicU64::new(0),
+    head: AtomicU64::new(0),
+    get: AtomicU64::new(0),
+    bytes_fetched: AtomicU64::new(0),
+    block_hits: AtomicU64::new(0),
+    block_waits: AtomicU64::new(0),
+    block_misses: AtomicU64::new(0),
+    readahead_blocks: AtomicU64::new(0),
+    metadata_hits: AtomicU64::new(0),
+    fetch_ids: AtomicU64::new(0),
+};
+
+impl Counters {
+    /// Adds to one counter of this view and of [`ALL_VIEWS`].
+    fn bump(&self, counter: fn(&Counters) -> &AtomicU64, by: u64) {
+        counter(self).fetch_add(by, Ordering::Relaxed);
+        counter(&ALL_VIEWS).fetch_add(by, Ordering::Relaxed);
+    }
+
+    fn stats(&self, cached_bytes: u64) -> ViewStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ViewStats {
+            list_requests: get(&self.list),
+            head_requests: get(&self.head),
+            get_requests: get(&self.get),
+            bytes_fetched: get(&self.bytes_fetched),
+            block_hits: get(&self.block_hits),
+            block_waits: get(&self.block_waits),
+            block_misses: get(&self.block_misses),
+            readahead_blocks: get(&self.readahead_blocks),
+            metadata_hits: get(&self.metadata_hits),
+            cached_bytes,
+        }
+    }
+}
+
+/// The counters of all views this process has connected, added up (`cached_bytes` is 0).
+pub fn process_stats() -> ViewStats {
+    ALL_VIEWS.stats(0)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -335,20 +374,7 @@ impl S3View {
     }
 
     pub fn stats(&self) -> ViewStats {
-        let c = &self.inner.counters;
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        ViewStats {
-            list_requests: get(&c.list),
-            head_requests: get(&c.head),
-            get_requests: get(&c.get),
-            bytes_fetched: get(&c.bytes_fetched),
-            block_hits: get(&c.block_hits),
-            block_waits: get(&c.block_waits),
-            block_misses: get(&c.block_misses),
-            readahead_blocks: get(&c.readahead_blocks),
-            metadata_hits: get(&c.metadata_hits),
-            cached_bytes: lock(&self.inner.blocks).bytes(),
-        }
+        self.inner.counters.stats(lock(&self.inner.blocks).bytes())
     }
 }
 
@@ -379,7 +405,7 @@ impl Inner {
         page_token: Option<String>,
         what: &str,
     ) -> Result<(ListResult, Option<String>), MountError> {
-        bump(&self.counters.list, 1);
+        self.counters.bump(|c| &c.list, 1);
         let opts = PaginatedListOptions {
             delimiter: delimiter.then_some("/".into()),
             max_keys: Some(max_keys),
@@ -396,7 +422,7 @@ impl Inner {
 
     async fn list(&self, rel: &str) -> Result<Arc<Vec<Entry>>, MountError> {
         if let Some(entries) = lock(&self.listings).get(&rel.to_string(), Instant::now()) {
-            bump(&self.counters.metadata_hits, 1);
+            self.counters.bump(|c| &c.metadata_hits, 1);
             return Ok(entries);
         }
         let prefix = self.dir_prefix(rel);
@@ -443,7 +469,7 @@ impl Inner {
         };
         let found = match cached {
             Some(found) => {
-                bump(&self.counters.metadata_hits, 1);
+                self.counters.bump(|c| &c.metadata_hits, 1);
                 found
             }
             None => {
@@ -472,7 +498,7 @@ impl Inner {
             Ok::<bool, MountError>(!page.objects.is_empty() || !page.common_prefixes.is_empty())
         });
         let head = pin!(async {
-            bump(&self.counters.head, 1);
+            self.counters.bump(|c| &c.head, 1);
             match self.s3.head(&path).await {
                 Ok(meta) => Ok(Some(Entry {
                     name: name.to_string(),
@@ -536,7 +562,7 @@ impl Inner {
                     sources.push(source);
                 }
                 None => {
-                    bump(&self.counters.block_misses, 1);
+                    self.counters.bump(|c| &c.block_misses, 1);
                     missing = Some(missing.map_or((index, 1), |(start, count)| (start, count + 1)));
                 }
             }
@@ -595,12 +621,12 @@ impl Inner {
     fn lookup(&self, object: &Object, index: u64) -> Option<Source> {
         let key = object.block_key(index);
         if let Some(data) = lock(&self.blocks).get(&key) {
-            bump(&self.counters.block_hits, 1);
+            self.counters.bump(|c| &c.block_hits, 1);
             return Some(Source::Cached(data));
         }
         let inflight = lock(&self.inflight);
         let (_, fetch) = inflight.get(&key)?;
-        bump(&self.counters.block_waits, 1);
+        self.counters.bump(|c| &c.block_waits, 1);
         Some(Source::Pending(fetch.clone()))
     }
 
@@ -642,7 +668,7 @@ impl Inner {
             while n < per_get && index + n < until && !self.is_present(object, index + n) {
                 n += 1;
             }
-            bump(&self.counters.readahead_blocks, n);
+            self.counters.bump(|c| &c.readahead_blocks, n);
             // Runs on its own; a reader that needs these blocks finds them in flight. Errors are
             // reported to that reader (and the next read fetches again).
             self.start_fetch(object, index, n);
@@ -695,7 +721,7 @@ impl BlockFetch {
         let size = self.object.size;
         let start = self.first * bs;
         let end = size.min((self.first + self.senders.len() as u64) * bs);
-        bump(&self.inner.counters.get, 1);
+        self.inner.counters.bump(|c| &c.get, 1);
         let options = GetOptions { range: Some(GetRange::Bounded(start..end)), ..Default::default() };
         let mut stream = match self.inner.s3.get_opts(&self.object.path, options).await {
             Ok(result) => result.into_stream(),
@@ -715,7 +741,7 @@ impl BlockFetch {
                     return self.fail(error);
                 }
             };
-            bump(&self.inner.counters.bytes_fetched, chunk.len() as u64);
+            self.inner.counters.bump(|c| &c.bytes_fetched, chunk.len() as u64);
             while !chunk.is_empty() && !self.senders.is_empty() {
                 let want = block_len(index) - buf.len();
                 let block = if buf.is_empty() && chunk.len() >= want {

@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
+use crate::decisions::Decision;
 use crate::policy::{self, Policy};
 
 /// Upstream query timeout.
@@ -133,6 +134,7 @@ pub async fn answer(policy: &Policy, upstream: SocketAddr, query: &[u8]) -> Opti
     }
     let mode = policy.mode();
     if mode == NetworkMode::DenyAll {
+        Decision::DnsDeny.record();
         return reply_to(&q, RCODE::Refused);
     }
     let Some(name) = query_name(question) else {
@@ -144,6 +146,7 @@ pub async fn answer(policy: &Policy, upstream: SocketAddr, query: &[u8]) -> Opti
         NetworkMode::Custom => {
             if !policy.allows_name(&name) {
                 tracing::debug!(name, "dns: name not allowed, NXDOMAIN");
+                Decision::DnsDeny.record();
                 return reply_to(&q, RCODE::NameError);
             }
             if v6_or_svc {
@@ -159,6 +162,7 @@ pub async fn answer(policy: &Policy, upstream: SocketAddr, query: &[u8]) -> Opti
             }
         }
     }
+    Decision::DnsAllow.record();
     match forward(upstream, query).await {
         Ok(resp) => match filter_response(&resp, q.id(), mode == NetworkMode::Custom) {
             Some(out) => Some(out),

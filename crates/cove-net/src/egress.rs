@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::addr;
 use crate::ca::SandboxCa;
+use crate::decisions::Decision;
 use crate::dns::{self, DnsContext, RateLimit};
 use crate::policy::{self, Policy};
 use flows::{Flow, FlowKey, Flows};
@@ -366,6 +367,7 @@ async fn handle_tls(sb: Arc<Sandbox>, flow: Arc<Flow>, mut guest: TcpStream) {
         _ if ip_allowed(&policy, *dst.ip()) => (FlowKey::Ip(*dst.ip()), Target::Ip(*dst.ip()), false),
         _ => {
             tracing::info!(sandbox = %sb.id, sni = sni.as_deref().unwrap_or("-"), %dst, decision = "deny", "tls");
+            Decision::TlsDeny.record();
             return reset(guest);
         }
     };
@@ -380,10 +382,12 @@ async fn handle_tls(sb: Arc<Sandbox>, flow: Arc<Flow>, mut guest: TcpStream) {
     if mitm {
         let sni = name.expect("mitm needs a name").to_string();
         tracing::debug!(sandbox = %sb.id, sni, %dst, decision = "mitm", "tls");
+        Decision::TlsTerminate.record();
         let guest = hello::Prefixed::new(hello.recorded, guest);
         return crate::mitm::serve(sb.clone(), flow, guest, sni, dst.port(), None).await;
     }
     tracing::debug!(sandbox = %sb.id, sni = sni.as_deref().unwrap_or("-"), %dst, decision = "splice", ?target, "tls");
+    Decision::TlsSplice.record();
     let mut up = match dial(&sb, &target, dst.port(), &flow).await {
         Ok(s) => s,
         Err(e) => {

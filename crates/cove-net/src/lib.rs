@@ -9,6 +9,7 @@
 
 pub mod addr;
 pub mod ca;
+pub mod decisions;
 pub mod dns;
 pub mod egress;
 pub mod mitm;

@@ -12,6 +12,7 @@ mod git;
 mod invoke;
 mod keys;
 mod lsp;
+pub mod metrics;
 mod openapi;
 mod process;
 mod processes;
@@ -132,7 +133,8 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))
         .route("/healthz", get(|| async { "ok" }));
     let state = AppState { core };
-    r.fallback(not_found)
+    r.route_layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), invoke::route))
         .with_state(state)

@@ -84,6 +84,23 @@ async fn a_sandbox_lives_its_whole_life() {
     let (s, _) = app.call("DELETE", &format!("/v1/snapshot/{}", snapshot.id), "").await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(app.host.census(), Default::default());
+
+    // The metrics saw it all: one pause by the API, one resume by a guest call (none by the
+    // API), and no sandbox left.
+    let metrics = cove_server::metrics::router(app.core.clone());
+    let (s, text) = common::request(&metrics, "", "GET", "/metrics", "text/plain", Vec::new()).await;
+    assert_eq!(s, StatusCode::OK);
+    let text = String::from_utf8(text).unwrap();
+    for line in [
+        r#"cove_sandbox_operation_seconds_count{operation="pause",outcome="ok"} 1"#,
+        r#"cove_sandbox_operation_seconds_count{operation="resume",outcome="ok"} 1"#,
+        r#"cove_http_request_duration_seconds_count{method="POST",route="/v1/sandbox/{sandboxID}/pause",status="201"} 1"#,
+        r#"cove_http_request_duration_seconds_count{method="POST",route="/v1/sandbox/{sandboxID}/start",status="200"} 1"#,
+        r#"cove_sandboxes{state="running"} 0"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    assert!(!text.contains(r#"route="/v1/sandbox/{sandboxID}/resume""#), "{text}");
 }
 
 fn org(app: &App) -> String {

@@ -236,6 +236,10 @@ mod tests {
         // A per-organization limit overrides the default.
         s.set_org_limit(&org.id, Some(5)).unwrap();
         s.insert_sandbox(&rec(&org.id, "d", SandboxState::Starting), 2).unwrap();
+        let mut counts = s.count_by_state().unwrap();
+        counts.sort();
+        let want = [("paused", 1), ("running", 1), ("starting", 2)].map(|(k, n)| (k.to_string(), n));
+        assert_eq!(counts, want);
     }
 
     #[test]

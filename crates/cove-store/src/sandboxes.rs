@@ -348,6 +348,16 @@ impl Store {
         Ok((rows, total as u64))
     }
 
+    /// How many sandboxes are in each state, over all organizations (states with none left out).
+    pub fn count_by_state(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM sandboxes GROUP BY state")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// Every sandbox placed on `runner_id`, in any state (for recovery after a restart).
     pub fn sandboxes_on_runner(&self, runner_id: &str) -> Result<Vec<SandboxRecord>, StoreError> {
         let conn = self.conn();

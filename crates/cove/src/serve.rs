@@ -80,6 +80,10 @@ pub struct ServerArgs {
     /// listen address, `localhost` for a loopback or unspecified one.
     #[arg(long, env = "COVE_SSH_HOST")]
     ssh_host: Option<String>,
+    /// Address of the Prometheus endpoint (`GET /metrics`, no authentication: it covers every
+    /// organization, so keep it on loopback or a private network); `off` for none.
+    #[arg(long, env = "COVE_METRICS_LISTEN", default_value = "off")]
+    metrics_listen: String,
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -162,6 +166,22 @@ async fn serve(args: ServerArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("SSH host key: {e}"))?;
         tokio::spawn(cove_server::sshd::serve(core.clone(), listener, key, shutdown.clone()));
         println!("cove ssh on {bound}");
+    }
+    if args.metrics_listen != "off" {
+        let at: SocketAddr = args
+            .metrics_listen
+            .parse()
+            .with_context(|| format!("--metrics-listen {:?} is not ip:port or off", args.metrics_listen))?;
+        let l =
+            tokio::net::TcpListener::bind(at).await.with_context(|| format!("binding metrics on {at}"))?;
+        println!("cove metrics on http://{}/metrics", l.local_addr()?);
+        let stop = shutdown.clone();
+        let app = cove_server::metrics::router(core.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
     }
     println!("cove listening on {scheme}://{addr}");
     use std::io::Write;

@@ -172,6 +172,8 @@ async fn deny_all_lets_nothing_out_and_fails_fast() {
     let dns_before = inet.dns_queries_for("denied.allowed.test").len();
     let udp_before = inet.udp_datagrams(ALLOWED_IP, 443);
     let tcp_before = inet.connections(ALLOWED_IP, 80);
+    let dns_denied = r#"cove_egress_decisions_total{protocol="dns",decision="deny"}"#;
+    let denied_before = server().metric(dns_denied).await;
 
     assert_refused("http by IP", &curl(&api, &id, &format!("http://{ALLOWED_IP}/")).await);
     assert_refused("https by IP", &curl(&api, &id, &format!("https://{ALLOWED_IP}/")).await);
@@ -185,6 +187,7 @@ async fn deny_all_lets_nothing_out_and_fails_fast() {
     assert_eq!(inet.dns_queries_for("denied.allowed.test").len(), dns_before, "DNS left the sandbox");
     assert_eq!(inet.udp_datagrams(ALLOWED_IP, 443), udp_before, "UDP left the sandbox");
     assert_eq!(inet.connections(ALLOWED_IP, 80), tcp_before, "TCP left the sandbox");
+    assert!(server().metric(dns_denied).await > denied_before, "the refused lookup is not in the metrics");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -64,6 +64,13 @@ async fn memory_and_files_survive_five_pause_resume_cycles() {
     let id = api.create(json!({ "timeout": 1800 })).await;
     left.sandbox(&id);
 
+    let resumes = r#"cove_sandbox_operation_seconds_count{operation="resume",outcome="ok"}"#;
+    let paused_bytes = r#"cove_image_bytes_total{kind="pause_stored"}"#;
+    let read_bytes = r#"cove_image_bytes_total{kind="resume_read"}"#;
+    let pause_calls = r#"cove_http_request_duration_seconds_count{method="POST",route="/v1/sandbox/{sandboxID}/pause",status="201"}"#;
+    let metrics_before =
+        [server.metric(resumes).await, server.metric(paused_bytes).await, server.metric(pause_calls).await];
+
     let pid = start_counter(&api, &id).await;
     for cycle in 1..=5 {
         // New files, through the filesystem API and from a command, random content included.
@@ -102,6 +109,13 @@ async fn memory_and_files_survive_five_pause_resume_cycles() {
         assert_counts_on(&after, pid);
     }
     assert_eq!(resumes_logged(server, &id), 5);
+    // The metrics endpoint saw them: five resumes on guest requests (no API call names them),
+    // five pause calls, the bytes they stored; and the images they read.
+    assert!(server.metric(resumes).await >= metrics_before[0] + 5.0);
+    assert!(server.metric(paused_bytes).await > metrics_before[1]);
+    assert!(server.metric(pause_calls).await >= metrics_before[2] + 5.0);
+    assert!(server.metric(read_bytes).await > 0.0);
+    assert!(server.metric(r#"cove_sandboxes{state="running"}"#).await >= 1.0);
     assert_eq!(api.sh_ok(&id, "hostname").await, format!("{id}\n"));
     left.delete_sandbox(&id).await;
 }

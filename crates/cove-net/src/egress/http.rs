@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 
 use super::flows::{Flow, FlowKey};
 use super::{ip_allowed, Sandbox, Target};
+use crate::decisions::Decision;
 use crate::mitm::{self, Body, Pool, Sender};
 
 struct Conn {
@@ -81,12 +82,14 @@ async fn handle(c: Arc<Conn>, mut req: Request<Incoming>) -> Response<Body> {
     };
     if key == FlowKey::Pending || !c.flow.decide(key, &c.sb.policy) {
         tracing::info!(sandbox = %id, host, dst = %c.dst, decision = "deny", "http");
+        Decision::HttpDeny.record();
         return closing(mitm::denied_response(&host));
     }
     *c.host.lock().expect("host") = Some(host.clone());
     let upgrade = mitm::strip_hop_by_hop(req.headers_mut());
     mitm::apply_transform(req.headers_mut(), policy.transform_for(&host), false);
     tracing::debug!(sandbox = %id, host, dst = %c.dst, method = %req.method(), decision = "allow", "http");
+    Decision::HttpAllow.record();
     let cancel = c.flow.cancel.clone();
     let cc = c.clone();
     let connect = move || async move {

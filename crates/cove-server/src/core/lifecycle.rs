@@ -2,6 +2,7 @@
 //! come from [`super::machine::RULES`].
 
 use super::*;
+use crate::metrics::ImageBytes;
 
 /// What a new sandbox is made of, from a template (create) or a snapshot (restore). Secrets
 /// in `network_policy` and `mounts` are sealed already.
@@ -154,12 +155,16 @@ impl Core {
         let image = new_image_prefix("pause");
         self.begin(id, Action::Pause, Op::Pause { image: image.clone() })?;
         let span = tracing::info_span!("pause", sandbox_id = %id);
-        match self.host.capture(&self.vm_request(&rec), &image, AfterCapture::Release).instrument(span).await
-        {
+        let started = std::time::Instant::now();
+        let captured =
+            self.host.capture(&self.vm_request(&rec), &image, AfterCapture::Release).instrument(span).await;
+        self.metrics.operation("pause", captured.is_ok(), started.elapsed());
+        match captured {
             Ok((_, stats)) => {
                 cove_runner::fault_point("pause.released");
                 tracing::info!(sandbox_id = %id, save_ms = stats.save_ms, store_ms = stats.store_ms,
                     stored_bytes = stats.stored_bytes, "paused");
+                self.metrics.image_bytes(ImageBytes::Pause, stats.stored_bytes);
                 self.finish(id, Action::Pause, |c| c.image(Some(image)))?;
                 self.get(org, id)
             }
@@ -187,7 +192,9 @@ impl Core {
         self.begin(id, Action::Resume, Op::Resume { image: image.clone() })?;
         let span = tracing::info_span!("resume", sandbox_id = %id);
         let started = std::time::Instant::now();
-        if let Err(e) = self.host.create_from_image(&self.vm_request(&rec), &image).instrument(span).await {
+        let resumed = self.host.create_from_image(&self.vm_request(&rec), &image).instrument(span).await;
+        self.metrics.operation("resume", resumed.is_ok(), started.elapsed());
+        if let Err(e) = resumed {
             self.fall_back(id, Action::Resume)?;
             return Err(ApiError::unavailable(id, "resuming failed, the sandbox stays paused", &e));
         }
@@ -196,8 +203,11 @@ impl Core {
         tracing::info!(sandbox_id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "resumed");
         // The image is spent: the guest has moved on from it. Deleting it need not hold up the
         // answer; if it fails (or the server stops first), recovery deletes unreferenced images.
-        let (host, sandbox_id) = (self.host.clone(), id.to_string());
+        let (host, metrics, sandbox_id) = (self.host.clone(), self.metrics.clone(), id.to_string());
         tokio::spawn(async move {
+            if let Ok(Some(manifest)) = host.find_image(&image).await {
+                metrics.image_bytes(ImageBytes::Resume, manifest.stored_bytes());
+            }
             if let Err(e) = host.delete_image(&image).await {
                 tracing::warn!(sandbox_id = %sandbox_id, error = %error_chain(&e), "deleting a spent pause image");
             }

@@ -94,6 +94,8 @@ pub struct Core {
     /// The machine the sandboxes run on.
     pub host: Arc<dyn SandboxHost>,
     pub cfg: CoreConfig,
+    /// What `/metrics` reports besides the store's counts.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// One lock per sandbox: held exclusively by every operation that changes its VM or its
     /// state (pause, resume, snapshot, stop, start, mount and policy changes), shared by guest
     /// calls while they run ([`Guest`]). A burst of requests to a paused sandbox causes one
@@ -149,6 +151,7 @@ impl Core {
             host,
             cfg,
             sealer,
+            metrics: Default::default(),
             ops: Mutex::new(HashMap::new()),
             expiring: Mutex::new(Default::default()),
             building: Mutex::new(HashMap::new()),

@@ -62,6 +62,7 @@ impl Core {
                 tracing::info!(sandbox_id = %id, snapshot_id = %snap_id, save_ms = stats.save_ms,
                     store_ms = stats.store_ms, stored_bytes = stats.stored_bytes, "snapshot stored");
                 self.store.snapshot_ready(&snap_id, manifest.stored_bytes())?;
+                self.metrics.image_bytes(crate::metrics::ImageBytes::Snapshot, manifest.stored_bytes());
                 if kill_after {
                     let during = machine::rule(Action::Snapshot).during;
                     self.store.transition(id, &[during], machine::rule(Action::Delete).during)?;

@@ -18,6 +18,8 @@ use serde_json::{json, Value};
 
 pub struct TestServer {
     pub url: String,
+    /// The Prometheus endpoint (`…/metrics`).
+    pub metrics_url: String,
     /// Pid of the `cove server` process.
     pub pid: u32,
     pub data_dir: PathBuf,
@@ -60,7 +62,15 @@ impl TestServer {
         let admin_key = format!("cove_test_{}", rand_hex());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cove"));
         cmd.arg("server")
-            .args(["--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--ssh-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
             .arg(&data_dir)
             .arg("--cache-dir")
             .arg(&cache)
@@ -91,10 +101,14 @@ impl TestServer {
             let pid = child.id();
             let stdout = child.stdout.take().unwrap();
             let mut lines = BufReader::new(stdout).lines();
+            let mut metrics = String::new();
             for line in lines.by_ref() {
                 let line = line.unwrap_or_default();
+                if let Some(url) = line.strip_prefix("cove metrics on ") {
+                    metrics = url.trim().to_string();
+                }
                 if let Some(addr) = line.strip_prefix("cove listening on ") {
-                    tx.send((addr.trim().to_string(), pid)).unwrap();
+                    tx.send((addr.trim().to_string(), metrics, pid)).unwrap();
                     break;
                 }
             }
@@ -105,8 +119,9 @@ impl TestServer {
                 std::thread::park();
             }
         });
-        let (url, pid) = rx.recv_timeout(Duration::from_secs(60)).expect("cove server did not start");
-        TestServer { url, pid, data_dir, cache_dir: cache, admin_key }
+        let (url, metrics_url, pid) =
+            rx.recv_timeout(Duration::from_secs(60)).expect("cove server did not start");
+        TestServer { url, metrics_url, pid, data_dir, cache_dir: cache, admin_key }
     }
 
     /// Sends `signal` to the server and waits until it has exited.
@@ -138,6 +153,15 @@ impl TestServer {
         let key = cove_store::generate_key();
         store.add_key(&org.id, "test", &key).unwrap();
         Api { url: self.url.clone(), key, http: client() }
+    }
+
+    /// The value of one sample of the Prometheus endpoint, named with its labels exactly as
+    /// the exposition writes them (e.g. `cove_sandboxes{state="running"}`); 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = client().get(&self.metrics_url).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap_or_else(|_| panic!("{series}: not a number: {v}")))
     }
 }
 
