@@ -7,7 +7,9 @@
 //! `cove bench mount`: a bucket read through a mount in a guest against the guest's own GET of
 //! the same object (see `bench/mount.rs`). `cove bench template`: an image converted into a
 //! template disk against skopeo + umoci + mke2fs of the same image, and creates from a user
-//! template against the system template (see `bench/template.rs`).
+//! template against the system template (see `bench/template.rs`). `cove bench density`: idle
+//! sandboxes added in steps, their host CPU and memory, and an exec beside them against the same
+//! exec with none (see `bench/density.rs`).
 //! Each prints a table and writes JSON. Figures, not assertions: these machines are noisy.
 
 use std::future::IntoFuture;
@@ -24,6 +26,7 @@ use cove_store::Store;
 use cove_vmm::{Accel, QemuVmm};
 use serde_json::{json, Value};
 
+mod density;
 mod mount;
 mod pty;
 mod template;
@@ -55,6 +58,9 @@ enum Which {
     Template(template::TemplateArgs),
     /// Keystroke echo through a terminal's WebSocket, beside the agent and exec round trips.
     Pty(pty::PtyArgs),
+    /// Idle sandboxes added in steps: host CPU and memory per idle sandbox, and an exec beside
+    /// them against the same exec with none.
+    Density(density::DensityArgs),
 }
 
 #[derive(Args, Debug)]
@@ -253,6 +259,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             },
             Which::Mount(a) => mount::mount(&bench, a, &args.cache_dir).await,
             Which::Pty(a) => pty::pty(&bench, a).await,
+            Which::Density(a) => density::density(&bench, a).await,
             Which::Template(a) => match &registry {
                 Some(registry) => template::template(&bench, registry, a, &args.cache_dir).await,
                 None => unreachable!("the registry is started for the template bench"),
