@@ -91,7 +91,10 @@ pub async fn run_command(
         ));
     }
     if let Some(cg) = cgroup {
-        cg.remove_if_empty();
+        // Removing a cgroup takes the guest milliseconds: not on the answer's path. A killed
+        // command's processes may still be exiting: their cgroup goes once they are gone.
+        let wait = if timed_out { Duration::from_secs(2) } else { Duration::ZERO };
+        tokio::task::spawn_blocking(move || cg.remove_when_empty(wait));
     }
     Ok(ExecuteResponse { exit_code: code, stdout, stderr })
 }
@@ -233,8 +236,30 @@ pub(crate) struct ExecCgroup {
     procs: Option<std::fs::File>,
 }
 
+/// A cgroup made ahead of the command that will take it: creating one takes the guest several
+/// milliseconds, which an exec need not wait for.
+static SPARE: std::sync::Mutex<Option<ExecCgroup>> = std::sync::Mutex::new(None);
+
 impl ExecCgroup {
+    /// A new cgroup for one command: the spare one if there is one (and another is made for the
+    /// next command in the background), else one made now.
     pub fn create() -> Option<Self> {
+        let spare = SPARE.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::spawn_blocking(|| {
+                let Some(made) = Self::make() else { return };
+                let mut slot = SPARE.lock().unwrap_or_else(|p| p.into_inner());
+                match slot.as_ref() {
+                    // Another refill came first.
+                    Some(_) => made.remove_if_empty(),
+                    None => *slot = Some(made),
+                }
+            });
+        }
+        spare.or_else(Self::make)
+    }
+
+    fn make() -> Option<Self> {
         let n = NEXT_EXEC.fetch_add(1, Ordering::Relaxed);
         let dir = format!("{CGROUP_ROOT}/exec-{n}");
         std::fs::create_dir_all(&dir).ok()?;
@@ -254,5 +279,16 @@ impl ExecCgroup {
     /// Removes the cgroup once empty; one that still holds background processes stays.
     pub fn remove_if_empty(&self) {
         let _ = std::fs::remove_dir(&self.dir);
+    }
+
+    /// Removes the cgroup, waiting up to `wait` for its processes to be gone (blocking).
+    pub fn remove_when_empty(&self, wait: Duration) {
+        let deadline = std::time::Instant::now() + wait;
+        while let Err(e) = std::fs::remove_dir(&self.dir) {
+            if e.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -129,7 +129,11 @@ fn mount_userland() -> io::Result<()> {
     )?;
     mount_fs("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777"))?;
     mount_fs("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=755"))?;
-    mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None)?;
+    // Every command joins a cgroup of its own: `favordynmods` makes that move cheap (measured:
+    // ~10 ms less per exec under TCG) for slightly dearer forks and exits.
+    if mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, Some("favordynmods")).is_err() {
+        mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid, None)?;
+    }
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
         ("/dev/stdin", "/proc/self/fd/0"),

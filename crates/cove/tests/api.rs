@@ -434,6 +434,21 @@ async fn exec_rules_and_unimplemented_routes() {
 
     // The sandbox is still fine after all that.
     assert_eq!(api.exec(&id, "echo ok").await.1, "ok\n");
+    // Each command had a cgroup of its own; none is left behind but the one listing them and
+    // the one made ahead for the next command (removal follows the answer, hence the retries).
+    let mut left = String::new();
+    for _ in 0..50 {
+        left = api.sh_ok(&id, "ls -d /sys/fs/cgroup/cove-exec/exec-* | wc -l").await;
+        if left.trim().parse::<u32>().unwrap() <= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let detail = api
+        .sh_ok(&id, "for d in /sys/fs/cgroup/cove-exec/exec-*; do echo $d $(cat $d/cgroup.procs | tr '\\n' ' ') $(grep populated $d/cgroup.events); done")
+        .await;
+    assert!(left.trim().parse::<u32>().unwrap() <= 2, "{left} exec cgroups left:\n{detail}");
+    assert!(api.sh_ok(&id, "mount -t cgroup2").await.contains("favordynmods"));
     cleanup.delete_all(&api).await;
 }
 
