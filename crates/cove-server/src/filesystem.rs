@@ -152,8 +152,15 @@ pub async fn write_files(
         .map_err(|_| ApiError::field("body", format!("must be at most {} MiB", MAX_UPLOAD_BYTES >> 20)))?;
     let sent = body.len();
     let result = forward(agent, Method::POST, uri, ct, cove_runner::agent::full(body)).await;
-    if let Err(e) = &result {
-        tracing::warn!(sandbox_id = %id, sent_bytes = sent, error = %e, "write-files failed in the guest");
+    // The agent's own refusals (a body it found cut short answers 400) come back as answers.
+    match &result {
+        Err(e) => {
+            tracing::warn!(sandbox_id = %id, sent_bytes = sent, error = %e, "write-files failed in the guest")
+        }
+        Ok(r) if !r.status().is_success() => {
+            tracing::warn!(sandbox_id = %id, sent_bytes = sent, status = %r.status(), "write-files refused by the guest")
+        }
+        Ok(_) => {}
     }
     result
 }
