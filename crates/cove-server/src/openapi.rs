@@ -31,7 +31,7 @@ use crate::{filesystem, git, invoke, keys, lsp, process, processes, pty, sandbox
         ssh::create, ssh::delete, ssh::validate, ssh::regenerate,
         keys::create, keys::list, keys::delete,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonAnswers),
     security(("BearerAuth" = [])),
 )]
 struct ApiDoc;
@@ -52,6 +52,46 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Answers every operation can give, added where its annotation does not list them: 401 (the
+/// API key is checked before any handler runs) and, for an operation that takes a body, 400
+/// (a missing or malformed body is refused before the handler sees it).
+struct CommonAnswers;
+
+impl Modify for CommonAnswers {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let answer = |description: &str, schema: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name(schema))).build())
+                .build()
+        };
+        for item in doc.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+                &mut item.options,
+                &mut item.trace,
+            ];
+            for op in ops.into_iter().flatten() {
+                let responses = &mut op.responses.responses;
+                responses
+                    .entry("401".into())
+                    .or_insert_with(|| answer("Missing or invalid API key", "ErrorResponse").into());
+                if op.request_body.is_some() {
+                    responses
+                        .entry("400".into())
+                        .or_insert_with(|| answer("Invalid request", "ValidationErrorResponse").into());
+                }
+            }
+        }
     }
 }
 

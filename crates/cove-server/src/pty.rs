@@ -105,6 +105,7 @@ pub async fn resize(
         shell exited), with 1001 when the sandbox pauses, stops or is deleted; connecting again resumes a paused sandbox.",
     params(("sandboxID" = String, Path, description = "Sandbox id"), ("sessionID" = String, Path, description = "Session id")),
     responses((status = 101, description = "Connected"),
+        (status = 400, description = "Not a WebSocket upgrade request"),
         (status = 404, description = "No such sandbox or session", body = ErrorResponse),
         (status = 409, description = "The sandbox is not running", body = ErrorResponse)))]
 pub async fn connect(
