@@ -66,7 +66,10 @@ impl Modify for CommonAnswers {
         let answer = |description: &str, schema: &str| {
             ResponseBuilder::new()
                 .description(description)
-                .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name(schema))).build())
+                .content(
+                    "application/json",
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name(schema))).build(),
+                )
                 .build()
         };
         for item in doc.paths.paths.values_mut() {
