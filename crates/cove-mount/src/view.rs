@@ -194,7 +194,6 @@ struct Inner {
     counters: Counters,
 }
 
-#[derive(Default)]
 struct Counters {
     list: AtomicU64,
     head: AtomicU64,
@@ -209,20 +208,24 @@ struct Counters {
 }
 
 /// The counters of every view this process has had, for its metrics.
-static ALL_VIEWS: Counters = Counters {
-    list: AtomicU64::new(0),
-    head: AtomicU64::new(0),
-    get: AtomicU64::new(0),
-    bytes_fetched: AtomicU64::new(0),
-    block_hits: AtomicU64::new(0),
-    block_waits: AtomicU64::new(0),
-    block_misses: AtomicU64::new(0),
-    readahead_blocks: AtomicU64::new(0),
-    metadata_hits: AtomicU64::new(0),
-    fetch_ids: AtomicU64::new(0),
-};
+static ALL_VIEWS: Counters = Counters::new();
 
 impl Counters {
+    const fn new() -> Counters {
+        Counters {
+            list: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            get: AtomicU64::new(0),
+            bytes_fetched: AtomicU64::new(0),
+            block_hits: AtomicU64::new(0),
+            block_waits: AtomicU64::new(0),
+            block_misses: AtomicU64::new(0),
+            readahead_blocks: AtomicU64::new(0),
+            metadata_hits: AtomicU64::new(0),
+            fetch_ids: AtomicU64::new(0),
+        }
+    }
+
     /// Adds to one counter of this view and of [`ALL_VIEWS`].
     fn bump(&self, counter: fn(&Counters) -> &AtomicU64, by: u64) {
         counter(self).fetch_add(by, Ordering::Relaxed);
@@ -342,7 +345,7 @@ impl S3View {
                 sequential: Mutex::new(HashMap::new()),
                 options,
                 connected_at,
-                counters: Counters::default(),
+                counters: Counters::new(),
             }),
         })
     }
