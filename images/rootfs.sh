@@ -1,16 +1,34 @@
 #!/bin/bash
-# rootfs.sh CACHE_DIR
-# Build the Debian 12 (bookworm) guest root filesystem with mmdebstrap and produce
-#   CACHE_DIR/rootfs/rootfs.ext4   (ext4, used size + 1 GiB free, made with mke2fs -d: no loop mount)
-#   CACHE_DIR/rootfs/rootfs.qcow2  (qcow2 base image converted from rootfs.ext4)
-# Idempotent: skipped when the outputs exist for the same recipe (hash of this script + sources).
+# rootfs.sh CACHE_DIR [VARIANT]
+# Build a Debian 12 (bookworm) guest root filesystem with mmdebstrap and produce
+#   OUT/rootfs.ext4   (ext4, used size + 1 GiB free, made with mke2fs -d: no loop mount)
+#   OUT/rootfs.qcow2  (qcow2 base image converted from rootfs.ext4)
+# VARIANT names the system template:
+#   base              system/debian:bookworm            OUT=CACHE_DIR/rootfs
+#   code-interpreter  system/code-interpreter:v0.1.0    OUT=CACHE_DIR/rootfs-code-interpreter
+#     base + numpy, matplotlib, pandas (Debian) + the service in COVE_SERVICE_DIR (server.py,
+#     node_worker.js, cove_inline.py), run by the agent as the template's command (/etc/cove/image.json).
+# Idempotent: skipped when the outputs exist for the same recipe (hash of this script, sources
+# and service files).
 # Env: COVE_ROOTFS_EXTRA="pkg1,pkg2"  extra packages; COVE_ROOTFS_FREE_MIB (default 1024).
 set -euo pipefail
 
-CACHE_DIR=${1:?usage: rootfs.sh CACHE_DIR}
-OUT="$CACHE_DIR/rootfs"
+CACHE_DIR=${1:?usage: rootfs.sh CACHE_DIR [base|code-interpreter]}
+VARIANT=${2:-base}
 SUITE=bookworm
 PACKAGES="bash,coreutils,ca-certificates,curl,git,python3,procps,iproute2,sudo,netbase,less,iputils-ping,nodejs"
+SERVICE_DIR=""
+SERVICE_FILES=()
+case "$VARIANT" in
+    base) OUT="$CACHE_DIR/rootfs" ;;
+    code-interpreter)
+        OUT="$CACHE_DIR/rootfs-code-interpreter"
+        PACKAGES="$PACKAGES,python3-numpy,python3-matplotlib,python3-pandas"
+        SERVICE_DIR=${COVE_SERVICE_DIR:?COVE_SERVICE_DIR must name the directory of the service files}
+        SERVICE_FILES=("$SERVICE_DIR/server.py" "$SERVICE_DIR/node_worker.js" "$SERVICE_DIR/cove_inline.py")
+        ;;
+    *) echo "rootfs.sh: unknown variant $VARIANT (base, code-interpreter)" >&2; exit 1 ;;
+esac
 # Language servers the LSP endpoints start (`python`: pyright; `typescript`/`javascript`:
 # typescript-language-server over typescript's tsserver), from the npm registry: name, version,
 # the registry's sha512 integrity. None has runtime dependencies, so each is its tarball.
@@ -23,7 +41,7 @@ NPM_REGISTRY=${COVE_NPM_REGISTRY:-https://registry.npmjs.org}
 [ -n "${COVE_ROOTFS_EXTRA:-}" ] && PACKAGES="$PACKAGES,$COVE_ROOTFS_EXTRA"
 FREE_MIB=${COVE_ROOTFS_FREE_MIB:-1024}
 
-step() { echo "[rootfs.sh] $(date +%T) $*" >&2; }
+step() { echo "[rootfs.sh $VARIANT] $(date +%T) $*" >&2; }
 
 for t in mmdebstrap mke2fs qemu-img curl python3; do
     command -v "$t" >/dev/null || { step "missing $t (apt-get install mmdebstrap e2fsprogs qemu-utils curl python3)"; exit 1; }
@@ -45,7 +63,7 @@ for f in /etc/apt/apt.conf /etc/apt/apt.conf.d/*; do
     [ -f "$f" ] && grep -Eqi 'Proxy|Check-Valid-Until|Check-Date' "$f" && APTOPTS+=(--aptopt="$f")
 done
 
-RECIPE=$( { cat "$0"; echo "$PACKAGES $FREE_MIB"; cat "${MIRRORS[@]}"; } | sha256sum | cut -c1-16)
+RECIPE=$( { cat "$0"; echo "$PACKAGES $FREE_MIB"; cat "${MIRRORS[@]}"; [ ${#SERVICE_FILES[@]} -eq 0 ] || cat "${SERVICE_FILES[@]}"; } | sha256sum | cut -c1-16)
 if [ -f "$OUT/.done" ] && [ "$(cat "$OUT/.done")" = "$RECIPE" ] && [ -f "$OUT/rootfs.qcow2" ]; then
     step "already built ($OUT, recipe $RECIPE), nothing to do"
     exit 0
@@ -113,6 +131,20 @@ for cmd, rel in bins.items():
     os.symlink(os.path.relpath(target, bindir), link)
 PY
 done
+
+if [ "$VARIANT" = code-interpreter ]; then
+    step "1c/4 the code interpreter service into /opt/cove/code-interpreter"
+    install -d -m 0755 "$ROOT/opt/cove/code-interpreter" "$ROOT/etc/cove"
+    install -m 0644 "${SERVICE_FILES[@]}" "$ROOT/opt/cove/code-interpreter/"
+    # The agent starts the template's command as the sandbox user before the template
+    # snapshot is saved, so every sandbox restores with the service running (and a warm spare
+    # worker that has numpy, pandas and matplotlib loaded).
+    cat >"$ROOT/etc/cove/image.json" <<'JSON'
+{"env": [], "working_dir": "/home/user", "user": "user",
+ "cmd": ["/usr/bin/python3", "/opt/cove/code-interpreter/server.py"]}
+JSON
+    chroot "$ROOT" python3 -c 'import numpy, pandas, matplotlib; print("numpy", numpy.__version__, "pandas", pandas.__version__, "matplotlib", matplotlib.__version__)' >&2
+fi
 
 step "2/4 sanity checks"
 chroot "$ROOT" id user >&2

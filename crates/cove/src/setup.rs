@@ -24,6 +24,12 @@ const PACKAGES: &[&str] = &[
 ];
 const KERNEL_SH: &str = include_str!("../../../images/kernel.sh");
 const ROOTFS_SH: &str = include_str!("../../../images/rootfs.sh");
+/// The code interpreter service, installed into its template's root filesystem.
+const CODE_INTERPRETER: &[(&str, &str)] = &[
+    ("server.py", include_str!("../../../images/code-interpreter/server.py")),
+    ("node_worker.js", include_str!("../../../images/code-interpreter/node_worker.js")),
+    ("cove_inline.py", include_str!("../../../images/code-interpreter/cove_inline.py")),
+];
 
 struct Steps {
     n: usize,
@@ -44,7 +50,7 @@ impl Steps {
 
 pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
     std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
-    let mut steps = Steps { n: 0, total: 4 };
+    let mut steps = Steps { n: 0, total: 5 };
 
     let t = steps.start("host packages and the unprivileged VM user");
     install_packages()?;
@@ -52,12 +58,24 @@ pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
     steps.done(t);
 
     let t = steps.start("guest kernel (Debian linux-image-cloud-amd64)");
-    run_script("kernel.sh", KERNEL_SH, cache_dir)?;
+    run_script("kernel.sh", KERNEL_SH, cache_dir, &[], &[])?;
     steps.done(t);
 
     let t =
         steps.start("system template root filesystem (debian:bookworm, mmdebstrap; minutes on first run)");
-    run_script("rootfs.sh", ROOTFS_SH, cache_dir)?;
+    run_script("rootfs.sh", ROOTFS_SH, cache_dir, &[], &[])?;
+    steps.done(t);
+
+    let t = steps.start(
+        "code interpreter template root filesystem (system/code-interpreter:v0.1.0: numpy, pandas, matplotlib)",
+    );
+    let service = tempfile_dir()?.join("code-interpreter");
+    std::fs::create_dir_all(&service)?;
+    for (name, body) in CODE_INTERPRETER {
+        std::fs::write(service.join(name), body)?;
+    }
+    // run_script removes its temporary directory, the service files with it.
+    run_script("rootfs.sh", ROOTFS_SH, cache_dir, &["code-interpreter"], &[("COVE_SERVICE_DIR", &service)])?;
     steps.done(t);
 
     let t = steps.start("initramfs with the guest agent");
@@ -146,12 +164,18 @@ fn create_vm_user() -> Result<()> {
     Ok(())
 }
 
-fn run_script(name: &str, body: &str, cache_dir: &Path) -> Result<()> {
+/// Runs one of the embedded scripts as `bash SCRIPT CACHE_DIR ARGS...` with `env` added.
+fn run_script(name: &str, body: &str, cache_dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<()> {
     let dir = tempfile_dir()?;
     let path = dir.join(name);
     std::fs::write(&path, body)?;
-    let status =
-        Command::new("bash").arg(&path).arg(cache_dir).status().with_context(|| format!("running {name}"))?;
+    let status = Command::new("bash")
+        .arg(&path)
+        .arg(cache_dir)
+        .args(args)
+        .envs(env.iter().copied())
+        .status()
+        .with_context(|| format!("running {name}"))?;
     let _ = std::fs::remove_dir_all(&dir);
     if !status.success() {
         bail!("{name} failed ({status})");
