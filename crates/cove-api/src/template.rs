@@ -12,6 +12,47 @@ use crate::{FieldError, Validate, Violations};
 
 /// Names starting with this belong to the templates Cove ships.
 pub const SYSTEM_PREFIX: &str = "system/";
+
+/// A template Cove ships, built by `cove setup` (`images/rootfs.sh`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SystemTemplate {
+    pub name: &'static str,
+    /// Directory of its root filesystem (`rootfs.qcow2`) in the cache directory.
+    pub rootfs_dir: &'static str,
+    /// The port of the service the template runs, which `https://<id>.<sandbox domain>`
+    /// reaches (before the sandbox's `PORT` variable).
+    pub service_port: Option<u16>,
+    /// A shell command run in the guest at the template's first boot, before the snapshot is
+    /// saved: it ends (status 0) once the service is ready, so that every sandbox restores
+    /// with it ready.
+    pub ready_probe: Option<&'static str>,
+}
+
+/// The code interpreter's port in its template's guests.
+pub const CODE_INTERPRETER_PORT: u16 = 49999;
+
+pub const SYSTEM_TEMPLATES: &[SystemTemplate] = &[
+    SystemTemplate {
+        name: crate::sandbox::DEFAULT_TEMPLATE,
+        rootfs_dir: "rootfs",
+        service_port: None,
+        ready_probe: None,
+    },
+    SystemTemplate {
+        name: "system/code-interpreter:v0.1.0",
+        rootfs_dir: "rootfs-code-interpreter",
+        service_port: Some(CODE_INTERPRETER_PORT),
+        // `?warm` also waits for the spare worker to have loaded numpy, pandas and matplotlib.
+        ready_probe: Some(
+            "curl -sf --retry 300 --retry-delay 1 --retry-connrefused -m 300 'http://127.0.0.1:49999/healthz?warm'",
+        ),
+    },
+];
+
+/// The system template called `name`, if there is one.
+pub fn system_template(name: &str) -> Option<&'static SystemTemplate> {
+    SYSTEM_TEMPLATES.iter().find(|t| t.name == name)
+}
 pub const MAX_URI: usize = 500;
 /// Templates an organization may hold unless the server says otherwise.
 pub const DEFAULT_TEMPLATE_LIMIT: u64 = 25;

@@ -84,8 +84,9 @@ pub trait SandboxHost: Send + Sync + 'static {
     /// does not have.
     fn template_disk_mib(&self, template: &str) -> Option<u64>;
 
-    /// When the system template's root filesystem was built.
-    fn system_template_built_at(&self) -> Option<std::time::SystemTime>;
+    /// When a system template's root filesystem was built; `None` when this host does not
+    /// have it.
+    fn system_template_built_at(&self, template: &str) -> Option<std::time::SystemTime>;
 
     /// Boots and snapshots a template shape ahead of the first sandbox that needs it.
     async fn prepare_template(&self, template: &str, vcpus: u32, memory_mib: u64) -> Result<(), RunnerError>;

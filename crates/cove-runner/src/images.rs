@@ -4,8 +4,6 @@ use std::path::{Path, PathBuf};
 
 use crate::RunnerError;
 
-pub const SYSTEM_TEMPLATE: &str = "system/debian:bookworm";
-
 /// Kernel command line of every guest.
 ///
 /// `mitigations=off`: inside a sandbox the user is root (passwordless sudo), so the guest
@@ -23,12 +21,18 @@ pub struct Images {
 }
 
 impl Images {
+    /// The kernel, the initramfs and the default system template's root filesystem.
     pub fn paths(cache_dir: &Path) -> Images {
         Images {
             kernel: cache_dir.join("kernel/vmlinuz"),
             initrd: cache_dir.join("initramfs/initramfs.cpio"),
             rootfs: cache_dir.join("rootfs/rootfs.qcow2"),
         }
+    }
+
+    /// Where `cove setup` leaves a system template's root filesystem.
+    pub fn system_rootfs(cache_dir: &Path, t: &cove_api::template::SystemTemplate) -> PathBuf {
+        cache_dir.join(t.rootfs_dir).join("rootfs.qcow2")
     }
 
     pub fn locate(cache_dir: &Path) -> Result<Images, RunnerError> {

@@ -284,9 +284,10 @@ impl SandboxHost for Runner {
         self.templates.disk_mib(template)
     }
 
-    /// When the system template's root filesystem was built (`cove setup`).
-    fn system_template_built_at(&self) -> Option<std::time::SystemTime> {
-        std::fs::metadata(&self.images.rootfs).and_then(|m| m.modified()).ok()
+    /// When a system template's root filesystem was built (`cove setup`).
+    fn system_template_built_at(&self, template: &str) -> Option<std::time::SystemTime> {
+        let images = self.templates.images_for(template)?;
+        std::fs::metadata(&images.rootfs).and_then(|m| m.modified()).ok()
     }
 
     /// Boots and snapshots a template shape ahead of the first sandbox that needs it.

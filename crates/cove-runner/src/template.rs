@@ -21,7 +21,7 @@ use cove_vmm::{Boot, VmSpec, Vmm};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentClient;
-use crate::images::{Images, KERNEL_CMDLINE, SYSTEM_TEMPLATE};
+use crate::images::{Images, KERNEL_CMDLINE};
 use crate::{RunnerConfig, RunnerError, AGENT_WAIT_BOOT};
 
 /// A usable template snapshot.
@@ -68,13 +68,14 @@ impl Templates {
         Templates { cfg: cfg.clone(), images: images.clone(), building: Mutex::new(HashMap::new()) }
     }
 
-    /// The guest images of a template: the system one's, or a user template's own disk with
-    /// the shared kernel and initramfs. `None` for a template this host does not have.
-    fn images_for(&self, template: &str) -> Option<Images> {
-        if template == SYSTEM_TEMPLATE {
-            return Some(self.images.clone());
-        }
-        let rootfs = user_rootfs(&self.cfg.data_dir, template)?;
+    /// The guest images of a template: a system template's root filesystem in the cache dir,
+    /// or a user template's own disk, with the shared kernel and initramfs. `None` for a
+    /// template this host does not have.
+    pub fn images_for(&self, template: &str) -> Option<Images> {
+        let rootfs = match cove_api::template::system_template(template) {
+            Some(t) => Images::system_rootfs(&self.cfg.cache_dir, t),
+            None => user_rootfs(&self.cfg.data_dir, template)?,
+        };
         rootfs.exists().then(|| Images { rootfs, ..self.images.clone() })
     }
 
@@ -293,6 +294,23 @@ impl Templates {
                 }
                 Err(e) => return Err(e.into()),
             }
+            if let Some(probe) = cove_api::template::system_template(&snap.template).and_then(|t| t.ready_probe) {
+                let ready = cove_api::process::ExecuteRequest {
+                    command: probe.into(),
+                    cwd: None,
+                    envs: None,
+                    timeout: Some(READY_TIMEOUT_SECS),
+                };
+                let out = agent.exec(&ready).await?;
+                if out.exit_code != 0 {
+                    return Err(RunnerError::Image(format!(
+                        "the template's service did not get ready (probe exited {}: {})",
+                        out.exit_code,
+                        out.stderr.trim()
+                    )));
+                }
+                tracing::info!(template = %snap.template, "the template's service is ready");
+            }
             // The agent drops this connection and goes back to waiting for a greeting. Parking
             // it proves it got there, and keeping the parked socket open during the save means
             // the guest sees no disconnect: every clone wakes up reading its port, so the first
@@ -329,6 +347,9 @@ impl Templates {
         Ok(())
     }
 }
+
+/// How long a system template's service may take to get ready at its first boot.
+const READY_TIMEOUT_SECS: u64 = 330;
 
 /// Lines of a failed first boot's console put in the log.
 const CONSOLE_TAIL: usize = 40;

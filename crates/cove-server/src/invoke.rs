@@ -1,7 +1,8 @@
 //! Reaching the services a sandbox runs: the invoke route and presigned URLs.
 //!
 //! Requests whose Host is below the sandbox domain never reach the API routes:
-//! - `<id>.<domain>` goes to the port in the sandbox's `PORT` variable,
+//! - `<id>.<domain>` goes to the template's service port (the code interpreter's), else to
+//!   the port in the sandbox's `PORT` variable,
 //! - `<id>-<port>.<domain>` goes to that port (both need the organization's API key, which is
 //!   removed before the request enters the sandbox),
 //! - `<token>.<domain>` is a presigned URL: no key, one port, until it expires or is revoked.
@@ -129,7 +130,14 @@ async fn proxy(s: &AppState, target: Target, req: Request) -> Result<Response, A
             let org = s.core.store.authenticate(&key)?.ok_or(ApiError::Unauthorized)?;
             let port = match port {
                 Some(p) => p,
-                None => default_port(&s.core.get(&org, &id)?.env, &id)?,
+                None => {
+                    let sandbox = s.core.get(&org, &id)?;
+                    crate::core::default_port(&sandbox.template, &sandbox.env).ok_or_else(|| {
+                        ApiError::NotFound(format!(
+                            "sandbox {id} has no PORT variable: name the port in the host, as {id}-<port>.<domain>"
+                        ))
+                    })?
+                }
             };
             (org, id, port)
         }
@@ -152,14 +160,6 @@ async fn proxy(s: &AppState, target: Target, req: Request) -> Result<Response, A
     forward(stream, req, keyed, &forwarded)
         .await
         .map_err(|e| ApiError::BadGateway(format!("port {port} of sandbox {id}: {e}")))
-}
-
-fn default_port(env: &std::collections::BTreeMap<String, String>, id: &str) -> Result<u16, ApiError> {
-    env.get("PORT").and_then(|p| p.trim().parse().ok()).filter(|p| *p > 0).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "sandbox {id} has no PORT variable: name the port in the host, as {id}-<port>.<domain>"
-        ))
-    })
 }
 
 /// Headers that belong to one hop (the egress proxy's rule, shared), or that must not enter the

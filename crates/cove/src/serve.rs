@@ -29,7 +29,7 @@ pub struct ServerArgs {
     /// stopping ones count; paused and stopped ones do not).
     #[arg(long, env = "COVE_SANDBOX_LIMIT", default_value_t = 3)]
     sandbox_limit: u64,
-    /// Skip booting the default template shape at start-up (it is then booted by the first
+    /// Skip booting the system templates' default shape at start-up (each is then booted by the first
     /// create that needs it).
     #[arg(long, env = "COVE_NO_PREPARE")]
     no_prepare: bool,
@@ -45,7 +45,8 @@ pub struct ServerArgs {
     /// Domain under which sandboxes' own services are reached (`<id>.<domain>`,
     /// `<id>-<port>.<domain>`, presigned `<token>.<domain>`); it may carry a `:port`. Point a
     /// wildcard DNS record at this server. Default: `localhost:<listen port>`, which curl and
-    /// browsers resolve to this host by themselves.
+    /// browsers resolve to this host by themselves (`sandbox.localhost:<listen port>` with
+    /// `--tls-self-signed`).
     #[arg(long, env = "COVE_SANDBOX_DOMAIN")]
     sandbox_domain: Option<String>,
     /// Scheme of the URLs handed out for the sandbox domain. Default: `https` with
@@ -59,6 +60,11 @@ pub struct ServerArgs {
     /// PEM private key of `--tls-cert`.
     #[arg(long, env = "COVE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate from a local CA that the server makes and keeps in
+    /// `<data dir>/tls/ca.pem` (trust that file in clients), for the sandbox domain, its
+    /// wildcard, `localhost` and the listen address. For local use; `--tls-cert` for public.
+    #[arg(long, env = "COVE_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    tls_self_signed: bool,
     /// PEM file of extra CA certificates the egress proxy trusts for upstream TLS (beside the
     /// host's roots), e.g. a company's internal root.
     #[arg(long, env = "COVE_EGRESS_CA")]
@@ -118,9 +124,21 @@ async fn serve(args: ServerArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     let mut ccfg = CoreConfig::local(args.sandbox_limit);
     ccfg.template_limit = args.template_limit;
-    ccfg.sandbox_domain = args.sandbox_domain.clone().unwrap_or_else(|| format!("localhost:{}", addr.port()));
+    // A certificate cannot name `*.localhost` (a wildcard needs two labels below it), so a
+    // self-signed server's default domain is one level down; `.localhost` names still
+    // resolve to this host in curl and browsers.
+    let default_domain = if args.tls_self_signed { "sandbox.localhost" } else { "localhost" };
+    ccfg.sandbox_domain =
+        args.sandbox_domain.clone().unwrap_or_else(|| format!("{default_domain}:{}", addr.port()));
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+        _ if args.tls_self_signed => {
+            let names = crate::tls::self_signed_names(&ccfg.sandbox_domain, addr);
+            let files = crate::tls::self_signed(&args.data_dir.join("tls"), &names)
+                .context("making the self-signed TLS certificate")?;
+            println!("cove CA certificate {}", files.ca_cert.display());
+            Some(crate::tls::acceptor(&files.cert, &files.key)?)
+        }
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -149,12 +167,16 @@ async fn serve(args: ServerArgs) -> Result<()> {
     if !args.no_prepare {
         let runner = runner.clone();
         tokio::spawn(async move {
-            let t = cove_api::sandbox::DEFAULT_TEMPLATE;
-            if let Err(e) = runner
-                .prepare_template(t, cove_api::sandbox::DEFAULT_VCPU, cove_api::sandbox::DEFAULT_MEMORY_MIB)
-                .await
-            {
-                tracing::error!(error = %cove_server::error::error_chain(&e), "preparing the default template");
+            // One after the other: each is a cold boot, and the default one comes first.
+            for t in cove_api::template::SYSTEM_TEMPLATES {
+                if runner.template_disk_mib(t.name).is_none() {
+                    continue;
+                }
+                let (vcpus, memory) =
+                    (cove_api::sandbox::DEFAULT_VCPU, cove_api::sandbox::DEFAULT_MEMORY_MIB);
+                if let Err(e) = runner.prepare_template(t.name, vcpus, memory).await {
+                    tracing::error!(template = t.name, error = %cove_server::error::error_chain(&e), "preparing a system template");
+                }
             }
         });
     }

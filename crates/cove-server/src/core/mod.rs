@@ -45,7 +45,7 @@ mod ssh;
 mod templates;
 pub use guest::Guest;
 pub use snapshots::snapshot_response;
-pub use templates::template_response;
+pub use templates::{default_port, template_response};
 
 use crate::error::{error_chain, ApiError};
 

@@ -1,9 +1,10 @@
 //! Templates made from container images: upload (pull, convert, first boot), rename, delete,
 //! and the names sandboxes are created from.
 
-use cove_api::sandbox::{DEFAULT_MEMORY_MIB, DEFAULT_TEMPLATE, DEFAULT_VCPU};
+use cove_api::sandbox::{DEFAULT_MEMORY_MIB, DEFAULT_VCPU};
 use cove_api::template::{
-    ImageConfig, RenameTemplateRequest, Template, TemplateProgress, UploadTemplateRequest, DEFAULT_FREE_MIB,
+    system_template, ImageConfig, RenameTemplateRequest, Template, TemplateProgress, UploadTemplateRequest,
+    DEFAULT_FREE_MIB, SYSTEM_TEMPLATES,
 };
 use cove_runner::{RegistryCredentials, TemplateSource};
 use cove_store::{TemplateRecord, TemplateState};
@@ -17,6 +18,14 @@ pub struct Resolved {
     /// `system/debian:bookworm`, or a user template's id.
     pub id: String,
     pub disk_mib: u64,
+}
+
+/// The port `https://<id>.<sandbox domain>` reaches: the template's service port (a system
+/// template with a service, such as the code interpreter), else the sandbox's `PORT`.
+pub fn default_port(template: &str, env: &std::collections::BTreeMap<String, String>) -> Option<u16> {
+    system_template(template)
+        .and_then(|t| t.service_port)
+        .or_else(|| env.get("PORT").and_then(|p| p.trim().parse().ok()).filter(|p| *p > 0))
 }
 
 pub fn template_response(t: &TemplateRecord) -> Template {
@@ -51,11 +60,13 @@ pub fn template_response(t: &TemplateRecord) -> Template {
 }
 
 impl Core {
-    fn system_template(&self) -> Option<Template> {
-        let disk = self.host.template_disk_mib(DEFAULT_TEMPLATE)?;
+    /// A system template, if this host has it (`cove setup` built it).
+    fn system_template(&self, name: &str) -> Option<Template> {
+        let t = system_template(name)?;
+        let disk = self.host.template_disk_mib(t.name)?;
         Some(Template {
-            id: DEFAULT_TEMPLATE.into(),
-            name: DEFAULT_TEMPLATE.into(),
+            id: t.name.into(),
+            name: t.name.into(),
             digest: String::new(),
             image_config: ImageConfig {
                 user: "user".into(),
@@ -63,7 +74,10 @@ impl Core {
                 ..Default::default()
             },
             is_system: true,
-            created_at: self.host.system_template_built_at().map_or(chrono::DateTime::UNIX_EPOCH, Into::into),
+            created_at: self
+                .host
+                .system_template_built_at(t.name)
+                .map_or(chrono::DateTime::UNIX_EPOCH, Into::into),
             uri: String::new(),
             disk,
             state: TemplateState::Ready.as_str().into(),
@@ -74,7 +88,7 @@ impl Core {
     /// The template `name` (a name or an id) of `org` that a sandbox can be made from.
     pub fn resolve_template(&self, org: &str, name: &str) -> Result<Resolved, ApiError> {
         let unknown = || ApiError::field("template_name", format!("unknown template {name:?}"));
-        if name == DEFAULT_TEMPLATE {
+        if system_template(name).is_some() {
             let disk_mib = self.host.template_disk_mib(name).ok_or_else(unknown)?;
             return Ok(Resolved { id: name.to_string(), disk_mib });
         }
@@ -190,7 +204,8 @@ impl Core {
     }
 
     pub fn templates(&self, org: &str) -> Result<Vec<Template>, ApiError> {
-        let mut all: Vec<Template> = self.system_template().into_iter().collect();
+        let mut all: Vec<Template> =
+            SYSTEM_TEMPLATES.iter().filter_map(|t| self.system_template(t.name)).collect();
         all.extend(
             self.store
                 .list_templates(org)?
@@ -202,9 +217,9 @@ impl Core {
     }
 
     pub fn template(&self, org: &str, id: &str) -> Result<Template, ApiError> {
-        if id == DEFAULT_TEMPLATE {
+        if system_template(id).is_some() {
             return self
-                .system_template()
+                .system_template(id)
                 .ok_or_else(|| ApiError::NotFound(format!("template {id} not found")));
         }
         match self.store.template(org, id)? {
@@ -222,7 +237,7 @@ impl Core {
     }
 
     pub fn rename_template(&self, org: &str, id: &str, req: &RenameTemplateRequest) -> Result<(), ApiError> {
-        if id == DEFAULT_TEMPLATE {
+        if id.starts_with(cove_api::template::SYSTEM_PREFIX) {
             return Err(ApiError::Conflict("system templates cannot be renamed".into()));
         }
         self.store.rename_template(org, id, &req.name).map_err(|e| match e {
@@ -233,7 +248,7 @@ impl Core {
 
     /// Deletes a template no sandbox or snapshot uses (409 naming them otherwise).
     pub async fn delete_template(&self, org: &str, id: &str) -> Result<(), ApiError> {
-        if id == DEFAULT_TEMPLATE {
+        if id.starts_with(cove_api::template::SYSTEM_PREFIX) {
             return Err(ApiError::Conflict("system templates cannot be deleted".into()));
         }
         let t = self.store.begin_template_delete(org, id).map_err(|e| match e {
@@ -252,5 +267,24 @@ impl Core {
             self.discard_template(&t.id).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_port;
+
+    #[test]
+    fn a_template_service_port_comes_before_the_port_variable() {
+        let env = |port: Option<&str>| port.map(|p| ("PORT".to_string(), p.to_string())).into_iter().collect();
+        let ci = "system/code-interpreter:v0.1.0";
+        assert_eq!(default_port(ci, &env(Some("8080"))), Some(cove_api::template::CODE_INTERPRETER_PORT));
+        assert_eq!(default_port(ci, &env(None)), Some(cove_api::template::CODE_INTERPRETER_PORT));
+        let debian = cove_api::sandbox::DEFAULT_TEMPLATE;
+        assert_eq!(default_port(debian, &env(Some(" 8080 "))), Some(8080));
+        for bad in [None, Some("0"), Some("http"), Some("70000")] {
+            assert_eq!(default_port(debian, &env(bad)), None, "{bad:?}");
+            assert_eq!(default_port("tpl-abc", &env(bad)), None, "{bad:?}");
+        }
     }
 }

@@ -282,8 +282,8 @@ impl SandboxHost for SimHost {
         lock(&self.machine).templates.get(template).map(|t| t.0)
     }
 
-    fn system_template_built_at(&self) -> Option<std::time::SystemTime> {
-        Some(std::time::UNIX_EPOCH)
+    fn system_template_built_at(&self, template: &str) -> Option<std::time::SystemTime> {
+        lock(&self.machine).templates.contains_key(template).then_some(std::time::UNIX_EPOCH)
     }
 
     async fn prepare_template(
