@@ -61,7 +61,7 @@ SANDBOX_LIMIT = 3  # `cove server`'s default per-organization limit, as Leap0's
 
 
 class CoveServer:
-    def __init__(self, extra_args: list[str] | None = None) -> None:
+    def __init__(self, extra_args: list[str] | None = None, listen: str = "127.0.0.1:0") -> None:
         if not COVE_BIN.is_file():
             raise RuntimeError(f"{COVE_BIN} not found: build it with `cargo build -p cove`")
         if not (COVE_CACHE_DIR / "initramfs").exists():
@@ -78,7 +78,7 @@ class CoveServer:
                 str(COVE_BIN),
                 "server",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--ssh-listen",
                 "127.0.0.1:0",
                 "--data-dir",
@@ -109,8 +109,9 @@ class CoveServer:
             except queue.Empty:
                 line = None
             if line is None:
+                tail = self.log_tail()
                 self.stop()
-                raise RuntimeError(f"cove server did not start:\n{self.log_tail()}")
+                raise RuntimeError(f"cove server did not start:\n{tail}")
             prefix = "cove listening on "
             if line.startswith(prefix):
                 self.base_url = line[len(prefix) :].strip()
