@@ -197,6 +197,38 @@ impl Bench {
         }
     }
 
+    /// Creates a sandbox of `template` and waits for its first answer: an exec, or with
+    /// `service` the template's service through the invoke route (`<id>.<domain>`, here a
+    /// code interpreter cell). Returns the time to the 201 and to that answer; deletes it.
+    async fn create_until_answered(&self, template: &str, service: bool) -> Result<(Duration, Duration)> {
+        let t0 = Instant::now();
+        let sbx =
+            self.call(reqwest::Method::POST, "/v1/sandbox", Some(json!({"template_name": template}))).await?;
+        let created = t0.elapsed();
+        let id = sbx["id"].as_str().context("no id")?.to_string();
+        if service {
+            let answer: Value = self
+                .http
+                .post(format!("{}/execute", self.base))
+                .header(reqwest::header::HOST, format!("{id}.localhost"))
+                .bearer_auth(&self.key)
+                .json(&json!({"code": "1 + 1"}))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            if answer["items"][0]["text"] != "2" {
+                bail!("the service of {template} answered {answer}");
+            }
+        } else {
+            self.exec(&id, "true").await?;
+        }
+        let answered = t0.elapsed();
+        self.call(reqwest::Method::DELETE, &format!("/v1/sandbox/{id}"), None).await.ok();
+        Ok((created, answered))
+    }
+
     async fn exec(&self, id: &str, command: &str) -> Result<Value> {
         let out = self
             .call(
@@ -439,6 +471,8 @@ async fn create_exec(b: &Bench, args: &CreateArgs) -> Result<()> {
     let spawn_us: f64 = out["stdout"].as_str().unwrap_or("").trim().parse().unwrap_or(f64::NAN);
     call(reqwest::Method::DELETE, format!("/v1/sandbox/{id}"), None).await.ok();
 
+    let services = service_templates(b, args.count.min(10)).await?;
+
     let (raw, create, first_exec, exec, channel) =
         (Stats::new(raw), Stats::new(create), Stats::new(first_exec), Stats::new(exec), Stats::new(channel));
     let spawn_ms = spawn_us / 1e3;
@@ -471,6 +505,7 @@ async fn create_exec(b: &Bench, args: &CreateArgs) -> Result<()> {
         "exec_round_trip": exec.json(),
         "agent_round_trip": channel.json(),
         "guest_sh_spawn_ms": spawn_ms,
+        "service_templates": services,
         "ratios": {
             "create_p50_over_raw_p50": create.pct(50.0) / raw.pct(50.0),
             "create_to_exec_p50_over_raw_p50": first_exec.pct(50.0) / raw.pct(50.0),
@@ -479,6 +514,64 @@ async fn create_exec(b: &Bench, args: &CreateArgs) -> Result<()> {
         "at": chrono::Utc::now().to_rfc3339(),
     });
     write_json(&args.out, &result)
+}
+
+/// Creates from each system template that runs a service, alternating with creates from the
+/// default template: create (-> 201) and create -> first answer (the service's, through the
+/// invoke route; the default template's first exec).
+async fn service_templates(b: &Bench, count: usize) -> Result<Vec<Value>> {
+    use cove_api::sandbox::{DEFAULT_MEMORY_MIB, DEFAULT_TEMPLATE, DEFAULT_VCPU};
+    let mut rows = Vec::new();
+    for t in cove_api::template::SYSTEM_TEMPLATES.iter().filter(|t| t.service_port.is_some()) {
+        if b.runner.template_disk_mib(t.name).is_none() {
+            println!("{}: not built (run `cove setup`), skipped", t.name);
+            continue;
+        }
+        let started = Instant::now();
+        b.runner.prepare_template(t.name, DEFAULT_VCPU, DEFAULT_MEMORY_MIB).await?;
+        println!(
+            "{}: template snapshot ready ({:.1}s; 0 when cached)",
+            t.name,
+            started.elapsed().as_secs_f64()
+        );
+        println!("creating {count} sandboxes of it, each beside one of {DEFAULT_TEMPLATE} ...");
+        let (mut base, mut base_ready, mut own, mut own_ready) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..count {
+            let (c, r) = b.create_until_answered(DEFAULT_TEMPLATE, false).await?;
+            base.push(c);
+            base_ready.push(r);
+            let (c, r) = b.create_until_answered(t.name, true).await?;
+            own.push(c);
+            own_ready.push(r);
+        }
+        let (base, base_ready, own, own_ready) =
+            (Stats::new(base), Stats::new(base_ready), Stats::new(own), Stats::new(own_ready));
+        println!("{:<44} {:>9} {:>9}", "", "p50 ms", "p95 ms");
+        for (name, s) in [
+            (format!("create {DEFAULT_TEMPLATE}"), &base),
+            ("  -> first exec".to_string(), &base_ready),
+            (format!("create {}", t.name), &own),
+            ("  -> first service answer".to_string(), &own_ready),
+        ] {
+            println!("{name:<44} {:>9.1} {:>9.1}", s.pct(50.0), s.pct(95.0));
+        }
+        println!(
+            "{}: create p50 / {DEFAULT_TEMPLATE} create p50 = {:.2}x; first answer p50 / first exec p50 = {:.2}x",
+            t.name,
+            own.pct(50.0) / base.pct(50.0),
+            own_ready.pct(50.0) / base_ready.pct(50.0)
+        );
+        rows.push(json!({
+            "template": t.name,
+            "create": own.json(), "create_to_first_service_answer": own_ready.json(),
+            "default_template_create": base.json(), "default_template_create_to_first_exec": base_ready.json(),
+            "ratios": {
+                "create_p50_over_default_create_p50": own.pct(50.0) / base.pct(50.0),
+                "first_answer_p50_over_default_first_exec_p50": own_ready.pct(50.0) / base_ready.pct(50.0),
+            },
+        }));
+    }
+    Ok(rows)
 }
 
 /// One way out of a guest to the test internet's web server on `api.allowed.test`.
