@@ -107,6 +107,18 @@ def png_summary(data: bytes) -> tuple[int, int, int]:
 def test_health_and_template(interpreter):
     assert interpreter.template_id == DEFAULT_CODE_INTERPRETER_TEMPLATE_NAME
     assert interpreter.code_interpreter.health() is True
+    # The metadata service, asked from a cell, names the interpreter as the template's command.
+    r = interpreter.code_interpreter.execute(
+        code="import json, urllib.request as u\n"
+        "imds = 'http://169.254.169.254/latest'\n"
+        "token = u.urlopen(u.Request(imds + '/api/token', method='PUT',\n"
+        "    headers={'X-metadata-token-ttl-seconds': '60'})).read().decode()\n"
+        "doc = json.loads(u.urlopen(u.Request(imds + '/meta-data/leap0',\n"
+        "    headers={'X-metadata-token': token, 'Accept': 'application/json'})).read())\n"
+        "[doc['sandbox']['id'], doc['exec']['command'], doc['exec']['user']]",
+    )
+    assert r.error is None, r.error
+    assert r.main_text == repr([interpreter.id, "/usr/bin/python3 /opt/cove/code-interpreter/server.py", "user"])
 
 
 def test_contexts_keep_state_and_cwd(interpreter):

@@ -22,6 +22,9 @@ pub struct SystemTemplate {
     /// The port of the service the template runs, which `https://<id>.<sandbox domain>`
     /// reaches (before the sandbox's `PORT` variable).
     pub service_port: Option<u16>,
+    /// The service's command line (as in its `/etc/cove/image.json`, written by
+    /// `images/rootfs.sh`); empty for none.
+    pub command: &'static [&'static str],
     /// A shell command run in the guest at the template's first boot, before the snapshot is
     /// saved: it ends (status 0) once the service is ready, so that every sandbox restores
     /// with it ready.
@@ -36,12 +39,14 @@ pub const SYSTEM_TEMPLATES: &[SystemTemplate] = &[
         name: crate::sandbox::DEFAULT_TEMPLATE,
         rootfs_dir: "rootfs",
         service_port: None,
+        command: &[],
         ready_probe: None,
     },
     SystemTemplate {
         name: "system/code-interpreter:v0.1.0",
         rootfs_dir: "rootfs-code-interpreter",
         service_port: Some(CODE_INTERPRETER_PORT),
+        command: &["/usr/bin/python3", "/opt/cove/code-interpreter/server.py"],
         // `?warm` also waits for the spare worker to have loaded numpy, pandas and matplotlib.
         ready_probe: Some(
             "curl -sf --retry 300 --retry-delay 1 --retry-connrefused -m 300 'http://127.0.0.1:49999/healthz?warm'",
@@ -275,6 +280,23 @@ mod tests {
 
     fn upload(v: serde_json::Value) -> UploadTemplateRequest {
         serde_json::from_value(v).unwrap()
+    }
+
+    /// The code interpreter's command in the table (what its metadata says) is the one
+    /// `images/rootfs.sh` writes into its `/etc/cove/image.json` (what the agent runs).
+    #[test]
+    fn the_code_interpreter_command_matches_its_image_config() {
+        let script = include_str!("../../../images/rootfs.sh");
+        let json = script
+            .split("<<'JSON'\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\nJSON\n").next())
+            .expect("an image.json heredoc in rootfs.sh");
+        let config: serde_json::Value = serde_json::from_str(json).unwrap();
+        let t = system_template("system/code-interpreter:v0.1.0").unwrap();
+        assert_eq!(config["cmd"], serde_json::json!(t.command));
+        assert_eq!(t.service_port, Some(CODE_INTERPRETER_PORT));
+        assert!(t.ready_probe.unwrap().contains(&CODE_INTERPRETER_PORT.to_string()));
     }
 
     #[test]

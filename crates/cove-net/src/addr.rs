@@ -23,6 +23,11 @@ pub const TLS_PROXY_PORT: u16 = 15443;
 /// The credential proxy ([`crate::egress::lend`]), which the guest addresses directly.
 pub const CREDENTIAL_PROXY_PORT: u16 = cove_proto::net::CREDENTIAL_PROXY_PORT;
 
+/// The metadata service's address as the guest sees it (connections to it on port 80 are
+/// redirected to `METADATA_PORT` on the gateway, in every network mode).
+pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+pub const METADATA_PORT: u16 = 15169;
+
 /// The TAP's name inside the sandbox namespace and the veth end beside it.
 pub const TAP_NAME: &str = "tap0";
 pub const VETH_INNER: &str = "eth0";

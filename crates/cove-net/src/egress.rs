@@ -8,6 +8,7 @@ pub mod flows;
 pub mod hello;
 mod http;
 pub mod lend;
+pub mod metadata;
 
 use std::collections::HashMap;
 use std::io;
@@ -78,6 +79,8 @@ pub(crate) struct Shared {
     /// Upstream TLS client configs: ALPN http/1.1 only, and h2 + http/1.1.
     pub tls_h1: Arc<rustls::ClientConfig>,
     pub tls_h2: Arc<rustls::ClientConfig>,
+    /// Answers of the metadata service, once the control plane has said where they come from.
+    pub metadata: std::sync::OnceLock<Arc<dyn metadata::MetadataSource>>,
 }
 
 /// One attached sandbox.
@@ -91,6 +94,8 @@ pub(crate) struct Sandbox {
     pub shared: Arc<Shared>,
     /// Credentials lent to the credential proxy ([`lend`]).
     pub loans: Mutex<Vec<Arc<lend::Lent>>>,
+    /// Session tokens of the metadata service ([`metadata`]).
+    pub metadata_tokens: metadata::Tokens,
 }
 
 /// Where a proxied connection goes.
@@ -138,6 +143,7 @@ impl Egress {
             upstream_dns: cfg.upstream_dns,
             tls_h1: client(&[b"http/1.1"])?,
             tls_h2: client(&[b"h2", b"http/1.1"])?,
+            metadata: std::sync::OnceLock::new(),
         });
         Ok(Arc::new(Egress { shared, sandboxes: Mutex::new(HashMap::new()) }))
     }
@@ -155,7 +161,7 @@ impl Egress {
     ) -> io::Result<()> {
         self.detach(id);
         let gw = IpAddr::V4(addr::GATEWAY_IP);
-        let (udp, dns_tcp, http_l, tls_l, lend_l) = bind_all(netns, gw).await?;
+        let (udp, dns_tcp, http_l, tls_l, lend_l, meta_l) = bind_all(netns, gw).await?;
         let sb = Arc::new(Sandbox {
             id: id.to_string(),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
@@ -164,6 +170,7 @@ impl Egress {
             stop: CancellationToken::new(),
             shared: self.shared.clone(),
             loans: Mutex::default(),
+            metadata_tokens: Default::default(),
         });
         let ctx = Arc::new(DnsContext {
             sandbox: id.to_string(),
@@ -176,6 +183,7 @@ impl Egress {
         tokio::spawn(accept_loop(sb.clone(), http_l, Proxy::Http));
         tokio::spawn(accept_loop(sb.clone(), tls_l, Proxy::Tls));
         tokio::spawn(accept_loop(sb.clone(), lend_l, Proxy::Lend));
+        tokio::spawn(accept_loop(sb.clone(), meta_l, Proxy::Metadata));
         tracing::info!(sandbox = id, netns = %netns.display(), mode = ?sb.policy.load().mode(), "egress attached");
         if let Some(old) = self.sandboxes.lock().expect("sandboxes").insert(id.to_string(), sb) {
             stop(&old);
@@ -194,6 +202,13 @@ impl Egress {
         let p = sb.policy.load_full();
         let cut = sb.flows.cut_where(|k| k.allowed_by(&p));
         tracing::info!(sandbox = id, mode = ?p.mode(), cut, "egress policy updated");
+    }
+
+    /// Where the metadata service's answers come from (set once, by the control plane).
+    pub fn set_metadata_source(&self, source: Arc<dyn metadata::MetadataSource>) {
+        if self.shared.metadata.set(source).is_err() {
+            tracing::warn!("the metadata source was already set; keeping the first");
+        }
     }
 
     /// Lends credentials to the sandbox's credential proxy until the guard is dropped; `None`
@@ -222,7 +237,7 @@ fn stop(sb: &Sandbox) {
     sb.stop.cancel();
 }
 
-type Listeners = (tokio::net::UdpSocket, TcpListener, TcpListener, TcpListener, TcpListener);
+type Listeners = (tokio::net::UdpSocket, TcpListener, TcpListener, TcpListener, TcpListener, TcpListener);
 
 /// Binds the four sockets, retrying briefly while a replaced attach's sockets are closing.
 async fn bind_all(netns: &Path, gw: IpAddr) -> io::Result<Listeners> {
@@ -235,6 +250,7 @@ async fn bind_all(netns: &Path, gw: IpAddr) -> io::Result<Listeners> {
                 crate::netns::tcp_listener(netns, SocketAddr::new(gw, addr::HTTP_PROXY_PORT))?,
                 crate::netns::tcp_listener(netns, SocketAddr::new(gw, addr::TLS_PROXY_PORT))?,
                 crate::netns::tcp_listener(netns, SocketAddr::new(gw, addr::CREDENTIAL_PROXY_PORT))?,
+                crate::netns::tcp_listener(netns, SocketAddr::new(gw, addr::METADATA_PORT))?,
             ))
         })();
         match r {
@@ -252,6 +268,7 @@ enum Proxy {
     Http,
     Tls,
     Lend,
+    Metadata,
 }
 
 async fn accept_loop(sb: Arc<Sandbox>, listener: TcpListener, kind: Proxy) {
@@ -281,6 +298,7 @@ async fn accept_loop(sb: Arc<Sandbox>, listener: TcpListener, kind: Proxy) {
                     Proxy::Tls => handle_tls(sb.clone(), flow.clone(), stream).await,
                     Proxy::Http => http::serve(sb.clone(), flow.clone(), stream).await,
                     Proxy::Lend => lend::serve(sb.clone(), flow.clone(), stream).await,
+                    Proxy::Metadata => metadata::serve(sb.clone(), flow.clone(), stream).await,
                 }
             };
             tokio::select! {

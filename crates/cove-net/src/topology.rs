@@ -21,7 +21,7 @@ use ipnet::Ipv4Net;
 
 use crate::addr::{
     CREDENTIAL_PROXY_PORT, DNS_PORT, GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_PREFIX, HTTP_PROXY_PORT,
-    TAP_NAME, TLS_PROXY_PORT,
+    METADATA_IP, METADATA_PORT, TAP_NAME, TLS_PROXY_PORT,
 };
 use crate::netns::{self, run};
 
@@ -150,6 +150,7 @@ table inet cove {{
         iifname "{TAP_NAME}" meta nfproto ipv6 drop
         iifname "{TAP_NAME}" ip saddr != {GUEST_IP} drop
         iifname "{TAP_NAME}" meta l4proto {{ tcp, udp }} th dport {DNS_PORT} dnat ip to {GATEWAY_IP}:{DNS_PORT}
+        iifname "{TAP_NAME}" ip daddr {METADATA_IP} tcp dport 80 dnat ip to {GATEWAY_IP}:{METADATA_PORT}
 {proxied}    }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -171,6 +172,7 @@ table inet cove {{
         iifname "{TAP_NAME}" ip daddr {GATEWAY_IP} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept
         iifname "{TAP_NAME}" ip daddr {GATEWAY_IP} tcp dport {{ {HTTP_PROXY_PORT}, {TLS_PROXY_PORT} }} ct status dnat accept
         iifname "{TAP_NAME}" ip daddr {GATEWAY_IP} tcp dport {CREDENTIAL_PROXY_PORT} accept
+        iifname "{TAP_NAME}" ip daddr {GATEWAY_IP} tcp dport {METADATA_PORT} ct status dnat accept
         iifname "{TAP_NAME}" meta l4proto tcp reject with tcp reset
         iifname "{TAP_NAME}" reject with icmpx admin-prohibited
     }}

@@ -61,6 +61,7 @@ pub enum AfterCapture {
 }
 
 pub use cove_net::egress::lend::Loan;
+pub use cove_net::egress::metadata::{ExecMetadata, MetadataSource, MountMetadata, SandboxMetadata};
 
 /// Keeps a loan of credentials in force; dropping it returns them.
 pub type LoanGuard = Box<dyn std::any::Any + Send + Sync>;
@@ -173,6 +174,10 @@ pub trait SandboxHost: Send + Sync + 'static {
 
     /// Replaces the egress policy of a running sandbox; flows the new one forbids are cut.
     async fn set_network_policy(&self, id: &str, policy: Option<&NetworkPolicy>) -> Result<(), RunnerError>;
+
+    /// Where the metadata service of this host's sandboxes (`http://169.254.169.254` in the
+    /// guest) gets its answers: the control plane's records. Set once, at start-up.
+    fn set_metadata_source(&self, source: std::sync::Arc<dyn MetadataSource>);
 
     /// Lends credentials to a running sandbox's credential proxy, for as long as the answer is
     /// kept (`cove_net::egress::lend`): the guest's git reaches the remote through it and never

@@ -535,6 +535,10 @@ impl SandboxHost for Runner {
         self.net.set_policy(id, policy).await
     }
 
+    fn set_metadata_source(&self, source: Arc<dyn host::MetadataSource>) {
+        self.net.set_metadata_source(source);
+    }
+
     async fn lend_credentials(&self, id: &str, loan: host::Loan) -> Result<host::LoanGuard, RunnerError> {
         self.vm(id)?;
         self.net.lend(id, loan).map(|g| Box::new(g) as host::LoanGuard)

@@ -120,6 +120,10 @@ impl Network {
     }
 
     /// Lends credentials to the sandbox's credential proxy until the guard is dropped.
+    pub fn set_metadata_source(&self, source: Arc<dyn cove_net::egress::metadata::MetadataSource>) {
+        self.egress.set_metadata_source(source);
+    }
+
     pub fn lend(
         &self,
         id: &str,

@@ -226,6 +226,15 @@ impl Store {
             .optional()?)
     }
 
+    /// A sandbox by id alone, whatever its organization (for answers that come from the host
+    /// side, such as the metadata service, which knows the sandbox and not its organization).
+    pub fn sandbox_by_id(&self, id: &str) -> Result<Option<SandboxRecord>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1"), [id], sandbox_row)
+            .optional()?)
+    }
+
     /// Moves a sandbox from one of `from` to `to`, ending any operation in flight; returns the
     /// record as it was before, or `None` if it was not in one of `from` (someone else moved it
     /// first).

@@ -162,6 +162,7 @@ async fn serve(args: ServerArgs) -> Result<()> {
         }
     };
     let core = Arc::new(Core::new(store, runner.clone(), ccfg, sealer));
+    core.serve_metadata();
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
     if !args.no_prepare {

@@ -631,3 +631,86 @@ async fn a_server_restart_keeps_sandbox_networks_enforced() {
     let (_, out) = sh(&api, &id, &dns_query("10.250.0.1", "evil.test", 1)).await;
     assert_eq!(out.trim(), "3 0");
 }
+
+/// The metadata service at 169.254.169.254, answered on the host: reachable under deny-all (and
+/// nothing else is), IMDSv2 sessions whose tokens belong to one sandbox, the IMDS text form and
+/// JSON, and what it says matches the sandbox (its id, environment, and the egress CA the
+/// guest trusts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_service_answers_from_the_host() {
+    let api = server().new_org(None);
+    let left = Leftovers::new(&api);
+    let a = api.create(json!({"env_vars": {"PORT": "3000"}, "network_policy": {"mode": "deny-all"}})).await;
+    left.sandbox(&a);
+    let b = api.create(json!({})).await;
+    left.sandbox(&b);
+    let imds = "http://169.254.169.254";
+    let token_of = |id: String| {
+        let api = &api;
+        async move {
+            let (code, token) = curl(
+                api,
+                &id,
+                &format!("-f -X PUT -H 'X-metadata-token-ttl-seconds: 60' {imds}/latest/api/token"),
+            )
+            .await;
+            assert_eq!(code, 0, "{token}");
+            assert!(token.len() >= 32 && token.chars().all(|c| c.is_ascii_hexdigit()), "{token:?}");
+            token
+        }
+    };
+    let token = token_of(a.clone()).await;
+
+    // Sessions: a token is needed, its TTL is checked, and it only works in its own sandbox.
+    let status = |id: String, args: String| {
+        let api = &api;
+        async move { curl(api, &id, &format!("-o /dev/null -w '%{{http_code}}' {args}")).await.1 }
+    };
+    let leap0 = format!("{imds}/latest/meta-data/leap0");
+    assert_eq!(status(a.clone(), leap0.clone()).await, "401");
+    assert_eq!(status(a.clone(), format!("-H 'X-metadata-token: nope' {leap0}")).await, "401");
+    assert_eq!(status(b.clone(), format!("-H 'X-metadata-token: {token}' {leap0}")).await, "401");
+    assert_eq!(status(a.clone(), format!("-X PUT {imds}/latest/api/token")).await, "400");
+    let ttl = |t: &str| format!("-X PUT -H 'X-metadata-token-ttl-seconds: {t}' {imds}/latest/api/token");
+    assert_eq!(status(a.clone(), ttl("21601")).await, "400");
+    assert_eq!(status(a.clone(), ttl("0")).await, "400");
+    assert_eq!(status(a.clone(), format!("{imds}/latest/api/token")).await, "405");
+    assert_eq!(status(a.clone(), format!("-H 'X-metadata-token: {token}' {leap0}/nothing")).await, "404");
+    assert_eq!(
+        status(b.clone(), format!("-H 'X-metadata-token: {}' {leap0}", token_of(b.clone()).await)).await,
+        "200"
+    );
+
+    // The IMDS text form, then JSON.
+    let get = |path: &str, json: bool| {
+        let accept = if json { "-H 'Accept: application/json'" } else { "" };
+        let args = format!("-f -H 'X-metadata-token: {token}' {accept} {leap0}{path}");
+        let (api, a) = (&api, a.clone());
+        async move {
+            let (code, out) = curl(api, &a, &args).await;
+            assert_eq!(code, 0, "{out}");
+            out
+        }
+    };
+    assert_eq!(get("", false).await, "exec/\nmounts/\nnetwork/\nsandbox/\nschema_version\ntelemetry/");
+    assert_eq!(get("/exec", false).await, "command\nenv/\nuser\nworkdir");
+    assert_eq!(get("/sandbox/id", false).await, a);
+    assert_eq!(get("/exec/env/PORT", false).await, "3000");
+    let doc = json_of(&get("", true).await);
+    assert_eq!(doc["schema_version"], 1);
+    assert_eq!(doc["sandbox"], json!({"id": a}));
+    assert_eq!(doc["exec"]["env"]["PORT"], "3000");
+    assert_eq!(
+        (doc["exec"]["user"].as_str(), doc["exec"]["workdir"].as_str()),
+        (Some("user"), Some("/home/user"))
+    );
+    assert_eq!(doc["network"]["dns_resolvers"], json!(["10.250.0.1"]));
+    assert_eq!(doc["mounts"], json!([]));
+    let (_, guest_ca) = sh(&api, &a, "cat /usr/local/share/ca-certificates/cove-egress.crt").await;
+    assert_eq!(doc["network"]["ca_cert_pem"].as_str().map(str::trim), Some(guest_ca.trim()));
+    assert_eq!(json_of(&get("/sandbox", true).await), json!({"id": a}));
+    assert_eq!(json_of(&get("/mounts", true).await), json!([]));
+
+    // Deny-all still holds for everything else.
+    assert_refused("http by IP", &curl(&api, &a, &format!("http://{ALLOWED_IP}/")).await);
+}

@@ -35,6 +35,7 @@ use SandboxState as S;
 mod guest;
 mod lifecycle;
 mod machine;
+mod metadata;
 mod mounts;
 mod policy;
 mod presigned;

@@ -276,7 +276,8 @@ mod tests {
 
     #[test]
     fn a_template_service_port_comes_before_the_port_variable() {
-        let env = |port: Option<&str>| port.map(|p| ("PORT".to_string(), p.to_string())).into_iter().collect();
+        let env =
+            |port: Option<&str>| port.map(|p| ("PORT".to_string(), p.to_string())).into_iter().collect();
         let ci = "system/code-interpreter:v0.1.0";
         assert_eq!(default_port(ci, &env(Some("8080"))), Some(cove_api::template::CODE_INTERPRETER_PORT));
         assert_eq!(default_port(ci, &env(None)), Some(cove_api::template::CODE_INTERPRETER_PORT));

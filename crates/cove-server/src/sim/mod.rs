@@ -507,6 +507,10 @@ impl SandboxHost for SimHost {
         self.point("set_network_policy.done").await
     }
 
+    /// The simulated host has no guest network to serve metadata on; the real one's is tested
+    /// in `crates/cove/tests/metadata.rs`.
+    fn set_metadata_source(&self, _source: Arc<dyn cove_runner::host::MetadataSource>) {}
+
     async fn lend_credentials(
         &self,
         id: &str,
