@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{Api, Leftovers, TestServer};
-use cove_net::testing::{Internet, ALLOWED_IP, CDN_IP, EVIL_IP, ROOT_SIDE_IP, SECRET_IP};
+use cove_net::testing::{Internet, ALLOWED_IP, ALT_HTTP_PORT, CDN_IP, EVIL_IP, ROOT_SIDE_IP, SECRET_IP};
 use serde_json::{json, Value};
 
 /// The secret a transform injects: it must never be visible in the guest.
@@ -111,9 +111,14 @@ async fn allow_all_reaches_the_internet_and_nothing_private() {
     let (code, out) = sh(&api, &a, &tcp_echo(&CDN_IP.to_string(), 7000)).await;
     assert_eq!((code, out.trim()), (0, "ping"));
 
-    // Never reachable, in any mode: metadata, private ranges, the host, the gateway's other
-    // ports, other sandboxes.
-    assert_refused("metadata", &curl(&api, &a, "http://169.254.169.254/latest/meta-data/").await);
+    // Never reachable, in any mode: a cloud's metadata service (169.254.169.254:80 is Cove's
+    // own, answered on the host), other link-local addresses, private ranges, the host, the
+    // gateway's other ports, other sandboxes.
+    let (code, out) = curl(&api, &a, "http://169.254.169.254/latest/meta-data/leap0").await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("X-metadata-token is required"), "not Cove's metadata service: {out}");
+    assert_refused("metadata, another port", &curl(&api, &a, "http://169.254.169.254:8080/").await);
+    assert_refused("link-local", &curl(&api, &a, "http://169.254.169.253/").await);
     assert_refused("private", &curl(&api, &a, "http://10.1.2.3/").await);
     assert_refused("host's test link", &curl(&api, &a, &format!("http://{ROOT_SIDE_IP}:80/")).await);
     assert_refused("gateway ssh", &curl(&api, &a, "http://10.250.0.1:22/").await);
@@ -171,11 +176,12 @@ async fn deny_all_lets_nothing_out_and_fails_fast() {
     left.sandbox(&id);
     let dns_before = inet.dns_queries_for("denied.allowed.test").len();
     let udp_before = inet.udp_datagrams(ALLOWED_IP, 443);
-    let tcp_before = inet.connections(ALLOWED_IP, 80);
+    // A port no other test connects to: tests run side by side on one test internet.
+    let tcp_before = inet.connections(ALLOWED_IP, ALT_HTTP_PORT);
     let dns_denied = r#"cove_egress_decisions_total{protocol="dns",decision="deny"}"#;
     let denied_before = server().metric(dns_denied).await;
 
-    assert_refused("http by IP", &curl(&api, &id, &format!("http://{ALLOWED_IP}/")).await);
+    assert_refused("http by IP", &curl(&api, &id, &format!("http://{ALLOWED_IP}:{ALT_HTTP_PORT}/")).await);
     assert_refused("https by IP", &curl(&api, &id, &format!("https://{ALLOWED_IP}/")).await);
     let (code, out) = sh(&api, &id, &tcp_echo(&CDN_IP.to_string(), 7000)).await;
     assert_ne!(code, 0, "{out}");
@@ -186,7 +192,7 @@ async fn deny_all_lets_nothing_out_and_fails_fast() {
 
     assert_eq!(inet.dns_queries_for("denied.allowed.test").len(), dns_before, "DNS left the sandbox");
     assert_eq!(inet.udp_datagrams(ALLOWED_IP, 443), udp_before, "UDP left the sandbox");
-    assert_eq!(inet.connections(ALLOWED_IP, 80), tcp_before, "TCP left the sandbox");
+    assert_eq!(inet.connections(ALLOWED_IP, ALT_HTTP_PORT), tcp_before, "TCP left the sandbox");
     assert!(server().metric(dns_denied).await > denied_before, "the refused lookup is not in the metrics");
 }
 
