@@ -119,11 +119,12 @@ impl Network {
         Ok(())
     }
 
-    /// Lends credentials to the sandbox's credential proxy until the guard is dropped.
+    /// Where the sandboxes' metadata service gets its answers.
     pub fn set_metadata_source(&self, source: Arc<dyn cove_net::egress::metadata::MetadataSource>) {
         self.egress.set_metadata_source(source);
     }
 
+    /// Lends credentials to the sandbox's credential proxy until the guard is dropped.
     pub fn lend(
         &self,
         id: &str,

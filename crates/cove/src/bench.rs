@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 mod density;
 mod mount;
 mod pty;
+mod soak;
 mod template;
 
 #[derive(Args, Debug)]
@@ -61,6 +62,9 @@ enum Which {
     /// Idle sandboxes added in steps: host CPU and memory per idle sandbox, and an exec beside
     /// them against the same exec with none.
     Density(density::DensityArgs),
+    /// Randomized pause/resume, snapshot/restore and stop/start cycles, with data on disk, in
+    /// guest memory and in a process's memory checked after each.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Args, Debug)]
@@ -292,6 +296,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Which::Mount(a) => mount::mount(&bench, a, &args.cache_dir).await,
             Which::Pty(a) => pty::pty(&bench, a).await,
             Which::Density(a) => density::density(&bench, a).await,
+            Which::Soak(a) => soak::soak(&bench, a).await,
             Which::Template(a) => match &registry {
                 Some(registry) => template::template(&bench, registry, a, &args.cache_dir).await,
                 None => unreachable!("the registry is started for the template bench"),

@@ -29,8 +29,8 @@ pub struct ServerArgs {
     /// stopping ones count; paused and stopped ones do not).
     #[arg(long, env = "COVE_SANDBOX_LIMIT", default_value_t = 3)]
     sandbox_limit: u64,
-    /// Skip booting the system templates' default shape at start-up (each is then booted by the first
-    /// create that needs it).
+    /// Skip booting the system templates' default shape at start-up (each is then booted by
+    /// the first create that needs it).
     #[arg(long, env = "COVE_NO_PREPARE")]
     no_prepare: bool,
     /// Where pause images and snapshots are stored: `file:///dir` or `s3://bucket[/prefix]`
