@@ -80,8 +80,12 @@ def test_policies_are_kept_and_enforced(client, server):
 
     sb = client.sandboxes.create(template_name=TEMPLATE, network_policy={"mode": "deny-all"})
     try:
-        r = sb.process.execute(command="curl -sS --max-time 20 http://169.254.169.254/ ; echo exit=$?")
+        # Link-local addresses stay out of reach; 169.254.169.254:80 is Cove's own metadata
+        # service, answered on the host (it wants a session token).
+        r = sb.process.execute(command="curl -sS --max-time 20 http://169.254.169.253/ ; echo exit=$?")
         assert "exit=7" in r.stdout, r.stdout + r.stderr
+        r = sb.process.execute(command="curl -sS --max-time 20 http://169.254.169.254/latest/meta-data/leap0")
+        assert r.exit_code == 0 and "X-metadata-token is required" in r.stdout, r.stdout + r.stderr
     finally:
         sb.delete()
 
