@@ -31,6 +31,10 @@ pub struct SystemTemplate {
     pub ready_probe: Option<&'static str>,
 }
 
+/// The account commands of every system template run as, and where they start.
+pub const SYSTEM_USER: &str = "user";
+pub const SYSTEM_WORKDIR: &str = "/home/user";
+
 /// The code interpreter's port in its template's guests.
 pub const CODE_INTERPRETER_PORT: u16 = 49999;
 

@@ -239,7 +239,8 @@ fn stop(sb: &Sandbox) {
 
 type Listeners = (tokio::net::UdpSocket, TcpListener, TcpListener, TcpListener, TcpListener, TcpListener);
 
-/// Binds the four sockets, retrying briefly while a replaced attach's sockets are closing.
+/// Binds the sandbox's sockets (DNS over UDP and TCP, the HTTP, TLS and credential proxies,
+/// the metadata service), retrying briefly while a replaced attach's sockets are closing.
 async fn bind_all(netns: &Path, gw: IpAddr) -> io::Result<Listeners> {
     let mut attempt = 0;
     loop {

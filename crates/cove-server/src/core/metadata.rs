@@ -36,8 +36,8 @@ impl Core {
         let (command, workdir, user, mut env) = match cove_api::template::system_template(&rec.template) {
             Some(t) => (
                 t.command.iter().map(|s| s.to_string()).collect(),
-                "/home/user".to_string(),
-                "user".to_string(),
+                cove_api::template::SYSTEM_WORKDIR.to_string(),
+                cove_api::template::SYSTEM_USER.to_string(),
                 BTreeMap::new(),
             ),
             None => {

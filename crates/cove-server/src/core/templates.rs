@@ -69,8 +69,8 @@ impl Core {
             name: t.name.into(),
             digest: String::new(),
             image_config: ImageConfig {
-                user: "user".into(),
-                working_dir: "/home/user".into(),
+                user: cove_api::template::SYSTEM_USER.into(),
+                working_dir: cove_api::template::SYSTEM_WORKDIR.into(),
                 ..Default::default()
             },
             is_system: true,
