@@ -8,12 +8,15 @@
 #   code-interpreter  system/code-interpreter:v0.1.0    OUT=CACHE_DIR/rootfs-code-interpreter
 #     base + numpy, matplotlib, pandas (Debian) + the service in COVE_SERVICE_DIR (server.py,
 #     node_worker.js, cove_inline.py), run by the agent as the template's command (/etc/cove/image.json).
+#   desktop           system/desktop:v0.1.0             OUT=CACHE_DIR/rootfs-desktop
+#     base + Xvfb, XFCE, x11vnc, noVNC, xdotool, wmctrl, ffmpeg, Pillow (Debian) + the service in
+#     COVE_SERVICE_DIR (server.py), run by the agent as the template's command.
 # Idempotent: skipped when the outputs exist for the same recipe (hash of this script, sources
 # and service files).
 # Env: COVE_ROOTFS_EXTRA="pkg1,pkg2"  extra packages; COVE_ROOTFS_FREE_MIB (default 1024).
 set -euo pipefail
 
-CACHE_DIR=${1:?usage: rootfs.sh CACHE_DIR [base|code-interpreter]}
+CACHE_DIR=${1:?usage: rootfs.sh CACHE_DIR [base|code-interpreter|desktop]}
 VARIANT=${2:-base}
 SUITE=bookworm
 PACKAGES="bash,coreutils,ca-certificates,curl,git,python3,procps,iproute2,sudo,netbase,less,iputils-ping,nodejs"
@@ -27,7 +30,16 @@ case "$VARIANT" in
         SERVICE_DIR=${COVE_SERVICE_DIR:?COVE_SERVICE_DIR must name the directory of the service files}
         SERVICE_FILES=("$SERVICE_DIR/server.py" "$SERVICE_DIR/node_worker.js" "$SERVICE_DIR/cove_inline.py")
         ;;
-    *) echo "rootfs.sh: unknown variant $VARIANT (base, code-interpreter)" >&2; exit 1 ;;
+    desktop)
+        OUT="$CACHE_DIR/rootfs-desktop"
+        # No recommends (mmdebstrap's default): each piece the service runs is named here.
+        PACKAGES="$PACKAGES,xvfb,xauth,xfonts-base,fonts-dejavu-core,x11-utils,x11-xserver-utils"
+        PACKAGES="$PACKAGES,xfce4-session,xfwm4,xfdesktop4,xfce4-panel,xfce4-terminal,xfconf,dbus-x11"
+        PACKAGES="$PACKAGES,x11vnc,novnc,python3-websockify,xdotool,wmctrl,ffmpeg,python3-pil"
+        SERVICE_DIR=${COVE_SERVICE_DIR:?COVE_SERVICE_DIR must name the directory of the service files}
+        SERVICE_FILES=("$SERVICE_DIR/server.py")
+        ;;
+    *) echo "rootfs.sh: unknown variant $VARIANT (base, code-interpreter, desktop)" >&2; exit 1 ;;
 esac
 # Language servers the LSP endpoints start (`python`: pyright; `typescript`/`javascript`:
 # typescript-language-server over typescript's tsserver), from the npm registry: name, version,
@@ -144,6 +156,25 @@ if [ "$VARIANT" = code-interpreter ]; then
  "cmd": ["/usr/bin/python3", "/opt/cove/code-interpreter/server.py"]}
 JSON
     chroot "$ROOT" python3 -c 'import numpy, pandas, matplotlib; print("numpy", numpy.__version__, "pandas", pandas.__version__, "matplotlib", matplotlib.__version__)' >&2
+fi
+
+if [ "$VARIANT" = desktop ]; then
+    step "1c/4 the desktop service into /opt/cove/desktop"
+    install -d -m 0755 "$ROOT/opt/cove/desktop" "$ROOT/etc/cove"
+    install -m 0644 "${SERVICE_FILES[@]}" "$ROOT/opt/cove/desktop/"
+    # As for the code interpreter: the agent starts it before the template snapshot, and the
+    # snapshot is saved once the whole desktop is up, so every sandbox restores with it drawn.
+    cat >"$ROOT/etc/cove/image.json" <<'JSON'
+{"env": [], "working_dir": "/home/user", "user": "user",
+ "cmd": ["/usr/bin/python3", "/opt/cove/desktop/server.py"]}
+JSON
+    # D-Bus (XFCE's session bus) wants a machine id; a template's sandboxes share its one.
+    chroot "$ROOT" dbus-uuidgen --ensure=/etc/machine-id
+    for b in Xvfb xfce4-session xfwm4 xfdesktop xfce4-panel xfce4-terminal x11vnc websockify xdotool wmctrl ffmpeg dbus-launch; do
+        chroot "$ROOT" sh -c "command -v $b" >/dev/null || { step "missing $b"; exit 1; }
+    done
+    [ -f "$ROOT/usr/share/novnc/vnc.html" ] || { step "missing noVNC's vnc.html"; exit 1; }
+    chroot "$ROOT" python3 -c 'from PIL import Image, ImageGrab; print("Pillow", Image.__version__)' >&2
 fi
 
 step "2/4 sanity checks"

@@ -37,6 +37,8 @@ pub const SYSTEM_WORKDIR: &str = "/home/user";
 
 /// The code interpreter's port in its template's guests.
 pub const CODE_INTERPRETER_PORT: u16 = 49999;
+/// The desktop service's port in its template's guests (its API and the noVNC page).
+pub const DESKTOP_PORT: u16 = 6080;
 
 pub const SYSTEM_TEMPLATES: &[SystemTemplate] = &[
     SystemTemplate {
@@ -54,6 +56,16 @@ pub const SYSTEM_TEMPLATES: &[SystemTemplate] = &[
         // `?warm` also waits for the spare worker to have loaded numpy, pandas and matplotlib.
         ready_probe: Some(
             "curl -sf --retry 300 --retry-delay 1 --retry-connrefused -m 300 'http://127.0.0.1:49999/healthz?warm'",
+        ),
+    },
+    SystemTemplate {
+        name: "system/desktop:v0.1.0",
+        rootfs_dir: "rootfs-desktop",
+        service_port: Some(DESKTOP_PORT),
+        command: &["/usr/bin/python3", "/opt/cove/desktop/server.py"],
+        // `?ready` waits until every desktop process runs and XFCE has drawn its desktop.
+        ready_probe: Some(
+            "curl -sf --retry 300 --retry-delay 1 --retry-connrefused -m 300 'http://127.0.0.1:6080/api/healthz?ready'",
         ),
     },
 ];
@@ -301,6 +313,9 @@ mod tests {
         assert_eq!(config["cmd"], serde_json::json!(t.command));
         assert_eq!(t.service_port, Some(CODE_INTERPRETER_PORT));
         assert!(t.ready_probe.unwrap().contains(&CODE_INTERPRETER_PORT.to_string()));
+        let d = system_template("system/desktop:v0.1.0").unwrap();
+        assert_eq!(d.service_port, Some(DESKTOP_PORT));
+        assert!(d.ready_probe.unwrap().contains(&DESKTOP_PORT.to_string()));
     }
 
     #[test]

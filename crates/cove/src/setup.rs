@@ -30,6 +30,8 @@ const CODE_INTERPRETER: &[(&str, &str)] = &[
     ("node_worker.js", include_str!("../../../images/code-interpreter/node_worker.js")),
     ("cove_inline.py", include_str!("../../../images/code-interpreter/cove_inline.py")),
 ];
+/// The desktop service, installed into its template's root filesystem.
+const DESKTOP: &[(&str, &str)] = &[("server.py", include_str!("../../../images/desktop/server.py"))];
 
 struct Steps {
     n: usize,
@@ -50,7 +52,7 @@ impl Steps {
 
 pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
     std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
-    let mut steps = Steps { n: 0, total: 5 };
+    let mut steps = Steps { n: 0, total: 6 };
 
     let t = steps.start("host packages and the unprivileged VM user");
     install_packages()?;
@@ -69,13 +71,13 @@ pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
     let t = steps.start(
         "code interpreter template root filesystem (system/code-interpreter:v0.1.0: numpy, pandas, matplotlib)",
     );
-    let service = tempfile_dir()?.join("code-interpreter");
-    std::fs::create_dir_all(&service)?;
-    for (name, body) in CODE_INTERPRETER {
-        std::fs::write(service.join(name), body)?;
-    }
-    // run_script removes its temporary directory, the service files with it.
-    run_script("rootfs.sh", ROOTFS_SH, cache_dir, &["code-interpreter"], &[("COVE_SERVICE_DIR", &service)])?;
+    build_service_rootfs(cache_dir, "code-interpreter", CODE_INTERPRETER)?;
+    steps.done(t);
+
+    let t = steps.start(
+        "desktop template root filesystem (system/desktop:v0.1.0: Xvfb, XFCE, x11vnc, noVNC, xdotool, ffmpeg)",
+    );
+    build_service_rootfs(cache_dir, "desktop", DESKTOP)?;
     steps.done(t);
 
     let t = steps.start("initramfs with the guest agent");
@@ -87,6 +89,18 @@ pub fn run(cache_dir: &Path, agent: Option<PathBuf>) -> Result<()> {
     steps.done(t);
     println!("setup complete: {}", cache_dir.display());
     Ok(())
+}
+
+/// The root filesystem of a system template with a service: `images/rootfs.sh VARIANT`, given
+/// the service's files (embedded in this binary) in a directory of their own.
+fn build_service_rootfs(cache_dir: &Path, variant: &str, files: &[(&str, &str)]) -> Result<()> {
+    let service = tempfile_dir()?.join(variant);
+    std::fs::create_dir_all(&service)?;
+    for (name, body) in files {
+        std::fs::write(service.join(name), body)?;
+    }
+    // run_script removes its temporary directory, the service files with it.
+    run_script("rootfs.sh", ROOTFS_SH, cache_dir, &[variant], &[("COVE_SERVICE_DIR", &service)])
 }
 
 fn install_packages() -> Result<()> {
