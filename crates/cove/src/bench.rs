@@ -203,7 +203,8 @@ impl Bench {
 
     /// Creates a sandbox of `template` and waits for its first answer: an exec, or with
     /// `service` the template's service through the invoke route (`<id>.<domain>`, here a
-    /// code interpreter cell). Returns the time to the 201 and to that answer; deletes it.
+    /// code interpreter cell or a desktop screenshot). Returns the time to the 201 and to that
+    /// answer; deletes it.
     async fn create_until_answered(&self, template: &str, service: bool) -> Result<(Duration, Duration)> {
         let t0 = Instant::now();
         let sbx =
@@ -211,19 +212,30 @@ impl Bench {
         let created = t0.elapsed();
         let id = sbx["id"].as_str().context("no id")?.to_string();
         if service {
-            let answer: Value = self
-                .http
-                .post(format!("{}/execute", self.base))
+            let port = cove_api::template::system_template(template).and_then(|t| t.service_port);
+            let request = if port == Some(cove_api::template::DESKTOP_PORT) {
+                self.http.get(format!("{}/api/screenshot", self.base))
+            } else {
+                self.http.post(format!("{}/execute", self.base)).json(&json!({"code": "1 + 1"}))
+            };
+            let answer = request
                 .header(reqwest::header::HOST, format!("{id}.localhost"))
                 .bearer_auth(&self.key)
-                .json(&json!({"code": "1 + 1"}))
                 .send()
                 .await?
                 .error_for_status()?
-                .json()
+                .bytes()
                 .await?;
-            if answer["items"][0]["text"] != "2" {
-                bail!("the service of {template} answered {answer}");
+            let right = if port == Some(cove_api::template::DESKTOP_PORT) {
+                answer.starts_with(b"\x89PNG")
+            } else {
+                serde_json::from_slice::<Value>(&answer).is_ok_and(|v| v["items"][0]["text"] == "2")
+            };
+            if !right {
+                bail!(
+                    "the service of {template} answered {}",
+                    String::from_utf8_lossy(&answer[..answer.len().min(200)])
+                );
             }
         } else {
             self.exec(&id, "true").await?;
