@@ -38,6 +38,9 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+# Loaded before the template snapshot is saved, so no sandbox pays for it on its first screenshot.
+from PIL import ImageGrab
+
 PORT = int(os.environ.get("COVE_DESKTOP_PORT", "6080"))
 DISPLAY = ":0"
 X_SOCKET = "/tmp/.X11-unix/X0"
@@ -340,8 +343,6 @@ def list_windows() -> list[dict]:
 
 
 def screenshot(desktop: Desktop, fmt: str, quality: int | None, x: int, y: int, w: int, h: int) -> tuple[bytes, str]:
-    from PIL import ImageGrab  # loaded on first use: the service starts faster without it
-
     sw, sh = desktop.size
     if w == 0 and h == 0:
         if x or y:
@@ -677,6 +678,8 @@ class Handler(BaseHTTPRequestHandler):
                     self.send_json(503, {"ok": False})
                     return
                 time.sleep(0.5)
+            # One screenshot, so the grab and PNG paths are warm in the snapshot too.
+            screenshot(DESKTOP, "png", None, 0, 0, 0, 0)
         self.send_json(200, {"ok": True})
 
     def display(self, query):
