@@ -56,6 +56,7 @@ RECORDING_FPS = 10
 # How long a process must have been up before it counts as started, and how long the
 # supervisor waits before starting one that ended again.
 RESTART_DELAY = 1.0
+PANEL_ROWS = 24  # the top rows of the screen where XFCE's panel sits
 HEARTBEAT = 2.0
 DRAG_STEPS = 10
 SCROLL_BUTTONS = {"up": 4, "down": 5, "left": 6, "right": 7}
@@ -137,6 +138,7 @@ class Desktop:
         self.changed = threading.Condition()
         self.version = 0
         self.paused = False  # the supervisor leaves processes alone during a resize
+        self.last_strip = b""  # the panel strip `drawn` saw last
 
     def command(self, name: str) -> list[str]:
         w, h = self.size
@@ -256,10 +258,24 @@ class Desktop:
         return {"status": overall, "items": items, "running": running, "total": len(items)}
 
     def drawn(self) -> bool:
-        """Whether the session is up: every process running and XFCE's desktop window mapped."""
+        """Whether the session is up and painted: every process running, XFCE's desktop and
+        panel windows mapped, and the panel strip at the top of the screen drawn (not the
+        background's colour, several colours, unchanged since the previous call). Called in a
+        loop by the readiness probe, which comes before the template's snapshot."""
         if self.status()["status"] != "running":
             return False
-        return any(w["class"].startswith("xfdesktop") for w in list_windows())
+        classes = {w["class"].split(".")[0] for w in list_windows()}
+        if not {"xfdesktop", "xfce4-panel"} <= classes:
+            return False
+        w, h = self.size
+        screen = ImageGrab.grab(bbox=(0, 0, w, h), xdisplay=DISPLAY).convert("RGB")
+        background = screen.getpixel((w // 2, h // 2))
+        strip = screen.crop((0, 0, w, PANEL_ROWS))
+        colours = strip.getcolors(maxcolors=w * PANEL_ROWS) or []
+        painted = len(colours) >= 8 and all(
+            strip.getpixel((x, 5)) != background for x in (w // 8, w // 4))
+        previous, self.last_strip = self.last_strip, strip.tobytes()
+        return painted and previous == self.last_strip
 
 
 # What the desktop's processes run as (the programs XFCE's session starts among them).
