@@ -49,6 +49,7 @@ mod read;
 mod search;
 mod tree;
 use edit::*;
+pub(crate) use multipart::read_upload;
 use multipart::*;
 use ops::*;
 use read::*;
@@ -160,46 +161,17 @@ impl Fs {
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| Fail::bad("write-files takes a multipart/form-data body"))?;
-        let boundary =
-            multer::parse_boundary(content_type).map_err(|e| Fail::bad(format!("content-type: {e}")))?;
-        // Bytes received, so that a body cut short says how far it got.
-        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = received.clone();
+            .ok_or_else(|| Fail::bad("write-files takes a multipart/form-data body"))?
+            .to_owned();
         let body = BodyStream::new(req.into_body())
-            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())))
-            .inspect_ok(move |b: &Bytes| {
-                counter.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            });
-        let limits = multer::SizeLimit::new().whole_stream(MAX_UPLOAD_BYTES as u64);
-        let multipart_fail = |e: multer::Error| match multipart_fail(e) {
-            Fail::Status(status, m) => {
-                let n = received.load(std::sync::atomic::Ordering::Relaxed);
-                Fail::Status(status, format!("{m} (after {n} bytes of the body)"))
-            }
-            other => other,
-        };
-        let mut multipart = multer::Multipart::with_constraints(
-            body,
-            boundary,
-            multer::Constraints::new().size_limit(limits),
-        );
-        let mut written = 0usize;
-        while let Some(field) = multipart.next_field().await.map_err(multipart_fail)? {
-            let name = part_name(&field)
-                .ok_or_else(|| Fail::bad("every part needs a name: the path of its file"))?;
-            let mut v = Violations::default();
-            check_path(&mut v, &format!("parts[{written}].name"), &name);
-            v.finish().map_err(|errs| Fail::bad(violations_message(&errs)))?;
+            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())));
+        let mut parts = Parts::new(&content_type, body)?;
+        while let Some((name, field)) = parts.next().await? {
             let path = resolve(&self.user, &name);
             let ctx = self.ctx();
             let p = path.clone();
             let (file, created) = blocking(move || ctx.open_for_write(&p, None)).await?;
-            pump(&path, file, created, field, multipart_fail).await?;
-            written += 1;
-        }
-        if written == 0 {
-            return Err(Fail::bad("the multipart body holds no files"));
+            pump(&path, file, created, field, |e| parts.fail(e)).await?;
         }
         Ok(reply::empty(StatusCode::NO_CONTENT))
     }

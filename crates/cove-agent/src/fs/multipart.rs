@@ -1,6 +1,9 @@
 //! Request and response bodies that are not JSON: `write-file`'s query, multipart uploads
 //! (`write-files`) and downloads (`read-files`), and streaming a body to or from a file.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use super::*;
 
 /// Parses `write-file`'s query string (`application/x-www-form-urlencoded`).
@@ -87,7 +90,65 @@ pub(super) fn extended_param(header: &str, param: &str) -> Option<String> {
     })
 }
 
-pub(super) fn multipart_fail(e: multer::Error) -> Fail {
+/// The parts of a `write-files` body, in order: each with the path its name gives (checked,
+/// not yet resolved) and its bytes as a stream.
+pub(crate) struct Parts {
+    multipart: multer::Multipart<'static>,
+    /// Body bytes received so far, so that a body cut short says how far it got.
+    received: Arc<AtomicU64>,
+    count: usize,
+}
+
+impl Parts {
+    pub(crate) fn new<S, E>(content_type: &str, body: S) -> Res<Parts>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    {
+        let boundary =
+            multer::parse_boundary(content_type).map_err(|e| Fail::bad(format!("content-type: {e}")))?;
+        let received = Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
+        let body = body.inspect_ok(move |b: &Bytes| {
+            counter.fetch_add(b.len() as u64, Ordering::Relaxed);
+        });
+        let limits = multer::SizeLimit::new().whole_stream(MAX_UPLOAD_BYTES as u64);
+        let constraints = multer::Constraints::new().size_limit(limits);
+        let multipart = multer::Multipart::with_constraints(body, boundary, constraints);
+        Ok(Parts { multipart, received, count: 0 })
+    }
+
+    /// The next part and the path it names; `None` after the last. A body with no parts, a
+    /// part without a name or with a bad path, and a malformed body are errors.
+    pub(crate) async fn next(&mut self) -> Res<Option<(String, multer::Field<'static>)>> {
+        let Some(field) = self.multipart.next_field().await.map_err(|e| self.fail(e))? else {
+            return match self.count {
+                0 => Err(Fail::bad("the multipart body holds no files")),
+                _ => Ok(None),
+            };
+        };
+        let name =
+            part_name(&field).ok_or_else(|| Fail::bad("every part needs a name: the path of its file"))?;
+        let mut v = Violations::default();
+        check_path(&mut v, &format!("parts[{}].name", self.count), &name);
+        v.finish().map_err(|errs| Fail::bad(violations_message(&errs)))?;
+        self.count += 1;
+        Ok(Some((name, field)))
+    }
+
+    /// The answer to a multipart error, with how many body bytes had arrived.
+    pub(crate) fn fail(&self, e: multer::Error) -> Fail {
+        match multipart_fail(e) {
+            Fail::Status(status, m) => {
+                let n = self.received.load(Ordering::Relaxed);
+                Fail::Status(status, format!("{m} (after {n} bytes of the body)"))
+            }
+            other => other,
+        }
+    }
+}
+
+fn multipart_fail(e: multer::Error) -> Fail {
     match e {
         multer::Error::StreamSizeExceeded { limit } | multer::Error::FieldSizeExceeded { limit, .. } => {
             Fail::Status(StatusCode::PAYLOAD_TOO_LARGE, format!("upload is larger than {limit} bytes"))
@@ -187,4 +248,28 @@ pub(super) fn part_header(boundary: &str, name: &str) -> String {
         escape(name),
         escape(&base)
     )
+}
+
+/// Reads a whole `write-files` body the way [`Fs`]'s handler does, into memory instead of
+/// files: each part's path and bytes, or the status the agent would answer with. For the fuzz
+/// targets ([`crate::fuzzing`]).
+pub(crate) async fn read_upload<S, E>(
+    content_type: &str,
+    body: S,
+) -> Result<Vec<(String, Vec<u8>)>, StatusCode>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
+    let status = |f: Fail| f.into_response().status();
+    let mut parts = Parts::new(content_type, body).map_err(status)?;
+    let mut files = Vec::new();
+    while let Some((name, mut field)) = parts.next().await.map_err(status)? {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = field.next().await {
+            bytes.extend_from_slice(&chunk.map_err(|e| status(parts.fail(e)))?);
+        }
+        files.push((name, bytes));
+    }
+    Ok(files)
 }
