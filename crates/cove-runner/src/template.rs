@@ -184,10 +184,7 @@ impl Templates {
         }
         let lock_file =
             std::fs::File::create(&lock_path).map_err(|e| RunnerError::io("creating template lock", e))?;
-        let lock_file = tokio::task::spawn_blocking(move || lock_file.lock().map(|_| lock_file))
-            .await
-            .map_err(|e| RunnerError::io("locking template", std::io::Error::other(e)))?
-            .map_err(|e| RunnerError::io("locking template", e))?;
+        lock_when_free(&lock_file).await.map_err(|e| RunnerError::io("locking template", e))?;
         if self.is_ready(&snap) {
             return Ok(snap);
         }
@@ -353,6 +350,21 @@ const READY_TIMEOUT_SECS: u64 = 330;
 
 /// Lines of a failed first boot's console put in the log.
 const CONSOLE_TAIL: usize = 40;
+
+/// Takes `file`'s exclusive lock once another process (sharing the cache) lets it go. Polled,
+/// not a blocking `flock` on a blocking thread: a runtime waits for its blocking threads when
+/// it shuts down, so a server asked to stop would hang until the other build finished.
+async fn lock_when_free(file: &std::fs::File) -> std::io::Result<()> {
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
 
 /// A template name as part of a file name.
 fn slug(template: &str) -> String {
