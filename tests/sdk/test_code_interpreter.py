@@ -174,7 +174,13 @@ def test_api_key_is_required_and_never_reaches_the_service(tls_server, interpret
         "        self.wfile.write(body)\n"
         "http.server.HTTPServer(('0.0.0.0', 18080), H).serve_forever()\n"
         "'''])\n"
-        "import time; time.sleep(1)",
+        # Until it listens: a busy TCG guest can take seconds to start Python.
+        "import socket, time\n"
+        "for _ in range(300):\n"
+        "    try:\n"
+        "        socket.create_connection(('127.0.0.1', 18080), 1).close(); break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.1)",
     )
     assert probe.error is None, probe.error
     with httpx.Client(timeout=60) as c:
