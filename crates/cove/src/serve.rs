@@ -227,7 +227,9 @@ async fn serve(args: ServerArgs) -> Result<()> {
             axum::serve(listener, app).with_graceful_shutdown(signalled).await?
         }
     }
-    // This data dir's RAM directory goes when no sandbox RAM is left in it (fails otherwise).
+    // This data dir's RAM directory goes when no sandbox RAM is left in it (fails otherwise),
+    // with its directory for user templates' snapshots if that is empty too.
+    let _ = std::fs::remove_dir(shm_dir.join("templates"));
     let _ = std::fs::remove_dir(&shm_dir);
     Ok(())
 }
