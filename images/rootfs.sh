@@ -144,30 +144,32 @@ for cmd, rel in bins.items():
 PY
 done
 
+# install_service NAME: the service files into /opt/cove/NAME, and an image config whose
+# command is its server.py, run by the agent as the sandbox user.
+install_service() {
+    local dir=/opt/cove/$1
+    install -d -m 0755 "$ROOT$dir" "$ROOT/etc/cove"
+    install -m 0644 "${SERVICE_FILES[@]}" "$ROOT$dir/"
+    cat >"$ROOT/etc/cove/image.json" <<JSON
+{"env": [], "working_dir": "/home/user", "user": "user",
+ "cmd": ["/usr/bin/python3", "$dir/server.py"]}
+JSON
+}
+
 if [ "$VARIANT" = code-interpreter ]; then
     step "1c/4 the code interpreter service into /opt/cove/code-interpreter"
-    install -d -m 0755 "$ROOT/opt/cove/code-interpreter" "$ROOT/etc/cove"
-    install -m 0644 "${SERVICE_FILES[@]}" "$ROOT/opt/cove/code-interpreter/"
     # The agent starts the template's command as the sandbox user before the template
     # snapshot is saved, so every sandbox restores with the service running (and a warm spare
     # worker that has numpy, pandas and matplotlib loaded).
-    cat >"$ROOT/etc/cove/image.json" <<'JSON'
-{"env": [], "working_dir": "/home/user", "user": "user",
- "cmd": ["/usr/bin/python3", "/opt/cove/code-interpreter/server.py"]}
-JSON
+    install_service code-interpreter
     chroot "$ROOT" python3 -c 'import numpy, pandas, matplotlib; print("numpy", numpy.__version__, "pandas", pandas.__version__, "matplotlib", matplotlib.__version__)' >&2
 fi
 
 if [ "$VARIANT" = desktop ]; then
     step "1c/4 the desktop service into /opt/cove/desktop"
-    install -d -m 0755 "$ROOT/opt/cove/desktop" "$ROOT/etc/cove"
-    install -m 0644 "${SERVICE_FILES[@]}" "$ROOT/opt/cove/desktop/"
     # As for the code interpreter: the agent starts it before the template snapshot, and the
     # snapshot is saved once the whole desktop is up, so every sandbox restores with it drawn.
-    cat >"$ROOT/etc/cove/image.json" <<'JSON'
-{"env": [], "working_dir": "/home/user", "user": "user",
- "cmd": ["/usr/bin/python3", "/opt/cove/desktop/server.py"]}
-JSON
+    install_service desktop
     # D-Bus (XFCE's session bus) wants a machine id; a template's sandboxes share its one.
     chroot "$ROOT" dbus-uuidgen --ensure=/etc/machine-id
     for b in Xvfb xfce4-session xfwm4 xfdesktop xfce4-panel xfce4-terminal x11vnc websockify xdotool wmctrl ffmpeg dbus-launch; do
