@@ -298,24 +298,29 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    /// The code interpreter's command in the table (what its metadata says) is the one
-    /// `images/rootfs.sh` writes into its `/etc/cove/image.json` (what the agent runs).
+    /// Each service template's command in the table (what its metadata says) is the one
+    /// `images/rootfs.sh` writes into its `/etc/cove/image.json` (what the agent runs): the
+    /// script's `install_service NAME` writes the config with `$dir` = `/opt/cove/NAME`.
     #[test]
-    fn the_code_interpreter_command_matches_its_image_config() {
+    fn service_commands_match_their_image_config() {
         let script = include_str!("../../../images/rootfs.sh");
         let json = script
-            .split("<<'JSON'\n")
+            .split("<<JSON\n")
             .nth(1)
             .and_then(|rest| rest.split("\nJSON\n").next())
             .expect("an image.json heredoc in rootfs.sh");
-        let config: serde_json::Value = serde_json::from_str(json).unwrap();
-        let t = system_template("system/code-interpreter:v0.1.0").unwrap();
-        assert_eq!(config["cmd"], serde_json::json!(t.command));
-        assert_eq!(t.service_port, Some(CODE_INTERPRETER_PORT));
-        assert!(t.ready_probe.unwrap().contains(&CODE_INTERPRETER_PORT.to_string()));
-        let d = system_template("system/desktop:v0.1.0").unwrap();
-        assert_eq!(d.service_port, Some(DESKTOP_PORT));
-        assert!(d.ready_probe.unwrap().contains(&DESKTOP_PORT.to_string()));
+        for (template, service, port) in [
+            ("system/code-interpreter:v0.1.0", "code-interpreter", CODE_INTERPRETER_PORT),
+            ("system/desktop:v0.1.0", "desktop", DESKTOP_PORT),
+        ] {
+            assert!(script.contains(&format!("\n    install_service {service}\n")), "{service}");
+            let config: serde_json::Value =
+                serde_json::from_str(&json.replace("$dir", &format!("/opt/cove/{service}"))).unwrap();
+            let t = system_template(template).unwrap();
+            assert_eq!(config["cmd"], serde_json::json!(t.command), "{template}");
+            assert_eq!(t.service_port, Some(port));
+            assert!(t.ready_probe.unwrap().contains(&port.to_string()));
+        }
     }
 
     #[test]
