@@ -60,6 +60,28 @@ SANDBOX_LIMIT = 3  # `cove server`'s default per-organization limit, as Leap0's
 # ---------------------------------------------------------------------------------------------
 
 
+def database_args() -> list[str]:
+    """`--database-url` of a new database when the tests run on Postgres (COVE_TEST_POSTGRES,
+    the server `scripts/postgres start` printed); none on SQLite."""
+    server = os.environ.get("COVE_TEST_POSTGRES")
+    if not server:
+        return []
+    server = server.rstrip("/")
+    name = "cove_test_sdk_" + secrets.token_hex(6)
+    subprocess.run(["psql", "-q", f"{server}/postgres", "-c", f"CREATE DATABASE {name}"], check=True)
+    return ["--database-url", f"{server}/{name}"]
+
+
+def stored_metadata(server: "CoveServer") -> bytes:
+    """What the server's metadata store holds, to search for secrets: its SQLite files, or a
+    dump of its Postgres database."""
+    if server.database_url:
+        return subprocess.run(["pg_dump", "--data-only", server.database_url], check=True,
+                              capture_output=True).stdout
+    return b"".join((server.data_dir / f).read_bytes() for f in ("cove.db", "cove.db-wal")
+                    if (server.data_dir / f).exists())
+
+
 class CoveServer:
     def __init__(self, extra_args: list[str] | None = None, listen: str = "127.0.0.1:0") -> None:
         if not COVE_BIN.is_file():
@@ -73,6 +95,8 @@ class CoveServer:
         self.log_path = self.data_dir / "server.log"
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, COVE_BOOTSTRAP_API_KEY=self.api_key)
+        database = database_args()
+        self.database_url = database[1] if database else None
         self.proc = subprocess.Popen(
             [
                 str(COVE_BIN),
@@ -85,6 +109,7 @@ class CoveServer:
                 str(self.data_dir),
                 "--cache-dir",
                 str(COVE_CACHE_DIR),
+                *database,
                 *(extra_args or []),
             ],
             stdout=subprocess.PIPE,

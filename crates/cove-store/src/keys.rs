@@ -31,30 +31,33 @@ pub fn generate_key() -> String {
 
 impl Store {
     pub fn org_count(&self) -> Result<u64, StoreError> {
-        Ok(self.conn().query_row("SELECT COUNT(*) FROM orgs", [], |r| r.get::<_, i64>(0))? as u64)
+        self.with(|db| db.query_one("SELECT COUNT(*) FROM orgs", &[])?.get(0))
     }
 
     pub fn create_org(&self, name: &str, sandbox_limit: Option<u64>) -> Result<Org, StoreError> {
         let org = Org { id: new_id("org"), name: name.to_string(), sandbox_limit };
-        self.conn().execute(
-            "INSERT INTO orgs (id, name, sandbox_limit, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![org.id, org.name, sandbox_limit.map(|l| l as i64), ts(&Utc::now())],
-        )?;
+        self.with(|db| {
+            Ok(db.execute(
+                "INSERT INTO orgs (id, name, sandbox_limit, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![&org.id, &org.name, sandbox_limit.map(|l| l as i64), ts(&Utc::now())],
+            )?)
+        })?;
         Ok(org)
     }
 
     pub fn set_org_limit(&self, org_id: &str, limit: Option<u64>) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "UPDATE orgs SET sandbox_limit = ?2 WHERE id = ?1",
-            params![org_id, limit.map(|l| l as i64)],
-        )?;
+        let n = self.with(|db| {
+            Ok(db.execute(
+                "UPDATE orgs SET sandbox_limit = ?2 WHERE id = ?1",
+                params![org_id, limit.map(|l| l as i64)],
+            )?)
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound);
         }
         Ok(())
     }
 
-    /// Stores the hash of `key` for `org_id`. The key itself is never stored.
     pub fn add_key(&self, org_id: &str, name: &str, key: &str) -> Result<ApiKeyInfo, StoreError> {
         let info = ApiKeyInfo {
             id: new_id("key"),
@@ -63,46 +66,48 @@ impl Store {
             prefix: key.chars().take(12).collect(),
             created_at: Utc::now(),
         };
-        self.conn().execute(
-            "INSERT INTO api_keys (id, org_id, name, key_hash, prefix, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![info.id, info.org_id, info.name, hash_key(key), info.prefix, ts(&info.created_at)],
-        )?;
+        self.with(|db| {
+            Ok(db.execute(
+                "INSERT INTO api_keys (id, org_id, name, key_hash, prefix, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![&info.id, &info.org_id, &info.name, hash_key(key), &info.prefix, ts(&info.created_at)],
+            )?)
+        })?;
         Ok(info)
     }
 
     pub fn list_keys(&self, org_id: &str) -> Result<Vec<ApiKeyInfo>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, org_id, name, prefix, created_at FROM api_keys WHERE org_id = ?1 ORDER BY created_at",
-        )?;
-        let rows = stmt
-            .query_map([org_id], |r| {
+        self.with(|db| {
+            let rows = db.query(
+                "SELECT id, org_id, name, prefix, created_at FROM api_keys WHERE org_id = ?1 ORDER BY created_at",
+                params![org_id],
+            )?;
+            sandboxes::all(rows, |r| {
                 Ok(ApiKeyInfo {
                     id: r.get(0)?,
                     org_id: r.get(1)?,
                     name: r.get(2)?,
                     prefix: r.get(3)?,
-                    created_at: parse_ts(&r.get::<_, String>(4)?)?,
+                    created_at: parse_ts(&r.get::<String>(4)?)?,
                 })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+            })
+        })
     }
 
     pub fn delete_key(&self, org_id: &str, key_id: &str) -> Result<(), StoreError> {
-        let n =
-            self.conn().execute("DELETE FROM api_keys WHERE id = ?1 AND org_id = ?2", [key_id, org_id])?;
+        let n = self.with(|db| {
+            Ok(db.execute("DELETE FROM api_keys WHERE id = ?1 AND org_id = ?2", params![key_id, org_id])?)
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound);
         }
         Ok(())
     }
 
-    /// The organization an API key belongs to.
     pub fn authenticate(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT org_id FROM api_keys WHERE key_hash = ?1", [hash_key(key)], |r| r.get(0))
-            .optional()?)
+        self.with(|db| {
+            db.query_opt("SELECT org_id FROM api_keys WHERE key_hash = ?1", params![hash_key(key)])?
+                .map(|r| r.get(0))
+                .transpose()
+        })
     }
 }

@@ -1,10 +1,12 @@
 //! Metadata store: organizations, API keys (hashed), sandboxes, snapshots, presigned URLs and
 //! templates, one module each; this file holds the schema and the connection.
 //!
-//! SQLite, embedded, is the default; every write that depends on a read (the sandbox limit)
-//! happens in one immediate transaction, so concurrent creates cannot overshoot it. Schema
+//! SQLite, embedded, is the default; Postgres (`postgres://…`) serves several control planes
+//! and hosts (see `db`). Every write that depends on a read (the sandbox limit) happens in one
+//! transaction that excludes other writers, so concurrent creates cannot overshoot it. Schema
 //! changes are numbered migrations applied at open.
 
+mod db;
 mod keys;
 mod presigned;
 mod sandboxes;
@@ -12,15 +14,17 @@ pub mod sealed;
 mod snapshots;
 mod ssh;
 mod templates;
+pub mod testing;
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 use cove_api::sandbox::{ListSandboxes, MountConfig, NetworkPolicy, SandboxState, SortKey};
+pub use db::DbError;
+use db::{params, Db, Row};
 pub use keys::{generate_key, hash_key, ApiKeyInfo, Org};
 pub use presigned::PresignedRecord;
-use rusqlite::{params, Connection, OptionalExtension, Row};
 pub use sandboxes::{Change, Op, SandboxRecord};
 use sha2::{Digest, Sha256};
 pub use snapshots::{SnapshotQuery, SnapshotRecord, SnapshotState};
@@ -30,7 +34,7 @@ pub use templates::{TemplateRecord, TemplateState};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] DbError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("organization has {count} active sandboxes, its limit is {limit}")]
@@ -125,7 +129,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Mutex<Db>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -136,43 +140,75 @@ fn ts(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn parse_ts(s: &str) -> Result<DateTime<Utc>, rusqlite::Error> {
+fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+        .map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
 }
 
-fn conversion(e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+fn json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("stored JSON: {e}")))
+}
+
+/// Is this a Postgres connection URL (rather than a SQLite file)?
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 impl Store {
+    /// The SQLite database in `path`, made if missing.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let conn = Connection::open(path)?;
-        Self::init(conn)
+        let conn = rusqlite::Connection::open(path).map_err(DbError::from)?;
+        Self::init_sqlite(conn)
     }
 
     pub fn open_in_memory() -> Result<Store, StoreError> {
-        Self::init(Connection::open_in_memory()?)
+        Self::init_sqlite(rusqlite::Connection::open_in_memory().map_err(DbError::from)?)
     }
 
-    fn init(mut conn: Connection) -> Result<Store, StoreError> {
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-            tx.commit()?;
-        }
-        Ok(Store { conn: Mutex::new(conn) })
+    /// The Postgres database at `url` (`postgres://user:password@host:port/db`, or a
+    /// `host=/run/postgresql` socket form); the database must exist, its tables are made.
+    pub fn connect(url: &str) -> Result<Store, StoreError> {
+        Self::init(Db::Postgres(db::Postgres::connect(url)?))
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn init_sqlite(conn: rusqlite::Connection) -> Result<Store, StoreError> {
+        let pragmas = || -> rusqlite::Result<()> {
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+        };
+        pragmas().map_err(DbError::from)?;
+        Self::init(Db::Sqlite(conn))
+    }
+
+    fn init(mut db: Db) -> Result<Store, StoreError> {
+        db.migrate(MIGRATIONS)?;
+        Ok(Store { db: Mutex::new(db) })
+    }
+
+    /// Runs `f` on the connection (each statement on its own).
+    fn with<T>(&self, f: impl FnOnce(&mut Db) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        f(&mut self.db.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Runs `f` in one transaction that no other writer interleaves with: committed if it
+    /// returns `Ok`, rolled back if not.
+    fn write<T>(&self, f: impl FnOnce(&mut Db) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.with(|db| {
+            db.begin_write()?;
+            match f(db) {
+                Ok(v) => {
+                    db.commit()?;
+                    Ok(v)
+                }
+                Err(e) => {
+                    db.rollback()?;
+                    Err(e)
+                }
+            }
+        })
     }
 }
 
@@ -213,20 +249,20 @@ mod tests {
 
     #[test]
     fn keys_are_stored_hashed_and_authenticate() {
-        let s = Store::open_in_memory().unwrap();
+        let s = testing::store();
         let org = s.create_org("acme", None).unwrap();
         let key = generate_key();
         s.add_key(&org.id, "ci", &key).unwrap();
         assert_eq!(s.authenticate(&key).unwrap(), Some(org.id.clone()));
         assert_eq!(s.authenticate("cove_wrong").unwrap(), None);
-        let stored: String = s.conn().query_row("SELECT key_hash FROM api_keys", [], |r| r.get(0)).unwrap();
+        let stored: String = s.with(|db| db.query_one("SELECT key_hash FROM api_keys", &[])?.get(0)).unwrap();
         assert_ne!(stored, key);
         assert_eq!(stored, hash_key(&key));
     }
 
     #[test]
     fn limit_counts_only_vm_holding_states() {
-        let s = Store::open_in_memory().unwrap();
+        let s = testing::store();
         let org = s.create_org("acme", None).unwrap();
         s.insert_sandbox(&rec(&org.id, "a", SandboxState::Running), 2).unwrap();
         s.insert_sandbox(&rec(&org.id, "b", SandboxState::Paused), 2).unwrap();
@@ -244,7 +280,7 @@ mod tests {
 
     #[test]
     fn transitions_are_compare_and_set() {
-        let s = Store::open_in_memory().unwrap();
+        let s = testing::store();
         let org = s.create_org("acme", None).unwrap();
         s.insert_sandbox(&rec(&org.id, "a", SandboxState::Starting), 3).unwrap();
         assert!(s.transition("a", &[SandboxState::Starting], SandboxState::Running).unwrap().is_some());
@@ -257,7 +293,7 @@ mod tests {
 
     #[test]
     fn list_filters_sorts_and_pages() {
-        let s = Store::open_in_memory().unwrap();
+        let s = testing::store();
         let org = s.create_org("acme", None).unwrap();
         for i in 0..5 {
             let mut r = rec(
@@ -307,7 +343,7 @@ mod tests {
 
     #[test]
     fn operations_are_recorded_and_limits_apply_to_resumes() {
-        let s = Store::open_in_memory().unwrap();
+        let s = testing::store();
         let org = s.create_org("acme", None).unwrap();
         s.insert_sandbox(&rec(&org.id, "a", SandboxState::Running), 1).unwrap();
         let op = Op::Pause { image: "images/x".into() };
@@ -336,7 +372,7 @@ mod tests {
 
     #[test]
     fn snapshots_have_unique_names_and_cannot_be_deleted_while_restoring() {
-        let s = Store::open_in_memory().unwrap();
+        let s = testing::store();
         let org = s.create_org("acme", None).unwrap();
         s.insert_snapshot(&snap(&org.id, "snap-1", "warm")).unwrap();
         assert!(matches!(
@@ -368,12 +404,47 @@ mod tests {
         assert!(s.snapshot("other", "snap-1").unwrap().is_none());
     }
 
+    /// Two stores on one database (two control planes): `open` and `migrate` a second time,
+    /// then create concurrently from both against one limit.
+    fn two_stores() -> (Store, Store, Option<tempfile::TempDir>) {
+        match testing::fresh_postgres_database().unwrap() {
+            Some(url) => (Store::connect(&url).unwrap(), Store::connect(&url).unwrap(), None),
+            None => {
+                let dir = tempfile::tempdir().unwrap();
+                let p = dir.path().join("cove.db");
+                (Store::open(&p).unwrap(), Store::open(&p).unwrap(), Some(dir))
+            }
+        }
+    }
+
     #[test]
     fn migrations_are_idempotent() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("cove.db");
-        Store::open(&p).unwrap().create_org("a", None).unwrap();
-        let s = Store::open(&p).unwrap();
-        assert_eq!(s.org_count().unwrap(), 1);
+        let (a, b, _dir) = two_stores();
+        a.create_org("a", None).unwrap();
+        assert_eq!(b.org_count().unwrap(), 1);
+    }
+
+    #[test]
+    fn stores_sharing_a_database_never_overshoot_the_limit() {
+        let (a, b, _dir) = two_stores();
+        let org = a.create_org("acme", None).unwrap();
+        let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+                let org = org.id.clone();
+                std::thread::spawn(move || {
+                    (0..5)
+                        .filter(|j| {
+                            s.insert_sandbox(&rec(&org, &format!("s{i}-{j}"), SandboxState::Starting), 3)
+                                .is_ok()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        let created: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(created, 3);
+        assert_eq!(b.count_by_state().unwrap(), [("starting".to_string(), 3)]);
     }
 }

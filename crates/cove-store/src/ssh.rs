@@ -28,38 +28,38 @@ pub struct SshAccessRecord {
 const COLUMNS: &str = "id, org_id, sandbox_id, expires_at, created_at, updated_at, password_hash";
 
 /// A row, and whether its password hash is `hash`.
-fn row(r: &rusqlite::Row<'_>, hash: &str) -> rusqlite::Result<(SshAccessRecord, bool)> {
+fn row(r: &Row, hash: &str) -> Result<(SshAccessRecord, bool), StoreError> {
     let rec = SshAccessRecord {
         id: r.get(0)?,
         org_id: r.get(1)?,
         sandbox_id: r.get(2)?,
         expires_at: r.get(3)?,
-        created_at: parse_ts(&r.get::<_, String>(4)?)?,
-        updated_at: parse_ts(&r.get::<_, String>(5)?)?,
+        created_at: parse_ts(&r.get::<String>(4)?)?,
+        updated_at: parse_ts(&r.get::<String>(5)?)?,
     };
-    Ok((rec, r.get::<_, String>(6)? == hash))
+    Ok((rec, r.get::<String>(6)? == hash))
 }
 
 impl Store {
-    /// Stores an access under the hash of its password.
     pub fn insert_ssh_access(&self, a: &SshAccessRecord, password: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO ssh_access (id, org_id, sandbox_id, password_hash, expires_at, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            rusqlite::params![
-                a.id,
-                a.org_id,
-                a.sandbox_id,
-                hash_key(password),
-                a.expires_at,
-                ts(&a.created_at),
-                ts(&a.updated_at)
-            ],
-        )?;
+        self.with(|db| {
+            Ok(db.execute(
+                "INSERT INTO ssh_access (id, org_id, sandbox_id, password_hash, expires_at, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    &a.id,
+                    &a.org_id,
+                    &a.sandbox_id,
+                    hash_key(password),
+                    a.expires_at,
+                    ts(&a.created_at),
+                    ts(&a.updated_at)
+                ],
+            )?)
+        })?;
         Ok(())
     }
 
-    /// Access `id` of a sandbox, and whether `password` is its password.
     pub fn ssh_access(
         &self,
         org_id: &str,
@@ -70,11 +70,11 @@ impl Store {
         let sql =
             format!("SELECT {COLUMNS} FROM ssh_access WHERE id = ?1 AND org_id = ?2 AND sandbox_id = ?3");
         let hash = hash_key(password);
-        Ok(self.conn().query_row(&sql, [id, org_id, sandbox_id], |r| row(r, &hash)).optional()?)
+        self.with(|db| {
+            db.query_opt(&sql, params![id, org_id, sandbox_id])?.map(|r| row(&r, &hash)).transpose()
+        })
     }
 
-    /// The access a login opens: `id` exists, `password` is its password and it has not
-    /// expired at `now_unix`.
     pub fn ssh_login(
         &self,
         id: &str,
@@ -84,36 +84,31 @@ impl Store {
         let sql = format!("SELECT {COLUMNS} FROM ssh_access WHERE id = ?1 AND expires_at > ?2");
         let hash = hash_key(password);
         let found =
-            self.conn().query_row(&sql, rusqlite::params![id, now_unix], |r| row(r, &hash)).optional()?;
+            self.with(|db| db.query_opt(&sql, params![id, now_unix])?.map(|r| row(&r, &hash)).transpose())?;
         Ok(found.and_then(|(rec, matches)| matches.then_some(rec)))
     }
 
-    /// Gives access `id` a new password and expiry; `NotFound` if there is none.
     pub fn renew_ssh_access(&self, a: &SshAccessRecord, password: &str) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "UPDATE ssh_access SET password_hash = ?4, expires_at = ?5, updated_at = ?6
-             WHERE id = ?1 AND org_id = ?2 AND sandbox_id = ?3",
-            rusqlite::params![
-                a.id,
-                a.org_id,
-                a.sandbox_id,
-                hash_key(password),
-                a.expires_at,
-                ts(&a.updated_at)
-            ],
-        )?;
+        let n = self.with(|db| {
+            Ok(db.execute(
+                "UPDATE ssh_access SET password_hash = ?4, expires_at = ?5, updated_at = ?6
+                 WHERE id = ?1 AND org_id = ?2 AND sandbox_id = ?3",
+                params![&a.id, &a.org_id, &a.sandbox_id, hash_key(password), a.expires_at, ts(&a.updated_at)],
+            )?)
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound);
         }
         Ok(())
     }
 
-    /// Revokes access `id` of a sandbox; `NotFound` if there is none.
     pub fn delete_ssh_access(&self, org_id: &str, sandbox_id: &str, id: &str) -> Result<(), StoreError> {
-        let n = self.conn().execute(
-            "DELETE FROM ssh_access WHERE id = ?1 AND org_id = ?2 AND sandbox_id = ?3",
-            [id, org_id, sandbox_id],
-        )?;
+        let n = self.with(|db| {
+            Ok(db.execute(
+                "DELETE FROM ssh_access WHERE id = ?1 AND org_id = ?2 AND sandbox_id = ?3",
+                params![id, org_id, sandbox_id],
+            )?)
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound);
         }

@@ -2,11 +2,11 @@
 //! image is pulled and converted (not usable, and removed by recovery if the server dies
 //! meanwhile), `ready` after, and `deleting` once a delete has begun.
 
+use crate::db::{params, Row};
+use crate::sandboxes::all;
+use crate::{json, new_id, parse_ts, ts, Store, StoreError};
 use chrono::{DateTime, Utc};
 use cove_proto::image::ImageConfig;
-use rusqlite::{params, OptionalExtension, Row};
-
-use crate::{new_id, parse_ts, ts, Store, StoreError};
 
 /// Template ids start with this; system templates are named, not numbered.
 pub const ID_PREFIX: &str = "tpl-";
@@ -64,8 +64,7 @@ pub struct TemplateRecord {
 
 const COLUMNS: &str = "id, org_id, name, uri, digest, image_config, disk, state, created_at";
 
-fn row(r: &Row<'_>) -> rusqlite::Result<TemplateRecord> {
-    let config: String = r.get(5)?;
+fn row(r: &Row) -> Result<TemplateRecord, StoreError> {
     let state: String = r.get(7)?;
     Ok(TemplateRecord {
         id: r.get(0)?,
@@ -73,26 +72,22 @@ fn row(r: &Row<'_>) -> rusqlite::Result<TemplateRecord> {
         name: r.get(2)?,
         uri: r.get(3)?,
         digest: r.get(4)?,
-        image_config: serde_json::from_str(&config).map_err(crate::conversion)?,
-        disk: r.get::<_, i64>(6)? as u64,
+        image_config: json(&r.get::<String>(5)?)?,
+        disk: r.get(6)?,
         state: TemplateState::parse(&state)
-            .ok_or_else(|| crate::conversion(StoreError::Corrupt(format!("template state {state:?}"))))?,
-        created_at: parse_ts(&r.get::<_, String>(8)?)?,
+            .ok_or_else(|| StoreError::Corrupt(format!("template state {state:?}")))?,
+        created_at: parse_ts(&r.get::<String>(8)?)?,
     })
 }
 
-fn name_taken(e: rusqlite::Error, name: &str) -> StoreError {
+fn name_taken(e: StoreError, name: &str) -> StoreError {
     match e {
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-            StoreError::TemplateNameTaken(name.to_string())
-        }
-        e => e.into(),
+        StoreError::Db(e) if e.is_unique_violation() => StoreError::TemplateNameTaken(name.to_string()),
+        e => e,
     }
 }
 
 impl Store {
-    /// Records a template being built, unless its organization already has `limit` of them or
-    /// one of that name.
     pub fn insert_template(
         &self,
         org_id: &str,
@@ -100,34 +95,32 @@ impl Store {
         uri: &str,
         limit: u64,
     ) -> Result<TemplateRecord, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let count: i64 =
-            tx.query_row("SELECT COUNT(*) FROM templates WHERE org_id = ?1", [org_id], |r| r.get(0))?;
-        if count as u64 >= limit {
-            return Err(StoreError::TemplateLimit { limit });
-        }
-        let rec = TemplateRecord {
-            id: new_id(ID_PREFIX.trim_end_matches('-')),
-            org_id: org_id.to_string(),
-            name: name.to_string(),
-            uri: uri.to_string(),
-            digest: String::new(),
-            image_config: ImageConfig::default(),
-            disk: 0,
-            state: TemplateState::Building,
-            created_at: Utc::now(),
-        };
-        tx.execute(
-            "INSERT INTO templates (id, org_id, name, uri, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![rec.id, rec.org_id, rec.name, rec.uri, rec.state.as_str(), ts(&rec.created_at)],
-        )
-        .map_err(|e| name_taken(e, name))?;
-        tx.commit()?;
-        Ok(rec)
+        self.write(|db| {
+            let count: u64 =
+                db.query_one("SELECT COUNT(*) FROM templates WHERE org_id = ?1", params![org_id])?.get(0)?;
+            if count >= limit {
+                return Err(StoreError::TemplateLimit { limit });
+            }
+            let rec = TemplateRecord {
+                id: new_id(ID_PREFIX.trim_end_matches('-')),
+                org_id: org_id.to_string(),
+                name: name.to_string(),
+                uri: uri.to_string(),
+                digest: String::new(),
+                image_config: ImageConfig::default(),
+                disk: 0,
+                state: TemplateState::Building,
+                created_at: Utc::now(),
+            };
+            db.execute(
+                "INSERT INTO templates (id, org_id, name, uri, state, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![&rec.id, &rec.org_id, &rec.name, &rec.uri, rec.state.as_str(), ts(&rec.created_at)],
+            )
+            .map_err(|e| name_taken(e.into(), name))?;
+            Ok(rec)
+        })
     }
 
-    /// Marks a built template ready, with what it was made of.
     pub fn template_ready(
         &self,
         id: &str,
@@ -136,56 +129,59 @@ impl Store {
         disk: u64,
     ) -> Result<(), StoreError> {
         let config = serde_json::to_string(config).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let n = self.conn().execute(
-            "UPDATE templates SET state = 'ready', digest = ?2, image_config = ?3, disk = ?4
-             WHERE id = ?1 AND state = 'building'",
-            params![id, digest, config, disk as i64],
-        )?;
+        let n = self.with(|db| {
+            Ok(db.execute(
+                "UPDATE templates SET state = 'ready', digest = ?2, image_config = ?3, disk = ?4
+                 WHERE id = ?1 AND state = 'building'",
+                params![id, digest, config, disk as i64],
+            )?)
+        })?;
         if n == 0 {
             return Err(StoreError::NotFound);
         }
         Ok(())
     }
 
-    /// A template of `org_id` by id, or by name when no id matches.
     pub fn template(&self, org_id: &str, id_or_name: &str) -> Result<Option<TemplateRecord>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
+        self.with(|db| {
+            db.query_opt(
                 &format!(
                     "SELECT {COLUMNS} FROM templates WHERE org_id = ?1 AND (id = ?2 OR name = ?2)
                      ORDER BY id = ?2 DESC LIMIT 1"
                 ),
-                [org_id, id_or_name],
-                row,
-            )
-            .optional()?)
+                params![org_id, id_or_name],
+            )?
+            .map(|r| row(&r))
+            .transpose()
+        })
     }
 
-    /// A template by id, whoever owns it (the runner's view).
     pub fn template_by_id(&self, id: &str) -> Result<Option<TemplateRecord>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(&format!("SELECT {COLUMNS} FROM templates WHERE id = ?1"), [id], row)
-            .optional()?)
+        self.with(|db| {
+            db.query_opt(&format!("SELECT {COLUMNS} FROM templates WHERE id = ?1"), params![id])?
+                .map(|r| row(&r))
+                .transpose()
+        })
     }
 
-    /// The organization's templates, oldest first.
     pub fn list_templates(&self, org_id: &str) -> Result<Vec<TemplateRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn
-            .prepare(&format!("SELECT {COLUMNS} FROM templates WHERE org_id = ?1 ORDER BY created_at, id"))?;
-        let rows = stmt.query_map([org_id], row)?.collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        self.with(|db| {
+            let rows = db.query(
+                &format!("SELECT {COLUMNS} FROM templates WHERE org_id = ?1 ORDER BY created_at, id"),
+                params![org_id],
+            )?;
+            all(rows, row)
+        })
     }
 
     pub fn rename_template(&self, org_id: &str, id: &str, name: &str) -> Result<(), StoreError> {
         let n = self
-            .conn()
-            .execute(
-                "UPDATE templates SET name = ?3 WHERE org_id = ?1 AND id = ?2 AND state != 'deleting'",
-                params![org_id, id, name],
-            )
+            .with(|db| {
+                Ok(db.execute(
+                    "UPDATE templates SET name = ?3 WHERE org_id = ?1 AND id = ?2 AND state != 'deleting'",
+                    params![org_id, id, name],
+                )?)
+            })
             .map_err(|e| name_taken(e, name))?;
         if n == 0 {
             return Err(StoreError::NotFound);
@@ -193,64 +189,61 @@ impl Store {
         Ok(())
     }
 
-    /// Starts deleting a template: refused with `InUse` (naming one user) while a sandbox or a
-    /// snapshot was made from it, or while it is being built.
     pub fn begin_template_delete(&self, org_id: &str, id: &str) -> Result<TemplateRecord, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let t = tx
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM templates WHERE org_id = ?1 AND id = ?2"),
-                [org_id, id],
-                row,
-            )
-            .optional()?
-            .ok_or(StoreError::NotFound)?;
-        if t.state == TemplateState::Building {
-            return Err(StoreError::InUse(format!("template {} is still being built", t.id)));
-        }
-        for (table, what) in [("sandboxes", "sandbox"), ("snapshots", "snapshot")] {
-            let users: Vec<String> = tx
-                .prepare(&format!("SELECT id FROM {table} WHERE template = ?1 ORDER BY created_at LIMIT 4"))?
-                .query_map([id], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            if !users.is_empty() {
-                return Err(StoreError::InUse(format!(
-                    "template {} is used by {what} {}{}; delete {} first",
-                    t.id,
-                    users[..users.len().min(3)].join(", "),
-                    if users.len() > 3 { " and more" } else { "" },
-                    if users.len() > 1 { "them" } else { "it" },
-                )));
+        self.write(|db| {
+            let t = db
+                .query_opt(
+                    &format!("SELECT {COLUMNS} FROM templates WHERE org_id = ?1 AND id = ?2"),
+                    params![org_id, id],
+                )?
+                .ok_or(StoreError::NotFound)?;
+            let t = row(&t)?;
+            if t.state == TemplateState::Building {
+                return Err(StoreError::InUse(format!("template {} is still being built", t.id)));
             }
-        }
-        tx.execute("UPDATE templates SET state = 'deleting' WHERE id = ?1", [id])?;
-        tx.commit()?;
-        Ok(t)
+            for (table, what) in [("sandboxes", "sandbox"), ("snapshots", "snapshot")] {
+                let rows = db.query(
+                    &format!("SELECT id FROM {table} WHERE template = ?1 ORDER BY created_at LIMIT 4"),
+                    params![id],
+                )?;
+                let users: Vec<String> = all(rows, |r| r.get(0))?;
+                if !users.is_empty() {
+                    return Err(StoreError::InUse(format!(
+                        "template {} is used by {what} {}{}; delete {} first",
+                        t.id,
+                        users[..users.len().min(3)].join(", "),
+                        if users.len() > 3 { " and more" } else { "" },
+                        if users.len() > 1 { "them" } else { "it" },
+                    )));
+                }
+            }
+            db.execute("UPDATE templates SET state = 'deleting' WHERE id = ?1", params![id])?;
+            Ok(t)
+        })
     }
 
     pub fn delete_template(&self, id: &str) -> Result<(), StoreError> {
-        self.conn().execute("DELETE FROM templates WHERE id = ?1", [id])?;
+        self.with(|db| Ok(db.execute("DELETE FROM templates WHERE id = ?1", params![id])?))?;
         Ok(())
     }
 
-    /// Templates not `ready` (for recovery after a restart).
     pub fn unsettled_templates(&self) -> Result<Vec<TemplateRecord>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM templates WHERE state != 'ready'"))?;
-        let rows = stmt.query_map([], row)?.collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        self.with(|db| {
+            let rows = db.query(&format!("SELECT {COLUMNS} FROM templates WHERE state != 'ready'"), &[])?;
+            all(rows, row)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing;
     use crate::tests::sandbox;
 
     #[test]
     fn names_limits_and_users() {
-        let s = Store::open_in_memory().unwrap();
+        let s = testing::store();
         let org = s.create_org("o", None).unwrap();
         let other = s.create_org("p", None).unwrap();
         let t = s.insert_template(&org.id, "app", "alpine:3", 2).unwrap();

@@ -30,7 +30,7 @@ enum Cmd {
         agent: Option<PathBuf>,
     },
     /// Run control plane and runner in one process.
-    Server(serve::ServerArgs),
+    Server(Box<serve::ServerArgs>),
     /// Manage sandboxes through the API.
     #[command(subcommand)]
     Sandbox(client::SandboxCmd),
@@ -73,7 +73,7 @@ fn main() {
     }
     let result = match cli.command {
         Cmd::Setup { cache_dir, agent } => setup::run(&cache_dir, agent),
-        Cmd::Server(args) => serve::run(args),
+        Cmd::Server(args) => serve::run(*args),
         Cmd::Sandbox(cmd) => client::sandbox(cmd),
         Cmd::Snapshot(cmd) => client::snapshot(cmd),
         Cmd::Template(cmd) => client::template(cmd),

@@ -19,6 +19,11 @@ pub struct ServerArgs {
     /// Metadata database, sandbox disks, bootstrap key.
     #[arg(long, env = "COVE_DATA_DIR", default_value = "/var/lib/cove")]
     data_dir: PathBuf,
+    /// Metadata store on Postgres (`postgres://user:password@host:port/database`; the
+    /// database must exist, its tables are made), for a store that outlives this host or is
+    /// shared by several control planes. Default: SQLite in `<data dir>/cove.db`.
+    #[arg(long, env = "COVE_DATABASE_URL", value_parser = parse_database_url)]
+    database_url: Option<String>,
     /// What `cove setup` built (kernel, rootfs, initramfs) and template snapshots.
     #[arg(long, env = "COVE_CACHE_DIR", default_value = "/var/cache/cove")]
     cache_dir: PathBuf,
@@ -92,6 +97,14 @@ pub struct ServerArgs {
     metrics_listen: String,
 }
 
+fn parse_database_url(s: &str) -> Result<String, String> {
+    if cove_store::is_postgres_url(s) {
+        Ok(s.to_string())
+    } else {
+        Err("not a postgres:// or postgresql:// URL".into())
+    }
+}
+
 fn parse_accel(s: &str) -> Result<Accel, String> {
     Accel::parse(s).ok_or_else(|| format!("{s:?} is not one of auto, kvm, tcg"))
 }
@@ -104,7 +117,11 @@ pub fn run(args: ServerArgs) -> Result<()> {
 async fn serve(args: ServerArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let store = Arc::new(Store::open(&args.data_dir.join("cove.db")).context("opening the metadata store")?);
+    let store = match &args.database_url {
+        Some(url) => Store::connect(url).context("connecting to the Postgres metadata store")?,
+        None => Store::open(&args.data_dir.join("cove.db")).context("opening the metadata store")?,
+    };
+    let store = Arc::new(store);
     bootstrap(&store, &args.data_dir)?;
 
     let mut rcfg = RunnerConfig::new(args.cache_dir.clone(), args.data_dir.clone());

@@ -28,7 +28,7 @@ pub const SYSTEM: &str = "system/debian:bookworm";
 
 impl App {
     pub fn new() -> App {
-        let store = Store::open_in_memory().unwrap();
+        let store = cove_store::testing::store();
         let org = store.create_org("test", None).unwrap();
         let key = cove_store::generate_key();
         store.add_key(&org.id, "test", &key).unwrap();

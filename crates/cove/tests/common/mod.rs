@@ -74,6 +74,7 @@ impl TestServer {
             .arg(&data_dir)
             .arg("--cache-dir")
             .arg(&cache)
+            .args(database_url(&data_dir).map(|url| format!("--database-url={url}")))
             .args(extra_args)
             .env("COVE_BOOTSTRAP_API_KEY", &admin_key)
             .env("COVE_LOG", "info,cove_runner=debug")
@@ -148,7 +149,10 @@ impl TestServer {
 
     /// A new organization with its own key (straight into the store, as an operator would).
     pub fn new_org(&self, limit: Option<u64>) -> Api {
-        let store = cove_store::Store::open(&self.data_dir.join("cove.db")).unwrap();
+        let store = match database_url(&self.data_dir) {
+            Some(url) => cove_store::Store::connect(&url).unwrap(),
+            None => cove_store::Store::open(&self.data_dir.join("cove.db")).unwrap(),
+        };
         let org = store.create_org(&format!("org-{}", rand_hex()), limit).unwrap();
         let key = cove_store::generate_key();
         store.add_key(&org.id, "test", &key).unwrap();
@@ -162,6 +166,36 @@ impl TestServer {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
             .map_or(0.0, |v| v.trim().parse().unwrap_or_else(|_| panic!("{series}: not a number: {v}")))
+    }
+}
+
+/// The Postgres database of the server on `data_dir` when the tests run on Postgres
+/// (`COVE_TEST_POSTGRES`, see `cove_store::testing`): made for the first server on a data
+/// directory, and kept in it for the servers that restart there.
+fn database_url(data_dir: &std::path::Path) -> Option<String> {
+    let file = data_dir.join("test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return Some(url);
+    }
+    let url = cove_store::testing::fresh_postgres_database().expect("creating a test database")?;
+    std::fs::create_dir_all(data_dir).unwrap();
+    std::fs::write(&file, &url).unwrap();
+    Some(url)
+}
+
+/// Everything the metadata store of the server on `data_dir` holds, as bytes to search for
+/// secrets: the SQLite files, or a dump of its Postgres database.
+pub fn stored_metadata(data_dir: &std::path::Path) -> Vec<u8> {
+    match database_url(data_dir) {
+        Some(url) => {
+            let out = Command::new("pg_dump").args(["--data-only", &url]).output().expect("running pg_dump");
+            assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+            out.stdout
+        }
+        None => ["cove.db", "cove.db-wal"]
+            .iter()
+            .flat_map(|f| std::fs::read(data_dir.join(f)).unwrap_or_default())
+            .collect(),
     }
 }
 
