@@ -128,14 +128,42 @@ impl Row {
     }
 }
 
+/// A backend's error, its message carrying the whole chain of causes (it has no `source`, so
+/// that nothing is said twice where it is printed with them).
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("{0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("{0}")]
-    Postgres(#[from] tokio_postgres::Error),
+    #[error("{}", chain(.0))]
+    Sqlite(rusqlite::Error),
+    #[error("{}", chain(.0))]
+    Postgres(tokio_postgres::Error),
     #[error("{0}")]
     Other(String),
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> DbError {
+        DbError::Sqlite(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(e: tokio_postgres::Error) -> DbError {
+        DbError::Postgres(e)
+    }
+}
+
+/// `e: cause: its cause…`, leaving out a cause whose message is already in the text.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !text.contains(&m) {
+            text = format!("{text}: {m}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl DbError {

@@ -33,8 +33,9 @@ pub use templates::{TemplateRecord, TemplateState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Its message has the cause's whole message (no `source`, so it is not said twice).
     #[error("database: {0}")]
-    Db(#[from] DbError),
+    Db(DbError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("organization has {count} active sandboxes, its limit is {limit}")]
@@ -49,6 +50,12 @@ pub enum StoreError {
     TemplateNameTaken(String),
     #[error("the organization has reached its limit of {limit} templates")]
     TemplateLimit { limit: u64 },
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> StoreError {
+        StoreError::Db(e)
+    }
 }
 
 /// Numbered schema migrations; a database records the highest one applied.
