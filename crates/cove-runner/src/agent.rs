@@ -36,6 +36,14 @@ pub enum AgentError {
 #[derive(Clone)]
 pub struct AgentClient {
     sender: SendRequest<AgentBody>,
+    /// Set when the agent is a remote runner's: requests go to `/agent/<id>/…` on the
+    /// connection to that runner, with its token.
+    via: Option<std::sync::Arc<Via>>,
+}
+
+struct Via {
+    prefix: String,
+    authorization: http::HeaderValue,
 }
 
 impl AgentClient {
@@ -144,7 +152,17 @@ impl AgentClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(AgentClient { sender })
+        Ok(AgentClient { sender, via: None })
+    }
+
+    /// The agent of sandbox `id` on a remote runner, through the connection `sender` to it.
+    pub(crate) fn via_runner(
+        sender: SendRequest<AgentBody>,
+        id: &str,
+        authorization: http::HeaderValue,
+    ) -> AgentClient {
+        let via = Via { prefix: format!("https://cove-runner/agent/{id}"), authorization };
+        AgentClient { sender, via: Some(std::sync::Arc::new(via)) }
     }
 }
 
@@ -253,7 +271,17 @@ impl AgentClient {
     }
 
     /// Sends a request as is; the response body streams.
-    pub async fn send(&self, req: Request<AgentBody>) -> Result<Response<hyper::body::Incoming>, AgentError> {
+    pub async fn send(
+        &self,
+        mut req: Request<AgentBody>,
+    ) -> Result<Response<hyper::body::Incoming>, AgentError> {
+        if let Some(via) = &self.via {
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            *req.uri_mut() = format!("{}{path}", via.prefix)
+                .parse()
+                .map_err(|e| AgentError::Request(format!("agent path: {e}")))?;
+            req.headers_mut().insert(http::header::AUTHORIZATION, via.authorization.clone());
+        }
         let mut sender = self.sender.clone();
         sender.ready().await.map_err(|e| AgentError::Request(e.to_string()))?;
         sender.send_request(req).await.map_err(|e| AgentError::Request(e.to_string()))

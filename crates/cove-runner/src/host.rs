@@ -145,7 +145,7 @@ pub trait SandboxHost: Send + Sync + 'static {
 
     /// Ids of every sandbox with anything on this host (files, memory, network), adopted or
     /// not: what recovery compares with its records to find orphans.
-    fn sandboxes_on_host(&self) -> Vec<String>;
+    async fn sandboxes_on_host(&self) -> Vec<String>;
 
     // --- The guest -------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ pub mod image;
 pub mod images;
 mod memfile;
 pub mod net;
+pub mod remote;
 mod sandbox;
 #[allow(unsafe_code)]
 mod sys;
@@ -174,6 +175,10 @@ pub struct Runner {
 }
 
 impl Runner {
+    pub fn config(&self) -> &RunnerConfig {
+        &self.cfg
+    }
+
     pub async fn new(cfg: RunnerConfig, vmm: Arc<dyn Vmm>) -> Result<Runner, RunnerError> {
         let images = Images::locate(&cfg.cache_dir)?;
         let dirs = [
@@ -434,7 +439,7 @@ impl SandboxHost for Runner {
 
     /// Sandboxes with files on this host (directories, RAM files) or a network made by this
     /// data dir (e.g. a namespace made just before the VM's files).
-    fn sandboxes_on_host(&self) -> Vec<String> {
+    async fn sandboxes_on_host(&self) -> Vec<String> {
         let names = |dir: PathBuf| -> Vec<String> {
             std::fs::read_dir(dir)
                 .map(|rd| {

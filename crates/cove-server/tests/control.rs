@@ -27,7 +27,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_sandbox_lives_its_whole_life() {
-    let app = App::new();
+    let app = App::new().await;
     let id = app.create(json!({"env_vars": {"GREETING": "hello"}})).await;
     assert_eq!(app.host.census().vms.get(&id), Some(&true));
     assert_eq!(app.exec(&id, "echo hi there").await, (StatusCode::OK, 0, "hi there\n".into()));
@@ -185,7 +185,7 @@ async fn act(app: &App, case: Case, id: Option<&str>) -> (StatusCode, Value) {
 
 /// The host points a case passes when nothing goes wrong.
 async fn steps(case: Case) -> Vec<String> {
-    let app = App::new();
+    let app = App::new().await;
     let id = prepare(&app, case).await;
     let (s, v) = act(&app, case, id.as_deref()).await;
     assert!(s.is_success(), "{case:?}: {s} {v}");
@@ -281,7 +281,7 @@ async fn a_host_error_at_any_step_leaves_a_consistent_sandbox() {
                 continue;
             }
             let context = format!("{case:?} failing at {point}");
-            let app = App::new();
+            let app = App::new().await;
             let id = prepare(&app, case).await;
             app.host.fail_at(&point);
             let (s, v) = act(&app, case, id.as_deref()).await;
@@ -297,7 +297,7 @@ async fn a_host_error_at_any_step_leaves_a_consistent_sandbox() {
                 }
             }
             check_consistent(&app, &context, true).await;
-            let next = app.restarted();
+            let next = app.restarted().await;
             next.core.recover().await.unwrap_or_else(|e| panic!("{context}: recovery: {e}"));
             check_consistent(&next, &format!("{context}, then restarted"), false).await;
             tried += 1;
@@ -340,7 +340,7 @@ async fn a_crash_at_any_step_is_recovered_by_the_next_server() {
             for point in steps(case).await {
                 let context =
                     format!("{case:?} crashing at {point}{}", if power_lost { ", power lost" } else { "" });
-                let app = App::new();
+                let app = App::new().await;
                 let id = prepare(&app, case).await;
                 let reached = app.host.crash_at(&point);
                 let task = {
@@ -358,7 +358,7 @@ async fn a_crash_at_any_step_is_recovered_by_the_next_server() {
                 for rec in app.store.sandboxes_on_runner("local").unwrap() {
                     rows.insert(row(&app, &rec));
                 }
-                let next = app.restarted();
+                let next = app.restarted().await;
                 next.core.recover().await.unwrap_or_else(|e| panic!("{context}: recovery: {e}"));
                 check_consistent(&next, &context, false).await;
             }
@@ -393,7 +393,7 @@ async fn a_crash_at_any_step_is_recovered_by_the_next_server() {
 /// none fails.
 #[tokio::test]
 async fn guest_calls_racing_pauses_all_succeed() {
-    let app = App::new();
+    let app = App::new().await;
     let id = app.create(json!({})).await;
     app.write(&id, "kept.txt", b"kept").await;
     let pauses = {
@@ -438,7 +438,7 @@ async fn guest_calls_racing_pauses_all_succeed() {
 
 #[tokio::test]
 async fn mounts_and_policies_reach_the_host_and_their_secrets_only_the_host() {
-    let app = App::new();
+    let app = App::new().await;
     let id = app.create(json!({})).await;
     let mount = json!({"type": "object-storage", "bucket": "bkt", "mount_path": "/data",
         "endpoint": "http://s3.test", "access_key_id": "AKID-PLAIN", "secret_access_key": "SK-PLAIN"});
@@ -500,7 +500,7 @@ async fn mounts_and_policies_reach_the_host_and_their_secrets_only_the_host() {
 
 #[tokio::test]
 async fn ssh_accesses_open_their_sandbox_until_regenerated_revoked_or_deleted() {
-    let app = App::new();
+    let app = App::new().await;
     let id = app.create(json!({})).await;
     let (s, a) = app.call("POST", &format!("/v1/sandbox/{id}/ssh/access"), "").await;
     assert_eq!(s, StatusCode::CREATED, "{a}");
@@ -545,7 +545,7 @@ async fn ssh_accesses_open_their_sandbox_until_regenerated_revoked_or_deleted() 
 
 #[tokio::test]
 async fn timeouts_pause_or_delete_and_conflicts_name_the_state() {
-    let app = App::new();
+    let app = App::new().await;
     let keep = app.create(json!({"auto_pause": true})).await;
     let gone = app.create(json!({})).await;
     for id in [&keep, &gone] {
@@ -588,7 +588,7 @@ async fn timeouts_pause_or_delete_and_conflicts_name_the_state() {
 
 #[tokio::test]
 async fn templates_are_built_used_and_removed_and_a_crash_mid_build_leaves_nothing() {
-    let app = App::new();
+    let app = App::new().await;
     let (s, v) = app.call("POST", "/v1/template", r#"{"name":"mine","uri":"registry.test/app:1"}"#).await;
     assert!(s.is_success(), "{s} {v}");
     let template = v["id"].as_str().unwrap().to_string();
@@ -622,7 +622,7 @@ async fn templates_are_built_used_and_removed_and_a_crash_mid_build_leaves_nothi
         let half =
             app.store.list_templates(&org(&app)).unwrap().into_iter().find(|t| t.name == "half").unwrap();
         assert!(app.host.template_disk_mib(&half.id).is_some(), "{point}: the build got as far as the disk");
-        let next = app.restarted();
+        let next = app.restarted().await;
         next.core.recover().await.unwrap();
         assert!(next.store.list_templates(&org(&next)).unwrap().is_empty(), "{point}");
         assert_eq!(next.host.template_disk_mib(&half.id), None, "{point}");

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 async fn app() -> App {
-    App::new()
+    App::new().await
 }
 
 async fn call(

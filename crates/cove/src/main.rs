@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod cpio;
+mod runner;
 mod serve;
 mod setup;
 mod shell;
@@ -29,8 +30,11 @@ enum Cmd {
         #[arg(long, env = "COVE_AGENT_BIN")]
         agent: Option<PathBuf>,
     },
-    /// Run control plane and runner in one process.
+    /// Run control plane and runner in one process (or a control plane for a remote runner,
+    /// with `--runner`).
     Server(Box<serve::ServerArgs>),
+    /// Run this machine's sandboxes for a control plane on another machine.
+    Runner(Box<runner::RunnerArgs>),
     /// Manage sandboxes through the API.
     #[command(subcommand)]
     Sandbox(client::SandboxCmd),
@@ -74,6 +78,7 @@ fn main() {
     let result = match cli.command {
         Cmd::Setup { cache_dir, agent } => setup::run(&cache_dir, agent),
         Cmd::Server(args) => serve::run(*args),
+        Cmd::Runner(args) => runner::run(*args),
         Cmd::Sandbox(cmd) => client::sandbox(cmd),
         Cmd::Snapshot(cmd) => client::snapshot(cmd),
         Cmd::Template(cmd) => client::template(cmd),

@@ -19,34 +19,27 @@ pub struct ServerArgs {
     /// Metadata database, sandbox disks, bootstrap key.
     #[arg(long, env = "COVE_DATA_DIR", default_value = "/var/lib/cove")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    host: HostArgs,
+    /// Use the runner at this address (`host:port`, a `cove runner`) for every sandbox instead
+    /// of running VMs in this process; with `--runner-fingerprint` and `--runner-token-file`.
+    #[arg(long, env = "COVE_RUNNER", requires_all = ["runner_fingerprint", "runner_token_file"])]
+    runner: Option<String>,
+    /// SHA-256 fingerprint of the runner's certificate, as `cove runner` prints it.
+    #[arg(long, env = "COVE_RUNNER_FINGERPRINT")]
+    runner_fingerprint: Option<String>,
+    /// File holding the runner's token (`<runner data dir>/runner-token`).
+    #[arg(long, env = "COVE_RUNNER_TOKEN_FILE")]
+    runner_token_file: Option<PathBuf>,
     /// Metadata store on Postgres (`postgres://user:password@host:port/database`; the
     /// database must exist, its tables are made), for a store that outlives this host or is
     /// shared by several control planes. Default: SQLite in `<data dir>/cove.db`.
     #[arg(long, env = "COVE_DATABASE_URL", value_parser = parse_database_url)]
     database_url: Option<String>,
-    /// What `cove setup` built (kernel, rootfs, initramfs) and template snapshots.
-    #[arg(long, env = "COVE_CACHE_DIR", default_value = "/var/cache/cove")]
-    cache_dir: PathBuf,
-    /// auto | kvm | tcg
-    #[arg(long, env = "COVE_ACCEL", default_value = "auto", value_parser = parse_accel)]
-    accel: Accel,
     /// Sandboxes an organization may run at once (starting, running, unpausing, snapshotting or
     /// stopping ones count; paused and stopped ones do not).
     #[arg(long, env = "COVE_SANDBOX_LIMIT", default_value_t = 3)]
     sandbox_limit: u64,
-    /// Skip booting the system templates' default shape at start-up (each is then booted by
-    /// the first create that needs it).
-    #[arg(long, env = "COVE_NO_PREPARE")]
-    no_prepare: bool,
-    /// Where pause images and snapshots are stored: `file:///dir` or `s3://bucket[/prefix]`
-    /// (S3 credentials and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
-    /// AWS_ENDPOINT_URL). Default: `<data dir>/blobs`.
-    #[arg(long, env = "COVE_BLOB_URL")]
-    blob_url: Option<String>,
-    /// DNS resolver (ip:port) the egress proxy asks for names a sandbox may reach. Default: the
-    /// host's first nameserver in /etc/resolv.conf.
-    #[arg(long, env = "COVE_EGRESS_DNS")]
-    egress_dns: Option<std::net::SocketAddr>,
     /// Domain under which sandboxes' own services are reached (`<id>.<domain>`,
     /// `<id>-<port>.<domain>`, presigned `<token>.<domain>`); it may carry a `:port`. Point a
     /// wildcard DNS record at this server. Default: `localhost:<listen port>`, which curl and
@@ -70,20 +63,9 @@ pub struct ServerArgs {
     /// wildcard, `localhost` and the listen address. For local use; `--tls-cert` for public.
     #[arg(long, env = "COVE_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
     tls_self_signed: bool,
-    /// PEM file of extra CA certificates the egress proxy trusts for upstream TLS (beside the
-    /// host's roots), e.g. a company's internal root.
-    #[arg(long, env = "COVE_EGRESS_CA")]
-    egress_ca: Option<PathBuf>,
-    /// A registry (`host:port`) to pull template images from over plain HTTP instead of HTTPS;
-    /// repeat for several. Only for registries on a network you trust.
-    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
-    insecure_registries: Vec<String>,
     /// Templates an organization may hold.
     #[arg(long, env = "COVE_TEMPLATE_LIMIT", default_value_t = cove_api::template::DEFAULT_TEMPLATE_LIMIT)]
     template_limit: u64,
-    /// Largest image a template may be made from (its compressed layers), MiB.
-    #[arg(long, env = "COVE_MAX_IMAGE_MIB", default_value_t = 16 * 1024)]
-    max_image_mib: u64,
     /// Address of the SSH endpoint (logins with SSH accesses, `…/ssh/access`); `off` for none.
     #[arg(long, env = "COVE_SSH_LISTEN", default_value = "127.0.0.1:2222")]
     ssh_listen: String,
@@ -95,6 +77,72 @@ pub struct ServerArgs {
     /// organization, so keep it on loopback or a private network); `off` for none.
     #[arg(long, env = "COVE_METRICS_LISTEN", default_value = "off")]
     metrics_listen: String,
+}
+
+/// How this host runs sandboxes: shared by `cove server` (its in-process runner) and
+/// `cove runner`.
+#[derive(Args, Debug)]
+pub struct HostArgs {
+    /// What `cove setup` built (kernel, rootfs, initramfs) and template snapshots.
+    #[arg(long, env = "COVE_CACHE_DIR", default_value = "/var/cache/cove")]
+    cache_dir: PathBuf,
+    /// auto | kvm | tcg
+    #[arg(long, env = "COVE_ACCEL", default_value = "auto", value_parser = parse_accel)]
+    accel: Accel,
+    /// Skip booting the system templates' default shape at start-up (each is then booted by
+    /// the first create that needs it).
+    #[arg(long, env = "COVE_NO_PREPARE")]
+    pub no_prepare: bool,
+    /// Where pause images and snapshots are stored: `file:///dir` or `s3://bucket[/prefix]`
+    /// (S3 credentials and endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    /// AWS_ENDPOINT_URL). Default: `<data dir>/blobs`.
+    #[arg(long, env = "COVE_BLOB_URL")]
+    blob_url: Option<String>,
+    /// DNS resolver (ip:port) the egress proxy asks for names a sandbox may reach. Default: the
+    /// host's first nameserver in /etc/resolv.conf.
+    #[arg(long, env = "COVE_EGRESS_DNS")]
+    egress_dns: Option<std::net::SocketAddr>,
+    /// PEM file of extra CA certificates the egress proxy trusts for upstream TLS (beside the
+    /// host's roots), e.g. a company's internal root.
+    #[arg(long, env = "COVE_EGRESS_CA")]
+    egress_ca: Option<PathBuf>,
+    /// A registry (`host:port`) to pull template images from over plain HTTP instead of HTTPS;
+    /// repeat for several. Only for registries on a network you trust.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Largest image a template may be made from (its compressed layers), MiB.
+    #[arg(long, env = "COVE_MAX_IMAGE_MIB", default_value_t = 16 * 1024)]
+    max_image_mib: u64,
+}
+
+/// The runner of this machine, on `data_dir`.
+pub async fn local_runner(host: &HostArgs, data_dir: &std::path::Path) -> Result<Arc<Runner>> {
+    let mut rcfg = RunnerConfig::new(host.cache_dir.clone(), data_dir.to_path_buf());
+    rcfg.accel = host.accel;
+    rcfg.blob_url = host.blob_url.clone();
+    rcfg.egress_dns = host.egress_dns;
+    rcfg.egress_extra_ca = host.egress_ca.clone();
+    rcfg.insecure_registries = host.insecure_registries.clone();
+    rcfg.max_image_bytes = host.max_image_mib << 20;
+    let vmm = Arc::new(QemuVmm::new(host.accel));
+    tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
+    Ok(Arc::new(Runner::new(rcfg, vmm).await.context("starting the runner")?))
+}
+
+/// Boots and saves the default shape of every system template the host has, one after the
+/// other (each is a cold boot; the default template comes first), in the background.
+pub fn prepare_system_templates(host: Arc<dyn SandboxHost>) {
+    tokio::spawn(async move {
+        for t in cove_api::template::SYSTEM_TEMPLATES {
+            if host.template_disk_mib(t.name).is_none() {
+                continue;
+            }
+            let (vcpus, memory) = (cove_api::sandbox::DEFAULT_VCPU, cove_api::sandbox::DEFAULT_MEMORY_MIB);
+            if let Err(e) = host.prepare_template(t.name, vcpus, memory).await {
+                tracing::error!(template = t.name, error = %cove_server::error::error_chain(&e), "preparing a system template");
+            }
+        }
+    });
 }
 
 fn parse_database_url(s: &str) -> Result<String, String> {
@@ -124,22 +172,34 @@ async fn serve(args: ServerArgs) -> Result<()> {
     let store = Arc::new(store);
     bootstrap(&store, &args.data_dir)?;
 
-    let mut rcfg = RunnerConfig::new(args.cache_dir.clone(), args.data_dir.clone());
-    rcfg.accel = args.accel;
-    rcfg.blob_url = args.blob_url.clone();
-    rcfg.egress_dns = args.egress_dns;
-    rcfg.egress_extra_ca = args.egress_ca.clone();
-    rcfg.insecure_registries = args.insecure_registries.clone();
-    rcfg.max_image_bytes = args.max_image_mib << 20;
-    let shm_dir = rcfg.sandbox_shm_dir();
-    let vmm = Arc::new(QemuVmm::new(args.accel));
-    tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
-    let runner = Arc::new(Runner::new(rcfg, vmm).await.context("starting the runner")?);
+    let mut ccfg = CoreConfig::local(args.sandbox_limit);
+    // This machine's RAM directory (`None` with a remote runner).
+    let (host, shm_dir): (Arc<dyn SandboxHost>, Option<PathBuf>) = match &args.runner {
+        Some(addr) => {
+            let (fingerprint, token_file) = (
+                args.runner_fingerprint.as_deref().unwrap_or_default(),
+                args.runner_token_file.as_deref().unwrap_or(std::path::Path::new("")),
+            );
+            let token = std::fs::read_to_string(token_file)
+                .with_context(|| format!("reading the runner token from {}", token_file.display()))?;
+            let remote = cove_runner::remote::RemoteHost::connect(addr, fingerprint, token.trim())
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to the runner at {addr}: {e}"))?;
+            // The runner is its certificate: records name it by its fingerprint.
+            ccfg.runner_id = format!("runner-{}", &fingerprint[..fingerprint.len().min(16)]);
+            tracing::info!(runner = %addr, runner_id = %ccfg.runner_id, "sandboxes run on a remote runner");
+            (remote, None)
+        }
+        None => {
+            let runner = local_runner(&args.host, &args.data_dir).await?;
+            let shm = runner.config().sandbox_shm_dir();
+            (runner, Some(shm))
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    let mut ccfg = CoreConfig::local(args.sandbox_limit);
     ccfg.template_limit = args.template_limit;
     // A certificate cannot name `*.localhost` (a wildcard needs two labels below it), so a
     // self-signed server's default domain is one level down; `.localhost` names still
@@ -178,25 +238,12 @@ async fn serve(args: ServerArgs) -> Result<()> {
             Some((l, bound))
         }
     };
-    let core = Arc::new(Core::new(store, runner.clone(), ccfg, sealer));
+    let core = Arc::new(Core::new(store, host.clone(), ccfg, sealer));
     core.serve_metadata();
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
-    if !args.no_prepare {
-        let runner = runner.clone();
-        tokio::spawn(async move {
-            // One after the other: each is a cold boot, and the default one comes first.
-            for t in cove_api::template::SYSTEM_TEMPLATES {
-                if runner.template_disk_mib(t.name).is_none() {
-                    continue;
-                }
-                let (vcpus, memory) =
-                    (cove_api::sandbox::DEFAULT_VCPU, cove_api::sandbox::DEFAULT_MEMORY_MIB);
-                if let Err(e) = runner.prepare_template(t.name, vcpus, memory).await {
-                    tracing::error!(template = t.name, error = %cove_server::error::error_chain(&e), "preparing a system template");
-                }
-            }
-        });
+    if !args.host.no_prepare {
+        prepare_system_templates(host);
     }
 
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -246,12 +293,14 @@ async fn serve(args: ServerArgs) -> Result<()> {
     }
     // This data dir's RAM directory goes when no sandbox RAM is left in it (fails otherwise),
     // with its directory for user templates' snapshots if that is empty too.
-    let _ = std::fs::remove_dir(shm_dir.join("templates"));
-    let _ = std::fs::remove_dir(&shm_dir);
+    if let Some(shm_dir) = shm_dir {
+        let _ = std::fs::remove_dir(shm_dir.join("templates"));
+        let _ = std::fs::remove_dir(&shm_dir);
+    }
     Ok(())
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {

@@ -124,7 +124,7 @@ impl Core {
         }
         let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
         let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        for id in self.host.sandboxes_on_host().into_iter().filter(|id| !known.contains(id.as_str())) {
+        for id in self.host.sandboxes_on_host().await.into_iter().filter(|id| !known.contains(id.as_str())) {
             tracing::info!(sandbox_id = %id, "removing files and network of an unknown sandbox");
             let _ = self.host.destroy(&id).await;
         }

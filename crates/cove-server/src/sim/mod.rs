@@ -436,7 +436,7 @@ impl SandboxHost for SimHost {
         self.point("run_again.done").await
     }
 
-    fn sandboxes_on_host(&self) -> Vec<String> {
+    async fn sandboxes_on_host(&self) -> Vec<String> {
         let m = lock(&self.machine);
         let ids: BTreeSet<&String> = m.vms.keys().chain(m.disks.keys()).collect();
         ids.into_iter().cloned().collect()

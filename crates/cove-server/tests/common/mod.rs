@@ -1,6 +1,10 @@
 //! The control plane over a simulated host ([`cove_server::sim::SimHost`]): the router called
-//! in-process, no socket, no VM, no root. A restart is a new `Core` on the same store and a
-//! restarted host, as after `kill -9`.
+//! in-process, no VM, no root. A restart is a new `Core` on the same store and a restarted
+//! host, as after `kill -9`.
+//!
+//! With `COVE_TEST_HOST=remote` the control plane reaches the simulated host as it would a
+//! runner on another machine: through `cove_runner::remote` (HTTP/2 on TLS over loopback,
+//! the certificate pinned, the token checked), so every test also runs the wire protocol.
 
 #![allow(dead_code)]
 
@@ -15,6 +19,25 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
+/// What the control plane holds of `host`: the host itself, or (`COVE_TEST_HOST=remote`) a
+/// remote runner that serves it.
+async fn seam(host: Arc<SimHost>) -> Arc<dyn cove_runner::SandboxHost> {
+    match std::env::var("COVE_TEST_HOST").as_deref() {
+        Ok("remote") => {
+            let identity = cove_runner::remote::Identity::generate();
+            let fingerprint = identity.fingerprint();
+            let token = format!("token-{}", rand::random::<u64>());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let served = token.clone();
+            tokio::spawn(async move { cove_runner::remote::serve(listener, &identity, host, served).await });
+            cove_runner::remote::RemoteHost::connect(&addr, &fingerprint, &token).await.unwrap()
+        }
+        Ok(other) if other != "local" => panic!("COVE_TEST_HOST is local or remote, not {other}"),
+        _ => host,
+    }
+}
+
 #[derive(Clone)]
 pub struct App {
     pub router: axum::Router,
@@ -27,26 +50,26 @@ pub struct App {
 pub const SYSTEM: &str = "system/debian:bookworm";
 
 impl App {
-    pub fn new() -> App {
+    pub async fn new() -> App {
         let store = cove_store::testing::store();
         let org = store.create_org("test", None).unwrap();
         let key = cove_store::generate_key();
         store.add_key(&org.id, "test", &key).unwrap();
-        App::on(Arc::new(store), Arc::new(SimHost::new()), key)
+        App::on(Arc::new(store), Arc::new(SimHost::new()), key).await
     }
 
-    fn on(store: Arc<Store>, host: Arc<SimHost>, key: String) -> App {
+    async fn on(store: Arc<Store>, host: Arc<SimHost>, key: String) -> App {
         let mut cfg = CoreConfig::local(8);
         cfg.ssh = Some(cove_server::SshEndpoint { host: "ssh.test".into(), port: 2222 });
-        let core =
-            Arc::new(Core::new(store.clone(), host.clone(), cfg, cove_store::sealed::Sealer::ephemeral()));
+        let seam = seam(host.clone()).await;
+        let core = Arc::new(Core::new(store.clone(), seam, cfg, cove_store::sealed::Sealer::ephemeral()));
         App { router: router(core.clone()), core, host, store, key }
     }
 
     /// The next server process: same store, same machine, nothing in memory. Not recovered
     /// yet: call `core.recover()`.
-    pub fn restarted(&self) -> App {
-        App::on(self.store.clone(), Arc::new(self.host.restarted()), self.key.clone())
+    pub async fn restarted(&self) -> App {
+        App::on(self.store.clone(), Arc::new(self.host.restarted()), self.key.clone()).await
     }
 
     pub async fn call(&self, method: &str, path: &str, body: &str) -> (StatusCode, Value) {

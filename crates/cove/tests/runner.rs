@@ -1,0 +1,131 @@
+//! Real VMs on a runner in a process of its own (`cove runner`), driven by a control plane that
+//! runs none (`cove server --runner`): the sandbox lives in the runner's data directory, and
+//! exec, files, pause and resume with the guest's memory intact, and the invoke route (a
+//! stream to a guest port) all go through the wire.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::TestServer;
+use serde_json::json;
+
+/// A `cove runner` process: its address and certificate fingerprint.
+struct RunnerProcess {
+    addr: String,
+    fingerprint: String,
+    data_dir: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_runner(data_dir: &Path) -> RunnerProcess {
+    std::fs::create_dir_all(data_dir).unwrap();
+    let log = std::fs::File::create(data_dir.join("runner.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cove"))
+        .args(["runner", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--cache-dir")
+        .arg(common::cache_dir())
+        .env("COVE_LOG", "info,cove_runner=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawning cove runner");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut fingerprint, mut addr) = (String::new(), String::new());
+    for line in lines.by_ref() {
+        let line = line.unwrap_or_default();
+        if let Some(f) = line.strip_prefix("cove runner fingerprint ") {
+            fingerprint = f.trim().to_string();
+        }
+        if let Some(a) = line.strip_prefix("cove runner listening on ") {
+            addr = a.trim().to_string();
+            break;
+        }
+    }
+    assert!(
+        !addr.is_empty() && fingerprint.len() == 64,
+        "cove runner did not start: see {}/runner.log",
+        data_dir.display()
+    );
+    std::thread::spawn(move || for _ in lines {});
+    RunnerProcess { addr, fingerprint, data_dir: data_dir.to_path_buf(), child }
+}
+
+#[tokio::test]
+async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
+    let runner = start_runner(&std::env::temp_dir().join(format!("cove-test-runner-{}", common::rand_hex())));
+    let token_file = runner.data_dir.join("runner-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.trim().len(), 64);
+    let server = TestServer::start(&[
+        "--runner",
+        &runner.addr,
+        "--runner-fingerprint",
+        &runner.fingerprint,
+        "--runner-token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    let api = server.new_org(None);
+    let id = api.create(json!({ "env_vars": { "FROM_CREATE": "remote" } })).await;
+
+    // The VM is the runner's: its files are in the runner's data directory, none in the
+    // control plane's.
+    let pid_file = runner.data_dir.join("sandboxes").join(&id).join("run/qemu.pid");
+    let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()));
+    assert!(Path::new(&format!("/proc/{}", pid.trim())).exists());
+    assert!(!server.data_dir.join("sandboxes").join(&id).exists());
+
+    assert_eq!(api.sh_ok(&id, "echo $FROM_CREATE; id -un").await, "remote\nuser\n");
+    api.put_file(&id, "/home/user/note.txt", b"kept on the disk").await;
+    let counter = common::start_counter(&api, &id).await;
+
+    let r = api.action(&id, "pause").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(api.state_of(&id).await, "paused");
+    assert!(!Path::new(&format!("/proc/{}", pid.trim())).exists(), "the paused VM still runs");
+    // The next request resumes it; the counter process carried on from its memory.
+    assert_eq!(api.sh_ok(&id, "cat /home/user/note.txt").await, "kept on the disk");
+    let lines = common::counter_beyond(&api, &id, 0).await;
+    common::assert_counts_on(&lines, counter);
+
+    // The invoke route: a stream to a guest port, through the runner.
+    api.sh_ok(
+        &id,
+        "cd /tmp && echo served-remotely > hello.txt && (setsid python3 -m http.server 8000 >/dev/null 2>&1 &)",
+    )
+    .await;
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let host = format!("{id}-8000.localhost:{port}");
+    let mut body = String::new();
+    for _ in 0..50 {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "--resolve", &format!("{host}:127.0.0.1")])
+            .args(["-H", &format!("Authorization: Bearer {}", api.key)])
+            .arg(format!("http://{host}/hello.txt"))
+            .output()
+            .unwrap();
+        body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if body == "served-remotely\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(body, "served-remotely\n");
+
+    let r = api.delete(&format!("/v1/sandbox/{id}")).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(!runner.data_dir.join("sandboxes").join(&id).exists(), "the runner kept the sandbox's files");
+    assert!(common::qemu_pids(&id).is_empty());
+}
