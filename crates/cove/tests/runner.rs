@@ -1,7 +1,7 @@
 //! Real VMs on a runner in a process of its own (`cove runner`), driven by a control plane that
 //! runs none (`cove server --runner`): the sandbox lives in the runner's data directory, and
-//! exec, files, pause and resume with the guest's memory intact, and the invoke route (a
-//! stream to a guest port) all go through the wire.
+//! exec, files, the metadata service, pause and resume with the guest's memory intact, and the
+//! invoke route (a stream to a guest port) all go through the wire.
 
 mod common;
 
@@ -88,6 +88,21 @@ async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
     assert!(!server.data_dir.join("sandboxes").join(&id).exists());
 
     assert_eq!(api.sh_ok(&id, "echo $FROM_CREATE; id -un").await, "remote\nuser\n");
+
+    // The metadata service answers on the runner, from the control plane's records.
+    let imds = "http://169.254.169.254";
+    let doc = api
+        .sh_ok(
+            &id,
+            &format!(
+                "t=$(curl -sSf -X PUT -H 'X-metadata-token-ttl-seconds: 60' {imds}/latest/api/token) && \
+                 curl -sSf -H \"X-metadata-token: $t\" -H 'Accept: application/json' {imds}/latest/meta-data/leap0"
+            ),
+        )
+        .await;
+    let doc: serde_json::Value = serde_json::from_str(&doc).unwrap_or_else(|e| panic!("{e}: {doc}"));
+    assert!(doc.to_string().contains(&id), "{doc}");
+    assert!(doc.to_string().contains("\"FROM_CREATE\":\"remote\""), "{doc}");
     api.put_file(&id, "/home/user/note.txt", b"kept on the disk").await;
     let counter = common::start_counter(&api, &id).await;
 

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
@@ -34,7 +34,7 @@ const MAX_TOKENS: usize = 64;
 const PREFIX: &str = "/latest/meta-data/leap0";
 
 /// What the control plane knows of a sandbox, for its metadata service.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SandboxMetadata {
     pub exec: ExecMetadata,
     pub mounts: Vec<MountMetadata>,
@@ -43,7 +43,7 @@ pub struct SandboxMetadata {
 }
 
 /// The template's command and how commands run.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ExecMetadata {
     /// Shell-escaped command line of the template's service; empty when it has none.
     pub command: String,
@@ -53,7 +53,7 @@ pub struct ExecMetadata {
     pub env: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountMetadata {
     pub id: String,
     #[serde(rename = "type")]
@@ -69,8 +69,9 @@ pub struct MountMetadata {
 
 /// Where the answers come from: the control plane, by sandbox id. `None` for a sandbox it does
 /// not know (the answer is then 404).
+#[async_trait::async_trait]
 pub trait MetadataSource: Send + Sync {
-    fn sandbox_metadata(&self, sandbox_id: &str) -> Option<SandboxMetadata>;
+    async fn sandbox_metadata(&self, sandbox_id: &str) -> Option<SandboxMetadata>;
 }
 
 /// Session tokens of one sandbox, with their expiry.
@@ -153,7 +154,11 @@ async fn answer(sb: &Sandbox, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let Some(rest) = path.strip_prefix(PREFIX).filter(|r| r.is_empty() || r.starts_with('/')) else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
-    let Some(record) = sb.shared.metadata.get().and_then(|s| s.sandbox_metadata(&sb.id)) else {
+    let record = match sb.shared.metadata.get() {
+        Some(source) => source.sandbox_metadata(&sb.id).await,
+        None => None,
+    };
+    let Some(record) = record else {
         return text(StatusCode::NOT_FOUND, "no metadata for this sandbox\n");
     };
     let doc = document(&sb.id, record, &sb.ca.cert_pem());

@@ -131,6 +131,38 @@ impl RemoteHost {
     }
 }
 
+impl RemoteHost {
+    /// One metadata channel, until it ends: each question answered from `source`.
+    async fn answer_metadata(&self, source: &dyn MetadataSource) -> Result<(), RunnerError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(b)), rx))
+        });
+        let mut req = self.request(Method::POST, "/host/v1/metadata_channel", Vec::new());
+        *req.body_mut() = BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream));
+        let mut questions = self.send(req).await?.into_body();
+        let mut lines = super::server::Lines::default();
+        while let Some(frame) = questions.frame().await {
+            let frame = frame.map_err(|e| unreachable(&self.addr, e))?;
+            let Some(data) = frame.data_ref() else { continue };
+            for line in lines.push(data) {
+                let Ok(q) = serde_json::from_slice::<serde_json::Value>(&line) else { continue };
+                let (Some(n), Some(id)) = (q["q"].as_u64(), q["id"].as_str()) else { continue };
+                let metadata = source.sandbox_metadata(id).await;
+                let mut answer = serde_json::to_vec(&serde_json::json!({ "q": n, "metadata": metadata }))
+                    .map_err(|e| unreachable(&self.addr, e))?;
+                answer.push(b'\n');
+                if tx.send(answer.into()).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A loan of credentials on the runner, returned when dropped.
 struct RemoteLoan {
     host: std::sync::Weak<RemoteHost>,
@@ -332,10 +364,19 @@ impl SandboxHost for RemoteHost {
         self.call("set_network_policy", (id, policy)).await
     }
 
-    fn set_metadata_source(&self, _source: Arc<dyn MetadataSource>) {
-        // Not yet: a remote runner's sandboxes get no answers from the metadata service
-        // (docs/architecture.md, "The host seam").
-        tracing::warn!(runner = %self.addr, "the metadata service is not served for a remote runner's sandboxes yet");
+    /// Holds the runner's metadata channel open (made again when it breaks, for as long as
+    /// this host lives) and answers its questions from `source`.
+    fn set_metadata_source(&self, source: Arc<dyn MetadataSource>) {
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            while let Some(host) = me.upgrade() {
+                if let Err(e) = host.answer_metadata(source.as_ref()).await {
+                    tracing::debug!(runner = %host.addr, error = %e, "metadata channel");
+                }
+                drop(host);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
     }
 
     async fn lend_credentials(&self, id: &str, loan: Loan) -> Result<LoanGuard, RunnerError> {

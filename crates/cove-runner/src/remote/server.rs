@@ -6,6 +6,10 @@
 //!   streaming both ways.
 //! - `CONNECT <id>:<port>`: a byte stream to a port of the guest.
 //!
+//! - `POST /host/v1/metadata_channel`: the metadata service's questions (`{"q":n,"id":…}`
+//!   lines in the answer's body) and the control plane's answers (`{"q":n,"metadata":…}` lines
+//!   in the request's body), for as long as the control plane keeps it open.
+//!
 //! Every request carries `Authorization: Bearer <token>`. Credential loans are held per
 //! connection: a control plane that goes away returns them.
 
@@ -25,7 +29,7 @@ use super::tls::Identity;
 use super::wire::{
     Answer, BuildLine, Inventory, WireBuilt, WireError, WireLoan, WireSource, WireStats, WireVm,
 };
-use crate::host::{AfterCapture, LoanGuard, SandboxHost};
+use crate::host::{AfterCapture, LoanGuard, MetadataSource, SandboxHost, SandboxMetadata};
 use crate::{AgentBody, RegistryCredentials, RunnerError, TemplateSource, VmRequest};
 
 /// Serves `host` on `listener` until the listener fails.
@@ -37,10 +41,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config());
     let token = Arc::new(token);
+    let asked = Arc::new(Asked::default());
+    host.set_metadata_source(asked.clone());
     loop {
         let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
-        let (acceptor, host, token) = (acceptor.clone(), host.clone(), token.clone());
+        let (acceptor, host, token, asked) = (acceptor.clone(), host.clone(), token.clone(), asked.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(tls) => tls,
@@ -49,7 +55,7 @@ pub async fn serve(
                     return;
                 }
             };
-            let conn = Arc::new(Connection { host, token, loans: Mutex::default() });
+            let conn = Arc::new(Connection { host, token, asked, loans: Mutex::default() });
             let service = hyper::service::service_fn(move |req| {
                 let conn = conn.clone();
                 async move { Ok::<_, Infallible>(conn.handle(req).await) }
@@ -67,6 +73,7 @@ pub async fn serve(
 struct Connection {
     host: Arc<dyn SandboxHost>,
     token: Arc<String>,
+    asked: Arc<Asked>,
     /// Loans of credentials in force, by id; dropped (returned) with the connection.
     loans: Mutex<HashMap<String, LoanGuard>>,
 }
@@ -124,6 +131,9 @@ impl Connection {
         let Some(method) = path.strip_prefix("/host/v1/").map(str::to_string) else {
             return refusal(StatusCode::NOT_FOUND, "no such route");
         };
+        if method == "metadata_channel" {
+            return self.asked.open(req.into_body());
+        }
         let bytes = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => return refusal(StatusCode::BAD_REQUEST, &format!("reading the request: {e}")),
@@ -347,6 +357,97 @@ impl Connection {
             }
         });
         Response::new(body(Bytes::new()))
+    }
+}
+
+/// The metadata source of a runner's sandboxes: questions to the control plane that holds the
+/// metadata channel open, answered within a few seconds or not at all.
+#[derive(Default)]
+struct Asked {
+    channel: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Bytes>>>,
+    pending: Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Option<SandboxMetadata>>>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct MetadataQuestion {
+    q: u64,
+    id: String,
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct MetadataAnswer {
+    q: u64,
+    metadata: Option<SandboxMetadata>,
+}
+
+impl Asked {
+    /// A control plane's channel: it replaces any earlier one.
+    fn open(&self, answers: Incoming) -> Response<AgentBody> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        let pending = self.pending.clone();
+        tokio::spawn(async move {
+            let mut lines = Lines::default();
+            let mut answers = answers;
+            while let Some(Ok(frame)) = answers.frame().await {
+                let Some(data) = frame.data_ref() else { continue };
+                for line in lines.push(data) {
+                    if let Ok(a) = serde_json::from_slice::<MetadataAnswer>(&line) {
+                        if let Some(waiting) = pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&a.q)
+                        {
+                            let _ = waiting.send(a.metadata);
+                        }
+                    }
+                }
+            }
+        });
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(b)), rx))
+        });
+        Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)))
+    }
+}
+
+#[async_trait::async_trait]
+impl MetadataSource for Asked {
+    async fn sandbox_metadata(&self, sandbox_id: &str) -> Option<SandboxMetadata> {
+        let q = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(q, tx);
+        let mut line = json(&MetadataQuestion { q, id: sandbox_id.to_string() });
+        line.push(b'\n');
+        let sent = self
+            .channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|c| c.send(line.into()).is_ok());
+        let answer = if sent {
+            tokio::time::timeout(std::time::Duration::from_secs(5), rx).await.ok().and_then(Result::ok)
+        } else {
+            None
+        };
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&q);
+        answer.flatten()
+    }
+}
+
+/// Splits a stream of bytes into lines.
+#[derive(Default)]
+pub(super) struct Lines(Vec<u8>);
+
+impl Lines {
+    /// The complete lines `data` ends, without their newlines.
+    pub(super) fn push(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
+        self.0.extend_from_slice(data);
+        let mut out = Vec::new();
+        while let Some(end) = self.0.iter().position(|b| *b == b'\n') {
+            let mut line: Vec<u8> = self.0.drain(..=end).collect();
+            line.pop();
+            out.push(line);
+        }
+        out
     }
 }
 

@@ -13,8 +13,9 @@ use super::Core;
 /// (which the control plane owns) does not keep it alive.
 struct Records(Weak<Core>);
 
+#[async_trait::async_trait]
 impl MetadataSource for Records {
-    fn sandbox_metadata(&self, sandbox_id: &str) -> Option<SandboxMetadata> {
+    async fn sandbox_metadata(&self, sandbox_id: &str) -> Option<SandboxMetadata> {
         self.0.upgrade()?.sandbox_metadata(sandbox_id)
     }
 }
