@@ -69,14 +69,15 @@ async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
     let token_file = runner.data_dir.join("runner-token");
     let token = std::fs::read_to_string(&token_file).unwrap();
     assert_eq!(token.trim().len(), 64);
-    let server = TestServer::start(&[
+    let args = [
         "--runner",
         &runner.addr,
         "--runner-fingerprint",
         &runner.fingerprint,
         "--runner-token-file",
         token_file.to_str().unwrap(),
-    ]);
+    ];
+    let server = TestServer::start(&args);
     let api = server.new_org(None);
     let id = api.create(json!({ "env_vars": { "FROM_CREATE": "remote" } })).await;
 
@@ -113,6 +114,19 @@ async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
     // The next request resumes it; the counter process carried on from its memory.
     assert_eq!(api.sh_ok(&id, "cat /home/user/note.txt").await, "kept on the disk");
     let lines = common::counter_beyond(&api, &id, 0).await;
+    common::assert_counts_on(&lines, counter);
+
+    // A control plane killed and started again finds the sandbox running on the runner, the
+    // same VM, its process still counting.
+    let vm_pid = || std::fs::read_to_string(&pid_file).unwrap_or_default().trim().to_string();
+    let before = vm_pid();
+    server.kill(libc::SIGKILL);
+    let server = TestServer::start_in(server.data_dir.clone(), &args);
+    let api = common::Api { url: server.url.clone(), ..api };
+    assert_eq!(api.state_of(&id).await, "running");
+    assert_eq!(vm_pid(), before, "not the same VM");
+    assert!(Path::new(&format!("/proc/{before}")).exists());
+    let lines = common::counter_beyond(&api, &id, lines.len() as u64).await;
     common::assert_counts_on(&lines, counter);
 
     // The invoke route: a stream to a guest port, through the runner.
