@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::server::{body, channel_body, Lines};
 use super::wire::{Answer, BuildLine, Inventory, WireBuilt, WireLoan, WireSource, WireStats, WireVm};
 use crate::host::{AfterCapture, GuestStream, Loan, LoanGuard, MetadataSource, SandboxHost, VmRequest};
 use crate::{
@@ -31,10 +32,6 @@ pub struct RemoteHost {
     inventory: RwLock<Inventory>,
     /// Itself, for the loans it hands out (which return themselves when dropped).
     me: std::sync::Weak<RemoteHost>,
-}
-
-fn body(bytes: impl Into<Bytes>) -> AgentBody {
-    http_body_util::Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 fn unreachable(addr: &str, e: impl std::fmt::Display) -> RunnerError {
@@ -134,16 +131,11 @@ impl RemoteHost {
 impl RemoteHost {
     /// One metadata channel, until it ends: each question answered from `source`.
     async fn answer_metadata(&self, source: &dyn MetadataSource) -> Result<(), RunnerError> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|b| (Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(b)), rx))
-        });
+        let (tx, answers) = channel_body();
         let mut req = self.request(Method::POST, "/host/v1/metadata_channel", Vec::new());
-        *req.body_mut() = BodyExt::boxed_unsync(http_body_util::StreamBody::new(stream));
+        *req.body_mut() = answers;
         let mut questions = self.send(req).await?.into_body();
-        let mut lines = super::server::Lines::default();
+        let mut lines = Lines::default();
         while let Some(frame) = questions.frame().await {
             let frame = frame.map_err(|e| unreachable(&self.addr, e))?;
             let Some(data) = frame.data_ref() else { continue };
@@ -222,13 +214,11 @@ impl SandboxHost for RemoteHost {
         let payload = serde_json::to_vec(&args).map_err(|e| unreachable(&self.addr, e))?;
         let resp = self.send(self.request(Method::POST, "/host/v1/build_template", payload)).await?;
         let mut body = resp.into_body();
-        let mut buf = Vec::new();
+        let mut lines = Lines::default();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| unreachable(&self.addr, e))?;
             let Some(data) = frame.data_ref() else { continue };
-            buf.extend_from_slice(data);
-            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=end).collect();
+            for line in lines.push(data) {
                 match serde_json::from_slice::<BuildLine>(&line) {
                     Ok(BuildLine::Progress(p)) => progress(&p),
                     Ok(BuildLine::Done(Answer::Ok(WireBuilt {

@@ -78,8 +78,17 @@ struct Connection {
     loans: Mutex<HashMap<String, LoanGuard>>,
 }
 
-fn body(bytes: impl Into<Bytes>) -> AgentBody {
+pub(super) fn body(bytes: impl Into<Bytes>) -> AgentBody {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A body that streams what is sent on the channel, until every sender is gone.
+pub(super) fn channel_body() -> (tokio::sync::mpsc::UnboundedSender<Bytes>, AgentBody) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(b)), rx))
+    });
+    (tx, BodyExt::boxed_unsync(StreamBody::new(stream)))
 }
 
 fn answer_with(status: StatusCode, bytes: impl Into<Bytes>) -> Response<AgentBody> {
@@ -272,7 +281,7 @@ impl Connection {
 
     /// `build_template`: progress lines as the build goes, then its result.
     fn build(&self, (source,): (WireSource,)) -> Response<AgentBody> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let (tx, lines) = channel_body();
         let host = self.host.clone();
         tokio::spawn(async move {
             let line = |l: &BuildLine| {
@@ -302,10 +311,7 @@ impl Connection {
             };
             let _ = tx.send(line(&BuildLine::Done(done)));
         });
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(b)), rx))
-        });
-        let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+        let mut resp = Response::new(lines);
         resp.headers_mut()
             .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
         resp
@@ -384,7 +390,7 @@ struct MetadataAnswer {
 impl Asked {
     /// A control plane's channel: it replaces any earlier one.
     fn open(&self, answers: Incoming) -> Response<AgentBody> {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let (tx, questions) = channel_body();
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
         let pending = self.pending.clone();
         tokio::spawn(async move {
@@ -402,10 +408,7 @@ impl Asked {
                 }
             }
         });
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(b)), rx))
-        });
-        Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        Response::new(questions)
     }
 }
 
