@@ -179,6 +179,11 @@ pub trait SandboxHost: Send + Sync + 'static {
     /// guest) gets its answers: the control plane's records. Set once, at start-up.
     fn set_metadata_source(&self, source: std::sync::Arc<dyn MetadataSource>);
 
+    /// Who to tell when the host restarted under a running control plane (a remote runner's
+    /// process was replaced): its VMs run on, but it knows none of them until they are adopted
+    /// again. A host in this process never restarts alone, hence the default.
+    fn set_restart_listener(&self, _listener: std::sync::Arc<dyn Fn() + Send + Sync>) {}
+
     /// Lends credentials to a running sandbox's credential proxy, for as long as the answer is
     /// kept (`cove_net::egress::lend`): the guest's git reaches the remote through it and never
     /// sees them.

@@ -240,6 +240,7 @@ async fn serve(args: ServerArgs) -> Result<()> {
     };
     let core = Arc::new(Core::new(store, host.clone(), ccfg, sealer));
     core.serve_metadata();
+    core.watch_host_restarts();
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
 
     if !args.host.no_prepare {

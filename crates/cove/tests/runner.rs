@@ -28,11 +28,11 @@ impl Drop for RunnerProcess {
     }
 }
 
-fn start_runner(data_dir: &Path) -> RunnerProcess {
+fn start_runner(data_dir: &Path, listen: &str) -> RunnerProcess {
     std::fs::create_dir_all(data_dir).unwrap();
     let log = std::fs::File::create(data_dir.join("runner.log")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cove"))
-        .args(["runner", "--listen", "127.0.0.1:0"])
+        .args(["runner", "--listen", listen])
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--cache-dir")
@@ -65,7 +65,10 @@ fn start_runner(data_dir: &Path) -> RunnerProcess {
 
 #[tokio::test]
 async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
-    let runner = start_runner(&std::env::temp_dir().join(format!("cove-test-runner-{}", common::rand_hex())));
+    // A fixed address, for the runner started again below.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let runner_dir = std::env::temp_dir().join(format!("cove-test-runner-{}", common::rand_hex()));
+    let mut runner = start_runner(&runner_dir, &listen);
     let token_file = runner.data_dir.join("runner-token");
     let token = std::fs::read_to_string(&token_file).unwrap();
     assert_eq!(token.trim().len(), 64);
@@ -126,6 +129,27 @@ async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
     assert_eq!(api.state_of(&id).await, "running");
     assert_eq!(vm_pid(), before, "not the same VM");
     assert!(Path::new(&format!("/proc/{before}")).exists());
+    let lines = common::counter_beyond(&api, &id, lines.len() as u64).await;
+    common::assert_counts_on(&lines, counter);
+
+    // The runner killed and started again (same address, certificate and token): the control
+    // plane finds another run of it and adopts the sandbox there again; the same VM counts on.
+    let _ = runner.child.kill();
+    let _ = runner.child.wait();
+    runner = start_runner(&runner_dir, &listen);
+    let mut answered = false;
+    for _ in 0..60 {
+        let r =
+            api.post(&format!("/v1/sandbox/{id}/process/execute"), json!({ "command": "echo back" })).await;
+        if r.status == 200 && r.json()["stdout"] == "back\n" {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(answered, "the sandbox did not answer after the runner restarted");
+    assert_eq!(api.state_of(&id).await, "running");
+    assert_eq!(vm_pid(), before, "not the same VM");
     let lines = common::counter_beyond(&api, &id, lines.len() as u64).await;
     common::assert_counts_on(&lines, counter);
 

@@ -32,6 +32,9 @@ pub struct RemoteHost {
     inventory: RwLock<Inventory>,
     /// Itself, for the loans it hands out (which return themselves when dropped).
     me: std::sync::Weak<RemoteHost>,
+    restart_listener: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// Told of every new connection after the first.
+    reconnects: Arc<tokio::sync::Notify>,
 }
 
 fn unreachable(addr: &str, e: impl std::fmt::Display) -> RunnerError {
@@ -53,8 +56,29 @@ impl RemoteHost {
             sender: tokio::sync::Mutex::new(None),
             inventory: RwLock::default(),
             me: me.clone(),
+            restart_listener: std::sync::OnceLock::new(),
+            reconnects: Arc::default(),
         });
         host.refresh_inventory().await?;
+        // After a reconnect: if another run of the runner's process answers, its VMs are to be
+        // adopted again.
+        let (me, reconnects) = (Arc::downgrade(&host), host.reconnects.clone());
+        tokio::spawn(async move {
+            loop {
+                reconnects.notified().await;
+                let Some(host) = me.upgrade() else { return };
+                match host.restarted().await {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        tracing::warn!(runner = %host.addr, "the runner restarted; adopting its sandboxes again");
+                        if let Some(listener) = host.restart_listener.get() {
+                            listener();
+                        }
+                    }
+                    Err(e) => tracing::warn!(runner = %host.addr, error = %e, "asking a reconnected runner"),
+                }
+            }
+        });
         Ok(host)
     }
 
@@ -81,7 +105,12 @@ impl RemoteHost {
         tokio::spawn(async move {
             let _ = conn.await;
         });
+        let reconnected = slot.is_some();
         *slot = Some(sender.clone());
+        if reconnected {
+            // The runner may have restarted meanwhile (see `connect`).
+            self.reconnects.notify_one();
+        }
         Ok(sender)
     }
 
@@ -119,6 +148,17 @@ impl RemoteHost {
             Ok(Answer::Err(e)) => Err(e.into()),
             Err(e) => Err(unreachable(&self.addr, format!("{method}: unreadable answer: {e}"))),
         }
+    }
+
+    /// Asks the runner again; whether it is another run of its process than before.
+    async fn restarted(&self) -> Result<bool, RunnerError> {
+        let before = self.boot();
+        self.refresh_inventory().await?;
+        Ok(self.boot() != before)
+    }
+
+    fn boot(&self) -> String {
+        self.inventory.read().unwrap_or_else(|p| p.into_inner()).boot.clone()
     }
 
     async fn refresh_inventory(&self) -> Result<(), RunnerError> {
@@ -367,6 +407,10 @@ impl SandboxHost for RemoteHost {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
+    }
+
+    fn set_restart_listener(&self, listener: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.restart_listener.set(listener);
     }
 
     async fn lend_credentials(&self, id: &str, loan: Loan) -> Result<LoanGuard, RunnerError> {

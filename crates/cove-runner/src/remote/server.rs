@@ -43,10 +43,12 @@ pub async fn serve(
     let token = Arc::new(token);
     let asked = Arc::new(Asked::default());
     host.set_metadata_source(asked.clone());
+    let boot = Arc::new(hex::encode(rand::random::<[u8; 8]>()));
     loop {
         let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
-        let (acceptor, host, token, asked) = (acceptor.clone(), host.clone(), token.clone(), asked.clone());
+        let (acceptor, host, token, asked, boot) =
+            (acceptor.clone(), host.clone(), token.clone(), asked.clone(), boot.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(tls) => tls,
@@ -55,7 +57,7 @@ pub async fn serve(
                     return;
                 }
             };
-            let conn = Arc::new(Connection { host, token, asked, loans: Mutex::default() });
+            let conn = Arc::new(Connection { host, token, asked, boot, loans: Mutex::default() });
             let service = hyper::service::service_fn(move |req| {
                 let conn = conn.clone();
                 async move { Ok::<_, Infallible>(conn.handle(req).await) }
@@ -74,6 +76,7 @@ struct Connection {
     host: Arc<dyn SandboxHost>,
     token: Arc<String>,
     asked: Arc<Asked>,
+    boot: Arc<String>,
     /// Loans of credentials in force, by id; dropped (returned) with the connection.
     loans: Mutex<HashMap<String, LoanGuard>>,
 }
@@ -167,7 +170,7 @@ impl Connection {
         }
         let h = &self.host;
         Ok(match method {
-            "inventory" => answer(Ok(inventory(h.as_ref()))),
+            "inventory" => answer(Ok(inventory(h.as_ref(), &self.boot))),
             "prepare_template" => {
                 let (template, vcpus, memory_mib): (String, u32, u64) = args(method, bytes)?;
                 answer(h.prepare_template(&template, vcpus, memory_mib).await)
@@ -455,8 +458,8 @@ impl Lines {
 }
 
 /// What this host has of the system templates.
-fn inventory(host: &dyn SandboxHost) -> Inventory {
-    let mut inv = Inventory::default();
+fn inventory(host: &dyn SandboxHost, boot: &str) -> Inventory {
+    let mut inv = Inventory { boot: boot.to_string(), ..Default::default() };
     for t in cove_api::template::SYSTEM_TEMPLATES {
         if let Some(disk) = host.template_disk_mib(t.name) {
             let built = host

@@ -93,10 +93,13 @@ pub struct WireStats {
 }
 
 /// What a host has of the system templates: disk size (MiB) and when each was built (Unix
-/// milliseconds), by name. Asked at connect and after every template change.
+/// milliseconds), by name; and which run of the runner process answers. Asked at connect,
+/// after every template change, and on every new connection.
 #[derive(Serialize, Deserialize, Default, Clone)]
 pub struct Inventory {
     pub templates: BTreeMap<String, (u64, Option<u64>)>,
+    /// Random per runner process: a new one means the runner restarted.
+    pub boot: String,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -92,6 +92,50 @@ pub fn plan(state: S, op: Option<&Op>, image: Option<&str>, facts: Facts) -> Vec
 }
 
 impl Core {
+    /// Has the host's restarts (a remote runner's process replaced under this control plane)
+    /// answered by [`Core::readopt`].
+    pub fn watch_host_restarts(self: &Arc<Self>) {
+        let core = Arc::downgrade(self);
+        self.host.set_restart_listener(Arc::new(move || {
+            let Some(core) = core.upgrade() else { return };
+            tokio::spawn(async move { core.readopt().await });
+        }));
+    }
+
+    /// After the host restarted alone: its running sandboxes are adopted again, and those whose
+    /// VM is gone are stopped (their disk kept), as at a restart of this server. Sandboxes in
+    /// the middle of an operation are left to it (its host calls fail or finish).
+    pub async fn readopt(&self) {
+        let records = match self.store.sandboxes_on_runner(&self.cfg.runner_id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "re-adopting: reading the records");
+                return;
+            }
+        };
+        let mut held = Vec::new();
+        for rec in records.into_iter().filter(|r| r.state == S::Running) {
+            let guard = self.lock_sandbox(&rec.id).await;
+            if let Ok(Some(rec)) = self.store.sandbox_by_id(&rec.id) {
+                if rec.state == S::Running {
+                    held.push((guard, rec));
+                }
+            }
+        }
+        let requests: Vec<VmRequest> = held.iter().map(|(_, r)| self.vm_request(r)).collect();
+        let lost: std::collections::HashSet<String> = self.host.adopt(&requests).await.into_iter().collect();
+        for (_guard, rec) in &held {
+            if let Err(e) = self.recover_one(rec, !lost.contains(&rec.id)).await {
+                tracing::error!(sandbox_id = %rec.id, error = %e, "re-adopting a sandbox");
+            }
+        }
+        tracing::info!(
+            adopted = held.len() - lost.len(),
+            lost = lost.len(),
+            "the host's sandboxes adopted again"
+        );
+    }
+
     /// Brings the store and the host back in line after a restart: adopts VMs still running,
     /// finishes or undoes every operation a crash interrupted (see docs/architecture.md,
     /// "Crash recovery"), and removes files and images nobody owns.
