@@ -23,6 +23,7 @@ Xvfb cannot grow its framebuffer in place.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -53,6 +54,7 @@ RECORDINGS = os.path.join(os.path.expanduser("~"), "Videos", "recordings")
 MAX_BODY = 1 << 20
 MAX_LOG_BYTES = 64 << 10
 RECORDING_FPS = 10
+RECORDING_START_TIMEOUT = 30.0
 # How long a process must have been up before it counts as started, and how long the
 # supervisor waits before starting one that ended again.
 RESTART_DELAY = 1.0
@@ -382,6 +384,15 @@ def screenshot(desktop: Desktop, fmt: str, quality: int | None, x: int, y: int, 
 # ── recordings ──
 
 
+def first_frame(progress: str) -> bool:
+    """Has the ffmpeg writing `progress` (its -progress file) encoded a frame yet?"""
+    try:
+        with open(progress) as f:
+            return any(line.startswith("frame=") and line.strip() != "frame=0" for line in f)
+    except FileNotFoundError:
+        return False
+
+
 class Recorder:
     def __init__(self, desktop: Desktop):
         self.desktop = desktop
@@ -404,15 +415,24 @@ class Recorder:
             rid = f"rec_{time.time_ns() // 1_000_000}"
             w, h = self.desktop.size
             path = os.path.join(RECORDINGS, f"{rid}.mp4")
+            progress = os.path.join(LOGS, "ffmpeg.progress")
             cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "x11grab",
                    "-framerate", str(RECORDING_FPS), "-video_size", f"{w}x{h}", "-i", DISPLAY,
                    # H.264 in 4:2:0 needs even sides.
                    "-vf", "crop=trunc(iw/2)*2:trunc(ih/2)*2", "-c:v", "libx264",
-                   "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart", path]
+                   "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart",
+                   "-progress", progress, "-stats_period", "0.2", path]
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(progress)
             log = open(os.path.join(LOGS, "ffmpeg.err.log"), "ab")
             self.popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=log, env=x_env(), start_new_session=True)
             log.close()
+            # A recording is active once ffmpeg has encoded a frame: on a loaded host its start
+            # takes seconds, and one stopped before then would hold no picture.
+            deadline = time.monotonic() + RECORDING_START_TIMEOUT
+            while not first_frame(progress) and self.popen.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
             self.active = {
                 "id": rid, "active": True, "started_at": now_iso(),
                 "download": f"/api/recordings/{rid}/download", "mime_type": "video/mp4",
