@@ -26,7 +26,7 @@ pub struct ServerArgs {
     #[arg(long, env = "COVE_RUNNER", requires_all = ["runner_fingerprint", "runner_token_file"])]
     runner: Option<String>,
     /// SHA-256 fingerprint of the runner's certificate, as `cove runner` prints it.
-    #[arg(long, env = "COVE_RUNNER_FINGERPRINT")]
+    #[arg(long, env = "COVE_RUNNER_FINGERPRINT", value_parser = parse_fingerprint)]
     runner_fingerprint: Option<String>,
     /// File holding the runner's token (`<runner data dir>/runner-token`).
     #[arg(long, env = "COVE_RUNNER_TOKEN_FILE")]
@@ -143,6 +143,14 @@ pub fn prepare_system_templates(host: Arc<dyn SandboxHost>) {
             }
         }
     });
+}
+
+fn parse_fingerprint(s: &str) -> Result<String, String> {
+    if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err("not a SHA-256 fingerprint (64 hex digits, as `cove runner` prints it)".into())
+    }
 }
 
 fn parse_database_url(s: &str) -> Result<String, String> {

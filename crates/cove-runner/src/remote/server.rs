@@ -71,6 +71,9 @@ pub async fn serve(
     }
 }
 
+/// Largest arguments of a call (a VM request with its mounts and policy is a few KiB).
+const MAX_ARGUMENTS: usize = 16 << 20;
+
 /// One control plane's connection.
 struct Connection {
     host: Arc<dyn SandboxHost>,
@@ -123,7 +126,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Connection {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<AgentBody> {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<AgentBody> {
         let presented = req
             .headers()
             .get(http::header::AUTHORIZATION)
@@ -146,7 +149,7 @@ impl Connection {
         if method == "metadata_channel" {
             return self.asked.open(req.into_body());
         }
-        let bytes = match req.into_body().collect().await {
+        let bytes = match http_body_util::Limited::new(req.into_body(), MAX_ARGUMENTS).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => return refusal(StatusCode::BAD_REQUEST, &format!("reading the request: {e}")),
         };
@@ -156,9 +159,14 @@ impl Connection {
                 Err(e) => refusal(StatusCode::BAD_REQUEST, &format!("build_template: {e}")),
             };
         }
-        match self.call(&method, &bytes).await {
-            Ok(out) => answer_with(StatusCode::OK, out),
-            Err((status, message)) => refusal(status, &message),
+        // In a task of its own: a call that changes a VM runs to its end even if the control
+        // plane goes away meanwhile (its recovery then finds a settled host, not a half-done
+        // step), as it would on a host in the control plane's own process.
+        let conn = self.clone();
+        match tokio::spawn(async move { conn.call(&method, &bytes).await }).await {
+            Ok(Ok(out)) => answer_with(StatusCode::OK, out),
+            Ok(Err((status, message))) => refusal(status, &message),
+            Err(e) => refusal(StatusCode::INTERNAL_SERVER_ERROR, &format!("the call failed: {e}")),
         }
     }
 
