@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 mod density;
 mod mount;
 mod pty;
+mod remote;
 mod soak;
 mod template;
 
@@ -62,6 +63,9 @@ enum Which {
     /// Idle sandboxes added in steps: host CPU and memory per idle sandbox, and an exec beside
     /// them against the same exec with none.
     Density(density::DensityArgs),
+    /// Create, exec, pause and resume through a control plane that reaches the runner over the
+    /// wire (as `cove server --runner` does), beside the same in process.
+    Remote(remote::RemoteArgs),
     /// Randomized pause/resume, snapshot/restore and stop/start cycles, with data on disk, in
     /// guest memory and in a process's memory checked after each.
     Soak(soak::SoakArgs),
@@ -309,6 +313,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Which::Pty(a) => pty::pty(&bench, a).await,
             Which::Density(a) => density::density(&bench, a).await,
             Which::Soak(a) => soak::soak(&bench, a).await,
+            Which::Remote(a) => remote::remote(&bench, a).await,
             Which::Template(a) => match &registry {
                 Some(registry) => template::template(&bench, registry, a, &args.cache_dir).await,
                 None => unreachable!("the registry is started for the template bench"),
