@@ -15,8 +15,10 @@ use cove_store::{Op, SnapshotQuery};
 use serde_json::{json, Value};
 
 /// Waits until `f` holds (the host's background deletes run on tasks of their own).
+/// Waits up to 10 s for `f`: background work (a spent image's deletion) takes a round trip more
+/// when the host is a remote runner, and a loaded machine stretches it.
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..200 {
+    for _ in 0..2000 {
         if f() {
             return;
         }

@@ -37,6 +37,15 @@ pub struct RemoteHost {
     reconnects: Arc<tokio::sync::Notify>,
 }
 
+/// The I/O half of a connection to a runner.
+type Connection = hyper::client::conn::http2::Connection<
+    TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    AgentBody,
+    TokioExecutor,
+>;
+
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn unreachable(addr: &str, e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Network(format!("runner {addr}: {e}"))
 }
@@ -88,6 +97,24 @@ impl RemoteHost {
         if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
+        // A runner that cannot be reached fails the call in seconds, not after TCP's retries.
+        let (sender, conn) = tokio::time::timeout(CONNECT_TIMEOUT, self.handshake())
+            .await
+            .map_err(|_| unreachable(&self.addr, "no answer within 10 s"))??;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let reconnected = slot.is_some();
+        *slot = Some(sender.clone());
+        if reconnected {
+            // The runner may have restarted meanwhile (see `connect`).
+            self.reconnects.notify_one();
+        }
+        Ok(sender)
+    }
+
+    /// TCP, TLS (the pinned certificate) and HTTP/2 to the runner.
+    async fn handshake(&self) -> Result<(SendRequest<AgentBody>, Connection), RunnerError> {
         let tcp = tokio::net::TcpStream::connect(&self.addr).await.map_err(|e| unreachable(&self.addr, e))?;
         let _ = tcp.set_nodelay(true);
         let name = rustls::pki_types::ServerName::try_from("cove-runner").expect("a DNS name");
@@ -100,18 +127,7 @@ impl RemoteHost {
             .keep_alive_interval(Some(std::time::Duration::from_secs(5)))
             .keep_alive_timeout(std::time::Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        let (sender, conn) =
-            builder.handshake(TokioIo::new(tls)).await.map_err(|e| unreachable(&self.addr, e))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let reconnected = slot.is_some();
-        *slot = Some(sender.clone());
-        if reconnected {
-            // The runner may have restarted meanwhile (see `connect`).
-            self.reconnects.notify_one();
-        }
-        Ok(sender)
+        builder.handshake(TokioIo::new(tls)).await.map_err(|e| unreachable(&self.addr, e))
     }
 
     async fn send(
