@@ -256,10 +256,12 @@ impl Db {
                 }
             }
             Db::Postgres(p) => {
-                // Control planes starting together take turns; the first one migrates.
-                p.batch("CREATE TABLE IF NOT EXISTS cove_schema (version BIGINT NOT NULL)")?;
+                // Control planes starting together take turns (the version table too: two
+                // concurrent CREATE TABLE IF NOT EXISTS can collide); the first one migrates.
                 p.begin_write()?;
-                let result = p.migrate(migrations);
+                let result = p
+                    .batch("CREATE TABLE IF NOT EXISTS cove_schema (version BIGINT NOT NULL)")
+                    .and_then(|()| p.migrate(migrations));
                 p.end(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
                 result?;
             }

@@ -424,6 +424,23 @@ mod tests {
         }
     }
 
+    /// Control planes starting together on one new database: one migrates, none fails.
+    #[test]
+    fn concurrent_opens_migrate_once() {
+        let Some(url) = testing::fresh_postgres_database().unwrap() else {
+            return; // SQLite: one file, opened by one server.
+        };
+        let opens: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                std::thread::spawn(move || Store::connect(&url).map(|s| s.org_count()))
+            })
+            .collect();
+        for o in opens {
+            assert_eq!(o.join().unwrap().unwrap().unwrap(), 0);
+        }
+    }
+
     #[test]
     fn migrations_are_idempotent() {
         let (a, b, _dir) = two_stores();
