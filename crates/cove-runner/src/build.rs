@@ -26,7 +26,7 @@ pub struct TemplateSource {
 }
 
 /// A converted image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BuiltTemplate {
     pub digest: String,
     pub config: ImageConfig,

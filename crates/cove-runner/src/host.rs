@@ -15,8 +15,9 @@ use cove_api::template::TemplateProgress;
 use crate::{AgentClient, BuiltTemplate, CaptureStats, ImageManifest, RunnerError, TemplateSource};
 
 /// What the control plane asks for when it brings a sandbox's VM up (create, restore, resume,
-/// start, adoption).
-#[derive(Debug, Clone)]
+/// start, adoption). Serialized as it is for a remote runner (credentials included: that
+/// connection is TLS to a pinned certificate).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmRequest {
     pub id: String,
     pub template: String,
@@ -32,7 +33,7 @@ pub struct VmRequest {
 }
 
 /// A sandbox's settings that carry credentials in plain.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Unsealed {
     /// Egress policy (header values to inject in plain); `None` is allow-all.
     pub network_policy: Option<NetworkPolicy>,

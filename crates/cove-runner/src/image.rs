@@ -48,7 +48,7 @@ impl ImageManifest {
 }
 
 /// What a finished capture measured, for logs and benchmarks.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct CaptureStats {
     /// vCPUs stopped and device state saved.
     pub save_ms: u64,

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::server::{body, channel_body, Lines};
-use super::wire::{Answer, BuildLine, Inventory, WireBuilt, WireLoan, WireSource, WireStats, WireVm};
+use super::wire::{Answer, BuildLine, Inventory, WireLoan, WireSource};
 use crate::host::{AfterCapture, GuestStream, Loan, LoanGuard, MetadataSource, SandboxHost, VmRequest};
 use crate::{
     AgentBody, AgentClient, BuiltTemplate, CaptureStats, ImageManifest, RegistryCredentials, RunnerError,
@@ -54,9 +54,8 @@ impl RemoteHost {
     /// The runner at `addr` (`host:port`) whose certificate has SHA-256 `fingerprint`, with its
     /// token; connects, and learns which system templates it has.
     pub async fn connect(addr: &str, fingerprint: &str, token: &str) -> Result<Arc<RemoteHost>, RunnerError> {
-        let authorization = http::HeaderValue::from_str(&format!("Bearer {token}"))
+        let mut authorization = http::HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| RunnerError::Network("the runner token is not a header value".into()))?;
-        let mut authorization = authorization;
         authorization.set_sensitive(true);
         let host = Arc::new_cyclic(|me| RemoteHost {
             addr: addr.to_string(),
@@ -277,14 +276,7 @@ impl SandboxHost for RemoteHost {
             for line in lines.push(data) {
                 match serde_json::from_slice::<BuildLine>(&line) {
                     Ok(BuildLine::Progress(p)) => progress(&p),
-                    Ok(BuildLine::Done(Answer::Ok(WireBuilt {
-                        digest,
-                        config,
-                        disk_mib,
-                        content_bytes,
-                    }))) => {
-                        return Ok(BuiltTemplate { digest, config, disk_mib, content_bytes });
-                    }
+                    Ok(BuildLine::Done(Answer::Ok(built))) => return Ok(built),
                     Ok(BuildLine::Done(Answer::Err(e))) => return Err(e.into()),
                     Err(e) => return Err(unreachable(&self.addr, format!("build_template: {e}"))),
                 }
@@ -298,15 +290,15 @@ impl SandboxHost for RemoteHost {
     }
 
     async fn create(&self, req: &VmRequest) -> Result<(), RunnerError> {
-        self.call("create", (WireVm::from(req),)).await
+        self.call("create", (req,)).await
     }
 
     async fn create_from_image(&self, req: &VmRequest, image: &str) -> Result<(), RunnerError> {
-        self.call("create_from_image", (WireVm::from(req), image)).await
+        self.call("create_from_image", (req, image)).await
     }
 
     async fn boot(&self, req: &VmRequest) -> Result<(), RunnerError> {
-        self.call("boot", (WireVm::from(req),)).await
+        self.call("boot", (req,)).await
     }
 
     async fn capture(
@@ -316,15 +308,7 @@ impl SandboxHost for RemoteHost {
         after: AfterCapture,
     ) -> Result<(ImageManifest, CaptureStats), RunnerError> {
         let release = after == AfterCapture::Release;
-        let (manifest, s): (ImageManifest, WireStats) =
-            self.call("capture", (WireVm::from(req), image, release)).await?;
-        let stats = CaptureStats {
-            save_ms: s.save_ms,
-            store_ms: s.store_ms,
-            stored_bytes: s.stored_bytes,
-            memory_data_bytes: s.memory_data_bytes,
-        };
-        Ok((manifest, stats))
+        self.call("capture", (req, image, release)).await
     }
 
     async fn stop(&self, id: &str) -> Result<(), RunnerError> {
@@ -340,8 +324,7 @@ impl SandboxHost for RemoteHost {
     }
 
     async fn adopt(&self, sandboxes: &[VmRequest]) -> Vec<String> {
-        let vms: Vec<WireVm> = sandboxes.iter().map(WireVm::from).collect();
-        match self.call("adopt", (vms,)).await {
+        match self.call("adopt", (sandboxes,)).await {
             Ok(gone) => gone,
             Err(e) => {
                 // Nothing is known to be gone: the sandboxes stay as recorded, and calls about
@@ -370,7 +353,7 @@ impl SandboxHost for RemoteHost {
     }
 
     async fn reidentify(&self, req: &VmRequest) -> Result<(), RunnerError> {
-        self.call("reidentify", (WireVm::from(req),)).await
+        self.call("reidentify", (req,)).await
     }
 
     async fn connect_guest(&self, id: &str, port: u16) -> Result<GuestStream, RunnerError> {

@@ -11,3 +11,21 @@ mod wire;
 pub use client::RemoteHost;
 pub use server::serve;
 pub use tls::Identity;
+
+/// `host` served on a loopback port with a new certificate and token, and a [`RemoteHost`] for
+/// it: the wire protocol without a second machine (the control-plane tests, `cove bench
+/// remote`).
+pub async fn over_loopback(
+    host: std::sync::Arc<dyn crate::SandboxHost>,
+) -> Result<std::sync::Arc<RemoteHost>, crate::RunnerError> {
+    let identity = Identity::generate();
+    let fingerprint = identity.fingerprint();
+    let token = hex::encode(rand::random::<[u8; 16]>());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| crate::RunnerError::io("binding a loopback port", e))?;
+    let addr = listener.local_addr().map_err(|e| crate::RunnerError::io("a loopback port", e))?.to_string();
+    let served = token.clone();
+    tokio::spawn(async move { serve(listener, &identity, host, served).await });
+    RemoteHost::connect(&addr, &fingerprint, &token).await
+}

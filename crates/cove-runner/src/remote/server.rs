@@ -26,9 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::tls::Identity;
-use super::wire::{
-    Answer, BuildLine, Inventory, WireBuilt, WireError, WireLoan, WireSource, WireStats, WireVm,
-};
+use super::wire::{Answer, BuildLine, Inventory, WireError, WireLoan, WireSource};
 use crate::host::{AfterCapture, LoanGuard, MetadataSource, SandboxHost, SandboxMetadata};
 use crate::{AgentBody, RegistryCredentials, RunnerError, TemplateSource, VmRequest};
 
@@ -188,29 +186,21 @@ impl Connection {
                 answer(h.remove_template(&id).await)
             }
             "create" => {
-                let (vm,): (WireVm,) = args(method, bytes)?;
-                answer(h.create(&VmRequest::from(vm)).await)
+                let (vm,): (VmRequest,) = args(method, bytes)?;
+                answer(h.create(&vm).await)
             }
             "create_from_image" => {
-                let (vm, image): (WireVm, String) = args(method, bytes)?;
-                answer(h.create_from_image(&VmRequest::from(vm), &image).await)
+                let (vm, image): (VmRequest, String) = args(method, bytes)?;
+                answer(h.create_from_image(&vm, &image).await)
             }
             "boot" => {
-                let (vm,): (WireVm,) = args(method, bytes)?;
-                answer(h.boot(&VmRequest::from(vm)).await)
+                let (vm,): (VmRequest,) = args(method, bytes)?;
+                answer(h.boot(&vm).await)
             }
             "capture" => {
-                let (vm, image, release): (WireVm, String, bool) = args(method, bytes)?;
+                let (vm, image, release): (VmRequest, String, bool) = args(method, bytes)?;
                 let after = if release { AfterCapture::Release } else { AfterCapture::Continue };
-                answer(h.capture(&VmRequest::from(vm), &image, after).await.map(|(manifest, s)| {
-                    let stats = WireStats {
-                        save_ms: s.save_ms,
-                        store_ms: s.store_ms,
-                        stored_bytes: s.stored_bytes,
-                        memory_data_bytes: s.memory_data_bytes,
-                    };
-                    (manifest, stats)
-                }))
+                answer(h.capture(&vm, &image, after).await)
             }
             "stop" | "end_vm" | "destroy" | "run_again" | "agent_ready" => {
                 let (id,): (String,) = args(method, bytes)?;
@@ -223,14 +213,13 @@ impl Connection {
                 })
             }
             "adopt" => {
-                let (vms,): (Vec<WireVm>,) = args(method, bytes)?;
-                let vms: Vec<VmRequest> = vms.into_iter().map(VmRequest::from).collect();
+                let (vms,): (Vec<VmRequest>,) = args(method, bytes)?;
                 answer(Ok(h.adopt(&vms).await))
             }
             "sandboxes_on_host" => answer(Ok(h.sandboxes_on_host().await)),
             "reidentify" => {
-                let (vm,): (WireVm,) = args(method, bytes)?;
-                answer(h.reidentify(&VmRequest::from(vm)).await)
+                let (vm,): (VmRequest,) = args(method, bytes)?;
+                answer(h.reidentify(&vm).await)
             }
             "check_mount" => {
                 let (mount,): (cove_api::sandbox::MountConfig,) = args(method, bytes)?;
@@ -310,13 +299,7 @@ impl Connection {
             };
             let source =
                 TemplateSource { id: source.id, uri: source.uri, credentials, free_mib: source.free_mib };
-            let result = host.build_template(&source, &progress).await.map(|b| WireBuilt {
-                digest: b.digest,
-                config: b.config,
-                disk_mib: b.disk_mib,
-                content_bytes: b.content_bytes,
-            });
-            let done = match result {
+            let done = match host.build_template(&source, &progress).await {
                 Ok(b) => Answer::Ok(b),
                 Err(e) => Answer::Err(WireError::from(&e)),
             };

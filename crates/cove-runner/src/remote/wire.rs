@@ -4,52 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use cove_api::sandbox::{MountConfig, NetworkPolicy};
 use serde::{Deserialize, Serialize};
 
-use crate::{AgentError, RunnerError, Unsealed, VmRequest};
-
-/// `VmRequest` on the wire, credentials included: the connection is TLS to a pinned certificate.
-#[derive(Serialize, Deserialize)]
-pub struct WireVm {
-    pub id: String,
-    pub template: String,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub disk_mib: u64,
-    pub env: BTreeMap<String, String>,
-    pub network_policy: Option<NetworkPolicy>,
-    pub mounts: Vec<MountConfig>,
-}
-
-impl From<&VmRequest> for WireVm {
-    fn from(r: &VmRequest) -> WireVm {
-        WireVm {
-            id: r.id.clone(),
-            template: r.template.clone(),
-            vcpus: r.vcpus,
-            memory_mib: r.memory_mib,
-            disk_mib: r.disk_mib,
-            env: r.env.clone(),
-            network_policy: r.unsealed.network_policy.clone(),
-            mounts: r.unsealed.mounts.clone(),
-        }
-    }
-}
-
-impl From<WireVm> for VmRequest {
-    fn from(w: WireVm) -> VmRequest {
-        VmRequest {
-            id: w.id,
-            template: w.template,
-            vcpus: w.vcpus,
-            memory_mib: w.memory_mib,
-            disk_mib: w.disk_mib,
-            env: w.env,
-            unsealed: Unsealed { network_policy: w.network_policy, mounts: w.mounts },
-        }
-    }
-}
+use crate::{AgentError, RunnerError};
 
 /// A host's answer to a call: its value or its error.
 #[derive(Serialize, Deserialize)]
@@ -64,15 +21,7 @@ pub enum Answer<T> {
 #[serde(rename_all = "snake_case")]
 pub enum BuildLine {
     Progress(cove_api::template::TemplateProgress),
-    Done(Answer<WireBuilt>),
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct WireBuilt {
-    pub digest: String,
-    pub config: cove_proto::image::ImageConfig,
-    pub disk_mib: u64,
-    pub content_bytes: u64,
+    Done(Answer<crate::BuiltTemplate>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -82,14 +31,6 @@ pub struct WireSource {
     pub username: Option<String>,
     pub password: Option<String>,
     pub free_mib: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct WireStats {
-    pub save_ms: u64,
-    pub store_ms: u64,
-    pub stored_bytes: u64,
-    pub memory_data_bytes: u64,
 }
 
 /// What a host has of the system templates: disk size (MiB) and when each was built (Unix

@@ -23,16 +23,7 @@ use tower::ServiceExt;
 /// remote runner that serves it.
 async fn seam(host: Arc<SimHost>) -> Arc<dyn cove_runner::SandboxHost> {
     match std::env::var("COVE_TEST_HOST").as_deref() {
-        Ok("remote") => {
-            let identity = cove_runner::remote::Identity::generate();
-            let fingerprint = identity.fingerprint();
-            let token = format!("token-{}", rand::random::<u64>());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
-            let served = token.clone();
-            tokio::spawn(async move { cove_runner::remote::serve(listener, &identity, host, served).await });
-            cove_runner::remote::RemoteHost::connect(&addr, &fingerprint, &token).await.unwrap()
-        }
+        Ok("remote") => cove_runner::remote::over_loopback(host).await.unwrap(),
         Ok(other) if other != "local" => panic!("COVE_TEST_HOST is local or remote, not {other}"),
         _ => host,
     }

@@ -76,16 +76,9 @@ pub async fn remote(b: &Bench, args: &RemoteArgs) -> Result<()> {
 /// A second control plane on its own store, whose host is the bench's runner served over the
 /// wire on loopback.
 async fn wired_plane(b: &Bench) -> Result<Bench> {
-    let identity = cove_runner::remote::Identity::generate();
-    let fingerprint = identity.fingerprint();
-    let token = hex::encode(rand::random::<[u8; 16]>());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?.to_string();
-    let (runner, served) = (b.runner.clone(), token.clone());
-    tokio::spawn(async move { cove_runner::remote::serve(listener, &identity, runner, served).await });
-    let host = cove_runner::remote::RemoteHost::connect(&addr, &fingerprint, &token)
+    let host = cove_runner::remote::over_loopback(b.runner.clone())
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to the runner: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("serving the runner over loopback: {e}"))?;
     let data = tempfile::tempdir().context("temp data dir")?;
     let store = Arc::new(cove_store::Store::open(&data.path().join("cove.db"))?);
     let org = store.create_org("bench", Some(1000))?;
