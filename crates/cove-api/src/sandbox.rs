@@ -118,10 +118,14 @@ pub enum SandboxState {
     Stopped,
     Deleting,
     Deleted,
+    /// Cove's own (not in Leap0's list): the host it ran on stopped answering. Its VM is not
+    /// recreated elsewhere (it holds memory nobody else has); it runs again if that host comes
+    /// back with it, and can be deleted meanwhile.
+    Lost,
 }
 
 impl SandboxState {
-    pub const ALL: [SandboxState; 9] = [
+    pub const ALL: [SandboxState; 10] = [
         Self::Starting,
         Self::Stopping,
         Self::Running,
@@ -131,6 +135,7 @@ impl SandboxState {
         Self::Stopped,
         Self::Deleting,
         Self::Deleted,
+        Self::Lost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -144,6 +149,7 @@ impl SandboxState {
             Self::Stopped => "stopped",
             Self::Deleting => "deleting",
             Self::Deleted => "deleted",
+            Self::Lost => "lost",
         }
     }
 

@@ -67,6 +67,20 @@ pub use cove_net::egress::metadata::{ExecMetadata, MetadataSource, MountMetadata
 /// Keeps a loan of credentials in force; dropping it returns them.
 pub type LoanGuard = Box<dyn std::any::Any + Send + Sync>;
 
+/// What a host offers sandboxes, and what a saved VM needs of a host to be restored there: a
+/// cluster places by the first and checks the second before a resume lands on another host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostInfo {
+    /// vCPUs the host lends its sandboxes (they may be oversubscribed: placement weighs memory).
+    pub vcpus: u32,
+    /// Memory the host gives its sandboxes' VMs, MiB.
+    pub memory_mib: u64,
+    /// What a saved CPU and device state depends on besides the device set: the QEMU version,
+    /// the accelerator and the CPU model (with KVM, the host CPU's flags). An image restores
+    /// only on a host with the same.
+    pub compat: String,
+}
+
 /// A byte stream to a port of a guest.
 pub trait GuestIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> GuestIo for T {}
@@ -80,6 +94,13 @@ pub type GuestStream = Box<dyn GuestIo>;
 /// a message that names no host detail.
 #[async_trait]
 pub trait SandboxHost: Send + Sync + 'static {
+    /// What this host offers and restores (see [`HostInfo`]).
+    fn info(&self) -> HostInfo;
+
+    /// Whether an image saved elsewhere can be restored here (its device set, its CPU and QEMU,
+    /// the template version its disk is layered on); the error says what differs.
+    async fn can_restore(&self, manifest: &ImageManifest) -> Result<(), RunnerError>;
+
     // --- Templates -------------------------------------------------------------------------
 
     /// Writable disk size of a template's sandboxes, MiB; `None` for a template this host

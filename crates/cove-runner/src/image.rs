@@ -34,6 +34,10 @@ pub struct ImageManifest {
     /// same set. Empty in images from before it was recorded.
     #[serde(default)]
     pub machine: String,
+    /// The saving host's [`crate::HostInfo::compat`]: the image restores only where it is the
+    /// same. Empty in images from before it was recorded.
+    #[serde(default)]
+    pub host: String,
     /// QEMU device state (migration stream without RAM).
     pub state: PackedFile,
     pub memory: PackedFile,

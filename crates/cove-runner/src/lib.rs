@@ -30,7 +30,7 @@ pub use cove_blob::{BlobError, BlobStore};
 pub use cove_oci::{Credentials as RegistryCredentials, OciError};
 pub use cove_vmm::VmmError;
 use cove_vmm::{Accel, Vmm};
-pub use host::{AfterCapture, GuestStream, SandboxHost, Unsealed, VmRequest};
+pub use host::{AfterCapture, GuestStream, HostInfo, SandboxHost, Unsealed, VmRequest};
 pub use image::{CaptureStats, ImageManifest};
 pub use images::Images;
 pub use sandbox::fault_point;
@@ -65,6 +65,10 @@ pub struct RunnerConfig {
     pub insecure_registries: Vec<String>,
     /// Largest image (compressed layers) a template may be made from.
     pub max_image_bytes: u64,
+    /// vCPUs and memory (MiB) offered to sandboxes; default: the host's cores, and its memory
+    /// less 2 GiB.
+    pub capacity_vcpus: Option<u32>,
+    pub capacity_memory_mib: Option<u64>,
 }
 
 impl RunnerConfig {
@@ -93,6 +97,8 @@ impl RunnerConfig {
             egress_extra_ca: None,
             insecure_registries: Vec::new(),
             max_image_bytes: 16 << 30,
+            capacity_vcpus: None,
+            capacity_memory_mib: None,
         }
     }
 }
@@ -122,6 +128,10 @@ pub enum RunnerError {
     /// Mount `index` of the request could not be attached: its endpoint, credentials or bucket.
     #[error("mount {index}: {source}")]
     Mount { index: usize, source: cove_mount::MountError },
+    /// No host can take the VM, or the one holding it is not reachable (a cluster's placement);
+    /// the message names no host detail beyond a runner's id.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl RunnerError {
@@ -172,6 +182,44 @@ pub struct Runner {
     blobs: BlobStore,
     net: net::Network,
     vms: Mutex<HashMap<String, Arc<sandbox::SandboxVm>>>,
+    info: HostInfo,
+}
+
+/// What this host offers (see [`RunnerConfig::capacity_vcpus`]) and what its saved VMs need.
+fn host_info(cfg: &RunnerConfig) -> HostInfo {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let total_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib / 1024);
+    let qemu = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|v| v.lines().next().map(|l| l.trim().to_string()))
+        .unwrap_or_else(|| "qemu unknown".into());
+    let accel = cfg.accel.resolve();
+    let cpu = match accel {
+        // `-cpu host`: the guest saw this CPU's features, and a restore needs them all.
+        Accel::Kvm => {
+            let flags = std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|c| c.lines().find(|l| l.starts_with("flags")).map(str::to_string))
+                .unwrap_or_default();
+            use sha2::Digest;
+            format!("host {}", &hex::encode(sha2::Sha256::digest(flags.as_bytes()))[..16])
+        }
+        _ => "max".into(),
+    };
+    HostInfo {
+        vcpus: cfg.capacity_vcpus.unwrap_or(cores),
+        memory_mib: cfg.capacity_memory_mib.unwrap_or(total_mib.saturating_sub(2048)),
+        compat: format!("{qemu}; {accel:?}; cpu {cpu}"),
+    }
 }
 
 impl Runner {
@@ -210,7 +258,8 @@ impl Runner {
             insecure: cfg.insecure_registries.clone(),
             max_bytes: cfg.max_image_bytes,
         });
-        Ok(Runner { cfg, vmm, images, templates, puller, blobs, net, vms: Mutex::new(HashMap::new()) })
+        let info = host_info(&cfg);
+        Ok(Runner { cfg, vmm, images, templates, puller, blobs, net, vms: Mutex::new(HashMap::new()), info })
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -284,6 +333,18 @@ impl Runner {
 
 #[async_trait::async_trait]
 impl SandboxHost for Runner {
+    fn info(&self) -> HostInfo {
+        self.info.clone()
+    }
+
+    async fn can_restore(&self, manifest: &ImageManifest) -> Result<(), RunnerError> {
+        if !manifest.template_key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(RunnerError::Image("the image names a malformed template key".into()));
+        }
+        let template_disk = self.templates.frozen_disk(&manifest.template_key);
+        sandbox::restorable(manifest, &template_disk, &self.info.compat)
+    }
+
     /// Writable disk size of a template's sandboxes, in MiB.
     fn template_disk_mib(&self, template: &str) -> Option<u64> {
         self.templates.disk_mib(template)
@@ -316,15 +377,8 @@ impl SandboxHost for Runner {
     /// sandbox restored from a snapshot (vCPUs and memory come from the image).
     async fn create_from_image(&self, req: &VmRequest, prefix: &str) -> Result<(), RunnerError> {
         let manifest = self.image(prefix).await?;
-        if !manifest.template_key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(RunnerError::Image(format!("image {prefix} names a malformed template key")));
-        }
-        let origin = sandbox::Origin::Image {
-            store: &self.blobs,
-            prefix,
-            manifest: &manifest,
-            template_disk: self.templates.frozen_disk(&manifest.template_key),
-        };
+        self.can_restore(&manifest).await?;
+        let origin = sandbox::Origin::Image { store: &self.blobs, prefix, manifest: &manifest };
         self.net.up(&req.id, req.unsealed.network_policy.as_ref()).await?;
         let sources = lazy_mounts(&req.unsealed.mounts);
         let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
@@ -350,7 +404,7 @@ impl SandboxHost for Runner {
         after: AfterCapture,
     ) -> Result<(ImageManifest, CaptureStats), RunnerError> {
         let vm = self.vm(&req.id)?;
-        let captured = vm.capture(self.vmm.as_ref(), &self.blobs, prefix, req).await?;
+        let captured = vm.capture(self.vmm.as_ref(), &self.blobs, prefix, req, &self.info.compat).await?;
         let (manifest, stats) = (captured.manifest.clone(), captured.stats);
         match after {
             AfterCapture::Continue => vm.carry_on(self.vmm.as_ref(), captured, req).await?,

@@ -42,7 +42,7 @@ pub enum Origin<'a> {
     /// A clone of a template snapshot (create).
     Template(&'a TemplateSnapshot),
     /// An image in the blob store (resume of a paused sandbox, restore of a snapshot).
-    Image { store: &'a BlobStore, prefix: &'a str, manifest: &'a ImageManifest, template_disk: PathBuf },
+    Image { store: &'a BlobStore, prefix: &'a str, manifest: &'a ImageManifest },
 }
 
 pub struct SandboxVm {
@@ -226,27 +226,7 @@ impl SandboxVm {
                 });
                 (t.state_file(), copy)
             }
-            Origin::Image { store, prefix, manifest, template_disk } => {
-                if manifest.format != IMAGE_FORMAT {
-                    return Err(RunnerError::Image(format!(
-                        "image format {} is not supported (this Cove reads format {IMAGE_FORMAT})",
-                        manifest.format
-                    )));
-                }
-                let machine = cove_vmm::qemu::device_set();
-                if manifest.machine != machine {
-                    return Err(RunnerError::Image(format!(
-                        "this image was saved from a VM with another device set ({:?}; this Cove runs {:?}) \
-                         and cannot be restored",
-                        manifest.machine, machine
-                    )));
-                }
-                if !template_disk.exists() {
-                    return Err(RunnerError::Image(format!(
-                        "the template version {} this image was made from is not on this host",
-                        manifest.template_key
-                    )));
-                }
+            Origin::Image { store, prefix, manifest } => {
                 // QEMU opens the disk when it starts: that one comes first. Device state and RAM
                 // are needed only at the restore, so they are filled while QEMU starts.
                 let state_file = spec.run_dir.join("state.bin");
@@ -443,6 +423,7 @@ impl SandboxVm {
         store: &BlobStore,
         prefix: &str,
         req: &VmRequest,
+        compat: &str,
     ) -> Result<Captured, RunnerError> {
         let meta: VmMeta = std::fs::read(self.dir.join("vm.json"))
             .ok()
@@ -490,6 +471,7 @@ impl SandboxVm {
                 memory_mib: meta.memory_mib,
                 created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
                 machine: cove_vmm::qemu::device_set(),
+                host: compat.to_string(),
                 state: state?,
                 memory: memory?,
                 disk: disk?,
@@ -678,4 +660,37 @@ pub fn fault_point(name: &str) {
         tracing::error!(point = name, "COVE_FAULT: killing this process");
         crate::sys::kill_self();
     }
+}
+
+/// Whether `manifest`'s image can be restored on this host, whose [`crate::HostInfo::compat`]
+/// is `compat` and where its template version's frozen disk is `template_disk`.
+pub fn restorable(manifest: &ImageManifest, template_disk: &Path, compat: &str) -> Result<(), RunnerError> {
+    if manifest.format != IMAGE_FORMAT {
+        return Err(RunnerError::Image(format!(
+            "image format {} is not supported (this Cove reads format {IMAGE_FORMAT})",
+            manifest.format
+        )));
+    }
+    let machine = cove_vmm::qemu::device_set();
+    if manifest.machine != machine {
+        return Err(RunnerError::Image(format!(
+            "this image was saved from a VM with another device set ({:?}; this Cove runs {:?}) \
+             and cannot be restored",
+            manifest.machine, machine
+        )));
+    }
+    if !manifest.host.is_empty() && manifest.host != compat {
+        return Err(RunnerError::Image(format!(
+            "this image was saved on a host with another CPU or QEMU ({:?}; this host has {:?}) \
+             and cannot be restored here",
+            manifest.host, compat
+        )));
+    }
+    if !template_disk.exists() {
+        return Err(RunnerError::Image(format!(
+            "the template version {} this image was made from is not on this host",
+            manifest.template_key
+        )));
+    }
+    Ok(())
 }

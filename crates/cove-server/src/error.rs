@@ -73,6 +73,7 @@ pub fn public_reason(e: &cove_runner::RunnerError) -> String {
         R::Network(_) => "the sandbox's network could not be set up (details are in the server log)".into(),
         R::Oci(o) => o.to_string(),
         R::Mount { index, source } => format!("mount {index}: {source}"),
+        R::Unavailable(m) => m.clone(),
     }
 }
 
@@ -110,7 +111,8 @@ impl From<cove_runner::RunnerError> for ApiError {
             RunnerError::ImagesMissing(_)
             | RunnerError::Image(_)
             | RunnerError::Blob(_)
-            | RunnerError::Network(_) => {
+            | RunnerError::Network(_)
+            | RunnerError::Unavailable(_) => {
                 tracing::warn!(error = %error_chain(&e), "host failure");
                 ApiError::Unavailable(public_reason(&e))
             }

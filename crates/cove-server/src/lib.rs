@@ -3,6 +3,7 @@
 //! Handlers (`sandbox`, `process`, `filesystem`) only parse and validate; each calls one
 //! action of [`core::Core`]. Errors become HTTP answers in one place, [`error::ApiError`].
 
+pub mod cluster;
 pub mod core;
 pub mod error;
 pub mod extract;
@@ -131,7 +132,8 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/keys", get(keys::list).post(keys::create))
         .route("/v1/keys/{keyID}", axum::routing::delete(keys::delete))
         .route("/openapi.json", get(|| async { ([("content-type", "application/json")], openapi_json()) }))
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .route(cove_runner::remote::lease::PATH, post(cluster::renew_lease));
     let state = AppState { core };
     r.route_layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .fallback(not_found)

@@ -9,6 +9,7 @@
 mod db;
 mod keys;
 mod presigned;
+mod runners;
 mod sandboxes;
 pub mod sealed;
 mod snapshots;
@@ -16,6 +17,7 @@ mod ssh;
 mod templates;
 pub mod testing;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -25,6 +27,7 @@ pub use db::DbError;
 use db::{params, Db, Row};
 pub use keys::{generate_key, hash_key, ApiKeyInfo, Org};
 pub use presigned::PresignedRecord;
+pub use runners::{now_ms, RunnerLease, RunnerLoad, RunnerRecord, RunnerState};
 pub use sandboxes::{Change, Op, SandboxRecord};
 use sha2::{Digest, Sha256};
 pub use snapshots::{SnapshotQuery, SnapshotRecord, SnapshotState};
@@ -133,6 +136,8 @@ const MIGRATIONS: &[&str] = &[
     templates::MIGRATION,
     // 6: SSH accesses (only the password's hash is kept).
     ssh::MIGRATION,
+    // 7: the runners of a cluster and their leases.
+    runners::MIGRATION,
 ];
 
 pub struct Store {

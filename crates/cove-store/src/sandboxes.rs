@@ -353,6 +353,15 @@ impl Store {
         })
     }
 
+    /// Every sandbox with an operation in flight, on any runner.
+    pub fn sandboxes_in_flight(&self) -> Result<Vec<SandboxRecord>, StoreError> {
+        self.with(|db| {
+            let rows =
+                db.query(&format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE op IS NOT NULL"), &[])?;
+            all(rows, sandbox_row)
+        })
+    }
+
     /// Every sandbox placed on `runner_id`, in any state (for recovery after a restart).
     pub fn sandboxes_on_runner(&self, runner_id: &str) -> Result<Vec<SandboxRecord>, StoreError> {
         self.with(|db| {

@@ -21,8 +21,17 @@ pub struct ServerArgs {
     data_dir: PathBuf,
     #[command(flatten)]
     host: HostArgs,
-    /// Use the runner at this address (`host:port`, a `cove runner`) for every sandbox instead
-    /// of running VMs in this process; with `--runner-fingerprint` and `--runner-token-file`.
+    /// Run no VMs in this process: sandboxes run on the runners that register
+    /// (`cove runner --control-plane`) or on `--runner`.
+    #[arg(long, env = "COVE_NO_LOCAL_RUNNER")]
+    no_local_runner: bool,
+    /// The token runners sign their leases with (`cove runner --token-file`); made (random,
+    /// 0600) on first start. Default: `<data dir>/cluster-token`.
+    #[arg(long, env = "COVE_CLUSTER_TOKEN_FILE")]
+    cluster_token_file: Option<PathBuf>,
+    /// Use the runner at this address (`host:port`, a `cove runner` that does not register
+    /// itself) instead of running VMs in this process (implies `--no-local-runner`); with
+    /// `--runner-fingerprint` and `--runner-token-file`.
     #[arg(long, env = "COVE_RUNNER", requires_all = ["runner_fingerprint", "runner_token_file"])]
     runner: Option<String>,
     /// SHA-256 fingerprint of the runner's certificate, as `cove runner` prints it.
@@ -113,6 +122,13 @@ pub struct HostArgs {
     /// Largest image a template may be made from (its compressed layers), MiB.
     #[arg(long, env = "COVE_MAX_IMAGE_MIB", default_value_t = 16 * 1024)]
     max_image_mib: u64,
+    /// Memory this host gives sandboxes, MiB: placement puts no more sandbox memory here.
+    /// Default: the host's memory less 2 GiB.
+    #[arg(long, env = "COVE_CAPACITY_MEMORY_MIB")]
+    capacity_memory_mib: Option<u64>,
+    /// vCPUs this host offers sandboxes (reported; placement weighs memory). Default: its cores.
+    #[arg(long, env = "COVE_CAPACITY_VCPUS")]
+    capacity_vcpus: Option<u32>,
 }
 
 /// The runner of this machine, on `data_dir`.
@@ -124,6 +140,8 @@ pub async fn local_runner(host: &HostArgs, data_dir: &std::path::Path) -> Result
     rcfg.egress_extra_ca = host.egress_ca.clone();
     rcfg.insecure_registries = host.insecure_registries.clone();
     rcfg.max_image_bytes = host.max_image_mib << 20;
+    rcfg.capacity_memory_mib = host.capacity_memory_mib;
+    rcfg.capacity_vcpus = host.capacity_vcpus;
     let vmm = Arc::new(QemuVmm::new(host.accel));
     tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
     Ok(Arc::new(Runner::new(rcfg, vmm).await.context("starting the runner")?))
@@ -181,29 +199,38 @@ async fn serve(args: ServerArgs) -> Result<()> {
     bootstrap(&store, &args.data_dir)?;
 
     let mut ccfg = CoreConfig::local(args.sandbox_limit);
-    // This machine's RAM directory (`None` with a remote runner).
-    let (host, shm_dir): (Arc<dyn SandboxHost>, Option<PathBuf>) = match &args.runner {
-        Some(addr) => {
-            let (fingerprint, token_file) = (
-                args.runner_fingerprint.as_deref().unwrap_or_default(),
-                args.runner_token_file.as_deref().unwrap_or(std::path::Path::new("")),
-            );
-            let token = std::fs::read_to_string(token_file)
-                .with_context(|| format!("reading the runner token from {}", token_file.display()))?;
-            let remote = cove_runner::remote::RemoteHost::connect(addr, fingerprint, token.trim())
-                .await
-                .map_err(|e| anyhow::anyhow!("connecting to the runner at {addr}: {e}"))?;
-            // The runner is its certificate: records name it by its fingerprint.
-            ccfg.runner_id = format!("runner-{}", &fingerprint[..fingerprint.len().min(16)]);
-            tracing::info!(runner = %addr, runner_id = %ccfg.runner_id, "sandboxes run on a remote runner");
-            (remote, None)
-        }
-        None => {
-            let runner = local_runner(&args.host, &args.data_dir).await?;
-            let shm = runner.config().sandbox_shm_dir();
-            (runner, Some(shm))
-        }
-    };
+    let cluster_token_file =
+        args.cluster_token_file.clone().unwrap_or_else(|| args.data_dir.join("cluster-token"));
+    let cluster_token = crate::runner::token(&cluster_token_file)?;
+    ccfg.cluster_token = Some(cluster_token.clone());
+    let cluster = cove_server::cluster::Cluster::new(store.clone());
+    // This machine's RAM directory (`None` without a runner in this process).
+    let mut shm_dir = None;
+    let mut local = None;
+    if args.no_local_runner || args.runner.is_some() {
+        // New records name no runner until their VM is placed.
+        ccfg.runner_id = String::new();
+    } else {
+        let runner = local_runner(&args.host, &args.data_dir).await?;
+        shm_dir = Some(runner.config().sandbox_shm_dir());
+        cluster.join(&ccfg.runner_id, runner.clone());
+        local = Some(runner);
+    }
+    if let Some(addr) = &args.runner {
+        let (fingerprint, token_file) = (
+            args.runner_fingerprint.as_deref().unwrap_or_default(),
+            args.runner_token_file.as_deref().unwrap_or(std::path::Path::new("")),
+        );
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading the runner token from {}", token_file.display()))?;
+        let remote = cove_runner::remote::RemoteHost::connect(addr, fingerprint, token.trim())
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to the runner at {addr}: {e}"))?;
+        // The runner is its certificate: records name it by its fingerprint.
+        let runner_id = cove_server::cluster::runner_id(fingerprint);
+        tracing::info!(runner = %addr, %runner_id, "sandboxes run on a remote runner");
+        cluster.join(&runner_id, remote);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -246,13 +273,24 @@ async fn serve(args: ServerArgs) -> Result<()> {
             Some((l, bound))
         }
     };
-    let core = Arc::new(Core::new(store, host.clone(), ccfg, sealer));
+    let core = Arc::new(Core::clustered(store, cluster.clone(), ccfg, sealer));
     core.serve_metadata();
     core.watch_host_restarts();
     core.recover().await.map_err(|e| anyhow::anyhow!("recovering sandboxes: {e}"))?;
+    // Runners that register join from now on.
+    cluster.watch(Arc::new(move |r: cove_store::RunnerRecord| {
+        let token = cluster_token.clone();
+        Box::pin(async move {
+            let host =
+                cove_runner::remote::RemoteHost::connect(&r.lease.address, &r.lease.fingerprint, &token)
+                    .await?;
+            Ok(host as Arc<dyn SandboxHost>)
+        })
+    }));
+    println!("cove cluster token in {}", cluster_token_file.display());
 
-    if !args.host.no_prepare {
-        prepare_system_templates(host);
+    if let (Some(runner), false) = (local, args.host.no_prepare) {
+        prepare_system_templates(runner);
     }
 
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -232,6 +232,14 @@ impl Drop for RemoteLoan {
 
 #[async_trait]
 impl SandboxHost for RemoteHost {
+    fn info(&self) -> crate::HostInfo {
+        self.inventory.read().unwrap_or_else(|p| p.into_inner()).info.clone()
+    }
+
+    async fn can_restore(&self, manifest: &ImageManifest) -> Result<(), RunnerError> {
+        self.call("can_restore", (manifest,)).await
+    }
+
     fn template_disk_mib(&self, template: &str) -> Option<u64> {
         self.inventory.read().unwrap_or_else(|p| p.into_inner()).templates.get(template).map(|t| t.0)
     }

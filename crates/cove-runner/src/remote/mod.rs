@@ -4,6 +4,7 @@
 //! request. See docs/architecture.md, "The host seam".
 
 mod client;
+pub mod lease;
 mod server;
 pub mod tls;
 mod wire;

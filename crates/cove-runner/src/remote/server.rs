@@ -28,7 +28,7 @@ use serde::Serialize;
 use super::tls::Identity;
 use super::wire::{Answer, BuildLine, Inventory, WireError, WireLoan, WireSource};
 use crate::host::{AfterCapture, LoanGuard, MetadataSource, SandboxHost, SandboxMetadata};
-use crate::{AgentBody, RegistryCredentials, RunnerError, TemplateSource, VmRequest};
+use crate::{AgentBody, ImageManifest, RegistryCredentials, RunnerError, TemplateSource, VmRequest};
 
 /// Serves `host` on `listener` until the listener fails.
 pub async fn serve(
@@ -251,6 +251,10 @@ impl Connection {
                 self.loans.lock().unwrap_or_else(|p| p.into_inner()).remove(&loan);
                 answer(Ok(()))
             }
+            "can_restore" => {
+                let (manifest,): (ImageManifest,) = args(method, bytes)?;
+                answer(h.can_restore(&manifest).await)
+            }
             "find_image" => {
                 let (image,): (String,) = args(method, bytes)?;
                 answer(h.find_image(&image).await)
@@ -450,7 +454,7 @@ impl Lines {
 
 /// What this host has of the system templates.
 fn inventory(host: &dyn SandboxHost, boot: &str) -> Inventory {
-    let mut inv = Inventory { boot: boot.to_string(), ..Default::default() };
+    let mut inv = Inventory { boot: boot.to_string(), info: host.info(), ..Default::default() };
     for t in cove_api::template::SYSTEM_TEMPLATES {
         if let Some(disk) = host.template_disk_mib(t.name) {
             let built = host

@@ -41,6 +41,7 @@ pub struct Inventory {
     pub templates: BTreeMap<String, (u64, Option<u64>)>,
     /// Random per runner process: a new one means the runner restarted.
     pub boot: String,
+    pub info: crate::HostInfo,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -66,6 +67,7 @@ pub enum WireError {
     Blob { message: String },
     Image { message: String },
     Network { message: String },
+    Unavailable { message: String },
     Oci { field: Option<String>, message: String },
     Mount { index: usize, mount: String, message: String },
 }
@@ -107,6 +109,7 @@ impl From<&RunnerError> for WireError {
             RunnerError::Blob(b) => WireError::Blob { message: chain(b) },
             RunnerError::Image(m) => WireError::Image { message: m.clone() },
             RunnerError::Network(m) => WireError::Network { message: m.clone() },
+            RunnerError::Unavailable(m) => WireError::Unavailable { message: m.clone() },
             RunnerError::Oci(o) => WireError::Oci { field: o.field().map(str::to_string), message: chain(o) },
             RunnerError::Mount { index, source } => {
                 let (mount, message) = match source {
@@ -149,6 +152,7 @@ impl From<WireError> for RunnerError {
             }
             WireError::Blob { message } | WireError::Image { message } => RunnerError::Image(message),
             WireError::Network { message } => RunnerError::Network(message),
+            WireError::Unavailable { message } => RunnerError::Unavailable(message),
             WireError::Oci { field, message } => RunnerError::Oci(match field.as_deref() {
                 Some("credentials") => cove_oci::OciError::Unauthorized,
                 Some(_) => cove_oci::OciError::Platform(message),

@@ -123,7 +123,7 @@ pub const RULES: [Rule; 8] = [
     // server's recovery, finishes it.
     Rule {
         action: Action::Delete,
-        from: &[S::Running, S::Paused, S::Stopped, S::Deleting],
+        from: &[S::Running, S::Paused, S::Stopped, S::Lost, S::Deleting],
         during: S::Deleting,
         done: End::Gone,
         failed: End::In(S::Deleting),
@@ -149,7 +149,7 @@ pub fn describe(from: &[S]) -> String {
 /// sandbox whose VM is gone).
 #[cfg(test)]
 pub fn settled(s: S) -> bool {
-    matches!(s, S::Running | S::Paused | S::Stopped | S::Deleted)
+    matches!(s, S::Running | S::Paused | S::Stopped | S::Deleted | S::Lost)
 }
 
 #[cfg(test)]
@@ -185,7 +185,7 @@ mod tests {
             assert!(!settled(r.during), "{r:?}");
             assert_eq!(RULES.iter().filter(|o| o.action == r.action).count(), 1, "{r:?}");
         }
-        assert_eq!(describe(rule(Action::Delete).from), "running, paused, stopped or deleting");
+        assert_eq!(describe(rule(Action::Delete).from), "running, paused, stopped, lost or deleting");
         assert_eq!(describe(rule(Action::Pause).from), "running");
     }
 

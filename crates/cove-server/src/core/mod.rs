@@ -54,7 +54,8 @@ use crate::error::{error_chain, ApiError};
 pub struct CoreConfig {
     /// Sandboxes an organization may hold in VM-holding states, unless it has its own limit.
     pub default_sandbox_limit: u64,
-    /// Name of the (single, in-process) runner.
+    /// The in-process runner's id in the records (with `Core::new`); with runners elsewhere
+    /// only, what a new record says before its VM is placed (empty).
     pub runner_id: String,
     /// Where sandboxes' own services are reached: `<id>.<domain>` (the sandbox's `PORT`),
     /// `<id>-<port>.<domain>`, and presigned URLs `<token>.<domain>`. May carry a `:port`.
@@ -65,6 +66,8 @@ pub struct CoreConfig {
     pub template_limit: u64,
     /// Where clients reach the SSH endpoint; `None` when the server runs none.
     pub ssh: Option<SshEndpoint>,
+    /// The token runners sign their leases with; `None`: no runner registers here.
+    pub cluster_token: Option<String>,
 }
 
 /// The address SSH clients are told to connect to.
@@ -85,6 +88,7 @@ impl CoreConfig {
             public_scheme: "http".into(),
             template_limit: cove_api::template::DEFAULT_TEMPLATE_LIMIT,
             ssh: None,
+            cluster_token: None,
         }
     }
 }
@@ -92,8 +96,9 @@ impl CoreConfig {
 pub struct Core {
     sealer: Sealer,
     pub store: Arc<Store>,
-    /// The machine the sandboxes run on.
+    /// The machines the sandboxes run on: `cluster`, as the host it is to every action.
     pub host: Arc<dyn SandboxHost>,
+    pub cluster: Arc<crate::cluster::Cluster>,
     pub cfg: CoreConfig,
     /// What `/metrics` reports besides the store's counts.
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -141,15 +146,33 @@ fn limit_error(e: StoreError) -> ApiError {
 }
 
 fn not_in(id: &str, state: SandboxState, wanted: &str) -> ApiError {
+    if state == S::Lost {
+        return ApiError::Conflict(format!(
+            "sandbox {id} is lost: the host it ran on stopped answering; it runs again if that host \
+             comes back, or delete it"
+        ));
+    }
     ApiError::Conflict(format!("sandbox {id} is {state}, not {wanted}"))
 }
 
 impl Core {
     /// `sealer` keeps the secrets users give (header values to inject) sealed in the store.
     pub fn new(store: Arc<Store>, host: Arc<dyn SandboxHost>, cfg: CoreConfig, sealer: Sealer) -> Core {
+        let cluster = crate::cluster::Cluster::single(store.clone(), &cfg.runner_id, host);
+        Core::clustered(store, cluster, cfg, sealer)
+    }
+
+    /// A control plane for the runners of `host` (which may have none yet).
+    pub fn clustered(
+        store: Arc<Store>,
+        host: Arc<crate::cluster::Cluster>,
+        cfg: CoreConfig,
+        sealer: Sealer,
+    ) -> Core {
         Core {
             store,
-            host,
+            host: host.clone(),
+            cluster: host,
             cfg,
             sealer,
             metrics: Default::default(),

@@ -51,6 +51,10 @@ pub fn plan(state: S, op: Option<&Op>, image: Option<&str>, facts: Facts) -> Vec
     use Step::*;
     match (state, op) {
         (S::Running, _) if !facts.vm_alive => vec![EndVm, To(S::Stopped)],
+        // Its runner is back (it was lost): with its VM, it runs on; without, it is stopped
+        // with its disk kept, as after a reboot.
+        (S::Lost, _) if facts.vm_alive => vec![To(S::Running)],
+        (S::Lost, _) => vec![EndVm, To(S::Stopped)],
         (S::Running | S::Paused | S::Stopped | S::Deleted, _) => vec![],
         (S::Starting, Some(Op::Start)) => vec![EndVm, To(S::Stopped)],
         // A create or restore: nothing of it is the user's yet.
@@ -92,85 +96,91 @@ pub fn plan(state: S, op: Option<&Op>, image: Option<&str>, facts: Facts) -> Vec
 }
 
 impl Core {
-    /// Has the host's restarts (a remote runner's process replaced under this control plane)
-    /// answered by [`Core::readopt`].
+    /// Has every runner that joins the cluster, comes back after it was lost, or restarts under
+    /// this control plane adopted again ([`Core::readopt`]).
     pub fn watch_host_restarts(self: &Arc<Self>) {
         let core = Arc::downgrade(self);
-        self.host.set_restart_listener(Arc::new(move || {
+        self.cluster.set_join_listener(Arc::new(move |runner_id| {
             let Some(core) = core.upgrade() else { return };
-            tokio::spawn(async move { core.readopt().await });
+            tokio::spawn(async move { core.readopt(&runner_id).await });
         }));
     }
 
-    /// After the host restarted alone: its running sandboxes are adopted again, and those whose
-    /// VM is gone are stopped (their disk kept), as at a restart of this server. Sandboxes in
+    /// After a runner joined (or restarted alone): its running and lost sandboxes are adopted
+    /// again (lost ones whose VM lives run on), those whose VM is gone are stopped (their disk
+    /// kept), as at a restart of this server, and what it has of sandboxes that are not its
+    /// own any more (deleted, or resumed elsewhere while it was away) is removed. Sandboxes in
     /// the middle of an operation are left to it (its host calls fail or finish).
-    pub async fn readopt(&self) {
-        let records = match self.store.sandboxes_on_runner(&self.cfg.runner_id) {
+    pub async fn readopt(&self, runner_id: &str) {
+        let Some(member) = self.cluster.member(runner_id) else { return };
+        let records = match self.store.sandboxes_on_runner(runner_id) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(error = %e, "re-adopting: reading the records");
+                tracing::error!(runner_id, error = %e, "re-adopting: reading the records");
                 return;
             }
         };
+        let settled = |r: &SandboxRecord| matches!(r.state, S::Running | S::Lost) && r.runner_id == runner_id;
         let mut held = Vec::new();
-        for rec in records.into_iter().filter(|r| r.state == S::Running) {
+        for rec in records.iter().filter(|r| settled(r)) {
             let guard = self.lock_sandbox(&rec.id).await;
             if let Ok(Some(rec)) = self.store.sandbox_by_id(&rec.id) {
-                if rec.state == S::Running {
+                if settled(&rec) {
                     held.push((guard, rec));
                 }
             }
         }
         let requests: Vec<VmRequest> = held.iter().map(|(_, r)| self.vm_request(r)).collect();
-        let lost: std::collections::HashSet<String> = self.host.adopt(&requests).await.into_iter().collect();
+        let gone: std::collections::HashSet<String> = member.adopt(&requests).await.into_iter().collect();
         for (_guard, rec) in &held {
-            if let Err(e) = self.recover_one(rec, !lost.contains(&rec.id)).await {
+            if let Err(e) = self.recover_one(rec, !gone.contains(&rec.id)).await {
                 tracing::error!(sandbox_id = %rec.id, error = %e, "re-adopting a sandbox");
             }
         }
+        for id in member.sandboxes_on_host().await {
+            // Read again: a sandbox placed there since the records were read is its own.
+            let owned = matches!(self.store.sandbox_by_id(&id), Ok(Some(r)) if r.runner_id == runner_id);
+            if !owned && self.store.sandbox_by_id(&id).is_ok() {
+                tracing::info!(sandbox_id = %id, runner_id, "removing what a runner has of a sandbox not placed there");
+                let _ = member.destroy(&id).await;
+            }
+        }
         tracing::info!(
-            adopted = held.len() - lost.len(),
-            lost = lost.len(),
-            "the host's sandboxes adopted again"
+            runner_id,
+            adopted = held.len() - gone.len(),
+            gone = gone.len(),
+            "the runner's sandboxes adopted again"
         );
     }
 
-    /// Brings the store and the host back in line after a restart: adopts VMs still running,
+    /// Brings the store and the hosts back in line after a restart: adopts VMs still running,
     /// finishes or undoes every operation a crash interrupted (see docs/architecture.md,
-    /// "Crash recovery"), and removes files and images nobody owns.
+    /// "Crash recovery"), and removes files and images nobody owns. Runners that join later
+    /// are settled when they do ([`Core::readopt`]).
     pub async fn recover(&self) -> Result<(), ApiError> {
         self.recover_templates().await?;
-        let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
-        let with_vm: Vec<VmRequest> = records
-            .iter()
-            .filter(|r| {
-                matches!(r.state, S::Running | S::Snapshotting | S::Stopping | S::Unpausing | S::Starting)
-            })
-            .map(|r| self.vm_request(r))
-            .collect();
-        let lost: std::collections::HashSet<String> = self.host.adopt(&with_vm).await.into_iter().collect();
-        for rec in &records {
-            if let Err(e) = self.recover_one(rec, !lost.contains(&rec.id)).await {
-                tracing::error!(sandbox_id = %rec.id, error = %e, "recovering sandbox");
+        for (runner_id, member) in self.cluster.members() {
+            self.recover_runner(&runner_id, member.as_ref()).await?;
+        }
+        // Creates and restores a crash cut before their VM was placed anywhere.
+        if self.cluster.member(&self.cfg.runner_id).is_none() {
+            for rec in self.store.sandboxes_on_runner(&self.cfg.runner_id)? {
+                if let Err(e) = self.recover_one(&rec, false).await {
+                    tracing::error!(sandbox_id = %rec.id, error = %e, "recovering an unplaced sandbox");
+                }
             }
         }
+        let in_flight = self.store.sandboxes_in_flight()?;
         for snap in self.store.unsettled_snapshots()? {
-            let in_flight = records
+            let capturing = in_flight
                 .iter()
                 .any(|r| matches!(&r.op, Some(Op::Snapshot { snapshot_id, .. }) if *snapshot_id == snap.id));
-            if in_flight {
+            if capturing {
                 continue;
             }
             if let Err(e) = self.settle_snapshot(&snap).await {
                 tracing::error!(snapshot_id = %snap.id, error = %e, "recovering snapshot");
             }
-        }
-        let records = self.store.sandboxes_on_runner(&self.cfg.runner_id)?;
-        let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        for id in self.host.sandboxes_on_host().await.into_iter().filter(|id| !known.contains(id.as_str())) {
-            tracing::info!(sandbox_id = %id, "removing files and network of an unknown sandbox");
-            let _ = self.host.destroy(&id).await;
         }
         let referenced = self.store.referenced_images()?;
         match self.host.stored_images().await {
@@ -181,6 +191,34 @@ impl Core {
                 }
             }
             Err(e) => tracing::warn!(error = %error_chain(&e), "listing stored images"),
+        }
+        Ok(())
+    }
+
+    /// Recovery of one runner's sandboxes (see [`Core::recover`]).
+    async fn recover_runner(&self, runner_id: &str, member: &dyn SandboxHost) -> Result<(), ApiError> {
+        let records = self.store.sandboxes_on_runner(runner_id)?;
+        let with_vm: Vec<VmRequest> = records
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    S::Running | S::Snapshotting | S::Stopping | S::Unpausing | S::Starting | S::Lost
+                )
+            })
+            .map(|r| self.vm_request(r))
+            .collect();
+        let gone: std::collections::HashSet<String> = member.adopt(&with_vm).await.into_iter().collect();
+        for rec in &records {
+            if let Err(e) = self.recover_one(rec, !gone.contains(&rec.id)).await {
+                tracing::error!(sandbox_id = %rec.id, error = %e, "recovering sandbox");
+            }
+        }
+        let records = self.store.sandboxes_on_runner(runner_id)?;
+        let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        for id in member.sandboxes_on_host().await.into_iter().filter(|id| !known.contains(id.as_str())) {
+            tracing::info!(sandbox_id = %id, runner_id, "removing files and network of an unknown sandbox");
+            let _ = member.destroy(&id).await;
         }
         Ok(())
     }

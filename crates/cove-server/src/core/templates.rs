@@ -89,6 +89,9 @@ impl Core {
     pub fn resolve_template(&self, org: &str, name: &str) -> Result<Resolved, ApiError> {
         let unknown = || ApiError::field("template_name", format!("unknown template {name:?}"));
         if system_template(name).is_some() {
+            if self.cluster.members().is_empty() {
+                return Err(ApiError::Unavailable("no runner is connected yet; try again later".into()));
+            }
             let disk_mib = self.host.template_disk_mib(name).ok_or_else(unknown)?;
             return Ok(Resolved { id: name.to_string(), disk_mib });
         }

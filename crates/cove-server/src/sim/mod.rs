@@ -68,7 +68,8 @@ pub struct Machine {
     vms: HashMap<String, Vm>,
     /// Disks of sandboxes without a VM (stopped ones; a running VM's disk is in its guest).
     disks: HashMap<String, Disk>,
-    images: BTreeMap<String, Image>,
+    /// The image store: shared by machines of one cluster ([`SimHost::beside`]).
+    images: Arc<Mutex<BTreeMap<String, Image>>>,
     /// Templates and their disks.
     templates: HashMap<String, (u64, Disk)>,
 }
@@ -97,6 +98,12 @@ pub struct SimHost {
     loans: Arc<Mutex<Vec<(String, String)>>>,
     /// Every loan made.
     lent: Mutex<Vec<(String, String)>>,
+    info: Mutex<cove_runner::HostInfo>,
+}
+
+/// What a simulated machine offers unless a test says otherwise: more than any test asks.
+fn default_info() -> cove_runner::HostInfo {
+    cove_runner::HostInfo { vcpus: 64, memory_mib: 1 << 20, compat: "sim".into() }
 }
 
 impl Default for SimHost {
@@ -135,7 +142,26 @@ impl SimHost {
             passed: Mutex::default(),
             loans: Arc::default(),
             lent: Mutex::default(),
+            info: Mutex::new(default_info()),
         }
+    }
+
+    /// Another machine of the same cluster: its own VMs and disks, the same templates, and the
+    /// same image store (a bucket both reach).
+    pub fn beside(&self) -> SimHost {
+        let m = lock(&self.machine);
+        let machine =
+            Machine { images: m.images.clone(), templates: m.templates.clone(), ..Default::default() };
+        SimHost::on(Arc::new(Mutex::new(machine)))
+    }
+
+    /// What this machine reports of itself from now on (capacity, CPU and QEMU).
+    pub fn set_info(&self, info: cove_runner::HostInfo) {
+        *lock(&self.info) = info;
+    }
+
+    fn images(&self) -> Arc<Mutex<BTreeMap<String, Image>>> {
+        lock(&self.machine).images.clone()
     }
 
     /// The next control-plane process on this machine: it shares the VMs, disks and images,
@@ -173,11 +199,12 @@ impl SimHost {
     }
 
     pub fn census(&self) -> Census {
+        let images = lock(&self.images()).iter().map(|(k, i)| (k.clone(), i.complete)).collect();
         let m = lock(&self.machine);
         Census {
             vms: m.vms.iter().map(|(id, vm)| (id.clone(), vm.running)).collect(),
             disks: m.disks.keys().cloned().collect(),
-            images: m.images.iter().map(|(k, i)| (k.clone(), i.complete)).collect(),
+            images,
         }
     }
 
@@ -278,6 +305,24 @@ fn packed(name: &str, size: u64) -> PackedFile {
 
 #[async_trait]
 impl SandboxHost for SimHost {
+    fn info(&self) -> cove_runner::HostInfo {
+        lock(&self.info).clone()
+    }
+
+    async fn can_restore(&self, manifest: &ImageManifest) -> Result<(), RunnerError> {
+        let compat = lock(&self.info).compat.clone();
+        if manifest.host != compat {
+            return Err(RunnerError::Image(format!(
+                "this image was saved on a host with another CPU or QEMU ({:?}; this host has {compat:?})",
+                manifest.host
+            )));
+        }
+        if !lock(&self.machine).templates.contains_key(&manifest.template) {
+            return Err(RunnerError::UnknownTemplate(manifest.template.clone()));
+        }
+        Ok(())
+    }
+
     fn template_disk_mib(&self, template: &str) -> Option<u64> {
         lock(&self.machine).templates.get(template).map(|t| t.0)
     }
@@ -337,7 +382,7 @@ impl SandboxHost for SimHost {
 
     async fn create_from_image(&self, req: &VmRequest, image: &str) -> Result<(), RunnerError> {
         self.point("create_from_image").await?;
-        let guest = match lock(&self.machine).images.get(image) {
+        let guest = match lock(&self.images()).get(image) {
             Some(i) if i.complete => i.guest.clone(),
             _ => return Err(RunnerError::Image(format!("image {image} is incomplete or missing"))),
         };
@@ -373,19 +418,20 @@ impl SandboxHost for SimHost {
             memory_mib: req.memory_mib,
             created_unix: chrono::Utc::now().timestamp(),
             machine: "sim".into(),
+            host: lock(&self.info).compat.clone(),
             state: packed("state", 1),
             memory: packed("memory", 1),
             disk: packed("disk", bytes),
         };
         let stored = Image { guest: snapshot, manifest: manifest.clone(), complete: false };
-        lock(&self.machine).images.insert(image.to_string(), stored);
+        lock(&self.images()).insert(image.to_string(), stored);
         if let Err(e) = self.point("capture.saved").await {
             // A store that failed: the partial image is removed and the VM runs on.
-            lock(&self.machine).images.remove(image);
+            lock(&self.images()).remove(image);
             self.with_vm(&req.id, |vm| vm.running = true)?;
             return Err(e);
         }
-        if let Some(i) = lock(&self.machine).images.get_mut(image) {
+        if let Some(i) = lock(&self.images()).get_mut(image) {
             i.complete = true;
         }
         self.point("capture.stored").await?;
@@ -533,18 +579,16 @@ impl SandboxHost for SimHost {
     }
 
     async fn find_image(&self, image: &str) -> Result<Option<ImageManifest>, RunnerError> {
-        let m = lock(&self.machine);
-        Ok(m.images.get(image).filter(|i| i.complete).map(|i| i.manifest.clone()))
+        Ok(lock(&self.images()).get(image).filter(|i| i.complete).map(|i| i.manifest.clone()))
     }
 
     async fn delete_image(&self, image: &str) -> Result<(), RunnerError> {
         self.point("delete_image").await?;
-        lock(&self.machine).images.remove(image);
+        lock(&self.images()).remove(image);
         self.point("delete_image.done").await
     }
 
     async fn stored_images(&self) -> Result<Vec<String>, RunnerError> {
-        let m = lock(&self.machine);
-        Ok(m.images.keys().filter(|k| k.starts_with(IMAGES_PREFIX)).cloned().collect())
+        Ok(lock(&self.images()).keys().filter(|k| k.starts_with(IMAGES_PREFIX)).cloned().collect())
     }
 }

@@ -21,7 +21,7 @@ use tower::ServiceExt;
 
 /// What the control plane holds of `host`: the host itself, or (`COVE_TEST_HOST=remote`) a
 /// remote runner that serves it.
-async fn seam(host: Arc<SimHost>) -> Arc<dyn cove_runner::SandboxHost> {
+pub async fn seam(host: Arc<SimHost>) -> Arc<dyn cove_runner::SandboxHost> {
     match std::env::var("COVE_TEST_HOST").as_deref() {
         Ok("remote") => cove_runner::remote::over_loopback(host).await.unwrap(),
         Ok(other) if other != "local" => panic!("COVE_TEST_HOST is local or remote, not {other}"),
