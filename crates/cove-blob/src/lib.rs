@@ -38,6 +38,9 @@ pub enum BlobError {
     /// A key or prefix that is not a valid object path (empty, `..`, empty segments, ...).
     #[error("invalid blob key {key:?}: {reason}")]
     InvalidKey { key: String, reason: String },
+    /// What a runner on another machine reported of its store (whole, for the logs).
+    #[error("{0}")]
+    Remote(String),
     /// The object does not exist.
     #[error("blob {0:?} not found")]
     NotFound(String),

@@ -42,6 +42,13 @@ impl S3Server {
         Self::spawn(&s3s_fs_binary(), None, "127.0.0.1:0", &auth).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// As [`S3Server::start`], on `listen` (`ip:port`), e.g. an address that other network
+    /// namespaces reach.
+    pub fn start_on(listen: &str) -> S3Server {
+        let auth = ["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY];
+        Self::spawn(&s3s_fs_binary(), None, listen, &auth).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// A server without credentials: it serves unsigned requests (a public bucket) and refuses
     /// signed ones.
     pub fn start_anonymous() -> S3Server {

@@ -30,8 +30,9 @@ enum Cmd {
         #[arg(long, env = "COVE_AGENT_BIN")]
         agent: Option<PathBuf>,
     },
-    /// Run control plane and runner in one process (or a control plane for a remote runner,
-    /// with `--runner`).
+    /// Run control plane and runner in one process (or a control plane only, for runners
+    /// elsewhere: `--no-local-runner`). An option given twice takes the later value.
+    #[command(args_override_self = true)]
     Server(Box<serve::ServerArgs>),
     /// Run this machine's sandboxes for a control plane on another machine.
     Runner(Box<runner::RunnerArgs>),

@@ -5,70 +5,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
-use common::TestServer;
+use common::{start_runner, TestServer};
 use serde_json::json;
-
-/// A `cove runner` process: its address and certificate fingerprint.
-struct RunnerProcess {
-    addr: String,
-    fingerprint: String,
-    data_dir: PathBuf,
-    child: std::process::Child,
-}
-
-impl Drop for RunnerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_runner(data_dir: &Path, listen: &str) -> RunnerProcess {
-    std::fs::create_dir_all(data_dir).unwrap();
-    let log = std::fs::File::create(data_dir.join("runner.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cove"))
-        .args(["runner", "--listen", listen])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--cache-dir")
-        .arg(common::cache_dir())
-        .env("COVE_LOG", "info,cove_runner=debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawning cove runner");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut fingerprint, mut addr) = (String::new(), String::new());
-    for line in lines.by_ref() {
-        let line = line.unwrap_or_default();
-        if let Some(f) = line.strip_prefix("cove runner fingerprint ") {
-            fingerprint = f.trim().to_string();
-        }
-        if let Some(a) = line.strip_prefix("cove runner listening on ") {
-            addr = a.trim().to_string();
-            break;
-        }
-    }
-    assert!(
-        !addr.is_empty() && fingerprint.len() == 64,
-        "cove runner did not start: see {}/runner.log",
-        data_dir.display()
-    );
-    std::thread::spawn(move || for _ in lines {});
-    RunnerProcess { addr, fingerprint, data_dir: data_dir.to_path_buf(), child }
-}
 
 #[tokio::test]
 async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
     // A fixed address, for the runner started again below.
     let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let runner_dir = std::env::temp_dir().join(format!("cove-test-runner-{}", common::rand_hex()));
-    let mut runner = start_runner(&runner_dir, &listen);
+    let mut runner = start_runner(&runner_dir, &listen, &[], &[], None);
     let token_file = runner.data_dir.join("runner-token");
     let token = std::fs::read_to_string(&token_file).unwrap();
     assert_eq!(token.trim().len(), 64);
@@ -136,7 +85,7 @@ async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
     // plane finds another run of it and adopts the sandbox there again; the same VM counts on.
     let _ = runner.child.kill();
     let _ = runner.child.wait();
-    runner = start_runner(&runner_dir, &listen);
+    runner = start_runner(&runner_dir, &listen, &[], &[], None);
     let mut answered = false;
     for _ in 0..60 {
         let r =

@@ -106,6 +106,10 @@ impl From<&RunnerError> for WireError {
                 refused: io.kind() == std::io::ErrorKind::ConnectionRefused,
                 message: chain(io),
             },
+            // A damaged image's message names no host detail, and clients see it.
+            RunnerError::Blob(b @ cove_blob::BlobError::Corrupt { .. }) => {
+                WireError::Image { message: b.to_string() }
+            }
             RunnerError::Blob(b) => WireError::Blob { message: chain(b) },
             RunnerError::Image(m) => WireError::Image { message: m.clone() },
             RunnerError::Network(m) => WireError::Network { message: m.clone() },
@@ -150,7 +154,8 @@ impl From<WireError> for RunnerError {
                     if refused { std::io::ErrorKind::ConnectionRefused } else { std::io::ErrorKind::Other };
                 RunnerError::Io(what, std::io::Error::new(kind, message))
             }
-            WireError::Blob { message } | WireError::Image { message } => RunnerError::Image(message),
+            WireError::Blob { message } => RunnerError::Blob(cove_blob::BlobError::Remote(message)),
+            WireError::Image { message } => RunnerError::Image(message),
             WireError::Network { message } => RunnerError::Network(message),
             WireError::Unavailable { message } => RunnerError::Unavailable(message),
             WireError::Oci { field, message } => RunnerError::Oci(match field.as_deref() {
@@ -193,6 +198,8 @@ mod tests {
             RunnerError::Oci(cove_oci::OciError::NotFound("x".into())),
             RunnerError::Oci(cove_oci::OciError::CredentialsRequired),
             RunnerError::Mount { index: 2, source: cove_mount::MountError::NoSuchBucket("b".into()) },
+            RunnerError::Blob(cove_blob::BlobError::NotFound("images/x/manifest.json".into())),
+            RunnerError::Unavailable("no runner has room".into()),
         ];
         for e in &cases {
             let wire = WireError::from(e);
@@ -208,6 +215,18 @@ mod tests {
                 (a, b) => assert_eq!(a.to_string(), b.to_string()),
             }
         }
+    }
+
+    /// A store's failure stays one (whose details clients never see), whatever it names.
+    #[test]
+    fn a_store_failure_stays_a_store_failure() {
+        let e = RunnerError::Blob(cove_blob::BlobError::InvalidUrl {
+            url: "s3://bucket/x".into(),
+            reason: "endpoint http://10.0.0.9:9000 refused".into(),
+        });
+        let back = RunnerError::from(WireError::from(&e));
+        assert!(matches!(back, RunnerError::Blob(cove_blob::BlobError::Remote(_))), "{back:?}");
+        assert!(back.to_string().contains("10.0.0.9"), "the log keeps it: {back}");
     }
 
     impl WireError {

@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -201,6 +201,76 @@ pub fn stored_metadata(data_dir: &std::path::Path) -> Vec<u8> {
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap()
+}
+
+/// A `cove runner` process: its address and certificate fingerprint. Killed when dropped.
+pub struct RunnerProcess {
+    pub addr: String,
+    pub fingerprint: String,
+    pub data_dir: PathBuf,
+    pub child: std::process::Child,
+}
+
+impl Drop for RunnerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `cove runner` on `data_dir`, listening on `listen`, with `extra` arguments and `envs`,
+/// in network namespace `netns` if given (entered with `nsenter`, which keeps the mount
+/// namespace, so the sandbox namespaces it makes are everyone's); waits until it listens.
+pub fn start_runner(
+    data_dir: &Path,
+    listen: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    netns: Option<&str>,
+) -> RunnerProcess {
+    std::fs::create_dir_all(data_dir).unwrap();
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("runner.log")).unwrap();
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(env!("CARGO_BIN_EXE_cove"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_cove")),
+    };
+    let mut child = cmd
+        .args(["runner", "--listen", listen])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .args(extra)
+        .env("COVE_LOG", "info,cove_runner=debug")
+        .envs(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawning cove runner");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut fingerprint, mut addr) = (String::new(), String::new());
+    for line in lines.by_ref() {
+        let line = line.unwrap_or_default();
+        if let Some(f) = line.strip_prefix("cove runner fingerprint ") {
+            fingerprint = f.trim().to_string();
+        }
+        if let Some(a) = line.strip_prefix("cove runner listening on ") {
+            addr = a.trim().to_string();
+            break;
+        }
+    }
+    assert!(
+        !addr.is_empty() && fingerprint.len() == 64,
+        "cove runner did not start: see {}/runner.log",
+        data_dir.display()
+    );
+    std::thread::spawn(move || for _ in lines {});
+    RunnerProcess { addr, fingerprint, data_dir: data_dir.to_path_buf(), child }
 }
 
 /// A name part unique in this host's test runs: time, process and a counter (two threads can
