@@ -47,6 +47,9 @@ pub struct Cluster {
     /// are to be adopted again (`Core::readopt`).
     joined: OnceLock<Arc<dyn Fn(String) + Send + Sync>>,
     lease_ms: std::sync::atomic::AtomicU64,
+    /// Where each registered member was reached (address, fingerprint): a runner that
+    /// registers from elsewhere is connected to again.
+    reached_at: Mutex<HashMap<String, (String, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -62,6 +65,7 @@ impl Cluster {
             metadata: OnceLock::new(),
             joined: OnceLock::new(),
             lease_ms: (LEASE.as_millis() as u64).into(),
+            reached_at: Mutex::default(),
         })
     }
 
@@ -249,13 +253,18 @@ impl Cluster {
             let id = r.lease.id.clone();
             match r.state {
                 RunnerState::Active if r.lease_until >= now => {
-                    if self.member(&id).is_some() || !lock(connecting).insert(id.clone()) {
+                    let at = (r.lease.address.clone(), r.lease.fingerprint.clone());
+                    let same = lock(&self.reached_at).get(&id) == Some(&at);
+                    if (same && self.member(&id).is_some()) || !lock(connecting).insert(id.clone()) {
                         continue;
                     }
                     let (cluster, connect, connecting) = (self.clone(), connect.clone(), connecting.clone());
                     tokio::spawn(async move {
                         match connect(r).await {
-                            Ok(host) => cluster.join(&id, host),
+                            Ok(host) => {
+                                lock(&cluster.reached_at).insert(id.clone(), at);
+                                cluster.join(&id, host)
+                            }
                             Err(e) => {
                                 tracing::warn!(runner_id = %id, error = %e, "connecting to a registered runner")
                             }

@@ -32,6 +32,8 @@ type Machines = Arc<Mutex<HashMap<String, Arc<SimHost>>>>;
 struct Plane {
     app: App,
     cluster: Arc<Cluster>,
+    /// Connections made to registered runners.
+    connects: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn fingerprint(letter: char) -> String {
@@ -58,7 +60,10 @@ async fn plane(store: Arc<cove_store::Store>, key: &str, machines: &Machines) ->
     core.watch_host_restarts();
     core.recover().await.unwrap();
     let machines = machines.clone();
+    let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connects.clone();
     cluster.watch(Arc::new(move |r: cove_store::RunnerRecord| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let host = machines.lock().unwrap().get(&r.lease.fingerprint).cloned();
         Box::pin(async move {
             let host = host.ok_or_else(|| cove_runner::RunnerError::Network("no such machine".into()))?;
@@ -67,14 +72,19 @@ async fn plane(store: Arc<cove_store::Store>, key: &str, machines: &Machines) ->
     }));
     let app =
         App { router: router(core.clone()), core, host: Arc::new(SimHost::new()), store, key: key.into() };
-    Plane { app, cluster }
+    Plane { app, cluster, connects }
 }
 
 /// Renews runner `letter`'s lease through the API; the answer's status.
 async fn renew(app: &App, letter: char, signed_with: &str) -> (StatusCode, Value) {
+    renew_from(app, letter, signed_with, 8081).await
+}
+
+/// As `renew`, the runner listening on `port`.
+async fn renew_from(app: &App, letter: char, signed_with: &str, port: u16) -> (StatusCode, Value) {
     let body = json!({
         "id": runner_id(letter),
-        "address": format!("192.88.99.{}:8081", letter as u8),
+        "address": format!("192.88.99.{}:{port}", letter as u8),
         "fingerprint": fingerprint(letter),
         "vcpus": 4,
         "memory_mib": 8192,
@@ -184,6 +194,16 @@ async fn runners_register_with_a_signed_lease() {
     until("runner a to join", || p.cluster.member(&runner_id('a')).is_some()).await;
     let id = app.create(json!({})).await;
     assert_eq!(placed_on(app, &id), runner_id('a'));
+
+    // Renewals from where it was reached change nothing; one from elsewhere (restarted on
+    // another port) is connected to again.
+    let connects = || p.connects.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(renew(app, 'a', TOKEN).await.0, StatusCode::OK);
+    tokio::time::sleep(LEASE).await;
+    assert_eq!(connects(), 1);
+    assert_eq!(renew_from(app, 'a', TOKEN, 9091).await.0, StatusCode::OK);
+    until("runner a to be reached at its new address", || connects() == 2).await;
+    assert_eq!(app.exec(&id, "true").await.0, StatusCode::OK);
 }
 
 /// Creates land on the runner with the most free memory; a paused sandbox resumes where it

@@ -188,6 +188,30 @@ async fn two_runners_place_move_lose_and_find_sandboxes() {
     assert_eq!(qemu_pids(&staying).len(), 1, "the lost sandbox's VM must be the one on A, alone");
     assert!(!b.data_dir.join("sandboxes").join(&staying).exists());
 
+    // The invoke route follows it: a guest port, reached through the control plane on B.
+    api.sh_ok(
+        &moving,
+        "cd /tmp && echo on-b > where.txt && (setsid python3 -m http.server 8000 >/dev/null 2>&1 &)",
+    )
+    .await;
+    let port = c.server.url.rsplit(':').next().unwrap().to_string();
+    let host = format!("{moving}-8000.localhost:{port}");
+    let mut body = String::new();
+    for _ in 0..50 {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "--resolve", &format!("{host}:127.0.0.1")])
+            .args(["-H", &format!("Authorization: Bearer {}", api.key)])
+            .arg(format!("http://{host}/where.txt"))
+            .output()
+            .unwrap();
+        body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if body == "on-b\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(body, "on-b\n");
+
     // A comes back: its sandbox runs on (the same VM, its counter going on).
     a = c.runner("a", 6144);
     wait_state(&api, &staying, "running").await;
@@ -224,4 +248,12 @@ async fn two_runners_place_move_lose_and_find_sandboxes() {
         assert!(qemu_pids(id).is_empty());
     }
     drop((a, b));
+
+    // The cluster token signs leases and never travels or lands in a log.
+    let token = std::fs::read_to_string(&c.token_file).unwrap();
+    let token = token.trim();
+    for log in [c.dir.join("a/runner.log"), c.dir.join("b/runner.log"), server.data_dir.join("server.log")] {
+        assert!(!common::file_contains(&log, token.as_bytes()), "{} holds the cluster token", log.display());
+        assert!(!common::file_contains(&log, SECRET_KEY.as_bytes()), "{} holds the S3 secret", log.display());
+    }
 }
