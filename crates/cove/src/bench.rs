@@ -26,6 +26,7 @@ use cove_store::Store;
 use cove_vmm::{Accel, QemuVmm};
 use serde_json::{json, Value};
 
+mod cluster;
 mod density;
 mod mount;
 mod pty;
@@ -66,6 +67,9 @@ enum Which {
     /// Create, exec, pause and resume through a control plane that reaches the runner over the
     /// wire (as `cove server --runner` does), beside the same in process.
     Remote(remote::RemoteArgs),
+    /// Create throughput with one and two (simulated) runners; resume on the same runner beside
+    /// resume on another (real VMs).
+    Cluster(cluster::ClusterArgs),
     /// Randomized pause/resume, snapshot/restore and stop/start cycles, with data on disk, in
     /// guest memory and in a process's memory checked after each.
     Soak(soak::SoakArgs),
@@ -178,31 +182,12 @@ impl Bench {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let mut r = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.key);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        if !status.is_success() {
-            bail!("{status}: {text}");
-        }
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        call(&self.http, &self.base, &self.key, method, path, body).await
     }
 
     /// Deletes every sandbox the bench still has.
     async fn delete_all(&self) {
-        let Ok(list) = self.call(reqwest::Method::GET, "/v1/sandboxes?page-size=100", None).await else {
-            return;
-        };
-        for item in list["items"].as_array().into_iter().flatten() {
-            if let Some(id) = item["id"].as_str() {
-                if let Err(e) = self.call(reqwest::Method::DELETE, &format!("/v1/sandbox/{id}"), None).await {
-                    eprintln!("bench: deleting {id}: {e}");
-                }
-            }
-        }
+        delete_all(&self.http, &self.base, &self.key).await
     }
 
     /// Creates a sandbox of `template` and waits for its first answer: an exec, or with
@@ -285,6 +270,42 @@ fn disk_usage(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// One API call to the control plane at `base`; its JSON answer, an error unless 2xx.
+async fn call(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value> {
+    let mut r = http.request(method, format!("{base}{path}")).bearer_auth(key);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("{status}: {text}");
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Deletes every sandbox the control plane at `base` lists.
+async fn delete_all(http: &reqwest::Client, base: &str, key: &str) {
+    let list = call(http, base, key, reqwest::Method::GET, "/v1/sandboxes?page-size=100", None).await;
+    let Ok(list) = list else { return };
+    for item in list["items"].as_array().into_iter().flatten() {
+        if let Some(id) = item["id"].as_str() {
+            let path = format!("/v1/sandbox/{id}");
+            if let Err(e) = call(http, base, key, reqwest::Method::DELETE, &path, None).await {
+                eprintln!("bench: deleting {id}: {e}");
+            }
+        }
+    }
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // The net bench's sandboxes reach the offline test internet, which this process serves.
@@ -314,6 +335,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Which::Density(a) => density::density(&bench, a).await,
             Which::Soak(a) => soak::soak(&bench, a).await,
             Which::Remote(a) => remote::remote(&bench, a).await,
+            Which::Cluster(a) => cluster::cluster(&bench, a, &args.cache_dir).await,
             Which::Template(a) => match &registry {
                 Some(registry) => template::template(&bench, registry, a, &args.cache_dir).await,
                 None => unreachable!("the registry is started for the template bench"),

@@ -99,6 +99,10 @@ pub struct SimHost {
     /// Every loan made.
     lent: Mutex<Vec<(String, String)>>,
     info: Mutex<cove_runner::HostInfo>,
+    /// How long bringing a VM up takes, one at a time (a host's boot work): zero unless a
+    /// benchmark sets it.
+    bring_up_time: Mutex<std::time::Duration>,
+    bringing_up: tokio::sync::Semaphore,
 }
 
 /// What a simulated machine offers unless a test says otherwise: more than any test asks.
@@ -143,6 +147,8 @@ impl SimHost {
             loans: Arc::default(),
             lent: Mutex::default(),
             info: Mutex::new(default_info()),
+            bring_up_time: Mutex::default(),
+            bringing_up: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -153,6 +159,11 @@ impl SimHost {
         let machine =
             Machine { images: m.images.clone(), templates: m.templates.clone(), ..Default::default() };
         SimHost::on(Arc::new(Mutex::new(machine)))
+    }
+
+    /// Makes every VM bring-up take `d`, one at a time, as a real host's boot work would.
+    pub fn set_bring_up_time(&self, d: std::time::Duration) {
+        *lock(&self.bring_up_time) = d;
     }
 
     /// What this machine reports of itself from now on (capacity, CPU and QEMU).
@@ -254,6 +265,11 @@ impl SimHost {
     /// process starts (`"<call>.started"`: there, not answering), then it runs with its
     /// identity.
     async fn bring_up(&self, call: &str, req: &VmRequest, guest: Guest) -> Result<(), RunnerError> {
+        let cost = *lock(&self.bring_up_time);
+        if !cost.is_zero() {
+            let _busy = self.bringing_up.acquire().await;
+            tokio::time::sleep(cost).await;
+        }
         self.start(req, guest)?;
         self.point(&format!("{call}.started")).await?;
         self.with_vm(&req.id, |vm| vm.running = true)?;
