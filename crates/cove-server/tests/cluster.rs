@@ -373,3 +373,37 @@ async fn a_restarted_control_plane_finds_the_runners_and_their_sandboxes() {
         assert!(out.contains("worker"), "{out}");
     }
 }
+
+/// A control plane killed in the middle of a pause on a registered runner: when that runner
+/// joins the next control plane, the pause is finished (its image was complete), not left
+/// `snapshotting` for ever.
+#[tokio::test]
+async fn an_operation_cut_by_a_crash_is_settled_when_its_runner_joins() {
+    let (p, machines, a, _) = setup(4096, 1024, "sim").await;
+    let app = &p.app;
+    let renewing = keep_renewing(app, &['a', 'b']);
+    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let id = app.create(json!({})).await;
+    assert_eq!(placed_on(app, &id), runner_id('a'));
+    let reached = a.crash_at("capture.stored");
+    let pausing = {
+        let (app, id) = (app.clone(), id.clone());
+        tokio::spawn(async move { app.call("POST", &format!("/v1/sandbox/{id}/pause"), "").await })
+    };
+    reached.notified().await;
+    pausing.abort();
+    stop(renewing).await;
+    let (store, key) = (app.store.clone(), app.key.clone());
+    assert_eq!(store.sandbox_by_id(&id).unwrap().unwrap().state.as_str(), "snapshotting");
+    drop(p);
+
+    machines.lock().unwrap().insert(fingerprint('a'), Arc::new(a.restarted()));
+    let p2 = plane(store, &key, &machines).await;
+    let _renewing = keep_renewing(&p2.app, &['a', 'b']);
+    until("the pause to be finished", || {
+        p2.app.store.sandbox_by_id(&id).unwrap().unwrap().state.as_str() == "paused"
+    })
+    .await;
+    let (s, _, out) = p2.app.exec(&id, "hostname").await;
+    assert_eq!((s, out.trim()), (StatusCode::OK, id.as_str()));
+}

@@ -366,7 +366,7 @@ impl Store {
     pub fn sandboxes_on_runner(&self, runner_id: &str) -> Result<Vec<SandboxRecord>, StoreError> {
         self.with(|db| {
             let rows = db.query(
-                &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE runner_id = ?1"),
+                &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE runner_id = ?1 ORDER BY id"),
                 params![runner_id],
             )?;
             all(rows, sandbox_row)

@@ -59,6 +59,8 @@ impl Core {
                 op: Op::Create,
             },
         );
+        // Held until it runs: a runner's recovery meanwhile leaves it to this.
+        let _op = self.lock_sandbox(&rec.id).await;
         self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit)?;
         let vm = self.vm_request(&rec);
         let span = tracing::info_span!("create", sandbox_id = %rec.id);

@@ -106,51 +106,13 @@ impl Core {
         }));
     }
 
-    /// After a runner joined (or restarted alone): its running and lost sandboxes are adopted
-    /// again (lost ones whose VM lives run on), those whose VM is gone are stopped (their disk
-    /// kept), as at a restart of this server, and what it has of sandboxes that are not its
-    /// own any more (deleted, or resumed elsewhere while it was away) is removed. Sandboxes in
-    /// the middle of an operation are left to it (its host calls fail or finish).
+    /// After a runner joined (new, back after it was lost, or restarted alone): its sandboxes
+    /// are settled as at a restart of this server ([`Core::recover_runner`]).
     pub async fn readopt(&self, runner_id: &str) {
         let Some(member) = self.cluster.member(runner_id) else { return };
-        let records = match self.store.sandboxes_on_runner(runner_id) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(runner_id, error = %e, "re-adopting: reading the records");
-                return;
-            }
-        };
-        let settled = |r: &SandboxRecord| matches!(r.state, S::Running | S::Lost) && r.runner_id == runner_id;
-        let mut held = Vec::new();
-        for rec in records.iter().filter(|r| settled(r)) {
-            let guard = self.lock_sandbox(&rec.id).await;
-            if let Ok(Some(rec)) = self.store.sandbox_by_id(&rec.id) {
-                if settled(&rec) {
-                    held.push((guard, rec));
-                }
-            }
+        if let Err(e) = self.recover_runner(runner_id, member.as_ref()).await {
+            tracing::error!(runner_id, error = %e, "settling a runner's sandboxes");
         }
-        let requests: Vec<VmRequest> = held.iter().map(|(_, r)| self.vm_request(r)).collect();
-        let gone: std::collections::HashSet<String> = member.adopt(&requests).await.into_iter().collect();
-        for (_guard, rec) in &held {
-            if let Err(e) = self.recover_one(rec, !gone.contains(&rec.id)).await {
-                tracing::error!(sandbox_id = %rec.id, error = %e, "re-adopting a sandbox");
-            }
-        }
-        for id in member.sandboxes_on_host().await {
-            // Read again: a sandbox placed there since the records were read is its own.
-            let owned = matches!(self.store.sandbox_by_id(&id), Ok(Some(r)) if r.runner_id == runner_id);
-            if !owned && self.store.sandbox_by_id(&id).is_ok() {
-                tracing::info!(sandbox_id = %id, runner_id, "removing what a runner has of a sandbox not placed there");
-                let _ = member.destroy(&id).await;
-            }
-        }
-        tracing::info!(
-            runner_id,
-            adopted = held.len() - gone.len(),
-            gone = gone.len(),
-            "the runner's sandboxes adopted again"
-        );
     }
 
     /// Brings the store and the hosts back in line after a restart: adopts VMs still running,
@@ -195,11 +157,22 @@ impl Core {
         Ok(())
     }
 
-    /// Recovery of one runner's sandboxes (see [`Core::recover`]).
+    /// Settles one runner's sandboxes: adopts the VMs still running there, finishes or undoes
+    /// every operation a crash interrupted (a `lost` sandbox whose VM lives runs on), and
+    /// removes what the runner has of sandboxes not placed there (deleted, or moved while it
+    /// was away). Each sandbox is taken under its operation lock, so none that this process is
+    /// working on is touched: what is found in the middle of an operation was left by a crash.
     async fn recover_runner(&self, runner_id: &str, member: &dyn SandboxHost) -> Result<(), ApiError> {
-        let records = self.store.sandboxes_on_runner(runner_id)?;
-        let with_vm: Vec<VmRequest> = records
+        let mut held = Vec::new();
+        for rec in self.store.sandboxes_on_runner(runner_id)? {
+            let guard = self.lock_sandbox(&rec.id).await;
+            if let Some(rec) = self.store.sandbox_by_id(&rec.id)?.filter(|r| r.runner_id == runner_id) {
+                held.push((guard, rec));
+            }
+        }
+        let with_vm: Vec<VmRequest> = held
             .iter()
+            .map(|(_, r)| r)
             .filter(|r| {
                 matches!(
                     r.state,
@@ -209,17 +182,25 @@ impl Core {
             .map(|r| self.vm_request(r))
             .collect();
         let gone: std::collections::HashSet<String> = member.adopt(&with_vm).await.into_iter().collect();
-        for rec in &records {
+        for (_guard, rec) in &held {
             if let Err(e) = self.recover_one(rec, !gone.contains(&rec.id)).await {
                 tracing::error!(sandbox_id = %rec.id, error = %e, "recovering sandbox");
             }
         }
-        let records = self.store.sandboxes_on_runner(runner_id)?;
-        let known: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        for id in member.sandboxes_on_host().await.into_iter().filter(|id| !known.contains(id.as_str())) {
-            tracing::info!(sandbox_id = %id, runner_id, "removing files and network of an unknown sandbox");
-            let _ = member.destroy(&id).await;
+        let settled = held.len();
+        drop(held);
+        for id in member.sandboxes_on_host().await {
+            // Read now: a sandbox placed there since is its own.
+            match self.store.sandbox_by_id(&id) {
+                Ok(Some(r)) if r.runner_id == runner_id => {}
+                Ok(_) => {
+                    tracing::info!(sandbox_id = %id, runner_id, "removing what a runner has of a sandbox not placed there");
+                    let _ = member.destroy(&id).await;
+                }
+                Err(e) => tracing::warn!(sandbox_id = %id, error = %e, "reading a record"),
+            }
         }
+        tracing::info!(runner_id, sandboxes = settled, gone = gone.len(), "runner's sandboxes settled");
         Ok(())
     }
 

@@ -110,6 +110,8 @@ impl Core {
                 op: Op::Restore { snapshot_id: snap.id.clone() },
             },
         );
+        // Held until it runs: a runner's recovery meanwhile leaves it to this.
+        let _op = self.lock_sandbox(&rec.id).await;
         self.store.insert_sandbox(&rec, self.cfg.default_sandbox_limit).map_err(|e| match e {
             StoreError::NotFound => ApiError::NotFound(format!("snapshot {name:?} is being deleted")),
             other => limit_error(other),
