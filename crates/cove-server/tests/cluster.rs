@@ -407,3 +407,29 @@ async fn an_operation_cut_by_a_crash_is_settled_when_its_runner_joins() {
     let (s, _, out) = p2.app.exec(&id, "hostname").await;
     assert_eq!((s, out.trim()), (StatusCode::OK, id.as_str()));
 }
+
+/// A paused sandbox resumes where it was while that runner has room for it, and on another
+/// when it has not (filled meanwhile).
+#[tokio::test]
+async fn a_resume_goes_elsewhere_when_its_runner_is_full() {
+    let (p, _, _, b) = setup(2048, 1536, "sim").await;
+    let app = &p.app;
+    let _renewing = keep_renewing(app, &['a', 'b']);
+    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let id = app.create(json!({"memory": 1024})).await;
+    assert_eq!(placed_on(app, &id), runner_id('a'));
+    assert_eq!(app.write(&id, "/tmp/kept", b"moved").await, StatusCode::NO_CONTENT);
+    succeeds(app, "POST", &format!("/v1/sandbox/{id}/pause")).await;
+    // a has 2048 MiB free, b 1536: the next lands on a and leaves it 512.
+    let filler = app.create(json!({"memory": 1536})).await;
+    assert_eq!(placed_on(app, &filler), runner_id('a'));
+    succeeds(app, "POST", &format!("/v1/sandbox/{id}/resume")).await;
+    assert_eq!(placed_on(app, &id), runner_id('b'));
+    assert!(b.census().vms.contains_key(id.as_str()));
+    assert_eq!(app.read(&id, "/tmp/kept").await, (StatusCode::OK, b"moved".to_vec()));
+    // Both full now: a create has nowhere to go, and says so.
+    let (s, v) =
+        app.call("POST", "/v1/sandbox", &json!({"template_name": SYSTEM, "memory": 1024}).to_string()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("no runner has room"), "{v}");
+}
