@@ -341,7 +341,7 @@ impl tokio_postgres::types::ToSql for Value {
 /// the store's callers need no runtime of their own and may be on any thread, tokio's included.
 /// A dropped connection (the server restarted, the network broke) is made again on next use.
 pub(crate) struct Postgres {
-    url: String,
+    target: crate::tls::Target,
     client: Option<tokio_postgres::Client>,
     statements: HashMap<String, tokio_postgres::Statement>,
     /// A transaction is open (and must be ended before the next one begins).
@@ -350,7 +350,8 @@ pub(crate) struct Postgres {
 
 impl Postgres {
     pub(crate) fn connect(url: &str) -> Result<Postgres, DbError> {
-        let mut p = Postgres { url: url.to_string(), client: None, statements: HashMap::new(), in_tx: false };
+        let target = crate::tls::target(url)?;
+        let mut p = Postgres { target, client: None, statements: HashMap::new(), in_tx: false };
         p.client()?;
         Ok(p)
     }
@@ -364,7 +365,7 @@ impl Postgres {
                 self.client = None;
                 return Err(DbError::Other("the connection to Postgres broke during a transaction".into()));
             }
-            self.client = Some(spawn_connection(&self.url)?);
+            self.client = Some(spawn_connection(&self.target.url, self.target.tls.clone())?);
         }
         Ok(self.client.as_ref().expect("connected above"))
     }
@@ -462,7 +463,7 @@ fn placeholders(sql: &str) -> String {
 
 /// Connects, and leaves the connection's I/O to a thread that ends when the client is dropped
 /// or the connection breaks.
-fn spawn_connection(url: &str) -> Result<tokio_postgres::Client, DbError> {
+fn spawn_connection(url: &str, tls: Option<crate::tls::MakeTls>) -> Result<tokio_postgres::Client, DbError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let url = url.to_string();
     std::thread::Builder::new()
@@ -476,16 +477,29 @@ fn spawn_connection(url: &str) -> Result<tokio_postgres::Client, DbError> {
                 }
             };
             rt.block_on(async move {
-                match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-                    Ok((client, connection)) => {
-                        let _ = tx.send(Ok(client));
-                        if let Err(e) = connection.await {
-                            tracing::warn!(error = %e, "Postgres connection ended");
+                // The connection runs here until it ends; the client goes back to the store.
+                async fn run<T: tokio_postgres::tls::TlsStream + Unpin>(
+                    connected: Result<
+                        (tokio_postgres::Client, tokio_postgres::Connection<tokio_postgres::Socket, T>),
+                        tokio_postgres::Error,
+                    >,
+                    tx: std::sync::mpsc::Sender<Result<tokio_postgres::Client, DbError>>,
+                ) {
+                    match connected {
+                        Ok((client, connection)) => {
+                            let _ = tx.send(Ok(client));
+                            if let Err(e) = connection.await {
+                                tracing::warn!(error = %e, "Postgres connection ended");
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into()));
                         }
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into()));
-                    }
+                }
+                match tls {
+                    Some(tls) => run(tokio_postgres::connect(&url, tls).await, tx).await,
+                    None => run(tokio_postgres::connect(&url, tokio_postgres::NoTls).await, tx).await,
                 }
             });
         })

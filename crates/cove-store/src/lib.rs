@@ -16,6 +16,7 @@ mod snapshots;
 mod ssh;
 mod templates;
 pub mod testing;
+mod tls;
 
 use std::collections::HashMap;
 use std::path::Path;

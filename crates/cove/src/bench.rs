@@ -185,6 +185,13 @@ impl Bench {
         call(&self.http, &self.base, &self.key, method, path, body).await
     }
 
+    /// A new sandbox of the default template; its id.
+    async fn create_default(&self) -> Result<String> {
+        let body = json!({"template_name": cove_api::sandbox::DEFAULT_TEMPLATE});
+        let sbx = self.call(reqwest::Method::POST, "/v1/sandbox", Some(body)).await?;
+        Ok(sbx["id"].as_str().context("no id")?.to_string())
+    }
+
     /// Deletes every sandbox the bench still has.
     async fn delete_all(&self) {
         delete_all(&self.http, &self.base, &self.key).await

@@ -42,7 +42,9 @@ pub struct ServerArgs {
     runner_token_file: Option<PathBuf>,
     /// Metadata store on Postgres (`postgres://user:password@host:port/database`; the
     /// database must exist, its tables are made), for a store that outlives this host or is
-    /// shared by several control planes. Default: SQLite in `<data dir>/cove.db`.
+    /// shared by several control planes. Add `?sslmode=require` for TLS (the server's certificate
+    /// verified against the host's roots, or only those of `&sslrootcert=FILE`). Default:
+    /// SQLite in `<data dir>/cove.db`.
     #[arg(long, env = "COVE_DATABASE_URL", value_parser = parse_database_url)]
     database_url: Option<String>,
     /// Sandboxes an organization may run at once (starting, running, unpausing, snapshotting or

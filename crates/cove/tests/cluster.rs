@@ -80,6 +80,29 @@ struct Cluster {
     dir: std::path::PathBuf,
 }
 
+/// A failed run leaves VMs on runners it killed: they go, with their network namespaces.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let dir = self.dir.display().to_string();
+        for pid in std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if !cmdline.starts_with("qemu-system") || !cmdline.contains(&dir) {
+                continue;
+            }
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            let name = cmdline.split(" -name cove-").nth(1).and_then(|r| r.split(',').next());
+            if let Some(id) = name {
+                let _ = Command::new("ip").args(["netns", "del", &format!("cove-{id}")]).status();
+            }
+        }
+    }
+}
+
 impl Cluster {
     /// Runner `side` (a or b) on a fixed port in its namespace, offering `memory_mib`.
     fn runner(&self, side: &str, memory_mib: u64) -> RunnerProcess {
@@ -194,22 +217,7 @@ async fn two_runners_place_move_lose_and_find_sandboxes() {
         "cd /tmp && echo on-b > where.txt && (setsid python3 -m http.server 8000 >/dev/null 2>&1 &)",
     )
     .await;
-    let port = c.server.url.rsplit(':').next().unwrap().to_string();
-    let host = format!("{moving}-8000.localhost:{port}");
-    let mut body = String::new();
-    for _ in 0..50 {
-        let out = Command::new("curl")
-            .args(["-s", "--max-time", "10", "--resolve", &format!("{host}:127.0.0.1")])
-            .args(["-H", &format!("Authorization: Bearer {}", api.key)])
-            .arg(format!("http://{host}/where.txt"))
-            .output()
-            .unwrap();
-        body = String::from_utf8_lossy(&out.stdout).into_owned();
-        if body == "on-b\n" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let body = common::invoke_until(&api, &c.server.url, &moving, 8000, "/where.txt", "on-b\n").await;
     assert_eq!(body, "on-b\n");
 
     // A comes back: its sandbox runs on (the same VM, its counter going on).

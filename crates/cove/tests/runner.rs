@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{start_runner, TestServer};
@@ -108,22 +107,7 @@ async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
         "cd /tmp && echo served-remotely > hello.txt && (setsid python3 -m http.server 8000 >/dev/null 2>&1 &)",
     )
     .await;
-    let port = server.url.rsplit(':').next().unwrap().to_string();
-    let host = format!("{id}-8000.localhost:{port}");
-    let mut body = String::new();
-    for _ in 0..50 {
-        let out = Command::new("curl")
-            .args(["-s", "--max-time", "10", "--resolve", &format!("{host}:127.0.0.1")])
-            .args(["-H", &format!("Authorization: Bearer {}", api.key)])
-            .arg(format!("http://{host}/hello.txt"))
-            .output()
-            .unwrap();
-        body = String::from_utf8_lossy(&out.stdout).into_owned();
-        if body == "served-remotely\n" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let body = common::invoke_until(&api, &server.url, &id, 8000, "/hello.txt", "served-remotely\n").await;
     assert_eq!(body, "served-remotely\n");
 
     let r = api.delete(&format!("/v1/sandbox/{id}")).await;

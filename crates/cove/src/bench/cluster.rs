@@ -198,14 +198,7 @@ impl Plane {
 /// through `resumer`: the bench itself (the same runner) or the other runner's plane.
 async fn paused_then_resumed(b: &Bench, resumer: &impl Resumer) -> Result<Duration> {
     let post = reqwest::Method::POST;
-    let sbx = b
-        .call(
-            post.clone(),
-            "/v1/sandbox",
-            Some(json!({"template_name": cove_api::sandbox::DEFAULT_TEMPLATE})),
-        )
-        .await?;
-    let id = sbx["id"].as_str().context("no id")?.to_string();
+    let id = b.create_default().await?;
     b.exec(&id, "true").await?;
     b.call(post, &format!("/v1/sandbox/{id}/pause"), None).await?;
     let t = Instant::now();

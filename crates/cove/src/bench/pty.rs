@@ -29,14 +29,7 @@ pub struct PtyArgs {
 
 pub async fn pty(b: &Bench, args: &PtyArgs) -> Result<()> {
     let post = reqwest::Method::POST;
-    let sbx = b
-        .call(
-            post.clone(),
-            "/v1/sandbox",
-            Some(json!({"template_name": cove_api::sandbox::DEFAULT_TEMPLATE})),
-        )
-        .await?;
-    let id = sbx["id"].as_str().context("no id")?.to_string();
+    let id = b.create_default().await?;
     let session = b
         .call(post.clone(), &format!("/v1/sandbox/{id}/pty"), Some(json!({"cols": 200, "rows": 50})))
         .await?;

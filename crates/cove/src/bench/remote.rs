@@ -104,15 +104,8 @@ async fn wired_plane(b: &Bench) -> Result<Bench> {
 async fn one_sandbox(b: &Bench, execs: usize, times: &mut Times) -> Result<()> {
     let post = reqwest::Method::POST;
     let t = Instant::now();
-    let sbx = b
-        .call(
-            post.clone(),
-            "/v1/sandbox",
-            Some(json!({"template_name": cove_api::sandbox::DEFAULT_TEMPLATE})),
-        )
-        .await?;
+    let id = b.create_default().await?;
     times.create.push(t.elapsed());
-    let id = sbx["id"].as_str().context("no id")?.to_string();
     for _ in 0..execs {
         let t = Instant::now();
         b.exec(&id, "true").await?;

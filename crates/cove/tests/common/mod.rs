@@ -719,3 +719,33 @@ fn find_in_file(path: &std::path::Path, needle: &[u8]) -> Option<String> {
         buf.copy_within(end - carry..end, 0);
     }
 }
+
+/// GETs `path` from port `port` of sandbox `id` through the invoke route of the server at
+/// `server_url` (`<id>-<port>.localhost`, resolved to loopback), until it answers `want` (a
+/// guest server may still be starting) or ~10 s pass; the last answer's body.
+pub async fn invoke_until(
+    api: &Api,
+    server_url: &str,
+    id: &str,
+    port: u16,
+    path: &str,
+    want: &str,
+) -> String {
+    let server_port = server_url.rsplit(':').next().unwrap_or_default();
+    let host = format!("{id}-{port}.localhost:{server_port}");
+    let mut body = String::new();
+    for _ in 0..50 {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "--resolve", &format!("{host}:127.0.0.1")])
+            .args(["-H", &format!("Authorization: Bearer {}", api.key)])
+            .arg(format!("http://{host}{path}"))
+            .output()
+            .unwrap();
+        body = String::from_utf8_lossy(&out.stdout).into_owned();
+        if body == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    body
+}
