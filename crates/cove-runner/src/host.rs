@@ -75,6 +75,9 @@ pub struct HostInfo {
     pub vcpus: u32,
     /// Memory the host gives its sandboxes' VMs, MiB.
     pub memory_mib: u64,
+    /// Most sandboxes (holding a VM) it takes at once; 0: as many as fit in its memory.
+    #[serde(default)]
+    pub max_sandboxes: u32,
     /// What a saved CPU and device state depends on besides the device set: the QEMU version,
     /// the accelerator and the CPU model (with KVM, the host CPU's flags). An image restores
     /// only on a host with the same.

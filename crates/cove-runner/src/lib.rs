@@ -69,6 +69,8 @@ pub struct RunnerConfig {
     /// less 2 GiB.
     pub capacity_vcpus: Option<u32>,
     pub capacity_memory_mib: Option<u64>,
+    /// Most sandboxes this host takes at once (0 or `None`: as many as fit in its memory).
+    pub capacity_sandboxes: Option<u32>,
 }
 
 impl RunnerConfig {
@@ -99,6 +101,7 @@ impl RunnerConfig {
             max_image_bytes: 16 << 30,
             capacity_vcpus: None,
             capacity_memory_mib: None,
+            capacity_sandboxes: None,
         }
     }
 }
@@ -218,6 +221,7 @@ fn host_info(cfg: &RunnerConfig) -> HostInfo {
     HostInfo {
         vcpus: cfg.capacity_vcpus.unwrap_or(cores),
         memory_mib: cfg.capacity_memory_mib.unwrap_or(total_mib.saturating_sub(2048)),
+        max_sandboxes: cfg.capacity_sandboxes.unwrap_or(0),
         compat: format!("{qemu}; {accel:?}; cpu {cpu}"),
     }
 }

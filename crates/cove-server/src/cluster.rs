@@ -194,8 +194,10 @@ impl Cluster {
                 load.memory_mib = load.memory_mib.saturating_sub(req.memory_mib);
                 load.sandboxes = load.sandboxes.saturating_sub(1);
             }
-            let free = m.info().memory_mib.saturating_sub(load.memory_mib);
-            if free >= req.memory_mib {
+            let info = m.info();
+            let free = info.memory_mib.saturating_sub(load.memory_mib);
+            let counted = info.max_sandboxes == 0 || load.sandboxes < u64::from(info.max_sandboxes);
+            if free >= req.memory_mib && counted {
                 fits.push((prefer != Some(id.as_str()), std::cmp::Reverse(free), load.sandboxes, id, m));
             }
         }
@@ -366,9 +368,13 @@ impl SandboxHost for Cluster {
         builder.build_template(source, progress).await
     }
 
+    /// Where it was built (on every member if that is not known).
     async fn remove_template(&self, id: &str) -> Result<(), RunnerError> {
-        for (_, m) in self.members() {
-            m.remove_template(id).await?;
+        let built_on = self.store.template_runner(id).ok().flatten();
+        for (runner, m) in self.members() {
+            if built_on.as_ref().is_none_or(|b| *b == runner) {
+                m.remove_template(id).await?;
+            }
         }
         Ok(())
     }

@@ -146,7 +146,7 @@ fn machine(info_mib: u64, compat: &str, template_from: Option<&SimHost>) -> Arc<
         Some(other) => other.beside(),
         None => SimHost::new(),
     };
-    m.set_info(HostInfo { vcpus: 4, memory_mib: info_mib, compat: compat.into() });
+    m.set_info(HostInfo { vcpus: 4, memory_mib: info_mib, max_sandboxes: 0, compat: compat.into() });
     Arc::new(m)
 }
 
@@ -432,4 +432,18 @@ async fn a_resume_goes_elsewhere_when_its_runner_is_full() {
         app.call("POST", "/v1/sandbox", &json!({"template_name": SYSTEM, "memory": 1024}).to_string()).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(v["message"].as_str().unwrap().contains("no runner has room"), "{v}");
+}
+
+/// A runner that takes at most N sandboxes gets no more, whatever memory it has left.
+#[tokio::test]
+async fn a_runner_takes_no_more_sandboxes_than_it_says() {
+    let (p, _, a, _) = setup(8192, 2048, "sim").await;
+    a.set_info(HostInfo { vcpus: 4, memory_mib: 8192, max_sandboxes: 1, compat: "sim".into() });
+    let app = &p.app;
+    let _renewing = keep_renewing(app, &['a', 'b']);
+    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let first = app.create(json!({"memory": 512})).await;
+    let second = app.create(json!({"memory": 512})).await;
+    assert_eq!(placed_on(app, &first), runner_id('a'));
+    assert_eq!(placed_on(app, &second), runner_id('b'), "a said it takes one");
 }

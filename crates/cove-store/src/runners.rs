@@ -10,6 +10,7 @@ pub(crate) const MIGRATION: &str = "CREATE TABLE runners (
         fingerprint TEXT NOT NULL,
         vcpus INTEGER NOT NULL,
         memory_mib INTEGER NOT NULL,
+        max_sandboxes INTEGER NOT NULL,
         compat TEXT NOT NULL,
         state TEXT NOT NULL,
         lease_until INTEGER NOT NULL,
@@ -28,6 +29,9 @@ pub struct RunnerLease {
     pub fingerprint: String,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Most sandboxes it takes at once; 0: as many as fit in its memory.
+    #[serde(default)]
+    pub max_sandboxes: u32,
     /// What its saved VMs need of another host (`cove_runner::HostInfo::compat`).
     pub compat: String,
 }
@@ -58,7 +62,7 @@ pub struct RunnerLoad {
 }
 
 const COLUMNS: &str =
-    "id, address, fingerprint, vcpus, memory_mib, compat, state, lease_until, registered_at";
+    "id, address, fingerprint, vcpus, memory_mib, compat, state, lease_until, registered_at, max_sandboxes";
 
 fn row(r: &Row) -> Result<RunnerRecord, StoreError> {
     let state = match r.get::<String>(6)?.as_str() {
@@ -73,6 +77,7 @@ fn row(r: &Row) -> Result<RunnerRecord, StoreError> {
             fingerprint: r.get(2)?,
             vcpus: r.get(3)?,
             memory_mib: r.get(4)?,
+            max_sandboxes: r.get(9)?,
             compat: r.get(5)?,
         },
         state,
@@ -98,7 +103,8 @@ impl Store {
         self.write(|db| {
             let before = db.query_opt(&format!("SELECT {COLUMNS} FROM runners WHERE id = ?1"), params![&lease.id])?;
             let before = before.as_ref().map(row).transpose()?;
-            let params = params![
+            // The registration time goes last: an update leaves it as it was.
+            let mut params = params![
                 &lease.id,
                 &lease.address,
                 &lease.fingerprint,
@@ -106,18 +112,21 @@ impl Store {
                 lease.memory_mib as i64,
                 &lease.compat,
                 until_ms,
+                lease.max_sandboxes,
                 ts(&Utc::now())
-            ];
+            ]
+            .to_vec();
             if before.is_some() {
+                params.pop();
                 db.execute(
                     "UPDATE runners SET address = ?2, fingerprint = ?3, vcpus = ?4, memory_mib = ?5, compat = ?6,
-                        state = 'active', lease_until = ?7 WHERE id = ?1",
-                    &params[..7],
+                        state = 'active', lease_until = ?7, max_sandboxes = ?8 WHERE id = ?1",
+                    &params,
                 )?;
             } else {
                 db.execute(
-                    &format!("INSERT INTO runners ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7, ?8)"),
-                    params,
+                    &format!("INSERT INTO runners ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7, ?9, ?8)"),
+                    &params,
                 )?;
             }
             Ok(before.map(|b| b.state))
@@ -232,6 +241,7 @@ mod tests {
             fingerprint: "ab".repeat(32),
             vcpus: 2,
             memory_mib: 4096,
+            max_sandboxes: 0,
             compat: "qemu; tcg".into(),
         }
     }

@@ -13,11 +13,17 @@ pub fn fresh_postgres_database() -> Result<Option<String>, StoreError> {
     let Ok(server) = std::env::var(POSTGRES_ENV) else {
         return Ok(None);
     };
+    fresh_database_on(&server).map(Some)
+}
+
+/// A fresh, empty database on the Postgres server at `server` (`postgres://user@host:port/`);
+/// its URL.
+pub fn fresh_database_on(server: &str) -> Result<String, StoreError> {
     let server = server.trim_end_matches('/');
     let name = format!("cove_test_{}", hex::encode(rand::random::<[u8; 8]>()));
     let mut admin = crate::db::Postgres::connect(&format!("{server}/postgres"))?;
     admin.batch(&format!("CREATE DATABASE {name}"))?;
-    Ok(Some(format!("{server}/{name}")))
+    Ok(format!("{server}/{name}"))
 }
 
 /// An empty store: on Postgres when `COVE_TEST_POSTGRES` is set, else SQLite in memory.

@@ -39,9 +39,10 @@ pub(crate) fn target(url: &str) -> Result<Target, DbError> {
     let tls = match mode.as_deref() {
         None | Some("disable") => None,
         Some("require" | "verify-ca" | "verify-full") => Some(MakeTls::new(root.as_deref())?),
-        Some(other) => return Err(DbError::Other(format!(
-            "sslmode={other} is not supported: use disable, or require (the certificate is always verified)"
-        ))),
+        Some(other) => {
+            let why = "use disable, or require (the certificate is always verified)";
+            return Err(DbError::Other(format!("sslmode={other} is not supported: {why}")));
+        }
     };
     if tls.is_none() && root.is_some() {
         return Err(DbError::Other("sslrootcert is given but sslmode is not require".into()));

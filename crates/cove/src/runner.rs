@@ -76,6 +76,7 @@ async fn serve(args: RunnerArgs) -> Result<()> {
             fingerprint: identity.fingerprint(),
             vcpus: info.vcpus,
             memory_mib: info.memory_mib,
+            max_sandboxes: info.max_sandboxes,
             compat: info.compat,
         };
         println!("cove runner {} registering with {url}", lease.id);

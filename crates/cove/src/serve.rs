@@ -131,6 +131,9 @@ pub struct HostArgs {
     /// vCPUs this host offers sandboxes (reported; placement weighs memory). Default: its cores.
     #[arg(long, env = "COVE_CAPACITY_VCPUS")]
     capacity_vcpus: Option<u32>,
+    /// Most sandboxes this host runs at once. Default: as many as fit in its memory.
+    #[arg(long, env = "COVE_CAPACITY_SANDBOXES")]
+    capacity_sandboxes: Option<u32>,
 }
 
 /// The runner of this machine, on `data_dir`.
@@ -144,6 +147,7 @@ pub async fn local_runner(host: &HostArgs, data_dir: &std::path::Path) -> Result
     rcfg.max_image_bytes = host.max_image_mib << 20;
     rcfg.capacity_memory_mib = host.capacity_memory_mib;
     rcfg.capacity_vcpus = host.capacity_vcpus;
+    rcfg.capacity_sandboxes = host.capacity_sandboxes;
     let vmm = Arc::new(QemuVmm::new(host.accel));
     tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
     Ok(Arc::new(Runner::new(rcfg, vmm).await.context("starting the runner")?))

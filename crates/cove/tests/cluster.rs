@@ -1,5 +1,6 @@
 //! Two runners in network namespaces of their own (their own addresses, 192.88.99.0/24) behind
-//! a control plane that runs no VM, on an S3 image store (s3s-fs): the runners register over
+//! a control plane that runs no VM, on an S3 image store (s3s-fs) and, under scripts/test,
+//! Postgres over TLS (Debian's `postgresql`, see scripts/postgres): the runners register over
 //! the network, a create lands on the runner with more free memory, a sandbox paused on runner
 //! A resumes on runner B once A is killed (its memory-held process and files intact) while A's
 //! running sandbox is reported lost and made nowhere else, A comes back and runs it on, a
@@ -171,6 +172,18 @@ async fn two_runners_place_move_lose_and_find_sandboxes() {
     let net = Net::new();
     let s3 = S3Server::start_on(&format!("{HERE_A}:0"));
     let dir = std::env::temp_dir().join(format!("cove-test-cluster-{}", common::rand_hex()));
+    // The records on Postgres over TLS, as a deployment's are, when the suite has a server
+    // (scripts/test names it); the harness takes the URL from the data dir.
+    if let (Ok(server), Err(_)) =
+        (std::env::var("COVE_TEST_POSTGRES_SERVER"), std::env::var(cove_store::testing::POSTGRES_ENV))
+    {
+        let mut url = cove_store::testing::fresh_database_on(&server).unwrap();
+        if let Ok(ca) = std::env::var("COVE_TEST_POSTGRES_CA") {
+            url = format!("{url}?sslmode=require&sslrootcert={ca}");
+        }
+        std::fs::create_dir_all(dir.join("control")).unwrap();
+        std::fs::write(dir.join("control/test-database-url"), url).unwrap();
+    }
     // The control plane listens where both namespaces reach it (and only for this test).
     let server = TestServer::start_in(dir.join("control"), &["--no-local-runner", "--listen", "0.0.0.0:0"]);
     let token_file = server.data_dir.join("cluster-token").display().to_string();
