@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{App, SYSTEM};
+use common::{eventually, App, SYSTEM};
 use cove_runner::remote::lease;
 use cove_runner::HostInfo;
 use cove_server::cluster::Cluster;
@@ -122,19 +122,16 @@ async fn succeeds(app: &App, method: &str, path: &str) {
     assert!(s.is_success(), "{method} {path}: {s} {v}");
 }
 
+/// Renews both runners' leases from now on (until [`stop`]); answers once both have joined.
+async fn both_joined(p: &Plane) -> tokio::task::JoinHandle<()> {
+    let renewing = keep_renewing(&p.app, &['a', 'b']);
+    eventually("both runners to join", || p.cluster.members().len() == 2).await;
+    renewing
+}
+
 async fn stop(renewing: tokio::task::JoinHandle<()>) {
     renewing.abort();
     let _ = renewing.await;
-}
-
-async fn until(what: &str, mut ok: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn placed_on(app: &App, id: &str) -> String {
@@ -191,7 +188,7 @@ async fn runners_register_with_a_signed_lease() {
 
     let (s, v) = renew(app, 'a', TOKEN).await;
     assert_eq!((s, v["lease_ms"].as_u64()), (StatusCode::OK, Some(LEASE.as_millis() as u64)));
-    until("runner a to join", || p.cluster.member(&runner_id('a')).is_some()).await;
+    eventually("runner a to join", || p.cluster.member(&runner_id('a')).is_some()).await;
     let id = app.create(json!({})).await;
     assert_eq!(placed_on(app, &id), runner_id('a'));
 
@@ -202,7 +199,7 @@ async fn runners_register_with_a_signed_lease() {
     tokio::time::sleep(LEASE).await;
     assert_eq!(connects(), 1);
     assert_eq!(renew_from(app, 'a', TOKEN, 9091).await.0, StatusCode::OK);
-    until("runner a to be reached at its new address", || connects() == 2).await;
+    eventually("runner a to be reached at its new address", || connects() == 2).await;
     assert_eq!(app.exec(&id, "true").await.0, StatusCode::OK);
 }
 
@@ -214,8 +211,7 @@ async fn runners_register_with_a_signed_lease() {
 async fn placement_loss_and_resume_on_another_runner() {
     let (p, _, a, b) = setup(3072, 5120, "sim").await;
     let app = &p.app;
-    let renewing = keep_renewing(app, &['a', 'b']);
-    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let renewing = both_joined(&p).await;
 
     // b has 5 GiB free, a 3 GiB: the first two (1 GiB each) go to b, then they are even
     // (3 GiB each) and the one with fewer sandboxes, a, comes next.
@@ -242,9 +238,9 @@ async fn placement_loss_and_resume_on_another_runner() {
     // b stops renewing (killed, or cut off): lost after its lease, with its running sandbox.
     stop(renewing).await;
     let renewing = keep_renewing(app, &['a']);
-    until("b to be lost", || p.cluster.member(&runner_id('b')).is_none()).await;
+    eventually("b to be lost", || p.cluster.member(&runner_id('b')).is_none()).await;
     let lost_state = || app.store.sandbox_by_id(staying).unwrap().unwrap().state.as_str().to_string();
-    until("its running sandbox to be lost", || lost_state() == "lost").await;
+    eventually("its running sandbox to be lost", || lost_state() == "lost").await;
     assert_eq!(app.state(staying).await.as_deref(), Some("lost"));
     let (s, v) = app
         .call(
@@ -269,8 +265,8 @@ async fn placement_loss_and_resume_on_another_runner() {
     // the moved sandbox runs there.
     stop(renewing).await;
     let _renewing = keep_renewing(app, &['a', 'b']);
-    until("b to join again", || p.cluster.member(&runner_id('b')).is_some()).await;
-    until("its sandbox to run again", || lost_state() == "running").await;
+    eventually("b to join again", || p.cluster.member(&runner_id('b')).is_some()).await;
+    eventually("its sandbox to run again", || lost_state() == "running").await;
     let (s, _, out) = app.exec(staying, "ps").await;
     assert_eq!(s, StatusCode::OK);
     assert!(out.contains("keeper"), "{out}");
@@ -287,8 +283,7 @@ async fn placement_loss_and_resume_on_another_runner() {
 async fn a_returning_runner_is_reconciled() {
     let (p, _, _a, b) = setup(1024, 4096, "sim").await;
     let app = &p.app;
-    let renewing = keep_renewing(app, &['a', 'b']);
-    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let renewing = both_joined(&p).await;
     let deleted = app.create(json!({"memory": 1024})).await;
     let rebooted = app.create(json!({"memory": 1024})).await;
     assert_eq!(app.write(&rebooted, "/tmp/disk", b"kept").await, StatusCode::NO_CONTENT);
@@ -296,8 +291,8 @@ async fn a_returning_runner_is_reconciled() {
 
     stop(renewing).await;
     let renewing = keep_renewing(app, &['a']);
-    until("b to be lost", || p.cluster.member(&runner_id('b')).is_none()).await;
-    until("its sandboxes to be lost", || {
+    eventually("b to be lost", || p.cluster.member(&runner_id('b')).is_none()).await;
+    eventually("its sandboxes to be lost", || {
         [&deleted, &rebooted]
             .iter()
             .all(|id| app.store.sandbox_by_id(id).unwrap().unwrap().state.as_str() == "lost")
@@ -310,12 +305,12 @@ async fn a_returning_runner_is_reconciled() {
 
     stop(renewing).await;
     let _renewing = keep_renewing(app, &['a', 'b']);
-    until("b to join again", || p.cluster.member(&runner_id('b')).is_some()).await;
-    until("the rebooted sandbox to be stopped", || {
+    eventually("b to join again", || p.cluster.member(&runner_id('b')).is_some()).await;
+    eventually("the rebooted sandbox to be stopped", || {
         app.store.sandbox_by_id(&rebooted).unwrap().unwrap().state.as_str() == "stopped"
     })
     .await;
-    until("the deleted sandbox's disk to go", || !b.census().disks.contains(deleted.as_str())).await;
+    eventually("the deleted sandbox's disk to go", || !b.census().disks.contains(deleted.as_str())).await;
     succeeds(app, "POST", &format!("/v1/sandbox/{rebooted}/start")).await;
     assert_eq!(placed_on(app, &rebooted), runner_id('b'));
     assert_eq!(app.read(&rebooted, "/tmp/disk").await, (StatusCode::OK, b"kept".to_vec()));
@@ -327,14 +322,13 @@ async fn a_returning_runner_is_reconciled() {
 async fn a_resume_never_lands_on_an_incompatible_runner() {
     let (p, _, _, _) = setup(4096, 2048, "another cpu").await;
     let app = &p.app;
-    let renewing = keep_renewing(app, &['a', 'b']);
-    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let renewing = both_joined(&p).await;
     let id = app.create(json!({})).await;
     assert_eq!(placed_on(app, &id), runner_id('a'));
     succeeds(app, "POST", &format!("/v1/sandbox/{id}/pause")).await;
     stop(renewing).await;
     let _renewing = keep_renewing(app, &['b']);
-    until("a to be lost", || p.cluster.member(&runner_id('a')).is_none()).await;
+    eventually("a to be lost", || p.cluster.member(&runner_id('a')).is_none()).await;
     let (s, v) = app.call("POST", &format!("/v1/sandbox/{id}/resume"), "").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert!(v["message"].as_str().unwrap().contains("another CPU or QEMU"), "{v}");
@@ -347,8 +341,7 @@ async fn a_resume_never_lands_on_an_incompatible_runner() {
 async fn a_restarted_control_plane_finds_the_runners_and_their_sandboxes() {
     let (p, machines, a, b) = setup(4096, 4096, "sim").await;
     let app = &p.app;
-    let renewing = keep_renewing(app, &['a', 'b']);
-    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let renewing = both_joined(&p).await;
     let ids = [app.create(json!({})).await, app.create(json!({})).await];
     for id in &ids {
         assert_eq!(app.exec(id, "worker &").await.0, StatusCode::OK);
@@ -366,7 +359,7 @@ async fn a_restarted_control_plane_finds_the_runners_and_their_sandboxes() {
     }
     let p2 = plane(store, &key, &machines).await;
     let _renewing = keep_renewing(&p2.app, &['a', 'b']);
-    until("both runners to join the new control plane", || p2.cluster.members().len() == 2).await;
+    eventually("both runners to join the new control plane", || p2.cluster.members().len() == 2).await;
     for id in &ids {
         let (s, _, out) = p2.app.exec(id, "ps").await;
         assert_eq!(s, StatusCode::OK, "{id}");
@@ -381,8 +374,7 @@ async fn a_restarted_control_plane_finds_the_runners_and_their_sandboxes() {
 async fn an_operation_cut_by_a_crash_is_settled_when_its_runner_joins() {
     let (p, machines, a, _) = setup(4096, 1024, "sim").await;
     let app = &p.app;
-    let renewing = keep_renewing(app, &['a', 'b']);
-    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let renewing = both_joined(&p).await;
     let id = app.create(json!({})).await;
     assert_eq!(placed_on(app, &id), runner_id('a'));
     let reached = a.crash_at("capture.stored");
@@ -400,7 +392,7 @@ async fn an_operation_cut_by_a_crash_is_settled_when_its_runner_joins() {
     machines.lock().unwrap().insert(fingerprint('a'), Arc::new(a.restarted()));
     let p2 = plane(store, &key, &machines).await;
     let _renewing = keep_renewing(&p2.app, &['a', 'b']);
-    until("the pause to be finished", || {
+    eventually("the pause to be finished", || {
         p2.app.store.sandbox_by_id(&id).unwrap().unwrap().state.as_str() == "paused"
     })
     .await;
@@ -414,8 +406,7 @@ async fn an_operation_cut_by_a_crash_is_settled_when_its_runner_joins() {
 async fn a_resume_goes_elsewhere_when_its_runner_is_full() {
     let (p, _, _, b) = setup(2048, 1536, "sim").await;
     let app = &p.app;
-    let _renewing = keep_renewing(app, &['a', 'b']);
-    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let _renewing = both_joined(&p).await;
     let id = app.create(json!({"memory": 1024})).await;
     assert_eq!(placed_on(app, &id), runner_id('a'));
     assert_eq!(app.write(&id, "/tmp/kept", b"moved").await, StatusCode::NO_CONTENT);
@@ -440,8 +431,7 @@ async fn a_runner_takes_no_more_sandboxes_than_it_says() {
     let (p, _, a, _) = setup(8192, 2048, "sim").await;
     a.set_info(HostInfo { vcpus: 4, memory_mib: 8192, max_sandboxes: 1, compat: "sim".into() });
     let app = &p.app;
-    let _renewing = keep_renewing(app, &['a', 'b']);
-    until("both runners to join", || p.cluster.members().len() == 2).await;
+    let _renewing = both_joined(&p).await;
     let first = app.create(json!({"memory": 512})).await;
     let second = app.create(json!({"memory": 512})).await;
     assert_eq!(placed_on(app, &first), runner_id('a'));

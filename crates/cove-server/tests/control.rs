@@ -9,23 +9,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::App;
+use common::{eventually, App};
 use cove_api::sandbox::SandboxState as S;
 use cove_store::{Op, SnapshotQuery};
 use serde_json::{json, Value};
 
 /// Waits until `f` holds (the host's background deletes run on tasks of their own).
-/// Waits up to 10 s for `f`: background work (a spent image's deletion) takes a round trip more
-/// when the host is a remote runner, and a loaded machine stretches it.
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..2000 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("never happened: {what}");
-}
 
 #[tokio::test]
 async fn a_sandbox_lives_its_whole_life() {

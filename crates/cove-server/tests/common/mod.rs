@@ -130,3 +130,15 @@ pub async fn request(
     let status = resp.status();
     (status, resp.into_body().collect().await.unwrap().to_bytes().to_vec())
 }
+
+/// Waits up to 10 s for `f`: background work (a spent image's deletion, a runner joining) takes
+/// a round trip more when the host is a remote runner, and a loaded machine stretches it.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("never happened: {what}");
+}
