@@ -82,6 +82,10 @@ pub struct HostInfo {
     /// the accelerator and the CPU model (with KVM, the host CPU's flags). An image restores
     /// only on a host with the same.
     pub compat: String,
+    /// The template versions it holds (the keys of the frozen disks that sandbox disks, and so
+    /// images, are layered on): an image restores only where its version is.
+    #[serde(default)]
+    pub templates: Vec<String>,
 }
 
 /// A byte stream to a port of a guest.

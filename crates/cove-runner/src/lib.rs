@@ -223,6 +223,7 @@ fn host_info(cfg: &RunnerConfig) -> HostInfo {
         memory_mib: cfg.capacity_memory_mib.unwrap_or(total_mib.saturating_sub(2048)),
         max_sandboxes: cfg.capacity_sandboxes.unwrap_or(0),
         compat: format!("{qemu}; {accel:?}; cpu {cpu}"),
+        templates: Vec::new(),
     }
 }
 
@@ -338,7 +339,7 @@ impl Runner {
 #[async_trait::async_trait]
 impl SandboxHost for Runner {
     fn info(&self) -> HostInfo {
-        self.info.clone()
+        HostInfo { templates: self.templates.versions(), ..self.info.clone() }
     }
 
     async fn can_restore(&self, manifest: &ImageManifest) -> Result<(), RunnerError> {

@@ -151,6 +151,24 @@ impl Templates {
 
     /// The frozen disk layer of template snapshot `key` (whatever its version), which images
     /// made from it need.
+    /// The versions (keys) whose frozen disk this host has: the system templates' in the cache
+    /// dir, the user templates' in the data dir.
+    pub fn versions(&self) -> Vec<String> {
+        let user_dirs = std::fs::read_dir(self.cfg.data_dir.join("templates"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some(e.ok()?.path().join("snapshots")));
+        let mut keys: Vec<String> = std::iter::once(self.cfg.cache_dir.join("templates"))
+            .chain(user_dirs)
+            .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten())
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("disk.qcow2").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        keys.sort();
+        keys
+    }
+
     pub fn frozen_disk(&self, key: &str) -> PathBuf {
         // A user template's key starts with its id (`tpl-<hex>-…`).
         let template = key.splitn(3, '-').take(2).collect::<Vec<_>>().join("-");

@@ -50,6 +50,8 @@ pub struct Cluster {
     /// Where each registered member was reached (address, fingerprint): a runner that
     /// registers from elsewhere is connected to again.
     reached_at: Mutex<HashMap<String, (String, String)>>,
+    /// The template versions each registered runner said it holds at its last renewal.
+    templates: Mutex<HashMap<String, Vec<String>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -66,6 +68,7 @@ impl Cluster {
             joined: OnceLock::new(),
             lease_ms: (LEASE.as_millis() as u64).into(),
             reached_at: Mutex::default(),
+            templates: Mutex::default(),
         })
     }
 
@@ -255,6 +258,7 @@ impl Cluster {
             let id = r.lease.id.clone();
             match r.state {
                 RunnerState::Active if r.lease_until >= now => {
+                    lock(&self.templates).insert(id.clone(), r.lease.templates.clone());
                     let at = (r.lease.address.clone(), r.lease.fingerprint.clone());
                     let same = lock(&self.reached_at).get(&id) == Some(&at);
                     if (same && self.member(&id).is_some()) || !lock(connecting).insert(id.clone()) {
@@ -397,6 +401,19 @@ impl SandboxHost for Cluster {
             .or_else(|| self.store.sandbox_by_id(&req.id).ok().flatten().map(|r| r.runner_id));
         let mut refused = None;
         for (runner, host) in self.candidates(req, &manifest.template, prefer.as_deref())? {
+            // A registered runner whose lease lists its template versions, without this one,
+            // is not asked.
+            let versions = lock(&self.templates).get(&runner).cloned().unwrap_or_default();
+            if !versions.is_empty() && !versions.contains(&manifest.template_key) {
+                tracing::info!(sandbox_id = %req.id, runner_id = %runner, "runner lacks the image's template version");
+                refused = refused.or_else(|| {
+                    Some(RunnerError::Image(format!(
+                        "the template version {} this image was made from is not on runner {runner}",
+                        manifest.template_key
+                    )))
+                });
+                continue;
+            }
             match host.can_restore(&manifest).await {
                 Ok(()) => {
                     self.place(&req.id, &runner)?;

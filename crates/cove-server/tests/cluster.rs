@@ -77,11 +77,18 @@ async fn plane(store: Arc<cove_store::Store>, key: &str, machines: &Machines) ->
 
 /// Renews runner `letter`'s lease through the API; the answer's status.
 async fn renew(app: &App, letter: char, signed_with: &str) -> (StatusCode, Value) {
-    renew_from(app, letter, signed_with, 8081).await
+    renew_from(app, letter, signed_with, 8081, &[]).await
 }
 
-/// As `renew`, the runner listening on `port`.
-async fn renew_from(app: &App, letter: char, signed_with: &str, port: u16) -> (StatusCode, Value) {
+/// As `renew`, the runner listening on `port` and holding the template versions `templates`
+/// (none listed: it is asked about each image).
+async fn renew_from(
+    app: &App,
+    letter: char,
+    signed_with: &str,
+    port: u16,
+    templates: &[&str],
+) -> (StatusCode, Value) {
     let body = json!({
         "id": runner_id(letter),
         "address": format!("192.88.99.{}:{port}", letter as u8),
@@ -89,6 +96,7 @@ async fn renew_from(app: &App, letter: char, signed_with: &str, port: u16) -> (S
         "vcpus": 4,
         "memory_mib": 8192,
         "compat": "sim",
+        "templates": templates,
     })
     .to_string();
     let req = Request::builder()
@@ -143,7 +151,7 @@ fn machine(info_mib: u64, compat: &str, template_from: Option<&SimHost>) -> Arc<
         Some(other) => other.beside(),
         None => SimHost::new(),
     };
-    m.set_info(HostInfo { vcpus: 4, memory_mib: info_mib, max_sandboxes: 0, compat: compat.into() });
+    m.set_info(HostInfo { vcpus: 4, memory_mib: info_mib, compat: compat.into(), ..HostInfo::default() });
     Arc::new(m)
 }
 
@@ -198,7 +206,7 @@ async fn runners_register_with_a_signed_lease() {
     assert_eq!(renew(app, 'a', TOKEN).await.0, StatusCode::OK);
     tokio::time::sleep(LEASE).await;
     assert_eq!(connects(), 1);
-    assert_eq!(renew_from(app, 'a', TOKEN, 9091).await.0, StatusCode::OK);
+    assert_eq!(renew_from(app, 'a', TOKEN, 9091, &[]).await.0, StatusCode::OK);
     eventually("runner a to be reached at its new address", || connects() == 2).await;
     assert_eq!(app.exec(&id, "true").await.0, StatusCode::OK);
 }
@@ -429,11 +437,45 @@ async fn a_resume_goes_elsewhere_when_its_runner_is_full() {
 #[tokio::test]
 async fn a_runner_takes_no_more_sandboxes_than_it_says() {
     let (p, _, a, _) = setup(8192, 2048, "sim").await;
-    a.set_info(HostInfo { vcpus: 4, memory_mib: 8192, max_sandboxes: 1, compat: "sim".into() });
+    a.set_info(HostInfo {
+        vcpus: 4,
+        memory_mib: 8192,
+        max_sandboxes: 1,
+        compat: "sim".into(),
+        ..HostInfo::default()
+    });
     let app = &p.app;
     let _renewing = both_joined(&p).await;
     let first = app.create(json!({"memory": 512})).await;
     let second = app.create(json!({"memory": 512})).await;
     assert_eq!(placed_on(app, &first), runner_id('a'));
     assert_eq!(placed_on(app, &second), runner_id('b'), "a said it takes one");
+}
+
+/// A runner whose lease lists the template versions it holds, without an image's, is not
+/// chosen to restore it: the resume fails saying so, and the sandbox stays paused.
+#[tokio::test]
+async fn a_resume_skips_a_runner_without_the_template_version() {
+    let (p, _, _, _) = setup(4096, 2048, "sim").await;
+    let app = &p.app;
+    let renewing = both_joined(&p).await;
+    let id = app.create(json!({})).await;
+    assert_eq!(placed_on(app, &id), runner_id('a'));
+    succeeds(app, "POST", &format!("/v1/sandbox/{id}/pause")).await;
+    stop(renewing).await;
+    let b_only = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                renew_from(&app, 'b', TOKEN, 8081, &["another-version"]).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    eventually("a to be lost", || p.cluster.member(&runner_id('a')).is_none()).await;
+    let (s, v) = app.call("POST", &format!("/v1/sandbox/{id}/resume"), "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("template version"), "{v}");
+    assert_eq!(app.state(&id).await.as_deref(), Some("paused"));
+    stop(b_only).await;
 }

@@ -12,6 +12,7 @@ pub(crate) const MIGRATION: &str = "CREATE TABLE runners (
         memory_mib INTEGER NOT NULL,
         max_sandboxes INTEGER NOT NULL,
         compat TEXT NOT NULL,
+        templates TEXT NOT NULL,
         state TEXT NOT NULL,
         lease_until INTEGER NOT NULL,
         registered_at TEXT NOT NULL
@@ -34,6 +35,9 @@ pub struct RunnerLease {
     pub max_sandboxes: u32,
     /// What its saved VMs need of another host (`cove_runner::HostInfo::compat`).
     pub compat: String,
+    /// The template versions it holds (`cove_runner::HostInfo::templates`).
+    #[serde(default)]
+    pub templates: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +66,7 @@ pub struct RunnerLoad {
 }
 
 const COLUMNS: &str =
-    "id, address, fingerprint, vcpus, memory_mib, compat, state, lease_until, registered_at, max_sandboxes";
+    "id, address, fingerprint, vcpus, memory_mib, compat, state, lease_until, registered_at, max_sandboxes, templates";
 
 fn row(r: &Row) -> Result<RunnerRecord, StoreError> {
     let state = match r.get::<String>(6)?.as_str() {
@@ -79,6 +83,7 @@ fn row(r: &Row) -> Result<RunnerRecord, StoreError> {
             memory_mib: r.get(4)?,
             max_sandboxes: r.get(9)?,
             compat: r.get(5)?,
+            templates: json(&r.get::<String>(10)?)?,
         },
         state,
         lease_until: r.get(7)?,
@@ -113,6 +118,7 @@ impl Store {
                 &lease.compat,
                 until_ms,
                 lease.max_sandboxes,
+                serde_json::to_string(&lease.templates).unwrap_or_default(),
                 ts(&Utc::now())
             ]
             .to_vec();
@@ -120,12 +126,12 @@ impl Store {
                 params.pop();
                 db.execute(
                     "UPDATE runners SET address = ?2, fingerprint = ?3, vcpus = ?4, memory_mib = ?5, compat = ?6,
-                        state = 'active', lease_until = ?7, max_sandboxes = ?8 WHERE id = ?1",
+                        state = 'active', lease_until = ?7, max_sandboxes = ?8, templates = ?9 WHERE id = ?1",
                     &params,
                 )?;
             } else {
                 db.execute(
-                    &format!("INSERT INTO runners ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7, ?9, ?8)"),
+                    &format!("INSERT INTO runners ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7, ?10, ?8, ?9)"),
                     &params,
                 )?;
             }
@@ -243,6 +249,7 @@ mod tests {
             memory_mib: 4096,
             max_sandboxes: 0,
             compat: "qemu; tcg".into(),
+            templates: vec!["system-debian-bookworm-1c-1024m-0123456789ab".into()],
         }
     }
 
@@ -282,6 +289,7 @@ mod tests {
         assert_eq!(s.renew_runner(&moved, now_ms() + 10_000).unwrap(), Some(RunnerState::Lost));
         let back = &s.runners().unwrap()[0];
         assert_eq!((back.state, back.lease.address.as_str()), (RunnerState::Active, "192.88.99.3:8081"));
+        assert_eq!(back.lease, moved);
         s.place_sandbox(&paused.id, "runner-b").unwrap();
         assert_eq!(s.sandbox_by_id(&paused.id).unwrap().unwrap().runner_id, "runner-b");
     }

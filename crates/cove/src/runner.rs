@@ -68,18 +68,25 @@ async fn serve(args: RunnerArgs) -> Result<()> {
             }
             None => bound.to_string(),
         };
-        use cove_runner::SandboxHost;
-        let info = runner.info();
-        let lease = cove_store::RunnerLease {
-            id: cove_server::cluster::runner_id(&identity.fingerprint()),
-            address,
-            fingerprint: identity.fingerprint(),
-            vcpus: info.vcpus,
-            memory_mib: info.memory_mib,
-            max_sandboxes: info.max_sandboxes,
-            compat: info.compat,
+        let (id, fingerprint) =
+            (cove_server::cluster::runner_id(&identity.fingerprint()), identity.fingerprint());
+        println!("cove runner {id} registering with {url}");
+        // What the runner says of itself is read at each renewal: its template versions change.
+        let host = runner.clone();
+        let lease = move || {
+            use cove_runner::SandboxHost;
+            let info = host.info();
+            cove_store::RunnerLease {
+                id: id.clone(),
+                address: address.clone(),
+                fingerprint: fingerprint.clone(),
+                vcpus: info.vcpus,
+                memory_mib: info.memory_mib,
+                max_sandboxes: info.max_sandboxes,
+                compat: info.compat,
+                templates: info.templates,
+            }
         };
-        println!("cove runner {} registering with {url}", lease.id);
         tokio::spawn(renew_lease(url.trim_end_matches('/').to_string(), token.clone(), lease));
     }
     use std::io::Write;
@@ -113,21 +120,21 @@ pub fn token(path: &Path) -> Result<String> {
 
 /// Renews this runner's lease with the control plane at `url`, a third of a lease apart, for
 /// as long as the runner runs. Failures are logged when they start and when they end.
-async fn renew_lease(url: String, token: String, lease: cove_store::RunnerLease) {
+async fn renew_lease(url: String, token: String, lease: impl Fn() -> cove_store::RunnerLease) {
     use cove_runner::remote::lease as wire;
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(5))
         .build()
         .expect("an HTTP client");
-    let body = serde_json::to_vec(&lease).expect("a lease serializes");
     let mut every = cove_server::cluster::LEASE / 3;
     let mut failing = false;
     loop {
+        let body = serde_json::to_vec(&lease()).expect("a lease serializes");
         let sent = client
             .post(format!("{url}{}", wire::PATH))
             .header(reqwest::header::AUTHORIZATION, wire::sign(&token, cove_store::now_ms(), &body))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
+            .body(body)
             .send()
             .await
             .and_then(|r| r.error_for_status());

@@ -107,7 +107,13 @@ pub struct SimHost {
 
 /// What a simulated machine offers unless a test says otherwise: more than any test asks.
 fn default_info() -> cove_runner::HostInfo {
-    cove_runner::HostInfo { vcpus: 64, memory_mib: 1 << 20, max_sandboxes: 0, compat: "sim".into() }
+    cove_runner::HostInfo {
+        vcpus: 64,
+        memory_mib: 1 << 20,
+        max_sandboxes: 0,
+        compat: "sim".into(),
+        templates: Vec::new(),
+    }
 }
 
 impl Default for SimHost {
