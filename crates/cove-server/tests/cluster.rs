@@ -324,23 +324,44 @@ async fn a_returning_runner_is_reconciled() {
     assert_eq!(app.read(&rebooted, "/tmp/disk").await, (StatusCode::OK, b"kept".to_vec()));
 }
 
-/// An image restores only on a runner with the same CPU and QEMU: with the only other runner
-/// different, the resume fails with the reason, and the sandbox stays paused.
-#[tokio::test]
-async fn a_resume_never_lands_on_an_incompatible_runner() {
-    let (p, _, _, _) = setup(4096, 2048, "another cpu").await;
+/// A paused sandbox whose runner is gone, and one other runner that cannot restore its image
+/// (`b_compat`, `b_templates` in its lease): the resume fails with `reason`, and the sandbox
+/// stays paused.
+async fn resume_is_refused_by_b(b_compat: &str, b_templates: &'static [&'static str], reason: &str) {
+    let (p, _, _, _) = setup(4096, 2048, b_compat).await;
     let app = &p.app;
     let renewing = both_joined(&p).await;
     let id = app.create(json!({})).await;
     assert_eq!(placed_on(app, &id), runner_id('a'));
     succeeds(app, "POST", &format!("/v1/sandbox/{id}/pause")).await;
     stop(renewing).await;
-    let _renewing = keep_renewing(app, &['b']);
+    let b_only = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                renew_from(&app, 'b', TOKEN, 8081, b_templates).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     eventually("a to be lost", || p.cluster.member(&runner_id('a')).is_none()).await;
     let (s, v) = app.call("POST", &format!("/v1/sandbox/{id}/resume"), "").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
-    assert!(v["message"].as_str().unwrap().contains("another CPU or QEMU"), "{v}");
+    assert!(v["message"].as_str().unwrap().contains(reason), "{v}");
     assert_eq!(app.state(&id).await.as_deref(), Some("paused"));
+    stop(b_only).await;
+}
+
+/// An image restores only on a runner with the same CPU and QEMU (the runner says so).
+#[tokio::test]
+async fn a_resume_never_lands_on_an_incompatible_runner() {
+    resume_is_refused_by_b("another cpu", &[], "another CPU or QEMU").await;
+}
+
+/// A runner whose lease lists its template versions, without the image's, is passed over.
+#[tokio::test]
+async fn a_resume_skips_a_runner_without_the_template_version() {
+    resume_is_refused_by_b("sim", &["another-version"], "template version").await;
 }
 
 /// A control plane killed and started again on the same store finds the registered runners
@@ -450,32 +471,4 @@ async fn a_runner_takes_no_more_sandboxes_than_it_says() {
     let second = app.create(json!({"memory": 512})).await;
     assert_eq!(placed_on(app, &first), runner_id('a'));
     assert_eq!(placed_on(app, &second), runner_id('b'), "a said it takes one");
-}
-
-/// A runner whose lease lists the template versions it holds, without an image's, is not
-/// chosen to restore it: the resume fails saying so, and the sandbox stays paused.
-#[tokio::test]
-async fn a_resume_skips_a_runner_without_the_template_version() {
-    let (p, _, _, _) = setup(4096, 2048, "sim").await;
-    let app = &p.app;
-    let renewing = both_joined(&p).await;
-    let id = app.create(json!({})).await;
-    assert_eq!(placed_on(app, &id), runner_id('a'));
-    succeeds(app, "POST", &format!("/v1/sandbox/{id}/pause")).await;
-    stop(renewing).await;
-    let b_only = {
-        let app = app.clone();
-        tokio::spawn(async move {
-            loop {
-                renew_from(&app, 'b', TOKEN, 8081, &["another-version"]).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    eventually("a to be lost", || p.cluster.member(&runner_id('a')).is_none()).await;
-    let (s, v) = app.call("POST", &format!("/v1/sandbox/{id}/resume"), "").await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
-    assert!(v["message"].as_str().unwrap().contains("template version"), "{v}");
-    assert_eq!(app.state(&id).await.as_deref(), Some("paused"));
-    stop(b_only).await;
 }
