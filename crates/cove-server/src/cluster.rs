@@ -390,17 +390,25 @@ impl SandboxHost for Cluster {
     }
 
     async fn create_from_image(&self, req: &VmRequest, image: &str) -> Result<(), RunnerError> {
+        let prefer = self.runner_of(&req.id).ok();
+        let mut candidates = self.candidates(req, &req.template, prefer.as_deref())?;
+        // One runner, and no lease saying which template versions it holds (this process's
+        // runner, or one given by --runner): it checks the image itself, so the manifest need
+        // not be read here as well (a resume's hot path).
+        if let [(runner, _)] = candidates.as_slice() {
+            if !lock(&self.templates).contains_key(runner) {
+                let (runner, host) = candidates.remove(0);
+                self.place(&req.id, &runner)?;
+                return host.create_from_image(req, image).await;
+            }
+        }
         let manifest = self
             .any()?
             .find_image(image)
             .await?
             .ok_or_else(|| RunnerError::Image(format!("image {image} is incomplete or missing")))?;
-        let prefer = lock(&self.placed)
-            .get(&req.id)
-            .cloned()
-            .or_else(|| self.store.sandbox_by_id(&req.id).ok().flatten().map(|r| r.runner_id));
         let mut refused = None;
-        for (runner, host) in self.candidates(req, &manifest.template, prefer.as_deref())? {
+        for (runner, host) in candidates {
             // A registered runner whose lease lists its template versions, without this one,
             // is not asked.
             let versions = lock(&self.templates).get(&runner).cloned().unwrap_or_default();

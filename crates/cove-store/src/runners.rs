@@ -158,6 +158,19 @@ impl Store {
     /// Marks `lost` the running sandboxes placed on a lost runner (those in the middle of an
     /// operation settle first, then are caught by the next call); returns them.
     pub fn lose_sandboxes_on(&self, runner_id: &str) -> Result<Vec<SandboxRecord>, StoreError> {
+        // Asked every round for every lost runner: the writers' lock only when there is work.
+        let running = self.with(|db| {
+            let n: u64 = db
+                .query_one(
+                    "SELECT COUNT(*) FROM sandboxes WHERE runner_id = ?1 AND state = 'running'",
+                    params![runner_id],
+                )?
+                .get(0)?;
+            Ok(n)
+        })?;
+        if running == 0 {
+            return Ok(Vec::new());
+        }
         self.write(|db| {
             let lost = db.query_opt(
                 "SELECT id FROM runners WHERE id = ?1 AND state = 'lost'",
