@@ -11,7 +11,8 @@ pub use cove_blob::PackedFile;
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the layout changes; older images are refused with a clear error.
-pub const IMAGE_FORMAT: u32 = 1;
+/// Format 2: device states written by `xen-save-devices-state` (`cove_vmm::qemu::STATE_FORMAT`).
+pub const IMAGE_FORMAT: u32 = 2;
 
 /// Blob prefix under which images live: `images/<image id>/`.
 pub const IMAGES_PREFIX: &str = "images";

@@ -61,7 +61,11 @@ impl Images {
             })
             .collect::<Vec<_>>()
             .join("|");
-        format!("{files}|{KERNEL_CMDLINE}|{}", cove_vmm::qemu::device_set())
+        format!(
+            "{files}|{KERNEL_CMDLINE}|{}|state {}",
+            cove_vmm::qemu::device_set(),
+            cove_vmm::qemu::STATE_FORMAT
+        )
     }
 
     /// Virtual size of the root disk.

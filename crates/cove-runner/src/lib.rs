@@ -18,6 +18,7 @@ mod sandbox;
 mod sys;
 mod template;
 mod trace;
+mod warm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -264,7 +265,26 @@ impl Runner {
             max_bytes: cfg.max_image_bytes,
         });
         let info = host_info(&cfg);
-        Ok(Runner { cfg, vmm, images, templates, puller, blobs, net, vms: Mutex::new(HashMap::new()), info })
+        let runner =
+            Runner { cfg, vmm, images, templates, puller, blobs, net, vms: Mutex::new(HashMap::new()), info };
+        runner.drop_stale_warm().await;
+        Ok(runner)
+    }
+
+    /// Drops the warm entries whose image is gone: resumed on another runner, or its sandbox
+    /// deleted while this runner was away.
+    async fn drop_stale_warm(&self) {
+        // RAM files a crash left on their way to a warm entry.
+        for f in std::fs::read_dir(self.cfg.sandbox_shm_dir()).into_iter().flatten().flatten() {
+            if f.file_name().to_string_lossy().ends_with(".mem.warming") {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+        for (id, prefix) in warm::sweep(&self.cfg) {
+            if let Ok(None) = self.find_image(&prefix).await {
+                warm::drop_entry(&self.cfg, &id);
+            }
+        }
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -299,8 +319,8 @@ impl Runner {
     }
 
     /// Benchmark baseline for pause and resume: a VM cloned from the template is saved the way
-    /// QEMU does it at best (`stop` + device state with `x-ignore-shared`, RAM left in its tmpfs
-    /// file) and a new QEMU is restored from that file and state, nothing copied or stored.
+    /// QEMU does it at best (`stop` + device state, RAM left in its tmpfs file) and a new QEMU
+    /// is restored from that file and state, nothing copied or stored.
     /// Returns (save, restore) durations; the VM is destroyed.
     pub async fn raw_save_restore(
         &self,
@@ -416,7 +436,7 @@ impl SandboxHost for Runner {
             AfterCapture::Release => {
                 drop(captured);
                 self.lock().remove(&req.id);
-                vm.destroy(self.vmm.as_ref()).await?;
+                vm.release(&self.cfg, self.vmm.as_ref(), prefix).await?;
                 self.net.down(&req.id).await?;
             }
         }
@@ -456,6 +476,7 @@ impl SandboxHost for Runner {
 
     /// Ends the VM and removes every file, socket and cgroup of the sandbox.
     async fn destroy(&self, id: &str) -> Result<(), RunnerError> {
+        warm::drop_entry(&self.cfg, id);
         let vm = self.lock().remove(id);
         match vm {
             Some(vm) => vm.destroy(self.vmm.as_ref()).await?,
@@ -525,7 +546,7 @@ impl SandboxHost for Runner {
     /// unchanged), e.g. for a VM whose resume a crash interrupted.
     async fn reidentify(&self, req: &VmRequest) -> Result<(), RunnerError> {
         let agent = self.vm(&req.id)?.agent().await?;
-        sandbox::apply_identity(&agent, req, &self.cfg.data_dir).await
+        sandbox::apply_identity(&agent, req, &self.cfg.data_dir, sandbox::Told::All).await
     }
 
     /// A TCP connection to `port` of the sandbox's guest, made inside its network namespace

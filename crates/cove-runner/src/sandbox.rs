@@ -50,6 +50,9 @@ pub struct SandboxVm {
     dir: PathBuf,
     data_dir: PathBuf,
     memory_file: PathBuf,
+    /// Whether QEMU maps `memory_file` copy-on-write (a warm resume): the guest's writes are
+    /// then in QEMU's memory, and a capture writes them back into the file first.
+    private_memory: bool,
     agent: tokio::sync::Mutex<Option<AgentClient>>,
     /// The host end of the guest's mounts.
     pub fs: FsHost,
@@ -62,12 +65,20 @@ pub struct Captured {
     socket: UnixStream,
 }
 
+/// A sandbox's directory (disk, run files) and its RAM file on tmpfs. (A VM restored warm maps
+/// `<dir>/memory` instead: see [`private_memory_file`].)
 fn paths(cfg: &RunnerConfig, id: &str) -> (PathBuf, PathBuf) {
     (cfg.data_dir.join("sandboxes").join(id), cfg.sandbox_shm_dir().join(format!("{id}.mem")))
 }
 
-fn spec(cfg: &RunnerConfig, images: &Images, id: &str, vcpus: u32, memory_mib: u64) -> VmSpec {
-    let (dir, memory_file) = paths(cfg, id);
+/// The RAM file a warm resume maps copy-on-write, on disk in the sandbox's directory.
+fn private_memory_file(dir: &Path) -> PathBuf {
+    dir.join(crate::warm::MEMORY)
+}
+
+fn spec(cfg: &RunnerConfig, images: &Images, id: &str, vcpus: u32, memory_mib: u64, private: bool) -> VmSpec {
+    let (dir, shm_file) = paths(cfg, id);
+    let memory_file = if private { private_memory_file(&dir) } else { shm_file };
     VmSpec {
         name: id.to_string(),
         vcpus,
@@ -77,22 +88,36 @@ fn spec(cfg: &RunnerConfig, images: &Images, id: &str, vcpus: u32, memory_mib: u
         cmdline: KERNEL_CMDLINE.to_string(),
         disk: dir.join("disk.qcow2"),
         memory_file,
+        private_memory: private,
         run_dir: dir.join("run"),
         overhead_mib: cfg.overhead_mib,
         netns: cove_net::netns::path(&cove_net::topology::ns_name(id)),
     }
 }
 
-fn identity(req: &VmRequest, data_dir: &Path) -> cove_proto::Identity {
+/// What a guest is told after a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Told {
+    /// Everything: a machine new to this host or to this sandbox (a clone of a template or a
+    /// snapshot, a resume from an image that may come from another runner).
+    All,
+    /// The clock and fresh entropy only: the same machine going on, on the runner that ran it
+    /// (a warm resume, a VM running on after a snapshot), whose hostname, trusted CA and disk
+    /// have not changed. Writing those files again costs the guest more than the rest.
+    ClockOnly,
+}
+
+fn identity(req: &VmRequest, data_dir: &Path, told: Told) -> cove_proto::Identity {
     let mut env = req.env.clone();
     crate::net::Network::guest_env(&mut env);
+    let all = told == Told::All;
     cove_proto::Identity {
-        hostname: req.id.clone(),
+        hostname: if all { req.id.clone() } else { String::new() },
         env,
-        trust_pem: crate::net::trust_pem(data_dir, &req.id),
+        trust_pem: if all { crate::net::trust_pem(data_dir, &req.id) } else { None },
         unix_time_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
         entropy_hex: hex::encode(rand::random::<[u8; 32]>()),
-        disk_bytes: Some(req.disk_mib << 20),
+        disk_bytes: all.then_some(req.disk_mib << 20),
     }
 }
 
@@ -134,8 +159,9 @@ pub async fn apply_identity(
     agent: &AgentClient,
     req: &VmRequest,
     data_dir: &Path,
+    told: Told,
 ) -> Result<(), RunnerError> {
-    tokio::time::timeout(IDENTITY_WAIT, agent.set_identity(&identity(req, data_dir)))
+    tokio::time::timeout(IDENTITY_WAIT, agent.set_identity(&identity(req, data_dir, told)))
         .await
         .map_err(|_| AgentError::Request("the guest did not accept its identity in time".into()))??;
     Ok(())
@@ -207,10 +233,28 @@ impl SandboxVm {
                 memory_mib: manifest.memory_mib,
             },
         };
-        let spec = spec(cfg, images, id, meta.vcpus, meta.memory_mib);
-        std::fs::create_dir_all(&spec.run_dir).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
-        write_meta(&paths(cfg, id).0, &meta)?;
+        let dir = paths(cfg, id).0;
+        let state_file = dir.join("run").join(crate::warm::STATE);
+        std::fs::create_dir_all(dir.join("run")).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
+        // A resume of the image this runner paused last finds its files here, RAM on disk.
+        let warm = match origin {
+            Origin::Image { prefix, .. } => crate::warm::take(
+                cfg,
+                id,
+                prefix,
+                &private_memory_file(&dir),
+                &dir.join(crate::warm::DISK),
+                &state_file,
+            ),
+            Origin::Template(_) => false,
+        };
+        let spec = spec(cfg, images, id, meta.vcpus, meta.memory_mib, warm);
+        write_meta(&dir, &meta)?;
         let (state_file, fill) = match origin {
+            Origin::Image { .. } if warm => {
+                tracing::debug!(sandbox_id = %id, "resuming from the warm image: RAM mapped, nothing unpacked");
+                (state_file, tokio::spawn(async { Ok(()) }))
+            }
             Origin::Template(t) => {
                 std::fs::copy(t.overlay(), &spec.disk)
                     .map_err(|e| RunnerError::io("creating disk overlay", e))?;
@@ -229,7 +273,6 @@ impl SandboxVm {
             Origin::Image { store, prefix, manifest } => {
                 // QEMU opens the disk when it starts: that one comes first. Device state and RAM
                 // are needed only at the restore, so they are filled while QEMU starts.
-                let state_file = spec.run_dir.join("state.bin");
                 cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;
                 let f = std::fs::File::create(&spec.memory_file)
                     .map_err(|e| RunnerError::io("creating memory file", e))?;
@@ -298,6 +341,7 @@ impl SandboxVm {
             dir: paths(cfg, &req.id).0,
             data_dir: cfg.data_dir.clone(),
             memory_file: spec.memory_file.clone(),
+            private_memory: spec.private_memory,
             agent: tokio::sync::Mutex::new(None),
             fs: FsHost::new(&spec.run_dir, sources),
         };
@@ -319,7 +363,8 @@ impl SandboxVm {
         };
         let t_agent = t0.elapsed();
         grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
-        apply_identity(&agent, req, &cfg.data_dir).await?;
+        let told = if spec.private_memory { Told::ClockOnly } else { Told::All };
+        apply_identity(&agent, req, &cfg.data_dir, told).await?;
         guest_mounts(&agent, req).await?;
         tracing::debug!(
             vm_ms = t_vm.as_millis() as u64,
@@ -340,12 +385,13 @@ impl SandboxVm {
         req: &VmRequest,
         sources: Sources,
     ) -> Result<SandboxVm, RunnerError> {
-        let spec = spec(cfg, images, &req.id, req.vcpus, req.memory_mib);
+        let spec = spec(cfg, images, &req.id, req.vcpus, req.memory_mib, false);
         if !spec.disk.exists() {
             return Err(RunnerError::Image(format!("sandbox {} has no disk on this host", req.id)));
         }
         let result = async {
             let _ = std::fs::remove_dir_all(&spec.run_dir);
+            let _ = std::fs::remove_file(private_memory_file(&paths(cfg, &req.id).0));
             std::fs::create_dir_all(&spec.run_dir).map_err(|e| RunnerError::io("creating run dir", e))?;
             let f = std::fs::File::create(&spec.memory_file)
                 .map_err(|e| RunnerError::io("creating memory file", e))?;
@@ -356,6 +402,7 @@ impl SandboxVm {
                 dir: paths(cfg, &req.id).0,
                 data_dir: cfg.data_dir.clone(),
                 memory_file: spec.memory_file.clone(),
+                private_memory: false,
                 agent: tokio::sync::Mutex::new(None),
                 fs: FsHost::new(&spec.run_dir, sources),
             };
@@ -366,7 +413,7 @@ impl SandboxVm {
                     .map_err(|e| RunnerError::io("connecting to the VM's fs port", e))?;
                 let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
                 grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
-                apply_identity(&agent, req, &cfg.data_dir).await?;
+                apply_identity(&agent, req, &cfg.data_dir, Told::All).await?;
                 guest_mounts(&agent, req).await?;
                 Ok::<_, RunnerError>(agent)
             };
@@ -392,14 +439,16 @@ impl SandboxVm {
 
     /// Takes over a VM left running by an earlier runner process.
     pub fn adopt(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str, sources: Sources) -> Option<SandboxVm> {
-        let (dir, memory_file) = paths(cfg, id);
+        let (dir, shm_file) = paths(cfg, id);
         let handle = vmm.find(id, &dir.join("run"))?;
+        let private_memory = private_memory_file(&dir).exists();
         Some(SandboxVm {
             fs: FsHost::new(&dir.join("run"), sources),
             handle,
+            memory_file: if private_memory { private_memory_file(&dir) } else { shm_file },
+            private_memory,
             dir,
             data_dir: cfg.data_dir.clone(),
-            memory_file,
             agent: tokio::sync::Mutex::new(None),
         })
     }
@@ -457,6 +506,16 @@ impl SandboxVm {
         let save_ms = t0.elapsed().as_millis() as u64;
         fault_point("capture.saved");
         let stored = async {
+            if self.private_memory {
+                // The file holds the RAM the guest was resumed with; what it wrote since is in
+                // QEMU's copy-on-write pages.
+                let (pid, file) = (self.handle.pid, self.memory_file.clone());
+                let written = io_join(
+                    tokio::task::spawn_blocking(move || crate::memfile::write_back(pid, &file)).await,
+                    "writing back guest memory",
+                )?;
+                tracing::debug!(sandbox_id = %req.id, written, "guest memory written back");
+            }
             let disk = self.dir.join("disk.qcow2");
             let (state, memory, disk) = tokio::join!(
                 cove_blob::pack_file(store, prefix, "state", &state_file),
@@ -489,7 +548,7 @@ impl SandboxVm {
                 self.fs.unpark().await;
                 match Self::greet_parked(socket).await {
                     Ok(a) => {
-                        let _ = apply_identity(&a, req, &self.data_dir).await;
+                        let _ = apply_identity(&a, req, &self.data_dir, Told::ClockOnly).await;
                         *slot = Some(a);
                     }
                     Err(ge) => {
@@ -530,7 +589,7 @@ impl SandboxVm {
         vmm.resume(&self.handle).await?;
         self.fs.unpark().await;
         let agent = Self::greet_parked(captured.socket).await?;
-        apply_identity(&agent, req, &self.data_dir).await?;
+        apply_identity(&agent, req, &self.data_dir, Told::ClockOnly).await?;
         *self.agent.lock().await = Some(agent);
         Ok(())
     }
@@ -570,6 +629,35 @@ impl SandboxVm {
         remove_files(&self.dir, &self.memory_file)
     }
 
+    /// Ends a VM just paused into image `prefix`, keeping its RAM, disk and device state as the
+    /// warm entry of that image (see `warm`), then removes the rest. Keeping them is an
+    /// optimisation: if it fails the image is whole anyway, and a resume unpacks it. A RAM file
+    /// on tmpfs is copied to disk in the background (moved aside first, so that nothing else
+    /// writes it meanwhile): the pause does not wait for it.
+    pub async fn release(&self, cfg: &RunnerConfig, vmm: &dyn Vmm, prefix: &str) -> Result<(), RunnerError> {
+        vmm.destroy(&self.handle).await?;
+        let id = &self.handle.name;
+        let (disk, state) = (self.dir.join(crate::warm::DISK), self.handle.run_dir.join(crate::warm::STATE));
+        let kept = crate::warm::begin(cfg, id, &disk, &state).and_then(|partial| {
+            if self.private_memory {
+                return partial.finish(cfg, id, prefix, &self.memory_file, false);
+            }
+            let aside = self.memory_file.with_extension("mem.warming");
+            std::fs::rename(&self.memory_file, &aside)?;
+            let (cfg, id, prefix) = (cfg.clone(), id.clone(), prefix.to_string());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = partial.finish(&cfg, &id, &prefix, &aside, true) {
+                    tracing::warn!(sandbox_id = %id, error = %e, "paused sandbox's RAM not kept warm");
+                }
+            });
+            Ok(())
+        });
+        if let Err(e) = kept {
+            tracing::warn!(sandbox_id = %id, error = %e, "paused sandbox's files not kept warm");
+        }
+        remove_files(&self.dir, &self.memory_file)
+    }
+
     /// Cleans up after a sandbox whose VM this runner does not hold (e.g. after a crash).
     pub async fn remove_leftovers(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str) -> Result<(), RunnerError> {
         let (dir, memory_file) = paths(cfg, id);
@@ -593,6 +681,7 @@ pub fn remove_runtime(cfg: &RunnerConfig, id: &str) {
     let (dir, memory_file) = paths(cfg, id);
     let _ = std::fs::remove_dir_all(dir.join("run"));
     let _ = std::fs::remove_file(memory_file);
+    let _ = std::fs::remove_file(private_memory_file(&dir));
 }
 
 /// See `Runner::raw_restore`.

@@ -286,6 +286,7 @@ impl Templates {
             cmdline: KERNEL_CMDLINE.to_string(),
             disk: disk.clone(),
             memory_file: snap.memory_file.clone(),
+            private_memory: false,
             run_dir: snap.run_dir.clone(),
             overhead_mib: self.cfg.overhead_mib,
             netns,

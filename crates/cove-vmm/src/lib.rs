@@ -83,8 +83,10 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Writable qcow2 disk.
     pub disk: PathBuf,
-    /// Guest RAM file (on tmpfs), shared with QEMU so that saving skips it.
+    /// Guest RAM file: on tmpfs and shared with QEMU, or (`private_memory`) mapped
+    /// copy-on-write, so that the file stays as it was and the guest's writes stay in QEMU.
     pub memory_file: PathBuf,
+    pub private_memory: bool,
     /// Sockets, logs and the pid file live here.
     pub run_dir: PathBuf,
     /// Extra host memory allowed beyond guest RAM for QEMU itself.
@@ -136,7 +138,7 @@ pub trait Vmm: Send + Sync {
         Ok(vm)
     }
     /// Stops the vCPUs and writes the device state (not RAM) to `state_file`. The VM stays
-    /// stopped; the caller destroys it or resumes it.
+    /// stopped, its disk flushed and released; the caller destroys it or resumes it.
     async fn save(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError>;
     /// Resumes vCPUs stopped by `save`.
     async fn resume(&self, vm: &VmHandle) -> Result<(), VmmError>;

@@ -1,10 +1,13 @@
 //! QEMU as the VM backend, driven over QMP.
 //!
-//! Guest RAM is a `memory-backend-file` with `share=on` on tmpfs; saving a VM with the
-//! `x-ignore-shared` migration capability writes only device state (about a megabyte), since
-//! the RAM already sits in that file. Restoring starts QEMU with `-incoming defer` on a copy
-//! of the file. Device state travels over a Unix socket that the runner serves, which keeps
-//! QEMU's `-sandbox` able to deny spawning processes.
+//! Guest RAM is a `memory-backend-file`: either shared (`share=on`, a file on tmpfs that *is*
+//! the RAM) or private (`share=off`, a copy-on-write mapping of a file on disk: the guest runs
+//! at once and its pages are read on first touch, while what it writes stays in QEMU's own
+//! memory). A save writes only device state (about a megabyte, `xen-save-devices-state`, which
+//! skips every RAM block whatever its mapping); the RAM is the runner's business (see the
+//! runner's `memfile`). Restoring starts QEMU with `-incoming defer` on the RAM file and feeds
+//! it that device state over a Unix socket the runner serves, which keeps QEMU's `-sandbox`
+//! able to deny spawning processes.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -15,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 
 use crate::qmp::Qmp;
 use crate::{sys, Accel, Boot, Cgroup, VmHandle, VmSpec, Vmm, VmmError};
@@ -37,8 +40,14 @@ pub struct QemuVmm {
     pub user: Option<(u32, u32)>,
 }
 
-/// The machine QEMU emulates (`-machine`).
-const MACHINE: &str = "q35,memory-backend=mem,vmport=off,smbus=off,sata=off,usb=off";
+/// The machine QEMU emulates (`-machine`). Device states carry no description of themselves
+/// (`suppress-vmdesc`), as they have no configuration section (see [`STATE_FORMAT`]).
+const MACHINE: &str = "q35,memory-backend=mem,vmport=off,smbus=off,sata=off,usb=off,suppress-vmdesc=on";
+
+/// What [`QemuVmm::save`] writes: version 2 is `xen-save-devices-state` output (devices only,
+/// no configuration section, read with `migration.send-configuration=off`); version 1 was a
+/// migration stream with `x-ignore-shared`. States of another version do not load.
+pub const STATE_FORMAT: u32 = 2;
 
 /// The guest-visible devices (`-device`), in order. Saved device states depend on them: see
 /// [`device_set`].
@@ -107,10 +116,13 @@ impl QemuVmm {
             format!("{}M", spec.memory_mib),
             "-object".into(),
             format!(
-                "memory-backend-file,id=mem,size={}M,mem-path={},share=on",
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
                 spec.memory_mib,
-                spec.memory_file.display()
+                spec.memory_file.display(),
+                if spec.private_memory { "off" } else { "on" }
             ),
+            "-global".into(),
+            "migration.send-configuration=off".into(),
             "-kernel".into(),
             spec.kernel.display().to_string(),
             "-initrd".into(),
@@ -236,31 +248,13 @@ impl Vmm for QemuVmm {
 
     async fn save(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
         let mut qmp = self.qmp(vm).await?;
-        ignore_shared_ram(&mut qmp).await?;
         qmp.execute("stop", json!({})).await?;
-        let sock = vm.run_dir.join("outgoing.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = UnixListener::bind(&sock).map_err(|e| VmmError::io("binding migration socket", e))?;
-        if let Some((uid, gid)) = self.user {
-            std::os::unix::fs::chown(&sock, Some(uid), Some(gid))
-                .map_err(|e| VmmError::io("handing the migration socket to the VM user", e))?;
-        }
-        let tmp = state_file.with_extension("partial");
-        let sink = tokio::spawn(async move {
-            let (mut stream, _) = listener.accept().await?;
-            let mut file = tokio::fs::File::create(&tmp).await?;
-            tokio::io::copy(&mut stream, &mut file).await?;
-            file.sync_all().await?;
-            Ok::<PathBuf, std::io::Error>(tmp)
-        });
-        let uri = format!("unix:{}", sock.display());
-        qmp.execute("migrate", json!({ "uri": uri })).await?;
-        qmp.wait_migration(MIGRATION_WAIT).await?;
-        let tmp = sink
-            .await
-            .map_err(|e| VmmError::Qmp(format!("state writer: {e}")))?
-            .map_err(|e| VmmError::io("writing device state", e))?;
-        let _ = std::fs::remove_file(&sock);
+        // QEMU writes the file itself (it may create files in its run dir); `live` makes it
+        // flush and let go of the disk, as a migration does, so the disk can be copied while
+        // the VM stands stopped. A `cont` takes the disk back.
+        let tmp = vm.run_dir.join("state.partial");
+        let _ = std::fs::remove_file(&tmp);
+        qmp.execute("xen-save-devices-state", json!({ "filename": tmp, "live": true })).await?;
         std::fs::rename(&tmp, state_file).map_err(|e| VmmError::io("renaming device state", e))?;
         Ok(())
     }
@@ -268,7 +262,6 @@ impl Vmm for QemuVmm {
     /// Feeds a saved device state to a QEMU started with `-incoming defer`, then runs it.
     async fn restore(&self, vm: &VmHandle, state_file: &Path) -> Result<(), VmmError> {
         let mut qmp = self.qmp(vm).await?;
-        ignore_shared_ram(&mut qmp).await?;
         let sock = vm.run_dir.join("incoming.sock");
         let uri = format!("unix:{}", sock.display());
         qmp.execute("migrate-incoming", json!({ "uri": uri })).await?;
@@ -355,13 +348,6 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
     })
 }
 
-/// Guest RAM lives in a shared file that both sides of a save or restore map: the migration
-/// stream carries only device state.
-async fn ignore_shared_ram(qmp: &mut Qmp) -> Result<(), VmmError> {
-    let caps = json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
-    qmp.execute("migrate-set-capabilities", caps).await.map(|_| ())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,6 +366,7 @@ mod tests {
             cmdline: String::new(),
             disk: "/d.qcow2".into(),
             memory_file: "/m".into(),
+            private_memory: false,
             run_dir: "/r".into(),
             overhead_mib: 0,
             netns: "/run/netns/n".into(),

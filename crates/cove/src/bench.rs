@@ -1,8 +1,8 @@
 //! `cove bench`: latency through the real API, beside baselines measured in the same run.
 //! `cove bench create`: create and exec, against a raw QEMU restore of the same template state
 //! and the guest's own cost of spawning `/bin/sh`. `cove bench pause`: pause and resume of
-//! sandboxes of several memory sizes with memory dirtied, against QEMU's own `x-ignore-shared`
-//! stop and restore. `cove bench net`: guest downloads and connection setup to the test internet
+//! sandboxes of several memory sizes with memory dirtied, warm (RAM file kept by the runner) and
+//! cold (image unpacked from the store), against QEMU's own stop and restore on a shared file. `cove bench net`: guest downloads and connection setup to the test internet
 //! through NAT, the egress tunnel (spliced TLS) and the TLS-terminating proxy (transforms).
 //! `cove bench mount`: a bucket read through a mount in a guest against the guest's own GET of
 //! the same object (see `bench/mount.rs`). `cove bench template`: an image converted into a
@@ -393,19 +393,35 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
         .await?;
         let (mut pause, mut resume, mut first_exec, mut stored) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut cold_resume, mut cold_first_exec) = (Vec::new(), Vec::new());
         let images = b.data.path().join("blobs/images");
-        for cycle in 0..args.cycles {
+        let warm = b.data.path().join("warm").join(&id);
+        // Each cycle resumes twice: warm (the runner maps the RAM file it kept) and cold (that
+        // file dropped first, as on another runner: the image is unpacked from the store).
+        for cycle in 0..args.cycles * 2 {
             let t = Instant::now();
             b.call(post.clone(), &format!("/v1/sandbox/{id}/pause"), None).await?;
             pause.push(t.elapsed());
             if b.runner.blobs().description().starts_with("file://") {
                 stored.push(disk_usage(&images));
             }
+            // A RAM file on tmpfs (the first pause, or one after a cold resume) reaches the
+            // warm entry in the background.
+            let t = Instant::now();
+            while !warm.join("memory").exists() && t.elapsed() < std::time::Duration::from_secs(30) {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            let cold = cycle % 2 == 1;
+            if cold {
+                std::fs::remove_dir_all(&warm).context("dropping the warm image")?;
+            }
             let t = Instant::now();
             b.call(post.clone(), &format!("/v1/sandbox/{id}/resume"), None).await?;
-            resume.push(t.elapsed());
+            let (resumed, exec_done) =
+                if cold { (&mut cold_resume, &mut cold_first_exec) } else { (&mut resume, &mut first_exec) };
+            resumed.push(t.elapsed());
             b.exec(&id, "true").await?;
-            first_exec.push(t.elapsed());
+            exec_done.push(t.elapsed());
             // Rewrite some memory between cycles, as a working guest would.
             b.exec(&id, &format!("head -c 16M /dev/urandom > /dev/shm/cycle # {cycle}")).await?;
         }
@@ -417,6 +433,7 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
             Stats::new(resume),
             Stats::new(first_exec),
         );
+        let (cold_resume, cold_first_exec) = (Stats::new(cold_resume), Stats::new(cold_first_exec));
         let stored_bytes = stored.iter().copied().max().unwrap_or(0);
         println!();
         println!("{mem} MiB guest, {} MiB dirtied, {} cycles", args.dirty_mib, args.cycles);
@@ -425,14 +442,18 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
         row("raw QEMU save (stop + device state, shared RAM)", &raw_save);
         row("raw QEMU restore (-incoming + cont, same file)", &raw_restore);
         row("pause (POST /pause -> 201, stored, VM gone)", &pause);
-        row("resume (POST /resume -> 200 running)", &resume);
-        row("resume -> first exec done", &first_exec);
+        row("resume, warm (POST /resume -> 200 running)", &resume);
+        row("resume, warm -> first exec done", &first_exec);
+        row("resume, cold (image unpacked from the store)", &cold_resume);
+        row("resume, cold -> first exec done", &cold_first_exec);
         println!(
-            "stored per pause: {:.1} MiB ({:.1}% of guest memory); pause/raw save = {:.1}x, resume/raw restore = {:.1}x",
+            "stored per pause: {:.1} MiB ({:.1}% of guest memory); pause/raw save = {:.1}x, resume/raw restore = {:.2}x, \
+             warm/cold resume = {:.2}x",
             stored_bytes as f64 / (1 << 20) as f64,
             100.0 * stored_bytes as f64 / (mem << 20) as f64,
             pause.pct(50.0) / raw_save.pct(50.0),
             resume.pct(50.0) / raw_restore.pct(50.0),
+            resume.pct(50.0) / cold_resume.pct(50.0),
         );
         println!();
         rows.push(json!({
@@ -443,11 +464,14 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
             "pause": pause.json(),
             "resume": resume.json(),
             "resume_to_first_exec": first_exec.json(),
+            "cold_resume": cold_resume.json(),
+            "cold_resume_to_first_exec": cold_first_exec.json(),
             "stored_bytes": stored_bytes,
             "stored_fraction_of_memory": stored_bytes as f64 / (mem << 20) as f64,
             "ratios": {
                 "pause_p50_over_raw_save_p50": pause.pct(50.0) / raw_save.pct(50.0),
                 "resume_p50_over_raw_restore_p50": resume.pct(50.0) / raw_restore.pct(50.0),
+                "warm_resume_p50_over_cold_resume_p50": resume.pct(50.0) / cold_resume.pct(50.0),
             },
         }));
     }

@@ -169,6 +169,11 @@ async fn a_corrupt_image_is_refused_and_the_sandbox_stays_paused() {
     assert_eq!(r.status, 201, "{}", r.text());
     let images = stored_images(&server.data_dir);
     assert_eq!(images.len(), 1, "{images:?}");
+    // The runner kept the paused sandbox's files warm; without them (another runner, or a
+    // restart after the image moved) a resume reads the image from the store.
+    let warm = server.data_dir.join("warm").join(&id);
+    common::eventually("the pause kept its RAM warm", || warm.join("memory").exists()).await;
+    std::fs::remove_dir_all(&warm).unwrap();
     let blob = server.data_dir.join("blobs/images").join(&images[0]).join("memory");
     let original = std::fs::read(&blob).unwrap();
     let mut damaged = original.clone();

@@ -1,6 +1,7 @@
-//! Real-VM tests of pause/resume and stop/start: a paused sandbox has no QEMU and no RAM on the
-//! host, yet resumes (transparently, on its next guest request) with its processes, their
-//! memory and its files exactly as they were; a stopped one keeps only its disk.
+//! Real-VM tests of pause/resume and stop/start: a paused sandbox has no QEMU and holds no
+//! memory on the host (its runner keeps its RAM file on disk, a warm copy of its image), yet
+//! resumes (transparently, on its next guest request) with its processes, their memory and its
+//! files exactly as they were; a stopped one keeps only its disk.
 
 mod common;
 
@@ -118,6 +119,65 @@ async fn memory_and_files_survive_five_pause_resume_cycles() {
     assert!(server.metric(r#"cove_sandboxes{state="running"}"#).await >= 1.0);
     assert_eq!(api.sh_ok(&id, "hostname").await, format!("{id}\n"));
     left.delete_sandbox(&id).await;
+}
+
+/// Resident bytes of QEMU's mapping of the sandbox's RAM file `<data>/sandboxes/<id>/memory`
+/// (a warm resume maps it copy-on-write), from `/proc/<pid>/smaps`.
+fn ram_mapping_rss(id: &str) -> u64 {
+    let pids = qemu_pids(id);
+    assert_eq!(pids.len(), 1, "one QEMU for {id}");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", pids[0])).unwrap();
+    let tail = format!("/sandboxes/{id}/memory");
+    let mut lines = smaps.lines().skip_while(|l| !l.ends_with(&tail));
+    assert!(lines.next().is_some(), "QEMU of {id} does not map its RAM file from the warm image");
+    let rss = lines.find_map(|l| l.strip_prefix("Rss:")).expect("an Rss line");
+    rss.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() << 10
+}
+
+/// A resume on the runner that paused the sandbox maps the RAM file it kept instead of
+/// unpacking the image: the guest runs before its memory is read, and pages come in as it
+/// touches them. 64 MiB of random bytes in the guest's tmpfs are not resident after the resume
+/// and are after the guest reads them, with the same hash.
+#[tokio::test]
+async fn a_warm_resume_reads_guest_memory_on_first_touch() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let left = Leftovers::new(&api);
+    let id = api.create(json!({ "timeout": 1800 })).await;
+    left.sandbox(&id);
+    let hash = api.sh_ok(&id, "head -c 64M /dev/urandom > /dev/shm/big && sha256sum < /dev/shm/big").await;
+    pause(server, &api, &id).await;
+    // The RAM of a sandbox made from a template is on tmpfs: it reaches the disk after the
+    // pause has answered.
+    let warm = server.data_dir.join("warm").join(&id);
+    common::eventually("the pause kept the RAM file warm", || warm.join("memory").exists()).await;
+
+    assert_eq!(api.sh_ok(&id, "true").await, "");
+    assert!(!warm.exists(), "the resume took the warm files");
+    let before = ram_mapping_rss(&id);
+    assert!(before < 48 << 20, "{} MiB of guest RAM resident right after the resume", before >> 20);
+    assert_eq!(api.sh_ok(&id, "sha256sum < /dev/shm/big").await, hash, "guest memory changed");
+    let after = ram_mapping_rss(&id);
+    assert!(
+        after >= before + (48 << 20),
+        "reading 64 MiB brought {} MiB in (from {} MiB)",
+        (after - before) >> 20,
+        before >> 20
+    );
+
+    // Paused again (the pages it wrote since are written back), resumed warm again.
+    api.sh_ok(&id, "echo more >> /dev/shm/big").await;
+    let hash = api.sh_ok(&id, "sha256sum < /dev/shm/big").await;
+    pause(server, &api, &id).await;
+    assert_eq!(api.sh_ok(&id, "sha256sum < /dev/shm/big").await, hash);
+
+    // A sandbox deleted while paused leaves no warm files (its RAM file was on disk: it moved
+    // into the entry before the pause answered).
+    pause(server, &api, &id).await;
+    assert!(warm.join("memory").exists());
+    left.delete_sandbox(&id).await;
+    assert!(!warm.exists(), "the deleted sandbox's warm files are gone");
 }
 
 #[tokio::test]
