@@ -45,8 +45,67 @@ pub async fn run(
 ) -> Result<ExecuteResponse, ExecError> {
     let cwd = resolve_cwd(user, req.cwd.as_deref())?;
     let env = sandbox_env.iter().chain(req.envs.iter().flatten());
-    run_command(reaper, req.timeout_secs(), |procs_fd| shell_command(user, env, &cwd, &req.command, procs_fd))
-        .await
+    if crate::service::namespace_init().is_some() {
+        // Beside a system manager the command joins its namespaces, which takes a fork.
+        return run_command(reaper, req.timeout_secs(), |procs_fd| {
+            shell_command(user, env, &cwd, &req.command, procs_fd)
+        })
+        .await;
+    }
+    let cgroup = ExecCgroup::create();
+    let started =
+        spawn_shell(reaper, user, env, &cwd, &req.command, cgroup.as_ref().and_then(|c| c.procs_fd()))?;
+    collect_until_exit(started, cgroup, req.timeout_secs()).await
+}
+
+/// A command started with no input and its output on pipes.
+struct Started {
+    pid: i32,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+    exited: tokio::sync::oneshot::Receiver<i32>,
+}
+
+/// Starts `/bin/sh -c command` as [`shell_command`] would, but without forking the agent: see
+/// [`sys::spawn_vfork`]. Its pipes and strings are made first, and its cgroup was made ahead.
+fn spawn_shell<'a>(
+    reaper: &Reaper,
+    user: &SandboxUser,
+    env: impl Iterator<Item = (&'a String, &'a String)>,
+    cwd: &std::path::Path,
+    command: &str,
+    procs_fd: Option<i32>,
+) -> Result<Started, ExecError> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let nul =
+        |_| ExecError::Spawn(io::Error::new(io::ErrorKind::InvalidInput, "nul byte found in provided data"));
+    // The user's basic environment, then the sandbox's and the request's variables over it.
+    let mut vars: BTreeMap<String, String> = base_env(user).into_iter().collect();
+    vars.extend(env.map(|(k, v)| (k.clone(), v.clone())));
+    let null = std::fs::File::open("/dev/null").map_err(ExecError::Spawn)?;
+    let (out_r, out_w) = io::pipe().map_err(ExecError::Spawn)?;
+    let (err_r, err_w) = io::pipe().map_err(ExecError::Spawn)?;
+    let spec = sys::SpawnSpec {
+        program: CString::new("/bin/sh").map_err(nul)?,
+        argv: ["/bin/sh", "-c", command]
+            .into_iter()
+            .map(CString::new)
+            .collect::<Result<_, _>>()
+            .map_err(nul)?,
+        envp: vars
+            .iter()
+            .map(|(k, v)| CString::new(format!("{k}={v}")))
+            .collect::<Result<_, _>>()
+            .map_err(nul)?,
+        cwd: CString::new(cwd.as_os_str().as_bytes()).map_err(nul)?,
+        uid: user.uid,
+        gid: user.gid,
+        cgroup_procs: procs_fd,
+        stdio: [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+    };
+    let (pid, exited) = reaper.spawn_with(|| sys::spawn_vfork(&spec)).map_err(spawn_error)?;
+    Ok(Started { pid, stdout: Some(out_r.into()), stderr: Some(err_r.into()), exited })
 }
 
 /// Runs the command `make` builds (given the descriptor that puts it in a cgroup of its own)
@@ -60,9 +119,23 @@ pub async fn run_command(
     let mut cmd = make(cgroup.as_ref().and_then(|c| c.procs_fd()));
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let (mut child, exited) = spawn(reaper, &mut cmd)?;
-    let pid = child.id() as i32;
-    let stdout = child.stdout.take().map(OwnedFd::from);
-    let stderr = child.stderr.take().map(OwnedFd::from);
+    let started = Started {
+        pid: child.id() as i32,
+        stdout: child.stdout.take().map(OwnedFd::from),
+        stderr: child.stderr.take().map(OwnedFd::from),
+        exited,
+    };
+    collect_until_exit(started, cgroup, timeout_secs).await
+}
+
+/// Collects a started command's output until it exits, or kills it and all it started after
+/// `timeout_secs`; then removes its cgroup off the answer's path.
+async fn collect_until_exit(
+    started: Started,
+    cgroup: Option<ExecCgroup>,
+    timeout_secs: u64,
+) -> Result<ExecuteResponse, ExecError> {
+    let Started { pid, stdout, stderr, exited } = started;
     let (out_buf, err_buf) = (Shared::default(), Shared::default());
     let out_task = tokio::spawn(collect(stdout, out_buf.clone()));
     let err_task = tokio::spawn(collect(stderr, err_buf.clone()));
@@ -160,13 +233,15 @@ pub fn spawn(
     reaper: &Reaper,
     cmd: &mut Command,
 ) -> Result<(std::process::Child, tokio::sync::oneshot::Receiver<i32>), ExecError> {
-    reaper.spawn(cmd).map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new("/bin/sh").exists() {
-            ExecError::NoShell
-        } else {
-            ExecError::Spawn(e)
-        }
-    })
+    reaper.spawn(cmd).map_err(spawn_error)
+}
+
+fn spawn_error(e: io::Error) -> ExecError {
+    if e.kind() == io::ErrorKind::NotFound && !std::path::Path::new("/bin/sh").exists() {
+        ExecError::NoShell
+    } else {
+        ExecError::Spawn(e)
+    }
 }
 
 pub fn base_env(user: &SandboxUser) -> Vec<(String, String)> {

@@ -59,6 +59,18 @@ impl Reaper {
         waiting.insert(child.id() as i32, tx);
         Ok((child, rx))
     }
+
+    /// [`Reaper::spawn`] for a child that `start` makes, returning its pid.
+    pub fn spawn_with(
+        &self,
+        start: impl FnOnce() -> io::Result<i32>,
+    ) -> io::Result<(i32, oneshot::Receiver<i32>)> {
+        let mut waiting = self.lock();
+        let pid = start()?;
+        let (tx, rx) = oneshot::channel();
+        waiting.insert(pid, tx);
+        Ok((pid, rx))
+    }
 }
 
 /// A raw wait status as an exit code: 128+N when killed by signal N.

@@ -443,3 +443,219 @@ pub fn take_terminal() -> io::Result<()> {
     // SAFETY: TIOCSCTTY on stdin with a plain integer argument.
     check(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })
 }
+
+/// A command for [`spawn_vfork`], every string made before the spawn (the child may not
+/// allocate).
+pub struct SpawnSpec {
+    pub program: CString,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: CString,
+    pub uid: u32,
+    pub gid: u32,
+    /// `cgroup.procs` of the cgroup the command runs in.
+    pub cgroup_procs: Option<i32>,
+    /// The command's stdin, stdout and stderr.
+    pub stdio: [i32; 3],
+}
+
+/// What the child reads, and where it leaves the errno of a step that failed.
+struct ChildArgs {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    uid: u32,
+    gid: u32,
+    cgroup_procs: libc::c_int,
+    stdio: [libc::c_int; 3],
+    mask: libc::sigset_t,
+    last_signal: libc::c_int,
+    errno: std::sync::atomic::AtomicI32,
+}
+
+/// Size of the child's stack: it makes a dozen system calls and nothing else.
+const SPAWN_STACK: usize = 64 << 10;
+
+/// Starts a command the way `posix_spawn` does, without copying the (multi-threaded) agent:
+/// `clone(CLONE_VM | CLONE_VFORK)` runs the child in the agent's memory, on a stack of its own,
+/// while the calling thread waits until it has exec'ed. The child joins its cgroup, starts a
+/// session, drops to `uid`/`gid`, enters `cwd`, takes its stdio and execs; a step that fails
+/// leaves its errno for the parent, which returns it. Signals are blocked around the clone and
+/// the child puts every caught signal back to its default before unblocking, so no handler of
+/// the agent ever runs in it. Returns the child's pid (the caller reaps it).
+pub fn spawn_vfork(spec: &SpawnSpec) -> io::Result<i32> {
+    let argv: Vec<*const libc::c_char> =
+        spec.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp: Vec<*const libc::c_char> =
+        spec.envp.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let mut stack = vec![0u8; SPAWN_STACK];
+    // SAFETY: sigset_t is plain data, filled by sigfillset/pthread_sigmask before any use.
+    let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // SAFETY: valid out-pointers.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    let args = ChildArgs {
+        program: spec.program.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        cwd: spec.cwd.as_ptr(),
+        uid: spec.uid,
+        gid: spec.gid,
+        cgroup_procs: spec.cgroup_procs.unwrap_or(-1),
+        stdio: spec.stdio,
+        mask: old,
+        last_signal: libc::SIGRTMAX(),
+        errno: std::sync::atomic::AtomicI32::new(0),
+    };
+    // The stack grows down from its (16-byte aligned) top.
+    let top = (stack.as_mut_ptr() as usize + SPAWN_STACK) & !15;
+    // SAFETY: `spawn_child` only makes async-signal-safe system calls on its own stack and
+    // writes nothing but `args.errno`; `args`, the strings and the stack outlive it, since
+    // CLONE_VFORK returns only once the child has exec'ed or exited.
+    let pid = unsafe {
+        libc::clone(
+            spawn_child,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &args as *const ChildArgs as *mut libc::c_void,
+        )
+    };
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_err);
+    }
+    match args.errno.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => Ok(pid),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// The child of [`spawn_vfork`]. Only system calls; `_exit` on any failure.
+extern "C" fn spawn_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's ChildArgs, alive until this child execs or exits.
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    let fail = || -> libc::c_int {
+        let e = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
+        a.errno.store(if e == 0 { libc::EINVAL } else { e }, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: ends this child only.
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY: async-signal-safe system calls only, with pointers the parent prepared.
+    unsafe {
+        // No handler of the agent's may run here: default dispositions for caught signals (the
+        // child has its own table: no CLONE_SIGHAND), then the agent's mask back.
+        for sig in 1..=a.last_signal {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut act) == 0
+                && act.sa_sigaction != libc::SIG_DFL
+                && act.sa_sigaction != libc::SIG_IGN
+            {
+                act.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &act, std::ptr::null_mut());
+            }
+        }
+        if libc::sigprocmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut()) != 0 {
+            return fail();
+        }
+        if a.cgroup_procs >= 0 && libc::write(a.cgroup_procs, b"0".as_ptr().cast(), 1) < 0 {
+            return fail();
+        }
+        if libc::setsid() < 0 {
+            return fail();
+        }
+        // Raw system calls: glibc's set*id wrappers would ask every thread of the agent (whose
+        // memory this child shares, thread list included) to change its ids too.
+        if a.uid != 0 || a.gid != 0 {
+            let groups = [a.gid];
+            if libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setgid, a.gid) != 0
+                || libc::syscall(libc::SYS_setuid, a.uid) != 0
+            {
+                return fail();
+            }
+        }
+        if libc::chdir(a.cwd) != 0 {
+            return fail();
+        }
+        for (to, &from) in a.stdio.iter().enumerate() {
+            if libc::dup2(from, to as libc::c_int) < 0 {
+                return fail();
+            }
+        }
+        libc::execve(a.program, a.argv, a.envp);
+        fail()
+    }
+}
+
+#[cfg(test)]
+mod spawn_tests {
+    use super::*;
+    use std::io::Read;
+
+    fn spec(program: &str, argv: &[&str], stdio: [i32; 3], uid: u32) -> SpawnSpec {
+        SpawnSpec {
+            program: CString::new(program).unwrap(),
+            argv: argv.iter().map(|a| CString::new(*a).unwrap()).collect(),
+            envp: vec![CString::new("COVE_X=spawned").unwrap()],
+            cwd: CString::new("/").unwrap(),
+            uid,
+            gid: uid,
+            cgroup_procs: None,
+            stdio,
+        }
+    }
+
+    fn wait(pid: i32) -> i32 {
+        let mut status = 0;
+        // SAFETY: waits for our own child; status is a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        status
+    }
+
+    /// The child runs with the environment, directory, session and stdio it was given, and
+    /// (run as root, as the agent is) the ids it was given.
+    #[test]
+    fn a_vforked_child_gets_what_it_was_given() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let (mut out_r, out_w) = io::pipe().unwrap();
+        let root = nix_uid() == 0;
+        let uid = if root { 65534 } else { 0 };
+        let script =
+            r#"echo $COVE_X; pwd; id -u; set -- $(cat /proc/$$/stat); [ "$6" = "$$" ] && echo leader"#;
+        let s = spec(
+            "/bin/sh",
+            &["sh", "-c", script],
+            [null.as_raw_fd(), out_w.as_raw_fd(), out_w.as_raw_fd()],
+            uid,
+        );
+        let pid = spawn_vfork(&s).unwrap();
+        drop(out_w);
+        let mut out = String::new();
+        out_r.read_to_string(&mut out).unwrap();
+        assert_eq!(wait(pid), 0, "{out}");
+        let want_uid = if root { "65534" } else { "0" };
+        assert_eq!(out, format!("spawned\n/\n{want_uid}\nleader\n"));
+    }
+
+    /// An exec that fails is an error of the spawn, with its errno; the child is gone.
+    #[test]
+    fn a_failed_exec_is_the_spawns_error() {
+        let s = spec("/nonexistent/program", &["x"], [0, 1, 2], 0);
+        let e = spawn_vfork(&s).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+    }
+
+    fn nix_uid() -> u32 {
+        // SAFETY: getuid cannot fail.
+        unsafe { libc::getuid() }
+    }
+}
