@@ -319,8 +319,9 @@ impl Runner {
     }
 
     /// Benchmark baseline for pause and resume: a VM cloned from the template is saved the way
-    /// QEMU does it at best (`stop` + device state, RAM left in its tmpfs file) and a new QEMU
-    /// is restored from that file and state, nothing copied or stored.
+    /// QEMU does it at best (`stop` + device state) and a new QEMU is restored from that state,
+    /// nothing copied or stored. Its RAM is the template's, mapped again: the restored guest is
+    /// timed, not used.
     /// Returns (save, restore) durations; the VM is destroyed.
     pub async fn raw_save_restore(
         &self,
@@ -329,7 +330,8 @@ impl Runner {
         memory_mib: u64,
     ) -> Result<(Duration, Duration), RunnerError> {
         let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
-        let origin = sandbox::Origin::Template(&snapshot);
+        let memory = self.templates.shared_memory(&snapshot).await?;
+        let origin = sandbox::Origin::Template(&snapshot, &memory);
         sandbox::raw_save_restore(&self.cfg, &self.images, self.vmm.as_ref(), origin).await
     }
 
@@ -347,8 +349,14 @@ impl Runner {
         memory_mib: u64,
     ) -> Result<Duration, RunnerError> {
         let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
-        sandbox::raw_restore(&self.cfg, &self.images, self.vmm.as_ref(), sandbox::Origin::Template(&snapshot))
-            .await
+        let memory = self.templates.shared_memory(&snapshot).await?;
+        sandbox::raw_restore(
+            &self.cfg,
+            &self.images,
+            self.vmm.as_ref(),
+            sandbox::Origin::Template(&snapshot, &memory),
+        )
+        .await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<sandbox::SandboxVm>>> {
@@ -390,7 +398,8 @@ impl SandboxHost for Runner {
     async fn create(&self, req: &VmRequest) -> Result<(), RunnerError> {
         let snapshot =
             self.templates.get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib).await?;
-        let origin = sandbox::Origin::Template(&snapshot);
+        let memory = self.templates.shared_memory(&snapshot).await?;
+        let origin = sandbox::Origin::Template(&snapshot, &memory);
         let sources = connect_mounts(&req.unsealed.mounts).await?;
         self.net.up(&req.id, req.unsealed.network_policy.as_ref()).await?;
         let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)

@@ -21,15 +21,18 @@ pub fn create_sized(from: &Path, to: &Path) -> io::Result<()> {
 
 /// Copies the data of `from` into `to` (created by `create_sized`), leaving holes as holes.
 pub fn copy_data(from: &Path, to: &Path) -> io::Result<u64> {
-    let src = File::open(from)?;
-    let dst = std::fs::OpenOptions::new().write(true).open(to)?;
+    copy_data_between(&File::open(from)?, &std::fs::OpenOptions::new().write(true).open(to)?)
+}
+
+/// [`copy_data`] between open files (`dst` as long as `src`).
+pub fn copy_data_between(src: &File, dst: &File) -> io::Result<u64> {
     let len = src.metadata()?.len();
     let mut buf = vec![0u8; 1 << 20];
     let mut copied = 0;
     let mut pos = 0u64;
     while pos < len {
-        let Some(start) = cove_blob::seek_data(&src, pos)? else { break };
-        let end = cove_blob::seek_hole(&src, start)?.min(len);
+        let Some(start) = cove_blob::seek_data(src, pos)? else { break };
+        let end = cove_blob::seek_hole(src, start)?.min(len);
         let mut off = start;
         while off < end {
             let n = ((end - off) as usize).min(buf.len());
@@ -51,26 +54,53 @@ const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 const PAGE: u64 = 4096;
 
-/// Writes into `file` the pages process `pid` changed under its private mapping of it: after
-/// this, the file holds what the process sees. Pages the process wrote are anonymous copies
-/// (present but not file pages, or swapped out) in `/proc/<pid>/pagemap`; they are read from
-/// `/proc/<pid>/mem` and written at their offsets. Pages it only read, or never touched, are
-/// the file's own and are not written, so the mapping's view of them cannot change either.
-/// The process must not run meanwhile (a stopped VM). Returns the bytes written.
-pub fn write_back(pid: u32, file: &Path) -> io::Result<u64> {
+/// The file a process maps copy-on-write, as [`write_back`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    /// The destination file itself: the changed pages are written into it.
+    InPlace,
+    /// A template's sealed memfd (named [`TEMPLATE_MEMFD`]…): the destination is made anew
+    /// from it (its data, read through `/proc/<pid>/map_files`), then the changed pages.
+    Template,
+}
+
+/// Name prefix of the memfds holding templates' RAM (`/memfd:<name> (deleted)` in maps).
+pub const TEMPLATE_MEMFD: &str = "cove-tmpl-";
+
+/// Makes `file` what process `pid` sees through its private mapping of `len` bytes of `base`.
+/// Pages the process wrote are anonymous copies (present but not file pages, or swapped out)
+/// in `/proc/<pid>/pagemap`; they are read from `/proc/<pid>/mem` and written at their
+/// offsets. Pages it only read, or never touched, are the mapped file's own: they are in
+/// `file` already ([`Base::InPlace`], and not written, so the mapping's view of them cannot
+/// change either) or copied from the mapped file first ([`Base::Template`]). The process must
+/// not run meanwhile (a stopped VM). Returns the bytes of changed pages written.
+pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
-    let dst = std::fs::OpenOptions::new().write(true).open(file)?;
-    let (ino, len) = {
-        let m = dst.metadata()?;
-        (m.ino(), m.len())
-    };
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let start = private_mapping(&maps, ino, len).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("process {pid} has no private mapping of {}", file.display()),
-        )
+    let found = match base {
+        Base::InPlace => {
+            let ino = std::fs::metadata(file)?.ino();
+            private_mapping(&maps, len, |i, _| i == ino)
+        }
+        Base::Template => {
+            let prefix = format!("/memfd:{TEMPLATE_MEMFD}");
+            private_mapping(&maps, len, |_, path| path.starts_with(&prefix))
+        }
+    };
+    let (start, end) = found.ok_or_else(|| {
+        let what = format!("process {pid} has no private mapping of {len} bytes for {}", file.display());
+        io::Error::new(io::ErrorKind::NotFound, what)
     })?;
+    let dst = match base {
+        Base::InPlace => std::fs::OpenOptions::new().write(true).open(file)?,
+        Base::Template => {
+            let dst = File::create(file)?;
+            dst.set_len(len)?;
+            let mapped = File::open(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))?;
+            copy_data_between(&mapped, &dst)?;
+            dst
+        }
+    };
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
     let mem = File::open(format!("/proc/{pid}/mem"))?;
     let pages = len / PAGE;
@@ -115,17 +145,24 @@ pub fn write_back(pid: u32, file: &Path) -> io::Result<u64> {
     Ok(written)
 }
 
-/// Start address of the mapping of inode `ino`, `len` bytes from offset 0, in a
-/// `/proc/<pid>/maps` text, if it is private (`p` in its permissions).
-fn private_mapping(maps: &str, ino: u64, len: u64) -> Option<u64> {
+/// Start and end addresses of a private mapping (`p` in its permissions) of `len` bytes from
+/// offset 0 of a file whose inode and path satisfy `which`, in a `/proc/<pid>/maps` text.
+fn private_mapping(maps: &str, len: u64, which: impl Fn(u64, &str) -> bool) -> Option<(u64, u64)> {
     maps.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let (range, perms, offset, _dev, inode) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        let path = f.next().unwrap_or("");
         let (a, b) = range.split_once('-')?;
         let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
-        let fits = inode.parse() == Ok(ino) && b - a == len && u64::from_str_radix(offset, 16) == Ok(0);
-        (fits && perms.ends_with('p')).then_some(a)
+        let fits = b.checked_sub(a) == Some(len) && u64::from_str_radix(offset, 16) == Ok(0);
+        (fits && perms.ends_with('p') && which(inode.parse().ok()?, path)).then_some((a, b))
     })
+}
+
+/// Whether process `pid` maps a template's memfd (a VM created from a template).
+pub fn maps_template(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .is_ok_and(|m| m.contains(&format!("/memfd:{TEMPLATE_MEMFD}")))
 }
 
 #[cfg(test)]
@@ -153,50 +190,66 @@ mod tests {
         let maps = "7f0000000000-7f0020000000 rw-s 00000000 00:19 42 /dev/shm/x.mem\n\
                     7f1000000000-7f1020000000 rw-p 00000000 fe:00 43 /data/memory\n\
                     7f2000000000-7f2000001000 rw-p 00001000 fe:00 43 /data/memory\n";
-        assert_eq!(private_mapping(maps, 43, 512 << 20), Some(0x7f1000000000));
-        assert_eq!(private_mapping(maps, 42, 512 << 20), None, "a shared mapping is not it");
-        assert_eq!(private_mapping(maps, 43, 4096), None, "nor one at another offset");
-        assert_eq!(private_mapping("garbage\n\n1-2", 43, 1), None);
+        let ino = |want: u64| move |i: u64, _: &str| i == want;
+        assert_eq!(private_mapping(maps, 512 << 20, ino(43)), Some((0x7f1000000000, 0x7f1020000000)));
+        assert_eq!(private_mapping(maps, 512 << 20, ino(42)), None, "a shared mapping is not it");
+        assert_eq!(private_mapping(maps, 4096, ino(43)), None, "nor one at another offset");
+        assert_eq!(private_mapping("garbage\n\n2-1", 1, ino(43)), None);
+        let memfd = "7f3000000000-7f3040000000 rw-p 00000000 00:01 9 /memfd:cove-tmpl-x (deleted)\n";
+        let named = |_: u64, p: &str| p.starts_with("/memfd:cove-tmpl-");
+        assert_eq!(private_mapping(memfd, 1 << 30, named), Some((0x7f3000000000, 0x7f3040000000)));
     }
 
-    /// A child maps a file privately, writes some pages (one with zeros over data), and
-    /// stops; after the write-back the file reads as the child's memory did.
+    /// A child maps its RAM privately (the file itself, or a memfd copy of it named like a
+    /// template's), writes some pages (one with zeros over data) and stops; after the
+    /// write-back the file reads as the child's memory did.
     #[test]
     fn writes_back_what_a_process_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ram");
-        let f = File::create(&path).unwrap();
-        f.set_len(8 << 20).unwrap();
-        f.write_all_at(&[1u8; 4096 * 3], 0).unwrap();
-        f.write_all_at(&[2u8; 4096], 5 << 20).unwrap();
-        drop(f);
-        let script = format!(
-            "import mmap,os,signal\n\
-             f=open('{p}','r+b'); m=mmap.mmap(f.fileno(),8<<20,flags=mmap.MAP_PRIVATE)\n\
-             m[4096:8192]=b'\\x07'*4096; m[5<<20:(5<<20)+4096]=bytes(4096); m[(7<<20)+5:(7<<20)+8]=b'abc'\n\
-             x=m[6<<20]\n\
-             os.kill(os.getpid(), signal.SIGSTOP)\n",
-            p = path.display()
-        );
-        let mut child = std::process::Command::new("python3").arg("-c").arg(script).spawn().unwrap();
-        let pid = child.id();
-        // Wait until the child stops itself.
-        for _ in 0..500 {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            if stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('T')) {
-                break;
+        for base in [Base::InPlace, Base::Template] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ram");
+            let f = File::create(&path).unwrap();
+            f.set_len(8 << 20).unwrap();
+            f.write_all_at(&[1u8; 4096 * 3], 0).unwrap();
+            f.write_all_at(&[2u8; 4096], 5 << 20).unwrap();
+            drop(f);
+            let open = match base {
+                Base::InPlace => format!("f=open('{}','r+b')", path.display()),
+                Base::Template => format!(
+                    "f=os.fdopen(os.memfd_create('{TEMPLATE_MEMFD}test'),'r+b'); f.write(open('{}','rb').read()); f.flush()",
+                    path.display()
+                ),
+            };
+            let script = format!(
+                "import mmap,os,signal\n\
+                 {open}; m=mmap.mmap(f.fileno(),8<<20,flags=mmap.MAP_PRIVATE)\n\
+                 m[4096:8192]=b'\\x07'*4096; m[5<<20:(5<<20)+4096]=bytes(4096); m[(7<<20)+5:(7<<20)+8]=b'abc'\n\
+                 x=m[6<<20]\n\
+                 os.kill(os.getpid(), signal.SIGSTOP)\n"
+            );
+            let mut child = std::process::Command::new("python3").arg("-c").arg(script).spawn().unwrap();
+            let pid = child.id();
+            // Wait until the child stops itself.
+            for _ in 0..500 {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                if stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('T')) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            if base == Base::Template {
+                std::fs::remove_file(&path).unwrap();
+            }
+            let written = write_back(pid, 8 << 20, &path, base).unwrap();
+            let _ = child.kill();
+            let _ = child.wait();
+            let got = std::fs::read(&path).unwrap();
+            let mut want = vec![0u8; 8 << 20];
+            want[..4096 * 3].fill(1);
+            want[4096..8192].fill(7);
+            want[(7 << 20) + 5..(7 << 20) + 8].copy_from_slice(b"abc");
+            assert!(got == want, "{base:?}: the file is the child's view of its memory");
+            assert_eq!(written, 3 * 4096, "{base:?}: only the three pages the child wrote");
         }
-        let written = write_back(pid, &path).unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
-        let got = std::fs::read(&path).unwrap();
-        let mut want = vec![0u8; 8 << 20];
-        want[..4096 * 3].fill(1);
-        want[4096..8192].fill(7);
-        want[(7 << 20) + 5..(7 << 20) + 8].copy_from_slice(b"abc");
-        assert!(got == want, "the file is the child's view of its memory");
-        assert_eq!(written, 3 * 4096, "only the three pages the child wrote");
     }
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cove_blob::BlobStore;
-use cove_vmm::{Boot, VmHandle, VmSpec, Vmm};
+use std::os::fd::AsRawFd;
+
+use cove_vmm::{Boot, GuestMemory, VmHandle, VmSpec, Vmm};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 
@@ -39,8 +41,8 @@ struct VmMeta {
 
 /// Where a new VM's disk, RAM and device state come from.
 pub enum Origin<'a> {
-    /// A clone of a template snapshot (create).
-    Template(&'a TemplateSnapshot),
+    /// A clone of a template snapshot (create), with the sealed memfd of its RAM.
+    Template(&'a TemplateSnapshot, &'a std::os::fd::OwnedFd),
     /// An image in the blob store (resume of a paused sandbox, restore of a snapshot).
     Image { store: &'a BlobStore, prefix: &'a str, manifest: &'a ImageManifest },
 }
@@ -49,10 +51,9 @@ pub struct SandboxVm {
     handle: VmHandle,
     dir: PathBuf,
     data_dir: PathBuf,
+    /// The guest's RAM file: its tmpfs file ([`Memory::Shared`]), or `<dir>/memory`.
     memory_file: PathBuf,
-    /// Whether QEMU maps `memory_file` copy-on-write (a warm resume): the guest's writes are
-    /// then in QEMU's memory, and a capture writes them back into the file first.
-    private_memory: bool,
+    memory: Memory,
     agent: tokio::sync::Mutex<Option<AgentClient>>,
     /// The host end of the guest's mounts.
     pub fs: FsHost,
@@ -65,10 +66,37 @@ pub struct Captured {
     socket: UnixStream,
 }
 
+/// How a VM's RAM is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Memory {
+    /// Its RAM file on tmpfs, mapped shared: the file is the RAM (a cold resume or restore, a
+    /// boot).
+    Shared,
+    /// `<dir>/memory` mapped copy-on-write (a warm resume): the guest's RAM is that file and the
+    /// pages it wrote since, which a capture writes back into the file.
+    Own,
+    /// Its template's sealed memfd mapped copy-on-write (a create): the template's pages,
+    /// shared with every sandbox of that template until written, and the pages the guest wrote.
+    /// A capture makes `<dir>/memory` from both.
+    Template,
+}
+
 /// A sandbox's directory (disk, run files) and its RAM file on tmpfs. (A VM restored warm maps
 /// `<dir>/memory` instead: see [`private_memory_file`].)
 fn paths(cfg: &RunnerConfig, id: &str) -> (PathBuf, PathBuf) {
     (cfg.data_dir.join("sandboxes").join(id), cfg.sandbox_shm_dir().join(format!("{id}.mem")))
+}
+
+/// How a VM of `spec` holds its RAM, and its RAM file (for a VM made from a template, the one a
+/// capture writes).
+fn held(spec: &VmSpec) -> (Memory, PathBuf) {
+    match &spec.memory {
+        GuestMemory::Shared(p) => (Memory::Shared, p.clone()),
+        GuestMemory::Private(p) => (Memory::Own, p.clone()),
+        GuestMemory::PrivateFd(_) => {
+            (Memory::Template, private_memory_file(spec.disk.parent().unwrap_or(Path::new("/"))))
+        }
+    }
 }
 
 /// The RAM file a warm resume maps copy-on-write, on disk in the sandbox's directory.
@@ -76,9 +104,15 @@ fn private_memory_file(dir: &Path) -> PathBuf {
     dir.join(crate::warm::MEMORY)
 }
 
-fn spec(cfg: &RunnerConfig, images: &Images, id: &str, vcpus: u32, memory_mib: u64, private: bool) -> VmSpec {
-    let (dir, shm_file) = paths(cfg, id);
-    let memory_file = if private { private_memory_file(&dir) } else { shm_file };
+fn spec(
+    cfg: &RunnerConfig,
+    images: &Images,
+    id: &str,
+    vcpus: u32,
+    memory_mib: u64,
+    memory: GuestMemory,
+) -> VmSpec {
+    let dir = paths(cfg, id).0;
     VmSpec {
         name: id.to_string(),
         vcpus,
@@ -87,8 +121,7 @@ fn spec(cfg: &RunnerConfig, images: &Images, id: &str, vcpus: u32, memory_mib: u
         initrd: images.initrd.clone(),
         cmdline: KERNEL_CMDLINE.to_string(),
         disk: dir.join("disk.qcow2"),
-        memory_file,
-        private_memory: private,
+        memory,
         run_dir: dir.join("run"),
         overhead_mib: cfg.overhead_mib,
         netns: cove_net::netns::path(&cove_net::topology::ns_name(id)),
@@ -220,7 +253,7 @@ impl SandboxVm {
         id: &str,
     ) -> Result<(VmSpec, VmHandle, Option<Greeting>, Option<UnixStream>), RunnerError> {
         let meta = match origin {
-            Origin::Template(t) => VmMeta {
+            Origin::Template(t, _) => VmMeta {
                 template: t.template.clone(),
                 template_key: t.key.clone(),
                 vcpus: t.vcpus,
@@ -246,39 +279,36 @@ impl SandboxVm {
                 &dir.join(crate::warm::DISK),
                 &state_file,
             ),
-            Origin::Template(_) => false,
+            Origin::Template(..) => false,
         };
-        let spec = spec(cfg, images, id, meta.vcpus, meta.memory_mib, warm);
+        let memory = match origin {
+            Origin::Template(_, fd) => GuestMemory::PrivateFd(fd.as_raw_fd()),
+            Origin::Image { .. } if warm => GuestMemory::Private(private_memory_file(&dir)),
+            Origin::Image { .. } => GuestMemory::Shared(paths(cfg, id).1),
+        };
+        let spec = spec(cfg, images, id, meta.vcpus, meta.memory_mib, memory);
         write_meta(&dir, &meta)?;
         let (state_file, fill) = match origin {
             Origin::Image { .. } if warm => {
                 tracing::debug!(sandbox_id = %id, "resuming from the warm image: RAM mapped, nothing unpacked");
                 (state_file, tokio::spawn(async { Ok(()) }))
             }
-            Origin::Template(t) => {
+            Origin::Template(t, _) => {
+                // The template's RAM is mapped as it is: nothing to copy.
                 std::fs::copy(t.overlay(), &spec.disk)
                     .map_err(|e| RunnerError::io("creating disk overlay", e))?;
-                crate::memfile::create_sized(&t.memory_file, &spec.memory_file)
-                    .map_err(|e| RunnerError::io("creating memory file", e))?;
-                let (from, to) = (t.memory_file.clone(), spec.memory_file.clone());
-                let copy = tokio::spawn(async move {
-                    io_join(
-                        tokio::task::spawn_blocking(move || crate::memfile::copy_data(&from, &to)).await,
-                        "copying template memory",
-                    )
-                    .map(|_| ())
-                });
-                (t.state_file(), copy)
+                (t.state_file(), tokio::spawn(async { Ok(()) }))
             }
             Origin::Image { store, prefix, manifest } => {
                 // QEMU opens the disk when it starts: that one comes first. Device state and RAM
                 // are needed only at the restore, so they are filled while QEMU starts.
                 cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;
-                let f = std::fs::File::create(&spec.memory_file)
+                let shm_file = paths(cfg, id).1;
+                let f = std::fs::File::create(&shm_file)
                     .map_err(|e| RunnerError::io("creating memory file", e))?;
                 f.set_len(manifest.memory.size).map_err(|e| RunnerError::io("sizing memory file", e))?;
                 let (store, prefix, memory, dest) =
-                    ((*store).clone(), prefix.to_string(), manifest.memory.clone(), spec.memory_file.clone());
+                    ((*store).clone(), prefix.to_string(), manifest.memory.clone(), shm_file);
                 let (state, state_dest) = (manifest.state.clone(), state_file.clone());
                 let fill = tokio::spawn(async move {
                     let (m, s) = tokio::join!(
@@ -340,8 +370,8 @@ impl SandboxVm {
             handle,
             dir: paths(cfg, &req.id).0,
             data_dir: cfg.data_dir.clone(),
-            memory_file: spec.memory_file.clone(),
-            private_memory: spec.private_memory,
+            memory_file: held(&spec).1,
+            memory: held(&spec).0,
             agent: tokio::sync::Mutex::new(None),
             fs: FsHost::new(&spec.run_dir, sources),
         };
@@ -363,7 +393,8 @@ impl SandboxVm {
         };
         let t_agent = t0.elapsed();
         grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
-        let told = if spec.private_memory { Told::ClockOnly } else { Told::All };
+        // A warm resume is the same machine going on, on the runner that ran it.
+        let told = if held(&spec).0 == Memory::Own { Told::ClockOnly } else { Told::All };
         apply_identity(&agent, req, &cfg.data_dir, told).await?;
         guest_mounts(&agent, req).await?;
         tracing::debug!(
@@ -385,7 +416,8 @@ impl SandboxVm {
         req: &VmRequest,
         sources: Sources,
     ) -> Result<SandboxVm, RunnerError> {
-        let spec = spec(cfg, images, &req.id, req.vcpus, req.memory_mib, false);
+        let spec =
+            spec(cfg, images, &req.id, req.vcpus, req.memory_mib, GuestMemory::Shared(paths(cfg, &req.id).1));
         if !spec.disk.exists() {
             return Err(RunnerError::Image(format!("sandbox {} has no disk on this host", req.id)));
         }
@@ -393,7 +425,7 @@ impl SandboxVm {
             let _ = std::fs::remove_dir_all(&spec.run_dir);
             let _ = std::fs::remove_file(private_memory_file(&paths(cfg, &req.id).0));
             std::fs::create_dir_all(&spec.run_dir).map_err(|e| RunnerError::io("creating run dir", e))?;
-            let f = std::fs::File::create(&spec.memory_file)
+            let f = std::fs::File::create(held(&spec).1)
                 .map_err(|e| RunnerError::io("creating memory file", e))?;
             f.set_len(req.memory_mib << 20).map_err(|e| RunnerError::io("sizing memory file", e))?;
             let handle = vmm.start(&spec, &Boot::Fresh).await?;
@@ -401,8 +433,8 @@ impl SandboxVm {
                 handle,
                 dir: paths(cfg, &req.id).0,
                 data_dir: cfg.data_dir.clone(),
-                memory_file: spec.memory_file.clone(),
-                private_memory: false,
+                memory_file: held(&spec).1,
+                memory: Memory::Shared,
                 agent: tokio::sync::Mutex::new(None),
                 fs: FsHost::new(&spec.run_dir, sources),
             };
@@ -432,7 +464,7 @@ impl SandboxVm {
             Self::log_failure(cfg, &req.id, e, "boot failed");
             // The disk is the sandbox's data: keep it, drop the rest.
             let _ = std::fs::remove_dir_all(&spec.run_dir);
-            let _ = std::fs::remove_file(&spec.memory_file);
+            let _ = std::fs::remove_file(held(&spec).1);
         }
         result
     }
@@ -441,12 +473,18 @@ impl SandboxVm {
     pub fn adopt(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str, sources: Sources) -> Option<SandboxVm> {
         let (dir, shm_file) = paths(cfg, id);
         let handle = vmm.find(id, &dir.join("run"))?;
-        let private_memory = private_memory_file(&dir).exists();
+        let memory = if crate::memfile::maps_template(handle.pid) {
+            Memory::Template
+        } else if private_memory_file(&dir).exists() {
+            Memory::Own
+        } else {
+            Memory::Shared
+        };
         Some(SandboxVm {
             fs: FsHost::new(&dir.join("run"), sources),
             handle,
-            memory_file: if private_memory { private_memory_file(&dir) } else { shm_file },
-            private_memory,
+            memory_file: if memory == Memory::Shared { shm_file } else { private_memory_file(&dir) },
+            memory,
             dir,
             data_dir: cfg.data_dir.clone(),
             agent: tokio::sync::Mutex::new(None),
@@ -506,12 +544,17 @@ impl SandboxVm {
         let save_ms = t0.elapsed().as_millis() as u64;
         fault_point("capture.saved");
         let stored = async {
-            if self.private_memory {
-                // The file holds the RAM the guest was resumed with; what it wrote since is in
-                // QEMU's copy-on-write pages.
-                let (pid, file) = (self.handle.pid, self.memory_file.clone());
+            let base = match self.memory {
+                Memory::Shared => None,
+                Memory::Own => Some(crate::memfile::Base::InPlace),
+                Memory::Template => Some(crate::memfile::Base::Template),
+            };
+            if let Some(base) = base {
+                // What the guest wrote since its RAM was mapped is in QEMU's copy-on-write pages.
+                let (pid, len, file) = (self.handle.pid, meta.memory_mib << 20, self.memory_file.clone());
                 let written = io_join(
-                    tokio::task::spawn_blocking(move || crate::memfile::write_back(pid, &file)).await,
+                    tokio::task::spawn_blocking(move || crate::memfile::write_back(pid, len, &file, base))
+                        .await,
                     "writing back guest memory",
                 )?;
                 tracing::debug!(sandbox_id = %req.id, written, "guest memory written back");
@@ -588,6 +631,10 @@ impl SandboxVm {
     ) -> Result<(), RunnerError> {
         vmm.resume(&self.handle).await?;
         self.fs.unpark().await;
+        if self.memory == Memory::Template {
+            // The capture made a RAM file from the template's pages; QEMU still maps those.
+            let _ = std::fs::remove_file(&self.memory_file);
+        }
         let agent = Self::greet_parked(captured.socket).await?;
         apply_identity(&agent, req, &self.data_dir, Told::ClockOnly).await?;
         *self.agent.lock().await = Some(agent);
@@ -639,7 +686,8 @@ impl SandboxVm {
         let id = &self.handle.name;
         let (disk, state) = (self.dir.join(crate::warm::DISK), self.handle.run_dir.join(crate::warm::STATE));
         let kept = crate::warm::begin(cfg, id, &disk, &state).and_then(|partial| {
-            if self.private_memory {
+            if self.memory != Memory::Shared {
+                // On disk: the file the capture wrote.
                 return partial.finish(cfg, id, prefix, &self.memory_file, false);
             }
             let aside = self.memory_file.with_extension("mem.warming");

@@ -7,3 +7,54 @@ pub fn kill_self() {
         libc::kill(libc::getpid(), libc::SIGKILL);
     }
 }
+
+/// A sealed copy of `from`'s data in a new memfd named `name`: nothing can write it, grow it or
+/// shrink it any more (`F_SEAL_WRITE`, `F_SEAL_GROW`, `F_SEAL_SHRINK`, `F_SEAL_SEAL`), while
+/// private (copy-on-write) mappings of it stay writable. Holes stay holes.
+pub fn sealed_copy(from: &std::path::Path, name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: memfd_create takes a C string and flags; the fd it returns is ours alone.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just made and is owned by nothing else.
+    let file = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    let src = std::fs::File::open(from)?;
+    file.set_len(src.metadata()?.len())?;
+    crate::memfile::copy_data_between(&src, &file)?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our fd with integer arguments.
+    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_sealed_copy_has_the_data_and_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("ram");
+        let f = std::fs::File::create(&from).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(b"template", 1 << 20).unwrap();
+        let fd = super::sealed_copy(&from, "cove-tmpl-test").unwrap();
+        let mut copy = std::fs::File::from(fd);
+        let mut buf = [0u8; 8];
+        copy.read_exact_at(&mut buf, 1 << 20).unwrap();
+        assert_eq!(&buf, b"template");
+        assert_eq!(copy.metadata().unwrap().len(), 4 << 20);
+        assert!(copy.write_all(b"x").is_err(), "sealed against writes");
+        assert!(copy.set_len(1 << 20).is_err(), "sealed against shrinking");
+        // Opened again read-write by path (as QEMU does), it still cannot be written.
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&copy));
+        let again = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        assert!(again.write_all_at(b"x", 0).is_err());
+    }
+}

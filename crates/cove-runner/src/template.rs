@@ -14,6 +14,7 @@
 //! disk's backing layer. Old versions are left in place (see docs/operations.md).
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -61,11 +62,50 @@ pub struct Templates {
     images: Images,
     /// One lock per shape, so a shape is built once however many creates wait for it.
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sealed copies of snapshots' RAM, by snapshot key (see [`Templates::shared_memory`]).
+    shared: Mutex<HashMap<String, SharedMemory>>,
+}
+
+/// A snapshot's RAM in a sealed memfd, and which RAM file (inode, modification time) it copies.
+struct SharedMemory {
+    template: String,
+    source: (u64, i64, i64),
+    fd: Arc<OwnedFd>,
 }
 
 impl Templates {
     pub fn new(cfg: &RunnerConfig, images: &Images) -> Self {
-        Templates { cfg: cfg.clone(), images: images.clone(), building: Mutex::new(HashMap::new()) }
+        Templates {
+            cfg: cfg.clone(),
+            images: images.clone(),
+            building: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The RAM of snapshot `snap` in a sealed memfd, made once per snapshot and runner process.
+    /// Every sandbox made from the snapshot maps it copy-on-write: they share its pages until
+    /// they write them, and none can change it (QEMU opens its RAM file read-write; the seals
+    /// refuse the writes).
+    pub async fn shared_memory(&self, snap: &TemplateSnapshot) -> Result<Arc<OwnedFd>, RunnerError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&snap.memory_file)
+            .map_err(|e| RunnerError::io("reading template memory", e))?;
+        let source = (m.ino(), m.mtime(), m.mtime_nsec());
+        let lock = || self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = lock().get(&snap.key).filter(|s| s.source == source) {
+            return Ok(s.fd.clone());
+        }
+        let (from, name) =
+            (snap.memory_file.clone(), format!("{}{}", crate::memfile::TEMPLATE_MEMFD, snap.key));
+        let fd = tokio::task::spawn_blocking(move || crate::sys::sealed_copy(&from, &name))
+            .await
+            .map_err(|e| RunnerError::io("sealing template memory", std::io::Error::other(e)))?
+            .map_err(|e| RunnerError::io("sealing template memory", e))?;
+        let fd = Arc::new(fd);
+        let entry = SharedMemory { template: snap.template.clone(), source, fd: fd.clone() };
+        lock().insert(snap.key.clone(), entry);
+        Ok(fd)
     }
 
     /// The guest images of a template: a system template's root filesystem in the cache dir,
@@ -221,6 +261,7 @@ impl Templates {
     /// Removes every snapshot of a template (all shapes and versions), for a template being
     /// deleted.
     pub async fn remove(&self, vmm: &dyn Vmm, template: &str) -> Result<(), RunnerError> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, s| s.template != template);
         let prefix = format!("{}-", slug(template));
         let Ok(entries) = std::fs::read_dir(self.snapshots_dir(template)) else { return Ok(()) };
         for entry in entries.flatten() {
@@ -285,8 +326,7 @@ impl Templates {
             initrd: self.images.initrd.clone(),
             cmdline: KERNEL_CMDLINE.to_string(),
             disk: disk.clone(),
-            memory_file: snap.memory_file.clone(),
-            private_memory: false,
+            memory: cove_vmm::GuestMemory::Shared(snap.memory_file.clone()),
             run_dir: snap.run_dir.clone(),
             overhead_mib: self.cfg.overhead_mib,
             netns,

@@ -83,10 +83,8 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Writable qcow2 disk.
     pub disk: PathBuf,
-    /// Guest RAM file: on tmpfs and shared with QEMU, or (`private_memory`) mapped
-    /// copy-on-write, so that the file stays as it was and the guest's writes stay in QEMU.
-    pub memory_file: PathBuf,
-    pub private_memory: bool,
+    /// Where guest RAM comes from.
+    pub memory: GuestMemory,
     /// Sockets, logs and the pid file live here.
     pub run_dir: PathBuf,
     /// Extra host memory allowed beyond guest RAM for QEMU itself.
@@ -94,6 +92,19 @@ pub struct VmSpec {
     /// The network namespace QEMU runs in (a path such as `/run/netns/NAME`); its `tap0`
     /// backs the guest's only NIC. Every VM has the NIC, so device states stay compatible.
     pub netns: PathBuf,
+}
+
+/// Guest RAM: a file QEMU maps, shared (it is the RAM) or copy-on-write (it stays as it was and
+/// the guest's writes stay in QEMU's memory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// A file on tmpfs, mapped shared.
+    Shared(PathBuf),
+    /// A file mapped copy-on-write.
+    Private(PathBuf),
+    /// An open file of the caller's (a sealed memfd, which QEMU cannot write), inherited by
+    /// QEMU and mapped copy-on-write. Several VMs share its pages until they write them.
+    PrivateFd(std::os::fd::RawFd),
 }
 
 impl VmSpec {

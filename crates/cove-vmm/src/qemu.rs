@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
 use crate::qmp::Qmp;
-use crate::{sys, Accel, Boot, Cgroup, VmHandle, VmSpec, Vmm, VmmError};
+use crate::{sys, Accel, Boot, Cgroup, GuestMemory, VmHandle, VmSpec, Vmm, VmmError};
 
 const QMP_WAIT: Duration = Duration::from_secs(10);
 const MIGRATION_WAIT: Duration = Duration::from_secs(300);
@@ -115,12 +115,14 @@ impl QemuVmm {
             "-m".into(),
             format!("{}M", spec.memory_mib),
             "-object".into(),
-            format!(
-                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
-                spec.memory_mib,
-                spec.memory_file.display(),
-                if spec.private_memory { "off" } else { "on" }
-            ),
+            {
+                let (path, share) = match &spec.memory {
+                    GuestMemory::Shared(p) => (p.display().to_string(), "on"),
+                    GuestMemory::Private(p) => (p.display().to_string(), "off"),
+                    GuestMemory::PrivateFd(fd) => (format!("/proc/self/fd/{fd}"), "off"),
+                };
+                format!("memory-backend-file,id=mem,size={}M,mem-path={path},share={share}", spec.memory_mib)
+            },
             "-global".into(),
             "migration.send-configuration=off".into(),
             "-kernel".into(),
@@ -220,11 +222,21 @@ impl Vmm for QemuVmm {
         // QEMU runs in its own session (a runner restart or a signal to the runner's group
         // does not touch it) and in the VM's cgroup from its first instruction. It cannot
         // daemonize itself: `-sandbox spawn=deny` forbids the fork.
-        // SAFETY: the closure only calls setsid(2), write(2) and setns(2), all
+        // The memory file QEMU inherits, if any: it stays open (the caller's) until spawn returns.
+        let inherited = match spec.memory {
+            GuestMemory::PrivateFd(fd) => Some(fd),
+            _ => None,
+        };
+        // SAFETY: the closure only calls fcntl(2), setsid(2), write(2) and setns(2), all
         // async-signal-safe.
         #[allow(unsafe_code)]
         unsafe {
-            cmd.pre_exec(move || sys::detach_into_cgroups(&fds, Some(netns_fd)));
+            cmd.pre_exec(move || {
+                if let Some(fd) = inherited {
+                    sys::inherit(fd)?;
+                }
+                sys::detach_into_cgroups(&fds, Some(netns_fd))
+            });
         }
         let mut child =
             cmd.spawn().map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
@@ -365,8 +377,7 @@ mod tests {
             initrd: "/i".into(),
             cmdline: String::new(),
             disk: "/d.qcow2".into(),
-            memory_file: "/m".into(),
-            private_memory: false,
+            memory: GuestMemory::Shared("/m".into()),
             run_dir: "/r".into(),
             overhead_mib: 0,
             netns: "/run/netns/n".into(),

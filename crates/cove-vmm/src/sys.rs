@@ -34,3 +34,12 @@ pub fn detach_into_cgroups(fds: &[i32], netns: Option<i32>) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Lets a child inherit `fd` across exec (clears its close-on-exec flag). Async-signal-safe.
+pub fn inherit(fd: i32) -> io::Result<()> {
+    // SAFETY: fcntl on an fd number with integer arguments.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -184,8 +184,11 @@ async fn two_runners_place_move_lose_and_find_sandboxes() {
         std::fs::create_dir_all(dir.join("control")).unwrap();
         std::fs::write(dir.join("control/test-database-url"), url).unwrap();
     }
-    // The control plane listens where both namespaces reach it (and only for this test).
-    let server = TestServer::start_in(dir.join("control"), &["--no-local-runner", "--listen", "0.0.0.0:0"]);
+    // The control plane listens where both namespaces reach it (and only for this test), on a
+    // port below the ephemeral range: it starts again on the same port later, which an
+    // outgoing connection of this host could otherwise have taken meanwhile.
+    let listen = format!("0.0.0.0:{}", free_port_below_ephemeral());
+    let server = TestServer::start_in(dir.join("control"), &["--no-local-runner", "--listen", &listen]);
     let token_file = server.data_dir.join("cluster-token").display().to_string();
     let c = Cluster { net, s3, server, token_file, dir };
     let api = c.server.new_org(Some(10));
@@ -277,4 +280,12 @@ async fn two_runners_place_move_lose_and_find_sandboxes() {
         assert!(!common::file_contains(&log, token.as_bytes()), "{} holds the cluster token", log.display());
         assert!(!common::file_contains(&log, SECRET_KEY.as_bytes()), "{} holds the S3 secret", log.display());
     }
+}
+
+/// A TCP port free now, in 20000..32000 (below Linux's default ephemeral range, 32768 up).
+fn free_port_below_ephemeral() -> u16 {
+    (0..200)
+        .map(|_| 20000 + rand::random::<u16>() % 12000)
+        .find(|p| std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())
+        .expect("a free port below 32000")
 }

@@ -28,7 +28,10 @@ async fn create_exec_delete_leaves_nothing_behind() {
     let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
 
-    assert_eq!(common::guest_ram_files(&id).len(), 1, "the sandbox's RAM file is on /dev/shm/cove");
+    // Its RAM is its template's, mapped copy-on-write: no RAM file of its own.
+    assert!(common::guest_ram_files(&id).is_empty(), "a new sandbox has a RAM file of its own");
+    let pid: u32 = pid.parse().unwrap();
+    template_mapping(pid);
 
     let r = api.delete(&format!("/v1/sandbox/{id}")).await;
     assert_eq!(r.status, 204, "{}", r.text());
@@ -44,4 +47,50 @@ async fn create_exec_delete_leaves_nothing_behind() {
         assert!(!std::path::Path::new(cg).join(&id).exists(), "cgroup left in {cg}");
     }
     assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.status, 404);
+}
+
+/// The template's RAM mapping of a sandbox's QEMU (`/memfd:cove-tmpl-…`): its start-end range
+/// and the kB of it that are resident and mapped by another process too (`Shared_Clean` and
+/// `Shared_Dirty`: a memfd's pages count as dirty).
+fn template_mapping(pid: u32) -> (String, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut lines = smaps.lines().skip_while(|l| !l.contains("/memfd:cove-tmpl-"));
+    let head = lines.next().unwrap_or_else(|| panic!("QEMU {pid} does not map a template's RAM"));
+    let kb = |l: &str| l.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap();
+    let shared = lines
+        .take_while(|l| !l.starts_with("VmFlags"))
+        .filter_map(|l| l.strip_prefix("Shared_Clean:").or_else(|| l.strip_prefix("Shared_Dirty:")))
+        .map(kb)
+        .sum();
+    (head.split_whitespace().next().unwrap().to_string(), shared)
+}
+
+/// Sandboxes made from one template map its RAM copy-on-write from one sealed memfd: the pages
+/// they have not written are the same host pages, and no QEMU can write that memfd (it is
+/// sealed: a write through QEMU's own open file is refused). What each guest writes stays its
+/// own.
+#[tokio::test]
+async fn sandboxes_of_a_template_share_its_pages_and_cannot_change_them() {
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let a = api.create(json!({})).await;
+    let b = api.create(json!({})).await;
+    api.sh_ok(&a, "echo from-a > /dev/shm/mine").await;
+    let pids: Vec<u32> = [&a, &b].iter().map(|id| common::qemu_pids(id)[0]).collect();
+    for &pid in &pids {
+        let (range, shared_kb) = template_mapping(pid);
+        assert!(shared_kb >= 8 << 10, "QEMU {pid} shares only {shared_kb} kB of the template's pages");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{pid}/map_files/{range}"))
+            .expect("the mapped memfd opens for writing");
+        use std::os::unix::fs::FileExt;
+        let err = file.write_all_at(b"x", 0).expect_err("a sealed template memfd took a write");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    }
+    assert_eq!(api.sh_ok(&a, "cat /dev/shm/mine").await, "from-a\n");
+    assert_eq!(api.exec(&b, "cat /dev/shm/mine").await.0, 1, "b sees nothing a wrote");
+    for id in [&a, &b] {
+        assert_eq!(api.delete(&format!("/v1/sandbox/{id}")).await.status, 204);
+    }
 }
