@@ -440,7 +440,7 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
         println!("{:<48} {:>9} {:>9}", "", "p50 ms", "p95 ms");
         let row = |name: &str, s: &Stats| println!("{name:<48} {:>9.1} {:>9.1}", s.pct(50.0), s.pct(95.0));
         row("raw QEMU save (stop + device state, shared RAM)", &raw_save);
-        row("raw QEMU restore (-incoming + cont, same file)", &raw_restore);
+        row("raw QEMU restore (-incoming + cont, RAM as it is)", &raw_restore);
         row("pause (POST /pause -> 201, stored, VM gone)", &pause);
         row("resume, warm (POST /resume -> 200 running)", &resume);
         row("resume, warm -> first exec done", &first_exec);
@@ -556,7 +556,7 @@ async fn create_exec(b: &Bench, args: &CreateArgs) -> Result<()> {
     let row = |name: &str, s: &Stats| {
         println!("{name:<44} {:>9.1} {:>9.1} {:>9.1}", s.pct(50.0), s.pct(95.0), s.pct(99.0))
     };
-    row("raw restore (copy + QEMU -incoming + cont)", &raw);
+    row("raw restore (QEMU -incoming + cont on the template RAM)", &raw);
     row("create (POST /v1/sandbox -> 201 running)", &create);
     row("create -> first successful exec", &first_exec);
     row("exec round trip (`true`)", &exec);
