@@ -1,9 +1,9 @@
 //! QEMU as the VM backend, driven over QMP.
 //!
 //! Guest RAM is a `memory-backend-file`: either shared (`share=on`, a file on tmpfs that *is*
-//! the RAM) or private (`share=off`, a copy-on-write mapping of a file on disk: the guest runs
-//! at once and its pages are read on first touch, while what it writes stays in QEMU's own
-//! memory). A save writes only device state (about a megabyte, `xen-save-devices-state`, which
+//! the RAM) or private (`share=off`, a copy-on-write mapping of a file on disk or of a sealed
+//! memfd QEMU inherits: the guest runs at once and its pages are read on first touch, while
+//! what it writes stays in QEMU's own memory; see [`GuestMemory`]). A save writes only device state (about a megabyte, `xen-save-devices-state`, which
 //! skips every RAM block whatever its mapping); the RAM is the runner's business (see the
 //! runner's `memfile`). Restoring starts QEMU with `-incoming defer` on the RAM file and feeds
 //! it that device state over a Unix socket the runner serves, which keeps QEMU's `-sandbox`
