@@ -211,12 +211,15 @@ async fn a_repository_round_trip_with_credentials_the_guest_never_sees() {
     assert_eq!(inet.git_requests().len(), before, "a denied sandbox reached the git server");
 
     // The guest's memory and the server's log hold no credential either.
-    for ram in common::guest_ram_files(&id) {
-        assert!(
-            !common::file_contains(&ram, GIT_PASSWORD.as_bytes()),
-            "the password is in the guest's memory"
-        );
-    }
+    let marker = common::hold_marker(&api, &id).await;
+    assert!(
+        common::guest_memory_contains(&id, marker.as_bytes()),
+        "the memory scan cannot see the guest's memory"
+    );
+    assert!(
+        !common::guest_memory_contains(&id, GIT_PASSWORD.as_bytes()),
+        "the password is in the guest's memory"
+    );
     let log = common::server_log_lines(&data).join("\n");
     assert!(log.contains("credentials lent"), "the loan is not in the log");
     assert!(!log.contains(GIT_PASSWORD), "the password is in the server log");

@@ -698,11 +698,40 @@ pub fn file_contains(path: &std::path::Path, needle: &[u8]) -> bool {
     found.is_some()
 }
 
+/// Whether the guest of sandbox `id` holds `needle` in its RAM, read through its QEMU's mapping
+/// of it (`/proc/<pid>/mem`): what the guest sees, whether that RAM is a file of its own or its
+/// template's pages mapped copy-on-write and the pages it wrote.
+pub fn guest_memory_contains(id: &str, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek};
+    let pids = qemu_pids(id);
+    assert_eq!(pids.len(), 1, "one QEMU for {id}");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", pids[0])).unwrap();
+    // Guest RAM: the large file mapping of its RAM file or of its template's memfd.
+    let (start, end) = maps
+        .lines()
+        .filter(|l| l.contains(id) || l.contains("/memfd:cove-tmpl-"))
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+        })
+        .max_by_key(|(a, b)| b - a)
+        .unwrap_or_else(|| panic!("no guest RAM mapping in QEMU of {id}"));
+    let mut mem = std::fs::File::open(format!("/proc/{}/mem", pids[0])).unwrap();
+    mem.seek(std::io::SeekFrom::Start(start)).unwrap();
+    let found = find_in(mem.take(end - start), needle);
+    if let Some(context) = &found {
+        eprintln!("{} found in the memory of {id}: {context}", String::from_utf8_lossy(needle));
+    }
+    found.is_some()
+}
+
 /// Scans a file for `needle` in windows, so a 1 GiB RAM file never sits in memory whole.
 fn find_in_file(path: &std::path::Path, needle: &[u8]) -> Option<String> {
-    use std::io::Read;
+    find_in(std::fs::File::open(path).unwrap(), needle)
+}
+
+fn find_in(mut f: impl std::io::Read, needle: &[u8]) -> Option<String> {
     let finder = memchr::memmem::Finder::new(needle);
-    let mut f = std::fs::File::open(path).unwrap();
     let mut buf = vec![0u8; 8 << 20];
     let mut carry = 0;
     loop {
