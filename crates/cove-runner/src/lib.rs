@@ -329,8 +329,7 @@ impl Runner {
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<(Duration, Duration), RunnerError> {
-        let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
-        let memory = self.templates.shared_memory(&snapshot).await?;
+        let (snapshot, memory) = self.clone_source(template, vcpus, memory_mib).await?;
         let origin = sandbox::Origin::Template(&snapshot, &memory);
         sandbox::raw_save_restore(&self.cfg, &self.images, self.vmm.as_ref(), origin).await
     }
@@ -348,8 +347,7 @@ impl Runner {
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<Duration, RunnerError> {
-        let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
-        let memory = self.templates.shared_memory(&snapshot).await?;
+        let (snapshot, memory) = self.clone_source(template, vcpus, memory_mib).await?;
         sandbox::raw_restore(
             &self.cfg,
             &self.images,
@@ -357,6 +355,19 @@ impl Runner {
             sandbox::Origin::Template(&snapshot, &memory),
         )
         .await
+    }
+
+    /// What a VM of this shape is cloned from: the template snapshot (built first if needed) and
+    /// the sealed memfd of its RAM.
+    async fn clone_source(
+        &self,
+        template: &str,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> Result<(template::TemplateSnapshot, Arc<std::os::fd::OwnedFd>), RunnerError> {
+        let snapshot = self.templates.get(self.vmm.as_ref(), template, vcpus, memory_mib).await?;
+        let memory = self.templates.shared_memory(&snapshot).await?;
+        Ok((snapshot, memory))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<sandbox::SandboxVm>>> {
@@ -396,9 +407,7 @@ impl SandboxHost for Runner {
 
     /// Creates the sandbox's VM from the template snapshot and gives the guest its identity.
     async fn create(&self, req: &VmRequest) -> Result<(), RunnerError> {
-        let snapshot =
-            self.templates.get(self.vmm.as_ref(), &req.template, req.vcpus, req.memory_mib).await?;
-        let memory = self.templates.shared_memory(&snapshot).await?;
+        let (snapshot, memory) = self.clone_source(&req.template, req.vcpus, req.memory_mib).await?;
         let origin = sandbox::Origin::Template(&snapshot, &memory);
         let sources = connect_mounts(&req.unsealed.mounts).await?;
         self.net.up(&req.id, req.unsealed.network_policy.as_ref()).await?;

@@ -87,15 +87,13 @@ fn paths(cfg: &RunnerConfig, id: &str) -> (PathBuf, PathBuf) {
     (cfg.data_dir.join("sandboxes").join(id), cfg.sandbox_shm_dir().join(format!("{id}.mem")))
 }
 
-/// How a VM of `spec` holds its RAM, and its RAM file (for a VM made from a template, the one a
-/// capture writes).
-fn held(spec: &VmSpec) -> (Memory, PathBuf) {
+/// How a VM of `spec` (sandbox directory `dir`) holds its RAM, and its RAM file (for a VM made
+/// from a template, the one a capture writes).
+fn held(spec: &VmSpec, dir: &Path) -> (Memory, PathBuf) {
     match &spec.memory {
         GuestMemory::Shared(p) => (Memory::Shared, p.clone()),
         GuestMemory::Private(p) => (Memory::Own, p.clone()),
-        GuestMemory::PrivateFd(_) => {
-            (Memory::Template, private_memory_file(spec.disk.parent().unwrap_or(Path::new("/"))))
-        }
+        GuestMemory::PrivateFd(_) => (Memory::Template, private_memory_file(dir)),
     }
 }
 
@@ -366,12 +364,14 @@ impl SandboxVm {
         let t0 = Instant::now();
         let (spec, handle, greeting, fs) = Self::start_vm(cfg, images, vmm, &origin, &req.id).await?;
         let t_vm = t0.elapsed();
+        let dir = paths(cfg, &req.id).0;
+        let (memory, memory_file) = held(&spec, &dir);
         let vm = SandboxVm {
             handle,
-            dir: paths(cfg, &req.id).0,
+            dir,
             data_dir: cfg.data_dir.clone(),
-            memory_file: held(&spec).1,
-            memory: held(&spec).0,
+            memory_file,
+            memory,
             agent: tokio::sync::Mutex::new(None),
             fs: FsHost::new(&spec.run_dir, sources),
         };
@@ -394,7 +394,7 @@ impl SandboxVm {
         let t_agent = t0.elapsed();
         grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
         // A warm resume is the same machine going on, on the runner that ran it.
-        let told = if held(&spec).0 == Memory::Own { Told::ClockOnly } else { Told::All };
+        let told = if memory == Memory::Own { Told::ClockOnly } else { Told::All };
         apply_identity(&agent, req, &cfg.data_dir, told).await?;
         guest_mounts(&agent, req).await?;
         tracing::debug!(
@@ -416,24 +416,25 @@ impl SandboxVm {
         req: &VmRequest,
         sources: Sources,
     ) -> Result<SandboxVm, RunnerError> {
+        let (dir, memory_file) = paths(cfg, &req.id);
         let spec =
-            spec(cfg, images, &req.id, req.vcpus, req.memory_mib, GuestMemory::Shared(paths(cfg, &req.id).1));
+            spec(cfg, images, &req.id, req.vcpus, req.memory_mib, GuestMemory::Shared(memory_file.clone()));
         if !spec.disk.exists() {
             return Err(RunnerError::Image(format!("sandbox {} has no disk on this host", req.id)));
         }
         let result = async {
             let _ = std::fs::remove_dir_all(&spec.run_dir);
-            let _ = std::fs::remove_file(private_memory_file(&paths(cfg, &req.id).0));
+            let _ = std::fs::remove_file(private_memory_file(&dir));
             std::fs::create_dir_all(&spec.run_dir).map_err(|e| RunnerError::io("creating run dir", e))?;
-            let f = std::fs::File::create(held(&spec).1)
+            let f = std::fs::File::create(&memory_file)
                 .map_err(|e| RunnerError::io("creating memory file", e))?;
             f.set_len(req.memory_mib << 20).map_err(|e| RunnerError::io("sizing memory file", e))?;
             let handle = vmm.start(&spec, &Boot::Fresh).await?;
             let vm = SandboxVm {
                 handle,
-                dir: paths(cfg, &req.id).0,
+                dir: dir.clone(),
                 data_dir: cfg.data_dir.clone(),
-                memory_file: held(&spec).1,
+                memory_file: memory_file.clone(),
                 memory: Memory::Shared,
                 agent: tokio::sync::Mutex::new(None),
                 fs: FsHost::new(&spec.run_dir, sources),
@@ -464,7 +465,7 @@ impl SandboxVm {
             Self::log_failure(cfg, &req.id, e, "boot failed");
             // The disk is the sandbox's data: keep it, drop the rest.
             let _ = std::fs::remove_dir_all(&spec.run_dir);
-            let _ = std::fs::remove_file(held(&spec).1);
+            let _ = std::fs::remove_file(&memory_file);
         }
         result
     }
