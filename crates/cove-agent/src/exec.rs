@@ -67,7 +67,7 @@ struct Started {
 }
 
 /// Starts `/bin/sh -c command` as [`shell_command`] would, but without forking the agent: see
-/// [`sys::spawn_vfork`]. Its pipes and strings are made first, and its cgroup was made ahead.
+/// [`cove_spawn::spawn`]. Its pipes and strings are made first, and its cgroup was made ahead.
 fn spawn_shell<'a>(
     reaper: &Reaper,
     user: &SandboxUser,
@@ -86,7 +86,7 @@ fn spawn_shell<'a>(
     let null = std::fs::File::open("/dev/null").map_err(ExecError::Spawn)?;
     let (out_r, out_w) = io::pipe().map_err(ExecError::Spawn)?;
     let (err_r, err_w) = io::pipe().map_err(ExecError::Spawn)?;
-    let spec = sys::SpawnSpec {
+    let spec = cove_spawn::SpawnSpec {
         program: CString::new("/bin/sh").map_err(nul)?,
         argv: ["/bin/sh", "-c", command]
             .into_iter()
@@ -98,13 +98,15 @@ fn spawn_shell<'a>(
             .map(|(k, v)| CString::new(format!("{k}={v}")))
             .collect::<Result<_, _>>()
             .map_err(nul)?,
-        cwd: CString::new(cwd.as_os_str().as_bytes()).map_err(nul)?,
-        uid: user.uid,
-        gid: user.gid,
-        cgroup_procs: procs_fd,
+        cwd: Some(CString::new(cwd.as_os_str().as_bytes()).map_err(nul)?),
+        // As root, the command keeps root's groups.
+        ids: (user.uid != 0 || user.gid != 0).then_some((user.uid, user.gid)),
+        cgroup_procs: procs_fd.into_iter().collect(),
+        netns: None,
+        inherit: Vec::new(),
         stdio: [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
     };
-    let (pid, exited) = reaper.spawn_with(|| sys::spawn_vfork(&spec)).map_err(spawn_error)?;
+    let (pid, exited) = reaper.spawn_with(|| cove_spawn::spawn(&spec)).map_err(spawn_error)?;
     Ok(Started { pid, stdout: Some(out_r.into()), stderr: Some(err_r.into()), exited })
 }
 

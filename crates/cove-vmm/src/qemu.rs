@@ -10,9 +10,7 @@
 //! able to deny spawning processes.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -181,6 +179,47 @@ impl QemuVmm {
         a
     }
 
+    /// QEMU's command for [`cove_spawn::spawn`]: its arguments, the runner's environment, the
+    /// inherited memory file (if any), stdout and stderr into `log`.
+    fn command(
+        &self,
+        spec: &VmSpec,
+        boot: &Boot,
+        log: &std::fs::File,
+        null: &std::fs::File,
+        netns: i32,
+    ) -> Result<cove_spawn::SpawnSpec, VmmError> {
+        use std::os::unix::ffi::OsStrExt;
+        let cstr = |b: &[u8]| {
+            std::ffi::CString::new(b).map_err(|_| VmmError::Spawn("a NUL byte in QEMU's command".into()))
+        };
+        let program = find_program(&self.binary)
+            .ok_or_else(|| VmmError::Spawn(format!("{} not found", self.binary.display())))?;
+        let mut argv = vec![cstr(self.binary.as_os_str().as_bytes())?];
+        for a in self.args(spec, boot) {
+            argv.push(cstr(a.as_bytes())?);
+        }
+        let envp = std::env::vars_os()
+            .map(|(k, v)| cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<Result<_, _>>()?;
+        Ok(cove_spawn::SpawnSpec {
+            program: cstr(program.as_os_str().as_bytes())?,
+            argv,
+            envp,
+            cwd: None,
+            ids: None,
+            cgroup_procs: Vec::new(),
+            netns: Some(netns),
+            // The memory file QEMU inherits, if any: it stays open (the caller's) until the
+            // spawn returns.
+            inherit: match spec.memory {
+                GuestMemory::PrivateFd(fd) => vec![fd],
+                _ => Vec::new(),
+            },
+            stdio: [null.as_raw_fd(), log.as_raw_fd(), log.as_raw_fd()],
+        })
+    }
+
     async fn qmp(&self, vm: &VmHandle) -> Result<Qmp, VmmError> {
         Qmp::connect(&vm.run_dir.join("qmp.sock"), QMP_WAIT).await
     }
@@ -201,6 +240,7 @@ impl Vmm for QemuVmm {
         for f in ["qmp.sock", "agent.sock", "fs.sock", "qemu.pid", "incoming.sock"] {
             let _ = std::fs::remove_file(spec.run_dir.join(f));
         }
+        let t0 = std::time::Instant::now();
         let limit = (spec.memory_mib + spec.overhead_mib) << 20;
         let cgroup = Cgroup::create(&spec.name, limit).map_err(|e| VmmError::io("creating cgroup", e))?;
         let procs: Vec<std::fs::File> = cgroup
@@ -209,52 +249,55 @@ impl Vmm for QemuVmm {
             .map(|p| std::fs::OpenOptions::new().write(true).open(p))
             .collect::<Result<_, _>>()
             .map_err(|e| VmmError::io("opening cgroup.procs", e))?;
-        let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
         let netns = std::fs::File::open(&spec.netns)
             .map_err(|e| VmmError::io(format!("opening network namespace {}", spec.netns.display()), e))?;
-        let netns_fd = netns.as_raw_fd();
-
         let log = std::fs::File::create(spec.run_dir.join("qemu.log"))
             .map_err(|e| VmmError::io("creating qemu.log", e))?;
-        let log_err = log.try_clone().map_err(|e| VmmError::io("creating qemu.log", e))?;
-        let mut cmd = std::process::Command::new(&self.binary);
-        cmd.args(self.args(spec, boot)).stdin(Stdio::null()).stdout(log).stderr(log_err);
+        let null = std::fs::File::open("/dev/null").map_err(|e| VmmError::io("opening /dev/null", e))?;
+        let cmd = self.command(spec, boot, &log, &null, netns.as_raw_fd())?;
         // QEMU runs in its own session (a runner restart or a signal to the runner's group
-        // does not touch it) and in the VM's cgroup from its first instruction. It cannot
-        // daemonize itself: `-sandbox spawn=deny` forbids the fork.
-        // The memory file QEMU inherits, if any: it stays open (the caller's) until spawn returns.
-        let inherited = match spec.memory {
-            GuestMemory::PrivateFd(fd) => Some(fd),
-            _ => None,
-        };
-        // SAFETY: the closure only calls fcntl(2), setsid(2), write(2) and setns(2), all
-        // async-signal-safe.
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(fd) = inherited {
-                    sys::inherit(fd)?;
-                }
-                sys::detach_into_cgroups(&fds, Some(netns_fd))
-            });
-        }
-        let mut child =
-            cmd.spawn().map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
-        drop(procs);
-        drop(netns);
-        let pid = child.id();
+        // does not touch it) and in the VM's network namespace, where it opens the TAP. It
+        // cannot daemonize itself: `-sandbox spawn=deny` forbids the fork. Started without
+        // copying the runner (see cove-spawn).
+        let pid = cove_spawn::spawn(&cmd)
+            .map_err(|e| VmmError::Spawn(format!("{}: {e}", self.binary.display())))?;
+        let t_spawn = t0.elapsed();
+        drop((netns, log, null));
+        let pid = pid as u32;
         // Reap QEMU when it exits, so it never lingers as a zombie of the runner.
-        std::thread::spawn(move || {
-            let _ = child.wait();
+        std::thread::spawn(move || sys::wait(pid));
+        // Into the VM's cgroup while QEMU starts: a move waits for an RCU grace period (~10-30
+        // ms here, cgroup v1), which in the child before exec held up every start. The guest
+        // cannot run before it is done (QEMU waits for its state or a `cont`): this is awaited
+        // below. What QEMU allocates before it (its libraries, no guest RAM) stays charged to
+        // the runner.
+        let moved = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            procs.iter().try_for_each(|mut f| f.write_all(pid.to_string().as_bytes()))
         });
         let vm = VmHandle { pid, run_dir: spec.run_dir.clone(), name: spec.name.clone() };
-        if let Err(e) = Qmp::connect(&spec.run_dir.join("qmp.sock"), QMP_WAIT).await {
-            let log = std::fs::read_to_string(spec.run_dir.join("qemu.log")).unwrap_or_default();
+        let ready = Qmp::connect(&spec.run_dir.join("qmp.sock"), QMP_WAIT).await;
+        let t_qmp = t0.elapsed();
+        let moved = moved.await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let failed = match (ready, moved) {
+            (Ok(_), Ok(())) => None,
+            (Err(e), _) => {
+                let log = std::fs::read_to_string(spec.run_dir.join("qemu.log")).unwrap_or_default();
+                Some(VmmError::Spawn(format!("{e}; QEMU said: {}", log.trim())))
+            }
+            (Ok(_), Err(e)) => Some(VmmError::io("moving QEMU into its cgroup", e)),
+        };
+        if let Some(e) = failed {
             let _ = self.destroy(&vm).await;
             let _ = cgroup.remove();
-            return Err(VmmError::Spawn(format!("{e}; QEMU said: {}", log.trim())));
+            return Err(e);
         }
-
+        tracing::debug!(
+            spawn_ms = t_spawn.as_secs_f64() * 1e3,
+            qmp_ms = t_qmp.as_secs_f64() * 1e3,
+            cgroup_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "QEMU started"
+        );
         Ok(vm)
     }
 
@@ -360,9 +403,30 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// `program` itself when it has a slash, else the first executable of that name on `PATH`.
+fn find_program(program: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.components().count() > 1 {
+        return Some(program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// QEMU is started by path (no shell, no `execvp`): a bare name is looked up on `PATH`.
+    #[test]
+    fn programs_are_found_on_the_path() {
+        let sh = find_program(Path::new("sh")).expect("sh on PATH");
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
+        assert_eq!(find_program(Path::new("/opt/x/qemu")), Some(PathBuf::from("/opt/x/qemu")));
+        assert_eq!(find_program(Path::new("no-such-program-cove")), None);
+    }
 
     /// Every pause image and snapshot stored so far records this string and restores only where
     /// it is the same: a change here must be a real change of devices.
