@@ -144,7 +144,7 @@ pub async fn serve_port(state: Arc<State>) -> io::Result<()> {
                 continue;
             }
         };
-        match handshake(&mut port).await {
+        match handshake(&mut port, &|t, e| state.set_clock(t, e)).await {
             Ok(true) => serve_connection(port, state.clone()).await,
             // Host not connected (reads give EOF): look again shortly.
             Ok(false) => tokio::time::sleep(IDLE_POLL).await,
@@ -163,7 +163,7 @@ pub async fn serve_unix(path: &str, state: Arc<State>) -> io::Result<()> {
         let (mut stream, _) = listener.accept().await?;
         let state = state.clone();
         tokio::spawn(async move {
-            if let Ok(true) = handshake(&mut stream).await {
+            if let Ok(true) = handshake(&mut stream, &|t, e| state.set_clock(t, e)).await {
                 serve_connection(stream, state).await;
             }
         });
@@ -171,8 +171,16 @@ pub async fn serve_unix(path: &str, state: Arc<State>) -> io::Result<()> {
 }
 
 /// Reads lines until a valid HELLO, answers READY. Returns Ok(false) on EOF.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> io::Result<bool> {
+///
+/// A HELLO of [`cove_proto::CLOCK_VERSION`] is answered only once `set_clock` has applied the
+/// `COVE-CLOCK` line that follows it.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    set_clock: &(dyn Fn(u128, &[u8]) -> io::Result<()> + Sync),
+) -> io::Result<bool> {
     let mut line = Vec::with_capacity(cove_proto::MAX_HANDSHAKE_LINE);
+    // The nonce of a clock greeting waiting for its clock line.
+    let mut clock_for: Option<String> = None;
     loop {
         let mut byte = [0u8; 1];
         if stream.read(&mut byte).await? == 0 {
@@ -196,19 +204,44 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> io::Res
             }
             continue;
         }
+        if let Some(start) = text.find(cove_proto::CLOCK) {
+            let Some(nonce) = clock_for.take() else {
+                continue;
+            };
+            let applied = match cove_proto::parse_clock(&text[start..]) {
+                Some((time, entropy)) => set_clock(time, &entropy),
+                None => Err(io::Error::other("malformed clock line")),
+            };
+            match applied {
+                Ok(()) => {
+                    let ready = cove_proto::ready_line_of(cove_proto::CLOCK_VERSION, &nonce);
+                    stream.write_all(ready.as_bytes()).await?;
+                    return Ok(true);
+                }
+                Err(e) => {
+                    let msg = format!("COVE-ERROR setting the clock: {e}\n");
+                    stream.write_all(msg.as_bytes()).await?;
+                    continue;
+                }
+            }
+        }
         let Some(start) = text.find(cove_proto::HELLO) else {
             continue;
         };
         let Some((version, nonce)) = cove_proto::parse_handshake(&text[start..], cove_proto::HELLO) else {
             continue;
         };
-        if version != cove_proto::PROTOCOL_VERSION {
-            let msg = format!("COVE-ERROR unsupported protocol {version}\n");
-            stream.write_all(msg.as_bytes()).await?;
-            continue;
+        match version {
+            cove_proto::PROTOCOL_VERSION => {
+                stream.write_all(cove_proto::ready_line(nonce).as_bytes()).await?;
+                return Ok(true);
+            }
+            cove_proto::CLOCK_VERSION => clock_for = Some(nonce.to_string()),
+            _ => {
+                let msg = format!("COVE-ERROR unsupported protocol {version}\n");
+                stream.write_all(msg.as_bytes()).await?;
+            }
         }
-        stream.write_all(cove_proto::ready_line(nonce).as_bytes()).await?;
-        return Ok(true);
     }
 }
 
@@ -247,4 +280,73 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(st
         }
     }
     detached.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::AsyncBufReadExt;
+
+    use super::*;
+
+    /// Runs the handshake over an in-memory pipe fed `input`; returns what it answered, whether
+    /// it ended in a session, and the clocks it set.
+    async fn handshake_of(input: &str, fail_clock: bool) -> (String, bool, Vec<(u128, Vec<u8>)>) {
+        let (mut host, mut guest) = tokio::io::duplex(4096);
+        host.write_all(input.as_bytes()).await.unwrap();
+        drop(host.shutdown().await);
+        let set = Mutex::new(Vec::new());
+        let session = handshake(&mut guest, &|t, e| {
+            set.lock().unwrap().push((t, e.to_vec()));
+            if fail_clock {
+                Err(io::Error::other("EPERM"))
+            } else {
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+        drop(guest);
+        let mut answer = String::new();
+        let mut reader = tokio::io::BufReader::new(host);
+        while reader.read_line(&mut answer).await.unwrap() > 0 {}
+        (answer, session, set.into_inner().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_clock_greeting_is_answered_once_its_clock_is_set() {
+        let input = format!(
+            "stale bytes\n{}{}",
+            cove_proto::hello_line_of(cove_proto::CLOCK_VERSION, 5),
+            cove_proto::clock_line(42, &[1, 2])
+        );
+        let (answer, session, set) = handshake_of(&input, false).await;
+        assert_eq!(answer, cove_proto::ready_line_of(2, "0000000000000005"));
+        assert!(session);
+        assert_eq!(set, vec![(42, vec![1, 2])]);
+
+        // A plain greeting sets nothing; a clock line without its greeting is ignored.
+        let input = format!("{}{}", cove_proto::clock_line(7, &[]), cove_proto::hello_line(6));
+        let (answer, session, set) = handshake_of(&input, false).await;
+        assert_eq!(answer, cove_proto::ready_line("0000000000000006"));
+        assert!(session);
+        assert!(set.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_clock_that_cannot_be_set_or_read_is_an_error_not_a_session() {
+        let input = format!("{}{}", cove_proto::hello_line_of(2, 1), cove_proto::clock_line(1, &[9]));
+        let (answer, session, _) = handshake_of(&input, true).await;
+        assert_eq!(answer, "COVE-ERROR setting the clock: EPERM\n");
+        assert!(!session);
+        let input = format!("{}COVE-CLOCK soon 00\n", cove_proto::hello_line_of(2, 1));
+        let (answer, session, set) = handshake_of(&input, false).await;
+        assert_eq!(answer, "COVE-ERROR setting the clock: malformed clock line\n");
+        assert!(!session && set.is_empty());
+        // A version it does not speak is refused by name.
+        let (answer, session, _) = handshake_of(&cove_proto::hello_line_of(3, 1), false).await;
+        assert_eq!(answer, "COVE-ERROR unsupported protocol 3\n");
+        assert!(!session);
+    }
 }

@@ -175,20 +175,26 @@ pub fn apply_identity(id: &cove_proto::Identity) -> io::Result<()> {
         std::fs::write("/etc/hosts", hosts)?;
         std::fs::write("/etc/hostname", format!("{}\n", id.hostname))?;
     }
-    if id.unix_time_ns > 0 {
-        sys::set_realtime(id.unix_time_ns)?;
-    }
+    let entropy: Vec<u8> = (0..id.entropy_hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(id.entropy_hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    apply_clock(id.unix_time_ns, &entropy)?;
     if let Some(pem) = &id.trust_pem {
         install_trust(pem)?;
     }
-    if !id.entropy_hex.is_empty() {
-        let bytes: Vec<u8> = (0..id.entropy_hex.len() / 2)
-            .filter_map(|i| u8::from_str_radix(id.entropy_hex.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect();
-        sys::add_entropy(&bytes)?;
-    }
     if let Some(bytes) = id.disk_bytes {
         grow_root(bytes)?;
+    }
+    Ok(())
+}
+
+/// Sets the wall clock (unless `unix_time_ns` is 0) and mixes `entropy` into the pool.
+pub fn apply_clock(unix_time_ns: u128, entropy: &[u8]) -> io::Result<()> {
+    if unix_time_ns > 0 {
+        sys::set_realtime(unix_time_ns)?;
+    }
+    if !entropy.is_empty() {
+        sys::add_entropy(entropy)?;
     }
     Ok(())
 }

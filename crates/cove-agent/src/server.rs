@@ -164,6 +164,15 @@ impl State {
         }
     }
 
+    /// Sets the clock and adds entropy, as the greeting of a resumed guest asks (a no-op when
+    /// the agent is not the guest's init, as in tests).
+    pub(crate) fn set_clock(&self, unix_time_ns: u128, entropy: &[u8]) -> std::io::Result<()> {
+        if self.is_init {
+            crate::init::apply_clock(unix_time_ns, entropy)?;
+        }
+        Ok(())
+    }
+
     async fn identity(&self, req: Request<Incoming>) -> Response<Body> {
         let id: cove_proto::Identity = match read_json(req).await {
             Ok(v) => v,

@@ -185,11 +185,53 @@ table inet cove {{
 /// Creates sandbox `id`'s namespace with its TAP, veth pair, addresses, routes and rules. A
 /// namespace of that name left from before is removed first.
 pub async fn create(id: &str, rules: &Rules, denied: &[&str]) -> io::Result<SandboxNet> {
+    create_tap(id).await?;
+    finish(id, rules, denied).await
+}
+
+/// The first half of [`create`]: the namespace and its TAP, all a VM needs to start (QEMU
+/// opens the TAP). A namespace of that name left from before is removed first. Until
+/// [`finish`] the namespace has no way out and no rules: the guest must not run before.
+pub async fn create_tap(id: &str) -> io::Result<()> {
     let name = ns_name(id);
     if netns::exists(&name) {
         destroy(id).await?;
     }
     run("ip", &["netns", "add", &name], None).await?;
+    // Forwarding on, and IPv6 off before any interface exists (the TAP gets no address).
+    let sysctls = netns::within(&netns::path(&name), || {
+        for (key, value) in [
+            ("net/ipv4/ip_forward", "1"),
+            ("net/ipv6/conf/all/disable_ipv6", "1"),
+            ("net/ipv6/conf/default/disable_ipv6", "1"),
+        ] {
+            std::fs::write(format!("/proc/sys/{key}"), value)
+                .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
+        }
+        Ok(())
+    });
+    if let Err(e) = sysctls {
+        let _ = destroy(id).await;
+        return Err(e);
+    }
+    let tap_cmds = format!(
+        "tuntap add {TAP_NAME} mode tap vnet_hdr\n\
+         link set {TAP_NAME} address {GATEWAY_MAC}\n\
+         addr add {GATEWAY_IP}/{GUEST_PREFIX} dev {TAP_NAME}\n\
+         link set {TAP_NAME} up\n\
+         link set lo up\n"
+    );
+    let made = run("ip", &["-n", &name, "-batch", "-"], Some(&tap_cmds)).await;
+    if made.is_err() {
+        let _ = destroy(id).await;
+    }
+    made
+}
+
+/// The second half of [`create`], which may run while QEMU starts: the veth pair to the host,
+/// addresses, routes, forwarding and the rules. On failure the namespace is removed.
+pub async fn finish(id: &str, rules: &Rules, denied: &[&str]) -> io::Result<SandboxNet> {
+    let name = ns_name(id);
     let result = async {
         let net = SandboxNet { ns_name: name.clone(), slot: add_veth(&name).await? };
         let (host_ip, ns_ip) = net.transit();
@@ -197,27 +239,10 @@ pub async fn create(id: &str, rules: &Rules, denied: &[&str]) -> io::Result<Sand
         let host_cmds = format!("addr add {host_ip}/30 dev {host_veth}\nlink set {host_veth} up\n");
         run("ip", &["-batch", "-"], Some(&host_cmds)).await?;
         let ns_cmds = format!(
-            "tuntap add {TAP_NAME} mode tap vnet_hdr\n\
-             link set {TAP_NAME} address {GATEWAY_MAC}\n\
-             addr add {GATEWAY_IP}/{GUEST_PREFIX} dev {TAP_NAME}\n\
-             link set {TAP_NAME} up\n\
-             addr add {ns_ip}/30 dev eth0\n\
+            "addr add {ns_ip}/30 dev eth0\n\
              link set eth0 up\n\
-             link set lo up\n\
              route add default via {host_ip}\n"
         );
-        let ns_path = net.netns();
-        netns::within(&ns_path, || {
-            for (key, value) in [
-                ("net/ipv4/ip_forward", "1"),
-                ("net/ipv6/conf/all/disable_ipv6", "1"),
-                ("net/ipv6/conf/default/disable_ipv6", "1"),
-            ] {
-                std::fs::write(format!("/proc/sys/{key}"), value)
-                    .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
-            }
-            Ok(())
-        })?;
         run("ip", &["-n", &name, "-batch", "-"], Some(&ns_cmds)).await?;
         apply(&net, rules, denied).await?;
         Ok(net)

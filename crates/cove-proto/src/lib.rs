@@ -14,6 +14,19 @@
 //! Before a template snapshot the host sends `COVE-PARK <version> <nonce>` instead; the agent
 //! answers `COVE-PARKED <version> <nonce>` and keeps waiting for a greeting.
 //!
+//! A guest that resumes on the runner that paused it needs only the time and fresh entropy,
+//! and the greeting brings them (version [`CLOCK_VERSION`]), which spares the guest an HTTP/2
+//! request on the resume's critical path:
+//!
+//! ```text
+//! host  → guest   COVE-HELLO 2 <nonce>\n            (queued before the guest runs)
+//! host  → guest   COVE-CLOCK <unix_ns> <entropy>\n  (written once it runs)
+//! guest → host    COVE-READY 2 <nonce>\n            (clock set, entropy added)
+//! ```
+//!
+//! An agent older than that answers `COVE-ERROR unsupported protocol 2` and skips the clock
+//! line; the host then greets it again with version 1 and sends the clock over HTTP/2.
+//!
 //! The HTTP/2 routes are the constants below. Request and response bodies are the public API's
 //! types from `cove-api` wherever one exists, so the control plane forwards what it validated.
 
@@ -28,7 +41,13 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Name of the virtio-serial port (`virtserialport,name=`).
 pub const PORT_NAME: &str = "cove.agent";
 
+/// The greeting version that a `COVE-CLOCK` line follows (see the module's documentation).
+/// Everything else is as in [`PROTOCOL_VERSION`].
+pub const CLOCK_VERSION: u32 = 2;
+
 pub const HELLO: &str = "COVE-HELLO";
+/// `COVE-CLOCK <unix_ns> <entropy_hex>`: the host's wall-clock time and fresh randomness.
+pub const CLOCK: &str = "COVE-CLOCK";
 pub const READY: &str = "COVE-READY";
 /// Asks the agent to stay in the handshake loop, reading the port, and say so: the state a
 /// template snapshot must capture, so that every clone's first bytes reach a fresh handshake.
@@ -39,11 +58,34 @@ pub const PARKED: &str = "COVE-PARKED";
 pub const MAX_HANDSHAKE_LINE: usize = 128;
 
 pub fn hello_line(nonce: u64) -> String {
-    format!("{HELLO} {PROTOCOL_VERSION} {nonce:016x}\n")
+    hello_line_of(PROTOCOL_VERSION, nonce)
+}
+
+/// The greeting of `version` ([`PROTOCOL_VERSION`] or [`CLOCK_VERSION`]).
+pub fn hello_line_of(version: u32, nonce: u64) -> String {
+    format!("{HELLO} {version} {nonce:016x}\n")
 }
 
 pub fn ready_line(nonce: &str) -> String {
-    format!("{READY} {PROTOCOL_VERSION} {nonce}\n")
+    ready_line_of(PROTOCOL_VERSION, nonce)
+}
+
+/// The answer to a greeting of `version`.
+pub fn ready_line_of(version: u32, nonce: &str) -> String {
+    format!("{READY} {version} {nonce}\n")
+}
+
+pub fn clock_line(unix_time_ns: u128, entropy: &[u8]) -> String {
+    format!("{CLOCK} {unix_time_ns} {}\n", hex::encode(entropy))
+}
+
+/// Parses `COVE-CLOCK <unix_ns> <entropy_hex>`; returns the time and the entropy's bytes.
+pub fn parse_clock(line: &str) -> Option<(u128, Vec<u8>)> {
+    let mut parts = line.trim_end().split(' ');
+    (parts.next()? == CLOCK).then_some(())?;
+    let time = parts.next()?.parse().ok()?;
+    let entropy = hex::decode(parts.next()?).ok()?;
+    parts.next().is_none().then_some((time, entropy))
 }
 
 pub fn park_line(nonce: u64) -> String {
@@ -184,6 +226,22 @@ mod tests {
         // A PARKED answer is not a PARK request.
         assert_eq!(parse_handshake(&parked_line(nonce), PARK), None);
         assert_eq!(parse_handshake("junkCOVE-HELLO 1 a", HELLO), None);
+    }
+
+    #[test]
+    fn clock_greeting_roundtrip() {
+        let hello = hello_line_of(CLOCK_VERSION, 9);
+        assert_eq!(parse_handshake(&hello, HELLO), Some((CLOCK_VERSION, "0000000000000009")));
+        assert_eq!(parse_handshake(&ready_line_of(2, "ab"), READY), Some((2, "ab")));
+        let line = clock_line(1_764_900_000_123_456_789, &[0, 0xff, 7]);
+        assert_eq!(line, "COVE-CLOCK 1764900000123456789 00ff07\n");
+        assert!(clock_line(u128::from(u64::MAX), &[0; 32]).len() < MAX_HANDSHAKE_LINE);
+        assert_eq!(parse_clock(&line), Some((1_764_900_000_123_456_789, vec![0, 0xff, 7])));
+        for bad in
+            ["COVE-CLOCK 1", "COVE-CLOCK x 00", "COVE-CLOCK 1 0g", "COVE-CLOCK 1 00 extra", "CLOCK 1 00"]
+        {
+            assert_eq!(parse_clock(bad), None, "{bad}");
+        }
     }
 
     /// The wire shape of the protocol's own types; a change here is a protocol change.

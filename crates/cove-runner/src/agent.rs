@@ -2,7 +2,7 @@
 //! client whose requests multiplex over that one byte stream.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use cove_api::process::{ExecuteRequest, ExecuteResponse};
@@ -81,19 +81,24 @@ impl AgentClient {
     /// Connects and sends the greeting, without waiting for the answer. Done before a restored
     /// VM runs, the guest resumes with its host already connected and the greeting waiting.
     pub async fn greet(socket: &Path) -> Result<Greeting, AgentError> {
+        Self::greet_as(socket, cove_proto::PROTOCOL_VERSION).await
+    }
+
+    /// As [`greet`](Self::greet), with the greeting that brings the guest the time and fresh
+    /// entropy ([`cove_proto::CLOCK_VERSION`]): once the guest runs, [`Greeting::send_clock`].
+    pub async fn greet_with_clock(socket: &Path) -> Result<Greeting, AgentError> {
+        Self::greet_as(socket, cove_proto::CLOCK_VERSION).await
+    }
+
+    async fn greet_as(socket: &Path, version: u32) -> Result<Greeting, AgentError> {
         let stream = UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
-        Self::greet_on(stream).await
+        Greeting::send(stream, version).await
     }
 
     /// Sends the greeting on a socket already open, e.g. the one a VM was parked on while it
     /// was saved: the guest never saw a disconnect, so no stale news can cut the new session.
-    pub async fn greet_on(mut stream: UnixStream) -> Result<Greeting, AgentError> {
-        let nonce: u64 = rand::random();
-        stream
-            .write_all(cove_proto::hello_line(nonce).as_bytes())
-            .await
-            .map_err(|e| AgentError::Connect(e.to_string()))?;
-        Ok(Greeting { stream, nonce })
+    pub async fn greet_on(stream: UnixStream) -> Result<Greeting, AgentError> {
+        Greeting::send(stream, cove_proto::PROTOCOL_VERSION).await
     }
 }
 
@@ -101,29 +106,70 @@ impl AgentClient {
 pub struct Greeting {
     stream: UnixStream,
     nonce: u64,
+    version: u32,
 }
 
 impl Greeting {
+    async fn send(mut stream: UnixStream, version: u32) -> Result<Greeting, AgentError> {
+        let nonce: u64 = rand::random();
+        stream
+            .write_all(cove_proto::hello_line_of(version, nonce).as_bytes())
+            .await
+            .map_err(|e| AgentError::Connect(e.to_string()))?;
+        Ok(Greeting { stream, nonce, version })
+    }
+
+    /// Sends the time and fresh entropy that a clock greeting promised: called once the guest
+    /// runs, so that the time is the host's when the guest reads it. A no-op for a plain
+    /// greeting.
+    pub async fn send_clock(&mut self) -> Result<(), AgentError> {
+        if self.version != cove_proto::CLOCK_VERSION {
+            return Ok(());
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let line = cove_proto::clock_line(now, &rand::random::<[u8; 32]>());
+        self.stream.write_all(line.as_bytes()).await.map_err(|e| AgentError::Connect(e.to_string()))
+    }
+
     pub async fn finish(self) -> Result<AgentClient, AgentError> {
-        let Greeting { mut stream, nonce } = self;
-        let want = format!("{nonce:016x}");
+        Ok(self.finish_clock().await?.0)
+    }
+
+    /// Waits for the answer; also says whether the guest set its clock from the greeting. An
+    /// agent that does not know the clock greeting refuses it by name: it is greeted again the
+    /// plain way, and the clock is then not set.
+    pub async fn finish_clock(self) -> Result<(AgentClient, bool), AgentError> {
+        let Greeting { mut stream, mut nonce, mut version } = self;
         loop {
             let text = read_line(&mut stream).await?;
             if let Some(start) = text.find(cove_proto::READY) {
-                if let Some((version, nonce)) = cove_proto::parse_handshake(&text[start..], cove_proto::READY)
+                if let Some((answered, got)) = cove_proto::parse_handshake(&text[start..], cove_proto::READY)
                 {
-                    if version != cove_proto::PROTOCOL_VERSION {
-                        return Err(AgentError::Version(version, cove_proto::PROTOCOL_VERSION));
+                    if got != format!("{nonce:016x}") {
+                        continue;
                     }
-                    if nonce == want {
-                        break;
+                    if answered != version {
+                        return Err(AgentError::Version(answered, version));
                     }
+                    break;
                 }
             } else if let Some(rest) = text.strip_prefix("COVE-ERROR ") {
+                if version == cove_proto::CLOCK_VERSION
+                    && rest == format!("unsupported protocol {}", cove_proto::CLOCK_VERSION)
+                {
+                    nonce = rand::random();
+                    version = cove_proto::PROTOCOL_VERSION;
+                    stream
+                        .write_all(cove_proto::hello_line(nonce).as_bytes())
+                        .await
+                        .map_err(|e| AgentError::Connect(e.to_string()))?;
+                    continue;
+                }
                 return Err(AgentError::Connect(rest.to_string()));
             }
         }
-        AgentClient::over(crate::trace::Traced(stream)).await
+        let client = AgentClient::over(crate::trace::Traced(stream)).await?;
+        Ok((client, version == cove_proto::CLOCK_VERSION))
     }
 }
 
@@ -194,12 +240,7 @@ impl AgentClient {
                 park_on(&mut stream, left).await?;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 park_on(&mut stream, left).await?;
-                let nonce: u64 = rand::random();
-                stream
-                    .write_all(cove_proto::hello_line(nonce).as_bytes())
-                    .await
-                    .map_err(|e| AgentError::Connect(e.to_string()))?;
-                let client = Greeting { stream, nonce }.finish().await?;
+                let client = AgentClient::greet_on(stream).await?.finish().await?;
                 // Prove the session works end to end, twice, before handing it out: if late
                 // news of the old connection cuts it, that happens now, not to a caller's exec.
                 for pause in [0, 50] {
@@ -458,5 +499,75 @@ async fn read_line(stream: &mut UnixStream) -> Result<String, AgentError> {
         if line.len() < cove_proto::MAX_HANDSHAKE_LINE {
             line.push(b[0]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    use super::*;
+
+    /// Plays an agent on `guest`: answers each handshake line it reads with `answer(line)`, if
+    /// any, until the host starts HTTP/2; returns the lines it read before.
+    fn agent(guest: UnixStream, answer: fn(&str) -> Option<String>) -> tokio::task::JoinHandle<Vec<String>> {
+        tokio::spawn(async move {
+            let (r, mut w) = guest.into_split();
+            let mut lines = BufReader::new(r).lines();
+            let mut seen = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with("PRI * HTTP/2.0") {
+                    break;
+                }
+                if let Some(a) = answer(&line) {
+                    w.write_all(a.as_bytes()).await.unwrap();
+                }
+                seen.push(line);
+            }
+            seen
+        })
+    }
+
+    fn nonce_of(line: &str) -> &str {
+        line.rsplit(' ').next().unwrap()
+    }
+
+    /// An agent that knows the clock greeting answers it once the clock line came.
+    #[tokio::test]
+    async fn a_clock_greeting_sets_the_clock() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let seen = agent(guest, |line| {
+            line.starts_with(cove_proto::HELLO).then(|| cove_proto::ready_line_of(2, nonce_of(line)))
+        });
+        let mut g = Greeting::send(host, cove_proto::CLOCK_VERSION).await.unwrap();
+        g.send_clock().await.unwrap();
+        let (_, clock_set) = g.finish_clock().await.unwrap();
+        assert!(clock_set);
+        let seen = seen.await.unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(seen[0].starts_with("COVE-HELLO 2 "), "{seen:?}");
+        let (time, entropy) = cove_proto::parse_clock(&seen[1]).expect("a clock line");
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        assert!(now - time < 10_000_000_000, "the host's time: {time} vs {now}");
+        assert_eq!(entropy.len(), 32);
+    }
+
+    /// An older agent refuses version 2 by name: it is greeted again with version 1, and the
+    /// caller learns that the clock is not set.
+    #[tokio::test]
+    async fn an_agent_without_the_clock_greeting_is_greeted_the_plain_way() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let seen = agent(guest, |line| match cove_proto::parse_handshake(line, cove_proto::HELLO) {
+            Some((1, nonce)) => Some(cove_proto::ready_line(nonce)),
+            Some((v, _)) => Some(format!("COVE-ERROR unsupported protocol {v}\n")),
+            None => None,
+        });
+        let mut g = Greeting::send(host, cove_proto::CLOCK_VERSION).await.unwrap();
+        g.send_clock().await.unwrap();
+        let (_, clock_set) = g.finish_clock().await.unwrap();
+        assert!(!clock_set);
+        let seen = seen.await.unwrap();
+        assert!(seen[0].starts_with("COVE-HELLO 2 ") && seen[1].starts_with("COVE-CLOCK "), "{seen:?}");
+        assert!(seen.len() == 3 && seen[2].starts_with("COVE-HELLO 1 "), "{seen:?}");
     }
 }

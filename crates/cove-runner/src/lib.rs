@@ -410,9 +410,17 @@ impl SandboxHost for Runner {
         let (snapshot, memory) = self.clone_source(&req.template, req.vcpus, req.memory_mib).await?;
         let origin = sandbox::Origin::Template(&snapshot, &memory);
         let sources = connect_mounts(&req.unsealed.mounts).await?;
-        self.net.up(&req.id, req.unsealed.network_policy.as_ref()).await?;
-        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
-            .await;
+        let mut network = self.net.start(&req.id, req.unsealed.network_policy.as_ref()).await?;
+        let vm = sandbox::SandboxVm::create(
+            &self.cfg,
+            &self.images,
+            self.vmm.as_ref(),
+            origin,
+            req,
+            sources,
+            &mut network,
+        )
+        .await;
         self.started(req, vm).await
     }
 
@@ -422,10 +430,18 @@ impl SandboxHost for Runner {
         let manifest = self.image(prefix).await?;
         self.can_restore(&manifest).await?;
         let origin = sandbox::Origin::Image { store: &self.blobs, prefix, manifest: &manifest };
-        self.net.up(&req.id, req.unsealed.network_policy.as_ref()).await?;
+        let mut network = self.net.start(&req.id, req.unsealed.network_policy.as_ref()).await?;
         let sources = lazy_mounts(&req.unsealed.mounts);
-        let vm = sandbox::SandboxVm::create(&self.cfg, &self.images, self.vmm.as_ref(), origin, req, sources)
-            .await;
+        let vm = sandbox::SandboxVm::create(
+            &self.cfg,
+            &self.images,
+            self.vmm.as_ref(),
+            origin,
+            req,
+            sources,
+            &mut network,
+        )
+        .await;
         self.started(req, vm).await
     }
 

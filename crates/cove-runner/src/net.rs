@@ -33,6 +33,26 @@ pub struct Network {
     dir: PathBuf,
 }
 
+/// The part of a sandbox's network still being made after [`Network::start`].
+pub struct NetworkFinish(Option<tokio::task::JoinHandle<Result<(), RunnerError>>>);
+
+impl NetworkFinish {
+    /// Nothing left to make.
+    pub fn done() -> NetworkFinish {
+        NetworkFinish(None)
+    }
+
+    /// Waits until the network is complete; at once when it was waited for before. Also
+    /// called on a failed start, so that nothing is still being made when the network is
+    /// taken down.
+    pub async fn wait(&mut self) -> Result<(), RunnerError> {
+        match self.0.take() {
+            None => Ok(()),
+            Some(task) => task.await.unwrap_or_else(|e| Err(net_err("creating the sandbox network", e))),
+        }
+    }
+}
+
 fn net_err(what: &str, e: impl std::fmt::Display) -> RunnerError {
     RunnerError::Network(format!("{what}: {e}"))
 }
@@ -83,16 +103,32 @@ impl Network {
 
     /// Builds the sandbox's namespace under `policy` and starts its listeners.
     pub async fn up(&self, id: &str, policy: Option<&NetworkPolicy>) -> Result<(), RunnerError> {
+        let mut rest = self.start(id, policy).await?;
+        rest.wait().await
+    }
+
+    /// As [`up`](Self::up), but returns once a VM can start in the namespace (its TAP is
+    /// there); the veth pair, routes, rules and listeners come meanwhile, in the returned
+    /// [`NetworkFinish`], which must be waited for before the guest runs.
+    pub async fn start(
+        &self,
+        id: &str,
+        policy: Option<&NetworkPolicy>,
+    ) -> Result<NetworkFinish, RunnerError> {
         let policy = compile(policy)?;
         let ca = self.ca(id)?;
-        let net = topology::create(id, &rules(&policy), DENIED_V4)
-            .await
-            .map_err(|e| net_err("creating the sandbox network", e))?;
-        if let Err(e) = self.egress.attach(id, &net.netns(), policy, ca).await {
-            let _ = topology::destroy(id).await;
-            return Err(net_err("starting the egress listeners", e));
-        }
-        Ok(())
+        topology::create_tap(id).await.map_err(|e| net_err("creating the sandbox network", e))?;
+        let (egress, id) = (self.egress.clone(), id.to_string());
+        Ok(NetworkFinish(Some(tokio::spawn(async move {
+            let net = topology::finish(&id, &rules(&policy), DENIED_V4)
+                .await
+                .map_err(|e| net_err("creating the sandbox network", e))?;
+            if let Err(e) = egress.attach(&id, &net.netns(), policy, ca).await {
+                let _ = topology::destroy(&id).await;
+                return Err(net_err("starting the egress listeners", e));
+            }
+            Ok(())
+        }))))
     }
 
     /// After a runner restart: the namespace of a running VM is still there, its listeners

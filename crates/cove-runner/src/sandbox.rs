@@ -19,6 +19,7 @@ use crate::agent::{AgentClient, AgentError, Greeting};
 use crate::fsserve::{FsHost, Sources};
 use crate::image::{CaptureStats, ImageManifest, IMAGE_FORMAT};
 use crate::images::{Images, KERNEL_CMDLINE};
+use crate::net::NetworkFinish;
 use crate::template::TemplateSnapshot;
 use crate::{RunnerConfig, RunnerError, VmRequest, AGENT_WAIT_BOOT, AGENT_WAIT_RESTORE};
 
@@ -222,9 +223,12 @@ impl SandboxVm {
         origin: Origin<'_>,
         req: &VmRequest,
         sources: Sources,
+        network: &mut NetworkFinish,
     ) -> Result<SandboxVm, RunnerError> {
-        let result = Self::create_inner(cfg, images, vmm, origin, req, sources).await;
+        let result = Self::create_inner(cfg, images, vmm, origin, req, sources, network).await;
         if let Err(e) = &result {
+            // Nothing of the network may still be in the making when the caller removes it.
+            let _ = network.wait().await;
             Self::log_failure(cfg, &req.id, e, "restore failed");
             let _ = Self::remove_leftovers(cfg, vmm, &req.id).await;
         }
@@ -241,14 +245,15 @@ impl SandboxVm {
 
     /// Lays out the sandbox's disk and RAM from `origin` and starts QEMU on them with the
     /// origin's device state. QEMU takes tens of milliseconds to start, so the RAM is filled
-    /// meanwhile, into a file already at its full size, and QEMU gets the state only once both
-    /// are done. The guest is greeted before it runs.
+    /// and the `network` finished meanwhile, the RAM into a file already at its full size, and
+    /// QEMU gets the state only once all are done. The guest is greeted before it runs.
     async fn start_vm(
         cfg: &RunnerConfig,
         images: &Images,
         vmm: &dyn Vmm,
         origin: &Origin<'_>,
         id: &str,
+        network: &mut NetworkFinish,
     ) -> Result<(VmSpec, VmHandle, Option<Greeting>, Option<UnixStream>), RunnerError> {
         let meta = match origin {
             Origin::Template(t, _) => VmMeta {
@@ -323,16 +328,25 @@ impl SandboxVm {
         let t0 = Instant::now();
         let spawned = vmm.spawn(&spec, &Boot::Restore { state_file: state_file.clone() }).await;
         let spawn_ms = t0.elapsed().as_millis() as u64;
-        let filled =
-            fill.await.map_err(|e| RunnerError::io("filling guest memory", std::io::Error::other(e)));
+        let (filled, networked) = tokio::join!(fill, network.wait());
+        let filled = filled
+            .map_err(|e| RunnerError::io("filling guest memory", std::io::Error::other(e)))
+            .and_then(|f| f.and(networked));
         let handle = match spawned {
             Ok(h) => h,
             Err(e) => return Err(e.into()),
         };
         // Greet the agent while the VM still waits for its state: the guest then resumes with
         // its host connected and the greeting queued, instead of first seeing the saved
-        // connection vanish (which could cut the new one short).
-        let greeting = AgentClient::greet(&spec.agent_socket()).await.ok();
+        // connection vanish (which could cut the new one short). A warm resume is the same
+        // machine going on: the greeting brings it the clock, and nothing else need be said.
+        let socket = spec.agent_socket();
+        let greeting = if warm {
+            AgentClient::greet_with_clock(&socket).await
+        } else {
+            AgentClient::greet(&socket).await
+        };
+        let mut greeting = greeting.ok();
         let fs = crate::fsserve::greet(&spec.run_dir.join("fs.sock")).await.ok();
         tracing::debug!(
             spawn_ms,
@@ -343,12 +357,18 @@ impl SandboxVm {
             fault_point("restore.unpacked");
         }
         let restored = match filled {
-            Ok(Ok(())) => vmm.restore(&handle, &state_file).await.map_err(RunnerError::from),
-            Ok(Err(e)) | Err(e) => Err(e),
+            Ok(()) => vmm.restore(&handle, &state_file).await.map_err(RunnerError::from),
+            Err(e) => Err(e),
         };
         if let Err(e) = restored {
             let _ = vmm.destroy(&handle).await;
             return Err(e);
+        }
+        if let Some(g) = greeting.as_mut() {
+            if g.send_clock().await.is_err() {
+                // Connecting afresh below tells the guest everything instead.
+                greeting = None;
+            }
         }
         Ok((spec, handle, greeting, fs))
     }
@@ -360,9 +380,11 @@ impl SandboxVm {
         origin: Origin<'_>,
         req: &VmRequest,
         sources: Sources,
+        network: &mut NetworkFinish,
     ) -> Result<SandboxVm, RunnerError> {
         let t0 = Instant::now();
-        let (spec, handle, greeting, fs) = Self::start_vm(cfg, images, vmm, &origin, &req.id).await?;
+        let (spec, handle, greeting, fs) =
+            Self::start_vm(cfg, images, vmm, &origin, &req.id, network).await?;
         let t_vm = t0.elapsed();
         let dir = paths(cfg, &req.id).0;
         let (memory, memory_file) = held(&spec, &dir);
@@ -384,23 +406,29 @@ impl SandboxVm {
                 .map_err(|e| RunnerError::io("connecting to the VM's fs port", e))?,
         }
         let greeted = match greeting {
-            Some(g) => tokio::time::timeout(AGENT_WAIT_RESTORE, g.finish()).await.ok().and_then(Result::ok),
+            Some(g) => {
+                tokio::time::timeout(AGENT_WAIT_RESTORE, g.finish_clock()).await.ok().and_then(Result::ok)
+            }
             None => None,
         };
-        let agent = match greeted {
+        let (agent, clock_set) = match greeted {
             Some(a) => a,
-            None => AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?,
+            None => (AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?, false),
         };
         let t_agent = t0.elapsed();
         grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
-        // A warm resume is the same machine going on, on the runner that ran it.
+        // A warm resume is the same machine going on, on the runner that ran it: it needs the
+        // clock and entropy only, which its greeting brought unless its agent predates that.
         let told = if memory == Memory::Own { Told::ClockOnly } else { Told::All };
-        apply_identity(&agent, req, &cfg.data_dir, told).await?;
+        if !(told == Told::ClockOnly && clock_set) {
+            apply_identity(&agent, req, &cfg.data_dir, told).await?;
+        }
         guest_mounts(&agent, req).await?;
         tracing::debug!(
             vm_ms = t_vm.as_millis() as u64,
             agent_ms = t_agent.as_millis() as u64,
             identity_ms = t0.elapsed().as_millis() as u64,
+            clock_in_greeting = clock_set,
             "sandbox VM restored"
         );
         *vm.agent.lock().await = Some(agent);
@@ -743,7 +771,7 @@ pub async fn raw_restore(
     let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
     crate::net::scratch(&id).await?;
     let started = Instant::now();
-    let result = SandboxVm::start_vm(cfg, images, vmm, &origin, &id).await;
+    let result = SandboxVm::start_vm(cfg, images, vmm, &origin, &id, &mut NetworkFinish::done()).await;
     let elapsed = started.elapsed();
     let _ = SandboxVm::remove_leftovers(cfg, vmm, &id).await;
     crate::net::remove_scratch(&id).await;
@@ -760,7 +788,8 @@ pub async fn raw_save_restore(
     let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
     crate::net::scratch(&id).await?;
     let result = async {
-        let (spec, handle, _, _) = SandboxVm::start_vm(cfg, images, vmm, &origin, &id).await?;
+        let (spec, handle, _, _) =
+            SandboxVm::start_vm(cfg, images, vmm, &origin, &id, &mut NetworkFinish::done()).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let state_file = spec.run_dir.join("raw-state.bin");
         let t = Instant::now();

@@ -166,11 +166,21 @@ async fn a_warm_resume_reads_guest_memory_on_first_touch() {
         before >> 20
     );
 
-    // Paused again (the pages it wrote since are written back), resumed warm again.
+    // Paused again (the pages it wrote since are written back), resumed warm again, after
+    // longer than the clock check's slack: the greeting brought the guest the time.
     api.sh_ok(&id, "echo more >> /dev/shm/big").await;
     let hash = api.sh_ok(&id, "sha256sum < /dev/shm/big").await;
     pause(server, &api, &id).await;
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
     assert_eq!(api.sh_ok(&id, "sha256sum < /dev/shm/big").await, hash);
+    assert_guest_clock(&api, &id).await;
+    let needle = format!("sandbox_id={id}");
+    let clock_greetings = server_log_lines(&server.data_dir)
+        .iter()
+        .filter(|l| l.contains("sandbox VM restored") && l.contains(&needle))
+        .filter(|l| l.contains("clock_in_greeting=true"))
+        .count();
+    assert_eq!(clock_greetings, 2, "both warm resumes set the clock in their greeting");
 
     // A sandbox deleted while paused leaves no warm files (its RAM file was on disk: it moved
     // into the entry before the pause answered).
