@@ -291,6 +291,28 @@ impl Runner {
         &self.blobs
     }
 
+    /// Makes the sandbox's network and its VM from `origin`; the network is finished while
+    /// QEMU starts.
+    async fn create_vm(
+        &self,
+        req: &VmRequest,
+        origin: sandbox::Origin<'_>,
+        sources: fsserve::Sources,
+    ) -> Result<(), RunnerError> {
+        let mut network = self.net.start(&req.id, req.unsealed.network_policy.as_ref()).await?;
+        let vm = sandbox::SandboxVm::create(
+            &self.cfg,
+            &self.images,
+            self.vmm.as_ref(),
+            origin,
+            req,
+            sources,
+            &mut network,
+        )
+        .await;
+        self.started(req, vm).await
+    }
+
     /// Registers a VM that started, or takes its network down again if it did not.
     async fn started(
         &self,
@@ -410,18 +432,7 @@ impl SandboxHost for Runner {
         let (snapshot, memory) = self.clone_source(&req.template, req.vcpus, req.memory_mib).await?;
         let origin = sandbox::Origin::Template(&snapshot, &memory);
         let sources = connect_mounts(&req.unsealed.mounts).await?;
-        let mut network = self.net.start(&req.id, req.unsealed.network_policy.as_ref()).await?;
-        let vm = sandbox::SandboxVm::create(
-            &self.cfg,
-            &self.images,
-            self.vmm.as_ref(),
-            origin,
-            req,
-            sources,
-            &mut network,
-        )
-        .await;
-        self.started(req, vm).await
+        self.create_vm(req, origin, sources).await
     }
 
     /// Creates sandbox `req.id`'s VM from an image: the resume of a paused sandbox, or a new
@@ -430,19 +441,7 @@ impl SandboxHost for Runner {
         let manifest = self.image(prefix).await?;
         self.can_restore(&manifest).await?;
         let origin = sandbox::Origin::Image { store: &self.blobs, prefix, manifest: &manifest };
-        let mut network = self.net.start(&req.id, req.unsealed.network_policy.as_ref()).await?;
-        let sources = lazy_mounts(&req.unsealed.mounts);
-        let vm = sandbox::SandboxVm::create(
-            &self.cfg,
-            &self.images,
-            self.vmm.as_ref(),
-            origin,
-            req,
-            sources,
-            &mut network,
-        )
-        .await;
-        self.started(req, vm).await
+        self.create_vm(req, origin, lazy_mounts(&req.unsealed.mounts)).await
     }
 
     /// Boots a stopped sandbox afresh on its kept disk.
