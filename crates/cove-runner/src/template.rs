@@ -64,6 +64,9 @@ pub struct Templates {
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Sealed copies of snapshots' RAM, by snapshot key (see [`Templates::shared_memory`]).
     shared: Mutex<HashMap<String, SharedMemory>>,
+    /// Held while a sealed copy is made, so that creates arriving together wait for one copy
+    /// instead of each making its own (and sharing no pages with the sandboxes after them).
+    sealing: tokio::sync::Mutex<()>,
 }
 
 /// A snapshot's RAM in a sealed memfd, and which RAM file (inode, modification time) it copies.
@@ -80,6 +83,7 @@ impl Templates {
             images: images.clone(),
             building: Mutex::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
+            sealing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -93,8 +97,13 @@ impl Templates {
             .map_err(|e| RunnerError::io("reading template memory", e))?;
         let source = (m.ino(), m.mtime(), m.mtime_nsec());
         let lock = || self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = lock().get(&snap.key).filter(|s| s.source == source) {
-            return Ok(s.fd.clone());
+        let cached = || lock().get(&snap.key).filter(|s| s.source == source).map(|s| s.fd.clone());
+        if let Some(fd) = cached() {
+            return Ok(fd);
+        }
+        let _sealing = self.sealing.lock().await;
+        if let Some(fd) = cached() {
+            return Ok(fd);
         }
         let (from, name) =
             (snap.memory_file.clone(), format!("{}{}", crate::memfile::TEMPLATE_MEMFD, snap.key));
@@ -455,4 +464,43 @@ pub async fn qemu_img_overlay(backing: &Path, path: &Path) -> Result<(), RunnerE
         return Err(RunnerError::io("qemu-img create", std::io::Error::other(msg)));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Creates that arrive together get one sealed copy of the template's RAM: were each to
+    /// make its own, the sandboxes of the one the cache dropped would share no page with the
+    /// ones after them.
+    #[tokio::test]
+    async fn concurrent_creates_share_one_sealed_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RunnerConfig::new(dir.path().join("cache"), dir.path().join("data"));
+        let templates = Templates::new(&cfg, &Images::paths(&cfg.cache_dir));
+        let memory_file = dir.path().join("memory");
+        std::fs::write(&memory_file, vec![7u8; 1 << 20]).unwrap();
+        let snap = TemplateSnapshot {
+            template: "system/debian:bookworm".into(),
+            key: "k1".into(),
+            fingerprint: String::new(),
+            vcpus: 1,
+            memory_mib: 1,
+            dir: dir.path().to_path_buf(),
+            memory_file: memory_file.clone(),
+            run_dir: dir.path().join("run"),
+        };
+        let (a, b, c) = tokio::join!(
+            templates.shared_memory(&snap),
+            templates.shared_memory(&snap),
+            templates.shared_memory(&snap)
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        assert!(Arc::ptr_eq(&a, &b) && Arc::ptr_eq(&b, &c), "one sealed copy for creates that came together");
+        // A new RAM file (a rebuilt template) gets a copy of its own.
+        std::fs::remove_file(&memory_file).unwrap();
+        std::fs::write(&memory_file, vec![8u8; 1 << 20]).unwrap();
+        let d = templates.shared_memory(&snap).await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &d));
+    }
 }
