@@ -179,7 +179,7 @@ impl QemuVmm {
         a
     }
 
-    /// QEMU's command for [`cove_spawn::spawn`]: its arguments, the runner's environment, the
+    /// QEMU's command for [`cove_spawn::spawn`]: its arguments, an environment of its own, the
     /// inherited memory file (if any), stdout and stderr into `log`.
     fn command(
         &self,
@@ -199,13 +199,10 @@ impl QemuVmm {
         for a in self.args(spec, boot) {
             argv.push(cstr(a.as_bytes())?);
         }
-        let envp = std::env::vars_os()
-            .map(|(k, v)| cstr(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
-            .collect::<Result<_, _>>()?;
         Ok(cove_spawn::SpawnSpec {
             program: cstr(program.as_os_str().as_bytes())?,
             argv,
-            envp,
+            envp: vec![cstr(QEMU_ENV.as_bytes())?],
             cwd: None,
             ids: None,
             cgroup_procs: Vec::new(),
@@ -402,6 +399,10 @@ fn lookup_user(name: &str) -> Option<(u32, u32)> {
         Some((f[2].parse().ok()?, f[3].parse().ok()?))
     })
 }
+
+/// QEMU's whole environment. Not the runner's, which may hold credentials (the blob store's
+/// S3 keys): QEMU is the process a guest that escapes its VM lands in.
+const QEMU_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// `program` itself when it has a slash, else the first executable of that name on `PATH`.
 fn find_program(program: &Path) -> Option<PathBuf> {

@@ -52,6 +52,12 @@ async fn pause_resume_and_snapshots_on_an_s3_store() {
     // Resumed from S3 by the next request: same process, same files.
     let (code, out, _) = api.exec(&id, "pgrep -f 'while true' | head -1; cat /home/user/f").await;
     assert_eq!((code, out), (0, format!("{pid}on-s3\n")));
+    // The server's S3 keys are not in the environment of its QEMU, where an escaped guest lands.
+    let qemu = qemu_pids(&id);
+    assert_eq!(qemu.len(), 1);
+    let environ = std::fs::read(format!("/proc/{}/environ", qemu[0])).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains(SECRET_KEY) && !environ.contains("AWS_"), "QEMU's environment: {environ:?}");
 
     let r = api.post(&format!("/v1/sandbox/{id}/snapshot/create"), json!({"name": "s3-snap"})).await;
     assert_eq!(r.status, 201, "{}", r.text());
