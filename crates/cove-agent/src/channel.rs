@@ -219,7 +219,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(true);
                 }
                 Err(e) => {
-                    let msg = format!("COVE-ERROR setting the clock: {e}\n");
+                    let msg = cove_proto::error_line(&format!("setting the clock: {e}"));
                     stream.write_all(msg.as_bytes()).await?;
                     continue;
                 }
@@ -238,8 +238,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
             cove_proto::CLOCK_VERSION => clock_for = Some(nonce.to_string()),
             _ => {
-                let msg = format!("COVE-ERROR unsupported protocol {version}\n");
-                stream.write_all(msg.as_bytes()).await?;
+                stream.write_all(cove_proto::unsupported_line(version).as_bytes()).await?;
             }
         }
     }

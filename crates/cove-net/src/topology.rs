@@ -198,30 +198,29 @@ pub async fn create_tap(id: &str) -> io::Result<()> {
         destroy(id).await?;
     }
     run("ip", &["netns", "add", &name], None).await?;
-    // Forwarding on, and IPv6 off before any interface exists (the TAP gets no address).
-    let sysctls = netns::within(&netns::path(&name), || {
-        for (key, value) in [
-            ("net/ipv4/ip_forward", "1"),
-            ("net/ipv6/conf/all/disable_ipv6", "1"),
-            ("net/ipv6/conf/default/disable_ipv6", "1"),
-        ] {
-            std::fs::write(format!("/proc/sys/{key}"), value)
-                .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
-        }
-        Ok(())
-    });
-    if let Err(e) = sysctls {
-        let _ = destroy(id).await;
-        return Err(e);
+    let made = async {
+        // Forwarding on, and IPv6 off before any interface exists (the TAP gets no address).
+        netns::within(&netns::path(&name), || {
+            for (key, value) in [
+                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv6/conf/all/disable_ipv6", "1"),
+                ("net/ipv6/conf/default/disable_ipv6", "1"),
+            ] {
+                std::fs::write(format!("/proc/sys/{key}"), value)
+                    .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}: {e}")))?;
+            }
+            Ok(())
+        })?;
+        let tap_cmds = format!(
+            "tuntap add {TAP_NAME} mode tap vnet_hdr\n\
+             link set {TAP_NAME} address {GATEWAY_MAC}\n\
+             addr add {GATEWAY_IP}/{GUEST_PREFIX} dev {TAP_NAME}\n\
+             link set {TAP_NAME} up\n\
+             link set lo up\n"
+        );
+        run("ip", &["-n", &name, "-batch", "-"], Some(&tap_cmds)).await
     }
-    let tap_cmds = format!(
-        "tuntap add {TAP_NAME} mode tap vnet_hdr\n\
-         link set {TAP_NAME} address {GATEWAY_MAC}\n\
-         addr add {GATEWAY_IP}/{GUEST_PREFIX} dev {TAP_NAME}\n\
-         link set {TAP_NAME} up\n\
-         link set lo up\n"
-    );
-    let made = run("ip", &["-n", &name, "-batch", "-"], Some(&tap_cmds)).await;
+    .await;
     if made.is_err() {
         let _ = destroy(id).await;
     }

@@ -75,6 +75,18 @@ pub fn ready_line_of(version: u32, nonce: &str) -> String {
     format!("{READY} {version} {nonce}\n")
 }
 
+/// What either side answers a line it cannot take: `COVE-ERROR <message>`.
+pub const ERROR: &str = "COVE-ERROR";
+
+pub fn error_line(message: &str) -> String {
+    format!("{ERROR} {message}\n")
+}
+
+/// The agent's answer to a greeting of a version it does not speak.
+pub fn unsupported_line(version: u32) -> String {
+    error_line(&format!("unsupported protocol {version}"))
+}
+
 pub fn clock_line(unix_time_ns: u128, entropy: &[u8]) -> String {
     format!("{CLOCK} {unix_time_ns} {}\n", hex::encode(entropy))
 }

@@ -102,6 +102,12 @@ impl AgentClient {
     }
 }
 
+/// The host's wall-clock time (ns since the epoch) and fresh entropy, as a guest is told them.
+pub(crate) fn host_clock() -> (u128, [u8; 32]) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    (now, rand::random())
+}
+
 /// A connection whose greeting has been sent; `finish` waits for the answer.
 pub struct Greeting {
     stream: UnixStream,
@@ -126,8 +132,8 @@ impl Greeting {
         if self.version != cove_proto::CLOCK_VERSION {
             return Ok(());
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let line = cove_proto::clock_line(now, &rand::random::<[u8; 32]>());
+        let (now, entropy) = host_clock();
+        let line = cove_proto::clock_line(now, &entropy);
         self.stream.write_all(line.as_bytes()).await.map_err(|e| AgentError::Connect(e.to_string()))
     }
 
@@ -153,9 +159,10 @@ impl Greeting {
                     }
                     break;
                 }
-            } else if let Some(rest) = text.strip_prefix("COVE-ERROR ") {
+            } else if let Some(rest) = text.strip_prefix(cove_proto::ERROR).and_then(|r| r.strip_prefix(' '))
+            {
                 if version == cove_proto::CLOCK_VERSION
-                    && rest == format!("unsupported protocol {}", cove_proto::CLOCK_VERSION)
+                    && format!("{text}\n") == cove_proto::unsupported_line(cove_proto::CLOCK_VERSION)
                 {
                     nonce = rand::random();
                     version = cove_proto::PROTOCOL_VERSION;
@@ -559,7 +566,7 @@ mod tests {
         let (host, guest) = UnixStream::pair().unwrap();
         let seen = agent(guest, |line| match cove_proto::parse_handshake(line, cove_proto::HELLO) {
             Some((1, nonce)) => Some(cove_proto::ready_line(nonce)),
-            Some((v, _)) => Some(format!("COVE-ERROR unsupported protocol {v}\n")),
+            Some((v, _)) => Some(cove_proto::unsupported_line(v)),
             None => None,
         });
         let mut g = Greeting::send(host, cove_proto::CLOCK_VERSION).await.unwrap();

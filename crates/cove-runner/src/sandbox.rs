@@ -143,12 +143,13 @@ fn identity(req: &VmRequest, data_dir: &Path, told: Told) -> cove_proto::Identit
     let mut env = req.env.clone();
     crate::net::Network::guest_env(&mut env);
     let all = told == Told::All;
+    let (unix_time_ns, entropy) = crate::agent::host_clock();
     cove_proto::Identity {
         hostname: if all { req.id.clone() } else { String::new() },
         env,
         trust_pem: if all { crate::net::trust_pem(data_dir, &req.id) } else { None },
-        unix_time_ns: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
-        entropy_hex: hex::encode(rand::random::<[u8; 32]>()),
+        unix_time_ns,
+        entropy_hex: hex::encode(entropy),
         disk_bytes: all.then_some(req.disk_mib << 20),
     }
 }
