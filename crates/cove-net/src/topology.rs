@@ -253,22 +253,54 @@ pub async fn finish(id: &str, rules: &Rules, denied: &[&str]) -> io::Result<Sand
     result
 }
 
-/// Finds a sandbox's network made earlier (by this or a previous runner process).
+/// Finds a sandbox's network made earlier (by this or a previous runner process): its
+/// namespace, with the veth end that gives its slot.
 pub async fn find(id: &str) -> Option<SandboxNet> {
+    let (net, _) = look(id)?;
+    Some(net)
+}
+
+/// [`find`], for a network that is whole: also the TAP with the gateway's address, both ends
+/// up. What a paused sandbox leaves with its warm entry (see `cove_runner::net`): its resume
+/// takes the namespace as it is and only applies its rules again.
+pub async fn find_whole(id: &str) -> Option<SandboxNet> {
+    match look(id)? {
+        (net, true) => Some(net),
+        (_, false) => None,
+    }
+}
+
+/// Reads the namespace's interfaces from inside it (no `ip` process): the slot from the
+/// transit address of `eth0`, and whether the TAP is up with the gateway's address.
+fn look(id: &str) -> Option<(SandboxNet, bool)> {
+    use nix::ifaddrs::getifaddrs;
+    use nix::net::if_::InterfaceFlags;
     let name = ns_name(id);
     if !netns::exists(&name) {
         return None;
     }
-    let out = tokio::process::Command::new("ip")
-        .args(["-n", &name, "-4", "-o", "addr", "show", "dev", "eth0"])
-        .output()
-        .await
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let ip: Ipv4Addr =
-        text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?.split('/').next()?.parse().ok()?;
-    let offset = u32::from(ip).checked_sub(u32::from(TRANSIT_NET.network()))?;
-    Some(SandboxNet { ns_name: name, slot: offset / 4 })
+    let (eth0, tap) = netns::within(&netns::path(&name), || {
+        let (mut eth0, mut tap) = (None, false);
+        for a in getifaddrs().map_err(io::Error::from)? {
+            let up = a.flags.contains(InterfaceFlags::IFF_UP);
+            let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else {
+                continue;
+            };
+            match a.interface_name.as_str() {
+                "eth0" => eth0 = Some((ip, up)),
+                TAP_NAME => tap |= up && ip == GATEWAY_IP,
+                _ => {}
+            }
+        }
+        Ok((eth0, tap))
+    })
+    .ok()?;
+    let (ip, eth0_up) = eth0?;
+    if !TRANSIT_NET.contains(&ip) {
+        return None;
+    }
+    let slot = (u32::from(ip) - u32::from(TRANSIT_NET.network())) / 4;
+    Some((SandboxNet { ns_name: name, slot }, tap && eth0_up))
 }
 
 /// Replaces the namespace's rules (a policy change).
@@ -357,11 +389,19 @@ mod tests {
         assert!(std::path::Path::new(&format!("/sys/class/net/{}", net.host_veth())).exists());
         let found = find(&id).await.unwrap();
         assert_eq!(found.slot, net.slot);
+        assert_eq!(find_whole(&id).await.map(|n| n.slot), Some(net.slot));
         for mode in [NetworkMode::AllowAll, NetworkMode::DenyAll] {
             apply(&net, &Rules { mode, allow_cidrs: vec![] }, &denied).await.unwrap();
         }
         destroy(&id).await.unwrap();
         assert!(!netns::exists(&net.ns_name));
         assert!(!std::path::Path::new(&format!("/sys/class/net/{}", net.host_veth())).exists());
+        assert!(find(&id).await.is_none());
+
+        // Half made (a crash before `finish`): not whole, so a resume makes it again.
+        create_tap(&id).await.unwrap();
+        assert!(find_whole(&id).await.is_none());
+        destroy(&id).await.unwrap();
+        assert!(!netns::exists(&net.ns_name));
     }
 }

@@ -283,6 +283,11 @@ impl Runner {
         for (id, prefix) in warm::sweep(&self.cfg) {
             if let Ok(None) = self.find_image(&prefix).await {
                 warm::drop_entry(&self.cfg, &id);
+                // And the namespace parked with it. No VM of that sandbox runs here: a resume
+                // here would have taken the entry, or dropped it for naming another image.
+                if let Err(e) = self.net.down(&id).await {
+                    tracing::warn!(sandbox_id = %id, error = %e, "removing a paused sandbox's network");
+                }
             }
         }
     }
@@ -469,8 +474,11 @@ impl SandboxHost for Runner {
             AfterCapture::Release => {
                 drop(captured);
                 self.lock().remove(&req.id);
-                vm.release(&self.cfg, self.vmm.as_ref(), prefix).await?;
-                self.net.down(&req.id).await?;
+                if vm.release(&self.cfg, self.vmm.as_ref(), prefix).await? {
+                    self.net.park(&req.id);
+                } else {
+                    self.net.down(&req.id).await?;
+                }
             }
         }
         Ok((manifest, stats))

@@ -2,10 +2,13 @@
 //! egress listeners that judge names ([`cove_net::egress`]), and its CA, whose key stays in
 //! `<data>/net/<id>.pem` (0600) and whose certificate the guest trusts.
 //!
-//! The network lives exactly as long as the sandbox's VM: up before QEMU starts, down when
-//! the VM ends (pause, stop, delete), up again on resume. A runner restart loses the
-//! listeners but not the namespace: [`Network::reattach`] binds them again, and until then
-//! the redirected connections are refused (fail closed).
+//! The network is up before QEMU starts and down when the VM ends (stop, delete, a pause
+//! whose files were not kept), up again on resume. A pause that keeps a warm entry (see
+//! `warm`) parks the namespace instead: its listeners go, its namespace, TAP, veth pair and
+//! rules stay for the resume on this runner, which applies the sandbox's rules again and binds
+//! the listeners while QEMU starts. A runner restart loses the listeners but not the
+//! namespace: [`Network::reattach`] binds them again, and until then the redirected
+//! connections are refused (fail closed).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +17,7 @@ use cove_api::sandbox::NetworkPolicy;
 use cove_net::ca::SandboxCa;
 use cove_net::egress::{Egress, EgressConfig};
 use cove_net::policy::{Policy, DENIED_V4};
-use cove_net::topology::{self, Rules};
+use cove_net::topology::{self, Rules, SandboxNet};
 
 use crate::RunnerError;
 
@@ -65,6 +68,18 @@ fn rules(policy: &Policy) -> Rules {
     Rules { mode: policy.mode(), allow_cidrs: policy.allow_cidrs().to_vec() }
 }
 
+/// Applies `policy`'s rules in an existing namespace and binds its listeners there.
+async fn bind(
+    egress: &Arc<Egress>,
+    id: &str,
+    net: &SandboxNet,
+    policy: Policy,
+    ca: SandboxCa,
+) -> Result<(), RunnerError> {
+    topology::apply(net, &rules(&policy), DENIED_V4).await.map_err(|e| net_err("network rules", e))?;
+    egress.attach(id, &net.netns(), policy, ca).await.map_err(|e| net_err("egress listeners", e))
+}
+
 impl Network {
     /// Installs the host-wide rules (forwarding, masquerade, what sandboxes may never reach).
     pub async fn new(data_dir: &std::path::Path, cfg: EgressConfig) -> Result<Network, RunnerError> {
@@ -110,6 +125,8 @@ impl Network {
     /// As [`up`](Self::up), but returns once a VM can start in the namespace (its TAP is
     /// there); the veth pair, routes, rules and listeners come meanwhile, in the returned
     /// [`NetworkFinish`], which must be waited for before the guest runs.
+    /// A namespace parked by a pause (whole: see [`topology::find_whole`]) is taken as it is;
+    /// one left half made is made again.
     pub async fn start(
         &self,
         id: &str,
@@ -117,8 +134,18 @@ impl Network {
     ) -> Result<NetworkFinish, RunnerError> {
         let policy = compile(policy)?;
         let ca = self.ca(id)?;
-        topology::create_tap(id).await.map_err(|e| net_err("creating the sandbox network", e))?;
         let (egress, id) = (self.egress.clone(), id.to_string());
+        if let Some(net) = topology::find_whole(&id).await {
+            tracing::debug!(sandbox_id = %id, "sandbox network kept from its pause");
+            return Ok(NetworkFinish(Some(tokio::spawn(async move {
+                let bound = bind(&egress, &id, &net, policy, ca).await;
+                if bound.is_err() {
+                    let _ = topology::destroy(&id).await;
+                }
+                bound
+            }))));
+        }
+        topology::create_tap(&id).await.map_err(|e| net_err("creating the sandbox network", e))?;
         Ok(NetworkFinish(Some(tokio::spawn(async move {
             let net = topology::finish(&id, &rules(&policy), DENIED_V4)
                 .await
@@ -138,9 +165,14 @@ impl Network {
         let Some(net) = topology::find(id).await else {
             return Err(RunnerError::Network(format!("sandbox {id} has no network namespace")));
         };
-        topology::apply(&net, &rules(&policy), DENIED_V4).await.map_err(|e| net_err("network rules", e))?;
-        let ca = self.ca(id)?;
-        self.egress.attach(id, &net.netns(), policy, ca).await.map_err(|e| net_err("egress listeners", e))
+        bind(&self.egress, id, &net, policy, self.ca(id)?).await
+    }
+
+    /// Keeps the namespace of a sandbox whose VM ended with a warm entry kept, for its resume
+    /// here: only the listeners go. [`down`](Self::down) or the next [`start`](Self::start)
+    /// takes it.
+    pub fn park(&self, id: &str) {
+        self.egress.detach(id);
     }
 
     /// Applies a new policy to a running sandbox: kernel rules first (they cut kernel-path

@@ -710,8 +710,14 @@ impl SandboxVm {
     /// warm entry of that image (see `warm`), then removes the rest. Keeping them is an
     /// optimisation: if it fails the image is whole anyway, and a resume unpacks it. A RAM file
     /// on tmpfs is copied to disk in the background (moved aside first, so that nothing else
-    /// writes it meanwhile): the pause does not wait for it.
-    pub async fn release(&self, cfg: &RunnerConfig, vmm: &dyn Vmm, prefix: &str) -> Result<(), RunnerError> {
+    /// writes it meanwhile): the pause does not wait for it. Returns whether the entry was
+    /// kept (its RAM may still be on its way to the disk).
+    pub async fn release(
+        &self,
+        cfg: &RunnerConfig,
+        vmm: &dyn Vmm,
+        prefix: &str,
+    ) -> Result<bool, RunnerError> {
         vmm.destroy(&self.handle).await?;
         let id = &self.handle.name;
         let (disk, state) = (self.dir.join(crate::warm::DISK), self.handle.run_dir.join(crate::warm::STATE));
@@ -730,10 +736,11 @@ impl SandboxVm {
             });
             Ok(())
         });
-        if let Err(e) = kept {
+        if let Err(e) = &kept {
             tracing::warn!(sandbox_id = %id, error = %e, "paused sandbox's files not kept warm");
         }
-        remove_files(&self.dir, &self.memory_file)
+        remove_files(&self.dir, &self.memory_file)?;
+        Ok(kept.is_ok())
     }
 
     /// Cleans up after a sandbox whose VM this runner does not hold (e.g. after a crash).

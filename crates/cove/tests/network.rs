@@ -581,9 +581,11 @@ for i in $(seq 150); do [ -s /tmp/hold.log ] && break; sleep 0.2; done; head -1 
     let (code, out) = curl(&api, &open, "http://192.88.99.10/").await;
     assert_eq!(code, 0, "{out}");
 
-    // A paused sandbox takes a new policy at its next resume.
+    // A paused sandbox takes a new policy at its next resume, also into the namespace its
+    // pause kept.
     let r = api.action(&open, "pause").await;
     assert_eq!(r.status, 201, "{}", r.text());
+    assert!(cove_net::netns::exists(&format!("cove-{open}")), "the pause did not keep the namespace");
     let r = api
         .req(
             reqwest::Method::PATCH,

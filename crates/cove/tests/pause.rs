@@ -184,10 +184,20 @@ async fn a_warm_resume_reads_guest_memory_on_first_touch() {
 
     // A sandbox deleted while paused leaves no warm files (its RAM file was on disk: it moved
     // into the entry before the pause answered).
+    // Its network namespace is kept with the entry (the warm resumes above took it as it was)
+    // and goes with it.
     pause(server, &api, &id).await;
     assert!(warm.join("memory").exists());
+    let netns = format!("cove-{id}");
+    assert!(cove_net::netns::exists(&netns), "the paused sandbox's namespace was not kept");
+    let kept = server_log_lines(&server.data_dir)
+        .iter()
+        .filter(|l| l.contains("sandbox network kept from its pause") && l.contains(&needle))
+        .count();
+    assert_eq!(kept, 2, "both warm resumes took the network kept from the pause");
     left.delete_sandbox(&id).await;
     assert!(!warm.exists(), "the deleted sandbox's warm files are gone");
+    assert!(!cove_net::netns::exists(&netns), "the deleted sandbox's namespace is gone");
 }
 
 #[tokio::test]
