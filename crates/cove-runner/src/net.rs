@@ -34,6 +34,15 @@ const CA_ENV: &[(&str, &str)] = &[
 pub struct Network {
     egress: Arc<Egress>,
     dir: PathBuf,
+    /// The rules this process last applied in each namespace, so that a resume into a kept
+    /// namespace under an unchanged policy runs no `nft` (empty after a restart: applied again).
+    applied: Applied,
+}
+
+type Applied = Arc<std::sync::Mutex<std::collections::HashMap<String, Rules>>>;
+
+fn applied_rules(map: &Applied) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Rules>> {
+    map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The part of a sandbox's network still being made after [`Network::start`].
@@ -68,15 +77,22 @@ fn rules(policy: &Policy) -> Rules {
     Rules { mode: policy.mode(), allow_cidrs: policy.allow_cidrs().to_vec() }
 }
 
-/// Applies `policy`'s rules in an existing namespace and binds its listeners there.
+/// Applies `policy`'s rules in an existing namespace (unless this process applied the same
+/// last) and binds its listeners there.
 async fn bind(
     egress: &Arc<Egress>,
+    applied: &Applied,
     id: &str,
     net: &SandboxNet,
     policy: Policy,
     ca: SandboxCa,
 ) -> Result<(), RunnerError> {
-    topology::apply(net, &rules(&policy), DENIED_V4).await.map_err(|e| net_err("network rules", e))?;
+    let wanted = rules(&policy);
+    let current = applied_rules(applied).remove(id);
+    if current.as_ref() != Some(&wanted) {
+        topology::apply(net, &wanted, DENIED_V4).await.map_err(|e| net_err("network rules", e))?;
+    }
+    applied_rules(applied).insert(id.to_string(), wanted);
     egress.attach(id, &net.netns(), policy, ca).await.map_err(|e| net_err("egress listeners", e))
 }
 
@@ -87,7 +103,7 @@ impl Network {
         let dir = data_dir.join("net");
         std::fs::create_dir_all(&dir).map_err(|e| RunnerError::io("creating net dir", e))?;
         let egress = Egress::new(cfg).map_err(|e| net_err("egress proxy", e))?;
-        Ok(Network { egress, dir })
+        Ok(Network { egress, dir, applied: Applied::default() })
     }
 
     fn ca_path(&self, id: &str) -> PathBuf {
@@ -134,22 +150,24 @@ impl Network {
     ) -> Result<NetworkFinish, RunnerError> {
         let policy = compile(policy)?;
         let ca = self.ca(id)?;
-        let (egress, id) = (self.egress.clone(), id.to_string());
+        let (egress, applied, id) = (self.egress.clone(), self.applied.clone(), id.to_string());
         if let Some(net) = topology::find_whole(&id).await {
             tracing::debug!(sandbox_id = %id, "sandbox network kept from its pause");
             return Ok(NetworkFinish(Some(tokio::spawn(async move {
-                let bound = bind(&egress, &id, &net, policy, ca).await;
+                let bound = bind(&egress, &applied, &id, &net, policy, ca).await;
                 if bound.is_err() {
                     let _ = topology::destroy(&id).await;
                 }
                 bound
             }))));
         }
+        applied_rules(&self.applied).remove(&id);
         topology::create_tap(&id).await.map_err(|e| net_err("creating the sandbox network", e))?;
         Ok(NetworkFinish(Some(tokio::spawn(async move {
             let net = topology::finish(&id, &rules(&policy), DENIED_V4)
                 .await
                 .map_err(|e| net_err("creating the sandbox network", e))?;
+            applied_rules(&applied).insert(id.clone(), rules(&policy));
             if let Err(e) = egress.attach(&id, &net.netns(), policy, ca).await {
                 let _ = topology::destroy(&id).await;
                 return Err(net_err("starting the egress listeners", e));
@@ -165,7 +183,7 @@ impl Network {
         let Some(net) = topology::find(id).await else {
             return Err(RunnerError::Network(format!("sandbox {id} has no network namespace")));
         };
-        bind(&self.egress, id, &net, policy, self.ca(id)?).await
+        bind(&self.egress, &self.applied, id, &net, policy, self.ca(id)?).await
     }
 
     /// Keeps the namespace of a sandbox whose VM ended with a warm entry kept, for its resume
@@ -182,7 +200,9 @@ impl Network {
         let Some(net) = topology::find(id).await else {
             return Err(RunnerError::NoVm(id.to_string()));
         };
+        applied_rules(&self.applied).remove(id);
         topology::apply(&net, &rules(&policy), DENIED_V4).await.map_err(|e| net_err("network rules", e))?;
+        applied_rules(&self.applied).insert(id.to_string(), rules(&policy));
         self.egress.update(id, policy);
         Ok(())
     }
@@ -204,6 +224,7 @@ impl Network {
     /// Takes the sandbox's network down (its VM has ended). The CA stays.
     pub async fn down(&self, id: &str) -> Result<(), RunnerError> {
         self.egress.detach(id);
+        applied_rules(&self.applied).remove(id);
         topology::destroy(id).await.map_err(|e| net_err("removing the sandbox network", e))
     }
 
