@@ -30,6 +30,9 @@ use cove_store::{now_ms, RunnerRecord, RunnerState, Store};
 /// ([`Cluster::set_lease`]); runners renew every third of what the control plane answers.
 pub const LEASE: Duration = Duration::from_secs(10);
 
+/// How long a resume that moved a sandbox waits for its former runner to drop what it kept.
+const FORGET_WAIT: Duration = Duration::from_secs(5);
+
 type Member = Arc<dyn SandboxHost>;
 
 /// Makes a member of a registered runner: connects to it (address, pinned fingerprint).
@@ -151,6 +154,25 @@ impl Cluster {
     fn host_of(&self, id: &str) -> Result<Member, RunnerError> {
         let runner = self.runner_of(id)?;
         self.member(&runner).ok_or_else(|| unreachable(&runner))
+    }
+
+    /// Removes what runner `runner_id` still has of sandbox `id`, which now runs elsewhere: the
+    /// warm entry and network namespace its pause there kept. Best effort: a runner that does
+    /// not answer is settled when it joins again (its leftovers of sandboxes placed elsewhere
+    /// are removed then).
+    async fn forget_on(&self, runner_id: &str, id: &str) {
+        let Some(member) = self.member(runner_id) else { return };
+        match tokio::time::timeout(FORGET_WAIT, member.destroy(id)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(sandbox_id = %id, runner_id, "moved sandbox's files removed from its former runner")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(sandbox_id = %id, runner_id, error = %e, "removing a moved sandbox's files from its former runner")
+            }
+            Err(_) => {
+                tracing::warn!(sandbox_id = %id, runner_id, "its former runner did not answer in time; it is settled when it joins again")
+            }
+        }
     }
 
     /// Any member (image and mount-source calls: every member reaches the same stores).
@@ -425,7 +447,11 @@ impl SandboxHost for Cluster {
             match host.can_restore(&manifest).await {
                 Ok(()) => {
                     self.place(&req.id, &runner)?;
-                    return host.create_from_image(req, image).await;
+                    host.create_from_image(req, image).await?;
+                    if let Some(old) = prefer.as_deref().filter(|old| *old != runner) {
+                        self.forget_on(old, &req.id).await;
+                    }
+                    return Ok(());
                 }
                 Err(e) => {
                     tracing::info!(sandbox_id = %req.id, runner_id = %runner, reason = %e, "runner cannot restore the image");

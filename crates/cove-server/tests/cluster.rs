@@ -433,7 +433,7 @@ async fn an_operation_cut_by_a_crash_is_settled_when_its_runner_joins() {
 /// when it has not (filled meanwhile).
 #[tokio::test]
 async fn a_resume_goes_elsewhere_when_its_runner_is_full() {
-    let (p, _, _, b) = setup(2048, 1536, "sim").await;
+    let (p, _, a, b) = setup(2048, 1536, "sim").await;
     let app = &p.app;
     let _renewing = both_joined(&p).await;
     let id = app.create(json!({"memory": 1024})).await;
@@ -443,9 +443,12 @@ async fn a_resume_goes_elsewhere_when_its_runner_is_full() {
     // a has 2048 MiB free, b 1536: the next lands on a and leaves it 512.
     let filler = app.create(json!({"memory": 1536})).await;
     assert_eq!(placed_on(app, &filler), runner_id('a'));
+    a.passed();
     succeeds(app, "POST", &format!("/v1/sandbox/{id}/resume")).await;
     assert_eq!(placed_on(app, &id), runner_id('b'));
     assert!(b.census().vms.contains_key(id.as_str()));
+    // a is told to drop what its pause kept there (a real runner's warm entry and namespace).
+    assert!(a.passed().contains(&"destroy.done".to_string()), "a still holds the moved sandbox's files");
     assert_eq!(app.read(&id, "/tmp/kept").await, (StatusCode::OK, b"moved".to_vec()));
     // Both full now: a create has nowhere to go, and says so.
     let (s, v) =
