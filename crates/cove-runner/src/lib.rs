@@ -14,6 +14,7 @@ mod memfile;
 pub mod net;
 pub mod remote;
 mod sandbox;
+mod snapmem;
 #[allow(unsafe_code)]
 mod sys;
 mod template;
@@ -186,6 +187,8 @@ pub struct Runner {
     blobs: BlobStore,
     net: net::Network,
     vms: Mutex<HashMap<String, Arc<sandbox::SandboxVm>>>,
+    /// Named snapshots' RAM, shared by the sandboxes restored from them.
+    snapshots: snapmem::SnapshotMemory,
     info: HostInfo,
 }
 
@@ -265,8 +268,18 @@ impl Runner {
             max_bytes: cfg.max_image_bytes,
         });
         let info = host_info(&cfg);
-        let runner =
-            Runner { cfg, vmm, images, templates, puller, blobs, net, vms: Mutex::new(HashMap::new()), info };
+        let runner = Runner {
+            cfg,
+            vmm,
+            images,
+            templates,
+            puller,
+            blobs,
+            net,
+            vms: Mutex::new(HashMap::new()),
+            snapshots: snapmem::SnapshotMemory::default(),
+            info,
+        };
         runner.drop_stale_warm().await;
         Ok(runner)
     }
@@ -445,7 +458,17 @@ impl SandboxHost for Runner {
     async fn create_from_image(&self, req: &VmRequest, prefix: &str) -> Result<(), RunnerError> {
         let manifest = self.image(prefix).await?;
         self.can_restore(&manifest).await?;
-        let origin = sandbox::Origin::Image { store: &self.blobs, prefix, manifest: &manifest };
+        // A named snapshot's restores share its RAM; a pause image's one resume has its own.
+        let shared = match snapmem::is_snapshot(prefix) {
+            true => Some(self.snapshots.get(&self.blobs, prefix, &manifest.memory).await?),
+            false => None,
+        };
+        let origin = sandbox::Origin::Image {
+            store: &self.blobs,
+            prefix,
+            manifest: &manifest,
+            memory: shared.as_deref(),
+        };
         self.create_vm(req, origin, lazy_mounts(&req.unsealed.mounts)).await
     }
 
@@ -678,6 +701,7 @@ impl SandboxHost for Runner {
 
     /// Deletes an image (complete or not).
     async fn delete_image(&self, prefix: &str) -> Result<(), RunnerError> {
+        self.snapshots.forget(prefix);
         self.blobs.delete_prefix(prefix).await?;
         Ok(())
     }

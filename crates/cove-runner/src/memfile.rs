@@ -64,7 +64,9 @@ pub enum Base {
     Template,
 }
 
-/// Name prefix of the memfds holding templates' RAM (`/memfd:<name> (deleted)` in maps).
+/// Name prefix of the sealed memfds VMs are cloned from (`/memfd:<name> (deleted)` in maps):
+/// templates' RAM (`cove-tmpl-<key>`) and named snapshots' (`cove-tmpl-snap-<image>`, see
+/// `snapmem`).
 pub const TEMPLATE_MEMFD: &str = "cove-tmpl-";
 
 /// Makes `file` what process `pid` sees through its private mapping of `len` bytes of `base`.
@@ -159,7 +161,8 @@ fn private_mapping(maps: &str, len: u64, which: impl Fn(u64, &str) -> bool) -> O
     })
 }
 
-/// Whether process `pid` maps a template's memfd (a VM created from a template).
+/// Whether process `pid` maps a template's or a snapshot's memfd (a VM created from a template
+/// or restored from a named snapshot).
 pub fn maps_template(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .is_ok_and(|m| m.contains(&format!("/memfd:{TEMPLATE_MEMFD}")))

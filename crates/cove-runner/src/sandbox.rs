@@ -44,8 +44,14 @@ struct VmMeta {
 pub enum Origin<'a> {
     /// A clone of a template snapshot (create), with the sealed memfd of its RAM.
     Template(&'a TemplateSnapshot, &'a std::os::fd::OwnedFd),
-    /// An image in the blob store (resume of a paused sandbox, restore of a snapshot).
-    Image { store: &'a BlobStore, prefix: &'a str, manifest: &'a ImageManifest },
+    /// An image in the blob store (resume of a paused sandbox, restore of a snapshot), with the
+    /// sealed memfd of its RAM when that is shared (a named snapshot's: see `snapmem`).
+    Image {
+        store: &'a BlobStore,
+        prefix: &'a str,
+        manifest: &'a ImageManifest,
+        memory: Option<&'a std::os::fd::OwnedFd>,
+    },
 }
 
 pub struct SandboxVm {
@@ -70,15 +76,14 @@ pub struct Captured {
 /// How a VM's RAM is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Memory {
-    /// Its RAM file on tmpfs, mapped shared: the file is the RAM (a cold resume or restore, a
-    /// boot).
+    /// Its RAM file on tmpfs, mapped shared: the file is the RAM (a cold resume, a boot).
     Shared,
     /// `<dir>/memory` mapped copy-on-write (a warm resume): the guest's RAM is that file and the
     /// pages it wrote since, which a capture writes back into the file.
     Own,
-    /// Its template's sealed memfd mapped copy-on-write (a create): the template's pages,
-    /// shared with every sandbox of that template until written, and the pages the guest wrote.
-    /// A capture makes `<dir>/memory` from both.
+    /// Its template's or named snapshot's sealed memfd mapped copy-on-write (a create, a
+    /// restore): those pages, shared with every sandbox cloned from the same until written, and
+    /// the pages the guest wrote. A capture makes `<dir>/memory` from both.
     Template,
 }
 
@@ -275,7 +280,7 @@ impl SandboxVm {
         std::fs::create_dir_all(dir.join("run")).map_err(|e| RunnerError::io("creating sandbox dir", e))?;
         // A resume of the image this runner paused last finds its files here, RAM on disk.
         let warm = match origin {
-            Origin::Image { prefix, .. } => crate::warm::take(
+            Origin::Image { prefix, memory: None, .. } => crate::warm::take(
                 cfg,
                 id,
                 prefix,
@@ -283,10 +288,12 @@ impl SandboxVm {
                 &dir.join(crate::warm::DISK),
                 &state_file,
             ),
-            Origin::Template(..) => false,
+            Origin::Template(..) | Origin::Image { memory: Some(_), .. } => false,
         };
         let memory = match origin {
-            Origin::Template(_, fd) => GuestMemory::PrivateFd(fd.as_raw_fd()),
+            Origin::Template(_, fd) | Origin::Image { memory: Some(fd), .. } => {
+                GuestMemory::PrivateFd(fd.as_raw_fd())
+            }
             Origin::Image { .. } if warm => GuestMemory::Private(private_memory_file(&dir)),
             Origin::Image { .. } => GuestMemory::Shared(paths(cfg, id).1),
         };
@@ -303,7 +310,20 @@ impl SandboxVm {
                     .map_err(|e| RunnerError::io("creating disk overlay", e))?;
                 (t.state_file(), tokio::spawn(async { Ok(()) }))
             }
-            Origin::Image { store, prefix, manifest } => {
+            Origin::Image { store, prefix, manifest, memory: Some(_) } => {
+                // The RAM is the snapshot's shared memfd, mapped as it is: only the disk and the
+                // device state are unpacked, the latter while QEMU starts.
+                cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;
+                tracing::debug!(sandbox_id = %id, "restoring a snapshot onto its shared RAM");
+                let (store, prefix, state, dest) =
+                    ((*store).clone(), prefix.to_string(), manifest.state.clone(), state_file.clone());
+                let fill = tokio::spawn(async move {
+                    cove_blob::unpack_file(&store, &prefix, &state, &dest).await?;
+                    Ok::<(), RunnerError>(())
+                });
+                (state_file, fill)
+            }
+            Origin::Image { store, prefix, manifest, memory: None } => {
                 // QEMU opens the disk when it starts: that one comes first. Device state and RAM
                 // are needed only at the restore, so they are filled while QEMU starts.
                 cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;

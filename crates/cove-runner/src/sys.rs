@@ -12,6 +12,17 @@ pub fn kill_self() {
 /// shrink it any more (`F_SEAL_WRITE`, `F_SEAL_GROW`, `F_SEAL_SHRINK`, `F_SEAL_SEAL`), while
 /// private (copy-on-write) mappings of it stay writable. Holes stay holes.
 pub fn sealed_copy(from: &std::path::Path, name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    let file = std::fs::File::from(sealable_memfd(name)?);
+    let src = std::fs::File::open(from)?;
+    file.set_len(src.metadata()?.len())?;
+    crate::memfile::copy_data_between(&src, &file)?;
+    let fd = file.into();
+    seal(&fd)?;
+    Ok(fd)
+}
+
+/// A new, empty memfd named `name` that can be sealed later (see [`seal`]).
+pub fn sealable_memfd(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
     // SAFETY: memfd_create takes a C string and flags; the fd it returns is ours alone.
@@ -20,16 +31,18 @@ pub fn sealed_copy(from: &std::path::Path, name: &str) -> std::io::Result<std::o
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd was just made and is owned by nothing else.
-    let file = std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-    let src = std::fs::File::open(from)?;
-    file.set_len(src.metadata()?.len())?;
-    crate::memfile::copy_data_between(&src, &file)?;
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Seals a memfd for good: no write, grow or shrink, and no seal taken off. Fails while a
+/// writable shared mapping of it exists.
+pub fn seal(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
     // SAFETY: fcntl on our fd with integer arguments.
-    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_ADD_SEALS, seals) } < 0 {
+    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), libc::F_ADD_SEALS, seals) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(file.into())
+    Ok(())
 }
 
 #[cfg(test)]

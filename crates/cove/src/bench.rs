@@ -127,7 +127,7 @@ struct Stats {
 impl Stats {
     fn new(mut d: Vec<Duration>) -> Stats {
         d.sort();
-        Stats { samples_ms: d.iter().map(|d| d.as_secs_f64() * 1e3).collect() }
+        Stats { samples_ms: d.iter().copied().map(ms).collect() }
     }
     fn pct(&self, p: f64) -> f64 {
         if self.samples_ms.is_empty() {
@@ -140,6 +140,10 @@ impl Stats {
         json!({ "n": self.samples_ms.len(), "p50_ms": self.pct(50.0), "p95_ms": self.pct(95.0),
                 "p99_ms": self.pct(99.0), "min_ms": self.pct(0.0), "max_ms": self.pct(100.0) })
     }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// An in-process server on a temp data dir, and a client for it.
@@ -425,6 +429,25 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
             // Rewrite some memory between cycles, as a working guest would.
             b.exec(&id, &format!("head -c 16M /dev/urandom > /dev/shm/cycle # {cycle}")).await?;
         }
+        // Restores of a named snapshot of it: the first unpacks the RAM (into the memfd the
+        // runner then shares), the later ones map it as it is.
+        let name = format!("bench-{id}");
+        let snap = b
+            .call(post.clone(), &format!("/v1/sandbox/{id}/snapshot/create"), Some(json!({"name": name})))
+            .await?;
+        let mut restores = Vec::new();
+        for _ in 0..=args.cycles {
+            let t = Instant::now();
+            let restored =
+                b.call(post.clone(), "/v1/snapshot/restore", Some(json!({"snapshot_name": name}))).await?;
+            restores.push(t.elapsed());
+            let rid = restored["id"].as_str().context("no id")?;
+            b.call(reqwest::Method::DELETE, &format!("/v1/sandbox/{rid}"), None).await.ok();
+        }
+        let snap_id = snap["id"].as_str().context("no snapshot id")?;
+        b.call(reqwest::Method::DELETE, &format!("/v1/snapshot/{snap_id}"), None).await.ok();
+        let first_restore = restores.remove(0);
+        let restore = Stats::new(restores);
         b.call(reqwest::Method::DELETE, &format!("/v1/sandbox/{id}"), None).await.ok();
         let (raw_save, raw_restore, pause, resume, first_exec) = (
             Stats::new(raw_save),
@@ -446,6 +469,8 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
         row("resume, warm -> first exec done", &first_exec);
         row("resume, cold (image unpacked from the store)", &cold_resume);
         row("resume, cold -> first exec done", &cold_first_exec);
+        println!("{:<48} {:>9.1}", "restore of a snapshot, first (RAM unpacked)", ms(first_restore));
+        row("restore of a snapshot, later (RAM shared)", &restore);
         println!(
             "stored per pause: {:.1} MiB ({:.1}% of guest memory); pause/raw save = {:.1}x, resume/raw restore = {:.2}x, \
              warm/cold resume = {:.2}x",
@@ -466,12 +491,15 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
             "resume_to_first_exec": first_exec.json(),
             "cold_resume": cold_resume.json(),
             "cold_resume_to_first_exec": cold_first_exec.json(),
+            "first_restore_ms": ms(first_restore),
+            "restore": restore.json(),
             "stored_bytes": stored_bytes,
             "stored_fraction_of_memory": stored_bytes as f64 / (mem << 20) as f64,
             "ratios": {
                 "pause_p50_over_raw_save_p50": pause.pct(50.0) / raw_save.pct(50.0),
                 "resume_p50_over_raw_restore_p50": resume.pct(50.0) / raw_restore.pct(50.0),
                 "warm_resume_p50_over_cold_resume_p50": resume.pct(50.0) / cold_resume.pct(50.0),
+                "restore_p50_over_first_restore": restore.pct(50.0) / ms(first_restore),
             },
         }));
     }

@@ -31,7 +31,7 @@ async fn create_exec_delete_leaves_nothing_behind() {
     // Its RAM is its template's, mapped copy-on-write: no RAM file of its own.
     assert!(common::guest_ram_files(&id).is_empty(), "a new sandbox has a RAM file of its own");
     let pid: u32 = pid.parse().unwrap();
-    template_mapping(pid);
+    common::cloned_ram_mapping(pid);
 
     let r = api.delete(&format!("/v1/sandbox/{id}")).await;
     assert_eq!(r.status, 204, "{}", r.text());
@@ -49,22 +49,6 @@ async fn create_exec_delete_leaves_nothing_behind() {
     assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.status, 404);
 }
 
-/// The template's RAM mapping of a sandbox's QEMU (`/memfd:cove-tmpl-…`): its start-end range
-/// and the kB of it that are resident and mapped by another process too (`Shared_Clean` and
-/// `Shared_Dirty`: a memfd's pages count as dirty).
-fn template_mapping(pid: u32) -> (String, u64) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let mut lines = smaps.lines().skip_while(|l| !l.contains("/memfd:cove-tmpl-"));
-    let head = lines.next().unwrap_or_else(|| panic!("QEMU {pid} does not map a template's RAM"));
-    let kb = |l: &str| l.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap();
-    let shared = lines
-        .take_while(|l| !l.starts_with("VmFlags"))
-        .filter_map(|l| l.strip_prefix("Shared_Clean:").or_else(|| l.strip_prefix("Shared_Dirty:")))
-        .map(kb)
-        .sum();
-    (head.split_whitespace().next().unwrap().to_string(), shared)
-}
-
 /// Sandboxes made from one template map its RAM copy-on-write from one sealed memfd: the pages
 /// they have not written are the same host pages, and no QEMU can write that memfd (it is
 /// sealed: a write through QEMU's own open file is refused). What each guest writes stays its
@@ -78,7 +62,7 @@ async fn sandboxes_of_a_template_share_its_pages_and_cannot_change_them() {
     api.sh_ok(&a, "echo from-a > /dev/shm/mine").await;
     let pids: Vec<u32> = [&a, &b].iter().map(|id| common::qemu_pids(id)[0]).collect();
     for &pid in &pids {
-        let (range, shared_kb) = template_mapping(pid);
+        let (range, shared_kb) = common::cloned_ram_mapping(pid);
         assert!(shared_kb >= 8 << 10, "QEMU {pid} shares only {shared_kb} kB of the template's pages");
         let file = std::fs::OpenOptions::new()
             .write(true)

@@ -100,6 +100,20 @@ async fn restored_sandboxes_carry_the_snapshot_state_and_are_new_machines() {
         }
     }
 
+    // Both map the snapshot's RAM copy-on-write from one sealed memfd: no RAM file of their
+    // own, the pages neither wrote held once, and what one writes in memory the other does not
+    // see.
+    for id in [&a, &b] {
+        let pid = qemu_pids(id)[0];
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+        assert!(smaps.contains("/memfd:cove-tmpl-snap-"), "{id} does not map its snapshot's RAM");
+        let (_, shared_kb) = common::cloned_ram_mapping(pid);
+        assert!(shared_kb >= 8 << 10, "{id} shares only {shared_kb} kB of the snapshot's pages");
+        assert!(common::guest_ram_files(id).is_empty(), "{id} has a RAM file of its own");
+    }
+    api.sh_ok(&a, "echo from-a > /dev/shm/mine").await;
+    assert_eq!(api.exec(&b, "cat /dev/shm/mine").await.0, 1, "b sees what a wrote in memory");
+
     let mut randoms = BTreeSet::new();
     for id in [&a, &b] {
         let out = api
@@ -143,8 +157,9 @@ async fn restored_sandboxes_carry_the_snapshot_state_and_are_new_machines() {
     let r = api.action(&a, "pause").await;
     assert_eq!(r.status, 201, "pause of {a}: {}", r.text());
     assert_eq!(
-        api.sh_ok(&a, "cat /home/user/state.txt /home/user/mine.txt; hostname").await,
-        format!("as of the snapshot\nonly in the first\n{a}\n")
+        api.sh_ok(&a, "cat /home/user/state.txt /home/user/mine.txt /dev/shm/mine; hostname").await,
+        format!("as of the snapshot\nonly in the first\nfrom-a\n{a}\n"),
+        "a restored sandbox paused and resumed (its RAM made from the snapshot's and its own pages)"
     );
     assert_eq!(api.state_of(&a).await, "running");
     left.delete_sandbox(&a).await;

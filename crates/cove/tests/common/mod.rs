@@ -778,3 +778,21 @@ pub async fn invoke_until(
     }
     body
 }
+
+/// The mapping of a sandbox's QEMU of the RAM it was cloned from (`/memfd:cove-tmpl-…`: its
+/// template's or named snapshot's): its start-end range and the kB of it that are resident and
+/// mapped by another process too (`Shared_Clean` and `Shared_Dirty`: a memfd's pages count as
+/// dirty).
+pub fn cloned_ram_mapping(pid: u32) -> (String, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut lines = smaps.lines().skip_while(|l| !l.contains("/memfd:cove-tmpl-"));
+    let head =
+        lines.next().unwrap_or_else(|| panic!("QEMU {pid} does not map a template's or snapshot's RAM"));
+    let kb = |l: &str| l.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap();
+    let shared = lines
+        .take_while(|l| !l.starts_with("VmFlags"))
+        .filter_map(|l| l.strip_prefix("Shared_Clean:").or_else(|| l.strip_prefix("Shared_Dirty:")))
+        .map(kb)
+        .sum();
+    (head.split_whitespace().next().unwrap().to_string(), shared)
+}
