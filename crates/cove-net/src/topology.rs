@@ -260,13 +260,15 @@ pub async fn find(id: &str) -> Option<SandboxNet> {
     Some(net)
 }
 
-/// [`find`], for a network that is whole: also the TAP with the gateway's address, both ends
-/// up. What a paused sandbox leaves with its warm entry (see `cove_runner::net`): its resume
-/// takes the namespace as it is and only applies its rules again.
+/// [`find`], for a network that is whole and this host namespace's: also the TAP with the
+/// gateway's address, both ends up, and the veth's host end here (not in the namespace of
+/// another runner of this machine, as in tests). What a paused sandbox leaves with its warm
+/// entry (see `cove_runner::net`): its resume takes the namespace as it is and only applies
+/// its rules again.
 pub async fn find_whole(id: &str) -> Option<SandboxNet> {
     match look(id)? {
-        (net, true) => Some(net),
-        (_, false) => None,
+        (net, true) if nix::net::if_::if_nametoindex(net.host_veth().as_str()).is_ok() => Some(net),
+        _ => None,
     }
 }
 
@@ -306,6 +308,19 @@ fn look(id: &str) -> Option<(SandboxNet, bool)> {
 /// Replaces the namespace's rules (a policy change).
 pub async fn apply(net: &SandboxNet, rules: &Rules, denied: &[&str]) -> io::Result<()> {
     run("ip", &["netns", "exec", &net.ns_name, "nft", "-f", "-"], Some(&render(rules, denied))).await
+}
+
+/// Whether a process runs in sandbox `id`'s namespace (a VM's QEMU). A runner's own VM of the
+/// sandbox is gone before it removes the namespace, so a process there belongs to another
+/// runner on this host that took the same sandbox over (namespaces are named by sandbox id on
+/// the whole host).
+pub fn in_use(id: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ns) = std::fs::metadata(netns::path(&ns_name(id))) else { return false };
+    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).any(|p| {
+        std::fs::metadata(p.path().join("ns/net")).is_ok_and(|m| m.dev() == ns.dev() && m.ino() == ns.ino())
+    })
 }
 
 /// Removes sandbox `id`'s namespace; its TAP and veth pair go with it. Missing is fine.
@@ -390,6 +405,20 @@ mod tests {
         let found = find(&id).await.unwrap();
         assert_eq!(found.slot, net.slot);
         assert_eq!(find_whole(&id).await.map(|n| n.slot), Some(net.slot));
+        // In use while a process runs in it (as another runner's QEMU would), not after.
+        assert!(!in_use(&id));
+        let mut inside = std::process::Command::new("ip")
+            .args(["netns", "exec", &net.ns_name, "sleep", "30"])
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !in_use(&id) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(in_use(&id), "a process in the namespace is not seen");
+        inside.kill().unwrap();
+        inside.wait().unwrap();
+        assert!(!in_use(&id));
         for mode in [NetworkMode::AllowAll, NetworkMode::DenyAll] {
             apply(&net, &Rules { mode, allow_cidrs: vec![] }, &denied).await.unwrap();
         }
@@ -397,6 +426,17 @@ mod tests {
         assert!(!netns::exists(&net.ns_name));
         assert!(!std::path::Path::new(&format!("/sys/class/net/{}", net.host_veth())).exists());
         assert!(find(&id).await.is_none());
+
+        // Whole, but its veth's host end in another namespace (another runner's on this
+        // machine): not this runner's to take.
+        let net = create(&id, &rules, &denied).await.unwrap();
+        let other = format!("{id}-other");
+        run("ip", &["netns", "add", &other], None).await.unwrap();
+        run("ip", &["link", "set", &net.host_veth(), "netns", &other], None).await.unwrap();
+        assert!(find(&id).await.is_some());
+        assert!(find_whole(&id).await.is_none(), "a namespace wired to another host namespace is taken");
+        run("ip", &["netns", "del", &other], None).await.unwrap();
+        destroy(&id).await.unwrap();
 
         // Half made (a crash before `finish`): not whole, so a resume makes it again.
         create_tap(&id).await.unwrap();
