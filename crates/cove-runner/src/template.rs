@@ -36,7 +36,11 @@ pub struct TemplateSnapshot {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub dir: PathBuf,
+    /// The snapshot's RAM, on disk in `dir` (sparse): kept with the frozen disk it belongs
+    /// with, so a host reboot loses neither. Creates map a sealed memfd copy of it.
     pub memory_file: PathBuf,
+    /// The RAM file of the VM that boots it, on tmpfs; moved into `memory_file` once saved.
+    pub boot_memory: PathBuf,
     /// Sockets and logs of the VM that boots it.
     pub run_dir: PathBuf,
 }
@@ -179,12 +183,33 @@ impl Templates {
         TemplateSnapshot {
             template: template.to_string(),
             dir: self.snapshots_dir(template).join(&key),
-            memory_file: self.shm_dir(template).join(format!("tmpl-{key}.mem")),
+            memory_file: self.snapshots_dir(template).join(&key).join("memory"),
+            boot_memory: self.shm_dir(template).join(format!("tmpl-{key}.mem")),
             run_dir: self.run_dir(template, &key),
             key,
             fingerprint,
             vcpus,
             memory_mib,
+        }
+    }
+
+    /// A snapshot built by an earlier Cove, which kept its RAM on tmpfs only: moved to disk
+    /// now, so that it is ready without a rebuild (which would replace the frozen disk its
+    /// sandboxes' images are layered on). False when there is nothing to keep.
+    fn keep_boot_memory(&self, s: &TemplateSnapshot) -> bool {
+        let rest = TemplateSnapshot { memory_file: s.boot_memory.clone(), ..s.clone() };
+        if !self.is_ready(&rest) {
+            return false;
+        }
+        match move_to_disk(&s.boot_memory, &s.memory_file) {
+            Ok(()) => {
+                tracing::info!(template = %s.template, key = %s.key, "template RAM moved from tmpfs to disk");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(template = %s.template, key = %s.key, error = %e, "template RAM not moved to disk");
+                false
+            }
         }
     }
 
@@ -252,7 +277,7 @@ impl Templates {
         let lock_file =
             std::fs::File::create(&lock_path).map_err(|e| RunnerError::io("creating template lock", e))?;
         lock_when_free(&lock_file).await.map_err(|e| RunnerError::io("locking template", e))?;
-        if self.is_ready(&snap) {
+        if self.is_ready(&snap) || self.keep_boot_memory(&snap) {
             return Ok(snap);
         }
         tracing::info!(template, vcpus, memory_mib, "building template snapshot (cold boot)");
@@ -302,9 +327,9 @@ impl Templates {
             vmm.destroy(&stale).await?;
         }
         let _ = std::fs::remove_dir_all(&snap.dir);
-        let _ = std::fs::remove_file(&snap.memory_file);
+        let _ = std::fs::remove_file(&snap.boot_memory);
         std::fs::create_dir_all(&snap.dir).map_err(|e| io("creating dir", e))?;
-        if let Some(shm) = snap.memory_file.parent() {
+        if let Some(shm) = snap.boot_memory.parent() {
             std::fs::create_dir_all(shm).map_err(|e| io("creating the RAM dir", e))?;
         }
         let disk = snap.dir.join("disk.qcow2");
@@ -335,7 +360,7 @@ impl Templates {
             initrd: self.images.initrd.clone(),
             cmdline: KERNEL_CMDLINE.to_string(),
             disk: disk.clone(),
-            memory: cove_vmm::GuestMemory::Shared(snap.memory_file.clone()),
+            memory: cove_vmm::GuestMemory::Shared(snap.boot_memory.clone()),
             run_dir: snap.run_dir.clone(),
             overhead_mib: self.cfg.overhead_mib,
             netns,
@@ -405,12 +430,26 @@ impl Templates {
         perms.set_readonly(true);
         std::fs::set_permissions(&disk, perms).map_err(|e| io("freezing disk", e))?;
         qemu_img_overlay(&disk, &snap.overlay()).await?;
+        move_to_disk(&snap.boot_memory, &snap.memory_file).map_err(|e| io("keeping the RAM on disk", e))?;
         let meta =
             Meta { fingerprint: snap.fingerprint.clone(), vcpus: snap.vcpus, memory_mib: snap.memory_mib };
         let bytes = serde_json::to_vec(&meta).map_err(|e| io("encoding meta", std::io::Error::other(e)))?;
         std::fs::write(snap.dir.join("meta.json"), bytes).map_err(|e| io("writing meta", e))?;
         Ok(())
     }
+}
+
+/// Copies the data of RAM file `from` (tmpfs) into a new sparse file `to` (written under a
+/// temporary name, renamed whole), then removes `from`.
+fn move_to_disk(from: &Path, to: &Path) -> std::io::Result<()> {
+    let src = std::fs::File::open(from)?;
+    let tmp = to.with_extension("partial");
+    let dst = std::fs::File::create(&tmp)?;
+    dst.set_len(src.metadata()?.len())?;
+    crate::memfile::copy_data_between(&src, &dst)?;
+    dst.sync_all()?;
+    std::fs::rename(&tmp, to)?;
+    std::fs::remove_file(from)
 }
 
 /// How long a system template's service may take to get ready at its first boot.
@@ -470,6 +509,46 @@ pub async fn qemu_img_overlay(backing: &Path, path: &Path) -> Result<(), RunnerE
 mod tests {
     use super::*;
 
+    /// A snapshot an earlier Cove left with its RAM on tmpfs only is kept, its RAM moved to
+    /// disk (sparse, same bytes), rather than rebuilt; one that is not whole is not.
+    #[test]
+    fn a_snapshot_with_its_ram_on_tmpfs_only_is_kept() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RunnerConfig::new(dir.path().join("cache"), dir.path().join("data"));
+        let templates = Templates::new(&cfg, &Images::paths(&cfg.cache_dir));
+        let snap_dir = dir.path().join("snap");
+        std::fs::create_dir_all(&snap_dir).unwrap();
+        let snap = TemplateSnapshot {
+            template: "system/debian:bookworm".into(),
+            key: "k1".into(),
+            fingerprint: "f".into(),
+            vcpus: 1,
+            memory_mib: 4,
+            memory_file: snap_dir.join("memory"),
+            boot_memory: dir.path().join("tmpl-k1.mem"),
+            dir: snap_dir.clone(),
+            run_dir: dir.path().join("run"),
+        };
+        let boot = std::fs::File::create(&snap.boot_memory).unwrap();
+        boot.set_len(4 << 20).unwrap();
+        boot.write_all_at(b"guest page", 2 << 20).unwrap();
+        assert!(!templates.keep_boot_memory(&snap), "kept without its meta, state and overlay");
+        let meta = Meta { fingerprint: "f".into(), vcpus: 1, memory_mib: 4 };
+        std::fs::write(snap_dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
+        std::fs::write(snap.state_file(), b"state").unwrap();
+        std::fs::write(snap.overlay(), b"overlay").unwrap();
+        assert!(!templates.is_ready(&snap));
+        assert!(templates.keep_boot_memory(&snap));
+        assert!(templates.is_ready(&snap));
+        assert!(!snap.boot_memory.exists(), "the tmpfs copy stays");
+        let kept = std::fs::File::open(&snap.memory_file).unwrap();
+        assert_eq!(kept.metadata().unwrap().len(), 4 << 20);
+        let mut buf = [0u8; 10];
+        kept.read_exact_at(&mut buf, 2 << 20).unwrap();
+        assert_eq!(&buf, b"guest page");
+    }
+
     /// Creates that arrive together get one sealed copy of the template's RAM: were each to
     /// make its own, the sandboxes of the one the cache dropped would share no page with the
     /// ones after them.
@@ -488,6 +567,7 @@ mod tests {
             memory_mib: 1,
             dir: dir.path().to_path_buf(),
             memory_file: memory_file.clone(),
+            boot_memory: dir.path().join("boot-memory"),
             run_dir: dir.path().join("run"),
         };
         let (a, b, c) = tokio::join!(
