@@ -148,9 +148,8 @@ impl Fs {
         let ctx = self.ctx();
         let p = path.clone();
         let (file, created) = blocking(move || ctx.open_for_write(&p, mode)).await?;
-        let body = BodyStream::new(req.into_body())
-            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())));
-        pump(&path, file, created, body, |e: hyper::Error| Fail::bad(format!("reading request body: {e}")))
+        let body = whole_body(req);
+        pump(&path, file, created, body, |e: BodyError| Fail::bad(format!("reading request body: {e}")))
             .await?;
         Ok(reply::empty(StatusCode::NO_CONTENT))
     }
@@ -163,9 +162,7 @@ impl Fs {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Fail::bad("write-files takes a multipart/form-data body"))?
             .to_owned();
-        let body = BodyStream::new(req.into_body())
-            .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())));
-        let mut parts = Parts::new(&content_type, body)?;
+        let mut parts = Parts::new(&content_type, whole_body(req))?;
         while let Some((name, field)) = parts.next().await? {
             let path = resolve(&self.user, &name);
             let ctx = self.ctx();
@@ -355,6 +352,48 @@ async fn parse<T: DeserializeOwned + Validate>(req: Request<Incoming>) -> Res<T>
 }
 
 /// Runs disk work on a blocking thread.
+/// An upload's body error: hyper's, or a body that ended short of its Content-Length.
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An upload's data, ending with an error when fewer bytes came than its Content-Length says.
+/// hyper ends an HTTP/2 body *cleanly* when its stream is reset with `NO_ERROR` (or its
+/// connection goes away with it), the way a server's early answer is signalled, without
+/// checking its length: unchecked, such a body would be written as a shorter file.
+fn whole_body(req: Request<Incoming>) -> impl Stream<Item = Result<Bytes, BodyError>> + Send + 'static {
+    let expected = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let data = BodyStream::new(req.into_body())
+        .try_filter_map(|frame| futures::future::ready(Ok(frame.into_data().ok())))
+        .map_err(|e| Box::new(e) as BodyError);
+    checked_length(data, expected)
+}
+
+/// `data`, with an error after its end when it held fewer bytes than `expected`.
+fn checked_length<S>(data: S, expected: Option<u64>) -> impl Stream<Item = Result<Bytes, BodyError>>
+where
+    S: Stream<Item = Result<Bytes, BodyError>>,
+{
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
+    let counted = data.inspect_ok(move |b| {
+        counter.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    });
+    let end = futures::stream::once(async move {
+        let got = received.load(std::sync::atomic::Ordering::Relaxed);
+        match expected {
+            Some(want) if got < want => {
+                Some(Err(format!("the body ended after {got} of its {want} bytes").into()))
+            }
+            _ => None,
+        }
+    })
+    .filter_map(futures::future::ready);
+    counted.chain(end)
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
         Fail::Status(StatusCode::INTERNAL_SERVER_ERROR, format!("filesystem task failed: {e}"))
@@ -382,6 +421,55 @@ fn lossy(p: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that resets its upload's stream with `NO_ERROR` halfway: hyper hands the
+    /// handler a body that simply ends, 5 of 10 bytes in. The upload must see an error there,
+    /// not a whole (and shorter) file.
+    #[tokio::test]
+    async fn an_upload_reset_halfway_is_an_error_not_a_shorter_file() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let (tx, rx) = tokio::sync::oneshot::channel::<(usize, Option<String>)>();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let tx = tx.lock().unwrap().take();
+            async move {
+                let results: Vec<Result<Bytes, BodyError>> = whole_body(req).collect().await;
+                let got = results.iter().filter_map(|r| r.as_ref().ok()).map(|b| b.len()).sum();
+                let err = results.iter().find_map(|r| r.as_ref().err().map(|e| e.to_string()));
+                if let Some(tx) = tx {
+                    let _ = tx.send((got, err));
+                }
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+            }
+        });
+        let server = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(server_io), service);
+        tokio::spawn(server);
+        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("http://agent/upload").header(header::CONTENT_LENGTH, "10").body(()).unwrap();
+        let (_answer, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(Bytes::from_static(b"hello"), false).unwrap();
+        // Let the data go out before the reset, which drops what is still queued.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        send.send_reset(h2::Reason::NO_ERROR);
+        let (got, err) = tokio::time::timeout(std::time::Duration::from_secs(5), rx).await.unwrap().unwrap();
+        assert_eq!(got, 5);
+        assert_eq!(err.as_deref(), Some("the body ended after 5 of its 10 bytes"));
+    }
+
+    #[tokio::test]
+    async fn a_body_is_checked_against_its_length_only_when_it_has_one() {
+        let chunks =
+            || futures::stream::iter([Ok(Bytes::from_static(b"abc")), Ok(Bytes::from_static(b"de"))]);
+        let run = |expected| async move {
+            checked_length(chunks(), expected).map(|r| r.map_err(|e| e.to_string())).collect::<Vec<_>>().await
+        };
+        assert_eq!(run(Some(5)).await.len(), 2);
+        assert_eq!(run(None).await.len(), 2);
+        let short = run(Some(6)).await;
+        assert_eq!(short.last().unwrap().as_ref().unwrap_err(), "the body ended after 5 of its 6 bytes");
+    }
     use std::io::Cursor;
 
     fn test_ctx(home: &Path) -> Ctx {
