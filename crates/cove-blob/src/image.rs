@@ -558,25 +558,148 @@ fn decode_group(
     for c in chunks {
         let stored = &data[pos..pos + c.stored_len as usize];
         pos += c.stored_len as usize;
-        let len = c.len as usize;
-        let plain = if c.stored_len == c.len {
-            stored
-        } else {
-            buf.resize(len, 0);
-            let n = lz4_flex::block::decompress_into(stored, &mut buf[..len])
-                .map_err(|e| corrupt(c.offset, format!("lz4: {e}")))?;
-            if n != len {
-                return Err(corrupt(c.offset, format!("decoded {n} bytes, expected {len}")));
-            }
-            &buf[..len]
-        };
-        let crc32 = crc32fast::hash(plain);
-        if crc32 != c.crc32 {
-            return Err(corrupt(c.offset, format!("crc32 {crc32:08x}, expected {:08x}", c.crc32)));
-        }
+        let plain = decode_chunk(name, c, stored, &mut buf)?;
         written += write_nonzero_pages(out, c.offset, plain).map_err(io_error("writing", dest))?;
     }
     Ok(written)
+}
+
+/// Decodes one stored chunk (into `buf` unless it was stored raw) and checks its crc32.
+fn decode_chunk<'a>(
+    name: &str,
+    c: &Chunk,
+    stored: &'a [u8],
+    buf: &'a mut Vec<u8>,
+) -> Result<&'a [u8], BlobError> {
+    let corrupt = |reason: String| BlobError::Corrupt { file: name.to_string(), offset: c.offset, reason };
+    let len = c.len as usize;
+    let plain = if c.stored_len == c.len {
+        stored
+    } else {
+        buf.resize(len, 0);
+        let n = lz4_flex::block::decompress_into(stored, &mut buf[..len])
+            .map_err(|e| corrupt(format!("lz4: {e}")))?;
+        if n != len {
+            return Err(corrupt(format!("decoded {n} bytes, expected {len}")));
+        }
+        &buf[..len]
+    };
+    let crc32 = crc32fast::hash(plain);
+    if crc32 != c.crc32 {
+        return Err(corrupt(format!("crc32 {crc32:08x}, expected {:08x}", c.crc32)));
+    }
+    Ok(plain)
+}
+
+// ---- random access ----
+
+/// Puts the blob of `file` (under `prefix`) at `dest` as it is stored, for a [`PackedReader`]:
+/// a hard link when the store is a local directory on the same filesystem, else a copy or a
+/// download. Nothing is decoded.
+pub async fn fetch_packed(
+    store: &BlobStore,
+    prefix: &str,
+    file: &PackedFile,
+    dest: &Path,
+) -> Result<(), BlobError> {
+    let key = join_key(prefix, &file.name);
+    let _ = std::fs::remove_file(dest);
+    if let Some(src) = store.local_file(&key) {
+        let linked = std::fs::hard_link(&src, dest).or_else(|_| std::fs::copy(&src, dest).map(drop));
+        return match linked {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(BlobError::NotFound(key)),
+            other => other.map_err(io_error("copying a blob to", dest)),
+        };
+    }
+    let location = object_path(&key)?;
+    let get = store.object_store().get(&location).await.map_err(|e| store.error("get", &key, e))?;
+    let mut body = get.into_stream();
+    let mut out = tokio::fs::File::create(dest).await.map_err(io_error("creating", dest))?;
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| store.error("get", &key, e))?;
+        tokio::io::AsyncWriteExt::write_all(&mut out, &piece).await.map_err(io_error("writing", dest))?;
+    }
+    tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(io_error("writing", dest))?;
+    Ok(())
+}
+
+/// Random access to a packed file whose blob is a local file (see [`fetch_packed`]): any chunk
+/// can be decoded on its own, so a reader can serve the file's bytes without unpacking it.
+pub struct PackedReader {
+    blob: File,
+    file: PackedFile,
+    /// Where each chunk starts in the blob.
+    starts: Vec<u64>,
+}
+
+impl PackedReader {
+    /// Opens `blob`, after checking `file`'s chunk table and the blob's length against it.
+    pub fn open(blob: &Path, file: PackedFile) -> Result<PackedReader, BlobError> {
+        check_chunk_table(&file)?;
+        let f = File::open(blob).map_err(io_error("opening", blob))?;
+        let len = f.metadata().map_err(io_error("stat", blob))?.len();
+        if len != file.stored_bytes {
+            return Err(BlobError::Corrupt {
+                file: file.name.clone(),
+                offset: 0,
+                reason: format!("blob {} is {len} bytes, expected {}", blob.display(), file.stored_bytes),
+            });
+        }
+        let starts = file
+            .chunks
+            .iter()
+            .scan(0u64, |pos, c| {
+                let start = *pos;
+                *pos += u64::from(c.stored_len);
+                Some(start)
+            })
+            .collect();
+        Ok(PackedReader { blob: f, file, starts })
+    }
+
+    pub fn file(&self) -> &PackedFile {
+        &self.file
+    }
+
+    /// The stored chunk holding byte `offset`, if any (every other byte is zero).
+    pub fn chunk_at(&self, offset: u64) -> Option<usize> {
+        let i = self.file.chunks.partition_point(|c| c.offset + u64::from(c.len) <= offset);
+        self.file.chunks.get(i).filter(|c| c.offset <= offset).map(|_| i)
+    }
+
+    /// The first stored chunk at or after byte `offset`.
+    pub fn next_chunk(&self, offset: u64) -> Option<usize> {
+        let i = self.file.chunks.partition_point(|c| c.offset + u64::from(c.len) <= offset);
+        (i < self.file.chunks.len()).then_some(i)
+    }
+
+    /// Writes the whole file into `out` (as long as the file, holes everywhere): every chunk
+    /// decoded and checked in turn, only its non-zero pages written. Returns the bytes written.
+    pub fn unpack_into(&self, out: &File, out_path: &Path) -> Result<u64, BlobError> {
+        let mut buf = Vec::new();
+        let mut written = 0;
+        for (i, c) in self.file.chunks.iter().enumerate() {
+            self.decode(i, &mut buf)?;
+            written += write_nonzero_pages(out, c.offset, &buf).map_err(io_error("writing", out_path))?;
+        }
+        Ok(written)
+    }
+
+    /// Decodes chunk `i` into `out` (which ends up `chunks[i].len` long), checked.
+    pub fn decode(&self, i: usize, out: &mut Vec<u8>) -> Result<(), BlobError> {
+        let c = &self.file.chunks[i];
+        let mut stored = vec![0u8; c.stored_len as usize];
+        self.blob.read_exact_at(&mut stored, self.starts[i]).map_err(|e| BlobError::Corrupt {
+            file: self.file.name.clone(),
+            offset: c.offset,
+            reason: format!("reading the blob: {e}"),
+        })?;
+        let raw = c.stored_len == c.len;
+        let mut buf = std::mem::take(out);
+        decode_chunk(&self.file.name, c, &stored, &mut buf)?;
+        *out = if raw { stored } else { buf };
+        Ok(())
+    }
 }
 
 /// Writes the runs of non-zero pages of `data` (which belongs at `offset`); zero pages stay holes.
@@ -689,6 +812,52 @@ mod tests {
         );
         // Only non-zero pages are written: at most 2 pages of the 4 KiB at 4097 etc.
         assert!(written < 3 * MIB, "{written}");
+    }
+
+    /// A packed file read chunk by chunk from a local copy of its blob is the file, from a local
+    /// store (a hard link) and through a ranged-read store alike; a damaged copy is refused.
+    #[tokio::test]
+    async fn a_local_copy_reads_chunk_by_chunk() {
+        let (dir, store) = local();
+        let src = dir.path().join("ram");
+        let size = sparse_file(&src);
+        let packed = pack_file(&store, "images/one", "ram", &src).await.unwrap();
+        let want = std::fs::read(&src).unwrap();
+        let remote = BlobStore::from_object_store(store.object_store().clone(), "not local");
+        for (i, store) in [store, remote].iter().enumerate() {
+            let copy = dir.path().join(format!("copy{i}"));
+            fetch_packed(store, "images/one", &packed, &copy).await.unwrap();
+            let reader = PackedReader::open(&copy, packed.clone()).unwrap();
+            let mut got = vec![0u8; size as usize];
+            let mut buf = Vec::new();
+            let mut at = 0;
+            while let Some(c) = reader.next_chunk(at) {
+                let chunk = reader.file().chunks[c];
+                assert_eq!(reader.chunk_at(chunk.offset + 17), Some(c));
+                reader.decode(c, &mut buf).unwrap();
+                got[chunk.offset as usize..][..buf.len()].copy_from_slice(&buf);
+                at = chunk.offset + u64::from(chunk.len);
+            }
+            assert!(got == want, "read {i}: the chunks make the file");
+            let out = dir.path().join(format!("out{i}"));
+            let f = File::create(&out).unwrap();
+            f.set_len(size).unwrap();
+            assert!(reader.unpack_into(&f, &out).unwrap() <= packed.data_bytes);
+            assert!(std::fs::read(&out).unwrap() == want, "unpacked {i}: the file");
+            assert_eq!(reader.chunk_at(3 * MIB + 5), None, "a zero chunk is no stored chunk");
+            assert_eq!(reader.next_chunk(3 * MIB), Some(2));
+            assert_eq!(reader.next_chunk(size), None);
+        }
+        let copy = dir.path().join("copy0");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .unwrap()
+            .set_len(packed.stored_bytes - 1)
+            .unwrap();
+        assert!(matches!(PackedReader::open(&copy, packed.clone()), Err(BlobError::Corrupt { .. })));
+        let missing = fetch_packed(&local().1, "images/none", &packed, &dir.path().join("x")).await;
+        assert!(matches!(missing, Err(BlobError::NotFound(_))), "{missing:?}");
     }
 
     #[tokio::test]

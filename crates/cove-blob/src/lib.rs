@@ -23,7 +23,8 @@ pub mod testing;
 use std::path::PathBuf;
 
 pub use image::{
-    pack_file, read_manifest, unpack_file, write_manifest, Chunk, PackedFile, CHUNK_SIZE, MANIFEST,
+    fetch_packed, pack_file, read_manifest, unpack_file, write_manifest, Chunk, PackedFile, PackedReader,
+    CHUNK_SIZE, MANIFEST,
 };
 pub use store::{BlobStore, S3Options};
 /// Walking a sparse file's data extents (lseek SEEK_DATA / SEEK_HOLE), also used by the runner.

@@ -80,6 +80,8 @@ impl fmt::Debug for S3Options {
 pub struct BlobStore {
     inner: Arc<dyn ObjectStore>,
     description: Arc<str>,
+    /// The directory of a local store, whose objects are plain files under it.
+    local: Option<Arc<std::path::Path>>,
 }
 
 impl fmt::Debug for BlobStore {
@@ -130,13 +132,21 @@ impl BlobStore {
             .with_fsync(true)
             // Deleting the last object of a "directory" removes the directory too, as on S3.
             .with_automatic_cleanup(true);
-        Ok(BlobStore::from_object_store(Arc::new(local), format!("file://{dir}")))
+        let mut store = BlobStore::from_object_store(Arc::new(local), format!("file://{dir}"));
+        store.local = Some(std::path::Path::new(dir).into());
+        Ok(store)
     }
 
     /// Wraps any `ObjectStore` (tests use this to inject failures). `description` is what
     /// errors and logs call the store; it must not contain secrets.
     pub fn from_object_store(store: Arc<dyn ObjectStore>, description: impl Into<String>) -> BlobStore {
-        BlobStore { inner: store, description: description.into().into() }
+        BlobStore { inner: store, description: description.into().into(), local: None }
+    }
+
+    /// The file holding the object at `key`, for a local store (`None` for any other).
+    pub fn local_file(&self, key: &str) -> Option<std::path::PathBuf> {
+        let path = object_path(key).ok()?;
+        Some(self.local.as_ref()?.join(path.as_ref()))
     }
 
     /// Where the store is, e.g. `file:///var/lib/cove/blobs` or
