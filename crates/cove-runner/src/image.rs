@@ -43,6 +43,10 @@ pub struct ImageManifest {
     pub state: PackedFile,
     pub memory: PackedFile,
     pub disk: PackedFile,
+    /// The guest's working set when it was saved: the indices (into `memory.chunks`) of the
+    /// chunks whose pages it had touched, which a lazy resume loads first (`lazymem`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot: Vec<u32>,
 }
 
 impl ImageManifest {

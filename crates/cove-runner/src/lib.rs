@@ -10,6 +10,7 @@ pub mod fsserve;
 pub mod host;
 pub mod image;
 pub mod images;
+pub mod lazymem;
 mod memfile;
 pub mod net;
 pub mod remote;
@@ -73,6 +74,9 @@ pub struct RunnerConfig {
     pub capacity_memory_mib: Option<u64>,
     /// Most sandboxes this host takes at once (0 or `None`: as many as fit in its memory).
     pub capacity_sandboxes: Option<u32>,
+    /// The program that serves a cold resume's RAM lazily (`<program> lazy-memory <dir>`: the
+    /// cove binary, see `lazymem`). `None`: a cold resume unpacks the RAM before the guest runs.
+    pub lazy_memory: Option<PathBuf>,
 }
 
 impl RunnerConfig {
@@ -104,6 +108,7 @@ impl RunnerConfig {
             capacity_vcpus: None,
             capacity_memory_mib: None,
             capacity_sandboxes: None,
+            lazy_memory: None,
         }
     }
 }

@@ -53,15 +53,32 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 const PAGE: u64 = 4096;
+/// The unit [`WriteBack::touched`] counts in: a packed image's chunk.
+const PIECE: u64 = cove_blob::CHUNK_SIZE;
 
-/// The file a process maps copy-on-write, as [`write_back`] finds it.
+/// The file a process maps as its RAM, as [`write_back`] finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Base {
-    /// The destination file itself: the changed pages are written into it.
+    /// The destination file itself, mapped shared: it is the RAM, nothing is written.
+    Shared,
+    /// The destination file itself, mapped copy-on-write: the changed pages are written into it.
     InPlace,
     /// A template's sealed memfd (named [`TEMPLATE_MEMFD`]…): the destination is made anew
     /// from it (its data, read through `/proc/<pid>/map_files`), then the changed pages.
     Template,
+    /// The RAM file a lazy resume serves (inode [`crate::lazymem::INODE`]), whose data the
+    /// caller has put in the destination already: the changed pages are written into it.
+    Lazy,
+}
+
+/// What [`write_back`] did and saw.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WriteBack {
+    /// Bytes of changed pages written.
+    pub written: u64,
+    /// The 1 MiB pieces of the RAM (offset / 1 MiB, ascending) with any page the process had
+    /// touched (mapped, or swapped out): its working set.
+    pub touched: Vec<u32>,
 }
 
 /// Name prefix of the sealed memfds VMs are cloned from (`/memfd:<name> (deleted)` in maps):
@@ -69,38 +86,42 @@ pub enum Base {
 /// `snapmem`).
 pub const TEMPLATE_MEMFD: &str = "cove-tmpl-";
 
-/// Makes `file` what process `pid` sees through its private mapping of `len` bytes of `base`.
-/// Pages the process wrote are anonymous copies (present but not file pages, or swapped out)
-/// in `/proc/<pid>/pagemap`; they are read from `/proc/<pid>/mem` and written at their
-/// offsets. Pages it only read, or never touched, are the mapped file's own: they are in
-/// `file` already ([`Base::InPlace`], and not written, so the mapping's view of them cannot
-/// change either) or copied from the mapped file first ([`Base::Template`]). The process must
-/// not run meanwhile (a stopped VM). Returns the bytes of changed pages written.
-pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<u64> {
+/// Makes `file` what process `pid` sees through its mapping of `len` bytes of `base`, and
+/// finds the pieces of it the process touched. Pages the process wrote are anonymous copies
+/// (present but not file pages, or swapped out) in `/proc/<pid>/pagemap`; they are read from
+/// `/proc/<pid>/mem` and written at their offsets. Pages it only read, or never touched, are
+/// the mapped file's own: they are in `file` already ([`Base::InPlace`], [`Base::Lazy`], and
+/// not written, so the mapping's view of them cannot change either) or copied from the mapped
+/// file first ([`Base::Template`]). A shared mapping ([`Base::Shared`]) has no copies: `file`
+/// is what the process sees. The process must not run meanwhile (a stopped VM).
+pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<WriteBack> {
     use std::os::unix::fs::MetadataExt;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let found = match base {
-        Base::InPlace => {
+        Base::Shared | Base::InPlace => {
             let ino = std::fs::metadata(file)?.ino();
-            private_mapping(&maps, len, |i, _| i == ino)
+            let shared = base == Base::Shared;
+            mapping(&maps, len, shared, |i, _| i == ino)
         }
         Base::Template => {
             let prefix = format!("/memfd:{TEMPLATE_MEMFD}");
-            private_mapping(&maps, len, |_, path| path.starts_with(&prefix))
+            mapping(&maps, len, false, |_, path| path.starts_with(&prefix))
         }
+        Base::Lazy => mapping(&maps, len, false, |i, _| i == crate::lazymem::INODE),
     };
     let (start, end) = found.ok_or_else(|| {
-        let what = format!("process {pid} has no private mapping of {len} bytes for {}", file.display());
+        let what = format!("process {pid} has no {base:?} mapping of {len} bytes for {}", file.display());
         io::Error::new(io::ErrorKind::NotFound, what)
     })?;
     let dst = match base {
-        Base::InPlace => std::fs::OpenOptions::new().write(true).open(file)?,
+        Base::Shared => None,
+        Base::InPlace | Base::Lazy => Some(std::fs::OpenOptions::new().write(true).open(file)?),
         Base::Template => {
             let dst = File::create(file)?;
             dst.set_len(len)?;
             let mapped = File::open(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))?;
             copy_data_between(&mapped, &dst)?;
-            dst
+            Some(dst)
         }
     };
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
@@ -109,10 +130,12 @@ pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<u64
     let mut entries = vec![0u8; 8 * 65536];
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0;
+    let mut touched: Vec<u32> = Vec::new();
     let mut page = 0;
     // A run of changed pages [from, page) is copied as one read and one write.
     let mut run: Option<u64> = None;
     let mut flush = |from: u64, to: u64| -> io::Result<()> {
+        let Some(dst) = &dst else { return Ok(()) };
         let mut off = from * PAGE;
         while off < to * PAGE {
             let n = ((to * PAGE - off) as usize).min(buf.len());
@@ -130,6 +153,12 @@ pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<u64
             let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
             let changed = (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
             let at = page + i as u64;
+            if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+                let piece = (at * PAGE / PIECE) as u32;
+                if touched.last() != Some(&piece) {
+                    touched.push(piece);
+                }
+            }
             match (changed, run) {
                 (true, None) => run = Some(at),
                 (false, Some(from)) => {
@@ -144,12 +173,13 @@ pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<u64
     if let Some(from) = run {
         flush(from, pages)?;
     }
-    Ok(written)
+    Ok(WriteBack { written, touched })
 }
 
-/// Start and end addresses of a private mapping (`p` in its permissions) of `len` bytes from
-/// offset 0 of a file whose inode and path satisfy `which`, in a `/proc/<pid>/maps` text.
-fn private_mapping(maps: &str, len: u64, which: impl Fn(u64, &str) -> bool) -> Option<(u64, u64)> {
+/// Start and end addresses of a mapping (`s` in its permissions when `shared`, `p` otherwise)
+/// of `len` bytes from offset 0 of a file whose inode and path satisfy `which`, in a
+/// `/proc/<pid>/maps` text.
+fn mapping(maps: &str, len: u64, shared: bool, which: impl Fn(u64, &str) -> bool) -> Option<(u64, u64)> {
     maps.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let (range, perms, offset, _dev, inode) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
@@ -157,7 +187,8 @@ fn private_mapping(maps: &str, len: u64, which: impl Fn(u64, &str) -> bool) -> O
         let (a, b) = range.split_once('-')?;
         let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
         let fits = b.checked_sub(a) == Some(len) && u64::from_str_radix(offset, 16) == Ok(0);
-        (fits && perms.ends_with('p') && which(inode.parse().ok()?, path)).then_some((a, b))
+        let kind = if shared { 's' } else { 'p' };
+        (fits && perms.ends_with(kind) && which(inode.parse().ok()?, path)).then_some((a, b))
     })
 }
 
@@ -194,21 +225,23 @@ mod tests {
                     7f1000000000-7f1020000000 rw-p 00000000 fe:00 43 /data/memory\n\
                     7f2000000000-7f2000001000 rw-p 00001000 fe:00 43 /data/memory\n";
         let ino = |want: u64| move |i: u64, _: &str| i == want;
-        assert_eq!(private_mapping(maps, 512 << 20, ino(43)), Some((0x7f1000000000, 0x7f1020000000)));
-        assert_eq!(private_mapping(maps, 512 << 20, ino(42)), None, "a shared mapping is not it");
-        assert_eq!(private_mapping(maps, 4096, ino(43)), None, "nor one at another offset");
-        assert_eq!(private_mapping("garbage\n\n2-1", 1, ino(43)), None);
+        assert_eq!(mapping(maps, 512 << 20, false, ino(43)), Some((0x7f1000000000, 0x7f1020000000)));
+        assert_eq!(mapping(maps, 512 << 20, false, ino(42)), None, "a shared mapping is not it");
+        assert_eq!(mapping(maps, 512 << 20, true, ino(42)), Some((0x7f0000000000, 0x7f0020000000)));
+        assert_eq!(mapping(maps, 4096, false, ino(43)), None, "nor one at another offset");
+        assert_eq!(mapping("garbage\n\n2-1", 1, false, ino(43)), None);
         let memfd = "7f3000000000-7f3040000000 rw-p 00000000 00:01 9 /memfd:cove-tmpl-x (deleted)\n";
         let named = |_: u64, p: &str| p.starts_with("/memfd:cove-tmpl-");
-        assert_eq!(private_mapping(memfd, 1 << 30, named), Some((0x7f3000000000, 0x7f3040000000)));
+        assert_eq!(mapping(memfd, 1 << 30, false, named), Some((0x7f3000000000, 0x7f3040000000)));
     }
 
     /// A child maps its RAM privately (the file itself, or a memfd copy of it named like a
-    /// template's), writes some pages (one with zeros over data) and stops; after the
-    /// write-back the file reads as the child's memory did.
+    /// template's) or shared, writes some pages (one with zeros over data), reads one and
+    /// stops; after the write-back the file reads as the child's memory did, and the pieces it
+    /// touched are known.
     #[test]
     fn writes_back_what_a_process_changed() {
-        for base in [Base::InPlace, Base::Template] {
+        for base in [Base::InPlace, Base::Template, Base::Shared] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("ram");
             let f = File::create(&path).unwrap();
@@ -217,15 +250,16 @@ mod tests {
             f.write_all_at(&[2u8; 4096], 5 << 20).unwrap();
             drop(f);
             let open = match base {
-                Base::InPlace => format!("f=open('{}','r+b')", path.display()),
-                Base::Template => format!(
+                Base::InPlace | Base::Shared => format!("f=open('{}','r+b')", path.display()),
+                _ => format!(
                     "f=os.fdopen(os.memfd_create('{TEMPLATE_MEMFD}test'),'r+b'); f.write(open('{}','rb').read()); f.flush()",
                     path.display()
                 ),
             };
+            let flags = if base == Base::Shared { "MAP_SHARED" } else { "MAP_PRIVATE" };
             let script = format!(
                 "import mmap,os,signal\n\
-                 {open}; m=mmap.mmap(f.fileno(),8<<20,flags=mmap.MAP_PRIVATE)\n\
+                 {open}; m=mmap.mmap(f.fileno(),8<<20,flags=mmap.{flags})\n\
                  m[4096:8192]=b'\\x07'*4096; m[5<<20:(5<<20)+4096]=bytes(4096); m[(7<<20)+5:(7<<20)+8]=b'abc'\n\
                  x=m[6<<20]\n\
                  os.kill(os.getpid(), signal.SIGSTOP)\n"
@@ -243,7 +277,7 @@ mod tests {
             if base == Base::Template {
                 std::fs::remove_file(&path).unwrap();
             }
-            let written = write_back(pid, 8 << 20, &path, base).unwrap();
+            let back = write_back(pid, 8 << 20, &path, base).unwrap();
             let _ = child.kill();
             let _ = child.wait();
             let got = std::fs::read(&path).unwrap();
@@ -252,7 +286,9 @@ mod tests {
             want[4096..8192].fill(7);
             want[(7 << 20) + 5..(7 << 20) + 8].copy_from_slice(b"abc");
             assert!(got == want, "{base:?}: the file is the child's view of its memory");
-            assert_eq!(written, 3 * 4096, "{base:?}: only the three pages the child wrote");
+            let written = if base == Base::Shared { 0 } else { 3 * 4096 };
+            assert_eq!(back.written, written, "{base:?}: only the three pages the child wrote");
+            assert_eq!(back.touched, [0, 5, 6, 7], "{base:?}: the pieces the child touched");
         }
     }
 }

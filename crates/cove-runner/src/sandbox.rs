@@ -85,6 +85,10 @@ enum Memory {
     /// restore): those pages, shared with every sandbox cloned from the same until written, and
     /// the pages the guest wrote. A capture makes `<dir>/memory` from both.
     Template,
+    /// The image's RAM served as the guest touches it (`lazymem`, a cold resume), mapped
+    /// copy-on-write. A capture unpacks the image's RAM into `<dir>/memory` and writes the
+    /// pages the guest wrote over it.
+    Lazy,
 }
 
 /// A sandbox's directory (disk, run files) and its RAM file on tmpfs. (A VM restored warm maps
@@ -98,6 +102,9 @@ fn paths(cfg: &RunnerConfig, id: &str) -> (PathBuf, PathBuf) {
 fn held(spec: &VmSpec, dir: &Path) -> (Memory, PathBuf) {
     match &spec.memory {
         GuestMemory::Shared(p) => (Memory::Shared, p.clone()),
+        GuestMemory::Private(p) if *p == crate::lazymem::ram_path(dir) => {
+            (Memory::Lazy, private_memory_file(dir))
+        }
         GuestMemory::Private(p) => (Memory::Own, p.clone()),
         GuestMemory::PrivateFd(_) => (Memory::Template, private_memory_file(dir)),
     }
@@ -290,12 +297,37 @@ impl SandboxVm {
             ),
             Origin::Template(..) | Origin::Image { memory: Some(_), .. } => false,
         };
+        // A cold resume serves the image's RAM as the guest touches it, if it can; the disk is
+        // unpacked meanwhile.
+        let lazy = match (origin, &cfg.lazy_memory) {
+            (Origin::Image { store, prefix, manifest, memory: None }, Some(helper)) if !warm => {
+                let table = crate::lazymem::LazyTable {
+                    image: prefix.to_string(),
+                    file: manifest.memory.clone(),
+                    hot: manifest.hot.clone(),
+                };
+                let disk = dir.join("disk.qcow2");
+                let (disk, ram) = tokio::join!(
+                    cove_blob::unpack_file(store, prefix, &manifest.disk, &disk),
+                    crate::lazymem::prepare(store, prefix, table, &dir, helper),
+                );
+                disk?;
+                ram.inspect_err(|e| {
+                    tracing::warn!(sandbox_id = %id, error = %e, "guest memory not served lazily; unpacking it");
+                })
+                .ok()
+            }
+            _ => None,
+        };
         let memory = match origin {
             Origin::Template(_, fd) | Origin::Image { memory: Some(fd), .. } => {
                 GuestMemory::PrivateFd(fd.as_raw_fd())
             }
             Origin::Image { .. } if warm => GuestMemory::Private(private_memory_file(&dir)),
-            Origin::Image { .. } => GuestMemory::Shared(paths(cfg, id).1),
+            Origin::Image { .. } => match &lazy {
+                Some(ram) => GuestMemory::Private(ram.clone()),
+                None => GuestMemory::Shared(paths(cfg, id).1),
+            },
         };
         let spec = spec(cfg, images, id, meta.vcpus, meta.memory_mib, memory);
         write_meta(&dir, &meta)?;
@@ -310,11 +342,16 @@ impl SandboxVm {
                     .map_err(|e| RunnerError::io("creating disk overlay", e))?;
                 (t.state_file(), tokio::spawn(async { Ok(()) }))
             }
-            Origin::Image { store, prefix, manifest, memory: Some(_) } => {
-                // The RAM is the snapshot's shared memfd, mapped as it is: only the disk and the
-                // device state are unpacked, the latter while QEMU starts.
-                cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;
-                tracing::debug!(sandbox_id = %id, "restoring a snapshot onto its shared RAM");
+            Origin::Image { store, prefix, manifest, memory } if memory.is_some() || lazy.is_some() => {
+                // The RAM is the snapshot's shared memfd, or the image's served lazily, mapped as
+                // it is: only the disk and the device state are unpacked, the latter while QEMU
+                // starts.
+                if memory.is_some() {
+                    cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;
+                    tracing::debug!(sandbox_id = %id, "restoring a snapshot onto its shared RAM");
+                } else {
+                    tracing::debug!(sandbox_id = %id, "resuming with the image's RAM served lazily");
+                }
                 let (store, prefix, state, dest) =
                     ((*store).clone(), prefix.to_string(), manifest.state.clone(), state_file.clone());
                 let fill = tokio::spawn(async move {
@@ -323,7 +360,7 @@ impl SandboxVm {
                 });
                 (state_file, fill)
             }
-            Origin::Image { store, prefix, manifest, memory: None } => {
+            Origin::Image { store, prefix, manifest, .. } => {
                 // QEMU opens the disk when it starts: that one comes first. Device state and RAM
                 // are needed only at the restore, so they are filled while QEMU starts.
                 cove_blob::unpack_file(store, prefix, &manifest.disk, &spec.disk).await?;
@@ -523,7 +560,9 @@ impl SandboxVm {
     pub fn adopt(cfg: &RunnerConfig, vmm: &dyn Vmm, id: &str, sources: Sources) -> Option<SandboxVm> {
         let (dir, shm_file) = paths(cfg, id);
         let handle = vmm.find(id, &dir.join("run"))?;
-        let memory = if crate::memfile::maps_template(handle.pid) {
+        let memory = if crate::lazymem::is_lazy(&dir) {
+            Memory::Lazy
+        } else if crate::memfile::maps_template(handle.pid) {
             Memory::Template
         } else if private_memory_file(&dir).exists() {
             Memory::Own
@@ -595,26 +634,36 @@ impl SandboxVm {
         fault_point("capture.saved");
         let stored = async {
             let base = match self.memory {
-                Memory::Shared => None,
-                Memory::Own => Some(crate::memfile::Base::InPlace),
-                Memory::Template => Some(crate::memfile::Base::Template),
+                Memory::Shared => crate::memfile::Base::Shared,
+                Memory::Own => crate::memfile::Base::InPlace,
+                Memory::Template => crate::memfile::Base::Template,
+                Memory::Lazy => {
+                    // The image's RAM first; the pages the guest wrote go over it.
+                    let now = crate::lazymem::unpack(&self.dir, &self.memory_file).await?;
+                    tracing::debug!(sandbox_id = %req.id, unpacked_now = now, "guest memory from the image");
+                    crate::memfile::Base::Lazy
+                }
             };
-            if let Some(base) = base {
-                // What the guest wrote since its RAM was mapped is in QEMU's copy-on-write pages.
-                let (pid, len, file) = (self.handle.pid, meta.memory_mib << 20, self.memory_file.clone());
-                let written = io_join(
-                    tokio::task::spawn_blocking(move || crate::memfile::write_back(pid, len, &file, base))
-                        .await,
-                    "writing back guest memory",
-                )?;
-                tracing::debug!(sandbox_id = %req.id, written, "guest memory written back");
-            }
+            // What the guest wrote since its RAM was mapped is in QEMU's copy-on-write pages;
+            // what it touched at all is its working set.
+            let (pid, len, file) = (self.handle.pid, meta.memory_mib << 20, self.memory_file.clone());
+            let back = io_join(
+                tokio::task::spawn_blocking(move || crate::memfile::write_back(pid, len, &file, base)).await,
+                "writing back guest memory",
+            )?;
+            tracing::debug!(
+                sandbox_id = %req.id,
+                written = back.written,
+                touched_mib = back.touched.len(),
+                "guest memory written back"
+            );
             let disk = self.dir.join("disk.qcow2");
             let (state, memory, disk) = tokio::join!(
                 cove_blob::pack_file(store, prefix, "state", &state_file),
                 cove_blob::pack_file(store, prefix, "memory", &self.memory_file),
                 cove_blob::pack_file(store, prefix, "disk", &disk),
             );
+            let memory = memory?;
             let manifest = ImageManifest {
                 format: IMAGE_FORMAT,
                 template: meta.template.clone(),
@@ -625,7 +674,8 @@ impl SandboxVm {
                 machine: cove_vmm::qemu::device_set(),
                 host: compat.to_string(),
                 state: state?,
-                memory: memory?,
+                hot: hot_chunks(&memory.chunks, &back.touched),
+                memory,
                 disk: disk?,
             };
             fault_point("capture.packed");
@@ -681,8 +731,9 @@ impl SandboxVm {
     ) -> Result<(), RunnerError> {
         vmm.resume(&self.handle).await?;
         self.fs.unpark().await;
-        if self.memory == Memory::Template {
-            // The capture made a RAM file from the template's pages; QEMU still maps those.
+        if matches!(self.memory, Memory::Template | Memory::Lazy) {
+            // The capture made a RAM file from the pages QEMU maps (a template's, or the
+            // image's); QEMU still maps those.
             let _ = std::fs::remove_file(&self.memory_file);
         }
         let agent = Self::greet_parked(captured.socket).await?;
@@ -713,6 +764,7 @@ impl SandboxVm {
         }
         vmm.destroy(&self.handle).await?;
         let _ = std::fs::remove_dir_all(self.dir.join("run"));
+        crate::lazymem::remove(&self.dir);
         match std::fs::remove_file(&self.memory_file) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(RunnerError::io("removing guest memory", e))
@@ -787,6 +839,7 @@ pub fn remove_runtime(cfg: &RunnerConfig, id: &str) {
     let _ = std::fs::remove_dir_all(dir.join("run"));
     let _ = std::fs::remove_file(memory_file);
     let _ = std::fs::remove_file(private_memory_file(&dir));
+    crate::lazymem::remove(&dir);
 }
 
 /// See `Runner::raw_restore`.
@@ -838,6 +891,7 @@ pub async fn raw_save_restore(
 }
 
 fn remove_files(dir: &Path, memory_file: &Path) -> Result<(), RunnerError> {
+    crate::lazymem::remove(dir);
     for r in [std::fs::remove_dir_all(dir), std::fs::remove_file(memory_file)] {
         match r {
             Ok(()) => {}
@@ -888,4 +942,21 @@ pub fn restorable(manifest: &ImageManifest, template_disk: &Path, compat: &str) 
         )));
     }
     Ok(())
+}
+
+/// The chunks of `chunks` (a packed RAM file's) that hold any of the `touched` 1 MiB pieces of
+/// the file, as indices: the working set a lazy resume loads first.
+fn hot_chunks(chunks: &[cove_blob::Chunk], touched: &[u32]) -> Vec<u32> {
+    let mut hot = Vec::new();
+    let mut i = 0;
+    for &piece in touched {
+        let at = u64::from(piece) * cove_blob::CHUNK_SIZE;
+        while i < chunks.len() && chunks[i].offset < at {
+            i += 1;
+        }
+        if chunks.get(i).is_some_and(|c| c.offset == at) {
+            hot.push(i as u32);
+        }
+    }
+    hot
 }

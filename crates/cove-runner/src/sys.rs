@@ -1,4 +1,4 @@
-//! SIGKILL to this process, for crash tests.
+//! The system calls the runner makes itself: SIGKILL to this process (crash tests), sealed memfds, detaching mounts, thread priority.
 
 /// Sends SIGKILL to this process: it dies on the spot, as under `kill -9`.
 pub fn kill_self() {
@@ -43,6 +43,30 @@ pub fn seal(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Detaches the mount at `path` (`umount2(MNT_DETACH)`): it is gone from the tree at once and
+/// lives on for what still holds it open. Not mounted there is not an error.
+pub fn detach(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: umount2 takes a C string that outlives the call, and flags.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    match std::io::Error::last_os_error() {
+        e if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => Ok(()),
+        e => Err(e),
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice 10): background work that must not slow the
+/// guest down.
+pub fn lower_priority() {
+    // SAFETY: setpriority takes integers only (who = 0: the calling thread, on Linux).
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
 }
 
 #[cfg(test)]

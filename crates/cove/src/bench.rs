@@ -2,7 +2,7 @@
 //! `cove bench create`: create and exec, against a raw QEMU restore of the same template state
 //! and the guest's own cost of spawning `/bin/sh`. `cove bench pause`: pause and resume of
 //! sandboxes of several memory sizes with memory dirtied, warm (RAM file kept by the runner) and
-//! cold (image unpacked from the store), against QEMU's own stop and restore on a shared file. `cove bench net`: guest downloads and connection setup to the test internet
+//! cold (image served from the store as the guest touches it), against QEMU's own stop and restore on a shared file. `cove bench net`: guest downloads and connection setup to the test internet
 //! through NAT, the egress tunnel (spliced TLS) and the TLS-terminating proxy (transforms).
 //! `cove bench mount`: a bucket read through a mount in a guest against the guest's own GET of
 //! the same object (see `bench/mount.rs`). `cove bench template`: an image converted into a
@@ -101,6 +101,10 @@ struct PauseArgs {
     /// that the sizes differ only in memory the guest has but does not use.
     #[arg(long, default_value_t = 192)]
     dirty_mib: u64,
+    /// Cold resumes unpack the RAM before the guest runs (`cove server --eager-memory`), as a
+    /// baseline for the lazy ones.
+    #[arg(long)]
+    eager_memory: bool,
     #[arg(long, default_value = "bench-results/pause-resume.json")]
     out: PathBuf,
 }
@@ -171,6 +175,7 @@ impl Bench {
         let accel = format!("{:?}", vmm.accel).to_lowercase();
         let mut cfg = RunnerConfig::new(cache_dir.to_path_buf(), data.path().to_path_buf());
         cfg.blob_url = blob_url;
+        cfg.lazy_memory = Some(std::env::current_exe()?);
         configure(&mut cfg);
         let runner = Arc::new(Runner::new(cfg, vmm).await?);
         let core = Arc::new(Core::new(
@@ -332,6 +337,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 cfg.egress_extra_ca = Some(internet.ca_path().to_path_buf());
             }
             cfg.insecure_registries.extend(registry.iter().map(|r| r.addr.clone()));
+            if matches!(&args.which, Which::Pause(a) if a.eager_memory) {
+                cfg.lazy_memory = None;
+            }
         })
         .await?;
         let result = match &args.which {
@@ -401,7 +409,7 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
         let images = b.data.path().join("blobs/images");
         let warm = b.data.path().join("warm").join(&id);
         // Each cycle resumes twice: warm (the runner maps the RAM file it kept) and cold (that
-        // file dropped first, as on another runner: the image is unpacked from the store).
+        // file dropped first, as on another runner: the image is served from the store).
         for cycle in 0..args.cycles * 2 {
             let t = Instant::now();
             b.call(post.clone(), &format!("/v1/sandbox/{id}/pause"), None).await?;
@@ -467,18 +475,20 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
         row("pause (POST /pause -> 201, stored, VM gone)", &pause);
         row("resume, warm (POST /resume -> 200 running)", &resume);
         row("resume, warm -> first exec done", &first_exec);
-        row("resume, cold (image unpacked from the store)", &cold_resume);
+        let cold = if args.eager_memory { "RAM unpacked first" } else { "RAM served lazily" };
+        row(&format!("resume, cold ({cold})"), &cold_resume);
         row("resume, cold -> first exec done", &cold_first_exec);
         println!("{:<48} {:>9.1}", "restore of a snapshot, first (RAM unpacked)", ms(first_restore));
         row("restore of a snapshot, later (RAM shared)", &restore);
         println!(
             "stored per pause: {:.1} MiB ({:.1}% of guest memory); pause/raw save = {:.1}x, resume/raw restore = {:.2}x, \
-             warm/cold resume = {:.2}x",
+             warm/cold resume = {:.2}x, cold resume/raw restore = {:.2}x",
             stored_bytes as f64 / (1 << 20) as f64,
             100.0 * stored_bytes as f64 / (mem << 20) as f64,
             pause.pct(50.0) / raw_save.pct(50.0),
             resume.pct(50.0) / raw_restore.pct(50.0),
             resume.pct(50.0) / cold_resume.pct(50.0),
+            cold_resume.pct(50.0) / raw_restore.pct(50.0),
         );
         println!();
         rows.push(json!({
@@ -490,6 +500,7 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
             "resume": resume.json(),
             "resume_to_first_exec": first_exec.json(),
             "cold_resume": cold_resume.json(),
+            "cold_resume_eager_memory": args.eager_memory,
             "cold_resume_to_first_exec": cold_first_exec.json(),
             "first_restore_ms": ms(first_restore),
             "restore": restore.json(),
@@ -499,6 +510,7 @@ async fn pause_resume(b: &Bench, args: &PauseArgs) -> Result<()> {
                 "pause_p50_over_raw_save_p50": pause.pct(50.0) / raw_save.pct(50.0),
                 "resume_p50_over_raw_restore_p50": resume.pct(50.0) / raw_restore.pct(50.0),
                 "warm_resume_p50_over_cold_resume_p50": resume.pct(50.0) / cold_resume.pct(50.0),
+                "cold_resume_p50_over_raw_restore_p50": cold_resume.pct(50.0) / raw_restore.pct(50.0),
                 "restore_p50_over_first_restore": restore.pct(50.0) / ms(first_restore),
             },
         }));

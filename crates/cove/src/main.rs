@@ -53,6 +53,10 @@ enum Cmd {
     /// Measure create/exec and pause/resume latency beside raw QEMU baselines, and guest
     /// network paths against NAT; writes JSON.
     Bench(bench::BenchArgs),
+    /// Serve a resumed VM's RAM from its image as the guest touches it (started by the runner;
+    /// see `cove_runner::lazymem`).
+    #[command(hide = true)]
+    LazyMemory { sandbox_dir: PathBuf },
 }
 
 fn main() {
@@ -85,6 +89,8 @@ fn main() {
         Cmd::Template(cmd) => client::template(cmd),
         Cmd::Keys(cmd) => client::keys(cmd),
         Cmd::Bench(args) => bench::run(args),
+        Cmd::LazyMemory { sandbox_dir } => cove_runner::lazymem::serve(&sandbox_dir)
+            .map_err(|e| anyhow::anyhow!("serving guest memory: {e}")),
         Cmd::Openapi => {
             print!("{}", cove_server::openapi_json());
             Ok(())

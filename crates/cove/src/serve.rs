@@ -134,6 +134,10 @@ pub struct HostArgs {
     /// Most sandboxes this host runs at once. Default: as many as fit in its memory.
     #[arg(long, env = "COVE_CAPACITY_SANDBOXES")]
     capacity_sandboxes: Option<u32>,
+    /// Unpack a cold resume's RAM (a sandbox paused on another runner) before the guest runs,
+    /// instead of serving it lazily from the image as the guest touches it.
+    #[arg(long, env = "COVE_EAGER_MEMORY")]
+    eager_memory: bool,
 }
 
 /// The runner of this machine, on `data_dir`.
@@ -148,6 +152,9 @@ pub async fn local_runner(host: &HostArgs, data_dir: &std::path::Path) -> Result
     rcfg.capacity_memory_mib = host.capacity_memory_mib;
     rcfg.capacity_vcpus = host.capacity_vcpus;
     rcfg.capacity_sandboxes = host.capacity_sandboxes;
+    if !host.eager_memory {
+        rcfg.lazy_memory = Some(std::env::current_exe().context("locating this program")?);
+    }
     let vmm = Arc::new(QemuVmm::new(host.accel));
     tracing::info!(accel = ?vmm.accel, "VM backend: QEMU");
     Ok(Arc::new(Runner::new(rcfg, vmm).await.context("starting the runner")?))

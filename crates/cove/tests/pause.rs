@@ -124,14 +124,38 @@ async fn memory_and_files_survive_five_pause_resume_cycles() {
 /// Resident bytes of QEMU's mapping of the sandbox's RAM file `<data>/sandboxes/<id>/memory`
 /// (a warm resume maps it copy-on-write), from `/proc/<pid>/smaps`.
 fn ram_mapping_rss(id: &str) -> u64 {
+    let tail = format!("/sandboxes/{id}/memory");
+    mapping_rss(id, "the RAM file from the warm image", |l| l.ends_with(&tail))
+}
+
+/// Resident bytes of the mapping of QEMU of `id` whose `/proc/<pid>/smaps` header line is
+/// `header` (which names it in a failure).
+fn mapping_rss(id: &str, what: &str, header: impl Fn(&str) -> bool) -> u64 {
     let pids = qemu_pids(id);
     assert_eq!(pids.len(), 1, "one QEMU for {id}");
     let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", pids[0])).unwrap();
-    let tail = format!("/sandboxes/{id}/memory");
-    let mut lines = smaps.lines().skip_while(|l| !l.ends_with(&tail));
-    assert!(lines.next().is_some(), "QEMU of {id} does not map its RAM file from the warm image");
+    let mut lines = smaps.lines().skip_while(|l| !header(l));
+    assert!(lines.next().is_some(), "QEMU of {id} does not map {what}");
     let rss = lines.find_map(|l| l.strip_prefix("Rss:")).expect("an Rss line");
     rss.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap() << 10
+}
+
+/// Resident bytes of QEMU's mapping of the RAM file a cold resume serves from the image.
+fn lazy_mapping_rss(id: &str) -> u64 {
+    let inode = cove_runner::lazymem::INODE.to_string();
+    mapping_rss(id, "the RAM file served from the image", |l| l.split_whitespace().nth(4) == Some(&inode))
+}
+
+/// The lazy memory servers of sandbox `id` (`cove lazy-memory <its dir>`).
+fn lazy_servers(id: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| {
+            let c = String::from_utf8_lossy(c);
+            c.contains("lazy-memory") && c.contains(&format!("/sandboxes/{id}"))
+        })
+        .count()
 }
 
 /// A resume on the runner that paused the sandbox maps the RAM file it kept instead of
@@ -198,6 +222,59 @@ async fn a_warm_resume_reads_guest_memory_on_first_touch() {
     left.delete_sandbox(&id).await;
     assert!(!warm.exists(), "the deleted sandbox's warm files are gone");
     assert!(!cove_net::netns::exists(&netns), "the deleted sandbox's namespace is gone");
+}
+
+/// A resume without the warm files (as on another runner) serves the guest's RAM from the image
+/// as the guest touches it: 64 MiB of random bytes in the guest's tmpfs are not resident after
+/// the resume and are after the guest reads them, with the same hash. The next pause stores
+/// what the guest wrote over the image's RAM, which a second such resume finds whole. The
+/// server of the RAM runs only as long as the VM, and nothing stays mounted.
+#[tokio::test]
+async fn a_cold_resume_serves_guest_memory_from_the_image() {
+    let _turn = VM_TURN.acquire().await.unwrap();
+    let server = TestServer::shared();
+    let api = server.new_org(None);
+    let left = Leftovers::new(&api);
+    let id = api.create(json!({ "timeout": 1800 })).await;
+    left.sandbox(&id);
+    let mut hash =
+        api.sh_ok(&id, "head -c 64M /dev/urandom > /dev/shm/big && sha256sum < /dev/shm/big").await;
+    let warm = server.data_dir.join("warm").join(&id);
+    let mounts =
+        || std::fs::read_to_string("/proc/mounts").unwrap().matches(&format!("/sandboxes/{id}/")).count();
+    // Round 2 resumes the image that round 1's lazily resumed VM was paused into.
+    for round in 1..=2 {
+        pause(server, &api, &id).await;
+        common::eventually("the RAM server ends with its VM", || lazy_servers(&id) == 0).await;
+        common::eventually("the pause kept the RAM file warm", || warm.join("memory").exists()).await;
+        std::fs::remove_dir_all(&warm).unwrap();
+
+        assert_eq!(api.sh_ok(&id, "true").await, "");
+        let before = lazy_mapping_rss(&id);
+        assert!(before < 48 << 20, "round {round}: {} MiB resident right after the resume", before >> 20);
+        assert_eq!(
+            api.sh_ok(&id, "sha256sum < /dev/shm/big").await,
+            hash,
+            "round {round}: guest memory changed"
+        );
+        let after = lazy_mapping_rss(&id);
+        assert!(
+            after >= before + (48 << 20),
+            "round {round}: reading 64 MiB brought {} MiB in (from {} MiB)",
+            (after - before) >> 20,
+            before >> 20
+        );
+        assert_eq!(lazy_servers(&id), 1, "round {round}: one server of the RAM");
+        assert_eq!(mounts(), 0, "round {round}: the RAM file's mount is detached once QEMU has it");
+        hash =
+            api.sh_ok(&id, &format!("echo round {round} >> /dev/shm/big && sha256sum < /dev/shm/big")).await;
+    }
+    // Paused once more and resumed warm: what the guest wrote after the cold resume is kept.
+    pause(server, &api, &id).await;
+    assert_eq!(api.sh_ok(&id, "sha256sum < /dev/shm/big").await, hash);
+    assert_eq!(lazy_servers(&id), 0, "a warm resume needs no server");
+    left.delete_sandbox(&id).await;
+    assert!(!server.data_dir.join("sandboxes").join(&id).exists());
 }
 
 #[tokio::test]

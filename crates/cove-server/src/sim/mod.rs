@@ -444,6 +444,7 @@ impl SandboxHost for SimHost {
             state: packed("state", 1),
             memory: packed("memory", 1),
             disk: packed("disk", bytes),
+            hot: Vec::new(),
         };
         let stored = Image { guest: snapshot, manifest: manifest.clone(), complete: false };
         lock(&self.images()).insert(image.to_string(), stored);

@@ -153,6 +153,7 @@ async fn other_runner(b: &Bench, cache_dir: &std::path::Path) -> Result<Arc<Plan
             .clone()
             .unwrap_or_else(|| format!("file://{}", b.runner.config().data_dir.join("blobs").display())),
     );
+    cfg.lazy_memory = b.runner.config().lazy_memory.clone();
     let runner = Arc::new(Runner::new(cfg, Arc::new(QemuVmm::new(Accel::Auto))).await?);
     let store = Arc::new(cove_store::Store::open(&b.data.path().join("cove.db"))?);
     let cluster = Cluster::single(store.clone(), "other", runner as Arc<dyn SandboxHost>);

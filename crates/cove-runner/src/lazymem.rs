@@ -1,0 +1,529 @@
+//! Lazy guest RAM for a resume from an image (a cold resume: the sandbox was paused on another
+//! runner, or this runner kept no warm entry of it).
+//!
+//! The image's RAM is a blob of lz4 chunks with a chunk table (`cove_blob::image`), so any
+//! chunk can be decoded on its own. Instead of unpacking all of it before the guest runs, the
+//! runner puts the blob beside the sandbox as it is stored (a hard link from a local store, a
+//! download otherwise) and a helper process serves it as a file on a FUSE mount, decoding a
+//! chunk when the kernel first reads it. QEMU maps that file copy-on-write (`share=off`), as a
+//! warm resume maps its RAM file on disk: the guest runs at once, its pages come from the page
+//! cache on first touch, and the pages it writes become QEMU's own. The chunks the guest had
+//! touched when it was paused (`LazyTable::hot`, recorded by the capture) are pushed into the
+//! page cache (`FUSE_NOTIFY_STORE`) from the moment QEMU opens the file, so the working set is
+//! mostly there before the guest asks for it.
+//!
+//! **Lifetime.** The server is a process of its own (`cove lazy-memory <sandbox dir>`), not a
+//! task of the runner, because QEMU outlives runner restarts and its RAM must stay readable:
+//! page-cache pages of the file can be dropped under memory pressure and read again. It
+//! detaches its mount as soon as QEMU has the file open, so nothing stays mounted, and it ends
+//! when the kernel ends the connection, i.e. when the last user of the file (QEMU) has gone. If
+//! nobody opens the file within [`OPEN_WAIT`] it ends too.
+//!
+//! **Files**, in `<sandbox dir>/lazy/`: `memory` (the blob), `memory.json` (the
+//! [`LazyTable`]) and `mnt/` (the mount point). A capture of a lazily restored VM unpacks the
+//! blob into `<sandbox dir>/memory` and writes the changed pages over it (`memfile::write_back`,
+//! the mapping found by [`INODE`]); the directory goes with the VM.
+
+use std::ffi::OsStr;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use cove_blob::{BlobStore, PackedFile, PackedReader};
+use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, OpenFlags, ReplyAttr, ReplyData, ReplyEntry};
+use serde::{Deserialize, Serialize};
+
+use crate::RunnerError;
+
+const DIR: &str = "lazy";
+const BLOB: &str = "memory";
+const TABLE: &str = "memory.json";
+const MNT: &str = "mnt";
+const FILE: &str = "memory";
+/// The RAM file's inode number ("covemem"), by which a capture finds QEMU's mapping of it.
+pub const INODE: u64 = 0x0063_6f76_656d_656d;
+/// How long the server waits for QEMU to open the file before it gives up.
+const OPEN_WAIT: Duration = Duration::from_secs(60);
+/// How long the runner waits for the server to mount.
+const MOUNT_WAIT: Duration = Duration::from_secs(10);
+/// Decoded chunks the server keeps (the kernel reads a chunk in several requests).
+const CACHED_CHUNKS: usize = 8;
+/// How long after QEMU opened the file the server starts unpacking it in the background.
+const UNPACK_DELAY: Duration = Duration::from_millis(500);
+/// Read-around on a page fault (the FUSE default is 128 KiB): one chunk's worth.
+const READ_AHEAD_KB: u32 = 1024;
+
+/// What the server serves: the RAM's chunk table, and the chunks to push into the page cache
+/// first (indices into its chunks).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LazyTable {
+    /// The image (its blob prefix).
+    pub image: String,
+    pub file: PackedFile,
+    #[serde(default)]
+    pub hot: Vec<u32>,
+}
+
+/// Where the server leaves the whole RAM of `image`, unpacked in the background, for a capture
+/// to start from. Named by the image: a file another image's server left can never be taken.
+fn unpacked_path(sandbox: &Path, image: &str) -> PathBuf {
+    use sha2::Digest;
+    dir(sandbox).join(format!("unpacked.{}", &hex::encode(sha2::Sha256::digest(image.as_bytes()))[..16]))
+}
+
+fn dir(sandbox: &Path) -> PathBuf {
+    sandbox.join(DIR)
+}
+
+/// The RAM file QEMU maps for a VM restored lazily in `sandbox`.
+pub fn ram_path(sandbox: &Path) -> PathBuf {
+    dir(sandbox).join(MNT).join(FILE)
+}
+
+/// Whether the VM of `sandbox` was restored lazily (its RAM is served from the image's blob).
+pub fn is_lazy(sandbox: &Path) -> bool {
+    dir(sandbox).join(TABLE).exists()
+}
+
+/// Makes the RAM of image `prefix` (`packed`, with the working set `hot`) ready to be mapped
+/// from [`ram_path`]: fetches its blob, starts the server (`helper lazy-memory <sandbox>`) and
+/// waits until it has mounted. On error nothing is left running.
+pub async fn prepare(
+    store: &BlobStore,
+    prefix: &str,
+    table: LazyTable,
+    sandbox: &Path,
+    helper: &Path,
+) -> Result<PathBuf, RunnerError> {
+    let d = dir(sandbox);
+    remove(sandbox);
+    // Root only: the mount allows other users (QEMU reads as the VM user) until it is detached.
+    std::fs::create_dir_all(d.join(MNT))
+        .and_then(|()| std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+        .map_err(|e| RunnerError::io("creating the lazy memory dir", e))?;
+    cove_blob::fetch_packed(store, prefix, &table.file, &d.join(BLOB)).await?;
+    let json = serde_json::to_vec(&table).map_err(|e| RunnerError::io("writing the RAM table", e.into()))?;
+    std::fs::write(d.join(TABLE), json).map_err(|e| RunnerError::io("writing the RAM table", e))?;
+    let log =
+        std::fs::File::create(d.join("server.log")).map_err(|e| RunnerError::io("creating a log", e))?;
+    let mut cmd = tokio::process::Command::new(helper);
+    cmd.arg("lazy-memory")
+        .arg(sandbox)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .env("COVE_LOG", "warn")
+        // Its own process group: a signal to the runner's (Ctrl-C) must not end it under QEMU.
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|e| RunnerError::io("starting the lazy memory server", e))?;
+    let stdout = child.stdout.take().expect("piped");
+    let ready = async {
+        let mut line = String::new();
+        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut line).await?;
+        Ok::<_, io::Error>(line.trim() == "ready")
+    };
+    let ready = matches!(tokio::time::timeout(MOUNT_WAIT, ready).await, Ok(Ok(true)));
+    if !ready {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        let why = std::fs::read_to_string(d.join("server.log")).unwrap_or_default();
+        remove(sandbox);
+        return Err(RunnerError::io(
+            "starting the lazy memory server",
+            io::Error::other(why.trim().to_string()),
+        ));
+    }
+    // Reap it whenever it ends (it outlives this runner if need be).
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok(ram_path(sandbox))
+}
+
+/// Puts the image RAM that the VM of `sandbox` was resumed from at `dest` (a capture's first
+/// step: the pages the guest wrote then go over it): the copy the server unpacked in the
+/// background if it is done, else unpacked now. Returns whether it was unpacked now.
+pub async fn unpack(sandbox: &Path, dest: &Path) -> Result<bool, RunnerError> {
+    let d = dir(sandbox);
+    let table: LazyTable =
+        std::fs::read(d.join(TABLE)).map_err(|e| RunnerError::io("reading the RAM table", e)).and_then(
+            |b| serde_json::from_slice(&b).map_err(|e| RunnerError::io("reading the RAM table", e.into())),
+        )?;
+    if std::fs::rename(unpacked_path(sandbox, &table.image), dest).is_ok() {
+        return Ok(false);
+    }
+    let local = BlobStore::open(&d.display().to_string())?;
+    cove_blob::unpack_file(&local, "", &table.file, dest).await?;
+    Ok(true)
+}
+
+/// Removes a lazily restored VM's RAM files (after the VM has ended, or before a new start).
+/// A mount still there is detached: a server nobody uses then ends.
+pub fn remove(sandbox: &Path) {
+    let d = dir(sandbox);
+    let _ = crate::sys::detach(&d.join(MNT));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The server's main (`cove lazy-memory <sandbox dir>`): mounts the RAM file, says `ready` on
+/// stdout, and serves until its last user has gone.
+pub fn serve(sandbox: &Path) -> io::Result<()> {
+    let d = dir(sandbox);
+    let table: LazyTable =
+        serde_json::from_slice(&std::fs::read(d.join(TABLE))?).map_err(io::Error::other)?;
+    let hot = table.hot.clone();
+    let unpacked = unpacked_path(sandbox, &table.image);
+    let reader = PackedReader::open(&d.join(BLOB), table.file).map_err(io::Error::other)?;
+    let mnt = d.join(MNT);
+    let opened = Arc::new(AtomicBool::new(false));
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel::<()>();
+    let fs = RamFs {
+        reader: Arc::new(reader),
+        cache: Arc::new(Mutex::new(Vec::new())),
+        opened: opened.clone(),
+        opened_tx: Mutex::new(Some(opened_tx)),
+    };
+    let reader = fs.reader.clone();
+    let cache = fs.cache.clone();
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoExec,
+        fuser::MountOption::FSName("cove-memory".into()),
+        fuser::MountOption::Subtype("cove".into()),
+    ];
+    // QEMU opens its RAM as root, then runs as the VM user: the reads it causes later must be
+    // allowed. The mount point is in a directory only root can enter.
+    config.acl = fuser::SessionACL::All;
+    let session = fuser::Session::new(fs, &mnt, &config)?;
+    let mnt2 = mnt.clone();
+    let notifier = session.notifier();
+    if let Err(e) = set_read_ahead(&mnt) {
+        tracing::warn!(error = %e, "read-ahead of the RAM file not raised");
+    }
+    std::thread::spawn(move || {
+        if opened_rx.recv().is_err() {
+            return;
+        }
+        // QEMU holds the file: nothing needs the mount any more (the connection lives on until
+        // the file's last user has gone). Not from a request's handler: the unmount looks the
+        // mount point up, which may ask this filesystem.
+        if let Err(e) = crate::sys::detach(&mnt) {
+            tracing::warn!(error = %e, "detaching the RAM file's mount");
+        }
+        // The working set next (the kernel knows the file's inode from now on).
+        let mut buf = Vec::new();
+        for &i in &hot {
+            let i = i as usize;
+            let Some(c) = reader.file().chunks.get(i).copied() else { continue };
+            let data = match cached(&reader, &cache, i, &mut buf) {
+                Ok(d) => d,
+                Err(e) => return tracing::error!(error = %e, "prefetching guest memory"),
+            };
+            if notifier.store(INodeNo(INODE), c.offset, &data).is_err() {
+                return; // the connection is gone
+            }
+        }
+        // Then, once the guest has had its first moments, the whole RAM into a file of its own
+        // at a low priority, so that a capture need not unpack it.
+        std::thread::sleep(UNPACK_DELAY);
+        crate::sys::lower_priority();
+        let partial = unpacked.with_extension("partial");
+        let done = std::fs::File::create(&partial)
+            .and_then(|f| f.set_len(reader.file().size).map(|()| f))
+            .map_err(|e| e.to_string())
+            .and_then(|f| reader.unpack_into(&f, &partial).map_err(|e| e.to_string()))
+            .and_then(|_| std::fs::rename(&partial, &unpacked).map_err(|e| e.to_string()));
+        if let Err(e) = done {
+            // The VM may have ended meanwhile (its directory gone): a capture unpacks it then.
+            tracing::debug!(error = %e, "guest memory not unpacked in the background");
+            let _ = std::fs::remove_file(&partial);
+        }
+    });
+    // Nobody came: end (a detached mount without users ends the session).
+    std::thread::spawn(move || {
+        std::thread::sleep(OPEN_WAIT);
+        if !opened.load(Ordering::SeqCst) {
+            let _ = crate::sys::detach(&mnt2);
+        }
+    });
+    println!("ready");
+    io::stdout().flush()?;
+    session.run()
+}
+
+/// Decoded chunks by index, most recently used last.
+type ChunkCache = Mutex<Vec<(usize, Arc<Vec<u8>>)>>;
+
+/// Decoded chunk `i`, from the cache or decoded now (and cached).
+fn cached(
+    reader: &PackedReader,
+    cache: &ChunkCache,
+    i: usize,
+    buf: &mut Vec<u8>,
+) -> Result<Arc<Vec<u8>>, cove_blob::BlobError> {
+    // A panic elsewhere leaves a valid list.
+    let lock = || cache.lock().unwrap_or_else(|p| p.into_inner());
+    {
+        let mut c = lock();
+        if let Some(pos) = c.iter().position(|(j, _)| *j == i) {
+            let hit = c.remove(pos);
+            let data = hit.1.clone();
+            c.push(hit);
+            return Ok(data);
+        }
+    }
+    reader.decode(i, buf)?;
+    let data = Arc::new(std::mem::take(buf));
+    let mut c = lock();
+    if c.len() >= CACHED_CHUNKS {
+        c.remove(0);
+    }
+    c.push((i, data.clone()));
+    Ok(data)
+}
+
+struct RamFs {
+    reader: Arc<PackedReader>,
+    cache: Arc<ChunkCache>,
+    opened: Arc<AtomicBool>,
+    /// Tells the detach-and-prefetch thread that the file is open.
+    opened_tx: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl RamFs {
+    fn attr(&self, ino: u64) -> FileAttr {
+        let (kind, perm, size) = if ino == INODE {
+            (FileType::RegularFile, 0o600, self.reader.file().size)
+        } else {
+            (FileType::Directory, 0o700, 0)
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: self.reader.file().data_bytes / 512,
+            atime: SystemTime::UNIX_EPOCH,
+            mtime: SystemTime::UNIX_EPOCH,
+            ctime: SystemTime::UNIX_EPOCH,
+            crtime: SystemTime::UNIX_EPOCH,
+            kind,
+            perm,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// `size` bytes of the file from `offset` (fewer at its end): stored chunks decoded, the
+    /// rest zeros.
+    fn read_at(&self, offset: u64, size: u32) -> Result<Vec<u8>, cove_blob::BlobError> {
+        let end = (offset + u64::from(size)).min(self.reader.file().size);
+        let mut out = vec![0u8; end.saturating_sub(offset) as usize];
+        let mut at = offset;
+        let mut buf = Vec::new();
+        while at < end {
+            let Some(i) = self.reader.next_chunk(at) else { break };
+            let c = self.reader.file().chunks[i];
+            if c.offset >= end {
+                break;
+            }
+            let data = cached(&self.reader, &self.cache, i, &mut buf)?;
+            let from = at.max(c.offset);
+            let to = end.min(c.offset + u64::from(c.len));
+            out[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - c.offset) as usize..(to - c.offset) as usize]);
+            at = to;
+        }
+        Ok(out)
+    }
+}
+
+impl fuser::Filesystem for RamFs {
+    fn init(&mut self, _req: &fuser::Request, config: &mut fuser::KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_readahead(READ_AHEAD_KB << 10);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent != INodeNo::ROOT || name != FILE {
+            return reply.error(Errno::ENOENT);
+        }
+        reply.entry(&TTL, &self.attr(INODE), fuser::Generation(0));
+    }
+
+    fn getattr(&self, _req: &fuser::Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match u64::from(ino) {
+            1 | INODE => reply.attr(&TTL, &self.attr(u64::from(ino))),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &fuser::Request, ino: INodeNo, _flags: OpenFlags, reply: fuser::ReplyOpen) {
+        if u64::from(ino) != INODE {
+            return reply.error(Errno::EISDIR);
+        }
+        // QEMU opens its RAM read-write and maps it privately: nothing is ever written here.
+        reply.opened(FileHandle(0), fuser::FopenFlags::FOPEN_KEEP_CACHE);
+        if !self.opened.swap(true, Ordering::SeqCst) {
+            if let Some(tx) = self.opened_tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        if u64::from(ino) != INODE {
+            return reply.error(Errno::EISDIR);
+        }
+        match self.read_at(offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                // The guest's memory cannot be read: QEMU gets SIGBUS. Say why, loudly.
+                tracing::error!(error = %e, offset, "guest memory unreadable");
+                reply.error(Errno::EIO)
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+/// Sets the read-around of the filesystem mounted at `mnt` (its backing device info). Its
+/// device number comes from `/proc/self/mountinfo`: a `stat` of the mount point would ask this
+/// very filesystem, which serves nothing before its session runs.
+fn set_read_ahead(mnt: &Path) -> io::Result<()> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let path = mnt.to_str().ok_or_else(|| io::Error::other("mount point is not UTF-8"))?;
+    let dev = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(4) == Some(&path)).then(|| f.get(2).map(|d| d.to_string())).flatten()
+        })
+        .next_back()
+        .ok_or_else(|| io::Error::other("mount not found"))?;
+    std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), READ_AHEAD_KB.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    use super::*;
+
+    /// Whether anything is mounted at `path` now.
+    fn mounted(path: &Path) -> bool {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let path = path.to_str().unwrap();
+        mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(path))
+    }
+
+    /// The server, run here in a thread as the runner runs it in a process: its file reads as
+    /// the packed RAM, its mount is gone once the file is open, the working set reaches the page
+    /// cache unasked, the whole RAM is unpacked in the background for a capture, and the server
+    /// ends when the file's last user has gone.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn serves_a_packed_file_until_its_last_user_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, sandbox) = (tmp.path().join("ram"), tmp.path().join("sbx"));
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        let text = b"guest memory, page after page. ".repeat(70_000);
+        f.write_all_at(&text, 3 << 20).unwrap();
+        f.write_all_at(b"the last bytes", (64 << 20) - 14).unwrap();
+        drop(f);
+        let store = BlobStore::open(&tmp.path().join("blobs").display().to_string()).unwrap();
+        let packed = cove_blob::pack_file(&store, "images/x", "memory", &src).await.unwrap();
+        // The chunk at 4 MiB is the working set.
+        let hot = packed.chunks.iter().position(|c| c.offset == 4 << 20).unwrap() as u32;
+        let d = dir(&sandbox);
+        std::fs::create_dir_all(d.join(MNT)).unwrap();
+        cove_blob::fetch_packed(&store, "images/x", &packed, &d.join(BLOB)).await.unwrap();
+        let table = LazyTable { image: "images/x".into(), file: packed, hot: vec![hot] };
+        std::fs::write(d.join(TABLE), serde_json::to_vec(&table).unwrap()).unwrap();
+
+        let served = {
+            let sandbox = sandbox.clone();
+            std::thread::spawn(move || serve(&sandbox))
+        };
+        let path = ram_path(&sandbox);
+        wait_for(|| mounted(&d.join(MNT)));
+        assert!(is_lazy(&sandbox));
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        wait_for(|| !mounted(&d.join(MNT)));
+        assert!(!mounted(&d.join(MNT)), "the mount is detached once the file is open");
+        assert_eq!(file.metadata().unwrap().ino(), INODE);
+        // The working set reaches the page cache unasked, and nothing else does.
+        wait_for(|| in_page_cache(&file) >= 1 << 20);
+        assert_eq!(in_page_cache(&file), 1 << 20, "the hot chunk alone is in the page cache");
+        let mut got = vec![0u8; 64 << 20];
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == std::fs::read(&src).unwrap(), "the file reads as the packed RAM");
+        assert!(file.write_all_at(b"x", 0).is_err(), "nothing is written to it");
+        // A capture starts from the copy the server unpacked in the background, or unpacks.
+        let out = tmp.path().join("out");
+        wait_for(|| unpacked_path(&sandbox, "images/x").exists());
+        assert!(!unpack(&sandbox, &out).await.unwrap(), "the background copy is taken");
+        assert!(std::fs::read(&out).unwrap() == got);
+        assert!(unpack(&sandbox, &out).await.unwrap(), "unpacked now when there is none");
+        assert!(std::fs::read(&out).unwrap() == got);
+        drop(file);
+        let ended = tokio::task::spawn_blocking(move || served.join().unwrap()).await.unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+        remove(&sandbox);
+        assert!(!d.exists());
+    }
+
+    /// Waits up to 10 s for `cond`.
+    fn wait_for(cond: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Bytes of `file` in the page cache (`fincore`, util-linux, through this process's fd: the
+    /// file's mount is detached).
+    fn in_page_cache(file: &std::fs::File) -> u64 {
+        use std::os::fd::AsRawFd;
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+            .arg(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
