@@ -19,10 +19,15 @@
 //! when the kernel ends the connection, i.e. when the last user of the file (QEMU) has gone. If
 //! nobody opens the file within [`OPEN_WAIT`] it ends too.
 //!
-//! **Files**, in `<sandbox dir>/lazy/`: `memory` (the blob), `memory.json` (the
-//! [`LazyTable`]) and `mnt/` (the mount point). A capture of a lazily restored VM unpacks the
-//! blob into `<sandbox dir>/memory` and writes the changed pages over it (`memfile::write_back`,
-//! the mapping found by [`INODE`]); the directory goes with the VM.
+//! **Background unpack.** Half a second after QEMU has opened the file, the server unpacks the
+//! whole RAM into `unpacked.<hash of the image>` beside it, at nice 10. A capture of the VM
+//! takes that file as its starting point (else it unpacks the blob then) and writes the pages
+//! the guest wrote over it (`memfile::write_back`, the mapping found by [`INODE`]), so a pause
+//! after a cold resume costs what a pause after a warm one does.
+//!
+//! **Files**, in `<sandbox dir>/lazy/` (0700): `memory` (the blob), `memory.json` (the
+//! [`LazyTable`]), `mnt/` (the mount point), `server.log` and the unpacked copy; the directory
+//! goes with the VM.
 
 use std::ffi::OsStr;
 use std::io::{self, Write};
@@ -52,6 +57,8 @@ const MOUNT_WAIT: Duration = Duration::from_secs(10);
 const CACHED_CHUNKS: usize = 8;
 /// How long after QEMU opened the file the server starts unpacking it in the background.
 const UNPACK_DELAY: Duration = Duration::from_millis(500);
+/// How long a capture waits for the server's background unpack to finish.
+const UNPACK_WAIT: Duration = Duration::from_secs(3);
 /// Read-around on a page fault (the FUSE default is 128 KiB): one chunk's worth.
 const READ_AHEAD_KB: u32 = 1024;
 
@@ -114,6 +121,8 @@ pub async fn prepare(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log)
+        // It needs nothing of the runner's environment (which may hold the store's credentials).
+        .env_clear()
         .env("COVE_LOG", "warn")
         // Its own process group: a signal to the runner's (Ctrl-C) must not end it under QEMU.
         .process_group(0);
@@ -144,14 +153,23 @@ pub async fn prepare(
 
 /// Puts the image RAM that the VM of `sandbox` was resumed from at `dest` (a capture's first
 /// step: the pages the guest wrote then go over it): the copy the server unpacked in the
-/// background if it is done, else unpacked now. Returns whether it was unpacked now.
+/// background (waiting a little if it is under way), else unpacked now. Returns whether it was
+/// unpacked now.
 pub async fn unpack(sandbox: &Path, dest: &Path) -> Result<bool, RunnerError> {
     let d = dir(sandbox);
     let table: LazyTable =
         std::fs::read(d.join(TABLE)).map_err(|e| RunnerError::io("reading the RAM table", e)).and_then(
             |b| serde_json::from_slice(&b).map_err(|e| RunnerError::io("reading the RAM table", e.into())),
         )?;
-    if std::fs::rename(unpacked_path(sandbox, &table.image), dest).is_ok() {
+    let unpacked = unpacked_path(sandbox, &table.image);
+    // The server may be at it (the guest is stopped now, so it has the CPU): doing it twice at
+    // once would only slow both.
+    let partial = unpacked.with_extension("partial");
+    let since = std::time::Instant::now();
+    while partial.exists() && !unpacked.exists() && since.elapsed() < UNPACK_WAIT {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if std::fs::rename(&unpacked, dest).is_ok() {
         return Ok(false);
     }
     let local = BlobStore::open(&d.display().to_string())?;
