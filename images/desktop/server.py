@@ -58,6 +58,7 @@ RECORDING_START_TIMEOUT = 30.0
 # How long a process must have been up before it counts as started, and how long the
 # supervisor waits before starting one that ended again.
 RESTART_DELAY = 1.0
+SUPERVISE_CHECK = 60.0
 PANEL_ROWS = 24  # the top rows of the screen where XFCE's panel sits
 HEARTBEAT = 2.0
 DRAG_STEPS = 10
@@ -140,6 +141,9 @@ class Desktop:
         self.changed = threading.Condition()
         self.version = 0
         self.paused = False  # the supervisor leaves processes alone during a resize
+        # Set when a process ends (a thread waits on each): the supervisor sleeps until then,
+        # so an idle desktop has nothing waking up to poll.
+        self.exited = threading.Event()
         self.last_strip = b""  # the panel strip `drawn` saw last
 
     def command(self, name: str) -> list[str]:
@@ -181,6 +185,7 @@ class Desktop:
             p.popen = subprocess.Popen(self.command(name), stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=err, env=x_env(), cwd=os.path.expanduser("~"),
                                        start_new_session=True)
+        threading.Thread(target=self.watch, args=(p.popen,), daemon=True).start()
         p.started = time.monotonic()
         if name == "xvfb":
             self.wait_x(10)
@@ -239,9 +244,16 @@ class Desktop:
             time.sleep(0.05)
         return False
 
+    def watch(self, popen: subprocess.Popen):
+        popen.wait()
+        self.exited.set()
+
     def supervise(self):
-        """Start every process that is not running; called every RESTART_DELAY seconds."""
+        """Start every process that is not running: at first, then RESTART_DELAY seconds after
+        any of them ended (and every SUPERVISE_CHECK seconds in any case)."""
         while True:
+            # Cleared before the check: an exit during or after it wakes the next round.
+            self.exited.clear()
             with self.lock:
                 if not self.paused:
                     for name in self.NAMES:
@@ -251,6 +263,7 @@ class Desktop:
                                 p.popen = None
                                 self.notify()
                             self.start(name)
+            self.exited.wait(SUPERVISE_CHECK)
             time.sleep(RESTART_DELAY)
 
     def status(self) -> dict:

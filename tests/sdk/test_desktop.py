@@ -247,6 +247,16 @@ def test_processes_restart_logs_and_stream(desktop):
     assert restarted.status.running and restarted.status.pid != before
     assert sh(desktop, f"cat /proc/{restarted.status.pid}/comm").strip() == "x11vnc"
     assert desktop.process.execute(command=f"test -e /proc/{before}").exit_code != 0
+    # A process that dies is started again by the service, which nothing polls for.
+    crashed = restarted.status.pid
+    sh(desktop, f"kill -9 {crashed}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = d.get_process("x11vnc")
+        if now.running and now.pid != crashed:
+            break
+        time.sleep(0.5)
+    assert now.running and now.pid != crashed, "x11vnc was not started again after it died"
     assert "starting Xvfb :0" in d.process_logs("xvfb").logs
     errors = d.process_errors("xfce4")
     assert errors.process == "xfce4" and "starting dbus-launch" in errors.errors
