@@ -30,7 +30,8 @@ use cove_store::{now_ms, RunnerRecord, RunnerState, Store};
 /// ([`Cluster::set_lease`]); runners renew every third of what the control plane answers.
 pub const LEASE: Duration = Duration::from_secs(10);
 
-/// How long a resume that moved a sandbox waits for its former runner to drop what it kept.
+/// How long a resume that moved a sandbox waits for its former runner to drop what it kept, and
+/// the deletion of an image for the runners that did not delete it.
 const FORGET_WAIT: Duration = Duration::from_secs(5);
 
 type Member = Arc<dyn SandboxHost>;
@@ -583,7 +584,35 @@ impl SandboxHost for Cluster {
     }
 
     async fn delete_image(&self, image: &str) -> Result<(), RunnerError> {
-        self.any()?.delete_image(image).await
+        let members: Vec<(String, Member)> = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, m)| (id.clone(), m.clone()))
+            .collect();
+        let Some(((_, first), rest)) = members.split_first() else {
+            return Err(RunnerError::Unavailable("no runner is connected".into()));
+        };
+        first.delete_image(image).await?;
+        // Any runner may hold the image's RAM (a named snapshot restored there): the others are
+        // told too. The store is theirs as well, so there is nothing left in it for them; one
+        // that does not answer keeps its copy until newer snapshots push it out.
+        let others = rest.iter().map(|(runner_id, m)| async move {
+            match tokio::time::timeout(FORGET_WAIT, m.delete_image(image)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(image, runner_id, error = %e, "a runner did not drop a deleted image")
+                }
+                Err(_) => tracing::warn!(
+                    image,
+                    runner_id,
+                    "a runner did not answer in time to drop a deleted image"
+                ),
+            }
+        });
+        futures::future::join_all(others).await;
+        Ok(())
     }
 
     async fn stored_images(&self) -> Result<Vec<String>, RunnerError> {

@@ -457,6 +457,25 @@ async fn a_resume_goes_elsewhere_when_its_runner_is_full() {
     assert!(v["message"].as_str().unwrap().contains("no runner has room"), "{v}");
 }
 
+/// A deleted snapshot is dropped by every runner, not only by the one that deleted its image:
+/// any of them may hold its RAM from a restore.
+#[tokio::test]
+async fn every_runner_drops_a_deleted_snapshot() {
+    let (p, _, a, b) = setup(4096, 4096, "sim").await;
+    let app = &p.app;
+    let _renewing = both_joined(&p).await;
+    let id = app.create(json!({})).await;
+    let (s, v) = app.call("POST", &format!("/v1/sandbox/{id}/snapshot/create"), "{}").await;
+    assert!(s.is_success(), "{s} {v}");
+    let snapshot = v["id"].as_str().unwrap().to_string();
+    a.passed();
+    b.passed();
+    succeeds(app, "DELETE", &format!("/v1/snapshot/{snapshot}")).await;
+    for (name, runner) in [("a", &a), ("b", &b)] {
+        assert!(runner.passed().contains(&"delete_image.done".to_string()), "runner {name} was not told");
+    }
+}
+
 /// A runner that takes at most N sandboxes gets no more, whatever memory it has left.
 #[tokio::test]
 async fn a_runner_takes_no_more_sandboxes_than_it_says() {
