@@ -21,8 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 const TTL: Duration = Duration::from_secs(5);
-/// With no host connected, reads end at once: poll, backing off from the first to the last.
-const IDLE_POLL: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(50));
+/// With no host connected, reads end at once: poll, backing off from the first to the last
+/// (the same as the agent's own port, see `channel::IDLE_POLL`).
+use crate::channel::IDLE_POLL;
 
 type Answer = Result<(Reply, Vec<u8>), i32>;
 type Pending = (Vec<u8>, oneshot::Sender<Answer>);
