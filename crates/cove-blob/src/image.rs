@@ -685,6 +685,36 @@ impl PackedReader {
         Ok(written)
     }
 
+    /// Decodes every chunk and checks it against its crc32, on every core, writing nothing:
+    /// whether the whole file is as it was packed.
+    pub fn verify(&self) -> Result<(), BlobError> {
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<BlobError>> = Mutex::new(None);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        std::thread::scope(|scope| {
+            for _ in 0..cores.min(self.file.chunks.len()) {
+                scope.spawn(|| {
+                    let mut buf = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= self.file.chunks.len() {
+                            return;
+                        }
+                        if let Err(e) = self.decode(i, &mut buf) {
+                            next.store(self.file.chunks.len(), Ordering::Relaxed);
+                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Decodes chunk `i` into `out` (which ends up `chunks[i].len` long), checked.
     pub fn decode(&self, i: usize, out: &mut Vec<u8>) -> Result<(), BlobError> {
         let c = &self.file.chunks[i];
@@ -848,7 +878,15 @@ mod tests {
             assert_eq!(reader.next_chunk(3 * MIB), Some(2));
             assert_eq!(reader.next_chunk(size), None);
         }
+        // A flipped byte is found by a verification, naming its chunk.
         let copy = dir.path().join("copy0");
+        let reader = PackedReader::open(&copy, packed.clone()).unwrap();
+        reader.verify().unwrap();
+        let mut bytes = std::fs::read(&copy).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x5a;
+        std::fs::write(&copy, &bytes).unwrap();
+        assert!(matches!(reader.verify(), Err(BlobError::Corrupt { .. })), "the flipped byte is found");
         std::fs::OpenOptions::new()
             .write(true)
             .open(&copy)

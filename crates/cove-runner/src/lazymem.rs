@@ -177,6 +177,20 @@ pub async fn unpack(sandbox: &Path, dest: &Path) -> Result<bool, RunnerError> {
     Ok(true)
 }
 
+/// Checks every chunk of the RAM blob that `prepare` put beside `sandbox` against its crc32
+/// (on every core, nothing written): a resume runs the guest only on memory that is whole, as
+/// an unpack would have made sure, rather than fail on a damaged chunk when the guest first
+/// touches it. Runs while QEMU starts.
+pub fn verify(sandbox: &Path) -> Result<(), RunnerError> {
+    let d = dir(sandbox);
+    let table: LazyTable =
+        std::fs::read(d.join(TABLE)).map_err(|e| RunnerError::io("reading the RAM table", e)).and_then(
+            |b| serde_json::from_slice(&b).map_err(|e| RunnerError::io("reading the RAM table", e.into())),
+        )?;
+    PackedReader::open(&d.join(BLOB), table.file)?.verify()?;
+    Ok(())
+}
+
 /// Removes a lazily restored VM's RAM files (after the VM has ended, or before a new start).
 /// A mount still there is detached: a server nobody uses then ends.
 pub fn remove(sandbox: &Path) {

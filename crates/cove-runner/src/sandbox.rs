@@ -354,9 +354,23 @@ impl SandboxVm {
                 }
                 let (store, prefix, state, dest) =
                     ((*store).clone(), prefix.to_string(), manifest.state.clone(), state_file.clone());
+                // Served lazily, the RAM is still checked whole before the guest runs.
+                let check = lazy.is_some().then(|| dir.clone());
                 let fill = tokio::spawn(async move {
-                    cove_blob::unpack_file(&store, &prefix, &state, &dest).await?;
-                    Ok::<(), RunnerError>(())
+                    let verified = async {
+                        match check {
+                            Some(dir) => tokio::task::spawn_blocking(move || crate::lazymem::verify(&dir))
+                                .await
+                                .map_err(|e| {
+                                    RunnerError::io("checking guest memory", std::io::Error::other(e))
+                                })?,
+                            None => Ok(()),
+                        }
+                    };
+                    let (s, m) =
+                        tokio::join!(cove_blob::unpack_file(&store, &prefix, &state, &dest), verified);
+                    s?;
+                    m
                 });
                 (state_file, fill)
             }
