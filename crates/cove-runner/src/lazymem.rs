@@ -157,10 +157,7 @@ pub async fn prepare(
 /// unpacked now.
 pub async fn unpack(sandbox: &Path, dest: &Path) -> Result<bool, RunnerError> {
     let d = dir(sandbox);
-    let table: LazyTable =
-        std::fs::read(d.join(TABLE)).map_err(|e| RunnerError::io("reading the RAM table", e)).and_then(
-            |b| serde_json::from_slice(&b).map_err(|e| RunnerError::io("reading the RAM table", e.into())),
-        )?;
+    let table = read_table(&d)?;
     let unpacked = unpacked_path(sandbox, &table.image);
     // The server may be at it (the guest is stopped now, so it has the CPU): doing it twice at
     // once would only slow both.
@@ -183,12 +180,15 @@ pub async fn unpack(sandbox: &Path, dest: &Path) -> Result<bool, RunnerError> {
 /// touches it. Runs while QEMU starts.
 pub fn verify(sandbox: &Path) -> Result<(), RunnerError> {
     let d = dir(sandbox);
-    let table: LazyTable =
-        std::fs::read(d.join(TABLE)).map_err(|e| RunnerError::io("reading the RAM table", e)).and_then(
-            |b| serde_json::from_slice(&b).map_err(|e| RunnerError::io("reading the RAM table", e.into())),
-        )?;
+    let table = read_table(&d)?;
     PackedReader::open(&d.join(BLOB), table.file)?.verify()?;
     Ok(())
+}
+
+fn read_table(d: &Path) -> Result<LazyTable, RunnerError> {
+    let read = |e| RunnerError::io("reading the RAM table", e);
+    let bytes = std::fs::read(d.join(TABLE)).map_err(read)?;
+    serde_json::from_slice(&bytes).map_err(|e| read(e.into()))
 }
 
 /// Removes a lazily restored VM's RAM files (after the VM has ended, or before a new start).
