@@ -32,7 +32,6 @@
 use std::ffi::OsStr;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -203,18 +202,15 @@ pub fn remove(sandbox: &Path) {
 /// stdout, and serves until its last user has gone.
 pub fn serve(sandbox: &Path) -> io::Result<()> {
     let d = dir(sandbox);
-    let table: LazyTable =
-        serde_json::from_slice(&std::fs::read(d.join(TABLE))?).map_err(io::Error::other)?;
+    let table = read_table(&d).map_err(io::Error::other)?;
     let hot = table.hot.clone();
     let unpacked = unpacked_path(sandbox, &table.image);
     let reader = PackedReader::open(&d.join(BLOB), table.file).map_err(io::Error::other)?;
     let mnt = d.join(MNT);
-    let opened = Arc::new(AtomicBool::new(false));
     let (opened_tx, opened_rx) = std::sync::mpsc::channel::<()>();
     let fs = RamFs {
         reader: Arc::new(reader),
         cache: Arc::new(Mutex::new(Vec::new())),
-        opened: opened.clone(),
         opened_tx: Mutex::new(Some(opened_tx)),
     };
     let reader = fs.reader.clone();
@@ -231,13 +227,14 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
     // allowed. The mount point is in a directory only root can enter.
     config.acl = fuser::SessionACL::All;
     let session = fuser::Session::new(fs, &mnt, &config)?;
-    let mnt2 = mnt.clone();
     let notifier = session.notifier();
     if let Err(e) = set_read_ahead(&mnt) {
         tracing::warn!(error = %e, "read-ahead of the RAM file not raised");
     }
     std::thread::spawn(move || {
-        if opened_rx.recv().is_err() {
+        if opened_rx.recv_timeout(OPEN_WAIT).is_err() {
+            // Nobody came: end (a detached mount without users ends the session).
+            let _ = crate::sys::detach(&mnt);
             return;
         }
         // QEMU holds the file: nothing needs the mount any more (the connection lives on until
@@ -273,13 +270,6 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
             // The VM may have ended meanwhile (its directory gone): a capture unpacks it then.
             tracing::debug!(error = %e, "guest memory not unpacked in the background");
             let _ = std::fs::remove_file(&partial);
-        }
-    });
-    // Nobody came: end (a detached mount without users ends the session).
-    std::thread::spawn(move || {
-        std::thread::sleep(OPEN_WAIT);
-        if !opened.load(Ordering::SeqCst) {
-            let _ = crate::sys::detach(&mnt2);
         }
     });
     println!("ready");
@@ -321,8 +311,7 @@ fn cached(
 struct RamFs {
     reader: Arc<PackedReader>,
     cache: Arc<ChunkCache>,
-    opened: Arc<AtomicBool>,
-    /// Tells the detach-and-prefetch thread that the file is open.
+    /// Tells the detach-and-prefetch thread that the file is open (taken at the first open).
     opened_tx: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
@@ -404,10 +393,8 @@ impl fuser::Filesystem for RamFs {
         }
         // QEMU opens its RAM read-write and maps it privately: nothing is ever written here.
         reply.opened(FileHandle(0), fuser::FopenFlags::FOPEN_KEEP_CACHE);
-        if !self.opened.swap(true, Ordering::SeqCst) {
-            if let Some(tx) = self.opened_tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                let _ = tx.send(());
-            }
+        if let Some(tx) = self.opened_tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
         }
     }
 
