@@ -1,8 +1,8 @@
 #!/bin/bash
 # rootfs.sh CACHE_DIR [VARIANT]
 # Build a Debian 12 (bookworm) guest root filesystem with mmdebstrap and produce
-#   OUT/rootfs.ext4   (ext4, used size + 1 GiB free, made with mke2fs -d: no loop mount)
-#   OUT/rootfs.qcow2  (qcow2 base image converted from rootfs.ext4)
+#   OUT/rootfs.qcow2  (qcow2 base image converted from an ext4 image of used size + 1 GiB free,
+#                      made with mke2fs -d: no loop mount; the ext4 image is scratch)
 # VARIANT names the system template:
 #   base              system/debian:bookworm            OUT=CACHE_DIR/rootfs
 #   code-interpreter  system/code-interpreter:v0.1.0    OUT=CACHE_DIR/rootfs-code-interpreter
@@ -193,12 +193,15 @@ SIZE_MIB=$(( (USED_KIB * 11 / 10) / 1024 + FREE_MIB ))
 step "3/4 mke2fs -d: content ${USED_KIB} KiB, $INODES files -> ${SIZE_MIB} MiB ext4"
 mke2fs -q -t ext4 -L cove-root -d "$ROOT" -E root_owner=0:0 -F "$WORK/rootfs.ext4" "${SIZE_MIB}M" >&2
 e2fsck -fn "$WORK/rootfs.ext4" >/dev/null 2>&1 || { step "e2fsck reports errors"; e2fsck -fn "$WORK/rootfs.ext4" >&2; exit 1; }
+rm -rf "$ROOT"
 
 step "4/4 qemu-img convert -> qcow2"
 qemu-img convert -f raw -O qcow2 "$WORK/rootfs.ext4" "$WORK/rootfs.qcow2"
+# Nothing reads the raw image: keeping it would double the cache's disk use.
+rm -f "$WORK/rootfs.ext4"
 
 rm -rf "$OUT.new"; mkdir -p "$OUT.new"
-mv "$WORK/rootfs.ext4" "$WORK/rootfs.qcow2" "$OUT.new/"
+mv "$WORK/rootfs.qcow2" "$OUT.new/"
 echo "$RECIPE" > "$OUT.new/.done"
 rm -rf "$OUT"; mv "$OUT.new" "$OUT"
 step "done: $(ls -lh "$OUT" | tail -n +2 | awk '{print $5, $9}' | tr '\n' ' ')"
