@@ -64,7 +64,6 @@ pub fn install_trust(pem: &str) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    std::fs::write(CA_FILE, pem)?;
     let mut bundle = std::fs::read(&original)?;
     if !bundle.ends_with(b"\n") {
         bundle.push(b'\n');
@@ -72,7 +71,9 @@ pub fn install_trust(pem: &str) -> io::Result<()> {
     bundle.extend_from_slice(pem.as_bytes());
     let tmp = format!("{CA_BUNDLE}.cove-tmp");
     std::fs::write(&tmp, bundle)?;
-    std::fs::rename(tmp, CA_BUNDLE)
+    std::fs::rename(tmp, CA_BUNDLE)?;
+    // Last: the file says the bundle has the CA (see `trusted`).
+    std::fs::write(CA_FILE, pem)
 }
 
 fn switch_to_root_disk() -> io::Result<()> {
@@ -165,8 +166,13 @@ fn mount_fs(
 }
 
 /// Applies a new identity after boot or restore: hostname, clock, trusted CA, entropy.
+///
+/// What the guest has already (the same sandbox resumed from its image: hostname, CA and disk
+/// unchanged) is not written again: on a guest just restored under emulation, every kernel path
+/// a write takes is code to translate first, and the files and the journal flush of a resize
+/// made up most of a resume's identity step.
 pub fn apply_identity(id: &cove_proto::Identity) -> io::Result<()> {
-    if !id.hostname.is_empty() {
+    if !id.hostname.is_empty() && sys::hostname().as_deref() != Some(id.hostname.as_str()) {
         sys::sethostname(&id.hostname)?;
         let hosts = format!(
             "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
@@ -180,12 +186,22 @@ pub fn apply_identity(id: &cove_proto::Identity) -> io::Result<()> {
         .collect();
     apply_clock(id.unix_time_ns, &entropy)?;
     if let Some(pem) = &id.trust_pem {
-        install_trust(pem)?;
+        if !trusted(pem) {
+            install_trust(pem)?;
+        }
     }
     if let Some(bytes) = id.disk_bytes {
         grow_root(bytes)?;
     }
     Ok(())
+}
+
+/// Whether the trust store holds `pem` as [`install_trust`] leaves it: its file is `pem` (written
+/// last) and the bundle ends with it.
+fn trusted(pem: &str) -> bool {
+    use cove_proto::net::{CA_BUNDLE, CA_FILE};
+    std::fs::read(CA_FILE).is_ok_and(|f| f == pem.as_bytes())
+        && std::fs::read(CA_BUNDLE).is_ok_and(|b| b.ends_with(pem.as_bytes()))
 }
 
 /// Sets the wall clock (unless `unix_time_ns` is 0) and mixes `entropy` into the pool.
@@ -203,6 +219,11 @@ pub fn apply_clock(unix_time_ns: u128, entropy: &[u8]) -> io::Result<()> {
 /// host grows a sandbox's disk just before it sends the identity, and the driver hears of it a
 /// moment later.
 fn grow_root(bytes: u64) -> io::Result<()> {
+    // The size the root filesystem was last grown to. In memory, as the filesystem is on the
+    // disk: both are saved and restored together, and a fresh boot grows once. A resize that
+    // changes nothing still flushes the journal.
+    static GROWN_TO: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    use std::sync::atomic::Ordering::Relaxed;
     let size_file = format!("/sys/class/block/{}/size", ROOT_DEVICE.trim_start_matches("/dev/"));
     let deadline = Instant::now() + Duration::from_secs(10);
     let disk = loop {
@@ -222,6 +243,11 @@ fn grow_root(bytes: u64) -> io::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    if GROWN_TO.load(Relaxed) == disk {
+        return Ok(());
+    }
     sys::resize_ext4("/", disk)
-        .map_err(|e| io::Error::new(e.kind(), format!("growing the root filesystem: {e}")))
+        .map_err(|e| io::Error::new(e.kind(), format!("growing the root filesystem: {e}")))?;
+    GROWN_TO.store(disk, Relaxed);
+    Ok(())
 }

@@ -61,6 +61,11 @@ pub fn finit_module(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// The kernel's hostname, if it reads.
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim_end().to_string())
+}
+
 pub fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: pointer and length describe the bytes of `name`, which outlives the call.
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })

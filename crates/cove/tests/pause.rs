@@ -242,6 +242,12 @@ async fn a_cold_resume_serves_guest_memory_from_the_image() {
     let warm = server.data_dir.join("warm").join(&id);
     let mounts =
         || std::fs::read_to_string("/proc/mounts").unwrap().matches(&format!("/sandboxes/{id}/")).count();
+    // The same machine resumes: its identity stays (hostname, the egress CA in the trust store),
+    // and so do the guest's own edits of the files the identity first wrote.
+    api.sh_ok(&id, "echo '192.88.99.7 mine' | sudo tee -a /etc/hosts >/dev/null").await;
+    let identity = "hostname; grep -c mine /etc/hosts; ca=/usr/local/share/ca-certificates/cove-egress.crt; \
+                    tail -c $(wc -c < $ca) /etc/ssl/certs/ca-certificates.crt | cmp - $ca && echo trusted";
+    assert_eq!(api.sh_ok(&id, identity).await, format!("{id}\n1\ntrusted\n"));
     // Round 2 resumes the image that round 1's lazily resumed VM was paused into.
     for round in 1..=2 {
         pause(server, &api, &id).await;
@@ -251,6 +257,7 @@ async fn a_cold_resume_serves_guest_memory_from_the_image() {
 
         assert_eq!(api.sh_ok(&id, "true").await, "");
         let before = lazy_mapping_rss(&id);
+        assert_eq!(api.sh_ok(&id, identity).await, format!("{id}\n1\ntrusted\n"), "round {round}");
         assert!(before < 48 << 20, "round {round}: {} MiB resident right after the resume", before >> 20);
         assert_eq!(
             api.sh_ok(&id, "sha256sum < /dev/shm/big").await,
