@@ -149,7 +149,7 @@ pub async fn serve_port(state: Arc<State>) -> io::Result<()> {
                 continue;
             }
         };
-        match handshake(&mut port, &|t, e| state.set_clock(t, e)).await {
+        match handshake(&mut port, &|told| state.clone().tell(told)).await {
             Ok(true) => {
                 idle = IDLE_POLL.0;
                 serve_connection(port, state.clone()).await;
@@ -175,24 +175,33 @@ pub async fn serve_unix(path: &str, state: Arc<State>) -> io::Result<()> {
         let (mut stream, _) = listener.accept().await?;
         let state = state.clone();
         tokio::spawn(async move {
-            if let Ok(true) = handshake(&mut stream, &|t, e| state.set_clock(t, e)).await {
+            if let Ok(true) = handshake(&mut stream, &|told| state.clone().tell(told)).await {
                 serve_connection(stream, state).await;
             }
         });
     }
 }
 
+/// What a greeting brings the guest, applied before the greeting is answered.
+pub enum Told {
+    /// The host's clock and fresh entropy ([`cove_proto::CLOCK_VERSION`]).
+    Clock(u128, Vec<u8>),
+    /// Everything a new or moved guest is told ([`cove_proto::IDENTITY_VERSION`]).
+    Identity(Box<cove_proto::Identity>),
+}
+
+/// Applies what a greeting told.
+type Tell<'a> = &'a (dyn Fn(Told) -> futures::future::BoxFuture<'static, io::Result<()>> + Sync);
+
 /// Reads lines until a valid HELLO, answers READY. Returns Ok(false) on EOF.
 ///
-/// A HELLO of [`cove_proto::CLOCK_VERSION`] is answered only once `set_clock` has applied the
-/// `COVE-CLOCK` line that follows it.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    set_clock: &(dyn Fn(u128, &[u8]) -> io::Result<()> + Sync),
-) -> io::Result<bool> {
+/// A HELLO of [`cove_proto::CLOCK_VERSION`] or [`cove_proto::IDENTITY_VERSION`] is answered
+/// only once `tell` has applied the `COVE-CLOCK` line, or the `COVE-IDENTITY` header and JSON,
+/// that follow it.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, tell: Tell<'_>) -> io::Result<bool> {
     let mut line = Vec::with_capacity(cove_proto::MAX_HANDSHAKE_LINE);
-    // The nonce of a clock greeting waiting for its clock line.
-    let mut clock_for: Option<String> = None;
+    // A greeting waiting for what it promised: its version and nonce.
+    let mut waiting: Option<(u32, String)> = None;
     loop {
         let mut byte = [0u8; 1];
         if stream.read(&mut byte).await? == 0 {
@@ -216,22 +225,33 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             }
             continue;
         }
-        if let Some(start) = text.find(cove_proto::CLOCK) {
-            let Some(nonce) = clock_for.take() else {
+        let told = if let Some(start) = text.find(cove_proto::CLOCK) {
+            Some((cove_proto::CLOCK_VERSION, "setting the clock", read_clock(&text[start..])))
+        } else if let Some(start) = text.find(cove_proto::IDENTITY) {
+            Some((
+                cove_proto::IDENTITY_VERSION,
+                "applying the identity",
+                read_identity(stream, &text[start..]).await?,
+            ))
+        } else {
+            None
+        };
+        if let Some((version, what, told)) = told {
+            let Some((_, nonce)) = waiting.take_if(|(v, _)| *v == version) else {
                 continue;
             };
-            let applied = match cove_proto::parse_clock(&text[start..]) {
-                Some((time, entropy)) => set_clock(time, &entropy),
-                None => Err(io::Error::other("malformed clock line")),
+            let applied = match told {
+                Ok(told) => tell(told).await,
+                Err(e) => Err(e),
             };
             match applied {
                 Ok(()) => {
-                    let ready = cove_proto::ready_line_of(cove_proto::CLOCK_VERSION, &nonce);
+                    let ready = cove_proto::ready_line_of(version, &nonce);
                     stream.write_all(ready.as_bytes()).await?;
                     return Ok(true);
                 }
                 Err(e) => {
-                    let msg = cove_proto::error_line(&format!("setting the clock: {e}"));
+                    let msg = cove_proto::error_line(&format!("{what}: {e}"));
                     stream.write_all(msg.as_bytes()).await?;
                     continue;
                 }
@@ -248,12 +268,31 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 stream.write_all(cove_proto::ready_line(nonce).as_bytes()).await?;
                 return Ok(true);
             }
-            cove_proto::CLOCK_VERSION => clock_for = Some(nonce.to_string()),
+            cove_proto::CLOCK_VERSION | cove_proto::IDENTITY_VERSION => {
+                waiting = Some((version, nonce.to_string()))
+            }
             _ => {
                 stream.write_all(cove_proto::unsupported_line(version).as_bytes()).await?;
             }
         }
     }
+}
+
+fn read_clock(line: &str) -> io::Result<Told> {
+    let (time, entropy) =
+        cove_proto::parse_clock(line).ok_or_else(|| io::Error::other("malformed clock line"))?;
+    Ok(Told::Clock(time, entropy))
+}
+
+/// Reads the identity JSON that the `COVE-IDENTITY` header `line` announces. A malformed one is
+/// an `Ok(Err)`: the greeting is refused, the connection goes on.
+async fn read_identity<S: AsyncRead + Unpin>(stream: &mut S, line: &str) -> io::Result<io::Result<Told>> {
+    let Some(len) = cove_proto::parse_identity_header(line) else {
+        return Ok(Err(io::Error::other("malformed identity header")));
+    };
+    let mut json = vec![0u8; len];
+    stream.read_exact(&mut json).await?;
+    Ok(serde_json::from_slice(&json).map(|id| Told::Identity(Box::new(id))).map_err(io::Error::other))
 }
 
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, state: Arc<State>) {
@@ -304,17 +343,32 @@ mod tests {
     /// Runs the handshake over an in-memory pipe fed `input`; returns what it answered, whether
     /// it ended in a session, and the clocks it set.
     async fn handshake_of(input: &str, fail_clock: bool) -> (String, bool, Vec<(u128, Vec<u8>)>) {
-        let (mut host, mut guest) = tokio::io::duplex(4096);
-        host.write_all(input.as_bytes()).await.unwrap();
+        let (answer, session, told) = told_by(input.as_bytes(), fail_clock).await;
+        let clocks = told
+            .into_iter()
+            .map(|t| match t {
+                Told::Clock(time, entropy) => (time, entropy),
+                Told::Identity(_) => panic!("an identity where a clock was expected"),
+            })
+            .collect();
+        (answer, session, clocks)
+    }
+
+    /// As `handshake_of`, with everything the greetings told.
+    async fn told_by(input: &[u8], fail: bool) -> (String, bool, Vec<Told>) {
+        let (mut host, mut guest) = tokio::io::duplex(1 << 16);
+        host.write_all(input).await.unwrap();
         drop(host.shutdown().await);
-        let set = Mutex::new(Vec::new());
-        let session = handshake(&mut guest, &|t, e| {
-            set.lock().unwrap().push((t, e.to_vec()));
-            if fail_clock {
-                Err(io::Error::other("EPERM"))
-            } else {
-                Ok(())
-            }
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let session = handshake(&mut guest, &|t| {
+            told.lock().unwrap().push(t);
+            Box::pin(async move {
+                if fail {
+                    Err(io::Error::other("EPERM"))
+                } else {
+                    Ok(())
+                }
+            })
         })
         .await
         .unwrap();
@@ -322,7 +376,55 @@ mod tests {
         let mut answer = String::new();
         let mut reader = tokio::io::BufReader::new(host);
         while reader.read_line(&mut answer).await.unwrap() > 0 {}
-        (answer, session, set.into_inner().unwrap())
+        let told = std::mem::take(&mut *told.lock().unwrap());
+        (answer, session, told)
+    }
+
+    #[tokio::test]
+    async fn an_identity_greeting_is_answered_once_its_identity_is_applied() {
+        let id = cove_proto::Identity {
+            hostname: "sbx-7".into(),
+            trust_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
+            disk_bytes: Some(1 << 30),
+            ..cove_proto::Identity::default()
+        };
+        let message = cove_proto::identity_message(&id).unwrap();
+        let hello = cove_proto::hello_line_of(cove_proto::IDENTITY_VERSION, 3);
+        let input = [b"stale\n".as_slice(), hello.as_bytes(), &message].concat();
+        let (answer, session, told) = told_by(&input, false).await;
+        assert_eq!(answer, cove_proto::ready_line_of(3, "0000000000000003"));
+        assert!(session);
+        match told.as_slice() {
+            [Told::Identity(got)] => {
+                assert_eq!(
+                    (&got.hostname, &got.trust_pem, got.disk_bytes),
+                    (&id.hostname, &id.trust_pem, id.disk_bytes)
+                )
+            }
+            _ => panic!("told {} things", told.len()),
+        }
+
+        // One that cannot be applied, or read, is refused and is no session; an identity
+        // without its greeting, or after a clock greeting, is skipped whole.
+        let (answer, session, _) = told_by(&input, true).await;
+        assert_eq!(answer, "COVE-ERROR applying the identity: EPERM\n");
+        assert!(!session);
+        let bad = [hello.as_bytes(), b"COVE-IDENTITY 2\n{]"].concat();
+        let (answer, session, told) = told_by(&bad, false).await;
+        assert!(answer.starts_with("COVE-ERROR applying the identity: "), "{answer}");
+        assert!(!session && told.is_empty());
+        let clock_hello = cove_proto::hello_line_of(cove_proto::CLOCK_VERSION, 4);
+        let input = [
+            message.as_slice(),
+            clock_hello.as_bytes(),
+            &message,
+            cove_proto::clock_line(9, &[1]).as_bytes(),
+        ]
+        .concat();
+        let (answer, session, told) = told_by(&input, false).await;
+        assert_eq!(answer, cove_proto::ready_line_of(2, "0000000000000004"));
+        assert!(session);
+        assert!(matches!(told.as_slice(), [Told::Clock(9, _)]));
     }
 
     #[tokio::test]
@@ -356,8 +458,8 @@ mod tests {
         assert_eq!(answer, "COVE-ERROR setting the clock: malformed clock line\n");
         assert!(!session && set.is_empty());
         // A version it does not speak is refused by name.
-        let (answer, session, _) = handshake_of(&cove_proto::hello_line_of(3, 1), false).await;
-        assert_eq!(answer, "COVE-ERROR unsupported protocol 3\n");
+        let (answer, session, _) = handshake_of(&cove_proto::hello_line_of(4, 1), false).await;
+        assert_eq!(answer, "COVE-ERROR unsupported protocol 4\n");
         assert!(!session);
     }
 }

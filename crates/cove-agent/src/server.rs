@@ -164,12 +164,34 @@ impl State {
         }
     }
 
-    /// Sets the clock and adds entropy, as the greeting of a resumed guest asks (a no-op when
-    /// the agent is not the guest's init, as in tests).
-    pub(crate) fn set_clock(&self, unix_time_ns: u128, entropy: &[u8]) -> std::io::Result<()> {
+    /// Applies what a greeting told: the clock and entropy of a resumed guest, or a whole
+    /// identity (the system part is a no-op when the agent is not the guest's init, as in tests).
+    pub(crate) fn tell(
+        self: Arc<Self>,
+        told: crate::channel::Told,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<()>> {
+        Box::pin(async move {
+            match told {
+                crate::channel::Told::Clock(time, entropy) if self.is_init => {
+                    crate::init::apply_clock(time, &entropy)
+                }
+                crate::channel::Told::Clock(..) => Ok(()),
+                crate::channel::Told::Identity(id) => self.apply_identity(*id).await,
+            }
+        })
+    }
+
+    /// Takes `id`: the environment of later processes, and (as the guest's init) the system's
+    /// hostname, clock, trust store and root filesystem size.
+    async fn apply_identity(&self, id: cove_proto::Identity) -> std::io::Result<()> {
+        let mut env = self.image_env.clone();
+        env.extend(id.env.clone());
         if self.is_init {
-            crate::init::apply_clock(unix_time_ns, entropy)?;
+            // Growing the disk waits for the guest to see it grown: off the async threads.
+            let applied = tokio::task::spawn_blocking(move || crate::init::apply_identity(&id)).await;
+            applied.map_err(std::io::Error::other)??;
         }
+        *self.env.write().unwrap_or_else(|p| p.into_inner()) = env;
         Ok(())
     }
 
@@ -178,20 +200,10 @@ impl State {
             Ok(v) => v,
             Err(r) => return r,
         };
-        let mut env = self.image_env.clone();
-        env.extend(id.env.clone());
-        if self.is_init {
-            // Growing the disk waits for the guest to see it grown: off the async threads.
-            let applied = tokio::task::spawn_blocking(move || crate::init::apply_identity(&id)).await;
-            match applied.map_err(std::io::Error::other).and_then(|r| r) {
-                Ok(()) => {}
-                Err(e) => {
-                    return reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("applying identity: {e}"))
-                }
-            }
+        match self.apply_identity(id).await {
+            Ok(()) => reply::empty(StatusCode::NO_CONTENT),
+            Err(e) => reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("applying identity: {e}")),
         }
-        *self.env.write().unwrap_or_else(|p| p.into_inner()) = env;
-        reply::empty(StatusCode::NO_CONTENT)
     }
 
     async fn exec(&self, req: Request<Incoming>) -> Response<Body> {

@@ -27,6 +27,19 @@
 //! An agent older than that answers `COVE-ERROR unsupported protocol 2` and skips the clock
 //! line; the host then greets it again with version 1 and sends the clock over HTTP/2.
 //!
+//! A guest new to the host, or resumed from an image, needs its whole [`Identity`], and the
+//! greeting of version [`IDENTITY_VERSION`] brings it the same way, as JSON of a stated length:
+//!
+//! ```text
+//! host  → guest   COVE-HELLO 3 <nonce>\n            (queued before the guest runs)
+//! host  → guest   COVE-IDENTITY <length>\n<JSON>    (written once it runs)
+//! guest → host    COVE-READY 3 <nonce>\n            (identity applied)
+//! ```
+//!
+//! An agent that cannot apply it answers `COVE-ERROR <why>`, one that predates it
+//! `COVE-ERROR unsupported protocol 3`; the host then greets it again with version 1 and sends
+//! the identity over HTTP/2.
+//!
 //! The HTTP/2 routes are the constants below. Request and response bodies are the public API's
 //! types from `cove-api` wherever one exists, so the control plane forwards what it validated.
 
@@ -44,6 +57,16 @@ pub const PORT_NAME: &str = "cove.agent";
 /// The greeting version that a `COVE-CLOCK` line follows (see the module's documentation).
 /// Everything else is as in [`PROTOCOL_VERSION`].
 pub const CLOCK_VERSION: u32 = 2;
+
+/// The greeting version that a `COVE-IDENTITY` header and its JSON follow (see the module's
+/// documentation). Everything else is as in [`PROTOCOL_VERSION`].
+pub const IDENTITY_VERSION: u32 = 3;
+
+/// `COVE-IDENTITY <length>`, then `length` bytes: an [`Identity`] as JSON.
+pub const IDENTITY: &str = "COVE-IDENTITY";
+
+/// Longest [`Identity`] JSON a greeting carries; a longer one goes over HTTP/2.
+pub const MAX_IDENTITY_JSON: usize = 1 << 20;
 
 pub const HELLO: &str = "COVE-HELLO";
 /// `COVE-CLOCK <unix_ns> <entropy_hex>`: the host's wall-clock time and fresh randomness.
@@ -98,6 +121,22 @@ pub fn parse_clock(line: &str) -> Option<(u128, Vec<u8>)> {
     let time = parts.next()?.parse().ok()?;
     let entropy = hex::decode(parts.next()?).ok()?;
     parts.next().is_none().then_some((time, entropy))
+}
+
+/// The `COVE-IDENTITY` header and JSON that bring `identity` in a greeting; None if it is
+/// longer than [`MAX_IDENTITY_JSON`].
+pub fn identity_message(identity: &Identity) -> Option<Vec<u8>> {
+    let json = serde_json::to_vec(identity).ok()?;
+    (json.len() <= MAX_IDENTITY_JSON)
+        .then(|| [format!("{IDENTITY} {}\n", json.len()).into_bytes(), json].concat())
+}
+
+/// Parses a `COVE-IDENTITY <length>` header; returns the length of the JSON that follows.
+pub fn parse_identity_header(line: &str) -> Option<usize> {
+    let mut parts = line.trim_end().split(' ');
+    (parts.next()? == IDENTITY).then_some(())?;
+    let len = parts.next()?.parse().ok().filter(|&n| n <= MAX_IDENTITY_JSON)?;
+    parts.next().is_none().then_some(len)
 }
 
 pub fn park_line(nonce: u64) -> String {
@@ -254,6 +293,34 @@ mod tests {
         {
             assert_eq!(parse_clock(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn identity_greeting_roundtrip() {
+        let id = Identity {
+            hostname: "sbx-1".into(),
+            env: [("A".to_string(), "line\nbreak".to_string())].into(),
+            trust_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
+            ..Identity::default()
+        };
+        let message = identity_message(&id).unwrap();
+        let header_end = message.iter().position(|&b| b == b'\n').unwrap();
+        let header = std::str::from_utf8(&message[..header_end]).unwrap();
+        assert!(header.len() < MAX_HANDSHAKE_LINE, "{header}");
+        let json = &message[header_end + 1..];
+        assert_eq!(parse_identity_header(header), Some(json.len()));
+        let back: Identity = serde_json::from_slice(json).unwrap();
+        assert_eq!((back.hostname, back.env, back.trust_pem), (id.hostname, id.env, id.trust_pem));
+        let too_long = format!("{IDENTITY} {}", MAX_IDENTITY_JSON + 1);
+        for bad in ["COVE-IDENTITY", "COVE-IDENTITY x", "COVE-IDENTITY 1 2", "IDENTITY 1", too_long.as_str()]
+        {
+            assert_eq!(parse_identity_header(bad), None, "{bad}");
+        }
+        let huge = Identity {
+            env: [("X".to_string(), "x".repeat(MAX_IDENTITY_JSON))].into(),
+            ..Identity::default()
+        };
+        assert!(identity_message(&huge).is_none(), "too long for a greeting");
     }
 
     /// The wire shape of the protocol's own types; a change here is a protocol change.

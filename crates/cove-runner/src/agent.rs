@@ -90,6 +90,12 @@ impl AgentClient {
         Self::greet_as(socket, cove_proto::CLOCK_VERSION).await
     }
 
+    /// As [`greet`](Self::greet), with the greeting that brings the guest its whole identity
+    /// ([`cove_proto::IDENTITY_VERSION`]): once the guest runs, [`Greeting::send_identity`].
+    pub async fn greet_with_identity(socket: &Path) -> Result<Greeting, AgentError> {
+        Self::greet_as(socket, cove_proto::IDENTITY_VERSION).await
+    }
+
     async fn greet_as(socket: &Path, version: u32) -> Result<Greeting, AgentError> {
         let stream = UnixStream::connect(socket).await.map_err(|e| AgentError::Connect(e.to_string()))?;
         Greeting::send(stream, version).await
@@ -137,14 +143,35 @@ impl Greeting {
         self.stream.write_all(line.as_bytes()).await.map_err(|e| AgentError::Connect(e.to_string()))
     }
 
-    pub async fn finish(self) -> Result<AgentClient, AgentError> {
-        Ok(self.finish_clock().await?.0)
+    /// Sends the identity that an identity greeting promised, with the host's time and fresh
+    /// entropy as of now: called once the guest runs (and sees its disk at its size). A no-op
+    /// for another greeting.
+    pub async fn send_identity(&mut self, identity: &cove_proto::Identity) -> Result<(), AgentError> {
+        if self.version != cove_proto::IDENTITY_VERSION {
+            return Ok(());
+        }
+        let (now, entropy) = host_clock();
+        let identity =
+            cove_proto::Identity { unix_time_ns: now, entropy_hex: hex::encode(entropy), ..identity.clone() };
+        let message = cove_proto::identity_message(&identity)
+            .ok_or_else(|| AgentError::Request("the identity is too large for a greeting".into()))?;
+        self.stream.write_all(&message).await.map_err(|e| AgentError::Connect(e.to_string()))
     }
 
-    /// Waits for the answer; also says whether the guest set its clock from the greeting. An
-    /// agent that does not know the clock greeting refuses it by name: it is greeted again the
-    /// plain way, and the clock is then not set.
-    pub async fn finish_clock(self) -> Result<(AgentClient, bool), AgentError> {
+    /// The greeting's version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    pub async fn finish(self) -> Result<AgentClient, AgentError> {
+        Ok(self.finish_told().await?.0)
+    }
+
+    /// Waits for the answer; also says whether the guest applied what the greeting brought
+    /// (the clock, or the identity). An agent that does not know that greeting refuses it by
+    /// name: it is greeted again the plain way, and nothing is then applied.
+    pub async fn finish_told(self) -> Result<(AgentClient, bool), AgentError> {
+        let told = self.version;
         let Greeting { mut stream, mut nonce, mut version } = self;
         loop {
             let text = read_line(&mut stream).await?;
@@ -161,13 +188,15 @@ impl Greeting {
                 }
             } else if let Some(rest) = text.strip_prefix(cove_proto::ERROR).and_then(|r| r.strip_prefix(' '))
             {
-                if version == cove_proto::CLOCK_VERSION
-                    && format!("{text}\n") == cove_proto::unsupported_line(cove_proto::CLOCK_VERSION)
+                if version != cove_proto::PROTOCOL_VERSION
+                    && format!("{text}\n") == cove_proto::unsupported_line(version)
                 {
                     nonce = rand::random();
                     version = cove_proto::PROTOCOL_VERSION;
+                    // After a newline: the identity's JSON (no newline of its own) may have
+                    // gone before, and must not run into the greeting.
                     stream
-                        .write_all(cove_proto::hello_line(nonce).as_bytes())
+                        .write_all(format!("\n{}", cove_proto::hello_line(nonce)).as_bytes())
                         .await
                         .map_err(|e| AgentError::Connect(e.to_string()))?;
                     continue;
@@ -176,7 +205,7 @@ impl Greeting {
             }
         }
         let client = AgentClient::over(crate::trace::Traced(stream)).await?;
-        Ok((client, version == cove_proto::CLOCK_VERSION))
+        Ok((client, told != cove_proto::PROTOCOL_VERSION && version == told))
     }
 }
 
@@ -548,7 +577,7 @@ mod tests {
         });
         let mut g = Greeting::send(host, cove_proto::CLOCK_VERSION).await.unwrap();
         g.send_clock().await.unwrap();
-        let (_, clock_set) = g.finish_clock().await.unwrap();
+        let (_, clock_set) = g.finish_told().await.unwrap();
         assert!(clock_set);
         let seen = seen.await.unwrap();
         assert_eq!(seen.len(), 2, "{seen:?}");
@@ -571,10 +600,59 @@ mod tests {
         });
         let mut g = Greeting::send(host, cove_proto::CLOCK_VERSION).await.unwrap();
         g.send_clock().await.unwrap();
-        let (_, clock_set) = g.finish_clock().await.unwrap();
+        let (_, clock_set) = g.finish_told().await.unwrap();
         assert!(!clock_set);
         let seen = seen.await.unwrap();
         assert!(seen[0].starts_with("COVE-HELLO 2 ") && seen[1].starts_with("COVE-CLOCK "), "{seen:?}");
-        assert!(seen.len() == 3 && seen[2].starts_with("COVE-HELLO 1 "), "{seen:?}");
+        assert!(seen.len() == 4 && seen[2].is_empty() && seen[3].starts_with("COVE-HELLO 1 "), "{seen:?}");
+    }
+
+    /// An agent that knows the identity greeting gets the identity, with the host's time, as
+    /// JSON of the length its header says; an older one is greeted again the plain way, on a
+    /// line of its own.
+    #[tokio::test]
+    async fn an_identity_greeting_brings_the_identity() {
+        let identity = cove_proto::Identity {
+            hostname: "sbx-9".into(),
+            disk_bytes: Some(1 << 30),
+            ..cove_proto::Identity::default()
+        };
+        for knows in [true, false] {
+            let (host, guest) = UnixStream::pair().unwrap();
+            let seen = if knows {
+                agent(guest, |line| {
+                    let (v, nonce) = cove_proto::parse_handshake(line, cove_proto::HELLO)?;
+                    Some(cove_proto::ready_line_of(v, nonce))
+                })
+            } else {
+                agent(guest, |line| match cove_proto::parse_handshake(line, cove_proto::HELLO) {
+                    Some((1, nonce)) => Some(cove_proto::ready_line(nonce)),
+                    Some((v, _)) => Some(cove_proto::unsupported_line(v)),
+                    None => None,
+                })
+            };
+            let mut g = Greeting::send(host, cove_proto::IDENTITY_VERSION).await.unwrap();
+            g.send_identity(&identity).await.unwrap();
+            let (_, told) = g.finish_told().await.unwrap();
+            assert_eq!(told, knows);
+            let seen = seen.await.unwrap();
+            assert!(seen[0].starts_with("COVE-HELLO 3 "), "{seen:?}");
+            let len = cove_proto::parse_identity_header(&seen[1]).expect("an identity header");
+            let got: cove_proto::Identity = serde_json::from_str(&seen[2][..len]).unwrap();
+            assert_eq!((got.hostname.as_str(), got.disk_bytes), ("sbx-9", Some(1 << 30)));
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+            assert!(
+                now - got.unix_time_ns < 10_000_000_000,
+                "the host's time: {} vs {now}",
+                got.unix_time_ns
+            );
+            assert_eq!(got.entropy_hex.len(), 64);
+            if !knows {
+                assert!(
+                    seen.len() == 4 && seen[2].len() == len && seen[3].starts_with("COVE-HELLO 1 "),
+                    "{seen:?}"
+                );
+            }
+        }
     }
 }

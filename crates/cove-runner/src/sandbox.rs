@@ -259,7 +259,10 @@ impl SandboxVm {
     /// Lays out the sandbox's disk and RAM from `origin` and starts QEMU on them with the
     /// origin's device state. QEMU takes tens of milliseconds to start, so the RAM is filled
     /// and the `network` finished meanwhile, the RAM into a file already at its full size, and
-    /// QEMU gets the state only once all are done. The guest is greeted before it runs.
+    /// QEMU gets the state only once all are done. The guest is greeted before it runs; the
+    /// greeting brings it the clock (a warm resume) or `identity` if given (anything else), once
+    /// it runs and its disk has the sandbox's size.
+    #[allow(clippy::too_many_arguments)]
     async fn start_vm(
         cfg: &RunnerConfig,
         images: &Images,
@@ -267,6 +270,7 @@ impl SandboxVm {
         origin: &Origin<'_>,
         id: &str,
         network: &mut NetworkFinish,
+        identity: Option<&cove_proto::Identity>,
     ) -> Result<(VmSpec, VmHandle, Option<Greeting>, Option<UnixStream>), RunnerError> {
         let meta = match origin {
             Origin::Template(t, _) => VmMeta {
@@ -415,6 +419,8 @@ impl SandboxVm {
         let socket = spec.agent_socket();
         let greeting = if warm {
             AgentClient::greet_with_clock(&socket).await
+        } else if identity.and_then(cove_proto::identity_message).is_some() {
+            AgentClient::greet_with_identity(&socket).await
         } else {
             AgentClient::greet(&socket).await
         };
@@ -432,12 +438,21 @@ impl SandboxVm {
             Ok(()) => vmm.restore(&handle, &state_file).await.map_err(RunnerError::from),
             Err(e) => Err(e),
         };
-        if let Err(e) = restored {
+        // The guest waits for its disk to have the size the identity says.
+        let grown = match (restored, identity.and_then(|i| i.disk_bytes)) {
+            (Ok(()), Some(bytes)) => grow_disk(vmm, &handle, &spec.disk, bytes >> 20).await,
+            (restored, _) => restored,
+        };
+        if let Err(e) = grown {
             let _ = vmm.destroy(&handle).await;
             return Err(e);
         }
         if let Some(g) = greeting.as_mut() {
-            if g.send_clock().await.is_err() {
+            let sent = match identity {
+                Some(identity) => g.send_clock().await.and(g.send_identity(identity).await),
+                None => g.send_clock().await,
+            };
+            if sent.is_err() {
                 // Connecting afresh below tells the guest everything instead.
                 greeting = None;
             }
@@ -455,8 +470,9 @@ impl SandboxVm {
         network: &mut NetworkFinish,
     ) -> Result<SandboxVm, RunnerError> {
         let t0 = Instant::now();
+        let told_all = identity(req, &cfg.data_dir, Told::All);
         let (spec, handle, greeting, fs) =
-            Self::start_vm(cfg, images, vmm, &origin, &req.id, network).await?;
+            Self::start_vm(cfg, images, vmm, &origin, &req.id, network, Some(&told_all)).await?;
         let t_vm = t0.elapsed();
         let dir = paths(cfg, &req.id).0;
         let (memory, memory_file) = held(&spec, &dir);
@@ -479,20 +495,21 @@ impl SandboxVm {
         }
         let greeted = match greeting {
             Some(g) => {
-                tokio::time::timeout(AGENT_WAIT_RESTORE, g.finish_clock()).await.ok().and_then(Result::ok)
+                tokio::time::timeout(AGENT_WAIT_RESTORE, g.finish_told()).await.ok().and_then(Result::ok)
             }
             None => None,
         };
-        let (agent, clock_set) = match greeted {
+        let (agent, told_in_greeting) = match greeted {
             Some(a) => a,
             None => (AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?, false),
         };
         let t_agent = t0.elapsed();
-        grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
-        // A warm resume is the same machine going on, on the runner that ran it: it needs the
-        // clock and entropy only, which its greeting brought unless its agent predates that.
-        let told = if memory == Memory::Own { Told::ClockOnly } else { Told::All };
-        if !(told == Told::ClockOnly && clock_set) {
+        // The greeting brought the guest what it needs, unless its agent predates that: a warm
+        // resume is the same machine going on, on the runner that ran it, and needs the clock
+        // and entropy only; anything else, everything.
+        if !told_in_greeting {
+            grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
+            let told = if memory == Memory::Own { Told::ClockOnly } else { Told::All };
             apply_identity(&agent, req, &cfg.data_dir, told).await?;
         }
         guest_mounts(&agent, req).await?;
@@ -500,7 +517,7 @@ impl SandboxVm {
             vm_ms = t_vm.as_millis() as u64,
             agent_ms = t_agent.as_millis() as u64,
             identity_ms = t0.elapsed().as_millis() as u64,
-            clock_in_greeting = clock_set,
+            told_in_greeting,
             "sandbox VM restored"
         );
         *vm.agent.lock().await = Some(agent);
@@ -866,7 +883,7 @@ pub async fn raw_restore(
     let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
     crate::net::scratch(&id).await?;
     let started = Instant::now();
-    let result = SandboxVm::start_vm(cfg, images, vmm, &origin, &id, &mut NetworkFinish::done()).await;
+    let result = SandboxVm::start_vm(cfg, images, vmm, &origin, &id, &mut NetworkFinish::done(), None).await;
     let elapsed = started.elapsed();
     let _ = SandboxVm::remove_leftovers(cfg, vmm, &id).await;
     crate::net::remove_scratch(&id).await;
@@ -884,7 +901,7 @@ pub async fn raw_save_restore(
     crate::net::scratch(&id).await?;
     let result = async {
         let (spec, handle, _, _) =
-            SandboxVm::start_vm(cfg, images, vmm, &origin, &id, &mut NetworkFinish::done()).await?;
+            SandboxVm::start_vm(cfg, images, vmm, &origin, &id, &mut NetworkFinish::done(), None).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let state_file = spec.run_dir.join("raw-state.bin");
         let t = Instant::now();

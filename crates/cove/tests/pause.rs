@@ -202,9 +202,12 @@ async fn a_warm_resume_reads_guest_memory_on_first_touch() {
     let clock_greetings = server_log_lines(&server.data_dir)
         .iter()
         .filter(|l| l.contains("sandbox VM restored") && l.contains(&needle))
-        .filter(|l| l.contains("clock_in_greeting=true"))
+        .filter(|l| l.contains("told_in_greeting=true"))
         .count();
-    assert_eq!(clock_greetings, 2, "both warm resumes set the clock in their greeting");
+    assert_eq!(
+        clock_greetings, 3,
+        "the clone got its identity, both warm resumes the clock in their greeting"
+    );
 
     // A sandbox deleted while paused leaves no warm files (its RAM file was on disk: it moved
     // into the entry before the pause answered).
@@ -280,6 +283,17 @@ async fn a_cold_resume_serves_guest_memory_from_the_image() {
     pause(server, &api, &id).await;
     assert_eq!(api.sh_ok(&id, "sha256sum < /dev/shm/big").await, hash);
     assert_eq!(lazy_servers(&id), 0, "a warm resume needs no server");
+    // Every greeting brought the guest what it needed: the identity (the clone from the
+    // template, both cold resumes), the clock (the warm resume).
+    let needle = format!("sandbox_id={id}");
+    let restored: Vec<_> = server_log_lines(&server.data_dir)
+        .into_iter()
+        .filter(|l| l.contains("sandbox VM restored") && l.contains(&needle))
+        .collect();
+    assert!(
+        restored.len() == 4 && restored.iter().all(|l| l.contains("told_in_greeting=true")),
+        "{restored:#?}"
+    );
     left.delete_sandbox(&id).await;
     assert!(!server.data_dir.join("sandboxes").join(&id).exists());
 }
