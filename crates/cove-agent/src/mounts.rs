@@ -20,10 +20,11 @@ use fuser::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-const TTL: Duration = Duration::from_secs(5);
-/// With no host connected, reads end at once: poll, backing off from the first to the last
-/// (the same as the agent's own port, see `channel::IDLE_POLL`).
+// With no host connected, reads end at once: poll, backing off from the first to the last, as
+// the agent's own port does.
 use crate::channel::IDLE_POLL;
+
+const TTL: Duration = Duration::from_secs(5);
 
 type Answer = Result<(Reply, Vec<u8>), i32>;
 type Pending = (Vec<u8>, oneshot::Sender<Answer>);

@@ -158,11 +158,6 @@ impl Greeting {
         self.stream.write_all(&message).await.map_err(|e| AgentError::Connect(e.to_string()))
     }
 
-    /// The greeting's version.
-    pub fn version(&self) -> u32 {
-        self.version
-    }
-
     pub async fn finish(self) -> Result<AgentClient, AgentError> {
         Ok(self.finish_told().await?.0)
     }
