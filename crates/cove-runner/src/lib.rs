@@ -301,9 +301,10 @@ impl Runner {
         for (id, prefix) in warm::sweep(&self.cfg) {
             if let Ok(None) = self.find_image(&prefix).await {
                 warm::drop_entry(&self.cfg, &id);
-                // And the namespace parked with it. No VM of that sandbox runs here: a resume
-                // here would have taken the entry, or dropped it for naming another image.
-                if let Err(e) = self.net.down(&id).await {
+                // And the namespace parked with it. No VM of this runner's runs there (a resume
+                // here would have taken the entry), but another runner's on this host may: the
+                // sandbox's, resumed there under the same namespace name.
+                if let Err(e) = self.net.release(&id).await {
                     tracing::warn!(sandbox_id = %id, error = %e, "removing a paused sandbox's network");
                 }
             }

@@ -228,17 +228,23 @@ impl Network {
         topology::destroy(id).await.map_err(|e| net_err("removing the sandbox network", e))
     }
 
-    /// Forgets the sandbox for good (it is deleted, or runs on another runner now): network
-    /// and CA. A namespace a process still runs in is another runner's on this host (see
-    /// [`topology::in_use`]): it is left alone.
-    pub async fn remove(&self, id: &str) -> Result<(), RunnerError> {
-        if topology::in_use(id) {
-            self.egress.detach(id);
-            applied_rules(&self.applied).remove(id);
-            tracing::info!(sandbox_id = %id, "sandbox namespace in use by another runner's VM on this host: kept");
-        } else {
-            self.down(id).await?;
+    /// Takes down the namespace of a sandbox that has no VM on this runner (deleted, paused,
+    /// or run by another runner now). A namespace a process still runs in is another runner's
+    /// on this host (see [`topology::in_use`]): it is left alone.
+    pub async fn release(&self, id: &str) -> Result<(), RunnerError> {
+        if !topology::in_use(id) {
+            return self.down(id).await;
         }
+        self.egress.detach(id);
+        applied_rules(&self.applied).remove(id);
+        tracing::info!(sandbox_id = %id, "sandbox namespace in use by another runner's VM on this host: kept");
+        Ok(())
+    }
+
+    /// Forgets the sandbox for good (it is deleted, or runs on another runner now): network
+    /// (see [`release`](Self::release)) and CA.
+    pub async fn remove(&self, id: &str) -> Result<(), RunnerError> {
+        self.release(id).await?;
         match std::fs::remove_file(self.ca_path(id)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
