@@ -236,8 +236,11 @@ async fn two_runners_place_move_lose_and_find_sandboxes() {
     let body = common::invoke_until(&api, &c.server.url, &moving, 8000, "/where.txt", "on-b\n").await;
     assert_eq!(body, "on-b\n");
 
-    // A comes back: its sandbox runs on (the same VM, its counter going on).
+    // A comes back: its sandbox runs on (the same VM, its counter going on). What A kept of
+    // the sandbox that moved goes, but not its namespace: B's VM runs in it (namespaces are
+    // named by sandbox on the whole host).
     a = c.runner("a", 6144);
+    assert!(cove_net::netns::exists(&format!("cove-{moving}")), "A took B's namespace of {moving}");
     wait_state(&api, &staying, "running").await;
     let lines = common::counter_beyond(&api, &staying, 0).await;
     common::assert_counts_on(&lines, staying_counter);
@@ -260,12 +263,14 @@ async fn two_runners_place_move_lose_and_find_sandboxes() {
     c.server.kill(libc::SIGKILL);
     let listen = c.server.url.trim_start_matches("http://").to_string();
     let server = TestServer::start_in(c.server.data_dir.clone(), &["--no-local-runner", "--listen", &listen]);
-    let api = common::Api { url: server.url.clone(), ..api };
+    let api = api.on(&server);
     joined(&server, 6).await;
     for (id, on) in [(&moving, &id_b), (&staying, &id_a)] {
         assert_eq!(api.sh_ok(id, "echo here").await, "here\n");
         assert_eq!(placed_on(&api, id).await, *on);
     }
+    let body = common::invoke_until(&api, &server.url, &moving, 8000, "/where.txt", "on-b\n").await;
+    assert_eq!(body, "on-b\n");
     for id in [&moving, &staying] {
         let r = api.delete(&format!("/v1/sandbox/{id}")).await;
         assert_eq!(r.status, 204, "{}", r.text());

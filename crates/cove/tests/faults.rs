@@ -87,7 +87,7 @@ async fn crash_at_any_step_of_a_pause_leaves_a_consistent_sandbox() {
         request_into_crash(&first, &api, &format!("/v1/sandbox/{id}/pause"), json!({})).await;
 
         let second = TestServer::start_in(dir.clone(), &[]);
-        let api = Api { url: second.url.clone(), ..api };
+        let api = api.on(&second);
         assert_consistent(&second, &api, &id, &pid, point).await;
         second.kill(libc::SIGTERM);
         let _ = std::fs::remove_dir_all(&dir);
@@ -113,7 +113,7 @@ async fn crash_at_any_step_of_a_resume_leaves_a_consistent_sandbox() {
         .await;
 
         let second = TestServer::start_in(dir.clone(), &[]);
-        let api = Api { url: second.url.clone(), ..api };
+        let api = api.on(&second);
         assert_consistent(&second, &api, &id, &pid, point).await;
         second.kill(libc::SIGTERM);
         let _ = std::fs::remove_dir_all(&dir);

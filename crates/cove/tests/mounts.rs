@@ -397,7 +397,7 @@ async fn mounts_survive_pause_snapshots_stop_and_restarts_and_keys_stay_out() {
     // The server is killed and started again: the running guests' mounts are served again.
     srv.kill(libc::SIGKILL);
     let srv2 = TestServer::start_with(data_dir.clone(), &[], &trace_env);
-    let api = Api { url: srv2.url.clone(), ..api };
+    let api = api.on(&srv2);
     for p in [
         format!("/v1/sandbox/{id}"),
         format!("/v1/sandbox/{rid}"),

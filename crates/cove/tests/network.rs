@@ -625,7 +625,7 @@ async fn a_server_restart_keeps_sandbox_networks_enforced() {
     let second = TestServer::start_in(data.clone(), &args);
     assert!(!cove_net::netns::exists(&format!("cove-{orphan}")), "an orphan namespace survived a restart");
     assert!(!data.join("net").join(format!("{orphan}.pem")).exists());
-    let api = Api { url: second.url.clone(), ..api };
+    let api = api.on(&second);
     let left = Leftovers::new(&api);
     left.sandbox(&id);
     let (code, out) = curl(&api, &id, &ok).await;

@@ -27,7 +27,7 @@ async fn sandboxes_survive_server_restarts() {
     // A crash: no graceful shutdown at all.
     first.kill(libc::SIGKILL);
     let second = TestServer::start_in(first.data_dir.clone(), &[]);
-    let api2 = common::Api { url: second.url.clone(), ..api.clone() };
+    let api2 = api.on(&second);
     let r = api2.get(&format!("/v1/sandbox/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["state"], "running");
@@ -45,7 +45,7 @@ async fn sandboxes_survive_server_restarts() {
     // A graceful stop leaves the VM running too.
     second.kill(libc::SIGTERM);
     let third = TestServer::start_in(first.data_dir.clone(), &[]);
-    let api3 = common::Api { url: third.url.clone(), ..api };
+    let api3 = api.on(&third);
     let (code, out, _) = api3.exec(&id, "hostname").await;
     assert_eq!((code, out), (0, format!("{id}\n")));
     assert_eq!(api3.delete(&format!("/v1/sandbox/{id}")).await.status, 204);

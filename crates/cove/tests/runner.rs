@@ -73,7 +73,7 @@ async fn a_sandbox_on_a_remote_runner_lives_its_life_through_the_wire() {
     let before = vm_pid();
     server.kill(libc::SIGKILL);
     let server = TestServer::start_in(server.data_dir.clone(), &args);
-    let api = common::Api { url: server.url.clone(), ..api };
+    let api = api.on(&server);
     assert_eq!(api.state_of(&id).await, "running");
     assert_eq!(vm_pid(), before, "not the same VM");
     assert!(Path::new(&format!("/proc/{before}")).exists());

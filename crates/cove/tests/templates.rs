@@ -520,7 +520,7 @@ async fn a_server_killed_mid_upload_leaves_nothing_half_made() {
         srv.wait_exit();
 
         let srv = TestServer::start_in(data_dir.clone(), &insecure);
-        let api = Api { url: srv.url.clone(), ..api };
+        let api = api.on(&srv);
         let list = api.get("/v1/templates").await.json();
         assert_eq!(user_templates(&list), 0, "{point}: {list}");
         let left: Vec<_> =

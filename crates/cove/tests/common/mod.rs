@@ -308,6 +308,13 @@ impl Resp {
 }
 
 impl Api {
+    /// The same key against `server` (a server started again), on a client of its own: the
+    /// keep-alive connections of a killed server look open until read, and a request sent on
+    /// one fails, even when the new server listens on the same address.
+    pub fn on(&self, server: &TestServer) -> Api {
+        Api { url: server.url.clone(), key: self.key.clone(), http: client() }
+    }
+
     pub async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Resp {
         let mut r = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.key);
         if let Some(b) = body {
