@@ -219,6 +219,28 @@ impl State {
 
 static SHARED: OnceLock<Internet> = OnceLock::new();
 
+/// Removes the CA file and git root that earlier test processes left in the temp dir (the
+/// shared `Internet` lives as long as its process and is never dropped): those of processes
+/// that have ended.
+fn remove_files_of_ended_processes() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = ["cove-testnet-ca-", "cove-testnet-git-"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .map(|rest| rest.trim_end_matches(".pem"))
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl Internet {
     /// The process-wide internet, built on first use (replacing whatever an earlier process
     /// left behind). Needs root. Panics when it cannot be built.
@@ -245,6 +267,7 @@ impl Internet {
         let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(LOCK_FILE)?;
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| io::Error::from(e))?;
+        remove_files_of_ended_processes();
         let (ca, ca_pem) = tls::Ca::new()?;
         let ca_path = std::env::temp_dir().join(format!("cove-testnet-ca-{}.pem", std::process::id()));
         std::fs::write(&ca_path, &ca_pem)?;
