@@ -9,8 +9,8 @@
 //! warm resume maps its RAM file on disk: the guest runs at once, its pages come from the page
 //! cache on first touch, and the pages it writes become QEMU's own. The chunks the guest had
 //! touched when it was paused (`LazyTable::hot`, recorded by the capture) are pushed into the
-//! page cache (`FUSE_NOTIFY_STORE`) from the moment QEMU opens the file, so the working set is
-//! mostly there before the guest asks for it.
+//! page cache (`FUSE_NOTIFY_STORE`) from both ends at once from the moment the file is mounted,
+//! while QEMU starts, so the working set is there before the guest asks for it.
 //!
 //! **Lifetime.** The server is a process of its own (`cove lazy-memory <sandbox dir>`), not a
 //! task of the runner, because QEMU outlives runner restarts and its RAM must stay readable:
@@ -203,10 +203,11 @@ pub fn remove(sandbox: &Path) {
 pub fn serve(sandbox: &Path) -> io::Result<()> {
     let d = dir(sandbox);
     let table = read_table(&d).map_err(io::Error::other)?;
-    let hot = table.hot.clone();
+    let mut hot = table.hot.clone();
+    hot.sort_unstable();
     let unpacked = unpacked_path(sandbox, &table.image);
     let reader = PackedReader::open(&d.join(BLOB), table.file).map_err(io::Error::other)?;
-    let mnt = d.join(MNT);
+    let (mnt, file) = (d.join(MNT), ram_path(sandbox));
     let (opened_tx, opened_rx) = std::sync::mpsc::channel::<()>();
     let fs = RamFs {
         reader: Arc::new(reader),
@@ -232,6 +233,9 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         tracing::warn!(error = %e, "read-ahead of the RAM file not raised");
     }
     std::thread::spawn(move || {
+        // The working set first, while QEMU starts: a lookup makes the kernel know the file's
+        // inode, and QEMU's open keeps what is in its page cache (FOPEN_KEEP_CACHE).
+        let pushed = std::fs::metadata(&file).is_ok() && push(&reader, &cache, &notifier, &hot);
         if opened_rx.recv_timeout(OPEN_WAIT).is_err() {
             // Nobody came: end (a detached mount without users ends the session).
             let _ = crate::sys::detach(&mnt);
@@ -243,22 +247,9 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         if let Err(e) = crate::sys::detach(&mnt) {
             tracing::warn!(error = %e, "detaching the RAM file's mount");
         }
-        // The working set next (the kernel knows the file's inode from now on), from the top
-        // of the RAM down: Linux hands out free pages from high addresses first, so what the
-        // guest's processes use (the agent answering the resume among them) lies high, and a
-        // resume read ~40 chunks on demand while the push went upwards (~24 downwards, and
-        // 15-20 ms less for the resume).
-        let mut buf = Vec::new();
-        for &i in hot.iter().rev() {
-            let i = i as usize;
-            let Some(c) = reader.file().chunks.get(i).copied() else { continue };
-            let data = match cached(&reader, &cache, i, &mut buf) {
-                Ok(d) => d,
-                Err(e) => return tracing::error!(error = %e, "prefetching guest memory"),
-            };
-            if notifier.store(INodeNo(INODE), c.offset, &data).is_err() {
-                return; // the connection is gone
-            }
+        // What an early push could not store (the kernel may drop an inode nobody has open).
+        if !pushed && !push(&reader, &cache, &notifier, &hot) {
+            return; // the connection is gone, or the RAM cannot be read (logged)
         }
         // Then, once the guest has had its first moments, the whole RAM into a file of its own
         // at a low priority, so that a capture need not unpack it.
@@ -279,6 +270,50 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
     println!("ready");
     io::stdout().flush()?;
     session.run()
+}
+
+/// Stores the chunks `hot` (ascending indices) in the kernel's page cache, from both ends at
+/// once, on two threads. A resume needs both ends first: the state load and the guest's kernel
+/// touch the bottom of the RAM, the guest's processes the top (Linux hands out free pages from
+/// high addresses first). Returns whether every chunk was stored.
+fn push(reader: &PackedReader, cache: &ChunkCache, notifier: &fuser::Notifier, hot: &[u32]) -> bool {
+    // The chunks not taken yet: `hot[lo..hi]`.
+    let left = Mutex::new((0, hot.len()));
+    let push_end = |top: bool| {
+        let mut buf = Vec::new();
+        loop {
+            let i = {
+                let mut left = left.lock().unwrap_or_else(|p| p.into_inner());
+                let (lo, hi) = &mut *left;
+                if lo >= hi {
+                    return true;
+                }
+                if top {
+                    *hi -= 1;
+                    hot[*hi] as usize
+                } else {
+                    *lo += 1;
+                    hot[*lo - 1] as usize
+                }
+            };
+            let Some(c) = reader.file().chunks.get(i).copied() else { continue };
+            let stored = match cached(reader, cache, i, &mut buf) {
+                Ok(data) => notifier.store(INodeNo(INODE), c.offset, &data).is_ok(),
+                Err(e) => {
+                    tracing::error!(error = %e, "prefetching guest memory");
+                    false
+                }
+            };
+            if !stored {
+                return false;
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        let bottom = s.spawn(|| push_end(false));
+        let top = push_end(true);
+        bottom.join().unwrap_or(false) && top
+    })
 }
 
 /// Decoded chunks by index, most recently used last.
