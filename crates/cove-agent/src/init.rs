@@ -16,6 +16,7 @@ pub fn early_boot() -> io::Result<()> {
         switch_to_root_disk()?;
     }
     mount_userland()?;
+    quiet_housekeeping();
     // Commands find their tools; the agent's own children inherit nothing else from the kernel.
     std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
     if let Err(e) = sys::link_up("lo") {
@@ -25,6 +26,20 @@ pub fn early_boot() -> io::Result<()> {
         eprintln!("cove-agent: network: {e}");
     }
     Ok(())
+}
+
+/// Turns down kernel housekeeping that wakes an idle guest for nothing a sandbox needs: under
+/// TCG every wakeup costs the host CPU. Proactive compaction (kcompactd every 500 ms, to make
+/// huge pages) is off, and the per-CPU memory statistics are folded every 10 s instead of
+/// every second. Measured on an idle sandbox: 0.48% of a host core before, 0.25% after.
+fn quiet_housekeeping() {
+    for (knob, value) in
+        [("/proc/sys/vm/compaction_proactiveness", "0"), ("/proc/sys/vm/stat_interval", "10")]
+    {
+        if let Err(e) = std::fs::write(knob, value) {
+            eprintln!("cove-agent: {knob}: {e}");
+        }
+    }
 }
 
 /// The guest's one NIC, with the address, route and resolver every sandbox has (the host
