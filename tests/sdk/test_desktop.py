@@ -101,6 +101,16 @@ def guest_file(sb, path: str) -> str:
     return r.stdout if r.exit_code == 0 else ""
 
 
+def process_state(sb, name: str) -> str:
+    """The state letter of desktop process `name` in the guest (`T`: stopped)."""
+    stat = guest_file(sb, f"/proc/{sb.desktop.get_process(name).pid}/stat")
+    return stat.rsplit(") ", 1)[1][:1] if ") " in stat else "?"
+
+
+def viewer_path_stopped(sb) -> bool:
+    return all(process_state(sb, name) == "T" for name in ("x11vnc", "novnc"))
+
+
 def terminal(sb):
     """The terminal window the tests type into, opened on first use."""
     found = [w for w in sb.desktop.windows() if w.title == TERMINAL]
@@ -273,6 +283,10 @@ def test_novnc_page_and_vnc_stream(tls_server, desktop):
     import httpx
     import websockets
 
+    # With no client of noVNC, x11vnc and websockify are stopped (idle, they would wake the
+    # guest several times a second); their status still says running.
+    wait_for("x11vnc and websockify to be stopped", lambda: viewer_path_stopped(desktop))
+    assert desktop.desktop.process_status().status == "running"
     auth = {"authorization": f"Bearer {tls_server.api_key}"}
     url = desktop.desktop.desktop_url()
     with httpx.Client(timeout=60) as c:
@@ -280,14 +294,19 @@ def test_novnc_page_and_vnc_stream(tls_server, desktop):
         page = c.get(url, headers=auth, follow_redirects=True)
     assert page.status_code == 200 and "noVNC" in page.text, page.text[:200]
 
-    async def first_bytes() -> bytes:
+    async def greeting_and_states() -> tuple[bytes, set[str]]:
         tls = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
         ws_url = f"wss://{desktop.id}.{SANDBOX_DOMAIN}/websockify"
         async with websockets.connect(ws_url, ssl=tls, additional_headers=auth, subprotocols=["binary"]) as ws:
-            return await asyncio.wait_for(ws.recv(), 30)
+            greeting = await asyncio.wait_for(ws.recv(), 30)
+            return greeting, {process_state(desktop, name) for name in ("x11vnc", "novnc")}
 
     # noVNC's WebSocket reaches the VNC server: it greets with the RFB protocol version.
-    assert asyncio.run(first_bytes()).startswith(b"RFB 003.008")
+    greeting, states = asyncio.run(greeting_and_states())
+    assert greeting.startswith(b"RFB 003.008")
+    assert "T" not in states, f"x11vnc or websockify stopped while a viewer is connected: {states}"
+    # The viewer gone, both are stopped again.
+    wait_for("x11vnc and websockify to be stopped again", lambda: viewer_path_stopped(desktop))
 
 
 def test_resize(desktop):
