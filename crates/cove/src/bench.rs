@@ -9,7 +9,8 @@
 //! template disk against skopeo + umoci + mke2fs of the same image, and creates from a user
 //! template against the system template (see `bench/template.rs`). `cove bench density`: idle
 //! sandboxes added in steps, their host CPU and memory, and an exec beside them against the same
-//! exec with none (see `bench/density.rs`).
+//! exec with none, and `cove bench idle` one idle sandbox of each template (see
+//! `bench/density.rs`).
 //! Each prints a table and writes JSON. Figures, not assertions: these machines are noisy.
 
 use std::future::IntoFuture;
@@ -64,6 +65,9 @@ enum Which {
     /// Idle sandboxes added in steps: host CPU and memory per idle sandbox, and an exec beside
     /// them against the same exec with none.
     Density(density::DensityArgs),
+    /// One idle sandbox of each template: the host CPU each one's QEMU takes, beside the
+    /// default template's.
+    Idle(density::IdleArgs),
     /// Create, exec, pause and resume through a control plane that reaches the runner over the
     /// wire (as `cove server --runner` does), beside the same in process.
     Remote(remote::RemoteArgs),
@@ -352,6 +356,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Which::Mount(a) => mount::mount(&bench, a, &args.cache_dir).await,
             Which::Pty(a) => pty::pty(&bench, a).await,
             Which::Density(a) => density::density(&bench, a).await,
+            Which::Idle(a) => density::idle(&bench, a).await,
             Which::Soak(a) => soak::soak(&bench, a).await,
             Which::Remote(a) => remote::remote(&bench, a).await,
             Which::Cluster(a) => cluster::cluster(&bench, a, &args.cache_dir).await,

@@ -4,6 +4,9 @@
 //! and the exec round trip of one more sandbox beside them, against the same round trip
 //! measured before any idle sandbox existed. It stops at the first step whose exec p50 is over
 //! `--max-ratio` times the unloaded one, or at `--max`.
+//!
+//! `cove bench idle`: one sandbox of each template side by side, doing nothing, and what each
+//! one's QEMU costs the host's CPU over a window, beside the default template's.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -146,6 +149,83 @@ pub async fn density(b: &Bench, args: &DensityArgs) -> Result<()> {
     write_json(&args.out, &result)
 }
 
+#[derive(Args, Debug)]
+pub struct IdleArgs {
+    /// Templates to measure, one sandbox each (default: every system template).
+    #[arg(long, value_delimiter = ',')]
+    templates: Vec<String>,
+    /// Seconds to let the sandboxes settle before measuring.
+    #[arg(long, default_value_t = 40)]
+    settle: u64,
+    /// Seconds over which their CPU is measured.
+    #[arg(long, default_value_t = 60)]
+    window: u64,
+    #[arg(long, default_value = "bench-results/idle.json")]
+    out: PathBuf,
+}
+
+pub async fn idle(b: &Bench, args: &IdleArgs) -> Result<()> {
+    let templates: Vec<String> = if args.templates.is_empty() {
+        cove_api::template::SYSTEM_TEMPLATES.iter().map(|t| t.name.to_string()).collect()
+    } else {
+        args.templates.clone()
+    };
+    let memory = cove_api::sandbox::DEFAULT_MEMORY_MIB;
+    let mut qemus = Vec::new();
+    for template in &templates {
+        let t = Instant::now();
+        b.runner.prepare_template(template, 1, memory).await?;
+        let id =
+            create(b, template, memory).await.with_context(|| format!("creating a sandbox of {template}"))?;
+        let pid = qemu_pids(b.data.path())
+            .into_iter()
+            .find(|&pid| cmdline(pid).contains(&id))
+            .with_context(|| format!("no QEMU process names sandbox {id}"))?;
+        println!(
+            "{template}: sandbox {id} ({:.1}s, with its template snapshot when not cached)",
+            t.elapsed().as_secs_f64()
+        );
+        qemus.push(pid);
+    }
+    println!("settling {} s, then measuring over {} s", args.settle, args.window);
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let before: Vec<Option<u64>> = qemus.iter().map(|&p| cpu_ticks(p)).collect();
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.window)).await;
+    let secs = window.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    let mut baseline = None;
+    println!();
+    println!("{:<34} {:>14} {:>10}", "template", "CPU % of core", "x default");
+    for ((template, &pid), before) in templates.iter().zip(&qemus).zip(before) {
+        let (Some(before), Some(after)) = (before, cpu_ticks(pid)) else {
+            anyhow::bail!("the QEMU of the {template} sandbox ended during the measurement");
+        };
+        let cpu = (after - before) as f64 / ticks_per_second() / secs;
+        if template == cove_api::sandbox::DEFAULT_TEMPLATE {
+            baseline = Some(cpu);
+        }
+        let ratio = baseline.map(|base| cpu / base);
+        let shown = ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}x"));
+        println!("{template:<34} {:>14.2} {shown:>10}", cpu * 100.0);
+        rows.push(json!({
+            "template": template,
+            "cpu_fraction_of_core": cpu,
+            "over_default_template": ratio,
+        }));
+    }
+    let result = json!({
+        "benchmark": "idle",
+        "accel": b.accel,
+        "memory_mib": memory,
+        "settle_secs": args.settle,
+        "window_secs": secs,
+        "sandboxes": rows,
+        "at": chrono::Utc::now().to_rfc3339(),
+    });
+    write_json(&args.out, &result)
+}
+
 async fn create(b: &Bench, template: &str, memory: u64) -> Result<String> {
     let body = json!({"template_name": template, "memory": memory, "timeout": 3600});
     let sbx = b.call(reqwest::Method::POST, "/v1/sandbox", Some(body)).await?;
@@ -169,14 +249,18 @@ fn qemu_pids(data: &Path) -> Vec<u32> {
     let needle = data.to_string_lossy().into_owned();
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
+        .filter(|&pid| {
+            let cmdline = cmdline(pid);
             let program = cmdline.split('\0').next().unwrap_or_default();
             program.rsplit('/').next().is_some_and(|p| p.starts_with("qemu-system"))
                 && cmdline.contains(&needle)
         })
         .collect()
+}
+
+/// A process's arguments, NUL-separated ("" once it has ended).
+fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).into_owned()
 }
 
 /// User and system CPU ticks of a process, all its threads.
