@@ -31,7 +31,8 @@ pub fn early_boot() -> io::Result<()> {
 /// Turns down kernel housekeeping that wakes an idle guest for nothing a sandbox needs: under
 /// TCG every wakeup costs the host CPU. Proactive compaction (kcompactd every 500 ms, to make
 /// huge pages) is off, and the per-CPU memory statistics are folded every 10 s instead of
-/// every second. Measured on an idle sandbox: 0.48% of a host core before, 0.25% after.
+/// every second. These two alone took an idle default sandbox from 0.48% of a host core to
+/// 0.25% (see docs/performance.md, "Idle sandboxes of every template").
 fn quiet_housekeeping() {
     for (knob, value) in
         [("/proc/sys/vm/compaction_proactiveness", "0"), ("/proc/sys/vm/stat_interval", "10")]

@@ -193,18 +193,19 @@ pub async fn idle(b: &Bench, args: &IdleArgs) -> Result<()> {
     let window = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.window)).await;
     let secs = window.elapsed().as_secs_f64();
-    let mut rows = Vec::new();
-    let mut baseline = None;
-    println!();
-    println!("{:<34} {:>14} {:>10}", "template", "CPU % of core", "x default");
+    let mut cpus = Vec::new();
     for ((template, &pid), before) in templates.iter().zip(&qemus).zip(before) {
         let (Some(before), Some(after)) = (before, cpu_ticks(pid)) else {
             anyhow::bail!("the QEMU of the {template} sandbox ended during the measurement");
         };
-        let cpu = (after - before) as f64 / ticks_per_second() / secs;
-        if template == cove_api::sandbox::DEFAULT_TEMPLATE {
-            baseline = Some(cpu);
-        }
+        cpus.push((after - before) as f64 / ticks_per_second() / secs);
+    }
+    let baseline =
+        templates.iter().zip(&cpus).find(|(t, _)| *t == cove_api::sandbox::DEFAULT_TEMPLATE).map(|(_, &c)| c);
+    let mut rows = Vec::new();
+    println!();
+    println!("{:<34} {:>14} {:>10}", "template", "CPU % of core", "x default");
+    for (template, &cpu) in templates.iter().zip(&cpus) {
         let ratio = baseline.map(|base| cpu / base);
         let shown = ratio.map_or_else(|| "-".to_string(), |r| format!("{r:.2}x"));
         println!("{template:<34} {:>14.2} {shown:>10}", cpu * 100.0);
