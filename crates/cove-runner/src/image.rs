@@ -47,6 +47,10 @@ pub struct ImageManifest {
     /// chunks whose pages it had touched, which a lazy resume loads first (`lazymem`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hot: Vec<u32>,
+    /// Of those, the chunks the guest touched in its last resume until its agent answered
+    /// (empty if it was not resumed since it booted): what a lazy resume needs before the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub first: Vec<u32>,
 }
 
 impl ImageManifest {

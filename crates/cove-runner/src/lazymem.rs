@@ -70,6 +70,9 @@ pub struct LazyTable {
     pub file: PackedFile,
     #[serde(default)]
     pub hot: Vec<u32>,
+    /// Of the chunks, those the guest needed first when it was last resumed.
+    #[serde(default)]
+    pub first: Vec<u32>,
 }
 
 /// Where the server leaves the whole RAM of `image`, unpacked in the background, for a capture
@@ -203,8 +206,7 @@ pub fn remove(sandbox: &Path) {
 pub fn serve(sandbox: &Path) -> io::Result<()> {
     let d = dir(sandbox);
     let table = read_table(&d).map_err(io::Error::other)?;
-    let mut hot = table.hot.clone();
-    hot.sort_unstable();
+    let (first, rest) = push_order(&table.hot, &table.first);
     let unpacked = unpacked_path(sandbox, &table.image);
     let reader = PackedReader::open(&d.join(BLOB), table.file).map_err(io::Error::other)?;
     let (mnt, file) = (d.join(MNT), ram_path(sandbox));
@@ -233,9 +235,9 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         tracing::warn!(error = %e, "read-ahead of the RAM file not raised");
     }
     std::thread::spawn(move || {
-        // The working set first, while QEMU starts: a lookup makes the kernel know the file's
-        // inode, and QEMU's open keeps what is in its page cache (FOPEN_KEEP_CACHE).
-        let pushed = std::fs::metadata(&file).is_ok() && push(&reader, &cache, &notifier, &hot);
+        // What the resume needs first, while QEMU starts: a lookup makes the kernel know the
+        // file's inode, and QEMU's open keeps what is in its page cache (FOPEN_KEEP_CACHE).
+        let pushed = std::fs::metadata(&file).is_ok() && push(&reader, &cache, &notifier, &first);
         if opened_rx.recv_timeout(OPEN_WAIT).is_err() {
             // Nobody came: end (a detached mount without users ends the session).
             let _ = crate::sys::detach(&mnt);
@@ -248,8 +250,17 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
             tracing::warn!(error = %e, "detaching the RAM file's mount");
         }
         // What an early push could not store (the kernel may drop an inode nobody has open).
-        if !pushed && !push(&reader, &cache, &notifier, &hot) {
+        if !pushed && !push(&reader, &cache, &notifier, &first) {
             return; // the connection is gone, or the RAM cannot be read (logged)
+        }
+        // The rest of the working set at a low priority: it must not take the CPU from
+        // QEMU's start and the guest's first moments, and what the guest wants of it meanwhile
+        // it reads on demand.
+        if !rest.is_empty() {
+            crate::sys::lower_priority();
+            if !push(&reader, &cache, &notifier, &rest) {
+                return;
+            }
         }
         // Then, once the guest has had its first moments, the whole RAM into a file of its own
         // at a low priority, so that a capture need not unpack it.
@@ -270,6 +281,22 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
     println!("ready");
     io::stdout().flush()?;
     session.run()
+}
+
+/// The chunks to push while QEMU starts and those to push after (ascending indices): the
+/// working set `hot` split by `first`, the chunks the last resume touched until its agent
+/// answered; all of `hot` first if that is not known.
+fn push_order(hot: &[u32], first: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let mut hot = hot.to_vec();
+    hot.sort_unstable();
+    if first.is_empty() {
+        return (hot, Vec::new());
+    }
+    let mut first = first.to_vec();
+    first.sort_unstable();
+    first.dedup();
+    hot.retain(|c| first.binary_search(c).is_err());
+    (first, hot)
 }
 
 /// Stores the chunks `hot` (ascending indices) in the kernel's page cache, from both ends at
@@ -523,12 +550,15 @@ mod tests {
         drop(f);
         let store = BlobStore::open(&tmp.path().join("blobs").display().to_string()).unwrap();
         let packed = cove_blob::pack_file(&store, "images/x", "memory", &src).await.unwrap();
-        // The chunk at 4 MiB is the working set.
-        let hot = packed.chunks.iter().position(|c| c.offset == 4 << 20).unwrap() as u32;
+        // The chunks at 4 and 63 MiB are the working set, the first of them what the last
+        // resume needed first.
+        let at = |mib: u64| packed.chunks.iter().position(|c| c.offset == mib << 20).unwrap() as u32;
+        let (first, later) = (at(4), at(63));
         let d = dir(&sandbox);
         std::fs::create_dir_all(d.join(MNT)).unwrap();
         cove_blob::fetch_packed(&store, "images/x", &packed, &d.join(BLOB)).await.unwrap();
-        let table = LazyTable { image: "images/x".into(), file: packed, hot: vec![hot] };
+        let table =
+            LazyTable { image: "images/x".into(), file: packed, hot: vec![later, first], first: vec![first] };
         std::fs::write(d.join(TABLE), serde_json::to_vec(&table).unwrap()).unwrap();
 
         let served = {
@@ -543,8 +573,8 @@ mod tests {
         assert!(!mounted(&d.join(MNT)), "the mount is detached once the file is open");
         assert_eq!(file.metadata().unwrap().ino(), INODE);
         // The working set reaches the page cache unasked, and nothing else does.
-        wait_for(|| in_page_cache(&file) >= 1 << 20);
-        assert_eq!(in_page_cache(&file), 1 << 20, "the hot chunk alone is in the page cache");
+        wait_for(|| in_page_cache(&file) >= 2 << 20);
+        assert_eq!(in_page_cache(&file), 2 << 20, "the hot chunks alone are in the page cache");
         let mut got = vec![0u8; 64 << 20];
         file.read_exact_at(&mut got, 0).unwrap();
         assert!(got == std::fs::read(&src).unwrap(), "the file reads as the packed RAM");
@@ -561,6 +591,13 @@ mod tests {
         assert!(ended.is_ok(), "{ended:?}");
         remove(&sandbox);
         assert!(!d.exists());
+    }
+
+    #[test]
+    fn what_the_last_resume_needed_is_pushed_first() {
+        assert_eq!(push_order(&[9, 2, 5], &[]), (vec![2, 5, 9], vec![]), "all at once when not known");
+        assert_eq!(push_order(&[9, 2, 5, 7], &[7, 2, 7]), (vec![2, 7], vec![5, 9]));
+        assert_eq!(push_order(&[2], &[2, 4]), (vec![2, 4], vec![]), "a first chunk not in hot still goes");
     }
 
     /// Waits up to 10 s for `cond`.

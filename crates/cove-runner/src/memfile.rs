@@ -95,24 +95,7 @@ pub const TEMPLATE_MEMFD: &str = "cove-tmpl-";
 /// file first ([`Base::Template`]). A shared mapping ([`Base::Shared`]) has no copies: `file`
 /// is what the process sees. The process must not run meanwhile (a stopped VM).
 pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<WriteBack> {
-    use std::os::unix::fs::MetadataExt;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let found = match base {
-        Base::Shared | Base::InPlace => {
-            let ino = std::fs::metadata(file)?.ino();
-            let shared = base == Base::Shared;
-            mapping(&maps, len, shared, |i, _| i == ino)
-        }
-        Base::Template => {
-            let prefix = format!("/memfd:{TEMPLATE_MEMFD}");
-            mapping(&maps, len, false, |_, path| path.starts_with(&prefix))
-        }
-        Base::Lazy => mapping(&maps, len, false, |i, _| i == crate::lazymem::INODE),
-    };
-    let (start, end) = found.ok_or_else(|| {
-        let what = format!("process {pid} has no {base:?} mapping of {len} bytes for {}", file.display());
-        io::Error::new(io::ErrorKind::NotFound, what)
-    })?;
+    let (start, end) = ram_mapping(pid, len, file, base)?;
     let dst = match base {
         Base::Shared => None,
         Base::InPlace | Base::Lazy => Some(std::fs::OpenOptions::new().write(true).open(file)?),
@@ -124,14 +107,11 @@ pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<Wri
             Some(dst)
         }
     };
-    let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
     let mem = File::open(format!("/proc/{pid}/mem"))?;
     let pages = len / PAGE;
-    let mut entries = vec![0u8; 8 * 65536];
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0;
-    let mut touched: Vec<u32> = Vec::new();
-    let mut page = 0;
+    let mut touched = Touched::default();
     // A run of changed pages [from, page) is copied as one read and one write.
     let mut run: Option<u64> = None;
     let mut flush = |from: u64, to: u64| -> io::Result<()> {
@@ -146,34 +126,95 @@ pub fn write_back(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<Wri
         }
         Ok(())
     };
+    walk_pagemap(pid, start, pages, |at, e| {
+        touched.see(at, e);
+        let changed = (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
+        match (changed, run) {
+            (true, None) => run = Some(at),
+            (false, Some(from)) => {
+                flush(from, at)?;
+                run = None;
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    if let Some(from) = run {
+        flush(from, pages)?;
+    }
+    Ok(WriteBack { written, touched: touched.0 })
+}
+
+/// The pieces of its RAM (`len` bytes of `base`, as for [`write_back`]) that process `pid` has
+/// touched so far, read while it runs: what a VM touched to get where it is.
+pub fn touched(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<Vec<u32>> {
+    let (start, _) = ram_mapping(pid, len, file, base)?;
+    let mut touched = Touched::default();
+    walk_pagemap(pid, start, len / PAGE, |at, e| {
+        touched.see(at, e);
+        Ok(())
+    })?;
+    Ok(touched.0)
+}
+
+/// Pieces with a touched page (mapped, or swapped out), ascending, from pagemap entries seen
+/// in page order.
+#[derive(Default)]
+struct Touched(Vec<u32>);
+
+impl Touched {
+    fn see(&mut self, page: u64, entry: u64) {
+        if entry & (PM_PRESENT | PM_SWAPPED) != 0 {
+            let piece = (page * PAGE / PIECE) as u32;
+            if self.0.last() != Some(&piece) {
+                self.0.push(piece);
+            }
+        }
+    }
+}
+
+/// Start and end addresses of process `pid`'s mapping of its RAM (`len` bytes of `base`).
+fn ram_mapping(pid: u32, len: u64, file: &Path, base: Base) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let found = match base {
+        Base::Shared | Base::InPlace => {
+            let ino = std::fs::metadata(file)?.ino();
+            let shared = base == Base::Shared;
+            mapping(&maps, len, shared, |i, _| i == ino)
+        }
+        Base::Template => {
+            let prefix = format!("/memfd:{TEMPLATE_MEMFD}");
+            mapping(&maps, len, false, |_, path| path.starts_with(&prefix))
+        }
+        Base::Lazy => mapping(&maps, len, false, |i, _| i == crate::lazymem::INODE),
+    };
+    found.ok_or_else(|| {
+        let what = format!("process {pid} has no {base:?} mapping of {len} bytes for {}", file.display());
+        io::Error::new(io::ErrorKind::NotFound, what)
+    })
+}
+
+/// Calls `each(page, entry)` for the `pages` pagemap entries of process `pid` from address
+/// `start` on, in order.
+fn walk_pagemap(
+    pid: u32,
+    start: u64,
+    pages: u64,
+    mut each: impl FnMut(u64, u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut entries = vec![0u8; 8 * 65536];
+    let mut page = 0;
     while page < pages {
         let n = ((pages - page) as usize).min(entries.len() / 8);
         pagemap.read_exact_at(&mut entries[..n * 8], (start / PAGE + page) * 8)?;
         for (i, e) in entries[..n * 8].chunks_exact(8).enumerate() {
-            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
-            let changed = (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
-            let at = page + i as u64;
-            if e & (PM_PRESENT | PM_SWAPPED) != 0 {
-                let piece = (at * PAGE / PIECE) as u32;
-                if touched.last() != Some(&piece) {
-                    touched.push(piece);
-                }
-            }
-            match (changed, run) {
-                (true, None) => run = Some(at),
-                (false, Some(from)) => {
-                    flush(from, at)?;
-                    run = None;
-                }
-                _ => {}
-            }
+            each(page + i as u64, u64::from_le_bytes(e.try_into().expect("8 bytes")))?;
         }
         page += n as u64;
     }
-    if let Some(from) = run {
-        flush(from, pages)?;
-    }
-    Ok(WriteBack { written, touched })
+    Ok(())
 }
 
 /// Start and end addresses of a mapping (`s` in its permissions when `shared`, `p` otherwise)
@@ -274,6 +315,8 @@ mod tests {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
+            // Read as a running VM's is after its restore: the same pieces.
+            assert_eq!(touched(pid, 8 << 20, &path, base).unwrap(), [0, 5, 6, 7], "{base:?}: touched");
             if base == Base::Template {
                 std::fs::remove_file(&path).unwrap();
             }

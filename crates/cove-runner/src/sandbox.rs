@@ -6,6 +6,7 @@
 //! and the guest RAM at `<shm>/<id>.mem`.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cove_blob::BlobStore;
@@ -64,6 +65,10 @@ pub struct SandboxVm {
     agent: tokio::sync::Mutex<Option<AgentClient>>,
     /// The host end of the guest's mounts.
     pub fs: FsHost,
+    /// The pieces of its RAM the guest touched from its restore until its agent answered (none
+    /// for a boot, or a VM adopted from another runner process): what its next resume needs
+    /// first. Filled in the background after the restore.
+    resume_set: Arc<Mutex<Vec<u32>>>,
 }
 
 /// A VM stopped by a capture: its state is stored, its agent parked on `socket`.
@@ -89,6 +94,19 @@ enum Memory {
     /// copy-on-write. A capture unpacks the image's RAM into `<dir>/memory` and writes the
     /// pages the guest wrote over it.
     Lazy,
+}
+
+impl Memory {
+    /// How a VM holding its RAM so maps it (for `memfile`; a lazily served RAM must have been
+    /// unpacked into the RAM file first to be written back).
+    fn base(self) -> crate::memfile::Base {
+        match self {
+            Memory::Shared => crate::memfile::Base::Shared,
+            Memory::Own => crate::memfile::Base::InPlace,
+            Memory::Template => crate::memfile::Base::Template,
+            Memory::Lazy => crate::memfile::Base::Lazy,
+        }
+    }
 }
 
 /// A sandbox's directory (disk, run files) and its RAM file on tmpfs. (A VM restored warm maps
@@ -309,6 +327,7 @@ impl SandboxVm {
                     image: prefix.to_string(),
                     file: manifest.memory.clone(),
                     hot: manifest.hot.clone(),
+                    first: manifest.first.clone(),
                 };
                 let disk = dir.join("disk.qcow2");
                 let (disk, ram) = tokio::join!(
@@ -484,6 +503,7 @@ impl SandboxVm {
             memory,
             agent: tokio::sync::Mutex::new(None),
             fs: FsHost::new(&spec.run_dir, sources),
+            resume_set: Default::default(),
         };
         match fs {
             Some(stream) => vm.fs.serve(stream).await,
@@ -504,6 +524,7 @@ impl SandboxVm {
             None => (AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?, false),
         };
         let t_agent = t0.elapsed();
+        vm.record_resume_set(req.memory_mib << 20);
         // The greeting brought the guest what it needs, unless its agent predates that: a warm
         // resume is the same machine going on, on the runner that ran it, and needs the clock
         // and entropy only; anything else, everything.
@@ -522,6 +543,17 @@ impl SandboxVm {
         );
         *vm.agent.lock().await = Some(agent);
         Ok(vm)
+    }
+
+    /// Reads, in the background, which pieces of its RAM the guest has touched by now (see
+    /// `resume_set`). A VM that has gone meanwhile leaves the set empty.
+    fn record_resume_set(&self, len: u64) {
+        let (pid, file, base, set) =
+            (self.handle.pid, self.memory_file.clone(), self.memory.base(), self.resume_set.clone());
+        tokio::task::spawn_blocking(move || match crate::memfile::touched(pid, len, &file, base) {
+            Ok(touched) => *set.lock().unwrap_or_else(|p| p.into_inner()) = touched,
+            Err(e) => tracing::debug!(pid, error = %e, "the pages a restore touched not read"),
+        });
     }
 
     /// Boots a fresh VM on the disk a stopped sandbox kept (no memory state: processes are
@@ -555,6 +587,7 @@ impl SandboxVm {
                 memory: Memory::Shared,
                 agent: tokio::sync::Mutex::new(None),
                 fs: FsHost::new(&spec.run_dir, sources),
+                resume_set: Default::default(),
             };
             let ready = async {
                 vm.fs
@@ -608,6 +641,7 @@ impl SandboxVm {
             dir,
             data_dir: cfg.data_dir.clone(),
             agent: tokio::sync::Mutex::new(None),
+            resume_set: Default::default(),
         })
     }
 
@@ -664,17 +698,12 @@ impl SandboxVm {
         let save_ms = t0.elapsed().as_millis() as u64;
         fault_point("capture.saved");
         let stored = async {
-            let base = match self.memory {
-                Memory::Shared => crate::memfile::Base::Shared,
-                Memory::Own => crate::memfile::Base::InPlace,
-                Memory::Template => crate::memfile::Base::Template,
-                Memory::Lazy => {
-                    // The image's RAM first; the pages the guest wrote go over it.
-                    let now = crate::lazymem::unpack(&self.dir, &self.memory_file).await?;
-                    tracing::debug!(sandbox_id = %req.id, unpacked_now = now, "guest memory from the image");
-                    crate::memfile::Base::Lazy
-                }
-            };
+            if self.memory == Memory::Lazy {
+                // The image's RAM first; the pages the guest wrote go over it.
+                let now = crate::lazymem::unpack(&self.dir, &self.memory_file).await?;
+                tracing::debug!(sandbox_id = %req.id, unpacked_now = now, "guest memory from the image");
+            }
+            let base = self.memory.base();
             // What the guest wrote since its RAM was mapped is in QEMU's copy-on-write pages;
             // what it touched at all is its working set.
             let (pid, len, file) = (self.handle.pid, meta.memory_mib << 20, self.memory_file.clone());
@@ -706,6 +735,7 @@ impl SandboxVm {
                 host: compat.to_string(),
                 state: state?,
                 hot: hot_chunks(&memory.chunks, &back.touched),
+                first: hot_chunks(&memory.chunks, &self.resume_set.lock().unwrap_or_else(|p| p.into_inner())),
                 memory,
                 disk: disk?,
             };

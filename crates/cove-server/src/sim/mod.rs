@@ -445,6 +445,7 @@ impl SandboxHost for SimHost {
             memory: packed("memory", 1),
             disk: packed("disk", bytes),
             hot: Vec::new(),
+            first: Vec::new(),
         };
         let stored = Image { guest: snapshot, manifest: manifest.clone(), complete: false };
         lock(&self.images()).insert(image.to_string(), stored);
