@@ -10,7 +10,9 @@
 //! cache on first touch, and the pages it writes become QEMU's own. The chunks the guest had
 //! touched when it was paused (`LazyTable::hot`, recorded by the capture) are pushed into the
 //! page cache (`FUSE_NOTIFY_STORE`) from both ends at once from the moment the file is mounted,
-//! while QEMU starts, so the working set is there before the guest asks for it.
+//! while QEMU starts, so the working set is there before the guest asks for it: first those the
+//! last restore touched until its agent answered (`LazyTable::first`), the rest at a low
+//! priority once QEMU has the file.
 //!
 //! **Lifetime.** The server is a process of its own (`cove lazy-memory <sandbox dir>`), not a
 //! task of the runner, because QEMU outlives runner restarts and its RAM must stay readable:
