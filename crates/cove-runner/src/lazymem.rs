@@ -219,7 +219,6 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         opened_tx: Mutex::new(Some(opened_tx)),
     };
     let reader = fs.reader.clone();
-    let cache = fs.cache.clone();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::NoSuid,
@@ -239,7 +238,7 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
     std::thread::spawn(move || {
         // What the resume needs first, while QEMU starts: a lookup makes the kernel know the
         // file's inode, and QEMU's open keeps what is in its page cache (FOPEN_KEEP_CACHE).
-        let pushed = std::fs::metadata(&file).is_ok() && push(&reader, &cache, &notifier, &first);
+        let pushed = std::fs::metadata(&file).is_ok() && push(&reader, &notifier, &first);
         if opened_rx.recv_timeout(OPEN_WAIT).is_err() {
             // Nobody came: end (a detached mount without users ends the session).
             let _ = crate::sys::detach(&mnt);
@@ -252,7 +251,7 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
             tracing::warn!(error = %e, "detaching the RAM file's mount");
         }
         // What an early push could not store (the kernel may drop an inode nobody has open).
-        if !pushed && !push(&reader, &cache, &notifier, &first) {
+        if !pushed && !push(&reader, &notifier, &first) {
             return; // the connection is gone, or the RAM cannot be read (logged)
         }
         // The rest of the working set at a low priority: it must not take the CPU from
@@ -260,7 +259,7 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         // it reads on demand.
         if !rest.is_empty() {
             crate::sys::lower_priority();
-            if !push(&reader, &cache, &notifier, &rest) {
+            if !push(&reader, &notifier, &rest) {
                 return;
             }
         }
@@ -305,7 +304,7 @@ fn push_order(hot: &[u32], first: &[u32]) -> (Vec<u32>, Vec<u32>) {
 /// once, on two threads. A resume needs both ends first: the state load and the guest's kernel
 /// touch the bottom of the RAM, the guest's processes the top (Linux hands out free pages from
 /// high addresses first). Returns whether every chunk was stored.
-fn push(reader: &PackedReader, cache: &ChunkCache, notifier: &fuser::Notifier, hot: &[u32]) -> bool {
+fn push(reader: &PackedReader, notifier: &fuser::Notifier, hot: &[u32]) -> bool {
     // The chunks not taken yet: `hot[lo..hi]`.
     let left = Mutex::new((0, hot.len()));
     let push_end = |top: bool| {
@@ -326,8 +325,9 @@ fn push(reader: &PackedReader, cache: &ChunkCache, notifier: &fuser::Notifier, h
                 }
             };
             let Some(c) = reader.file().chunks.get(i).copied() else { continue };
-            let stored = match cached(reader, cache, i, &mut buf) {
-                Ok(data) => notifier.store(INodeNo(INODE), c.offset, &data).is_ok(),
+            // Decoded into this thread's buffer, used again (the kernel keeps what is stored).
+            let stored = match reader.decode(i, &mut buf) {
+                Ok(()) => notifier.store(INodeNo(INODE), c.offset, &buf).is_ok(),
                 Err(e) => {
                     tracing::error!(error = %e, "prefetching guest memory");
                     false
