@@ -9,7 +9,7 @@
 //! warm resume maps its RAM file on disk: the guest runs at once, its pages come from the page
 //! cache on first touch, and the pages it writes become QEMU's own. The chunks the guest had
 //! touched when it was paused (`LazyTable::hot`, recorded by the capture) are pushed into the
-//! page cache (`FUSE_NOTIFY_STORE`) from both ends at once from the moment the file is mounted,
+//! page cache (`FUSE_NOTIFY_STORE`) from both ends in turn from the moment the file is mounted,
 //! while QEMU starts, so the working set is there before the guest asks for it: first those the
 //! last restore touched until its agent answered (`LazyTable::first`), the rest at a low
 //! priority once QEMU has the file.
@@ -300,48 +300,46 @@ fn push_order(hot: &[u32], first: &[u32]) -> (Vec<u32>, Vec<u32>) {
     (first, hot)
 }
 
-/// Stores the chunks `hot` (ascending indices) in the kernel's page cache, from both ends at
-/// once, on two threads. A resume needs both ends first: the state load and the guest's kernel
-/// touch the bottom of the RAM, the guest's processes the top (Linux hands out free pages from
-/// high addresses first). Returns whether every chunk was stored.
+/// Stores the chunks `hot` (ascending indices) in the kernel's page cache, from both ends in
+/// turn. A resume needs both ends first: the state load and the guest's kernel touch the bottom
+/// of the RAM, the guest's processes the top (Linux hands out free pages from high addresses
+/// first). One thread: QEMU starts meanwhile, and the host may have two cores (two pushing
+/// threads slowed its start more than they gained). Returns whether every chunk was stored.
 fn push(reader: &PackedReader, notifier: &fuser::Notifier, hot: &[u32]) -> bool {
-    // The chunks not taken yet: `hot[lo..hi]`.
-    let left = Mutex::new((0, hot.len()));
-    let push_end = |top: bool| {
-        let mut buf = Vec::new();
-        loop {
-            let i = {
-                let mut left = left.lock().unwrap_or_else(|p| p.into_inner());
-                let (lo, hi) = &mut *left;
-                if lo >= hi {
-                    return true;
-                }
-                if top {
-                    *hi -= 1;
-                    hot[*hi] as usize
-                } else {
-                    *lo += 1;
-                    hot[*lo - 1] as usize
-                }
-            };
-            let Some(c) = reader.file().chunks.get(i).copied() else { continue };
-            // Decoded into this thread's buffer, used again (the kernel keeps what is stored).
-            let stored = match reader.decode(i, &mut buf) {
-                Ok(()) => notifier.store(INodeNo(INODE), c.offset, &buf).is_ok(),
-                Err(e) => {
-                    tracing::error!(error = %e, "prefetching guest memory");
-                    false
-                }
-            };
-            if !stored {
-                return false;
+    // One buffer, used again: the kernel keeps what is stored.
+    let mut buf = Vec::new();
+    for i in both_ends(hot) {
+        let Some(c) = reader.file().chunks.get(i as usize).copied() else { continue };
+        let stored = match reader.decode(i as usize, &mut buf) {
+            Ok(()) => notifier.store(INodeNo(INODE), c.offset, &buf).is_ok(),
+            Err(e) => {
+                tracing::error!(error = %e, "prefetching guest memory");
+                false
             }
+        };
+        if !stored {
+            return false;
         }
-    };
-    std::thread::scope(|s| {
-        let bottom = s.spawn(|| push_end(false));
-        let top = push_end(true);
-        bottom.join().unwrap_or(false) && top
+    }
+    true
+}
+
+/// `items` from both ends in turn: the last, the first, the second to last, the second…
+fn both_ends<T: Copy>(items: &[T]) -> impl Iterator<Item = T> + '_ {
+    let (mut lo, mut hi, mut top) = (0, items.len(), true);
+    std::iter::from_fn(move || {
+        if lo >= hi {
+            return None;
+        }
+        let item = if top {
+            hi -= 1;
+            items[hi]
+        } else {
+            lo += 1;
+            items[lo - 1]
+        };
+        top = !top;
+        Some(item)
     })
 }
 
@@ -593,6 +591,13 @@ mod tests {
         assert!(ended.is_ok(), "{ended:?}");
         remove(&sandbox);
         assert!(!d.exists());
+    }
+
+    #[test]
+    fn chunks_are_pushed_from_both_ends_in_turn() {
+        assert_eq!(both_ends(&[1, 2, 3, 4, 5]).collect::<Vec<_>>(), [5, 1, 4, 2, 3]);
+        assert_eq!(both_ends(&[1, 2]).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(both_ends::<u32>(&[]).count(), 0);
     }
 
     #[test]
