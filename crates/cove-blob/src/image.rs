@@ -11,9 +11,9 @@
 //!   bytes. The block codec is the reference library (liblz4, through the `lz4` crate): on
 //!   these machines it decodes ~2.4× faster than the pure-Rust `lz4_flex`, and a cold resume
 //!   decodes its working set while QEMU starts. Workers on a `std::thread::scope` read and
-//!   compress chunks in parallel; the async
-//!   side puts them back in order and streams them to the store (a multipart upload for large
-//!   blobs), so memory stays bounded (about 64 MiB) whatever the file size.
+//!   compress chunks in parallel; the async side puts them back in order and streams them to
+//!   the store (a multipart upload for large blobs), so memory stays bounded (about 64 MiB)
+//!   whatever the file size.
 //! - **The blob is just the chunks back to back.** The chunk table lives in [`PackedFile`],
 //!   which the caller keeps in the image's manifest; a chunk's place in the blob is the sum of
 //!   the `stored_len`s before it.
