@@ -162,7 +162,7 @@ impl Fs {
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| Fail::bad("write-files takes a multipart/form-data body"))?
             .to_owned();
-        let mut parts = Parts::new(&content_type, whole_body(req))?;
+        let mut parts = Parts::new(&content_type, whole_body(req)).await?;
         while let Some((name, field)) = parts.next().await? {
             let path = resolve(&self.user, &name);
             let ctx = self.ctx();

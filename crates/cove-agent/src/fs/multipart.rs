@@ -99,14 +99,30 @@ pub(crate) struct Parts {
     count: usize,
 }
 
+/// How much of a body [`Parts::new`] reads ahead looking for its first delimiter (a preamble
+/// may come before it; clients send none).
+const DELIMITER_READ_AHEAD: usize = 64 << 10;
+
 impl Parts {
-    pub(crate) fn new<S, E>(content_type: &str, body: S) -> Res<Parts>
+    /// The parts of `body`, a `multipart/form-data` body of `content_type`.
+    ///
+    /// The body is read until its first delimiter has arrived (or the body has ended) before
+    /// multer (3.1.0) sees any of it. Looking for that delimiter, multer reads what has
+    /// arrived, and when it is not there yet, reads once more in the same poll; when that
+    /// second read brings the rest of the body *and its end*, it answers `incomplete multipart
+    /// stream` without looking at what it just read (rwf2/multer#70, not in a release). So a
+    /// whole, well-formed upload was refused whenever its bytes reached the agent just after
+    /// the handler first looked: about 1 upload in 100 when the server streamed bodies on, and
+    /// rarely once it buffered them (the `write-files` loss, docs/status.md). With the
+    /// delimiter in hand, multer finds it at its first read.
+    pub(crate) async fn new<S, E>(content_type: &str, body: S) -> Res<Parts>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
     {
         let boundary =
             multer::parse_boundary(content_type).map_err(|e| Fail::bad(format!("content-type: {e}")))?;
+        let body = with_delimiter_in_hand(body, &boundary).await;
         let received = Arc::new(AtomicU64::new(0));
         let counter = received.clone();
         let body = body.inspect_ok(move |b: &Bytes| {
@@ -146,6 +162,34 @@ impl Parts {
             other => other,
         }
     }
+}
+
+/// `body`, with its first chunks read ahead until they hold the delimiter of `boundary`, or
+/// [`DELIMITER_READ_AHEAD`] bytes, or the body has ended or failed (see [`Parts::new`]).
+async fn with_delimiter_in_hand<S, E>(body: S, boundary: &str) -> impl Stream<Item = Result<Bytes, E>>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+{
+    let delimiter = format!("--{boundary}");
+    let mut body = Box::pin(body.fuse());
+    let (mut ahead, mut seen) = (Vec::new(), Vec::new());
+    while seen.len() < DELIMITER_READ_AHEAD
+        && !seen.windows(delimiter.len()).any(|w| w == delimiter.as_bytes())
+    {
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                // Enough to look in: the loop ends at the read-ahead anyway.
+                seen.extend_from_slice(&chunk[..chunk.len().min(DELIMITER_READ_AHEAD)]);
+                ahead.push(Ok(chunk));
+            }
+            Some(Err(e)) => {
+                ahead.push(Err(e));
+                break;
+            }
+            None => break,
+        }
+    }
+    futures::stream::iter(ahead).chain(body)
 }
 
 fn multipart_fail(e: multer::Error) -> Fail {
@@ -259,10 +303,10 @@ pub(crate) async fn read_upload<S, E>(
 ) -> Result<Vec<(String, Vec<u8>)>, StatusCode>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     let status = |f: Fail| f.into_response().status();
-    let mut parts = Parts::new(content_type, body).map_err(status)?;
+    let mut parts = Parts::new(content_type, body).await.map_err(status)?;
     let mut files = Vec::new();
     while let Some((name, mut field)) = parts.next().await.map_err(status)? {
         let mut bytes = Vec::new();
