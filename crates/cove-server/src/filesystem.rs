@@ -144,23 +144,5 @@ pub async fn write_files(
     }
     let agent = s.core.agent(&org, &id).await?;
     let uri = format!("{}write-files", cove_proto::routes::FS_PREFIX);
-    // Buffered, not streamed: a multipart body that reached the server in pieces and was piped
-    // straight on sometimes arrived cut short at the agent (about 1 in 100, not understood yet;
-    // see docs/status.md). Whole bodies have not failed.
-    let body = axum::body::to_bytes(req.into_body(), MAX_UPLOAD_BYTES)
-        .await
-        .map_err(|_| ApiError::field("body", format!("must be at most {} MiB", MAX_UPLOAD_BYTES >> 20)))?;
-    let sent = body.len();
-    let result = forward(agent, Method::POST, uri, ct, cove_runner::agent::full(body)).await;
-    // The agent's own refusals (a body it found cut short answers 400) come back as answers.
-    match &result {
-        Err(e) => {
-            tracing::warn!(sandbox_id = %id, sent_bytes = sent, error = %e, "write-files failed in the guest")
-        }
-        Ok(r) if !r.status().is_success() => {
-            tracing::warn!(sandbox_id = %id, sent_bytes = sent, status = %r.status(), "write-files refused by the guest")
-        }
-        Ok(_) => {}
-    }
-    result
+    forward(agent, Method::POST, uri, ct, stream(req.into_body())).await
 }
