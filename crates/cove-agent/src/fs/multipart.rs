@@ -171,16 +171,21 @@ where
     S: Stream<Item = Result<Bytes, E>>,
 {
     let delimiter = format!("--{boundary}");
+    let found =
+        |seen: &[u8], from: usize| seen[from..].windows(delimiter.len()).any(|w| w == delimiter.as_bytes());
     let mut body = Box::pin(body.fuse());
     let (mut ahead, mut seen) = (Vec::new(), Vec::new());
-    while seen.len() < DELIMITER_READ_AHEAD
-        && !seen.windows(delimiter.len()).any(|w| w == delimiter.as_bytes())
-    {
+    while seen.len() < DELIMITER_READ_AHEAD {
         match body.next().await {
             Some(Ok(chunk)) => {
+                // Only what a delimiter ending in this chunk can span is looked at again.
+                let from = seen.len().saturating_sub(delimiter.len() - 1);
                 // Enough to look in: the loop ends at the read-ahead anyway.
                 seen.extend_from_slice(&chunk[..chunk.len().min(DELIMITER_READ_AHEAD)]);
                 ahead.push(Ok(chunk));
+                if found(&seen, from) {
+                    break;
+                }
             }
             Some(Err(e)) => {
                 ahead.push(Err(e));
