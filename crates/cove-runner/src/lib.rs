@@ -384,6 +384,12 @@ impl Runner {
         self.lock().get(id).cloned().ok_or_else(|| RunnerError::NoVm(id.to_string()))
     }
 
+    /// For a process that is going: ends the template builds under way, their VMs, networks
+    /// and files (sandbox VMs keep running, to be adopted at the next start).
+    pub async fn stop_template_builds(&self) {
+        self.templates.stop_builds(self.vmm.as_ref()).await;
+    }
+
     /// Benchmark baseline: restores the template snapshot the way `create` does (copy of its RAM
     /// file and disk overlay, QEMU `-incoming`, `cont`) but with no control plane, no agent
     /// handshake and no identity; returns the time until the vCPUs run. The VM is destroyed.

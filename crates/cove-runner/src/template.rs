@@ -71,6 +71,31 @@ pub struct Templates {
     /// Held while a sealed copy is made, so that creates arriving together wait for one copy
     /// instead of each making its own (and sharing no pages with the sandboxes after them).
     sealing: tokio::sync::Mutex<()>,
+    /// Builds under way (see [`Templates::stop_builds`]).
+    builds: Mutex<Builds>,
+}
+
+/// The builds under way, by their VM's name (with whether the VM is being started), and
+/// whether this process is going.
+#[derive(Default)]
+struct Builds {
+    stopping: bool,
+    under_way: HashMap<String, (TemplateSnapshot, bool)>,
+}
+
+/// How long [`Templates::stop_builds`] waits for VMs being started.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A build's entry in [`Builds`], taken out when the build ends however it ends.
+struct UnderWay<'a> {
+    builds: &'a Mutex<Builds>,
+    name: String,
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.builds.lock().unwrap_or_else(|p| p.into_inner()).under_way.remove(&self.name);
+    }
 }
 
 /// A snapshot's RAM in a sealed memfd, and which RAM file (inode, modification time) it copies.
@@ -88,6 +113,61 @@ impl Templates {
             building: Mutex::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
             sealing: tokio::sync::Mutex::new(()),
+            builds: Mutex::new(Builds::default()),
+        }
+    }
+
+    /// Ends the builds under way, for a runner process that is going: a build's VM cannot be
+    /// taken over by the next process (which builds again), so none is left running, nor its
+    /// network or files. Builds asked for after this fail.
+    pub async fn stop_builds(&self, vmm: &dyn Vmm) {
+        let lock = || self.builds.lock().unwrap_or_else(|p| p.into_inner());
+        lock().stopping = true;
+        // A VM being started has no pid to find yet: wait until its start has returned (the
+        // build then sees `stopping` and ends it itself).
+        let since = std::time::Instant::now();
+        while lock().under_way.values().any(|(_, starting)| *starting) && since.elapsed() < STOP_WAIT {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let under_way: Vec<(String, TemplateSnapshot)> =
+            lock().under_way.drain().map(|(name, (snap, _))| (name, snap)).collect();
+        for (name, snap) in under_way {
+            if let Some(vm) = vmm.find(&name, &snap.run_dir) {
+                if let Err(e) = vmm.destroy(&vm).await {
+                    tracing::warn!(template = %snap.template, error = %e, "stopping a template build's VM");
+                }
+            }
+            crate::net::remove_scratch(&name).await;
+            let _ = std::fs::remove_dir_all(&snap.dir);
+            let _ = std::fs::remove_file(&snap.boot_memory);
+            tracing::info!(template = %snap.template, "template build stopped: the process is going");
+        }
+    }
+
+    /// Enters `snap`'s build, VM `name`, in [`Builds`]; refused once the process is going.
+    fn under_way(&self, name: &str, snap: &TemplateSnapshot) -> Result<UnderWay<'_>, RunnerError> {
+        self.mark(name, Some(snap), false)?;
+        Ok(UnderWay { builds: &self.builds, name: name.to_string() })
+    }
+
+    /// Marks build `name` (entered anew with `snap`) as starting its VM or not; refused once
+    /// the process is going, so that a build starts no VM then, and ends one it just started.
+    fn mark(&self, name: &str, snap: Option<&TemplateSnapshot>, starting: bool) -> Result<(), RunnerError> {
+        let mut b = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+        match snap {
+            Some(snap) if !b.stopping => {
+                b.under_way.insert(name.to_string(), (snap.clone(), starting));
+            }
+            Some(_) => {}
+            None => {
+                if let Some(entry) = b.under_way.get_mut(name) {
+                    entry.1 = starting;
+                }
+            }
+        }
+        match b.stopping {
+            true => Err(RunnerError::Unavailable("this runner is shutting down".into())),
+            false => Ok(()),
         }
     }
 
@@ -322,8 +402,10 @@ impl Templates {
         images: &Images,
     ) -> Result<(), RunnerError> {
         let io = |what: &str, e| RunnerError::io(format!("{what} for template {}", snap.key), e);
+        let name = format!("tmpl-{}", snap.key);
+        let _under_way = self.under_way(&name, snap)?;
         // Leftovers of a build cut short (e.g. the server was killed): its VM, then its files.
-        if let Some(stale) = vmm.find(&format!("tmpl-{}", snap.key), &snap.run_dir) {
+        if let Some(stale) = vmm.find(&name, &snap.run_dir) {
             vmm.destroy(&stale).await?;
         }
         let _ = std::fs::remove_dir_all(&snap.dir);
@@ -336,7 +418,6 @@ impl Templates {
         qemu_img_overlay(&images.rootfs, &disk).await?;
         // The template VM has the NIC every sandbox has, on a network of its own that reaches
         // nothing.
-        let name = format!("tmpl-{}", snap.key);
         let netns = crate::net::scratch(&name).await?;
         let result = self.build_in(vmm, snap, &disk, netns).await;
         crate::net::remove_scratch(&name).await;
@@ -365,7 +446,15 @@ impl Templates {
             overhead_mib: self.cfg.overhead_mib,
             netns,
         };
-        let vm = vmm.start(&spec, &Boot::Fresh).await?;
+        self.mark(&spec.name, None, true)?;
+        let started = vmm.start(&spec, &Boot::Fresh).await;
+        let going = self.mark(&spec.name, None, false);
+        let vm = started?;
+        if let Err(e) = going {
+            // The process began to go while this VM started: `stop_builds` waited for this.
+            vmm.destroy(&vm).await?;
+            return Err(e);
+        }
         let result = async {
             let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
             agent.health().await?;

@@ -91,12 +91,14 @@ async fn serve(args: RunnerArgs) -> Result<()> {
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    let serving = runner.clone();
     tokio::select! {
-        r = cove_runner::remote::serve(listener, &identity, runner, token) => r.context("serving")?,
+        r = cove_runner::remote::serve(listener, &identity, serving, token) => r.context("serving")?,
         _ = crate::serve::wait_for_signal() => {
             tracing::info!("runner shutting down; sandbox VMs keep running and are adopted at next start");
         }
     }
+    runner.stop_template_builds().await;
     Ok(())
 }
 

@@ -302,7 +302,7 @@ async fn serve(args: ServerArgs) -> Result<()> {
     }));
     println!("cove cluster token in {}", cluster_token_file.display());
 
-    if let (Some(runner), false) = (local, args.host.no_prepare) {
+    if let (Some(runner), false) = (local.clone(), args.host.no_prepare) {
         prepare_system_templates(runner);
     }
 
@@ -350,6 +350,9 @@ async fn serve(args: ServerArgs) -> Result<()> {
             let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             axum::serve(listener, app).with_graceful_shutdown(signalled).await?
         }
+    }
+    if let Some(runner) = &local {
+        runner.stop_template_builds().await;
     }
     // This data dir's RAM directory goes when no sandbox RAM is left in it (fails otherwise),
     // with its directory for user templates' snapshots if that is empty too.

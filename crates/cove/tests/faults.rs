@@ -7,6 +7,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::{qemu_pids, rand_hex, stored_images, Api, TestServer};
 use serde_json::json;
@@ -208,6 +209,82 @@ async fn a_corrupt_image_is_refused_and_the_sandbox_stays_paused() {
     assert_eq!((code, out), (0, pid));
     assert_eq!(api.delete(&format!("/v1/sandbox/{id}")).await.status, 204);
     server.kill(libc::SIGTERM);
+}
+
+/// A server stopped (SIGTERM) while it builds its system templates in the background leaves no
+/// build VM, network or file behind: the next start cannot take a build over, it builds again.
+#[tokio::test]
+async fn a_stopped_server_leaves_no_template_build_behind() {
+    // Stopped as a build's VM starts, and once it boots.
+    for after in [Duration::ZERO, Duration::from_millis(1500)] {
+        stop_during_a_build(after).await;
+    }
+}
+
+/// Starts a server that builds its templates, stops it `after` a build's VM has appeared, and
+/// checks that nothing of the build is left.
+async fn stop_during_a_build(after: Duration) {
+    use std::os::unix::fs::PermissionsExt;
+    // A cache of its own, with the shared one's guest images but no templates: the server
+    // builds them as it starts. QEMU (another user) must reach the images through it.
+    let shared = common::cache_dir();
+    // Short: QEMU's sockets go below it (a socket path has at most 107 bytes).
+    let cache = std::env::temp_dir().join(format!("cove-test-c{}", &rand_hex()[..8]));
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(&shared).unwrap() {
+        let name = entry.unwrap().file_name();
+        if name != "templates" {
+            std::os::unix::fs::symlink(shared.join(&name), cache.join(&name)).unwrap();
+        }
+    }
+    let data_dir = std::env::temp_dir().join(format!("cove-test-{}", rand_hex()));
+    let server = TestServer::start_on(cache.clone(), data_dir.clone(), &[], &[]);
+    // The build VMs are the processes that name this cache.
+    let building = || {
+        let needle = cache.display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline);
+                cmdline.starts_with("qemu-system") && cmdline.contains(&needle)
+            })
+            .collect::<Vec<u32>>()
+    };
+    common::eventually("a template build's VM", || !building().is_empty()).await;
+    tokio::time::sleep(after).await;
+    let keys: Vec<String> = std::fs::read_dir(cache.join("templates"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    server.kill(libc::SIGTERM);
+    // What is left is looked at, then cleared, then judged: a failure leaves nothing either.
+    let vms = building();
+    let files: Vec<&String> = keys.iter().filter(|k| cache.join("templates").join(k).exists()).collect();
+    let networks: Vec<String> = keys
+        .iter()
+        .map(|k| format!("cove-tmpl-{k}"))
+        .filter(|n| PathBuf::from("/run/netns").join(n).exists())
+        .collect();
+    for pid in &vms {
+        // SAFETY: kill(2) with plain integers.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(*pid as i32, libc::SIGKILL);
+        }
+    }
+    for n in &networks {
+        let _ = std::process::Command::new("ip").args(["netns", "del", n]).status();
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    let _ = std::fs::remove_dir_all(&data_dir);
+    assert!(vms.is_empty(), "stopped {after:?} in, the server left template build VMs running: {vms:?}");
+    assert!(files.is_empty(), "stopped {after:?} in, template builds left their files: {files:?}");
+    assert!(networks.is_empty(), "stopped {after:?} in, template builds left their networks: {networks:?}");
 }
 
 fn mount(args: &[&str], target: &std::path::Path) {

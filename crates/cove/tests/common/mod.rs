@@ -52,7 +52,16 @@ impl TestServer {
 
     /// Like `start_in`, with extra environment variables for the server.
     pub fn start_with(data_dir: PathBuf, extra_args: &[&str], envs: &[(&str, &str)]) -> TestServer {
-        let cache = cache_dir();
+        Self::start_on(cache_dir(), data_dir, extra_args, envs)
+    }
+
+    /// Like `start_with`, on the cache directory `cache` instead of the tests' shared one.
+    pub fn start_on(
+        cache: PathBuf,
+        data_dir: PathBuf,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> TestServer {
         assert!(
             cache.join("initramfs/initramfs.cpio").exists(),
             "{} has no guest images: run `cove setup` (scripts/test does) before the VM tests",
