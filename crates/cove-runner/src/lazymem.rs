@@ -281,7 +281,13 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
     });
     println!("ready");
     io::stdout().flush()?;
-    session.run()
+    match session.run() {
+        // The kernel ends the connection once the file's last user has gone. A request the
+        // server reads just as it does fails with ECONNABORTED instead of the usual ENODEV
+        // (which fuser takes as the end): the same end.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => Ok(()),
+        r => r,
+    }
 }
 
 /// The chunks to push while QEMU starts and those to push after (ascending indices): the
