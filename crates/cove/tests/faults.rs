@@ -2,7 +2,8 @@
 //! of a pause and of a resume (`COVE_FAULT` makes it kill itself at exactly that point, as
 //! `kill -9` would), restarted, and every sandbox must then be consistent: running with its
 //! VM, or paused with a complete image and no VM, with the guest's processes and files intact.
-//! And a blob store that fails during a pause leaves the sandbox running.
+//! And a blob store that fails during a pause leaves the sandbox running, and a server stopped
+//! while it builds templates leaves nothing of the builds.
 
 mod common;
 
