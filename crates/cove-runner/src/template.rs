@@ -83,6 +83,10 @@ struct Builds {
     under_way: HashMap<String, (TemplateSnapshot, bool)>,
 }
 
+fn shutting_down() -> RunnerError {
+    RunnerError::Unavailable("this runner is shutting down".into())
+}
+
 /// How long [`Templates::stop_builds`] waits for VMs being started.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -146,27 +150,23 @@ impl Templates {
 
     /// Enters `snap`'s build, VM `name`, in [`Builds`]; refused once the process is going.
     fn under_way(&self, name: &str, snap: &TemplateSnapshot) -> Result<UnderWay<'_>, RunnerError> {
-        self.mark(name, Some(snap), false)?;
+        let mut b = self.builds.lock().unwrap_or_else(|p| p.into_inner());
+        if b.stopping {
+            return Err(shutting_down());
+        }
+        b.under_way.insert(name.to_string(), (snap.clone(), false));
         Ok(UnderWay { builds: &self.builds, name: name.to_string() })
     }
 
-    /// Marks build `name` (entered anew with `snap`) as starting its VM or not; refused once
-    /// the process is going, so that a build starts no VM then, and ends one it just started.
-    fn mark(&self, name: &str, snap: Option<&TemplateSnapshot>, starting: bool) -> Result<(), RunnerError> {
+    /// Marks build `name` as starting its VM or not; an error once the process is going, so
+    /// that a build starts no VM then, and ends one it just started.
+    fn starting(&self, name: &str, starting: bool) -> Result<(), RunnerError> {
         let mut b = self.builds.lock().unwrap_or_else(|p| p.into_inner());
-        match snap {
-            Some(snap) if !b.stopping => {
-                b.under_way.insert(name.to_string(), (snap.clone(), starting));
-            }
-            Some(_) => {}
-            None => {
-                if let Some(entry) = b.under_way.get_mut(name) {
-                    entry.1 = starting;
-                }
-            }
+        if let Some(entry) = b.under_way.get_mut(name) {
+            entry.1 = starting;
         }
         match b.stopping {
-            true => Err(RunnerError::Unavailable("this runner is shutting down".into())),
+            true => Err(shutting_down()),
             false => Ok(()),
         }
     }
@@ -446,9 +446,9 @@ impl Templates {
             overhead_mib: self.cfg.overhead_mib,
             netns,
         };
-        self.mark(&spec.name, None, true)?;
+        self.starting(&spec.name, true)?;
         let started = vmm.start(&spec, &Boot::Fresh).await;
-        let going = self.mark(&spec.name, None, false);
+        let going = self.starting(&spec.name, false);
         let vm = started?;
         if let Err(e) = going {
             // The process began to go while this VM started: `stop_builds` waited for this.
