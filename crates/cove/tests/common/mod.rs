@@ -165,7 +165,7 @@ impl TestServer {
         let org = store.create_org(&format!("org-{}", rand_hex()), limit).unwrap();
         let key = cove_store::generate_key();
         store.add_key(&org.id, "test", &key).unwrap();
-        Api { url: self.url.clone(), key, http: client() }
+        Api { url: self.url.clone(), key, http: client(), data_dir: Some(self.data_dir.clone()) }
     }
 
     /// The value of one sample of the Prometheus endpoint, named with its labels exactly as
@@ -298,6 +298,8 @@ pub struct Api {
     pub url: String,
     pub key: String,
     pub http: reqwest::Client,
+    /// The server's data dir, whose log a 5xx answer is explained from.
+    pub data_dir: Option<PathBuf>,
 }
 
 pub struct Resp {
@@ -321,7 +323,12 @@ impl Api {
     /// keep-alive connections of a killed server look open until read, and a request sent on
     /// one fails, even when the new server listens on the same address.
     pub fn on(&self, server: &TestServer) -> Api {
-        Api { url: server.url.clone(), key: self.key.clone(), http: client() }
+        Api {
+            url: server.url.clone(),
+            key: self.key.clone(),
+            http: client(),
+            data_dir: Some(server.data_dir.clone()),
+        }
     }
 
     pub async fn req(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Resp {
@@ -329,20 +336,37 @@ impl Api {
         if let Some(b) = body {
             r = r.json(&b);
         }
-        Self::finish(r).await
+        self.finish(r).await
     }
 
     pub async fn raw(&self, r: reqwest::RequestBuilder) -> Resp {
-        Self::finish(r.bearer_auth(&self.key)).await
+        self.finish(r.bearer_auth(&self.key)).await
     }
 
-    async fn finish(r: reqwest::RequestBuilder) -> Resp {
+    async fn finish(&self, r: reqwest::RequestBuilder) -> Resp {
         let resp = r.send().await.expect("request failed");
         let status = resp.status().as_u16();
+        if status >= 500 {
+            self.explain_failure(status);
+        }
         let content_type =
             resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let body = resp.bytes().await.expect("reading body").to_vec();
         Resp { status, body, content_type }
+    }
+
+    /// Prints (into the test's captured output, shown if it fails) the server's last warnings:
+    /// a client sees only a message, the reason is in the log, and CI keeps nothing else.
+    fn explain_failure(&self, status: u16) {
+        let Some(dir) = &self.data_dir else { return };
+        let lines = server_log_lines(dir);
+        let warnings: Vec<&String> =
+            lines.iter().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+        let last = &warnings[warnings.len().saturating_sub(10)..];
+        eprintln!("the server answered {status}; its last warnings:");
+        for line in last {
+            eprintln!("  {line}");
+        }
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Resp {
