@@ -266,6 +266,10 @@ async fn stop_during_a_build(after: Duration) {
     // What is left is looked at, then cleared, then judged: a failure leaves nothing either.
     let vms = building();
     let files: Vec<&String> = keys.iter().filter(|k| cache.join("templates").join(k).exists()).collect();
+    // Template versions are named for the paths of their images, so these are this cache's.
+    let shm = cove_runner::RunnerConfig::new(cache.clone(), data_dir.clone()).template_shm_dir();
+    let ram: Vec<PathBuf> =
+        keys.iter().map(|k| shm.join(format!("tmpl-{k}.mem"))).filter(|f| f.exists()).collect();
     let networks: Vec<String> = keys
         .iter()
         .map(|k| format!("cove-tmpl-{k}"))
@@ -281,10 +285,14 @@ async fn stop_during_a_build(after: Duration) {
     for n in &networks {
         let _ = std::process::Command::new("ip").args(["netns", "del", n]).status();
     }
+    for f in &ram {
+        let _ = std::fs::remove_file(f);
+    }
     let _ = std::fs::remove_dir_all(&cache);
     let _ = std::fs::remove_dir_all(&data_dir);
     assert!(vms.is_empty(), "stopped {after:?} in, the server left template build VMs running: {vms:?}");
     assert!(files.is_empty(), "stopped {after:?} in, template builds left their files: {files:?}");
+    assert!(ram.is_empty(), "stopped {after:?} in, template builds left their RAM: {ram:?}");
     assert!(networks.is_empty(), "stopped {after:?} in, template builds left their networks: {networks:?}");
 }
 
