@@ -36,14 +36,30 @@ pub fn sealable_memfd(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
 
 /// Seals a memfd for good: no write, grow or shrink, and no seal taken off. Fails while a
 /// writable shared mapping of it exists.
+///
+/// The write seal also waits (~150 ms) for every page of the file to lose the references the
+/// kernel holds for a moment (a page being migrated, say), and fails with `EBUSY` if one
+/// keeps one: that failure is tried again, a few times.
 pub fn seal(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
     let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-    // SAFETY: fcntl on our fd with integer arguments.
-    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(std::io::Error::last_os_error());
+    let mut tries = 0;
+    loop {
+        // SAFETY: fcntl on our fd with integer arguments.
+        if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(fd), libc::F_ADD_SEALS, seals) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        tries += 1;
+        if e.raw_os_error() != Some(libc::EBUSY) || tries == SEAL_TRIES {
+            return Err(e);
+        }
+        tracing::warn!(tries, "sealing a memfd: pages still referenced, trying again");
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Ok(())
 }
+
+/// How many times [`seal`] tries.
+const SEAL_TRIES: u32 = 4;
 
 /// Detaches the mount at `path` (`umount2(MNT_DETACH)`): it is gone from the tree at once and
 /// lives on for what still holds it open. Not mounted there is not an error.
