@@ -71,7 +71,11 @@ impl SnapshotMemory {
         // The blob codec writes a path: the memfd's own, in this process.
         let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         cove_blob::unpack_file(store, prefix, memory, &path).await?;
-        crate::sys::seal(&fd).map_err(|e| RunnerError::io("sealing snapshot memory", e))?;
+        // Sealing may wait for the kernel (see `sys::seal`): not on the runtime's threads.
+        let fd = tokio::task::spawn_blocking(move || crate::sys::seal(&fd).map(|()| fd))
+            .await
+            .map_err(|e| RunnerError::io("sealing snapshot memory", std::io::Error::other(e)))?
+            .map_err(|e| RunnerError::io("sealing snapshot memory", e))?;
         let fd = Arc::new(fd);
         let mut kept = self.kept();
         kept.push((prefix.to_string(), fd.clone()));
