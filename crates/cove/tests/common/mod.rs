@@ -457,6 +457,9 @@ pub fn stored_images(data_dir: &std::path::Path) -> Vec<String> {
 
 // ---- Helpers of the pause, stop/start and snapshot tests ----
 
+/// How long a delete waits for a sandbox in a transition (409) to settle.
+const SETTLE: Duration = Duration::from_secs(60);
+
 /// Sandboxes and snapshots a test made and has not deleted itself: deleted when this is dropped,
 /// also when an assertion failed, from a thread of its own (a panicking async test cannot await).
 pub struct Leftovers {
@@ -482,10 +485,19 @@ impl Leftovers {
         self.paths.lock().unwrap().retain(|p| p != path);
     }
 
-    /// Deletes a sandbox now; panics unless 204.
+    /// Deletes a sandbox now, once it has settled; panics unless 204.
     pub async fn delete_sandbox(&self, id: &str) {
         let path = format!("/v1/sandbox/{id}");
-        let r = self.api.delete(&path).await;
+        let deadline = std::time::Instant::now() + SETTLE;
+        let r = loop {
+            let r = self.api.delete(&path).await;
+            // A sandbox in a transition (an auto-pause, say) answers 409: try again, as the
+            // message asks.
+            if r.status != 409 || std::time::Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         assert_eq!(r.status, 204, "deleting sandbox {id}: {}", r.text());
         self.forget(&path);
     }
@@ -511,7 +523,16 @@ impl Drop for Leftovers {
             rt.block_on(async {
                 let http = client();
                 for path in paths {
-                    let _ = http.delete(format!("{url}{path}")).bearer_auth(&key).send().await;
+                    let deadline = std::time::Instant::now() + SETTLE;
+                    while let Ok(r) = http.delete(format!("{url}{path}")).bearer_auth(&key).send().await {
+                        // A sandbox's 409 passes as it settles; a snapshot's (in use) does not.
+                        let settling =
+                            r.status() == reqwest::StatusCode::CONFLICT && path.starts_with("/v1/sandbox/");
+                        if !settling || std::time::Instant::now() > deadline {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 }
             });
         })
