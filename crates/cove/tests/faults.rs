@@ -241,19 +241,8 @@ async fn stop_during_a_build(after: Duration) {
     }
     let data_dir = std::env::temp_dir().join(format!("cove-test-{}", rand_hex()));
     let server = TestServer::start_on(cache.clone(), data_dir.clone(), &[], &[]);
-    // The build VMs are the processes that name this cache.
-    let building = || {
-        let needle = cache.display().to_string();
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                cmdline.starts_with("qemu-system") && cmdline.contains(&needle)
-            })
-            .collect::<Vec<u32>>()
-    };
+    // The build VMs are the QEMUs that name this cache.
+    let building = || common::qemu_pids_naming(&cache.display().to_string());
     common::eventually("a template build's VM", || !building().is_empty()).await;
     tokio::time::sleep(after).await;
     let keys: Vec<String> = std::fs::read_dir(cache.join("templates"))

@@ -435,7 +435,11 @@ pub fn assert_field(r: &Resp, field: &str) {
 
 /// Pids of the QEMU processes of sandbox `id` (their command line names the VM `cove-<id>,`).
 pub fn qemu_pids(id: &str) -> Vec<u32> {
-    let want = format!("cove-{id},");
+    qemu_pids_naming(&format!("cove-{id},"))
+}
+
+/// Pids of the live QEMU processes whose command line contains `want`.
+pub fn qemu_pids_naming(want: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
@@ -443,7 +447,8 @@ pub fn qemu_pids(id: &str) -> Vec<u32> {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let zombie = stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
-            String::from_utf8_lossy(&cmdline).contains(&want) && !zombie
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("qemu-system") && cmdline.contains(want) && !zombie
         })
         .collect()
 }
@@ -459,6 +464,19 @@ pub fn stored_images(data_dir: &std::path::Path) -> Vec<String> {
 
 /// How long a delete waits for a sandbox in a transition (409) to settle.
 const SETTLE: Duration = Duration::from_secs(60);
+
+/// Sends a delete until its answer is not `settling` (a sandbox in a transition, say an
+/// auto-pause, answers 409: try again, as the message asks) or [`SETTLE`] has passed.
+async fn once_settled<T>(mut send: impl AsyncFnMut() -> T, settling: impl Fn(&T) -> bool) -> T {
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let r = send().await;
+        if !settling(&r) || std::time::Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
 
 /// Sandboxes and snapshots a test made and has not deleted itself: deleted when this is dropped,
 /// also when an assertion failed, from a thread of its own (a panicking async test cannot await).
@@ -488,16 +506,7 @@ impl Leftovers {
     /// Deletes a sandbox now, once it has settled; panics unless 204.
     pub async fn delete_sandbox(&self, id: &str) {
         let path = format!("/v1/sandbox/{id}");
-        let deadline = std::time::Instant::now() + SETTLE;
-        let r = loop {
-            let r = self.api.delete(&path).await;
-            // A sandbox in a transition (an auto-pause, say) answers 409: try again, as the
-            // message asks.
-            if r.status != 409 || std::time::Instant::now() > deadline {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let r = once_settled(async || self.api.delete(&path).await, |r| r.status == 409).await;
         assert_eq!(r.status, 204, "deleting sandbox {id}: {}", r.text());
         self.forget(&path);
     }
@@ -523,16 +532,13 @@ impl Drop for Leftovers {
             rt.block_on(async {
                 let http = client();
                 for path in paths {
-                    let deadline = std::time::Instant::now() + SETTLE;
-                    while let Ok(r) = http.delete(format!("{url}{path}")).bearer_auth(&key).send().await {
-                        // A sandbox's 409 passes as it settles; a snapshot's (in use) does not.
-                        let settling =
-                            r.status() == reqwest::StatusCode::CONFLICT && path.starts_with("/v1/sandbox/");
-                        if !settling || std::time::Instant::now() > deadline {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+                    // A sandbox's 409 passes as it settles; a snapshot's (in use) does not.
+                    let sandbox = path.starts_with("/v1/sandbox/");
+                    let _ = once_settled(
+                        async || http.delete(format!("{url}{path}")).bearer_auth(&key).send().await,
+                        |r| sandbox && r.as_ref().is_ok_and(|r| r.status() == reqwest::StatusCode::CONFLICT),
+                    )
+                    .await;
                 }
             });
         })
