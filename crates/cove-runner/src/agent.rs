@@ -131,6 +131,11 @@ impl Greeting {
         Ok(Greeting { stream, nonce, version })
     }
 
+    /// Whether this greeting brings the guest its whole identity (else at most the clock).
+    pub fn tells_identity(&self) -> bool {
+        self.version == cove_proto::IDENTITY_VERSION
+    }
+
     /// Sends the time and fresh entropy that a clock greeting promised: called once the guest
     /// runs, so that the time is the host's when the guest reads it. A no-op for a plain
     /// greeting.

@@ -51,6 +51,21 @@ pub struct ImageManifest {
     /// (empty if it was not resumed since it booted): what a lazy resume needs before the rest.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub first: Vec<u32>,
+    /// What the guest had been told when it was saved ([`told_digest`] of its identity), if
+    /// known: a resume that would tell it the same tells it only the clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub told: Option<String>,
+}
+
+/// A digest of what an identity tells a guest that stays with it (hostname, environment,
+/// trusted CA, disk size), not the moment's clock and entropy: two identities with the same
+/// digest leave a guest the same.
+pub fn told_digest(identity: &cove_proto::Identity) -> String {
+    use sha2::Digest;
+    let lasting = cove_proto::Identity { unix_time_ns: 0, entropy_hex: String::new(), ..identity.clone() };
+    // Serializing a struct of strings, numbers and a sorted map cannot fail.
+    let json = serde_json::to_vec(&lasting).unwrap_or_default();
+    hex::encode(sha2::Sha256::digest(json))
 }
 
 impl ImageManifest {
@@ -77,4 +92,33 @@ pub async fn manifest(
     prefix: &str,
 ) -> Result<Option<ImageManifest>, cove_blob::BlobError> {
     cove_blob::read_manifest(store, prefix).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_told_digest_is_what_stays_with_a_guest() {
+        let id = cove_proto::Identity {
+            hostname: "sbx-1".into(),
+            env: [("A".to_string(), "1".to_string())].into(),
+            unix_time_ns: 1,
+            entropy_hex: "00".into(),
+            trust_pem: Some("ca".into()),
+            disk_bytes: Some(1 << 30),
+        };
+        let digest = told_digest(&id);
+        let now = cove_proto::Identity { unix_time_ns: 2, entropy_hex: "ff".into(), ..id.clone() };
+        assert_eq!(told_digest(&now), digest, "the clock and entropy of the moment do not count");
+        let changed = [
+            cove_proto::Identity { hostname: "sbx-2".into(), ..id.clone() },
+            cove_proto::Identity { env: [("A".to_string(), "2".to_string())].into(), ..id.clone() },
+            cove_proto::Identity { trust_pem: None, ..id.clone() },
+            cove_proto::Identity { disk_bytes: Some(2 << 30), ..id.clone() },
+        ];
+        for c in &changed {
+            assert_ne!(told_digest(c), digest, "{c:?}");
+        }
+    }
 }

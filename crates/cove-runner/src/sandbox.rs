@@ -18,7 +18,7 @@ use tokio::net::UnixStream;
 
 use crate::agent::{AgentClient, AgentError, Greeting};
 use crate::fsserve::{FsHost, Sources};
-use crate::image::{CaptureStats, ImageManifest, IMAGE_FORMAT};
+use crate::image::{told_digest, CaptureStats, ImageManifest, IMAGE_FORMAT};
 use crate::images::{Images, KERNEL_CMDLINE};
 use crate::net::NetworkFinish;
 use crate::template::TemplateSnapshot;
@@ -55,6 +55,16 @@ pub enum Origin<'a> {
     },
 }
 
+impl Origin<'_> {
+    /// What the guest had been told when its image was saved, if known.
+    fn told(&self) -> Option<&str> {
+        match self {
+            Origin::Image { manifest, .. } => manifest.told.as_deref(),
+            Origin::Template(..) => None,
+        }
+    }
+}
+
 pub struct SandboxVm {
     handle: VmHandle,
     dir: PathBuf,
@@ -69,6 +79,8 @@ pub struct SandboxVm {
     /// for a boot, or a VM adopted from another runner process): what its next resume needs
     /// first. Filled in the background after the restore.
     resume_set: Arc<Mutex<Vec<u32>>>,
+    /// What the guest has been told ([`told_digest`]), if known: recorded in its images.
+    told: Option<String>,
 }
 
 /// A VM stopped by a capture: its state is stored, its agent parked on `socket`.
@@ -436,7 +448,12 @@ impl SandboxVm {
         // connection vanish (which could cut the new one short). A warm resume is the same
         // machine going on: the greeting brings it the clock, and nothing else need be said.
         let socket = spec.agent_socket();
-        let greeting = if warm {
+        // So is a resume from an image saved after the guest was told what it would be told
+        // now: checking what it has would cost the guest just restored under emulation ~10 ms.
+        let told_before = origin.told();
+        let has_identity =
+            warm || (told_before.is_some() && told_before == identity.map(told_digest).as_deref());
+        let greeting = if has_identity {
             AgentClient::greet_with_clock(&socket).await
         } else if identity.and_then(cove_proto::identity_message).is_some() {
             AgentClient::greet_with_identity(&socket).await
@@ -493,9 +510,10 @@ impl SandboxVm {
         let (spec, handle, greeting, fs) =
             Self::start_vm(cfg, images, vmm, &origin, &req.id, network, Some(&told_all)).await?;
         let t_vm = t0.elapsed();
+        let clock_only = greeting.as_ref().is_some_and(|g| !g.tells_identity());
         let dir = paths(cfg, &req.id).0;
         let (memory, memory_file) = held(&spec, &dir);
-        let vm = SandboxVm {
+        let mut vm = SandboxVm {
             handle,
             dir,
             data_dir: cfg.data_dir.clone(),
@@ -504,6 +522,8 @@ impl SandboxVm {
             agent: tokio::sync::Mutex::new(None),
             fs: FsHost::new(&spec.run_dir, sources),
             resume_set: Default::default(),
+            // What it had when its image was saved, unless told afresh (below).
+            told: origin.told().map(str::to_string),
         };
         match fs {
             Some(stream) => vm.fs.serve(stream).await,
@@ -524,6 +544,9 @@ impl SandboxVm {
             None => (AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?, false),
         };
         let t_agent = t0.elapsed();
+        if told_in_greeting && !clock_only {
+            vm.told = Some(told_digest(&told_all));
+        }
         vm.record_resume_set(req.memory_mib << 20);
         // The greeting brought the guest what it needs, unless its agent predates that: a warm
         // resume is the same machine going on, on the runner that ran it, and needs the clock
@@ -532,6 +555,9 @@ impl SandboxVm {
             grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
             let told = if memory == Memory::Own { Told::ClockOnly } else { Told::All };
             apply_identity(&agent, req, &cfg.data_dir, told).await?;
+            if told == Told::All {
+                vm.told = Some(told_digest(&told_all));
+            }
         }
         guest_mounts(&agent, req).await?;
         tracing::debug!(
@@ -539,6 +565,7 @@ impl SandboxVm {
             agent_ms = t_agent.as_millis() as u64,
             identity_ms = t0.elapsed().as_millis() as u64,
             told_in_greeting,
+            clock_only,
             "sandbox VM restored"
         );
         *vm.agent.lock().await = Some(agent);
@@ -588,6 +615,7 @@ impl SandboxVm {
                 agent: tokio::sync::Mutex::new(None),
                 fs: FsHost::new(&spec.run_dir, sources),
                 resume_set: Default::default(),
+                told: Some(told_digest(&identity(req, &cfg.data_dir, Told::All))),
             };
             let ready = async {
                 vm.fs
@@ -642,6 +670,7 @@ impl SandboxVm {
             data_dir: cfg.data_dir.clone(),
             agent: tokio::sync::Mutex::new(None),
             resume_set: Default::default(),
+            told: None,
         })
     }
 
@@ -738,6 +767,7 @@ impl SandboxVm {
                 first: hot_chunks(&memory.chunks, &self.resume_set.lock().unwrap_or_else(|p| p.into_inner())),
                 memory,
                 disk: disk?,
+                told: self.told.clone(),
             };
             fault_point("capture.packed");
             cove_blob::write_manifest(store, prefix, &manifest).await?;

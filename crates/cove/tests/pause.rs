@@ -231,7 +231,9 @@ async fn a_warm_resume_reads_guest_memory_on_first_touch() {
 /// as the guest touches it: 64 MiB of random bytes in the guest's tmpfs are not resident after
 /// the resume and are after the guest reads them, with the same hash. The next pause stores
 /// what the guest wrote over the image's RAM, which a second such resume finds whole. The
-/// server of the RAM runs only as long as the VM, and nothing stays mounted.
+/// server of the RAM runs only as long as the VM, and nothing stays mounted. A guest whose
+/// identity has not changed since its pause is told only the clock; one whose identity has (here
+/// its egress CA, as on a runner that holds another) is told the new one.
 #[tokio::test]
 async fn a_cold_resume_serves_guest_memory_from_the_image() {
     let _turn = VM_TURN.acquire().await.unwrap();
@@ -252,15 +254,25 @@ async fn a_cold_resume_serves_guest_memory_from_the_image() {
                     tail -c $(wc -c < $ca) /etc/ssl/certs/ca-certificates.crt | cmp - $ca && echo trusted";
     assert_eq!(api.sh_ok(&id, identity).await, format!("{id}\n1\ntrusted\n"));
     // Round 2 resumes the image that round 1's lazily resumed VM was paused into.
+    let ca_file = server.data_dir.join("net").join(format!("{id}.pem"));
+    let first_ca = cove_net::ca::SandboxCa::from_pem(&std::fs::read_to_string(&ca_file).unwrap()).unwrap();
+    let new_ca = cove_net::ca::SandboxCa::generate(&id);
     for round in 1..=2 {
         pause(server, &api, &id).await;
         common::eventually("the RAM server ends with its VM", || lazy_servers(&id) == 0).await;
         common::eventually("the pause kept the RAM file warm", || warm.join("memory").exists()).await;
         std::fs::remove_dir_all(&warm).unwrap();
+        if round == 2 {
+            std::fs::write(&ca_file, new_ca.to_pem()).unwrap();
+        }
 
         assert_eq!(api.sh_ok(&id, "true").await, "");
         let before = lazy_mapping_rss(&id);
         assert_eq!(api.sh_ok(&id, identity).await, format!("{id}\n1\ntrusted\n"), "round {round}");
+        let trusted = api.sh_ok(&id, "cat /usr/local/share/ca-certificates/cove-egress.crt").await;
+        let want = if round == 2 { &new_ca } else { &first_ca };
+        assert_eq!(trusted, want.cert_pem(), "round {round}: the guest trusts its sandbox's CA of now");
+        assert_guest_clock(&api, &id).await;
         assert!(before < 48 << 20, "round {round}: {} MiB resident right after the resume", before >> 20);
         assert_eq!(
             api.sh_ok(&id, "sha256sum < /dev/shm/big").await,
@@ -284,16 +296,16 @@ async fn a_cold_resume_serves_guest_memory_from_the_image() {
     assert_eq!(api.sh_ok(&id, "sha256sum < /dev/shm/big").await, hash);
     assert_eq!(lazy_servers(&id), 0, "a warm resume needs no server");
     // Every greeting brought the guest what it needed: the identity (the clone from the
-    // template, both cold resumes), the clock (the warm resume).
+    // template, the cold resume after the CA changed), else the clock alone (the cold resume
+    // of the same guest, the warm resume).
     let needle = format!("sandbox_id={id}");
     let restored: Vec<_> = server_log_lines(&server.data_dir)
         .into_iter()
         .filter(|l| l.contains("sandbox VM restored") && l.contains(&needle))
         .collect();
-    assert!(
-        restored.len() == 4 && restored.iter().all(|l| l.contains("told_in_greeting=true")),
-        "{restored:#?}"
-    );
+    assert!(restored.iter().all(|l| l.contains("told_in_greeting=true")), "{restored:#?}");
+    let clock_only: Vec<bool> = restored.iter().map(|l| l.contains("clock_only=true")).collect();
+    assert_eq!(clock_only, [false, true, false, true], "{restored:#?}");
     left.delete_sandbox(&id).await;
     assert!(!server.data_dir.join("sandboxes").join(&id).exists());
 }

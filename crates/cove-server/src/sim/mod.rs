@@ -446,6 +446,7 @@ impl SandboxHost for SimHost {
             disk: packed("disk", bytes),
             hot: Vec::new(),
             first: Vec::new(),
+            told: None,
         };
         let stored = Image { guest: snapshot, manifest: manifest.clone(), complete: false };
         lock(&self.images()).insert(image.to_string(), stored);
