@@ -24,3 +24,48 @@ pub fn seek_data(f: &File, offset: u64) -> io::Result<Option<u64>> {
 pub fn seek_hole(f: &File, offset: u64) -> io::Result<u64> {
     Ok(lseek(f, offset, libc::SEEK_HOLE)?.unwrap_or(offset))
 }
+
+/// A read-only shared mapping of a whole file, unmapped on drop.
+pub struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `f` (which must be that long) for reading. The file must
+    /// not shrink while it is mapped (reading past its end raises SIGBUS): blobs are written
+    /// whole under another name and never truncated.
+    pub fn read_only(f: &File, len: u64) -> io::Result<Mapping> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        if len == 0 {
+            return Ok(Mapping { ptr: std::ptr::null_mut(), len: 0 });
+        }
+        // SAFETY: a new mapping of an open descriptor at an address the kernel chooses; no
+        // memory of this process is touched.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr, len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` is a live mapping of `len` readable bytes until `self` is dropped, and
+        // the slice borrows `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps the mapping made in `read_only`; no slice of it outlives `self`.
+            unsafe { libc::munmap(self.ptr, self.len) };
+        }
+    }
+}

@@ -12,7 +12,9 @@
 //! page cache (`FUSE_NOTIFY_STORE`) from both ends in turn from the moment the file is mounted,
 //! while QEMU starts, so the working set is there before the guest asks for it: first those the
 //! last restore touched until its agent answered (`LazyTable::first`), the rest at a low
-//! priority once QEMU has the file.
+//! priority once QEMU has the file. Beside that push the server checks every chunk of the blob
+//! against its crc32 (in place, in a mapping of it) and tells the runner, which restores the VM
+//! only once the whole RAM has passed.
 //!
 //! **Lifetime.** The server is a process of its own (`cove lazy-memory <sandbox dir>`), not a
 //! task of the runner, because QEMU outlives runner restarts and its RAM must stay readable:
@@ -98,6 +100,39 @@ pub fn is_lazy(sandbox: &Path) -> bool {
     dir(sandbox).join(TABLE).exists()
 }
 
+/// The RAM of an image, served: the file to map, and the server's check of every chunk.
+pub struct Served {
+    pub path: PathBuf,
+    checked: tokio::sync::oneshot::Receiver<Result<(), cove_blob::BlobError>>,
+}
+
+impl Served {
+    /// Waits for the server's check of every chunk of the RAM against its crc32 (it runs while
+    /// QEMU starts): a resume runs the guest only on memory that is whole, as an unpack would
+    /// have made sure, rather than fail on a damaged chunk when the guest first touches it.
+    pub async fn checked(self) -> Result<(), RunnerError> {
+        match self.checked.await {
+            Ok(checked) => Ok(checked?),
+            Err(_) => Err(RunnerError::io(
+                "checking guest memory",
+                io::Error::other("the lazy memory server ended before it checked the RAM"),
+            )),
+        }
+    }
+}
+
+/// What the server says once it has checked every chunk, or a damaged chunk as JSON after it.
+const CHECKED: &str = "checked";
+const DAMAGED: &str = "damaged ";
+
+/// A damaged chunk, as the server reports it.
+#[derive(Serialize, Deserialize)]
+struct Damaged {
+    file: String,
+    offset: u64,
+    reason: String,
+}
+
 /// Makes the RAM of image `prefix` (`packed`, with the working set `hot`) ready to be mapped
 /// from [`ram_path`]: fetches its blob, starts the server (`helper lazy-memory <sandbox>`) and
 /// waits until it has mounted. On error nothing is left running.
@@ -107,7 +142,7 @@ pub async fn prepare(
     table: LazyTable,
     sandbox: &Path,
     helper: &Path,
-) -> Result<PathBuf, RunnerError> {
+) -> Result<Served, RunnerError> {
     let d = dir(sandbox);
     remove(sandbox);
     // Root only: the mount allows other users (QEMU reads as the VM user) until it is detached.
@@ -131,10 +166,10 @@ pub async fn prepare(
         // Its own process group: a signal to the runner's (Ctrl-C) must not end it under QEMU.
         .process_group(0);
     let mut child = cmd.spawn().map_err(|e| RunnerError::io("starting the lazy memory server", e))?;
-    let stdout = child.stdout.take().expect("piped");
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
     let ready = async {
-        let mut line = String::new();
-        tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(stdout), &mut line).await?;
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await?;
         Ok::<_, io::Error>(line.trim() == "ready")
     };
     let ready = matches!(tokio::time::timeout(MOUNT_WAIT, ready).await, Ok(Ok(true)));
@@ -148,11 +183,30 @@ pub async fn prepare(
             io::Error::other(why.trim().to_string()),
         ));
     }
-    // Reap it whenever it ends (it outlives this runner if need be).
+    // Its check of every chunk comes next; then reap it whenever it ends (it outlives this
+    // runner if need be).
+    let (tx, checked) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
+        line.clear();
+        if tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await.is_ok() {
+            let said = line.trim_end();
+            let outcome = match said.strip_prefix(DAMAGED).map(serde_json::from_str::<Damaged>) {
+                _ if said == CHECKED => Some(Ok(())),
+                Some(Ok(d)) => Some(Err(cove_blob::BlobError::Corrupt {
+                    file: d.file,
+                    offset: d.offset,
+                    reason: d.reason,
+                })),
+                _ => None,
+            };
+            if let Some(outcome) = outcome {
+                let _ = tx.send(outcome);
+            }
+        }
+        drop(stdout);
         let _ = child.wait().await;
     });
-    Ok(ram_path(sandbox))
+    Ok(Served { path: ram_path(sandbox), checked })
 }
 
 /// Puts the image RAM that the VM of `sandbox` was resumed from at `dest` (a capture's first
@@ -176,17 +230,6 @@ pub async fn unpack(sandbox: &Path, dest: &Path) -> Result<bool, RunnerError> {
     let local = BlobStore::open(&d.display().to_string())?;
     cove_blob::unpack_file(&local, "", &table.file, dest).await?;
     Ok(true)
-}
-
-/// Checks every chunk of the RAM blob that `prepare` put beside `sandbox` against its crc32
-/// (on every core, nothing written): a resume runs the guest only on memory that is whole, as
-/// an unpack would have made sure, rather than fail on a damaged chunk when the guest first
-/// touches it. Runs while QEMU starts.
-pub fn verify(sandbox: &Path) -> Result<(), RunnerError> {
-    let d = dir(sandbox);
-    let table = read_table(&d)?;
-    PackedReader::open(&d.join(BLOB), table.file)?.verify()?;
-    Ok(())
 }
 
 fn read_table(d: &Path) -> Result<LazyTable, RunnerError> {
@@ -218,7 +261,7 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         cache: Arc::new(Mutex::new(Vec::new())),
         opened_tx: Mutex::new(Some(opened_tx)),
     };
-    let reader = fs.reader.clone();
+    let (reader, checker) = (fs.reader.clone(), fs.reader.clone());
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::NoSuid,
@@ -281,6 +324,28 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
     });
     println!("ready");
     io::stdout().flush()?;
+    // Every chunk checked, on a thread of its own beside the push, in this small process (a
+    // mapping of the blob in the runner's would take the runner's memory map lock).
+    std::thread::spawn(move || {
+        let said = match checker.verify() {
+            Ok(()) => CHECKED.to_string(),
+            Err(e) => {
+                let damaged = match e {
+                    cove_blob::BlobError::Corrupt { file, offset, reason } => {
+                        Damaged { file, offset, reason }
+                    }
+                    e => {
+                        // Its details (paths) stay in this server's log.
+                        tracing::error!(error = %e, "checking guest memory");
+                        Damaged { file: FILE.into(), offset: 0, reason: "the blob could not be read".into() }
+                    }
+                };
+                format!("{DAMAGED}{}", serde_json::to_string(&damaged).unwrap_or_default())
+            }
+        };
+        // The runner may have gone meanwhile: nobody to tell.
+        let _ = writeln!(io::stdout(), "{said}").and_then(|()| io::stdout().flush());
+    });
     match session.run() {
         // The kernel ends the connection once the file's last user has gone. A request the
         // server reads just as it does fails with ECONNABORTED instead of the usual ENODEV

@@ -360,7 +360,7 @@ impl SandboxVm {
             }
             Origin::Image { .. } if warm => GuestMemory::Private(private_memory_file(&dir)),
             Origin::Image { .. } => match &lazy {
-                Some(ram) => GuestMemory::Private(ram.clone()),
+                Some(ram) => GuestMemory::Private(ram.path.clone()),
                 None => GuestMemory::Shared(paths(cfg, id).1),
             },
         };
@@ -390,15 +390,11 @@ impl SandboxVm {
                 let (store, prefix, state, dest) =
                     ((*store).clone(), prefix.to_string(), manifest.state.clone(), state_file.clone());
                 // Served lazily, the RAM is still checked whole before the guest runs.
-                let check = lazy.is_some().then(|| dir.clone());
+                let check = lazy.map(crate::lazymem::Served::checked);
                 let fill = tokio::spawn(async move {
                     let verified = async {
                         match check {
-                            Some(dir) => tokio::task::spawn_blocking(move || crate::lazymem::verify(&dir))
-                                .await
-                                .map_err(|e| {
-                                    RunnerError::io("checking guest memory", std::io::Error::other(e))
-                                })?,
+                            Some(checked) => checked.await,
                             None => Ok(()),
                         }
                     };
