@@ -334,7 +334,12 @@ pub async fn destroy(id: &str) -> io::Result<()> {
         // now so that its slot is free at once.
         let _ = run("ip", &["link", "del", &net.host_veth()], None).await;
     }
-    run("ip", &["netns", "del", &name], None).await
+    match run("ip", &["netns", "del", &name], None).await {
+        // Another task removed it meanwhile (a stopping runner and the build it stops both
+        // clean up): gone is what was asked.
+        Err(_) if !netns::exists(&name) => Ok(()),
+        r => r,
+    }
 }
 
 /// Creates the veth pair on the lowest free slot; the kernel's refusal of a name in use is
