@@ -74,6 +74,38 @@ impl AgentClient {
         }
     }
 
+    /// As [`connect`](Self::connect), to a guest that is booting. The attempts abandoned while
+    /// it booted may still reach its agent as a host that has gone (connection events travel
+    /// apart from the data) and cut the session that followed; seen as an `http2 error` on a
+    /// template's first request. So the session is proven as a reconnect's is, and one that
+    /// breaks is replaced by a reconnect (which parks the agent first).
+    pub async fn connect_booting(socket: &Path, wait: Duration) -> Result<AgentClient, AgentError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let client = Self::connect(socket, wait).await?;
+        match client.prove().await {
+            Ok(()) => Ok(client),
+            Err(e) => {
+                tracing::warn!(error = %e, "the first session with a booted guest's agent broke; connecting again");
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                Self::reconnect(socket, left.max(Duration::from_secs(10))).await
+            }
+        }
+    }
+
+    /// Proves the session works end to end, twice, before it is handed out: if late news of an
+    /// earlier connection cuts it, that happens now, not to a caller's exec.
+    async fn prove(&self) -> Result<(), AgentError> {
+        for pause in [0, 50] {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let health =
+                self.call::<(), cove_proto::AgentInfo>(Method::GET, cove_proto::routes::HEALTH, None);
+            tokio::time::timeout(Duration::from_secs(2), health)
+                .await
+                .map_err(|_| AgentError::Connect("health check timed out".into()))??;
+        }
+        Ok(())
+    }
+
     async fn try_connect(socket: &Path) -> Result<AgentClient, AgentError> {
         Self::greet(socket).await?.finish().await
     }
@@ -277,19 +309,7 @@ impl AgentClient {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 park_on(&mut stream, left).await?;
                 let client = AgentClient::greet_on(stream).await?.finish().await?;
-                // Prove the session works end to end, twice, before handing it out: if late
-                // news of the old connection cuts it, that happens now, not to a caller's exec.
-                for pause in [0, 50] {
-                    tokio::time::sleep(Duration::from_millis(pause)).await;
-                    let health = client.call::<(), cove_proto::AgentInfo>(
-                        Method::GET,
-                        cove_proto::routes::HEALTH,
-                        None,
-                    );
-                    tokio::time::timeout(Duration::from_secs(2), health)
-                        .await
-                        .map_err(|_| AgentError::Connect("health check timed out".into()))??;
-                }
+                client.prove().await?;
                 Ok(client)
             };
             match tokio::time::timeout(left, attempt).await {

@@ -618,7 +618,7 @@ impl SandboxVm {
                     .connect(AGENT_WAIT_RECONNECT)
                     .await
                     .map_err(|e| RunnerError::io("connecting to the VM's fs port", e))?;
-                let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
+                let agent = AgentClient::connect_booting(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
                 grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
                 apply_identity(&agent, req, &cfg.data_dir, Told::All).await?;
                 guest_mounts(&agent, req).await?;

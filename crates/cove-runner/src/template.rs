@@ -456,8 +456,7 @@ impl Templates {
             return Err(e);
         }
         let result = async {
-            let agent = AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
-            agent.health().await?;
+            let agent = AgentClient::connect_booting(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
             // Page in the shell and the exec path once, so every clone starts warm.
             let warm = cove_api::process::ExecuteRequest {
                 command: "true".into(),
