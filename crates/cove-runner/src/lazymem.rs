@@ -133,6 +133,22 @@ struct Damaged {
     reason: String,
 }
 
+impl From<cove_blob::BlobError> for Damaged {
+    fn from(e: cove_blob::BlobError) -> Damaged {
+        match e {
+            cove_blob::BlobError::Corrupt { file, offset, reason } => Damaged { file, offset, reason },
+            // Its details (paths) stay in the server's log.
+            _ => Damaged { file: FILE.into(), offset: 0, reason: "the blob could not be read".into() },
+        }
+    }
+}
+
+impl From<Damaged> for cove_blob::BlobError {
+    fn from(d: Damaged) -> cove_blob::BlobError {
+        cove_blob::BlobError::Corrupt { file: d.file, offset: d.offset, reason: d.reason }
+    }
+}
+
 /// Makes the RAM of image `prefix` (`packed`, with the working set `hot`) ready to be mapped
 /// from [`ram_path`]: fetches its blob, starts the server (`helper lazy-memory <sandbox>`) and
 /// waits until it has mounted. On error nothing is left running.
@@ -190,15 +206,14 @@ pub async fn prepare(
         line.clear();
         if tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await.is_ok() {
             let said = line.trim_end();
-            let outcome = match said.strip_prefix(DAMAGED).map(serde_json::from_str::<Damaged>) {
-                _ if said == CHECKED => Some(Ok(())),
-                Some(Ok(d)) => Some(Err(cove_blob::BlobError::Corrupt {
-                    file: d.file,
-                    offset: d.offset,
-                    reason: d.reason,
-                })),
-                _ => None,
+            let outcome = if said == CHECKED {
+                Some(Ok(()))
+            } else {
+                let damaged =
+                    said.strip_prefix(DAMAGED).and_then(|j| serde_json::from_str::<Damaged>(j).ok());
+                damaged.map(|d| Err(d.into()))
             };
+            // Anything else is no answer: the resume fails as if the server had ended.
             if let Some(outcome) = outcome {
                 let _ = tx.send(outcome);
             }
@@ -330,17 +345,8 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         let said = match checker.verify() {
             Ok(()) => CHECKED.to_string(),
             Err(e) => {
-                let damaged = match e {
-                    cove_blob::BlobError::Corrupt { file, offset, reason } => {
-                        Damaged { file, offset, reason }
-                    }
-                    e => {
-                        // Its details (paths) stay in this server's log.
-                        tracing::error!(error = %e, "checking guest memory");
-                        Damaged { file: FILE.into(), offset: 0, reason: "the blob could not be read".into() }
-                    }
-                };
-                format!("{DAMAGED}{}", serde_json::to_string(&damaged).unwrap_or_default())
+                tracing::error!(error = %e, "checking guest memory");
+                format!("{DAMAGED}{}", serde_json::to_string(&Damaged::from(e)).unwrap_or_default())
             }
         };
         // The runner may have gone meanwhile: nobody to tell.
