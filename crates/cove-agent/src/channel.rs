@@ -33,7 +33,12 @@ pub struct Port {
 impl Port {
     pub(crate) fn open(path: &str) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-        let fd: OwnedFd = file.into();
+        Self::registered(file.into())
+    }
+
+    /// The port open on `fd`, made non-blocking and registered with the runtime (of which this
+    /// must be called from within).
+    fn registered(fd: OwnedFd) -> io::Result<Self> {
         sys::set_nonblocking(fd.as_fd())?;
         Ok(Port { fd: Some(sys::async_fd(fd)?) })
     }
@@ -132,39 +137,98 @@ fn find_port() -> io::Result<String> {
     Err(io::Error::new(io::ErrorKind::NotFound, "virtio-serial port cove.agent not found"))
 }
 
+/// Serves the host on the port for good. The greeting is read on a thread of its own with
+/// blocking calls (see [`Blocking`]); each connection it opens is served on the runtime.
 pub async fn serve_port(state: Arc<State>) -> io::Result<()> {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || greet_on_port(&runtime, &state)).await.map_err(io::Error::other)
+}
+
+fn greet_on_port(runtime: &tokio::runtime::Handle, state: &Arc<State>) -> ! {
+    // Open before any greeting, so that it is open in every snapshot of this guest.
+    if let Err(e) = sys::entropy_pool() {
+        eprintln!("cove-agent: opening /dev/urandom: {e}");
+    }
     let path = loop {
         match find_port() {
             Ok(p) => break p,
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     };
     let mut idle = IDLE_POLL.0;
     loop {
-        let mut port = match Port::open(&path) {
-            Ok(p) => p,
+        let mut port = match std::fs::OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => Blocking(f.into()),
             Err(e) => {
                 eprintln!("cove-agent: opening {path}: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
-        match handshake(&mut port, &|told| state.clone().tell(told)).await {
+        match runtime.block_on(handshake(&mut port, &|told| state.clone().tell(told))) {
             Ok(true) => {
                 idle = IDLE_POLL.0;
-                serve_connection(port, state.clone()).await;
+                let state = state.clone();
+                let served = runtime.spawn(async move {
+                    match Port::registered(port.0) {
+                        Ok(port) => serve_connection(port, state).await,
+                        Err(e) => eprintln!("cove-agent: serving {}: {e}", cove_proto::PORT_NAME),
+                    }
+                });
+                let _ = runtime.block_on(served);
             }
             // Host not connected (reads give EOF): look again shortly.
             Ok(false) => {
-                tokio::time::sleep(idle).await;
+                std::thread::sleep(idle);
                 idle = (idle * 2).min(IDLE_POLL.1);
             }
             Err(e) => {
                 eprintln!("cove-agent: handshake: {e}");
-                tokio::time::sleep(idle).await;
+                std::thread::sleep(idle);
                 idle = (idle * 2).min(IDLE_POLL.1);
             }
         }
+    }
+}
+
+/// The port, read and written with blocking calls, for the greeting. An agent waiting for its
+/// host (parked before a snapshot, say) waits in a plain thread's `read`: the first bytes of a
+/// restored guest's host wake that thread directly, with no event loop and worker wake-ups in
+/// between. Under emulation every path a restored guest runs is translated afresh, and those
+/// wake-ups were about a fifth of what a resumed guest ran before it answered.
+struct Blocking(OwnedFd);
+
+impl AsyncRead for Blocking {
+    fn poll_read(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match sys::read(self.0.as_fd(), buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Blocking {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match sys::write(self.0.as_fd(), data) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -80,11 +80,23 @@ pub fn set_realtime(unix_ns: u128) -> io::Result<()> {
     check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
 }
 
+/// `/dev/urandom`, opened once and kept (see `channel::greet_on_port`, which opens it before a
+/// template's snapshot is taken): a restored guest then does not walk the path and run the
+/// open's security hooks (~400 blocks of its kernel to translate under emulation) before it
+/// answers its host.
+pub fn entropy_pool() -> io::Result<&'static std::fs::File> {
+    static URANDOM: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+    if let Some(f) = URANDOM.get() {
+        return Ok(f);
+    }
+    let opened = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    Ok(URANDOM.get_or_init(|| opened))
+}
+
 /// Credits `entropy` to the kernel's pool and forces the CRNG to reseed, so clones restored from
 /// one snapshot stop sharing random streams.
 pub fn add_entropy(entropy: &[u8]) -> io::Result<()> {
-    use std::fs::OpenOptions;
-    let f = OpenOptions::new().write(true).open("/dev/urandom")?;
+    let f = entropy_pool()?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
     let mut buf: Vec<u8> = Vec::with_capacity(8 + entropy.len());
     buf.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
