@@ -444,6 +444,43 @@ mod tests {
         (answer, session, told)
     }
 
+    /// The port's greeting is read with blocking calls off the runtime: a clock greeting over a
+    /// socket pair is answered, and the host's bytes after the greeting stay unread for the
+    /// session that follows.
+    #[test]
+    fn a_greeting_read_with_blocking_calls_is_answered() {
+        use std::io::{BufRead, Write};
+        let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut guest = Blocking(guest.into());
+        let mut writer = host.try_clone().unwrap();
+        let host_side = std::thread::spawn(move || {
+            writer.write_all(cove_proto::hello_line_of(cove_proto::CLOCK_VERSION, 7).as_bytes()).unwrap();
+            writer.write_all(cove_proto::clock_line(5, &[1, 2]).as_bytes()).unwrap();
+            let mut answer = String::new();
+            std::io::BufReader::new(&host).read_line(&mut answer).unwrap();
+            // What comes after the answer (HTTP/2, in the agent) is the session's.
+            writer.write_all(b"after").unwrap();
+            answer
+        });
+        let told = Mutex::new(Vec::new());
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let session = runtime
+            .block_on(handshake(&mut guest, &|t| {
+                told.lock().unwrap().push(t);
+                Box::pin(async { Ok(()) })
+            }))
+            .unwrap();
+        assert!(session);
+        assert_eq!(
+            host_side.join().unwrap(),
+            cove_proto::ready_line_of(cove_proto::CLOCK_VERSION, &format!("{:016x}", 7))
+        );
+        assert!(matches!(told.lock().unwrap().as_slice(), [Told::Clock(5, e)] if e == &[1, 2]));
+        let mut rest = [0u8; 5];
+        runtime.block_on(guest.read_exact(&mut rest)).unwrap();
+        assert_eq!(&rest, b"after");
+    }
+
     #[tokio::test]
     async fn an_identity_greeting_is_answered_once_its_identity_is_applied() {
         let id = cove_proto::Identity {
