@@ -175,7 +175,9 @@ fn greet_on_port(runtime: &tokio::runtime::Handle, state: &Arc<State>) -> ! {
                         Err(e) => eprintln!("cove-agent: serving {}: {e}", cove_proto::PORT_NAME),
                     }
                 });
-                let _ = runtime.block_on(served);
+                if let Err(e) = runtime.block_on(served) {
+                    eprintln!("cove-agent: the session on {} ended in a panic: {e}", cove_proto::PORT_NAME);
+                }
             }
             // Host not connected (reads give EOF): look again shortly.
             Ok(false) => {
