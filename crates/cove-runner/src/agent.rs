@@ -32,6 +32,9 @@ pub enum AgentError {
     Status { status: StatusCode, message: String, field: Option<String> },
 }
 
+/// How long a health check that proves a new session may take (see [`AgentClient::prove`]).
+const PROVE_WAIT: Duration = Duration::from_secs(10);
+
 /// A connected agent. Cheap to clone; all clones share the one connection.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -82,10 +85,18 @@ impl AgentClient {
     pub async fn connect_booting(socket: &Path, wait: Duration) -> Result<AgentClient, AgentError> {
         let deadline = tokio::time::Instant::now() + wait;
         let client = Self::connect(socket, wait).await?;
-        match client.prove().await {
+        let proved = match crate::sandbox::fault_injected("agent.first-session") {
+            true => Err(AgentError::Connect("COVE_FAULT: the first session broke".into())),
+            false => client.prove().await,
+        };
+        match proved {
             Ok(()) => Ok(client),
             Err(e) => {
                 tracing::warn!(error = %e, "the first session with a booted guest's agent broke; connecting again");
+                // Closed first: QEMU serves one connection to the port at a time, and a guest
+                // that was only slow to answer keeps this one alive, so a new one would wait
+                // unaccepted until the reconnect gave up (a template upload that hung 180 s).
+                drop(client);
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 Self::reconnect(socket, left.max(Duration::from_secs(10))).await
             }
@@ -93,13 +104,15 @@ impl AgentClient {
     }
 
     /// Proves the session works end to end, twice, before it is handed out: if late news of an
-    /// earlier connection cuts it, that happens now, not to a caller's exec.
+    /// earlier connection cuts it, that happens now, not to a caller's exec. A cut session fails
+    /// at once; the limit is for a guest that answers nothing, and is generous because a guest
+    /// just booted on a loaded host runs its first request slowly (a reconnect is slower still).
     async fn prove(&self) -> Result<(), AgentError> {
         for pause in [0, 50] {
             tokio::time::sleep(Duration::from_millis(pause)).await;
             let health =
                 self.call::<(), cove_proto::AgentInfo>(Method::GET, cove_proto::routes::HEALTH, None);
-            tokio::time::timeout(Duration::from_secs(2), health)
+            tokio::time::timeout(PROVE_WAIT, health)
                 .await
                 .map_err(|_| AgentError::Connect("health check timed out".into()))??;
         }

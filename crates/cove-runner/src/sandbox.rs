@@ -992,10 +992,17 @@ fn remove_files(dir: &Path, memory_file: &Path) -> Result<(), RunnerError> {
 /// Crash-test hook: when `COVE_FAULT` names this point, the process kills itself with SIGKILL
 /// right here, exactly like `kill -9` from outside. Unset in production.
 pub fn fault_point(name: &str) {
-    if std::env::var("COVE_FAULT").is_ok_and(|v| v.split(',').any(|p| p == name)) {
+    if fault_injected(name) {
         tracing::error!(point = name, "COVE_FAULT: killing this process");
         crate::sys::kill_self();
     }
+}
+
+/// Whether `COVE_FAULT` names `name`: for a failure that a test has the process act out
+/// without dying (see [`fault_point`]), so that a recovery path runs on a real VM. Unset in
+/// production.
+pub fn fault_injected(name: &str) -> bool {
+    std::env::var("COVE_FAULT").is_ok_and(|v| v.split(',').any(|p| p == name))
 }
 
 /// Whether `manifest`'s image can be restored on this host, whose [`crate::HostInfo::compat`]

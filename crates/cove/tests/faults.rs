@@ -212,6 +212,31 @@ async fn a_corrupt_image_is_refused_and_the_sandbox_stays_paused() {
     server.kill(libc::SIGTERM);
 }
 
+/// A booted guest's first agent session that breaks (`COVE_FAULT` has the host take it as broken)
+/// is replaced by a new one, and the boot goes on: once with the old session still open, the
+/// new one was never accepted (QEMU serves one connection at a time) and the boot failed after
+/// minutes. A stopped sandbox's start is a fresh boot.
+#[tokio::test]
+async fn a_broken_first_session_with_a_booted_guest_is_replaced() {
+    let dir = fresh_dir();
+    let server = TestServer::start_with(dir.clone(), &[], &[("COVE_FAULT", "agent.first-session")]);
+    let api = server.new_org(None);
+    let id = api.create(json!({})).await;
+    api.sh_ok(&id, "echo kept > /home/user/kept").await;
+    assert_eq!(api.action(&id, "stop").await.status, 200);
+    let r = api.action(&id, "start").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(api.sh_ok(&id, "cat /home/user/kept").await, "kept\n");
+    let replaced = common::server_log_lines(&dir)
+        .iter()
+        .filter(|l| l.contains("the first session with a booted guest's agent broke"))
+        .count();
+    assert!(replaced >= 1, "the fault never made a first session break");
+    assert_eq!(api.delete(&format!("/v1/sandbox/{id}")).await.status, 204);
+    server.kill(libc::SIGTERM);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A server stopped (SIGTERM) while it builds its system templates in the background leaves no
 /// build VM, network or file behind: the next start cannot take a build over, it builds again.
 #[tokio::test]
