@@ -455,8 +455,10 @@ impl Templates {
             vmm.destroy(&vm).await?;
             return Err(e);
         }
+        let steps = FirstBoot { template: &snap.template, started: std::time::Instant::now() };
         let result = async {
             let agent = AgentClient::connect_booting(&spec.agent_socket(), AGENT_WAIT_BOOT).await?;
+            steps.done("the agent answered");
             // Page in the shell and the exec path once, so every clone starts warm.
             let warm = cove_api::process::ExecuteRequest {
                 command: "true".into(),
@@ -465,13 +467,14 @@ impl Templates {
                 timeout: Some(30),
             };
             // An image without a shell answers 400 here, which is fine: it runs no commands.
-            match agent.exec(&warm).await {
+            match steps.within("the first command", STEP_WAIT, agent.exec(&warm)).await? {
                 Ok(_) => {}
                 Err(crate::AgentError::Status { status, message, .. }) if status.is_client_error() => {
                     tracing::info!(template = %snap.template, %message, "commands cannot run in this template");
                 }
                 Err(e) => return Err(e.into()),
             }
+            steps.done("the first command ran");
             if let Some(probe) = cove_api::template::system_template(&snap.template).and_then(|t| t.ready_probe) {
                 let ready = cove_api::process::ExecuteRequest {
                     command: probe.into(),
@@ -493,11 +496,13 @@ impl Templates {
             // it proves it got there, and keeping the parked socket open during the save means
             // the guest sees no disconnect: every clone wakes up reading its port, so the first
             // bytes of its new host reach a fresh handshake.
-            agent.detach().await?;
+            steps.within("leaving the session", STEP_WAIT, agent.detach()).await??;
             drop(agent);
             let parked = AgentClient::park(&spec.agent_socket(), std::time::Duration::from_secs(10)).await?;
+            steps.done("the agent parked");
             vmm.save(&vm, &snap.state_file()).await?;
             drop(parked);
+            steps.done("saved");
             Ok::<(), RunnerError>(())
         }
         .await;
@@ -538,6 +543,38 @@ fn move_to_disk(from: &Path, to: &Path) -> std::io::Result<()> {
     dst.sync_all()?;
     std::fs::rename(&tmp, to)?;
     std::fs::remove_file(from)
+}
+
+/// How long a step of a first boot with no limit of its own (the first command, leaving the
+/// session) may take before the boot counts as failed: far more than either takes on a loaded
+/// host, so that a stuck guest fails the build, naming the step, instead of holding it forever.
+const STEP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A template's first boot, for its log: each step as it is done, with the time since the VM
+/// started, so that a boot that is slow or stuck shows where.
+struct FirstBoot<'a> {
+    template: &'a str,
+    started: std::time::Instant,
+}
+
+impl FirstBoot<'_> {
+    fn done(&self, step: &str) {
+        let elapsed_ms = self.started.elapsed().as_millis() as u64;
+        tracing::info!(template = %self.template, elapsed_ms, "first boot: {step}");
+    }
+
+    /// `fut`, which is step `what`, unless it takes longer than `limit`.
+    async fn within<T>(
+        &self,
+        what: &str,
+        limit: std::time::Duration,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, RunnerError> {
+        tokio::time::timeout(limit, fut).await.map_err(|_| {
+            crate::AgentError::Request(format!("{what} took over {} s at the first boot", limit.as_secs()))
+                .into()
+        })
+    }
 }
 
 /// How long a system template's service may take to get ready at its first boot.
