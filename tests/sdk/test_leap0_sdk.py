@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import os
 import queue
+import re
 import secrets
 import shlex
 import shutil
@@ -83,6 +84,9 @@ def stored_metadata(server: "CoveServer") -> bytes:
 
 
 class CoveServer:
+    # The servers running now: a failed test's report ends with their logs (conftest.py).
+    running: set["CoveServer"] = set()
+
     def __init__(self, extra_args: list[str] | None = None, listen: str = "127.0.0.1:0") -> None:
         if not COVE_BIN.is_file():
             raise RuntimeError(f"{COVE_BIN} not found: build it with `cargo build -p cove`")
@@ -125,6 +129,7 @@ class CoveServer:
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
+        CoveServer.running.add(self)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         self.base_url = ""
         while not self.base_url:
@@ -143,9 +148,11 @@ class CoveServer:
 
     def log_tail(self, n: int = 60) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no server log)"
+        # Without the colours the server gives its log.
+        return "\n".join(re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()[-n:])
 
     def _leftover_qemu_pids(self) -> list[int]:
         """QEMU processes whose command line names this server's data dir."""
@@ -163,6 +170,7 @@ class CoveServer:
         return pids
 
     def stop(self) -> None:
+        CoveServer.running.discard(self)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
