@@ -276,7 +276,7 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         cache: Arc::new(Mutex::new(Vec::new())),
         opened_tx: Mutex::new(Some(opened_tx)),
     };
-    let (reader, checker) = (fs.reader.clone(), fs.reader.clone());
+    let reader = fs.reader.clone();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::NoSuid,
@@ -293,10 +293,25 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
     if let Err(e) = set_read_ahead(&mnt) {
         tracing::warn!(error = %e, "read-ahead of the RAM file not raised");
     }
+    println!("ready");
+    io::stdout().flush()?;
     std::thread::spawn(move || {
         // What the resume needs first, while QEMU starts: a lookup makes the kernel know the
         // file's inode, and QEMU's open keeps what is in its page cache (FOPEN_KEEP_CACHE).
         let pushed = std::fs::metadata(&file).is_ok() && push(&reader, &notifier, &first);
+        // Then every chunk checked, on this same thread: QEMU starts meanwhile on a host that
+        // may have two cores, and a third busy thread took from its start more than the check
+        // gained by starting sooner (a mapping of the blob in the runner's would take the
+        // runner's memory map lock, so it is done in this small process).
+        let said = match reader.verify() {
+            Ok(()) => CHECKED.to_string(),
+            Err(e) => {
+                tracing::error!(error = %e, "checking guest memory");
+                format!("{DAMAGED}{}", serde_json::to_string(&Damaged::from(e)).unwrap_or_default())
+            }
+        };
+        // The runner may have gone meanwhile: nobody to tell.
+        let _ = writeln!(io::stdout(), "{said}").and_then(|()| io::stdout().flush());
         if opened_rx.recv_timeout(OPEN_WAIT).is_err() {
             // Nobody came: end (a detached mount without users ends the session).
             let _ = crate::sys::detach(&mnt);
@@ -336,21 +351,6 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
             tracing::debug!(error = %e, "guest memory not unpacked in the background");
             let _ = std::fs::remove_file(&partial);
         }
-    });
-    println!("ready");
-    io::stdout().flush()?;
-    // Every chunk checked, on a thread of its own beside the push, in this small process (a
-    // mapping of the blob in the runner's would take the runner's memory map lock).
-    std::thread::spawn(move || {
-        let said = match checker.verify() {
-            Ok(()) => CHECKED.to_string(),
-            Err(e) => {
-                tracing::error!(error = %e, "checking guest memory");
-                format!("{DAMAGED}{}", serde_json::to_string(&Damaged::from(e)).unwrap_or_default())
-            }
-        };
-        // The runner may have gone meanwhile: nobody to tell.
-        let _ = writeln!(io::stdout(), "{said}").and_then(|()| io::stdout().flush());
     });
     match session.run() {
         // The kernel ends the connection once the file's last user has gone. A request the
