@@ -467,7 +467,7 @@ impl Templates {
                 timeout: Some(30),
             };
             // An image without a shell answers 400 here, which is fine: it runs no commands.
-            match steps.within("the first command", STEP_WAIT, agent.exec(&warm)).await? {
+            match steps.within("the first command", agent.exec(&warm)).await? {
                 Ok(_) => {}
                 Err(crate::AgentError::Status { status, message, .. }) if status.is_client_error() => {
                     tracing::info!(template = %snap.template, %message, "commands cannot run in this template");
@@ -496,7 +496,7 @@ impl Templates {
             // it proves it got there, and keeping the parked socket open during the save means
             // the guest sees no disconnect: every clone wakes up reading its port, so the first
             // bytes of its new host reach a fresh handshake.
-            steps.within("leaving the session", STEP_WAIT, agent.detach()).await??;
+            steps.within("leaving the session", agent.detach()).await??;
             drop(agent);
             let parked = AgentClient::park(&spec.agent_socket(), std::time::Duration::from_secs(10)).await?;
             steps.done("the agent parked");
@@ -563,16 +563,15 @@ impl FirstBoot<'_> {
         tracing::info!(template = %self.template, elapsed_ms, "first boot: {step}");
     }
 
-    /// `fut`, which is step `what`, unless it takes longer than `limit`.
+    /// `fut`, which is step `what`, unless it takes longer than [`STEP_WAIT`].
     async fn within<T>(
         &self,
         what: &str,
-        limit: std::time::Duration,
         fut: impl std::future::Future<Output = T>,
     ) -> Result<T, RunnerError> {
-        tokio::time::timeout(limit, fut).await.map_err(|_| {
-            crate::AgentError::Request(format!("{what} took over {} s at the first boot", limit.as_secs()))
-                .into()
+        tokio::time::timeout(STEP_WAIT, fut).await.map_err(|_| {
+            let secs = STEP_WAIT.as_secs();
+            crate::AgentError::Request(format!("{what} took over {secs} s at the first boot")).into()
         })
     }
 }
