@@ -12,9 +12,10 @@
 //! page cache (`FUSE_NOTIFY_STORE`) from both ends in turn from the moment the file is mounted,
 //! while QEMU starts, so the working set is there before the guest asks for it: first those the
 //! last restore touched until its agent answered (`LazyTable::first`), the rest at a low
-//! priority once QEMU has the file. Beside that push the server checks every chunk of the blob
-//! against its crc32 (in place, in a mapping of it) and tells the runner, which restores the VM
-//! only once the whole RAM has passed.
+//! priority once QEMU has the file. Between the two the server checks every chunk of the blob
+//! against its crc32 (in place, in a mapping of it) and tells the runner, whose resume answers
+//! only once the whole RAM has passed; the guest runs meanwhile, and every chunk it reads is
+//! checked as it is decoded.
 //!
 //! **Lifetime.** The server is a process of its own (`cove lazy-memory <sandbox dir>`), not a
 //! task of the runner, because QEMU outlives runner restarts and its RAM must stay readable:
@@ -108,8 +109,9 @@ pub struct Served {
 
 impl Served {
     /// Waits for the server's check of every chunk of the RAM against its crc32 (it runs while
-    /// QEMU starts): a resume runs the guest only on memory that is whole, as an unpack would
-    /// have made sure, rather than fail on a damaged chunk when the guest first touches it.
+    /// QEMU starts and the guest's first moments): a resume answers only once the memory is
+    /// known whole, as an unpack would have made sure, rather than leave a guest that fails on
+    /// a damaged chunk when it first touches it.
     pub async fn checked(self) -> Result<(), RunnerError> {
         match self.checked.await {
             Ok(checked) => Ok(checked?),
@@ -299,10 +301,12 @@ pub fn serve(sandbox: &Path) -> io::Result<()> {
         // What the resume needs first, while QEMU starts: a lookup makes the kernel know the
         // file's inode, and QEMU's open keeps what is in its page cache (FOPEN_KEEP_CACHE).
         let pushed = std::fs::metadata(&file).is_ok() && push(&reader, &notifier, &first);
-        // Then every chunk checked, on this same thread: QEMU starts meanwhile on a host that
-        // may have two cores, and a third busy thread took from its start more than the check
-        // gained by starting sooner (a mapping of the blob in the runner's would take the
-        // runner's memory map lock, so it is done in this small process).
+        // Then every chunk checked, on this same thread, while QEMU starts and the guest has its
+        // first moments (the resume's answer waits for it, the guest does not): QEMU starts
+        // meanwhile on a host that may have two cores, and a third busy thread took from its
+        // start more than the check gained by starting sooner (a mapping of the blob in the
+        // runner's would take the runner's memory map lock, so it is done in this small
+        // process).
         let said = match reader.verify() {
             Ok(()) => CHECKED.to_string(),
             Err(e) => {

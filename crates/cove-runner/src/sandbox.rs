@@ -256,6 +256,31 @@ fn io_join<T>(r: Result<std::io::Result<T>, tokio::task::JoinError>, what: &str)
     }
 }
 
+/// A VM started from its origin (see `SandboxVm::start_vm`).
+struct Started {
+    spec: VmSpec,
+    handle: VmHandle,
+    greeting: Option<Greeting>,
+    fs: Option<UnixStream>,
+    /// The check of every chunk of a RAM served lazily, under way while the guest runs: every
+    /// chunk the guest reads is checked as it is decoded, and this one tells of a damaged chunk
+    /// anywhere before the resume answers, so that the sandbox stays paused rather than fail
+    /// later when its guest touches it.
+    checked: Option<tokio::task::JoinHandle<Result<(), RunnerError>>>,
+}
+
+/// Waits for `checked` (see [`Started::checked`]), if there is one.
+async fn memory_checked(
+    checked: Option<tokio::task::JoinHandle<Result<(), RunnerError>>>,
+) -> Result<(), RunnerError> {
+    match checked {
+        Some(check) => {
+            check.await.map_err(|e| RunnerError::io("checking guest memory", std::io::Error::other(e)))?
+        }
+        None => Ok(()),
+    }
+}
+
 impl SandboxVm {
     /// Makes the sandbox's VM from `origin` and gives the guest its identity. On failure every
     /// file and process of the attempt is gone.
@@ -291,7 +316,8 @@ impl SandboxVm {
     /// and the `network` finished meanwhile, the RAM into a file already at its full size, and
     /// QEMU gets the state only once all are done. The guest is greeted before it runs; the
     /// greeting brings it the clock (a warm resume) or `identity` if given (anything else), once
-    /// it runs and its disk has the sandbox's size.
+    /// it runs and its disk has the sandbox's size. A RAM served lazily is checked whole while
+    /// the guest runs (see [`Started::checked`]).
     #[allow(clippy::too_many_arguments)]
     async fn start_vm(
         cfg: &RunnerConfig,
@@ -301,7 +327,7 @@ impl SandboxVm {
         id: &str,
         network: &mut NetworkFinish,
         identity: Option<&cove_proto::Identity>,
-    ) -> Result<(VmSpec, VmHandle, Option<Greeting>, Option<UnixStream>), RunnerError> {
+    ) -> Result<Started, RunnerError> {
         let meta = match origin {
             Origin::Template(t, _) => VmMeta {
                 template: t.template.clone(),
@@ -389,19 +415,9 @@ impl SandboxVm {
                 }
                 let (store, prefix, state, dest) =
                     ((*store).clone(), prefix.to_string(), manifest.state.clone(), state_file.clone());
-                // Served lazily, the RAM is still checked whole before the guest runs.
-                let check = lazy.map(crate::lazymem::Served::checked);
                 let fill = tokio::spawn(async move {
-                    let verified = async {
-                        match check {
-                            Some(checked) => checked.await,
-                            None => Ok(()),
-                        }
-                    };
-                    let (s, m) =
-                        tokio::join!(cove_blob::unpack_file(&store, &prefix, &state, &dest), verified);
-                    s?;
-                    m
+                    cove_blob::unpack_file(&store, &prefix, &state, &dest).await?;
+                    Ok::<(), RunnerError>(())
                 });
                 (state_file, fill)
             }
@@ -429,6 +445,14 @@ impl SandboxVm {
             }
         };
         let t0 = Instant::now();
+        // Served lazily, the RAM is checked whole while the guest runs.
+        let checked = lazy.map(|ram| {
+            tokio::spawn(async move {
+                let checked = ram.checked().await;
+                tracing::debug!(checked_ms = t0.elapsed().as_millis() as u64, "guest memory checked");
+                checked
+            })
+        });
         let spawned = vmm.spawn(&spec, &Boot::Restore { state_file: state_file.clone() }).await;
         let spawn_ms = t0.elapsed().as_millis() as u64;
         let (filled, networked) = tokio::join!(fill, network.wait());
@@ -477,7 +501,8 @@ impl SandboxVm {
         };
         if let Err(e) = grown {
             let _ = vmm.destroy(&handle).await;
-            return Err(e);
+            // A damaged chunk the guest touched ended its QEMU: the check names it.
+            return Err(memory_checked(checked).await.err().unwrap_or(e));
         }
         if let Some(g) = greeting.as_mut() {
             let sent = match identity {
@@ -489,7 +514,7 @@ impl SandboxVm {
                 greeting = None;
             }
         }
-        Ok((spec, handle, greeting, fs))
+        Ok(Started { spec, handle, greeting, fs, checked })
     }
 
     async fn create_inner(
@@ -503,69 +528,79 @@ impl SandboxVm {
     ) -> Result<SandboxVm, RunnerError> {
         let t0 = Instant::now();
         let told_all = identity(req, &cfg.data_dir, Told::All);
-        let (spec, handle, greeting, fs) =
+        let Started { spec, handle, greeting, fs, checked } =
             Self::start_vm(cfg, images, vmm, &origin, &req.id, network, Some(&told_all)).await?;
-        let t_vm = t0.elapsed();
-        let clock_only = greeting.as_ref().is_some_and(|g| !g.tells_identity());
-        let dir = paths(cfg, &req.id).0;
-        let (memory, memory_file) = held(&spec, &dir);
-        let mut vm = SandboxVm {
-            handle,
-            dir,
-            data_dir: cfg.data_dir.clone(),
-            memory_file,
-            memory,
-            agent: tokio::sync::Mutex::new(None),
-            fs: FsHost::new(&spec.run_dir, sources),
-            resume_set: Default::default(),
-            // What it had when its image was saved, unless told afresh (below).
-            told: origin.told().map(str::to_string),
-        };
-        match fs {
-            Some(stream) => vm.fs.serve(stream).await,
-            None => vm
-                .fs
-                .connect(AGENT_WAIT_RECONNECT)
-                .await
-                .map_err(|e| RunnerError::io("connecting to the VM's fs port", e))?,
-        }
-        let greeted = match greeting {
-            Some(g) => {
-                tokio::time::timeout(AGENT_WAIT_RESTORE, g.finish_told()).await.ok().and_then(Result::ok)
+        let attached = async {
+            let t_vm = t0.elapsed();
+            let clock_only = greeting.as_ref().is_some_and(|g| !g.tells_identity());
+            let dir = paths(cfg, &req.id).0;
+            let (memory, memory_file) = held(&spec, &dir);
+            let mut vm = SandboxVm {
+                handle,
+                dir,
+                data_dir: cfg.data_dir.clone(),
+                memory_file,
+                memory,
+                agent: tokio::sync::Mutex::new(None),
+                fs: FsHost::new(&spec.run_dir, sources),
+                resume_set: Default::default(),
+                // What it had when its image was saved, unless told afresh (below).
+                told: origin.told().map(str::to_string),
+            };
+            match fs {
+                Some(stream) => vm.fs.serve(stream).await,
+                None => vm
+                    .fs
+                    .connect(AGENT_WAIT_RECONNECT)
+                    .await
+                    .map_err(|e| RunnerError::io("connecting to the VM's fs port", e))?,
             }
-            None => None,
-        };
-        let (agent, told_in_greeting) = match greeted {
-            Some(a) => a,
-            None => (AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?, false),
-        };
-        let t_agent = t0.elapsed();
-        if told_in_greeting && !clock_only {
-            vm.told = Some(told_digest(&told_all));
-        }
-        vm.record_resume_set(req.memory_mib << 20);
-        // The greeting brought the guest what it needs, unless its agent predates that: a warm
-        // resume is the same machine going on, on the runner that ran it, and needs the clock
-        // and entropy only; anything else, everything.
-        if !told_in_greeting {
-            grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
-            let told = if memory == Memory::Own { Told::ClockOnly } else { Told::All };
-            apply_identity(&agent, req, &cfg.data_dir, told).await?;
-            if told == Told::All {
+            let greeted = match greeting {
+                Some(g) => {
+                    tokio::time::timeout(AGENT_WAIT_RESTORE, g.finish_told()).await.ok().and_then(Result::ok)
+                }
+                None => None,
+            };
+            let (agent, told_in_greeting) = match greeted {
+                Some(a) => a,
+                None => (AgentClient::connect(&spec.agent_socket(), AGENT_WAIT_RESTORE).await?, false),
+            };
+            let t_agent = t0.elapsed();
+            if told_in_greeting && !clock_only {
                 vm.told = Some(told_digest(&told_all));
             }
+            vm.record_resume_set(req.memory_mib << 20);
+            // The greeting brought the guest what it needs, unless its agent predates that: a warm
+            // resume is the same machine going on, on the runner that ran it, and needs the clock
+            // and entropy only; anything else, everything.
+            if !told_in_greeting {
+                grow_disk(vmm, &vm.handle, &spec.disk, req.disk_mib).await?;
+                let told = if memory == Memory::Own { Told::ClockOnly } else { Told::All };
+                apply_identity(&agent, req, &cfg.data_dir, told).await?;
+                if told == Told::All {
+                    vm.told = Some(told_digest(&told_all));
+                }
+            }
+            guest_mounts(&agent, req).await?;
+            tracing::debug!(
+                vm_ms = t_vm.as_millis() as u64,
+                agent_ms = t_agent.as_millis() as u64,
+                identity_ms = t0.elapsed().as_millis() as u64,
+                told_in_greeting,
+                clock_only,
+                "sandbox VM restored"
+            );
+            *vm.agent.lock().await = Some(agent);
+            Ok::<_, RunnerError>(vm)
+        };
+        // The resume answers only once the RAM has passed the check. A damaged chunk that the
+        // guest touched ends its QEMU, and the attach would wait long for the agent before it
+        // failed: whichever ends first, a failed check is the answer.
+        let (mut attached, mut checked) = (std::pin::pin!(attached), std::pin::pin!(memory_checked(checked)));
+        tokio::select! {
+            attached = &mut attached => checked.await.and(attached),
+            passed = &mut checked => passed.and(attached.await),
         }
-        guest_mounts(&agent, req).await?;
-        tracing::debug!(
-            vm_ms = t_vm.as_millis() as u64,
-            agent_ms = t_agent.as_millis() as u64,
-            identity_ms = t0.elapsed().as_millis() as u64,
-            told_in_greeting,
-            clock_only,
-            "sandbox VM restored"
-        );
-        *vm.agent.lock().await = Some(agent);
-        Ok(vm)
     }
 
     /// Reads, in the background, which pieces of its RAM the guest has touched by now (see
@@ -956,7 +991,7 @@ pub async fn raw_save_restore(
     let id = format!("raw-{}", hex::encode(rand::random::<[u8; 6]>()));
     crate::net::scratch(&id).await?;
     let result = async {
-        let (spec, handle, _, _) =
+        let Started { spec, handle, .. } =
             SandboxVm::start_vm(cfg, images, vmm, &origin, &id, &mut NetworkFinish::done(), None).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let state_file = spec.run_dir.join("raw-state.bin");

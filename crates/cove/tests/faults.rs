@@ -190,11 +190,31 @@ async fn a_corrupt_image_is_refused_and_the_sandbox_stays_paused() {
     assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.json()["state"], "paused");
     assert!(qemu_pids(&id).is_empty(), "a refused resume left a VM");
 
+    // Every chunk damaged: the guest runs while the RAM is checked, and touches damaged chunks
+    // (their reads fail, and so does its QEMU). The answer is still the check's.
+    let manifest_path = server.data_dir.join("blobs/images").join(&images[0]).join("manifest.json");
+    let manifest = std::fs::read_to_string(&manifest_path).unwrap();
+    let table: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let (mut damaged, mut start) = (original.clone(), 0);
+    for c in table["memory"]["chunks"].as_array().unwrap() {
+        let stored = c["stored_len"].as_u64().unwrap() as usize;
+        damaged[start + stored / 2] ^= 0x5a;
+        start += stored;
+    }
+    assert_eq!(start, original.len());
+    std::fs::write(&blob, &damaged).unwrap();
+    let t = std::time::Instant::now();
+    let r = api.post(&format!("/v1/sandbox/{id}/process/execute"), json!({"command": "true"})).await;
+    eprintln!("every chunk damaged: answered in {:?}", t.elapsed());
+    assert_eq!(r.status, 503, "{}", r.text());
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("stays paused") && message.contains("chunk"), "{message}");
+    assert_eq!(api.get(&format!("/v1/sandbox/{id}")).await.json()["state"], "paused");
+    assert!(qemu_pids(&id).is_empty(), "a refused resume left a VM");
+
     std::fs::write(&blob, &original).unwrap();
 
     // An image saved from a VM with another device set is refused before any VM starts.
-    let manifest_path = server.data_dir.join("blobs/images").join(&images[0]).join("manifest.json");
-    let manifest = std::fs::read_to_string(&manifest_path).unwrap();
     let mut other: serde_json::Value = serde_json::from_str(&manifest).unwrap();
     assert!(other["machine"].as_str().is_some_and(|m| m.contains("virtio")), "{manifest}");
     other["machine"] = json!("q35 some-other-device");
