@@ -194,8 +194,11 @@ impl Cluster {
         template: &str,
         prefer: Option<&str>,
     ) -> Result<Vec<(String, Member)>, RunnerError> {
-        let loads =
-            self.store.runner_loads().map_err(|e| RunnerError::Unavailable(format!("reading loads: {e}")))?;
+        // Without the sandbox's own record, which counts wherever it was created or ran last.
+        let loads = self
+            .store
+            .runner_loads_without(&req.id)
+            .map_err(|e| RunnerError::Unavailable(format!("reading loads: {e}")))?;
         // A user template's disk is on the runner that built it; one built before that was
         // recorded may be anywhere (the runner says if it lacks it).
         let built_on = match cove_api::template::system_template(template) {
@@ -214,12 +217,7 @@ impl Cluster {
                 continue;
             }
             any_has_template = true;
-            let mut load = loads.get(&id).copied().unwrap_or_default();
-            if prefer == Some(id.as_str()) {
-                // The sandbox's own record counts there already.
-                load.memory_mib = load.memory_mib.saturating_sub(req.memory_mib);
-                load.sandboxes = load.sandboxes.saturating_sub(1);
-            }
+            let load = loads.get(&id).copied().unwrap_or_default();
             let info = m.info();
             let free = info.memory_mib.saturating_sub(load.memory_mib);
             let counted = info.max_sandboxes == 0 || load.sandboxes < u64::from(info.max_sandboxes);

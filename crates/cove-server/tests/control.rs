@@ -577,6 +577,31 @@ async fn timeouts_pause_or_delete_and_conflicts_name_the_state() {
     assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("running")), "{v}");
 }
 
+/// A host takes sandboxes up to the memory it offers, the one being placed counted once: its
+/// own record (made before it is placed) is not also counted as load beside it.
+#[tokio::test]
+async fn a_host_takes_sandboxes_up_to_the_memory_it_offers() {
+    let app = App::new().await;
+    app.host.set_info(cove_runner::HostInfo {
+        vcpus: 4,
+        memory_mib: 2048,
+        compat: "sim".into(),
+        ..cove_runner::HostInfo::default()
+    });
+    let first = app.create(json!({"memory": 1024})).await;
+    app.create(json!({"memory": 1024})).await;
+    let full = r#"{"template_name":"system/debian:bookworm","memory":1024}"#;
+    let (s, v) = app.call("POST", "/v1/sandbox", full).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("no runner has room"), "{v}");
+    // A paused sandbox holds no memory: room for another, and its own resume then finds none.
+    assert!(app.call("POST", &format!("/v1/sandbox/{first}/pause"), "").await.0.is_success());
+    app.create(json!({"memory": 1024})).await;
+    let (s, v) = app.call("POST", &format!("/v1/sandbox/{first}/resume"), "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(app.state(&first).await.as_deref(), Some("paused"));
+}
+
 #[tokio::test]
 async fn templates_are_built_used_and_removed_and_a_crash_mid_build_leaves_nothing() {
     let app = App::new().await;

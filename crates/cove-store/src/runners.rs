@@ -194,6 +194,11 @@ impl Store {
 
     /// Each runner's load, by runner id (runners without sandboxes left out).
     pub fn runner_loads(&self) -> Result<HashMap<String, RunnerLoad>, StoreError> {
+        self.runner_loads_without("")
+    }
+
+    /// Each runner's load without sandbox `id`'s own record: the load it is placed beside.
+    pub fn runner_loads_without(&self, id: &str) -> Result<HashMap<String, RunnerLoad>, StoreError> {
         let counting: Vec<String> = SandboxState::ALL
             .iter()
             .filter(|s| s.counts_against_limit())
@@ -203,10 +208,10 @@ impl Store {
             let rows = db.query(
                 &format!(
                     "SELECT runner_id, COUNT(*), CAST(SUM(vcpu) AS BIGINT), CAST(SUM(memory) AS BIGINT) FROM sandboxes
-                     WHERE state IN ({}) GROUP BY runner_id",
+                     WHERE state IN ({}) AND id != ?1 GROUP BY runner_id",
                     counting.join(",")
                 ),
-                &[],
+                params![id],
             )?;
             let mut loads = HashMap::new();
             for r in rows {
@@ -282,6 +287,7 @@ mod tests {
             s.runner_loads().unwrap()["runner-a"],
             RunnerLoad { sandboxes: 1, vcpus: 1, memory_mib: 1024 }
         );
+        assert!(!s.runner_loads_without(&running.id).unwrap().contains_key("runner-a"));
 
         // Within its lease: not lost, and nothing of it is.
         assert!(!s.lose_runner("runner-a", now_ms()).unwrap());
