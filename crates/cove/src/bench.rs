@@ -344,6 +344,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             if matches!(&args.which, Which::Pause(a) if a.eager_memory) {
                 cfg.lazy_memory = None;
             }
+            if let Which::Density(a) = &args.which {
+                cfg.capacity_memory_mib = Some(a.capacity_memory_mib());
+            }
         })
         .await?;
         let result = match &args.which {

@@ -3,7 +3,11 @@
 //! their QEMU processes over a window, their proportional memory, the host's available memory)
 //! and the exec round trip of one more sandbox beside them, against the same round trip
 //! measured before any idle sandbox existed. It stops at the first step whose exec p50 is over
-//! `--max-ratio` times the unloaded one, or at `--max`.
+//! `--max-ratio` times the unloaded one, when the host's available memory falls under
+//! `--min-available-mib`, or at `--max`. Its runner declares the memory of every sandbox it
+//! will add as its capacity (`cove server --capacity-memory-mib`): the host's memory is
+//! overcommitted, as an operator would for idle sandboxes, since placement otherwise stops at
+//! the memory the sandboxes were given, not the memory they use.
 //!
 //! `cove bench idle`: one sandbox of each template side by side, doing nothing, and what each
 //! one's QEMU costs the host's CPU over a window, beside the default template's.
@@ -41,8 +45,18 @@ pub struct DensityArgs {
     /// Stop once the exec p50 is over this multiple of the unloaded one.
     #[arg(long, default_value_t = 2.0)]
     max_ratio: f64,
+    /// Stop before a step once the host's available memory is under this, MiB.
+    #[arg(long, default_value_t = 2048)]
+    min_available_mib: u64,
     #[arg(long, default_value = "bench-results/density.json")]
     out: PathBuf,
+}
+
+impl DensityArgs {
+    /// The sandbox memory the bench's runner takes: every idle sandbox and the probe.
+    pub fn capacity_memory_mib(&self) -> u64 {
+        self.max as u64 * self.memory + cove_api::sandbox::DEFAULT_MEMORY_MIB
+    }
 }
 
 pub async fn density(b: &Bench, args: &DensityArgs) -> Result<()> {
@@ -69,6 +83,11 @@ pub async fn density(b: &Bench, args: &DensityArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut held = 0;
     while idle.len() < args.max {
+        let available = mem_available().unwrap_or(0) >> 20;
+        if available < args.min_available_mib {
+            println!("stopped: the host has {available} MiB of memory available");
+            break;
+        }
         let want = (idle.len() + args.step).min(args.max);
         let mut failed = None;
         while idle.len() < want {
