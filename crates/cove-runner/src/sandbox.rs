@@ -368,10 +368,13 @@ impl SandboxVm {
                     first: manifest.first.clone(),
                 };
                 let disk = dir.join("disk.qcow2");
-                let (disk, ram) = tokio::join!(
-                    cove_blob::unpack_file(store, prefix, &manifest.disk, &disk),
-                    crate::lazymem::prepare(store, prefix, table, &dir, helper),
+                let t0 = Instant::now();
+                let ms = || t0.elapsed().as_millis() as u64;
+                let ((disk, disk_ms), (ram, ram_ms)) = tokio::join!(
+                    async { (cove_blob::unpack_file(store, prefix, &manifest.disk, &disk).await, ms()) },
+                    async { (crate::lazymem::prepare(store, prefix, table, &dir, helper).await, ms()) },
                 );
+                tracing::debug!(disk_ms, ram_ms, "disk unpacked and RAM served");
                 disk?;
                 ram.inspect_err(|e| {
                     tracing::warn!(sandbox_id = %id, error = %e, "guest memory not served lazily; unpacking it");
