@@ -581,13 +581,14 @@ async fn timeouts_pause_or_delete_and_conflicts_name_the_state() {
 /// own record (made before it is placed) is not also counted as load beside it.
 #[tokio::test]
 async fn a_host_takes_sandboxes_up_to_the_memory_it_offers() {
-    let app = App::new().await;
-    app.host.set_info(cove_runner::HostInfo {
+    let host = cove_server::sim::SimHost::new();
+    host.set_info(cove_runner::HostInfo {
         vcpus: 4,
         memory_mib: 2048,
         compat: "sim".into(),
         ..cove_runner::HostInfo::default()
     });
+    let app = App::with_host(host).await;
     let first = app.create(json!({"memory": 1024})).await;
     app.create(json!({"memory": 1024})).await;
     let full = r#"{"template_name":"system/debian:bookworm","memory":1024}"#;

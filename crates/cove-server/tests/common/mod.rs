@@ -42,11 +42,17 @@ pub const SYSTEM: &str = "system/debian:bookworm";
 
 impl App {
     pub async fn new() -> App {
+        App::with_host(SimHost::new()).await
+    }
+
+    /// An app on `host`, set up before the control plane first sees it (a remote runner tells
+    /// what it offers when it connects).
+    pub async fn with_host(host: SimHost) -> App {
         let store = cove_store::testing::store();
         let org = store.create_org("test", None).unwrap();
         let key = cove_store::generate_key();
         store.add_key(&org.id, "test", &key).unwrap();
-        App::on(Arc::new(store), Arc::new(SimHost::new()), key).await
+        App::on(Arc::new(store), Arc::new(host), key).await
     }
 
     async fn on(store: Arc<Store>, host: Arc<SimHost>, key: String) -> App {
