@@ -266,17 +266,13 @@ struct Started {
     /// chunk the guest reads is checked as it is decoded, and this one tells of a damaged chunk
     /// anywhere before the resume answers, so that the sandbox stays paused rather than fail
     /// later when its guest touches it.
-    checked: Option<tokio::task::JoinHandle<Result<(), RunnerError>>>,
+    checked: Option<crate::lazymem::Served>,
 }
 
 /// Waits for `checked` (see [`Started::checked`]), if there is one.
-async fn memory_checked(
-    checked: Option<tokio::task::JoinHandle<Result<(), RunnerError>>>,
-) -> Result<(), RunnerError> {
+async fn memory_checked(checked: Option<crate::lazymem::Served>) -> Result<(), RunnerError> {
     match checked {
-        Some(check) => {
-            check.await.map_err(|e| RunnerError::io("checking guest memory", std::io::Error::other(e)))?
-        }
+        Some(ram) => ram.checked().await,
         None => Ok(()),
     }
 }
@@ -448,14 +444,6 @@ impl SandboxVm {
             }
         };
         let t0 = Instant::now();
-        // Served lazily, the RAM is checked whole while the guest runs.
-        let checked = lazy.map(|ram| {
-            tokio::spawn(async move {
-                let checked = ram.checked().await;
-                tracing::debug!(checked_ms = t0.elapsed().as_millis() as u64, "guest memory checked");
-                checked
-            })
-        });
         let spawned = vmm.spawn(&spec, &Boot::Restore { state_file: state_file.clone() }).await;
         let spawn_ms = t0.elapsed().as_millis() as u64;
         let (filled, networked) = tokio::join!(fill, network.wait());
@@ -505,7 +493,7 @@ impl SandboxVm {
         if let Err(e) = grown {
             let _ = vmm.destroy(&handle).await;
             // A damaged chunk the guest touched ended its QEMU: the check names it.
-            return Err(memory_checked(checked).await.err().unwrap_or(e));
+            return Err(memory_checked(lazy).await.err().unwrap_or(e));
         }
         if let Some(g) = greeting.as_mut() {
             let sent = match identity {
@@ -517,7 +505,8 @@ impl SandboxVm {
                 greeting = None;
             }
         }
-        Ok(Started { spec, handle, greeting, fs, checked })
+        // Served lazily, the RAM is checked whole while the guest runs.
+        Ok(Started { spec, handle, greeting, fs, checked: lazy })
     }
 
     async fn create_inner(
